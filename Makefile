@@ -1,0 +1,36 @@
+# `make demo` and `make test` each create .venv and install what they need.
+# The CPU build of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test venv clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch 2.13.0 CPU: from this machine's local wheel when there is one, else from PyTorch's CPU index
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) || \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
+	touch $@
+
+$(VENV)/.core: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.core
+
+demo: $(VENV)/.core
+	$(VENV)/bin/segpipe demo --out ./demo-out
+
+test: $(VENV)/.test
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) demo-out .demo runs

@@ -1,0 +1,1 @@
+"""Entry points: the `segpipe` command line and what `ray job submit` runs."""

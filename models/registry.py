@@ -1,0 +1,39 @@
+"""The model registry: a plain dict from model name to builder, and one from family to class.
+
+A builder takes `num_classes` (and optional overrides of its architecture) and returns a model
+with random weights. A family class rebuilds a model from the `arch` dict a checkpoint stores.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from models import segformer
+from models.base import SegmentationModel
+
+MODELS: dict[str, Callable[..., SegmentationModel]] = {
+    **segformer.VARIANTS,
+}
+
+FAMILIES: dict[str, type[SegmentationModel]] = {
+    segformer.SegFormer.family: segformer.SegFormer,
+}
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def build_model(name: str, num_classes: int = 150, **overrides) -> SegmentationModel:
+    """A registered model with random weights."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    model = MODELS[name](num_classes=num_classes, **overrides)
+    model.name = name
+    return model
+
+
+def build_from_arch(family: str, arch: dict) -> SegmentationModel:
+    """Rebuild a model from a family name and the `arch` dict that a native checkpoint stores."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family](**arch)

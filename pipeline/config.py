@@ -1,0 +1,204 @@
+"""The job's config: the YAML of design.md, validated by pydantic.
+
+Unknown keys and bad values are errors that name the field. `--set key.sub=value` overrides go
+through `apply_overrides` before validation, so they are checked like the file itself.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelsConfig(_Strict):
+    uri: str
+    # for image folders: label files share the image's relative key; their extension may differ
+    extensions: list[str] = Field(default_factory=lambda: [".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"])
+    suffix: str = ".label.png"  # for tar shards: the label member's suffix
+    required: bool = False  # a missing label is an errors row when true, an unlabeled image when false
+
+
+class InputConfig(_Strict):
+    uri: str
+    format: Literal["auto", "images", "tar", "parquet"] = "auto"
+    pattern: str = "**/*"
+    labels: LabelsConfig | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    images_per_unit: int = Field(64, ge=1, description="image files per read task (and per output part)")
+    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
+    image_column: str = "image"
+    id_column: str = "image_id"
+    label_column: str | None = None
+
+
+class ModelConfig(_Strict):
+    name: str | None = None
+    checkpoint: str | None = None
+    num_classes: int | None = Field(None, ge=1)
+    class_names: list[str] | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _needs_something(self) -> "ModelConfig":
+        if not self.name and not self.checkpoint:
+            raise ValueError("give model.name or model.checkpoint")
+        if self.class_names and self.num_classes and len(self.class_names) != self.num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {self.num_classes}")
+        return self
+
+
+class InferenceConfig(_Strict):
+    mode: Literal["whole", "slide"] = "slide"
+    window: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    blend: Literal["mean", "gaussian"] = "mean"
+    batch_size: int = Field(8, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @field_validator("window", "stride")
+    @classmethod
+    def _positive(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if min(v) < 1:
+            raise ValueError("must be positive")
+        return v
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "InferenceConfig":
+        if any(s > w for s, w in zip(self.stride, self.window)):
+            raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
+        return self
+
+
+class ResourcesConfig(_Strict):
+    actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0, ge=0)
+    cpus_per_actor: float | None = Field(None, gt=0, description="None: sized from the cluster")
+
+
+class OutputConfig(_Strict):
+    uri: str = "./runs"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class MetricsConfig(_Strict):
+    ignore_index: int = 255
+
+
+class JobConfig(_Strict):
+    run_id: str | None = None
+    input: InputConfig
+    model: ModelConfig
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    max_error_fraction: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only")
+        return v
+
+    def with_run_id(self) -> "JobConfig":
+        """This config with a run_id: a timestamped one when absent."""
+        if self.run_id:
+            return self
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return self.model_copy(update={"run_id": f"run-{stamp}"})
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names the field and the problem."""
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        lines.append(f"{field}: {msg}")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'inference.window=[256,256]' -> (['inference', 'window'], [256, 256]); values parse as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> JobConfig:
+    """Read and validate a job config (a YAML path or a dict), with `--set` overrides applied."""
+    if isinstance(source, dict):
+        data = dict(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the config must be a mapping")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None
+
+
+SECRET_KEYS = re.compile(r"(key|secret|token|password|passwd|credential|signature|auth)", re.I)
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` with the values of secret-looking keys replaced by '***'."""
+    if isinstance(value, dict):
+        return {k: ("***" if SECRET_KEYS.search(str(k)) and v not in (None, "") else redact(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
+
+
+def public_config(cfg: JobConfig) -> dict:
+    """The config as it may be written to run.json and logs: storage options never appear."""
+    data = cfg.model_dump(mode="json")
+    for section in ("input", "output", "model"):
+        if data.get(section, {}).get("storage_options"):
+            data[section]["storage_options"] = redact(data[section]["storage_options"])
+    return data

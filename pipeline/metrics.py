@@ -1,0 +1,78 @@
+"""Segmentation metrics with mmsegmentation's conventions.
+
+Per image: per-class intersection, union, predicted area and labeled area (pixels equal to
+ignore_index count nowhere). Per dataset: the sums over images, then per class
+IoU = I / U, Acc = I / label_area, Dice = 2 I / (pred_area + label_area); a class with a zero
+denominator is NaN and left out of the means (mIoU, mAcc, mDice); aAcc = sum(I) / sum(label_area).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class ClassAreas:
+    intersection: np.ndarray  # int64, one per class
+    union: np.ndarray
+    pred_area: np.ndarray
+    label_area: np.ndarray
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> "ClassAreas":
+        z = lambda: np.zeros(num_classes, dtype=np.int64)  # noqa: E731
+        return cls(z(), z(), z(), z())
+
+    def __iadd__(self, other: "ClassAreas") -> "ClassAreas":
+        self.intersection += other.intersection
+        self.union += other.union
+        self.pred_area += other.pred_area
+        self.label_area += other.label_area
+        return self
+
+
+def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255) -> ClassAreas:
+    """Per-class areas of one image, as mmseg's `intersect_and_union`: pixels whose label is
+    ignore_index are dropped; values outside [0, num_classes) fall outside every class's bin."""
+    if pred.shape != label.shape:
+        raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
+    keep = label != ignore_index
+    p = pred[keep].astype(np.int64)
+    t = label[keep].astype(np.int64)
+
+    def count(values: np.ndarray) -> np.ndarray:
+        values = values[(values >= 0) & (values < num_classes)]
+        return np.bincount(values, minlength=num_classes)
+
+    pred_area = count(p)
+    label_area = count(t)
+    intersection = count(p[p == t])
+    union = pred_area + label_area - intersection
+    return ClassAreas(intersection, union, pred_area, label_area)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    return float(np.nanmean(x)) if np.any(~np.isnan(x)) else float("nan")
+
+
+def summarize(total: ClassAreas) -> dict:
+    """Dataset-level metrics from summed areas."""
+    iou = _ratio(total.intersection, total.union)
+    acc = _ratio(total.intersection, total.label_area)
+    dice = _ratio(2 * total.intersection, total.pred_area + total.label_area)
+    labeled = total.label_area.sum()
+    return {
+        "aAcc": float(total.intersection.sum() / labeled) if labeled else float("nan"),
+        "mIoU": _nanmean(iou),
+        "mAcc": _nanmean(acc),
+        "mDice": _nanmean(dice),
+        "IoU": [float(v) for v in iou],
+        "Acc": [float(v) for v in acc],
+        "Dice": [float(v) for v in dice],
+    }

@@ -1,0 +1,301 @@
+"""The Ray Data plan: the one place that wires the stages of a job.
+
+    list units (driver: keys only)
+      -> read + decode   (CPU tasks)       pipeline.source, pipeline.decode
+      -> predict         (actor pool)      pipeline.predictor (tiling, model, stitching, encode, areas)
+      -> write parts     (CPU tasks)       pipeline.sink
+    driver: progress from the small rows the sink returns; summary.json from the written metrics.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from pipeline.config import JobConfig, public_config
+from pipeline.decode import DecodeError, decode_image, decode_label
+from pipeline.metrics import ClassAreas, summarize
+from pipeline.sink import AREAS, ERRORS, MASKS, METRICS, RunStore, write_results
+from pipeline.source import RawSample, SourceUnit, list_units, read_unit
+
+log = logging.getLogger(__name__)
+
+IMAGES_PER_PREDICT_BATCH = 4  # rows per actor call; windows are batched inside by inference.batch_size
+ROWS_PER_PART = 64  # rows per written part (a part is one Parquet file per table)
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    run_dir: str
+    status: str  # "succeeded" | "failed"
+    summary: dict
+    message: str = ""
+
+
+# ---- stage 1: read and decode (a Ray task per unit) -------------------------------------------
+
+def read_and_decode(row: dict[str, Any], *, input_cfg: dict) -> Iterator[dict[str, Any]]:
+    """One unit in, one decoded row per image out; a failure is a row with `error` set."""
+    from pipeline.config import InputConfig
+
+    cfg = InputConfig.model_validate(input_cfg)
+    unit: SourceUnit = row["unit"]
+    for sample in read_unit(unit, cfg):
+        yield decode_sample(sample, cfg.max_pixels, unit.positions)
+
+
+def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...] = ()) -> dict[str, Any]:
+    index = positions[sample.index_in_unit] if positions else sample.index_in_unit
+    out = {
+        "unit": sample.unit,
+        "index_in_unit": index,
+        "image_id": sample.image_id,
+        "image": np.zeros((0, 0, 3), np.uint8),
+        "label": np.zeros((0, 0), np.int64),
+        "has_label": False,
+        "height": 0,
+        "width": 0,
+        "error": sample.error or "",
+        "stage": "read" if sample.error else "",
+    }
+    if sample.error:
+        return out
+    try:
+        image = decode_image(sample.image_bytes, max_pixels)
+        out.update(image=image, height=image.shape[0], width=image.shape[1])
+    except DecodeError as exc:
+        out.update(error=str(exc), stage="decode")
+        return out
+    if sample.label_bytes is not None:
+        try:
+            label = decode_label(sample.label_bytes, max_pixels)
+        except DecodeError as exc:
+            out.update(error=f"label: {exc}", stage="decode")
+            return out
+        if label.shape != image.shape[:2]:
+            out.update(error=f"label is {label.shape[1]} x {label.shape[0]} but the image is {image.shape[1]} x {image.shape[0]}", stage="decode")
+            return out
+        out.update(label=label, has_label=True)
+    return out
+
+
+# ---- actor sizing -------------------------------------------------------------------------------
+
+@dataclass
+class ActorPlan:
+    actors: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    note: str = ""
+
+
+def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
+    """Size the actor pool from what the cluster has.
+
+    Read and write tasks need CPUs too: actors that hold every CPU starve them and the job hangs
+    (seen with Ray 2.60 on 2 cores), so CPU actors together leave at least one CPU free.
+    """
+    cpus = float(cluster.get("CPU", 1))
+    gpus = float(cluster.get("GPU", 0))
+    want = cfg.resources
+    notes = []
+    num_gpus = want.gpus_per_actor
+    if num_gpus > 0 and gpus < num_gpus:
+        notes.append(f"the cluster has {gpus:g} GPUs: actors run on CPU")
+        num_gpus = 0.0
+    actors = want.actors
+    if num_gpus > 0 and actors * num_gpus > gpus:
+        actors = max(1, int(gpus // num_gpus))
+        notes.append(f"{actors} actors fit on {gpus:g} GPUs")
+    free = max(cpus - 1.0, 0.5)  # one CPU stays with the read and write tasks
+    if num_gpus > 0:
+        num_cpus = want.cpus_per_actor or 1.0
+    else:
+        share = free / actors
+        if share < 0.25:
+            actors = max(1, int(free / 0.25))
+            share = free / actors
+            notes.append(f"{actors} CPU actors fit on {cpus:g} CPUs")
+        num_cpus = min(want.cpus_per_actor, share) if want.cpus_per_actor else share
+        if want.cpus_per_actor and want.cpus_per_actor > share:
+            notes.append(f"cpus_per_actor {want.cpus_per_actor:g} lowered to {share:g} so that read and write tasks can run")
+    num_cpus = round(num_cpus, 3)
+    return ActorPlan(actors, num_cpus, num_gpus, threads=max(1, math.ceil(num_cpus)), note="; ".join(notes))
+
+
+# ---- the job --------------------------------------------------------------------------------------
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local one starts
+        ray.init(
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
+            configure_logging=False,
+        )
+
+
+def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResult:
+    import ray
+
+    from pipeline.predictor import Predictor, load_job_model
+
+    cfg = cfg.with_run_id()
+    started = time.time()
+    store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+    store.discard_uncommitted()
+    previous = store.read_json("run.json") or {}
+    done = store.committed_image_ids()
+
+    units = list_units(cfg.input)
+    total_images = sum(len(u.uris) for u in units)
+    units = [u for u in (drop_done(u, done) for u in units) if u.uris]
+    todo = sum(len(u.uris) for u in units)
+
+    model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
+    num_classes = model.num_classes
+    class_names = model.class_names or [str(i) for i in range(num_classes)]
+    model_info = {"name": model.name, "family": model.family, "num_classes": num_classes, "class_names": class_names,
+                  "checkpoint": cfg.model.checkpoint, "parameters": sum(p.numel() for p in model.parameters())}
+    del model
+
+    init_ray()
+    actor_plan = plan_actors(cfg, ray.cluster_resources())
+    if actor_plan.note:
+        progress(f"resources: {actor_plan.note}")
+    run_info = {
+        "run_id": cfg.run_id,
+        "status": "running",
+        "config": public_config(cfg),
+        "model": model_info,
+        "versions": package_versions(),
+        "started": _iso(started),
+        "resumed": bool(done),
+        "attempts": previous.get("attempts", 0) + 1,
+        "actors": vars(actor_plan),
+        "counts": {"listed": total_images, "already_done": total_images - todo, "to_do": todo},
+    }
+    store.write_json("run.json", run_info)
+    progress(f"run {cfg.run_id}: {todo} of {total_images} images to segment -> {store.uri}")
+
+    processed = failed = 0
+    if units:
+        ds = build_dataset(cfg, units, actor_plan, binary=num_classes == 2, predictor_cls=Predictor)
+        last = time.time()
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            processed += len(batch["image_id"])
+            failed += int((~batch["ok"].astype(bool)).sum())
+            if time.time() - last > 5 or processed == todo:
+                rate = processed / max(time.time() - started, 1e-9)
+                progress(f"  {processed}/{todo} images, {failed} errors, {rate:.2f} images/s")
+                last = time.time()
+    elapsed = time.time() - started
+
+    summary = summarize_run(store, num_classes, class_names)
+    summary["throughput"] = {"images": processed, "seconds": round(elapsed, 3), "images_per_second": processed / elapsed if elapsed > 0 else 0.0}
+    store.write_json("summary.json", summary)
+
+    total = summary["images"] + summary["errors"]
+    error_fraction = summary["errors"] / total if total else 0.0
+    status, message = "succeeded", ""
+    if total_images == 0:
+        status, message = "failed", f"no images found under {cfg.input.uri} matching {cfg.input.pattern!r}"
+    elif error_fraction > cfg.max_error_fraction:
+        status = "failed"
+        message = f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
+    run_info.update(status=status, message=message, ended=_iso(time.time()), counts={**run_info["counts"], "segmented": summary["images"], "errors": summary["errors"], "processed_this_attempt": processed})
+    store.write_json("run.json", run_info)
+    return RunResult(cfg.run_id, store.uri, status, summary, message)
+
+
+def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, binary: bool, predictor_cls: type):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    ds = ds.flat_map(read_and_decode, fn_kwargs={"input_cfg": cfg.input.model_dump(mode="json")})
+    ds = ds.map_batches(
+        predictor_cls,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model.model_dump(mode="json"),
+            "inference_cfg": cfg.inference.model_dump(mode="json"),
+            "ignore_index": cfg.metrics.ignore_index,
+            "num_threads": actors.threads,
+        },
+        batch_size=IMAGES_PER_PREDICT_BATCH,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors.actors),
+        num_cpus=actors.num_cpus,
+        num_gpus=actors.num_gpus,
+    )
+    ds = ds.map_batches(
+        write_results,
+        fn_kwargs={"output_uri": cfg.output.uri, "storage_options": cfg.output.storage_options, "run_id": cfg.run_id, "binary": binary},
+        batch_size=ROWS_PER_PART,
+        batch_format="numpy",
+    )
+    return ds
+
+
+def drop_done(unit: SourceUnit, done: set[str]) -> SourceUnit:
+    """The unit without the images a previous attempt committed; positions keep part names stable."""
+    if not done or unit.format != "images":
+        return unit
+    keep = [i for i, image_id in enumerate(unit.image_ids) if image_id not in done]
+    if len(keep) == len(unit.uris):
+        return unit
+    base = unit.positions or tuple(range(len(unit.uris)))
+    return replace(
+        unit,
+        uris=tuple(unit.uris[i] for i in keep),
+        label_uris=tuple(unit.label_uris[i] for i in keep) if unit.label_uris else (),
+        image_ids=tuple(unit.image_ids[i] for i in keep),
+        positions=tuple(base[i] for i in keep),
+    )
+
+
+def summarize_run(store: RunStore, num_classes: int, class_names: list[str]) -> dict:
+    """summary.json from what the run directory holds (so a resumed run counts every attempt)."""
+    total = ClassAreas.zeros(num_classes)
+    metrics = store.read_table(METRICS)
+    labeled = 0
+    if metrics is not None:
+        columns = {a: metrics.column(a).to_pylist() for a in AREAS}
+        labeled = metrics.num_rows
+        for i in range(metrics.num_rows):
+            total += ClassAreas(*(np.asarray(columns[a][i], dtype=np.int64) for a in AREAS))
+    masks = store.read_table(MASKS, columns=["image_id"])
+    errors = store.read_table(ERRORS, columns=["image_id"])
+    summary = {"images": masks.num_rows if masks is not None else 0, "errors": errors.num_rows if errors is not None else 0, "labeled_images": labeled, "class_names": class_names}
+    summary.update(summarize(total))
+    return summary
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("segpipe", "torch", "ray", "pyarrow", "numpy", "pillow", "fsspec", "pydantic", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")

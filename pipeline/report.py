@@ -1,0 +1,28 @@
+"""The summary table printed at the end of a run."""
+from __future__ import annotations
+
+import math
+
+
+def _pct(v: float) -> str:
+    return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
+
+
+def format_summary(summary: dict, run_dir: str = "") -> str:
+    names = summary.get("class_names") or [str(i) for i in range(len(summary.get("IoU", [])))]
+    width = max([len("class")] + [len(n) for n in names])
+    lines = []
+    if summary.get("labeled_images"):
+        lines.append(f"{'class':<{width}}    IoU    Acc   Dice")
+        for name, iou, acc, dice in zip(names, summary["IoU"], summary["Acc"], summary["Dice"]):
+            lines.append(f"{name:<{width}} {_pct(iou)} {_pct(acc)} {_pct(dice)}")
+        lines.append(f"{'mean':<{width}} {_pct(summary['mIoU'])} {_pct(summary['mAcc'])} {_pct(summary['mDice'])}")
+        lines.append(f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}")
+    tp = summary.get("throughput", {})
+    lines.append(
+        f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}   "
+        f"{tp.get('images_per_second', 0.0):.2f} images/s over {tp.get('seconds', 0.0):.1f} s"
+    )
+    if run_dir:
+        lines.append(f"run: {run_dir}")
+    return "\n".join(lines)

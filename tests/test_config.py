@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, public_config
+
+BASE = {"input": {"uri": "/data"}, "model": {"name": "segformer-b0", "num_classes": 3}}
+
+
+def test_defaults_and_override():
+    cfg = load_config(BASE, ["inference.window=[256, 128]", "inference.stride=[128,64]", "resources.actors=3", "run_id=abc"])
+    assert cfg.inference.window == (256, 128)
+    assert cfg.inference.stride == (128, 64)
+    assert cfg.resources.actors == 3
+    assert cfg.run_id == "abc"
+    assert cfg.with_run_id().run_id == "abc"
+    assert load_config(BASE).with_run_id().run_id.startswith("run-")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["inference.mode=tiles"], "inference.mode"),
+        (["inference.batch_size=0"], "inference.batch_size"),
+        (["inference.stride=[600,600]"], "inference"),
+        (["resources.actorz=2"], "resources.actorz"),
+        (["max_error_fraction=2"], "max_error_fraction"),
+        (["run_id=a/b"], "run_id"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, overrides)
+    assert field in str(err.value)
+
+
+def test_model_needs_name_or_checkpoint():
+    with pytest.raises(ConfigError, match="model"):
+        load_config({"input": {"uri": "/x"}, "model": {}})
+
+
+def test_storage_options_secrets_are_redacted():
+    cfg = load_config({**BASE, "input": {"uri": "s3://b/", "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}}})
+    text = str(public_config(cfg))
+    assert "AKIA123" not in text and "s3cr3t" not in text
+    assert "127.0.0.1:9" in text
+
+
+def test_invalid_config_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("input:\n  uri: /data\nmodel:\n  name: segformer-b0\ninference:\n  blend: median\n")
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "inference.blend" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path), "--set", "inference.blend=mean", "--set", "bogus=1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bogus: unknown field" in proc.stderr

@@ -1,0 +1,103 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.decode import DecodeError, decode_image, decode_label
+from pipeline.encode import decode_mask, encode_mask
+from pipeline.metrics import ClassAreas, class_areas, summarize
+
+
+def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_every_common_mode_decodes_to_rgb_uint8():
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    cases = {
+        "RGB": Image.fromarray(rgb),
+        "RGBA": Image.fromarray(np.dstack([rgb, np.full((7, 5), 9, np.uint8)])),
+        "L": Image.fromarray(rgb[..., 0]),
+        "P": Image.fromarray(rgb).convert("P"),
+        "I;16": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "CMYK": Image.fromarray(rgb).convert("CMYK"),
+    }
+    for mode, img in cases.items():
+        assert img.mode == mode
+        out = decode_image(_png(img, "TIFF" if mode == "CMYK" else "PNG"))
+        assert out.shape == (7, 5, 3) and out.dtype == np.uint8, mode
+    np.testing.assert_array_equal(decode_image(_png(cases["RGBA"])), rgb)
+    np.testing.assert_array_equal(decode_image(_png(cases["L"]))[..., 1], rgb[..., 0])
+    # 16-bit: the full range maps onto 0..255
+    np.testing.assert_array_equal(decode_image(_png(cases["I;16"]))[..., 0], rgb[..., 0])
+    np.testing.assert_array_equal(decode_image(_png(cases["P"])), np.asarray(cases["P"].convert("RGB")))
+
+
+def test_bad_images_raise_clear_errors():
+    with pytest.raises(DecodeError, match="empty"):
+        decode_image(b"")
+    with pytest.raises(DecodeError, match="not a readable image"):
+        decode_image(b"this is not an image at all")
+    good = _png(Image.fromarray(np.zeros((64, 64, 3), np.uint8)))
+    with pytest.raises(DecodeError, match="corrupt|not a readable"):
+        decode_image(good[: len(good) // 2])
+    with pytest.raises(DecodeError, match="over the limit"):
+        decode_image(good, max_pixels=64 * 64 - 1)
+    with pytest.raises(DecodeError, match="single-channel"):
+        decode_label(good)
+
+
+def test_label_modes():
+    lab = np.array([[0, 1], [2, 255]], np.uint8)
+    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(lab))), lab)
+    p = Image.fromarray(lab, mode="L").convert("P")
+    p.putpalette([0] * 768)
+    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(lab).convert("P"))), np.asarray(Image.fromarray(lab).convert("P")))
+    big = np.array([[0, 300], [1000, 2]], np.uint16)
+    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(big))), big)
+
+
+def test_mask_png_round_trip():
+    lab = np.random.default_rng(1).integers(0, 200, (9, 11))
+    assert Image.open(io.BytesIO(encode_mask(lab, 200))).mode == "L"
+    np.testing.assert_array_equal(decode_mask(encode_mask(lab, 200)), lab)
+    lab16 = np.random.default_rng(1).integers(0, 300, (9, 11))
+    np.testing.assert_array_equal(decode_mask(encode_mask(lab16, 300)), lab16)
+
+
+def _reference_metrics(preds, labels, num_classes, ignore):
+    """mmseg's definition written out directly: dataset-wide sums, then ratios."""
+    inter = np.zeros(num_classes); union = np.zeros(num_classes); parea = np.zeros(num_classes); larea = np.zeros(num_classes)
+    for p, t in zip(preds, labels):
+        for c in range(num_classes):
+            valid = t != ignore
+            pc, tc = (p == c) & valid, (t == c) & valid
+            inter[c] += (pc & tc).sum(); union[c] += (pc | tc).sum(); parea[c] += pc.sum(); larea[c] += tc.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou, acc, dice = inter / union, inter / larea, 2 * inter / (parea + larea)
+    return inter.sum() / larea.sum(), iou, acc, dice
+
+
+def test_metrics_match_the_definition():
+    rng = np.random.default_rng(3)
+    C, ignore = 5, 255
+    preds = [rng.integers(0, 4, (13, 17)) for _ in range(4)]  # class 4 never predicted
+    labels = [np.where(rng.random((13, 17)) < 0.1, ignore, rng.integers(0, 3, (13, 17))) for _ in range(4)]  # classes 3, 4 never labeled
+    total = ClassAreas.zeros(C)
+    for p, t in zip(preds, labels):
+        total += class_areas(p, t, C, ignore)
+    s = summarize(total)
+    aacc, iou, acc, dice = _reference_metrics(preds, labels, C, ignore)
+    assert s["aAcc"] == pytest.approx(aacc)
+    np.testing.assert_allclose(s["IoU"], iou, equal_nan=True)
+    np.testing.assert_allclose(s["Acc"], acc, equal_nan=True)
+    np.testing.assert_allclose(s["Dice"], dice, equal_nan=True)
+    assert np.isnan(s["IoU"][4]) and not np.isnan(s["IoU"][3])  # 3 predicted but never labeled: IoU 0
+    assert s["IoU"][3] == 0.0 and np.isnan(s["Acc"][3])
+    assert s["mIoU"] == pytest.approx(np.nanmean(iou))
+    assert s["mAcc"] == pytest.approx(np.nanmean(acc))
+    assert s["mDice"] == pytest.approx(np.nanmean(dice))
