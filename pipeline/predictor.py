@@ -109,6 +109,7 @@ class Predictor:
                     row["probability"] = encode_probability(seg.probability)
                 label = batch["label"][i]
                 if batch["has_label"][i]:
+                    row["labeled"] = True
                     areas = class_areas(seg.labels, label, self.num_classes, self.ignore_index)
                     row.update(
                         intersection=areas.intersection.tolist(),
@@ -124,7 +125,7 @@ class Predictor:
 
 RESULT_COLUMNS = (
     "unit", "index_in_unit", "image_id", "height", "width", "mask", "probability",
-    "intersection", "union", "pred_area", "label_area", "error", "stage",
+    "labeled", "intersection", "union", "pred_area", "label_area", "error", "stage",
 )
 
 
@@ -137,10 +138,11 @@ def _empty_result(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         "width": int(batch["width"][i]),
         "mask": None,
         "probability": None,
-        "intersection": None,
-        "union": None,
-        "pred_area": None,
-        "label_area": None,
+        "labeled": False,  # areas below are empty lists unless the image had a label
+        "intersection": [],
+        "union": [],
+        "pred_area": [],
+        "label_area": [],
         "error": "",
         "stage": "",
     }

@@ -124,7 +124,7 @@ def write_results(batch: dict[str, Any], *, output_uri: str, storage_options: di
     ids, errors = pick("image_id"), pick("error")
     ok = [j for j, e in enumerate(errors) if not e]
     failed = [j for j, e in enumerate(errors) if e]
-    labeled = [j for j in ok if pick("intersection")[j] is not None]
+    labeled = [j for j in ok if bool(pick("labeled")[j])]
 
     masks = {"image_id": [ids[j] for j in ok], "height": [int(pick("height")[j]) for j in ok], "width": [int(pick("width")[j]) for j in ok], "mask": [pick("mask")[j] for j in ok]}
     if binary:
