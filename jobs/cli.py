@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"segpipe: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (CheckpointError, FileNotFoundError) as exc:
+    except (CheckpointError, OSError) as exc:  # OSError: a missing input, an unreachable store
         print(f"segpipe: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_USAGE

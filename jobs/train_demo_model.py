@@ -25,7 +25,7 @@ from pipeline.tiling import TilingSettings, segment_images
 
 # a reduced-width MiT-B0: the same four stages, narrower, so the checkpoint stays small
 DEMO_ARCH = dict(hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=64)
-CROP = 96
+CROP = 80  # the smallest training image side
 
 
 def training_batch(rng: np.random.Generator, batch: int, pool: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models import segformer
+from models import mask2former, maskformer, segformer, segmenter, setr
 from models.base import CheckpointError, SegmentationModel, load_weights
 from models.registry import MODELS, build_from_arch
 
@@ -32,11 +32,15 @@ NATIVE_KEY = "segpipe"
 # config.json model_type -> loader(config dict, state dict) -> model
 HF_LOADERS: dict[str, Callable[[dict, dict[str, torch.Tensor]], SegmentationModel]] = {
     "segformer": segformer.from_hf,
+    "maskformer": maskformer.from_hf,
+    "mask2former": mask2former.from_hf,
 }
 
 # registry-name prefix -> loader(name, num_classes, state dict) -> model
 MMSEG_LOADERS: dict[str, Callable[[str, int, dict[str, torch.Tensor]], SegmentationModel]] = {
     "segformer-": segformer.from_mmseg,
+    "setr-": setr.from_mmseg,
+    "segmenter-": segmenter.from_mmseg,  # also the original Segmenter checkpoint.pth (encoder.*, decoder.*)
 }
 
 

@@ -7,15 +7,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-from models import segformer
+from models import mask2former, maskformer, segformer, segmenter, setr
 from models.base import SegmentationModel
 
 MODELS: dict[str, Callable[..., SegmentationModel]] = {
     **segformer.VARIANTS,
+    **maskformer.VARIANTS,
+    **mask2former.VARIANTS,
+    **setr.VARIANTS,
+    **segmenter.VARIANTS,
 }
 
 FAMILIES: dict[str, type[SegmentationModel]] = {
     segformer.SegFormer.family: segformer.SegFormer,
+    maskformer.MaskFormer.family: maskformer.MaskFormer,
+    mask2former.Mask2Former.family: mask2former.Mask2Former,
+    setr.SETR.family: setr.SETR,
+    segmenter.Segmenter.family: segmenter.Segmenter,
 }
 
 

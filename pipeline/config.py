@@ -19,7 +19,7 @@ class _Strict(BaseModel):
 
 
 class LabelsConfig(_Strict):
-    uri: str
+    uri: str | None = None  # for image folders; tar shards and Parquet tables carry their labels inside
     # for image folders: label files share the image's relative key; their extension may differ
     extensions: list[str] = Field(default_factory=lambda: [".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"])
     suffix: str = ".label.png"  # for tar shards: the label member's suffix
@@ -37,6 +37,17 @@ class InputConfig(_Strict):
     image_column: str = "image"
     id_column: str = "image_id"
     label_column: str | None = None
+
+    @model_validator(mode="after")
+    def _labels_need_a_place(self) -> "InputConfig":
+        fmt = self.format
+        if fmt == "auto":
+            from pipeline.source import resolve_format
+
+            fmt = resolve_format(self)
+        if fmt == "images" and self.labels is not None and not self.labels.uri:
+            raise ValueError("labels.uri is needed for image folders")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -183,20 +194,10 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         raise ConfigError(format_validation_error(err)) from None
 
 
-SECRET_KEYS = re.compile(r"(key|secret|token|password|passwd|credential|signature|auth)", re.I)
-
-
-def redact(value: Any) -> Any:
-    """A copy of `value` with the values of secret-looking keys replaced by '***'."""
-    if isinstance(value, dict):
-        return {k: ("***" if SECRET_KEYS.search(str(k)) and v not in (None, "") else redact(v)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    return value
-
-
 def public_config(cfg: JobConfig) -> dict:
     """The config as it may be written to run.json and logs: storage options never appear."""
+    from pipeline.storage import redact
+
     data = cfg.model_dump(mode="json")
     for section in ("input", "output", "model"):
         if data.get(section, {}).get("storage_options"):

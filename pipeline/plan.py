@@ -49,7 +49,10 @@ def read_and_decode(row: dict[str, Any], *, input_cfg: dict) -> Iterator[dict[st
 
     cfg = InputConfig.model_validate(input_cfg)
     unit: SourceUnit = row["unit"]
+    skip = set(row.get("skip") or ())
     for sample in read_unit(unit, cfg):
+        if sample.image_id in skip:  # committed by an earlier attempt of this run
+            continue
         yield decode_sample(sample, cfg.max_pixels, unit.positions)
 
 
@@ -193,7 +196,7 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
 
     processed = failed = 0
     if units:
-        ds = build_dataset(cfg, units, actor_plan, binary=num_classes == 2, predictor_cls=Predictor)
+        ds = build_dataset(cfg, units, actor_plan, binary=num_classes == 2, predictor_cls=Predictor, skips=shard_skips(units, done))
         last = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             processed += len(batch["image_id"])
@@ -221,12 +224,15 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
     return RunResult(cfg.run_id, store.uri, status, summary, message)
 
 
-def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, binary: bool, predictor_cls: type):
+def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, binary: bool, predictor_cls: type,
+                  skips: dict[int, set[str]] | None = None):
+    """skips: per unit index, image ids an earlier attempt committed (shards: only known once read)."""
     import ray
 
+    skips = skips or {}
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    ds = ray.data.from_items([{"unit": u, "skip": sorted(skips.get(u.index, ()))} for u in units], override_num_blocks=len(units))
     ds = ds.flat_map(read_and_decode, fn_kwargs={"input_cfg": cfg.input.model_dump(mode="json")})
     ds = ds.map_batches(
         predictor_cls,
@@ -266,6 +272,21 @@ def drop_done(unit: SourceUnit, done: set[str]) -> SourceUnit:
         image_ids=tuple(unit.image_ids[i] for i in keep),
         positions=tuple(base[i] for i in keep),
     )
+
+
+def shard_skips(units: list[SourceUnit], done: set[str]) -> dict[int, set[str]]:
+    """For tar and Parquet units, the committed ids each read task must drop. Tar ids start with
+    their shard's path; Parquet ids are free-form, so each Parquet unit gets them all."""
+    if not done:
+        return {}
+    skips: dict[int, set[str]] = {}
+    for unit in units:
+        if unit.format == "tar":
+            prefix = unit.image_ids[0] + "/"
+            skips[unit.index] = {i for i in done if i.startswith(prefix)}
+        elif unit.format == "parquet":
+            skips[unit.index] = done
+    return skips
 
 
 def summarize_run(store: RunStore, num_classes: int, class_names: list[str]) -> dict:

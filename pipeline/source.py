@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
 
-import fsspec
-
 from pipeline.config import InputConfig
+from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -41,72 +40,32 @@ class RawSample:
     has_label: bool = False  # a label was expected for this image (it may still have failed to read)
 
 
-def open_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-    return fs, root.rstrip("/")
-
-
-def glob_regex(pattern: str) -> re.Pattern:
-    """A regex for a relative path glob: `**/` matches any number of directories (zero included)."""
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def list_relative(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Every file under root as a path relative to it: one recursive listing, no per-object calls."""
-    if not fs.exists(root):
-        raise FileNotFoundError(f"input {root} does not exist")
-    prefix = root + "/"
-    keys = []
-    for path in fs.find(root):
-        path = path.rstrip("/")
-        if path.startswith(prefix):
-            keys.append(path[len(prefix):])
-        elif path.lstrip("/").startswith(prefix.lstrip("/")):
-            keys.append(path.lstrip("/")[len(prefix.lstrip("/")):])
-    return sorted(keys)
-
-
 def _strip_ext(key: str) -> str:
     p = PurePosixPath(key)
     return str(p.with_suffix("")) if p.suffix else key
 
 
-def list_image_units(cfg: InputConfig) -> list[SourceUnit]:
-    """Image files under input.uri matching `pattern`, with their labels, in blocks of images_per_unit."""
-    fs, root = open_fs(cfg.uri, cfg.storage_options)
+def list_image_units(cfg: InputConfig, stats: StoreStats | None = None) -> list[SourceUnit]:
+    """Image files under input.uri matching `pattern`, with their labels, in blocks of images_per_unit.
+
+    One recursive listing of the images prefix and one of the labels prefix, never a call per key.
+    """
     regex = glob_regex(cfg.pattern)
-    keys = [k for k in list_relative(fs, root) if regex.match(k) and k.lower().endswith(IMAGE_EXTENSIONS)]
+    fs, root, keys = list_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
+    if not keys and not fs.exists(root):
+        raise FileNotFoundError(f"input {cfg.uri} does not exist")
+    keys = [k for k in keys if regex.match(k)]
     labels: dict[str, str] = {}
     if cfg.labels is not None:
-        lfs, lroot = open_fs(cfg.labels.uri, cfg.storage_options)
         ranks = {ext: i for i, ext in enumerate(cfg.labels.extensions)}
+        lfs, lroot, label_keys = list_files(cfg.labels.uri, cfg.storage_options, suffixes=tuple(ranks), stats=stats)
         best: dict[str, tuple[int, str]] = {}
-        for key in list_relative(lfs, lroot):
-            ext = PurePosixPath(key).suffix.lower()
-            if ext in ranks:
-                stem = _strip_ext(key)
-                if stem not in best or ranks[ext] < best[stem][0]:
-                    best[stem] = (ranks[ext], key)
-        protocol = _protocol_prefix(cfg.labels.uri)
-        labels = {stem: protocol + lroot + "/" + key for stem, (_, key) in best.items()}
-    protocol = _protocol_prefix(cfg.uri)
+        for key in label_keys:
+            rank = ranks[PurePosixPath(key).suffix.lower()]
+            stem = _strip_ext(key)
+            if stem not in best or rank < best[stem][0]:
+                best[stem] = (rank, key)
+        labels = {stem: full_uri(lfs, lroot + "/" + key) for stem, (_, key) in best.items()}
     units = []
     step = cfg.images_per_unit
     for index, start in enumerate(range(0, len(keys), step)):
@@ -115,7 +74,7 @@ def list_image_units(cfg: InputConfig) -> list[SourceUnit]:
             SourceUnit(
                 index=index,
                 format="images",
-                uris=tuple(protocol + root + "/" + k for k in block),
+                uris=tuple(full_uri(fs, root + "/" + k) for k in block),
                 label_uris=tuple(labels.get(_strip_ext(k)) for k in block) if cfg.labels else (),
                 image_ids=tuple(block),
             )
@@ -123,12 +82,7 @@ def list_image_units(cfg: InputConfig) -> list[SourceUnit]:
     return units
 
 
-def _protocol_prefix(uri: str) -> str:
-    """'s3://b/x' -> 's3://', a local path -> '' (fsspec's root paths drop the protocol)."""
-    return uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
-
-
-def read_image_unit(unit: SourceUnit, cfg: InputConfig) -> Iterator[RawSample]:
+def read_image_unit(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None) -> Iterator[RawSample]:
     """The bytes of each image (and label) of a unit; a read failure is an error sample."""
     fs, _ = open_fs(cfg.uri, cfg.storage_options)
     lfs = open_fs(cfg.labels.uri, cfg.storage_options)[0] if cfg.labels else None
@@ -136,32 +90,40 @@ def read_image_unit(unit: SourceUnit, cfg: InputConfig) -> Iterator[RawSample]:
         label_uri = unit.label_uris[i] if unit.label_uris else None
         sample = RawSample(unit.index, i, image_id, None, None, has_label=label_uri is not None)
         try:
-            sample.image_bytes = fs.cat_file(uri)
+            sample.image_bytes = read_bytes(fs, uri, stats=stats)
+            if label_uri is not None:
+                sample.label_bytes = read_bytes(lfs, label_uri, stats=stats)
+            elif cfg.labels is not None and cfg.labels.required:
+                sample.error = f"no label for {image_id} under {cfg.labels.uri}"
         except Exception as exc:  # one unreadable object is one errors row
-            sample.error = f"read {uri}: {type(exc).__name__}: {exc}"
-            yield sample
-            continue
-        if label_uri is not None:
-            try:
-                sample.label_bytes = lfs.cat_file(label_uri)
-            except Exception as exc:
-                sample.error = f"read label {label_uri}: {type(exc).__name__}: {exc}"
-        elif cfg.labels is not None and cfg.labels.required:
-            sample.error = f"no label for {image_id} under {cfg.labels.uri}"
+            sample.error = f"read: {exc}"
         yield sample
 
 
-def list_units(cfg: InputConfig) -> list[SourceUnit]:
+def list_units(cfg: InputConfig, stats: StoreStats | None = None) -> list[SourceUnit]:
+    """The driver's listing: units of keys, by input format."""
+    from pipeline import shards  # shards builds on this module's types
     fmt = resolve_format(cfg)
-    if fmt == "images":
-        return list_image_units(cfg)
-    raise NotImplementedError(f"input.format {fmt!r} is not wired in yet")
+    if fmt == "tar":
+        return shards.list_tar_units(cfg.uri, cfg.storage_options, stats=stats)
+    if fmt == "parquet":
+        return shards.list_parquet_units(cfg.uri, cfg.storage_options, stats=stats)
+    return list_image_units(cfg, stats)
 
 
-def read_unit(unit: SourceUnit, cfg: InputConfig) -> Iterator[RawSample]:
-    if unit.format == "images":
-        return read_image_unit(unit, cfg)
-    raise NotImplementedError(f"input.format {unit.format!r} is not wired in yet")
+def read_unit(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None) -> Iterator[RawSample]:
+    """A read task's samples: image files, a tar shard's samples, or a Parquet file's rows."""
+    from pipeline import shards
+    required = cfg.labels is not None and cfg.labels.required
+    if unit.format == "tar":
+        suffix = cfg.labels.suffix if cfg.labels else shards.DEFAULT_LABEL_SUFFIX
+        return shards.read_tar_unit(unit, cfg.storage_options, label_suffix=suffix, labels_required=required, stats=stats)
+    if unit.format == "parquet":
+        return shards.read_parquet_unit(
+            unit, cfg.storage_options, image_column=cfg.image_column, id_column=cfg.id_column,
+            label_column=cfg.label_column, labels_required=required, stats=stats,
+        )
+    return read_image_unit(unit, cfg, stats)
 
 
 def resolve_format(cfg: InputConfig) -> str:

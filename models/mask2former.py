@@ -1,0 +1,463 @@
+"""Mask2Former (Cheng et al. 2022, "Masked-attention Mask Transformer") with a Swin backbone.
+
+    pixels -> Swin (strides 4..32)
+           -> pixel decoder: multi-scale deformable-attention encoder over the 1/32, 1/16, 1/8 maps,
+              then an FPN step to 1/4 -> per-pixel mask embeddings E (mask_dim x H/4 x W/4)
+           -> masked-attention decoder: Q learned queries; layer l cross-attends to one level
+              (1/32, 1/16, 1/8, 1/32, ...) only where the previous prediction's mask is on
+           -> class logits (Q x C+1) and mask logits <mask embedding, E> of the last layer
+
+Facts that matter for parity with the published models:
+- the config's `decoder_layers` (10 for the published models) counts the prediction made from the
+  learnable queries before any layer: 9 layers are built (our `num_layers` is that 9);
+- a query attends where sigmoid(mask) >= 0.5 at the level's resolution (bilinear resize of the
+  1/4 mask logits), and a query whose mask is empty everywhere attends everywhere;
+- deformable attention samples with `grid_sample` (bilinear, zero padding, align_corners=False):
+  pure PyTorch, no compiled op.
+
+`forward` returns the semantic score map at the mask resolution (ceil(H/4) x ceil(W/4));
+`forward_queries` the last layer's (class_logits N x Q x (C+1), mask_logits N x Q x h x w).
+The HF key mapping of Mask2FormerForUniversalSegmentation is written down above `from_hf`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
+from models.maskformer import (
+    Attention,
+    ConvNorm,
+    MLPHead,
+    Mlp,
+    check_activation,
+    num_labels,
+    rename_keys,
+    semantic_scores,
+    sine_position_embedding,
+)
+from models.swin import SWIN_SIZES, SwinBackbone, swin_arch, swin_arch_from_hf, swin_from_hf
+
+NUM_LEVELS = 3  # the deformable encoder and the decoder read the 1/32, 1/16 and 1/8 maps
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scale deformable attention (Deformable DETR), in pure PyTorch
+# ---------------------------------------------------------------------------------------------
+
+def deformable_sample(
+    value: torch.Tensor,
+    shapes: list[tuple[int, int]],
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted sum of bilinear samples of each head's values at each query's sampling points.
+
+    value:     N x S x heads x d          (S = sum of H_l * W_l over the levels)
+    locations: N x Q x heads x levels x points x 2   (x, y in [0, 1] of each level's map)
+    weights:   N x Q x heads x levels x points       (softmax over levels x points per head)
+    returns    N x Q x (heads * d)
+    """
+    n, _, heads, d = value.shape
+    _, q, _, levels, points, _ = locations.shape
+    grids = 2 * locations - 1  # grid_sample's [-1, 1] coordinates
+    out = None
+    for level, (values_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
+        values_l = values_l.permute(0, 2, 3, 1).reshape(n * heads, d, h, w)
+        grid = grids[:, :, :, level].transpose(1, 2).reshape(n * heads, q, points, 2)
+        sampled = F.grid_sample(values_l, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        weight = weights[:, :, :, level].transpose(1, 2).reshape(n * heads, 1, q, points)
+        term = (sampled * weight).sum(-1)  # (N*heads) x d x Q
+        out = term if out is None else out + term
+    return out.view(n, heads * d, q).transpose(1, 2)
+
+
+class DeformableAttention(nn.Module):
+    """Each query looks at `points` learned offsets around its reference point on every level."""
+
+    def __init__(self, dim: int, num_heads: int, levels: int = NUM_LEVELS, points: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.levels, self.points = num_heads, levels, points
+        self.sampling_offsets = nn.Linear(dim, num_heads * levels * points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor, shapes: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """query N x Q x C (with positions), reference 1 x Q x 2 (x, y in [0, 1]), value N x S x C."""
+        n, q, _ = query.shape
+        heads, levels, points = self.num_heads, self.levels, self.points
+        value = self.value_proj(value).view(n, value.shape[1], heads, -1)
+        offsets = self.sampling_offsets(query).view(n, q, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(n, q, heads, levels * points).softmax(-1)
+        weights = weights.view(n, q, heads, levels, points)
+        # offsets are in pixels of each level: normalise by that level's (width, height)
+        normalizer = torch.tensor([[w, h] for h, w in shapes], device=query.device, dtype=query.dtype)
+        locations = reference[:, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        return self.output_proj(deformable_sample(value, shapes, locations, weights))
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm: deformable self-attention over all levels' tokens, then a feed-forward block."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.self_attn = DeformableAttention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, ffn_dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor, shapes) -> torch.Tensor:
+        x = self.norm1(x + self.self_attn(x + pos, reference, x, shapes))
+        return self.norm2(x + self.mlp(x))
+
+
+def reference_points(shapes: list[tuple[int, int]], device, dtype) -> torch.Tensor:
+    """1 x S x 2: every token's own centre (x, y), normalised to [0, 1] on its level."""
+    points = []
+    for h, w in shapes:
+        ys, xs = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, device=device, dtype=dtype),
+            torch.linspace(0.5, w - 0.5, w, device=device, dtype=dtype),
+            indexing="ij",
+        )
+        points.append(torch.stack((xs.reshape(-1) / w, ys.reshape(-1) / h), dim=-1))
+    return torch.cat(points)[None]
+
+
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Deformable-attention encoder over the three coarsest maps, then FPN steps down to stride 4."""
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        dim: int,
+        mask_dim: int,
+        num_heads: int,
+        num_layers: int,
+        ffn_dim: int,
+        common_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        # level 0 is the coarsest (stride 32) map
+        self.input_projections = nn.ModuleList(
+            ConvNorm(ch, dim, 1, relu=False, bias=True) for ch in reversed(in_channels[-NUM_LEVELS:])
+        )
+        self.level_embed = nn.Parameter(torch.zeros(NUM_LEVELS, dim))
+        nn.init.normal_(self.level_embed)
+        self.encoder_layers = nn.ModuleList(DeformableEncoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
+        # FPN steps for the maps finer than the encoder's (stride 8 -> 4 for the standard strides)
+        strides = [4 * 2**i for i in range(len(in_channels))]
+        num_fpn = int(math.log2(strides[-NUM_LEVELS]) - math.log2(common_stride))
+        self.fpn_laterals = nn.ModuleList(ConvNorm(ch, dim, 1, relu=False) for ch in in_channels[:num_fpn])
+        self.fpn_outputs = nn.ModuleList(ConvNorm(dim, dim, 3, relu=True) for _ in range(num_fpn))
+        self.mask_projection = nn.Conv2d(dim, mask_dim, kernel_size=1)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """-> (mask features N x mask_dim x H/4 x W/4, [the 1/32, 1/16, 1/8 maps])"""
+        coarse = features[::-1][:NUM_LEVELS]
+        maps = [proj(x) for proj, x in zip(self.input_projections, coarse)]
+        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
+        n, dim = maps[0].shape[:2]
+        tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+        pos = torch.cat(
+            [
+                sine_position_embedding(h, w, dim, tokens.device, tokens.dtype).flatten(1).T + self.level_embed[i]
+                for i, (h, w) in enumerate(shapes)
+            ]
+        )[None]
+        reference = reference_points(shapes, tokens.device, tokens.dtype)
+        for layer in self.encoder_layers:
+            tokens = layer(tokens, pos, reference, shapes)
+        outputs = [
+            t.transpose(1, 2).reshape(n, dim, h, w) for t, (h, w) in zip(tokens.split([h * w for h, w in shapes], 1), shapes)
+        ]
+        # finer maps, coarse to fine; bilinear (not nearest) upsampling, as the reference does
+        for lateral, output, feature in zip(
+            reversed(self.fpn_laterals), reversed(self.fpn_outputs), reversed(features[: len(self.fpn_laterals)])
+        ):
+            skip = lateral(feature)
+            up = F.interpolate(outputs[-1], size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            outputs.append(output(skip + up))
+        return self.mask_projection(outputs[-1]), outputs[:NUM_LEVELS]
+
+
+# ---------------------------------------------------------------------------------------------
+# The masked-attention decoder
+# ---------------------------------------------------------------------------------------------
+
+class MaskedAttentionDecoderLayer(nn.Module):
+    """Masked cross-attention to one level, then self-attention over the queries, then a
+    feed-forward block (post-norm by default, pre-norm as an option of the config)."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, pre_norm: bool = False) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, ffn_dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        attend: torch.Tensor,
+    ) -> torch.Tensor:
+        if self.pre_norm:
+            y = self.norm1(x)
+            x = x + self.cross_attn(y + query_pos, memory + memory_pos, memory, attend)
+            y = self.norm2(x)
+            q = y + query_pos
+            x = x + self.self_attn(q, q, y)
+            return x + self.mlp(self.norm3(x))
+        x = self.norm1(x + self.cross_attn(x + query_pos, memory + memory_pos, memory, attend))
+        q = x + query_pos
+        x = self.norm2(x + self.self_attn(q, q, x))
+        return self.norm3(x + self.mlp(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class Mask2Former(SegmentationModel):
+    family = "mask2former"
+
+    def __init__(
+        self,
+        num_classes: int = 150,
+        swin: dict[str, Any] | None = None,
+        feature_dim: int = 256,
+        mask_dim: int = 256,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        encoder_layers: int = 6,
+        encoder_ffn_dim: int = 1024,
+        num_layers: int = 9,
+        ffn_dim: int = 2048,
+        pre_norm: bool = False,
+        enforce_input_projection: bool = False,
+        common_stride: int = 4,
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        swin = dict(swin) if swin is not None else swin_arch("tiny")
+        arch = dict(
+            num_classes=num_classes, swin=swin, feature_dim=feature_dim, mask_dim=mask_dim, hidden_dim=hidden_dim,
+            num_queries=num_queries, num_heads=num_heads, encoder_layers=encoder_layers,
+            encoder_ffn_dim=encoder_ffn_dim, num_layers=num_layers, ffn_dim=ffn_dim, pre_norm=pre_norm,
+            enforce_input_projection=enforce_input_projection, common_stride=common_stride,
+            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std),
+        )
+        super().__init__(arch=arch, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.num_heads = num_heads
+        self.backbone = SwinBackbone(**swin)
+        self.pixel_decoder = MSDeformAttnPixelDecoder(
+            self.backbone.channels, feature_dim, mask_dim, num_heads, encoder_layers, encoder_ffn_dim, common_stride
+        )
+        project = feature_dim != hidden_dim or enforce_input_projection
+        self.input_projections = nn.ModuleList(
+            nn.Conv2d(feature_dim, hidden_dim, 1) if project else nn.Identity() for _ in range(NUM_LEVELS)
+        )
+        self.level_embed = nn.Embedding(NUM_LEVELS, hidden_dim)
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # the queries' starting content
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # their positions
+        self.decoder_layers = nn.ModuleList(
+            MaskedAttentionDecoderLayer(hidden_dim, num_heads, ffn_dim, pre_norm) for _ in range(num_layers)
+        )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # + the no-object class
+        self.mask_embed = MLPHead(hidden_dim, hidden_dim, mask_dim)
+
+    def predict_masks(self, x: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        """normalised queries N x Q x C -> mask logits N x Q x h x w"""
+        return torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
+
+    @staticmethod
+    def attention_mask(level_mask_logits: torch.Tensor) -> torch.Tensor:
+        """mask logits N x Q x h x w at a level's size -> N x 1 x Q x (h*w) bool, True where a query
+        may attend: where its mask is on (sigmoid >= 0.5); a query whose mask is empty everywhere
+        attends everywhere."""
+        attend = level_mask_logits.sigmoid().flatten(2) >= 0.5
+        attend = attend | ~attend.any(dim=-1, keepdim=True)
+        return attend[:, None]
+
+    def forward_queries(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(pixels)
+        mask_features, levels = self.pixel_decoder(features)
+        memories, memory_pos, level_mask_features = [], [], []
+        for i, level in enumerate(levels):
+            h, w = level.shape[-2:]
+            memories.append(self.input_projections[i](level).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
+            memory_pos.append(
+                sine_position_embedding(h, w, memories[-1].shape[-1], level.device, level.dtype).flatten(1).T[None]
+            )
+            # The reference resizes every intermediate 1/4 mask prediction to the level's size for
+            # the attention mask. Bilinear resizing is linear, so resizing the mask features once
+            # per level and predicting there gives the same logits, without the full-size masks.
+            level_mask_features.append(F.interpolate(mask_features, size=(h, w), mode="bilinear", align_corners=False))
+        n = pixels.shape[0]
+        query_pos = self.query_embed.weight[None].expand(n, -1, -1)
+        x = self.query_feat.weight[None].expand(n, -1, -1)
+        for i, layer in enumerate(self.decoder_layers):
+            level = i % NUM_LEVELS
+            # layer 0's mask comes from the learnable queries themselves, layer i's from layer i-1's output
+            attend = self.attention_mask(self.predict_masks(self.decoder_norm(x), level_mask_features[level]))
+            x = layer(x, query_pos, memories[level], memory_pos[level], attend)
+        x = self.decoder_norm(x)
+        return self.class_head(x), self.predict_masks(x, mask_features)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return semantic_scores(*self.forward_queries(pixels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named variants: the ADE20K semantic models of the Mask2Former paper (150 classes, 100 queries,
+# 256 wide, 6 deformable encoder layers, 9 decoder layers).
+# ---------------------------------------------------------------------------------------------
+
+def _builder(size: str):
+    def build(num_classes: int = 150, **overrides) -> Mask2Former:
+        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
+        kwargs.update(overrides)
+        return Mask2Former(num_classes=num_classes, **kwargs)
+
+    build.__doc__ = f"Mask2Former with a Swin-{size[0].upper()} backbone, random weights."
+    return build
+
+
+VARIANTS = {f"mask2former-swin-{size}": _builder(size) for size in SWIN_SIZES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoints (Mask2FormerForUniversalSegmentation, model_type "mask2former")
+# ---------------------------------------------------------------------------------------------
+#
+# The Swin backbone: see models/swin.py (prefix model.pixel_level_module.encoder., body directly under it).
+# HF key (P = model.pixel_level_module.decoder., T = model.transformer_module.)   ours
+# P input_projections.i.{0,1}.*                                   pixel_decoder.input_projections.i.{conv,norm}.*
+# P level_embed                                                   pixel_decoder.level_embed
+# P encoder.layers.i.self_attn.{sampling_offsets,attention_weights,value_proj,output_proj}.*
+#                                                                 pixel_decoder.encoder_layers.i.self_attn.(same).*
+# P encoder.layers.i.self_attn_layer_norm.*                       pixel_decoder.encoder_layers.i.norm1.*
+# P encoder.layers.i.fc{1,2}.*                                    pixel_decoder.encoder_layers.i.mlp.fc{1,2}.*
+# P encoder.layers.i.final_layer_norm.*                           pixel_decoder.encoder_layers.i.norm2.*
+# P adapter_{k}.{0,1}.*   (k = i + 1)                             pixel_decoder.fpn_laterals.i.{conv,norm}.*
+# P layer_{k}.{0,1}.*     (k = i + 1)                             pixel_decoder.fpn_outputs.i.{conv,norm}.*
+# P mask_projection.*                                             pixel_decoder.mask_projection.*
+# T input_projections.i.*  (only when projecting)                 input_projections.i.*
+# T level_embed.weight                                            level_embed.weight
+# T queries_features.weight                                       query_feat.weight
+# T queries_embedder.weight                                       query_embed.weight
+# T decoder.layers.i.cross_attn.in_proj_{weight,bias}             decoder_layers.i.cross_attn.{q,k,v}_proj.*  (split in 3)
+# T decoder.layers.i.cross_attn.out_proj.*                        decoder_layers.i.cross_attn.out_proj.*
+# T decoder.layers.i.cross_attn_layer_norm.*                      decoder_layers.i.norm1.*
+# T decoder.layers.i.self_attn.{q,k,v,out}_proj.*                 decoder_layers.i.self_attn.{q,k,v,out}_proj.*
+# T decoder.layers.i.self_attn_layer_norm.*                       decoder_layers.i.norm2.*
+# T decoder.layers.i.fc{1,2}.*                                    decoder_layers.i.mlp.fc{1,2}.*
+# T decoder.layers.i.final_layer_norm.*                           decoder_layers.i.norm3.*
+# T decoder.layernorm.*                                           decoder_norm.*
+# T decoder.mask_predictor.mask_embedder.i.0.*                    mask_embed.layers.i.*
+# class_predictor.*                                               class_head.*
+# dropped: criterion.empty_weight (the loss's class weights).
+
+_P = r"^model\.pixel_level_module\.decoder\."
+_T = r"^model\.transformer_module\."
+_HF_RULES: list[tuple[str, str]] = [
+    (_P + r"input_projections\.(\d+)\.0\.", r"pixel_decoder.input_projections.\1.conv."),
+    (_P + r"input_projections\.(\d+)\.1\.", r"pixel_decoder.input_projections.\1.norm."),
+    (_P + r"level_embed$", "pixel_decoder.level_embed"),
+    (_P + r"encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.encoder_layers.\1.self_attn."),
+    (_P + r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"pixel_decoder.encoder_layers.\1.norm1."),
+    (_P + r"encoder\.layers\.(\d+)\.fc(1|2)\.", r"pixel_decoder.encoder_layers.\1.mlp.fc\2."),
+    (_P + r"encoder\.layers\.(\d+)\.final_layer_norm\.", r"pixel_decoder.encoder_layers.\1.norm2."),
+    (_P + r"mask_projection\.", "pixel_decoder.mask_projection."),
+    (_T + r"input_projections\.", "input_projections."),
+    (_T + r"level_embed\.", "level_embed."),
+    (_T + r"queries_features\.", "query_feat."),
+    (_T + r"queries_embedder\.", "query_embed."),
+    (_T + r"decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"decoder_layers.\1.cross_attn.out_proj."),
+    (_T + r"decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"decoder_layers.\1.norm1."),
+    (_T + r"decoder\.layers\.(\d+)\.self_attn\.", r"decoder_layers.\1.self_attn."),
+    (_T + r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder_layers.\1.norm2."),
+    (_T + r"decoder\.layers\.(\d+)\.fc(1|2)\.", r"decoder_layers.\1.mlp.fc\2."),
+    (_T + r"decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder_layers.\1.norm3."),
+    (_T + r"decoder\.layernorm\.", "decoder_norm."),
+    (_T + r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"mask_embed.layers.\1."),
+    (r"^class_predictor\.", "class_head."),
+]
+_HF_DROPPED = ("criterion.empty_weight",)
+
+
+def _fpn_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """adapter_k / layer_k (1-based) -> fpn_laterals / fpn_outputs (0-based)."""
+    out = {}
+    for key in list(state_dict):
+        match = re.fullmatch(r"model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.([01])\.(weight|bias)", key)
+        if match:
+            kind = "fpn_laterals" if match.group(1) == "adapter" else "fpn_outputs"
+            part = "conv" if match.group(3) == "0" else "norm"
+            out[f"pixel_decoder.{kind}.{int(match.group(2)) - 1}.{part}.{match.group(4)}"] = state_dict.pop(key)
+    return out
+
+
+def _split_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nn.MultiheadAttention's packed in_proj (q; k; v rows) -> our three projections."""
+    out = {}
+    for key in list(state_dict):
+        match = re.fullmatch(r"model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", key)
+        if match:
+            for name, part in zip("qkv", state_dict.pop(key).chunk(3, dim=0)):
+                out[f"decoder_layers.{match.group(1)}.cross_attn.{name}_proj.{match.group(2)}"] = part
+    return out
+
+
+def from_hf(config: dict, state_dict: dict[str, torch.Tensor]) -> Mask2Former:
+    """Mask2FormerForUniversalSegmentation (config.json + weights) -> Mask2Former."""
+    backbone_config = config.get("backbone_config") or {}
+    if not backbone_config:
+        raise CheckpointError("mask2former config.json without backbone_config: only Swin backbones are supported")
+    check_activation(config, "activation_function")
+    strides = list(config.get("feature_strides", (4, 8, 16, 32)))
+    if strides != [4, 8, 16, 32]:
+        raise CheckpointError(f"feature_strides {strides} are not supported: Swin's are [4, 8, 16, 32]")
+    decoder_layers = int(config.get("decoder_layers", 10))
+    if decoder_layers < 1:
+        raise CheckpointError(f"decoder_layers {decoder_layers}: at least 1 is needed")
+    model = Mask2Former(
+        num_classes=num_labels(config, state_dict, "class_predictor.weight"),
+        swin=swin_arch_from_hf(backbone_config),
+        feature_dim=int(config.get("feature_size", 256)),
+        mask_dim=int(config.get("mask_feature_size", 256)),
+        hidden_dim=int(config.get("hidden_dim", 256)),
+        num_queries=int(config.get("num_queries", 100)),
+        num_heads=int(config.get("num_attention_heads", 8)),
+        encoder_layers=int(config.get("encoder_layers", 6)),
+        encoder_ffn_dim=int(config.get("encoder_feedforward_dim", 1024)),
+        num_layers=decoder_layers - 1,  # the first "layer" is the prediction from the bare queries
+        ffn_dim=int(config.get("dim_feedforward", 2048)),
+        pre_norm=bool(config.get("pre_norm", False)),
+        enforce_input_projection=bool(config.get("enforce_input_projection", False)),
+        common_stride=int(config.get("common_stride", 4)),
+    )
+    state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
+    ours = swin_from_hf(
+        state_dict, prefix="model.pixel_level_module.encoder.", body_prefix="model.pixel_level_module.encoder."
+    )
+    ours.update(_fpn_keys(state_dict))
+    ours.update(_split_in_proj(state_dict))
+    ours.update(rename_keys(state_dict, _HF_RULES))
+    return load_weights(model, ours, "mask2former checkpoint")

@@ -1,0 +1,369 @@
+"""MaskFormer (Cheng et al. 2021, "Per-Pixel Classification is Not All You Need") with a Swin backbone.
+
+Mask classification: a transformer decoder turns Q learned queries into Q (class distribution, mask
+embedding) pairs; each mask is the dot product of its embedding with per-pixel embeddings from an
+FPN pixel decoder at 1/4 of the input resolution.
+
+    pixels -> Swin (strides 4..32) -> FPN -> per-pixel embeddings  E   (mask_dim x H/4 x W/4)
+                          \\-> stride-32 map -> DETR decoder over Q queries -> class logits (Q x C+1)
+                                                                           -> mask embeddings (Q x mask_dim)
+    mask logits = <mask embedding, E>;  semantic scores = sum_q softmax(class)[:C] * sigmoid(mask)
+
+`forward` returns the semantic score map at the mask resolution (ceil(H/4) x ceil(W/4));
+`forward_queries` the raw (class_logits N x Q x (C+1), mask_logits N x Q x h x w).
+
+The building blocks shared with Mask2Former (sine position embedding, conv + GroupNorm, attention,
+the MLP head, the semantic combination, key renaming) live here and are imported there.
+The HF key mapping of MaskFormerForInstanceSegmentation is written down above `from_hf`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
+from models.swin import SWIN_SIZES, SwinBackbone, swin_arch, swin_arch_from_hf, swin_from_hf
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared building blocks
+# ---------------------------------------------------------------------------------------------
+
+def sine_position_embedding(
+    height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype, temperature: float = 10000.0
+) -> torch.Tensor:
+    """DETR's normalised 2-D sine embedding, dim x H x W: dim/2 channels for y, then dim/2 for x.
+
+    Coordinates run 1..H (1..W), are normalised to (0, 2*pi] and fed to interleaved sin / cos
+    at geometrically spaced frequencies. There is no padding mask: every position is valid.
+    """
+    half = dim // 2
+    eps, scale = 1e-6, 2 * math.pi
+    y = torch.arange(1, height + 1, device=device, dtype=dtype)
+    x = torch.arange(1, width + 1, device=device, dtype=dtype)
+    y = y / (y[-1:] + eps) * scale
+    x = x / (x[-1:] + eps) * scale
+    freq = torch.arange(half, device=device, dtype=torch.int64).to(dtype)
+    freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / half)
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord[:, None] / freq
+        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=-1).flatten(1)  # len x half
+
+    pos_y = encode(y)[:, None, :].expand(height, width, half)
+    pos_x = encode(x)[None, :, :].expand(height, width, half)
+    return torch.cat((pos_y, pos_x), dim=-1).permute(2, 0, 1)
+
+
+class ConvNorm(nn.Module):
+    """Conv (no bias unless asked) + GroupNorm(32) (+ ReLU): the detectron2 FPN unit."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, relu: bool, bias: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.norm = nn.GroupNorm(32, out_ch)
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.conv(x))
+        return F.relu(x) if self.relu else x
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate q / k / v projections (queries and keys may carry
+    position embeddings that the values do not)."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query N x Lq x C, key / value N x Lk x C; mask broadcastable to N x heads x Lq x Lk
+        (bool: True = may attend)."""
+        n, length, dim = query.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, t.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class Mlp(nn.Module):
+    """Linear, ReLU, Linear: the transformer feed-forward block."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class MLPHead(nn.Module):
+    """num_layers linear layers with ReLU between them: the mask-embedding head."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """N x Q x (C+1), N x Q x h x w -> N x C x h x w: class probabilities without the no-object
+    class, times mask probabilities, summed over the queries."""
+    probs = class_logits.softmax(dim=-1)[..., :-1]
+    return torch.einsum("nqc,nqhw->nchw", probs, mask_logits.sigmoid())
+
+
+def rename_keys(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Apply the first matching (regex, replacement) rule to each key; a key no rule matches keeps
+    its name (so that the strict load names it as unexpected)."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in rules:
+            renamed, count = re.subn(pattern, replacement, key)
+            if count:
+                key = renamed
+                break
+        out[key] = value
+    return out
+
+
+def check_activation(config: dict, field: str) -> None:
+    activation = config.get(field, "relu")
+    if activation != "relu":
+        raise CheckpointError(f"{field} {activation!r} is not supported: only relu")
+
+
+# ---------------------------------------------------------------------------------------------
+# MaskFormer's parts
+# ---------------------------------------------------------------------------------------------
+
+class FPNPixelDecoder(nn.Module):
+    """Top-down FPN over the backbone maps, then a 3x3 projection to the per-pixel mask embeddings."""
+
+    def __init__(self, in_channels: list[int], dim: int, mask_dim: int) -> None:
+        super().__init__()
+        self.stem = ConvNorm(in_channels[-1], dim, 3, relu=True)
+        # from the stride-16 map down to the stride-4 map
+        self.laterals = nn.ModuleList(ConvNorm(ch, dim, 1, relu=False) for ch in reversed(in_channels[:-1]))
+        self.outputs = nn.ModuleList(ConvNorm(dim, dim, 3, relu=True) for _ in in_channels[:-1])
+        self.mask_projection = nn.Conv2d(dim, mask_dim, kernel_size=3, padding=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = self.stem(features[-1])
+        for lateral, output, feature in zip(self.laterals, self.outputs, reversed(features[:-1])):
+            skip = lateral(feature)
+            x = output(skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
+        return self.mask_projection(x)
+
+
+class DetrDecoderLayer(nn.Module):
+    """Post-norm DETR decoder layer: self-attention over the queries, cross-attention to the
+    image tokens, feed-forward. Query positions go into queries and keys, never values."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, ffn_dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(
+        self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
+    ) -> torch.Tensor:
+        q = x + query_pos
+        x = self.norm1(x + self.self_attn(q, q, x))
+        x = self.norm2(x + self.cross_attn(x + query_pos, memory + memory_pos, memory))
+        return self.norm3(x + self.mlp(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+class MaskFormer(SegmentationModel):
+    family = "maskformer"
+
+    def __init__(
+        self,
+        num_classes: int = 150,
+        swin: dict[str, Any] | None = None,
+        fpn_dim: int = 256,
+        mask_dim: int = 256,
+        hidden_dim: int = 256,
+        num_queries: int = 100,
+        num_heads: int = 8,
+        num_layers: int = 6,
+        ffn_dim: int = 2048,
+        pixel_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        pixel_std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        swin = dict(swin) if swin is not None else swin_arch("tiny")
+        arch = dict(
+            num_classes=num_classes, swin=swin, fpn_dim=fpn_dim, mask_dim=mask_dim, hidden_dim=hidden_dim,
+            num_queries=num_queries, num_heads=num_heads, num_layers=num_layers, ffn_dim=ffn_dim,
+            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std),
+        )
+        super().__init__(arch=arch, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.backbone = SwinBackbone(**swin)
+        channels = self.backbone.channels
+        self.pixel_decoder = FPNPixelDecoder(channels, fpn_dim, mask_dim)
+        # the stride-32 map enters the decoder projected to its width (when the widths differ)
+        self.input_projection = nn.Conv2d(channels[-1], hidden_dim, 1) if channels[-1] != hidden_dim else nn.Identity()
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.decoder_layers = nn.ModuleList(DetrDecoderLayer(hidden_dim, num_heads, ffn_dim) for _ in range(num_layers))
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # + the no-object class
+        self.mask_embed = MLPHead(hidden_dim, hidden_dim, mask_dim)
+
+    def forward_queries(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(pixels)
+        mask_features = self.pixel_decoder(features)
+        memory = self.input_projection(features[-1])
+        n, dim, height, width = memory.shape
+        memory_pos = sine_position_embedding(height, width, dim, memory.device, memory.dtype).flatten(1).T[None]
+        memory = memory.flatten(2).transpose(1, 2)
+        query_pos = self.query_embed.weight[None].expand(n, -1, -1)
+        x = torch.zeros_like(query_pos)  # the queries start empty: their identity is the position
+        for layer in self.decoder_layers:
+            x = layer(x, query_pos, memory, memory_pos)
+        x = self.decoder_norm(x)
+        mask_logits = torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
+        return self.class_head(x), mask_logits
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return semantic_scores(*self.forward_queries(pixels))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named variants: the ADE20K models of the MaskFormer paper (150 classes, 100 queries, 256 wide,
+# 6 decoder layers).
+# ---------------------------------------------------------------------------------------------
+
+def _builder(size: str):
+    def build(num_classes: int = 150, **overrides) -> MaskFormer:
+        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
+        kwargs.update(overrides)
+        return MaskFormer(num_classes=num_classes, **kwargs)
+
+    build.__doc__ = f"MaskFormer with a Swin-{size[0].upper()} backbone, random weights."
+    return build
+
+
+VARIANTS = {f"maskformer-swin-{size}": _builder(size) for size in SWIN_SIZES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face checkpoints (MaskFormerForInstanceSegmentation, model_type "maskformer")
+# ---------------------------------------------------------------------------------------------
+#
+# The Swin backbone: see models/swin.py (prefix model.pixel_level_module.encoder., body under .model.).
+# HF key                                                                   ours
+# model.pixel_level_module.decoder.fpn.stem.{0,1}.*                        pixel_decoder.stem.{conv,norm}.*
+# model.pixel_level_module.decoder.fpn.layers.i.proj.{0,1}.*               pixel_decoder.laterals.i.{conv,norm}.*
+# model.pixel_level_module.decoder.fpn.layers.i.block.{0,1}.*              pixel_decoder.outputs.i.{conv,norm}.*
+# model.pixel_level_module.decoder.mask_projection.*                       pixel_decoder.mask_projection.*
+# model.transformer_module.input_projection.*                              input_projection.*
+# model.transformer_module.queries_embedder.weight                         query_embed.weight
+# model.transformer_module.decoder.layers.i.self_attn.{q,k,v}_proj.*       decoder_layers.i.self_attn.{q,k,v}_proj.*
+# model.transformer_module.decoder.layers.i.self_attn.out_proj.*           decoder_layers.i.self_attn.out_proj.*
+# model.transformer_module.decoder.layers.i.encoder_attn.*                 decoder_layers.i.cross_attn.*
+# model.transformer_module.decoder.layers.i.self_attn_layer_norm.*         decoder_layers.i.norm1.*
+# model.transformer_module.decoder.layers.i.encoder_attn_layer_norm.*      decoder_layers.i.norm2.*
+# model.transformer_module.decoder.layers.i.fc{1,2}.*                      decoder_layers.i.mlp.fc{1,2}.*
+# model.transformer_module.decoder.layers.i.final_layer_norm.*             decoder_layers.i.norm3.*
+# model.transformer_module.decoder.layernorm.*                             decoder_norm.*
+# class_predictor.*                                                        class_head.*
+# mask_embedder.i.0.*                                                      mask_embed.layers.i.*
+# dropped: criterion.empty_weight (the loss's class weights).
+# transformers 5's in-memory names (o_proj for out_proj, mlp.fc1 for fc1) are accepted too.
+
+_HF_PREFIX = "model.pixel_level_module."
+_HF_DECODER = r"^model\.transformer_module\.decoder\."
+_HF_RULES: list[tuple[str, str]] = [
+    (r"^model\.pixel_level_module\.decoder\.fpn\.stem\.0\.", "pixel_decoder.stem.conv."),
+    (r"^model\.pixel_level_module\.decoder\.fpn\.stem\.1\.", "pixel_decoder.stem.norm."),
+    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.proj\.0\.", r"pixel_decoder.laterals.\1.conv."),
+    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.proj\.1\.", r"pixel_decoder.laterals.\1.norm."),
+    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.block\.0\.", r"pixel_decoder.outputs.\1.conv."),
+    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.block\.1\.", r"pixel_decoder.outputs.\1.norm."),
+    (r"^model\.pixel_level_module\.decoder\.mask_projection\.", "pixel_decoder.mask_projection."),
+    (r"^model\.transformer_module\.input_projection\.", "input_projection."),
+    (r"^model\.transformer_module\.queries_embedder\.", "query_embed."),
+    (_HF_DECODER + r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.", r"decoder_layers.\1.self_attn.\2_proj."),
+    (_HF_DECODER + r"layers\.(\d+)\.self_attn\.(?:out|o)_proj\.", r"decoder_layers.\1.self_attn.out_proj."),
+    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn\.(q|k|v)_proj\.", r"decoder_layers.\1.cross_attn.\2_proj."),
+    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn\.(?:out|o)_proj\.", r"decoder_layers.\1.cross_attn.out_proj."),
+    (_HF_DECODER + r"layers\.(\d+)\.self_attn_layer_norm\.", r"decoder_layers.\1.norm1."),
+    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder_layers.\1.norm2."),
+    (_HF_DECODER + r"layers\.(\d+)\.(?:mlp\.)?fc(1|2)\.", r"decoder_layers.\1.mlp.fc\2."),
+    (_HF_DECODER + r"layers\.(\d+)\.final_layer_norm\.", r"decoder_layers.\1.norm3."),
+    (_HF_DECODER + r"layernorm\.", "decoder_norm."),
+    (r"^class_predictor\.", "class_head."),
+    (r"^mask_embedder\.(\d+)\.0\.", r"mask_embed.layers.\1."),
+]
+_HF_DROPPED = ("criterion.empty_weight",)
+
+
+def num_labels(config: dict, state_dict: dict[str, torch.Tensor], class_key: str) -> int:
+    """The number of classes: the class head's rows minus the no-object one (config.json's
+    id2label may be absent or stale)."""
+    if class_key not in state_dict:
+        raise CheckpointError(f"the checkpoint has no {class_key}: not a segmentation head")
+    classes = int(state_dict[class_key].shape[0]) - 1
+    id2label = config.get("id2label")
+    if id2label and len(id2label) != classes:
+        raise CheckpointError(f"config.json names {len(id2label)} classes but the class head has {classes}")
+    return classes
+
+
+def from_hf(config: dict, state_dict: dict[str, torch.Tensor]) -> MaskFormer:
+    """MaskFormerForInstanceSegmentation (config.json + weights) -> MaskFormer."""
+    backbone_config = config.get("backbone_config") or {}
+    if not backbone_config:
+        raise CheckpointError("maskformer config.json without backbone_config: only Swin backbones are supported")
+    decoder = config.get("decoder_config") or {}
+    if decoder.get("model_type", "detr") != "detr":
+        raise CheckpointError(f"MaskFormer decoder {decoder.get('model_type')!r} is not supported: only detr")
+    check_activation(decoder, "activation_function")
+    model = MaskFormer(
+        num_classes=num_labels(config, state_dict, "class_predictor.weight"),
+        swin=swin_arch_from_hf(backbone_config),
+        fpn_dim=int(config.get("fpn_feature_size", 256)),
+        mask_dim=int(config.get("mask_feature_size", 256)),
+        hidden_dim=int(decoder.get("d_model", 256)),
+        num_queries=int(decoder.get("num_queries", 100)),
+        num_heads=int(decoder.get("decoder_attention_heads", 8)),
+        num_layers=int(decoder.get("decoder_layers", 6)),
+        ffn_dim=int(decoder.get("decoder_ffn_dim", 2048)),
+    )
+    state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
+    ours = swin_from_hf(state_dict, prefix=_HF_PREFIX + "encoder.", body_prefix=_HF_PREFIX + "encoder.model.")
+    ours.update(rename_keys(state_dict, _HF_RULES))
+    return load_weights(model, ours, "maskformer checkpoint")

@@ -1,0 +1,451 @@
+"""Object stores through fsspec: opening a store, listing a prefix, retrying transient errors, hiding secrets.
+
+Every store is an fsspec filesystem opened from a URI and the config's `storage_options`
+(`s3://` through s3fs, `gs://`, `az://`, `memory://`, local paths, ...). Three rules hold for all of them:
+
+- Listing is one recursive listing per prefix (`fs.find`: for S3 that is paged ListObjectsV2 calls,
+  1000 keys a page), never a HEAD per object. `StoreStats.list_calls` counts them.
+- Transient errors (timeouts, connection resets, 5xx, throttling) are retried with exponential
+  backoff and jitter, and counted in `StoreStats.retries`. s3fs already retries some of them
+  inside one call; this layer covers every store, errors s3fs gives up on, and a stream that breaks
+  half-way: `RetryingFile` reopens the object at the offset it had reached, so a reader never sees
+  a byte twice and a sample never comes back twice.
+- A missing object or a denied access is not retried: it becomes a `StoreError` that names the URI
+  and the reason, which the readers turn into an errors row.
+
+`storage_options` hold credentials. `redact` gives a copy that is safe to show (run.json, logs),
+and `scrub` removes their values from any text (an exception message, say).
+"""
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable, TypeVar
+
+import fsspec
+
+log = logging.getLogger("segpipe.storage")
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and listing
+
+
+def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem of `uri` and the path of `uri` inside it, without a trailing slash."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path as `fs.find` returns it, turned back into a URI that `open_fs` opens (`s3://b/k`, `/abs/k`)."""
+    if "file" in _protocols(fs):
+        return path  # local paths stay plain paths: they read better in ids and error rows
+    return fs.unstrip_protocol(path)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+@dataclass
+class StoreStats:
+    """What a stage did with a store: reported per read task and summed into run.json."""
+
+    list_calls: int = 0  # recursive listings, one per prefix
+    listed_keys: int = 0  # objects those listings returned
+    retries: int = 0  # transient failures that were retried
+    failures: int = 0  # operations that failed for good (missing, denied, or still failing)
+
+    def add(self, other: "StoreStats") -> "StoreStats":
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+        return self
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def list_files(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    suffixes: tuple[str, ...] | None = None,
+    policy: "RetryPolicy | None" = None,
+    stats: StoreStats | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """Every file under the prefix `uri` as (fs, root, sorted paths relative to root).
+
+    One recursive listing (retried when the store fails transiently); `suffixes` filters by
+    lower-cased name ending. A prefix with nothing under it gives an empty list.
+    """
+    fs, root = open_fs(uri, storage_options)
+    stats = stats if stats is not None else StoreStats()
+    paths = with_retries(lambda: fs.find(root), what="list", uri=uri, policy=policy, stats=stats)
+    stats.list_calls += 1
+    stats.listed_keys += len(paths)
+    prefix = root.lstrip("/") + "/"
+    keys = []
+    for path in paths:
+        bare = path.rstrip("/").lstrip("/")
+        if not bare.startswith(prefix):
+            continue  # the root itself when it is a file, or a store that echoes something odd
+        key = bare[len(prefix):]
+        if suffixes is None or key.lower().endswith(suffixes):
+            keys.append(key)
+    return fs, root, sorted(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and retries
+
+
+class StoreError(OSError):
+    """An object that could not be read: `uri` and a short `reason` ("not found", "access denied", ...)."""
+
+    def __init__(self, uri: str, reason: str, detail: str = ""):
+        self.uri, self.reason, self.detail = uri, reason, detail
+        super().__init__(f"{uri}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6  # tries in all, the first included
+    initial_delay: float = 0.2  # seconds before the first retry
+    max_delay: float = 20.0
+    multiplier: float = 2.0
+    jitter: float = 0.5  # up to this fraction of each delay is drawn at random, so tasks don't retry in step
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1, 2, ...)."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (retry - 1))
+        return base * (1.0 - self.jitter * random.random())
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+# Error codes of S3 (and of stores that mimic it) that mean "try again later".
+_TRANSIENT_CODES = {
+    "throttling", "throttlingexception", "slowdown", "requestlimitexceeded", "toomanyrequests",
+    "requesttimeout", "requesttimeoutexception", "internalerror", "serviceunavailable",
+    "503", "500", "502", "504", "429", "priorrequestnotcomplete", "bandwidthlimitexceeded",
+}
+# Exception class names of HTTP clients (botocore, aiohttp, urllib3, requests, http.client) that mean
+# the connection or the response broke, matched by name so that this module imports none of them.
+_TRANSIENT_NAMES = {
+    "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
+    "ResponseStreamingError", "IncompleteReadError", "IncompleteRead", "HTTPClientError",
+    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
+    "ServerTimeoutError", "ProtocolError", "ChunkedEncodingError", "RemoteDisconnected",
+    "FSTimeoutError", "ResponseParserError",
+}
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
+    errno.EAGAIN, errno.EBUSY, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETRESET,
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: InternalError / 500
+}
+
+
+def _chain(exc: BaseException) -> Iterable[BaseException]:
+    """exc and the exceptions it was raised from (s3fs wraps botocore's ClientError, for one)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int):
+            return status
+    for name in ("status", "status_code", "code"):  # aiohttp, requests, gcsfs HttpError
+        value = getattr(exc, name, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", "")).lower()
+    return ""
+
+
+def classify(exc: BaseException) -> str:
+    """'missing', 'denied', 'transient' or 'permanent': whether a failed store call is worth retrying."""
+    links = list(_chain(exc))
+    for e in links:  # a definite answer anywhere in the chain wins over a generic wrapper
+        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            return "missing"
+        if isinstance(e, PermissionError):
+            return "denied"
+        status, code = _http_status(e), _error_code(e)
+        if status == 404 or code in {"nosuchkey", "nosuchbucket", "notfound"}:
+            return "missing"
+        if status in (401, 403) or code in {"accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "expiredtoken"}:
+            return "denied"
+    for e in links:
+        status, code = _http_status(e), _error_code(e)
+        if code in _TRANSIENT_CODES or status in (408, 429) or (status is not None and status >= 500):
+            return "transient"
+        if isinstance(e, (TimeoutError, ConnectionError)) or type(e).__name__ in _TRANSIENT_NAMES:
+            return "transient"
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return "transient"
+        if "SlowDown" in str(e) or "reduce your request rate" in str(e):
+            return "transient"
+    return "permanent"
+
+
+_REASONS = {"missing": "not found", "denied": "access denied", "transient": "still failing after retries", "permanent": "read failed"}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def with_retries(
+    call: Callable[[], T],
+    *,
+    what: str,
+    uri: str,
+    policy: RetryPolicy | None = None,
+    stats: StoreStats | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """call(), retried on transient errors; any failure that stays is a StoreError naming `uri`.
+
+    `what` ("read", "list", "open") goes into the log line of each retry.
+    """
+    policy = policy or DEFAULT_POLICY
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return call()
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+            kind = classify(exc)
+            if kind == "transient" and attempt < policy.attempts:
+                wait = policy.delay(attempt)
+                if stats is not None:
+                    stats.retries += 1
+                log.warning("%s %s: %s; retry %d/%d in %.2f s", what, uri, _describe(exc), attempt, policy.attempts - 1, wait)
+                sleep(wait)
+                continue
+            if stats is not None:
+                stats.failures += 1
+            reason = _REASONS[kind]
+            if kind == "transient":
+                reason = f"still failing after {policy.attempts} attempts"
+            raise StoreError(uri, reason, _describe(exc)) from exc
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+class RetryingFile(io.RawIOBase):
+    """A read-only, seekable view of one object that survives transient errors.
+
+    A read that fails transiently closes the underlying file, waits, reopens the object and
+    seeks back to the offset this view had reached, so a stream (a tar shard, a Parquet row
+    group) goes on where it broke instead of starting over. Missing or denied objects, and
+    errors that stay, raise StoreError. Consecutive failures of one read count against
+    `policy.attempts`; a read that succeeds starts the count afresh.
+    """
+
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        path: str,
+        *,
+        uri: str | None = None,
+        policy: RetryPolicy | None = None,
+        stats: StoreStats | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        super().__init__()
+        self.fs, self.path, self.uri = fs, path, uri or path
+        self.policy = policy or DEFAULT_POLICY
+        self.stats = stats if stats is not None else StoreStats()
+        self._sleep = sleep
+        self._pos = 0
+        self._file = None
+        with_retries(self._open_at_pos, what="open", uri=self.uri, policy=self.policy, stats=self.stats, sleep=sleep)
+
+    def _open_at_pos(self) -> None:
+        self._drop()
+        f = self.fs.open(self.path, "rb")
+        try:
+            if self._pos:
+                f.seek(self._pos)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except Exception:  # noqa: BLE001 - the connection is broken already; closing is best effort
+                pass
+            self._file = None
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """call(); after a transient failure, reopen at the current offset before calling again."""
+        broken = False
+
+        def attempt() -> T:
+            nonlocal broken
+            if broken or self._file is None:
+                self._open_at_pos()
+            try:
+                return call()
+            except Exception:
+                broken = True
+                raise
+
+        return with_retries(attempt, what=what, uri=self.uri, policy=self.policy, stats=self.stats, sleep=self._sleep)
+
+    # io.RawIOBase
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        n = len(data)
+        memoryview(buffer).cast("B")[:n] = data
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read of a closed file")
+        data = self._retrying("read", lambda: self._file.read(-1 if size is None or size < 0 else size))
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            target = offset
+        elif whence == io.SEEK_CUR:
+            target = self._pos + offset
+        elif whence == io.SEEK_END:
+            target = self._retrying("size", lambda: self._file.seek(0, io.SEEK_END)) + offset
+        else:
+            raise ValueError(f"bad whence {whence}")
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        self._pos = target
+        self._retrying("seek", lambda: self._file.seek(target))
+        return target
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def read_bytes(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    *,
+    uri: str | None = None,
+    policy: RetryPolicy | None = None,
+    stats: StoreStats | None = None,
+) -> bytes:
+    """The whole object at `path` (one GET), retried on transient errors; StoreError otherwise."""
+    return with_retries(lambda: fs.cat_file(path), what="read", uri=uri or path, policy=policy, stats=stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+
+REDACTED = "***"
+# Option names whose values are credentials, in any store's spelling: s3fs key/secret/token,
+# boto aws_access_key_id / aws_secret_access_key / aws_session_token, gcsfs token, adlfs account_key /
+# sas_token / connection_string / client_secret / credential, HTTP headers such as Authorization.
+# Names are compared lower-cased with `_`, `-` and spaces removed ("aws_access_key_id" -> "awsaccesskeyid").
+_SECRET_NAME = re.compile(r"(key$|keyid$|secret|passw|token|credential|connectionstring|^sas|signature|authorization|^auth$|cookie)")
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(re.sub(r"[\s_-]", "", str(name).lower())))
+
+
+def redact(options: Any) -> Any:
+    """A JSON-ready copy of storage options with every credential value replaced by "***".
+
+    Nested dicts (client_kwargs, config_kwargs, headers, ...) and lists are walked; a password
+    inside a URL (`https://user:pass@host`) is hidden too; objects that are not plain data (a
+    boto session, say) show as their type name only.
+    """
+    if isinstance(options, dict):
+        out = {}
+        for name, value in options.items():
+            if is_secret_name(name) and value is not None and not isinstance(value, bool):
+                out[str(name)] = REDACTED
+            else:
+                out[str(name)] = redact(value)
+        return out
+    if isinstance(options, (list, tuple)):
+        return [redact(v) for v in options]
+    if isinstance(options, str):
+        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", options)
+    if options is None or isinstance(options, (bool, int, float)):
+        return options
+    return f"<{type(options).__name__}>"
+
+
+def secret_values(options: Any) -> set[str]:
+    """Every credential string inside storage options (what `redact` hides)."""
+    found: set[str] = set()
+
+    def walk(value: Any, secret: bool) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, secret or is_secret_name(k))
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                walk(v, secret)
+        elif isinstance(value, str):
+            if secret and value:
+                found.add(value)
+            found.update(m["password"] for m in _URL_USERINFO.finditer(value))
+        elif secret and isinstance(value, (int, float)) and not isinstance(value, bool):
+            found.add(str(value))
+
+    walk(options, False)
+    return found
+
+
+def scrub(text: str, *options: Any) -> str:
+    """text with every credential value of the given storage options replaced by "***".
+
+    Values shorter than 6 characters are left alone: no real credential is that short, and
+    replacing every "s" or "1" would garble the text.
+    """
+    secrets = set().union(*(secret_values(o) for o in options)) if options else set()
+    for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)

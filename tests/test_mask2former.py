@@ -1,0 +1,158 @@
+"""Mask2Former with a Swin backbone: parity with transformers' Mask2FormerForUniversalSegmentation,
+its masked attention and deformable sampling, and the named variants."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+from models import build_model, list_models, load_model, save_native
+from models.base import CheckpointError
+from models.mask2former import Mask2Former, deformable_sample, from_hf
+
+NAMES = [f"mask2former-swin-{size}" for size in ("tiny", "small", "base", "large")]
+# the paper's parameter counts (ADE20K, 150 classes), in millions
+PUBLISHED_PARAMS = {"tiny": 47, "small": 69, "base": 107, "large": 216}
+
+
+def tiny_hf_config(**overrides) -> Mask2FormerConfig:
+    backbone = SwinConfig(
+        embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    kwargs = dict(
+        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
+        encoder_layers=2, decoder_layers=5, num_attention_heads=4, dim_feedforward=64, num_queries=6, num_labels=7,
+    )
+    kwargs.update(overrides)
+    return Mask2FormerConfig(**kwargs)
+
+
+def saved_reference(path, **overrides):
+    torch.manual_seed(0)
+    reference = Mask2FormerForUniversalSegmentation(tiny_hf_config(**overrides)).eval()
+    # move every parameter off its initial value (ones, zeros) so that a swapped norm or bias shows
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    reference.save_pretrained(path)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mask2former-hf")
+    return saved_reference(path), path
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return ((expected - actual).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 90)])  # the second: not a multiple of 32 (nor of 4)
+def test_matches_transformers(hf_checkpoint, size):
+    reference, path = hf_checkpoint
+    model = load_model(path)
+    assert isinstance(model, Mask2Former) and model.num_classes == 7
+    assert len(model.decoder_layers) == 4  # decoder_layers=5 in the config
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = reference(pixel_values=pixels)
+        class_logits, mask_logits = model.forward_queries(pixels)
+        scores = model(pixels)
+    expected = torch.einsum(
+        "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
+    )
+    assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
+    assert relative_error(expected, scores) <= 1e-4
+    # transformers' outputs are the last layer's predictions
+    assert class_logits.shape == out.class_queries_logits.shape == (2, 6, 8)
+    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
+    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+
+
+def test_pre_norm_and_input_projection_configs(tmp_path):
+    reference = saved_reference(tmp_path, pre_norm=True, enforce_input_projection=True, decoder_layers=3)
+    model = load_model(tmp_path)
+    assert model.arch["pre_norm"] and isinstance(model.input_projections[0], torch.nn.Conv2d)
+    pixels = torch.randn(1, 3, 52, 76)
+    with torch.no_grad():
+        out = reference(pixel_values=pixels)
+        class_logits, mask_logits = model.forward_queries(pixels)
+    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
+    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+
+
+def test_attention_mask_follows_the_predicted_masks():
+    logits = torch.full((1, 3, 4, 4), -5.0)
+    logits[0, 0, :2] = 5.0  # query 0: the top half
+    logits[0, 1] = 5.0  # query 1: everything; query 2: nothing, so it may attend everywhere
+    attend = Mask2Former.attention_mask(logits)
+    assert attend.shape == (1, 1, 3, 16) and attend.dtype == torch.bool
+    assert attend[0, 0, 0].tolist() == [True] * 8 + [False] * 8
+    assert attend[0, 0, 1].all() and attend[0, 0, 2].all()
+
+
+def test_deformable_sample_at_token_centres_reads_the_values():
+    # two levels, one head; each query samples one point at a pixel centre of its level
+    shapes = [(2, 3), (4, 5)]
+    value = torch.randn(1, 6 + 20, 1, 8)
+    level1 = value[0, 6:, 0].view(4, 5, 8)
+    locations = torch.zeros(1, 2, 1, 2, 1, 2)
+    weights = torch.zeros(1, 2, 1, 2, 1)
+    locations[0, 0, 0, 1, 0] = torch.tensor([(3 + 0.5) / 5, (1 + 0.5) / 4])  # x=3, y=1 on level 1
+    locations[0, 1, 0, 1, 0] = torch.tensor([(0 + 0.5) / 5, (2 + 0.5) / 4])  # x=0, y=2 on level 1
+    weights[:, :, :, 1] = 1.0
+    out = deformable_sample(value, shapes, locations, weights)
+    assert torch.allclose(out[0, 0], level1[1, 3], atol=1e-6)
+    assert torch.allclose(out[0, 1], level1[2, 0], atol=1e-6)
+
+
+def test_native_checkpoint_round_trip(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint
+    model = load_model(path)
+    save_native(model, tmp_path / "mask2former.safetensors")
+    again = load_model(tmp_path / "mask2former.safetensors")
+    assert type(again) is Mask2Former and again.arch == model.arch
+    pixels = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(model(pixels), again(pixels))
+
+
+def test_checkpoint_that_does_not_fit_is_named(hf_checkpoint):
+    _, path = hf_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    state_dict = load_file(str(path / "model.safetensors"))
+    del state_dict["model.transformer_module.decoder.layers.2.cross_attn.in_proj_weight"]
+    with pytest.raises(CheckpointError, match=r"decoder_layers\.2\.cross_attn\.q_proj\.weight"):
+        from_hf(config, state_dict)
+    # one decoder layer more in the config than in the weights
+    with pytest.raises(CheckpointError, match="missing"):
+        from_hf({**config, "decoder_layers": config["decoder_layers"] + 1}, load_file(str(path / "model.safetensors")))
+
+
+def test_every_name_builds():
+    assert set(NAMES) <= set(list_models())
+    for name in NAMES:
+        model = build_model(name, num_classes=150)
+        assert isinstance(model, Mask2Former) and model.name == name
+        assert len(model.decoder_layers) == 9 and model.query_feat.num_embeddings == 100
+        assert model.class_head.out_features == 151
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(params - PUBLISHED_PARAMS[name.rsplit("-", 1)[1]]) < 1.0, (name, params)
+        del model
+
+
+def test_tiny_variant_forward():
+    model = build_model("mask2former-swin-tiny", num_classes=5).eval()
+    pixels = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        class_logits, mask_logits = model.forward_queries(pixels)
+        scores = model(pixels)
+    assert class_logits.shape == (1, 100, 6) and mask_logits.shape == (1, 100, 16, 20)
+    assert scores.shape == (1, 5, 16, 20) and torch.isfinite(scores).all()
+    assert (scores >= 0).all() and (scores.sum(1) <= 100).all()

@@ -1,0 +1,117 @@
+"""MaskFormer with a Swin backbone: parity with transformers' MaskFormerForInstanceSegmentation, and
+the named variants."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+
+from models import build_model, list_models, load_model, save_native
+from models.base import CheckpointError
+from models.maskformer import MaskFormer, from_hf
+
+NAMES = [f"maskformer-swin-{size}" for size in ("tiny", "small", "base", "large")]
+# the paper's parameter counts (ADE20K, 150 classes), in millions
+PUBLISHED_PARAMS = {"tiny": 42, "small": 63, "base": 102, "large": 212}
+
+
+def tiny_hf_config(num_labels: int = 7) -> MaskFormerConfig:
+    backbone = SwinConfig(
+        embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    decoder = dict(
+        model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+        num_queries=5, encoder_layers=1,
+    )
+    return MaskFormerConfig(
+        backbone_config=backbone, decoder_config=decoder, fpn_feature_size=32, mask_feature_size=32,
+        num_labels=num_labels,
+    )
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    reference = MaskFormerForInstanceSegmentation(tiny_hf_config()).eval()
+    # move every parameter off its initial value (ones, zeros) so that a swapped norm or bias shows
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.add_(0.1 * torch.randn_like(param))
+    path = tmp_path_factory.mktemp("maskformer-hf")
+    reference.save_pretrained(path)
+    return reference, path
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    return ((expected - actual).abs().max() / expected.abs().max()).item()
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 90)])  # the second: not a multiple of 32 (nor of 4)
+def test_matches_transformers(hf_checkpoint, size):
+    reference, path = hf_checkpoint
+    model = load_model(path)
+    assert isinstance(model, MaskFormer) and model.num_classes == 7
+    pixels = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = reference(pixel_values=pixels)
+        class_logits, mask_logits = model.forward_queries(pixels)
+        scores = model(pixels)
+    expected = torch.einsum(
+        "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
+    )
+    assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
+    assert relative_error(expected, scores) <= 1e-4
+    assert class_logits.shape == out.class_queries_logits.shape == (2, 5, 8)
+    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
+    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+
+
+def test_native_checkpoint_round_trip(hf_checkpoint, tmp_path):
+    _, path = hf_checkpoint
+    model = load_model(path)
+    save_native(model, tmp_path / "maskformer.safetensors")
+    again = load_model(tmp_path / "maskformer.safetensors")
+    assert type(again) is MaskFormer and again.arch == model.arch
+    pixels = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        assert torch.equal(model(pixels), again(pixels))
+
+
+def test_checkpoint_that_does_not_fit_is_named(hf_checkpoint):
+    _, path = hf_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    state_dict = load_file(str(path / "model.safetensors"))
+    missing = "model.transformer_module.decoder.layers.1.encoder_attn.q_proj.weight"
+    del state_dict[missing]
+    with pytest.raises(CheckpointError, match=r"decoder_layers\.1\.cross_attn\.q_proj\.weight"):
+        from_hf(config, state_dict)
+    with pytest.raises(CheckpointError, match="Swin"):
+        from_hf({**config, "backbone_config": {"model_type": "resnet"}}, load_file(str(path / "model.safetensors")))
+
+
+def test_every_name_builds():
+    assert set(NAMES) <= set(list_models())
+    for name in NAMES:
+        model = build_model(name, num_classes=150)
+        assert isinstance(model, MaskFormer) and model.name == name
+        assert model.class_head.out_features == 151 and model.query_embed.num_embeddings == 100
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        assert abs(params - PUBLISHED_PARAMS[name.rsplit("-", 1)[1]]) < 1.0, (name, params)
+        del model
+
+
+def test_tiny_variant_forward():
+    model = build_model("maskformer-swin-tiny", num_classes=5).eval()
+    pixels = torch.randn(1, 3, 64, 80)
+    with torch.no_grad():
+        class_logits, mask_logits = model.forward_queries(pixels)
+        scores = model(pixels)
+    assert class_logits.shape == (1, 100, 6) and mask_logits.shape == (1, 100, 16, 20)
+    assert scores.shape == (1, 5, 16, 20) and torch.isfinite(scores).all()
+    # each query contributes at most probability 1 spread over the classes
+    assert (scores >= 0).all() and (scores.sum(1) <= 100).all()

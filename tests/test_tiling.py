@@ -1,0 +1,313 @@
+"""Tiling and stitching: the window planner, the streaming stitcher against the full-image reference,
+and segment_images / segment_streaming with small deterministic conv nets."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.tiling import (
+    Segmentation,
+    StreamingStitcher,
+    TilingSettings,
+    _read_padded,
+    importance_map,
+    plan_windows,
+    segment_images,
+    segment_streaming,
+    stitch_windows,
+    window_starts,
+)
+
+# --------------------------------------------------------------------------- helpers
+
+
+def conv_score_fn(num_classes: int = 5, seed: int = 0, stride4: bool = True):
+    """A small random conv net as score_fn: 0-255 windows -> scores at output stride 4 (or 1, 1x1 convs)."""
+    torch.manual_seed(seed)
+    if stride4:
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 3, stride=2, padding=1)
+        )
+    else:  # pointwise: each pixel's scores depend on that pixel only
+        net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
+    net.eval()
+
+    def score_fn(windows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net((windows - 128.0) / 64.0).float()
+
+    return score_fn
+
+
+def random_image(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # smooth-ish content so labels are not all noise
+    coarse = rng.integers(0, 256, size=(height // 8 + 2, width // 8 + 2, 3)).astype(np.float32)
+    image = F.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(height, width), mode="bilinear")
+    noise = rng.normal(0, 20, size=(height, width, 3))
+    return np.clip(image[0].permute(1, 2, 0).numpy() + noise, 0, 255).astype(np.uint8)
+
+
+def stream_all(plan, window_scores, blend):
+    """Feed window scores to a StreamingStitcher; return the stitched scores and the bands' row ranges."""
+    stitcher = StreamingStitcher(plan, blend, keep_scores=True)
+    out = torch.full((window_scores[0].shape[0], plan.height, plan.width), float("nan"))
+    ranges = []
+    for scores in window_scores:
+        for band in stitcher.add(scores):
+            rows = band.labels.shape[0]
+            assert band.scores.shape == (out.shape[0], rows, plan.width)
+            assert band.labels.shape == (rows, plan.width)
+            out[:, band.y0 : band.y0 + rows] = band.scores
+            ranges.append((band.y0, band.y0 + rows))
+    assert stitcher.finished
+    return out, ranges
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+@pytest.mark.parametrize("window,stride", [(16, 16), (16, 5), (16, 11), (7, 3), (5, 1)])
+def test_window_starts_cover_the_axis_and_end_at_the_edge(window, stride):
+    for size in range(window, 80):
+        starts = window_starts(size, window, stride)
+        assert starts[0] == 0
+        assert starts[-1] + window == size  # the last window ends at the edge
+        assert all(b > a for a, b in zip(starts, starts[1:]))
+        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s : s + window] = True
+        assert covered.all()
+        # mmseg's slide_inference count: (size - window + stride - 1) // stride + 1
+        assert len(starts) == (size - window + stride - 1) // stride + 1
+        # every start but the last is a multiple of the stride
+        assert all(s == i * stride for i, s in enumerate(starts[:-1]))
+
+
+def test_plan_pads_axes_shorter_than_the_window():
+    plan = plan_windows(10, 100, window=(32, 40), stride=(20, 30))
+    assert (plan.padded_height, plan.padded_width) == (32, 100)
+    assert (plan.pad_top, plan.pad_left) == (11, 0)  # diff 22 -> 11 before, 11 after
+    assert plan.ys == (0,)
+    assert plan.xs == (0, 30, 60)
+    assert len(plan) == 3 and plan.windows == [(0, 0), (0, 30), (0, 60)]
+    small = plan_windows(5, 6, window=(16, 16), stride=(8, 8))
+    assert (small.pad_top, small.pad_left, small.padded_height, small.padded_width) == (5, 5, 16, 16)
+    assert small.windows == [(0, 0)]
+
+
+def test_read_padded_places_the_image_and_zeros():
+    image = random_image(9, 23, seed=1)
+    plan = plan_windows(9, 23, window=(16, 10), stride=(8, 7))
+    padded = np.zeros((plan.padded_height, plan.padded_width, 3), np.uint8)
+    padded[plan.pad_top : plan.pad_top + 9, plan.pad_left : plan.pad_left + 23] = image
+    for y0, x0 in plan.windows:
+        window = _read_padded(lambda y, x, h, w: image[y : y + h, x : x + w], plan, y0, x0)
+        np.testing.assert_array_equal(window, padded[y0 : y0 + 16, x0 : x0 + 10])
+
+
+def test_settings_validate_and_normalise():
+    settings = TilingSettings(window=[64, 48], stride=32)
+    assert settings.window == (64, 48) and settings.stride == (32, 32)
+    with pytest.raises(ValueError, match="stride"):
+        TilingSettings(window=(16, 16), stride=(17, 8))
+    with pytest.raises(ValueError, match="blend"):
+        TilingSettings(blend="max")
+    with pytest.raises(ValueError, match="mode"):
+        TilingSettings(mode="tiles")
+
+
+# --------------------------------------------------------------------------- blending and stitching
+
+
+def test_gaussian_importance_map_shape():
+    weights = importance_map((16, 9), "gaussian")
+    assert weights.shape == (16, 9)
+    # symmetric about (size - 1) / 2, largest at the centre, floored at 1e-3
+    torch.testing.assert_close(weights, weights.flip(0))
+    torch.testing.assert_close(weights, weights.flip(1))
+    # 16 rows: sigma 2, the nearest offset to the centre is 0.5; 9 columns: offset 0
+    assert weights.max().item() == pytest.approx(math.exp(-(0.5**2) / (2 * 2.0**2)), rel=1e-6)
+    assert weights.min().item() == pytest.approx(1e-3)
+    assert torch.equal(importance_map((4, 5), "mean"), torch.ones(4, 5))
+
+
+STITCH_CASES = [
+    # height, width, window, stride
+    (37, 53, (16, 20), (7, 9)),  # odd sizes, strides that do not divide the image
+    (61, 29, (16, 16), (5, 11)),
+    (10, 13, (16, 20), (5, 5)),  # smaller than the window on both axes
+    (40, 9, (16, 20), (16, 4)),  # smaller on one axis, stride == window on the other
+    (16, 20, (16, 20), (3, 3)),  # exactly one window
+    (101, 17, (12, 8), (1, 3)),  # stride 1: many windows per row
+]
+
+
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+@pytest.mark.parametrize("height,width,window,stride", STITCH_CASES)
+def test_streaming_stitcher_equals_full_image_stitch(blend, height, width, window, stride):
+    torch.manual_seed(height * width)
+    plan = plan_windows(height, width, window, stride)
+    window_scores = [torch.randn(4, *window) for _ in plan.windows]
+    reference = stitch_windows(plan, window_scores, blend)
+    assert reference.shape == (4, height, width)
+    streamed, ranges = stream_all(plan, window_scores, blend)
+    # the bands cover every row once, top to bottom
+    assert ranges[0][0] == 0 and ranges[-1][1] == height
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    torch.testing.assert_close(streamed, reference, atol=1e-5, rtol=0)
+
+
+def test_full_image_stitch_is_the_weighted_mean():
+    """The reference itself, against a per-pixel loop over the windows that cover each pixel."""
+    torch.manual_seed(3)
+    plan = plan_windows(13, 11, (8, 6), (5, 4))
+    window_scores = [torch.randn(2, 8, 6) for _ in plan.windows]
+    for blend in ("mean", "gaussian"):
+        weights = importance_map((8, 6), blend)
+        reference = stitch_windows(plan, window_scores, blend)
+        for y in range(13):
+            for x in range(11):
+                num, den = torch.zeros(2), 0.0
+                for (y0, x0), s in zip(plan.windows, window_scores):
+                    if y0 <= y < y0 + 8 and x0 <= x < x0 + 6:
+                        num += s[:, y - y0, x - x0] * weights[y - y0, x - x0]
+                        den += weights[y - y0, x - x0].item()
+                torch.testing.assert_close(reference[:, y, x], num / den, atol=1e-5, rtol=0)
+
+
+def test_streaming_stitcher_emits_rows_early_and_holds_a_band():
+    plan = plan_windows(400, 30, (16, 16), (8, 8))
+    stitcher = StreamingStitcher(plan, "gaussian")
+    per_row = len(plan.xs)
+    emitted_after = []
+    for i in range(len(plan)):
+        bands = stitcher.add(torch.randn(3, 16, 16))
+        if bands:
+            emitted_after.append(i + 1)
+            # the band never grows with the image's height
+            assert stitcher._scores is None or stitcher._scores.shape == (3, 16, 30)
+    # a band after every completed row of windows: rows above the next row's start are final
+    assert emitted_after == [per_row * (k + 1) for k in range(len(plan.ys))]
+
+
+# --------------------------------------------------------------------------- segment_images
+
+
+def reference_slide_labels(score_fn, image, settings):
+    """Slide inference written plainly: pad the whole image, run every window, resize, full stitch."""
+    plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
+    padded = np.zeros((plan.padded_height, plan.padded_width, 3), np.uint8)
+    padded[plan.pad_top : plan.pad_top + plan.height, plan.pad_left : plan.pad_left + plan.width] = image
+    wh, ww = settings.window
+    window_scores = []
+    for y0, x0 in plan.windows:
+        pixels = torch.from_numpy(padded[y0 : y0 + wh, x0 : x0 + ww]).permute(2, 0, 1)[None].float()
+        scores = F.interpolate(score_fn(pixels), size=(wh, ww), mode="bilinear", align_corners=False)
+        window_scores.append(scores[0])
+    return stitch_windows(plan, window_scores, settings.blend)
+
+
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_segment_images_slide_matches_plain_reference(blend):
+    score_fn = conv_score_fn(num_classes=5)
+    images = [random_image(70, 90, 0), random_image(20, 100, 1), random_image(33, 33, 2)]
+    settings = TilingSettings(window=(32, 48), stride=(20, 30), blend=blend, batch_size=3)
+    results = segment_images(score_fn, images, settings)
+    for image, result in zip(images, results):
+        assert isinstance(result, Segmentation) and result.probability is None
+        assert result.labels.shape == image.shape[:2] and result.labels.dtype == np.uint8
+        expected = reference_slide_labels(score_fn, image, settings).argmax(0).numpy()
+        np.testing.assert_array_equal(result.labels, expected)
+        assert len(np.unique(result.labels)) > 1  # the test image is not trivially one class
+
+
+def test_segment_images_whole_mode():
+    score_fn = conv_score_fn(num_classes=4)
+    images = [random_image(45, 61, 3), random_image(8, 5, 4)]
+    results = segment_images(score_fn, images, TilingSettings(mode="whole"))
+    for image, result in zip(images, results):
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        scores = F.interpolate(score_fn(pixels), size=image.shape[:2], mode="bilinear", align_corners=False)
+        np.testing.assert_array_equal(result.labels, scores[0].argmax(0).numpy())
+
+
+def test_slide_with_window_equal_to_image_equals_whole():
+    score_fn = conv_score_fn(num_classes=6)
+    image = random_image(45, 61, 5)
+    whole = segment_images(score_fn, [image], TilingSettings(mode="whole"))[0]
+    for blend in ("mean", "gaussian"):
+        slide = segment_images(score_fn, [image], TilingSettings(window=(45, 61), stride=(45, 61), blend=blend))[0]
+        np.testing.assert_array_equal(slide.labels, whole.labels)
+
+
+def test_slide_with_window_larger_than_image_equals_whole_for_a_pointwise_model():
+    # the padding is cropped away: with a model whose scores at a pixel depend only on that pixel,
+    # padding to the window changes nothing
+    score_fn = conv_score_fn(num_classes=6, stride4=False)
+    images = [random_image(23, 31, 6), random_image(40, 12, 7)]
+    whole = segment_images(score_fn, images, TilingSettings(mode="whole"))
+    slide = segment_images(score_fn, images, TilingSettings(window=(48, 40), stride=(24, 20), blend="gaussian"))
+    for w, s in zip(whole, slide):
+        np.testing.assert_array_equal(s.labels, w.labels)
+
+
+def test_windows_of_several_images_in_one_batch_equal_one_image_at_a_time():
+    score_fn = conv_score_fn(num_classes=5, seed=1)
+    images = [random_image(50, 40, 8), random_image(17, 29, 9), random_image(64, 70, 10)]
+    settings = TilingSettings(window=(24, 24), stride=(16, 16), blend="gaussian", batch_size=7)
+    batched = segment_images(score_fn, images, settings)
+    one_at_a_time = TilingSettings(window=(24, 24), stride=(16, 16), blend="gaussian", batch_size=1)
+    one_by_one = [segment_images(score_fn, [image], one_at_a_time)[0] for image in images]
+    for a, b in zip(batched, one_by_one):
+        np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_binary_probability_is_softmax_of_blended_scores():
+    score_fn = conv_score_fn(num_classes=2, seed=2)
+    image = random_image(40, 50, 11)
+    settings = TilingSettings(window=(24, 32), stride=(12, 20), blend="mean", binary=True)
+    result = segment_images(score_fn, [image], settings)[0]
+    blended = reference_slide_labels(score_fn, image, settings)
+    expected = torch.softmax(blended, 0)[1].numpy()
+    assert result.probability.dtype == np.float32 and result.probability.shape == (40, 50)
+    np.testing.assert_allclose(result.probability, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, blended.argmax(0).numpy())
+    whole = segment_images(score_fn, [image], TilingSettings(mode="whole", binary=True))[0]
+    assert whole.probability.shape == (40, 50) and 0 <= whole.probability.min() <= whole.probability.max() <= 1
+    with pytest.raises(ValueError, match="2 classes"):
+        segment_images(conv_score_fn(num_classes=3), [image], settings)
+
+
+def test_many_classes_give_uint16_labels():
+    image = random_image(12, 14, 12)
+    result = segment_images(conv_score_fn(num_classes=300), [image], TilingSettings(window=(8, 8), stride=(4, 4)))[0]
+    assert result.labels.dtype == np.uint16 and result.labels.max() < 300
+
+
+def test_segment_streaming_yields_rows_in_order_and_matches_segment_images():
+    score_fn = conv_score_fn(num_classes=2, seed=3)
+    image = random_image(150, 70, 13)
+    settings = TilingSettings(window=(32, 32), stride=(24, 24), blend="gaussian", batch_size=4, binary=True)
+    reads = []
+
+    def read_window(y, x, h, w):
+        reads.append((y, x, h, w))
+        assert 0 <= y and 0 <= x and y + h <= 150 and x + w <= 70
+        return image[y : y + h, x : x + w]
+
+    bands = list(segment_streaming(score_fn, read_window, 150, 70, settings))
+    assert len(bands) > 1 and bands[0][0] == 0
+    assert all(a[0] + a[1].shape[0] == b[0] for a, b in zip(bands, bands[1:]))
+    labels = np.concatenate([b[1] for b in bands])
+    probability = np.concatenate([b[2] for b in bands])
+    expected = segment_images(score_fn, [image], settings)[0]
+    np.testing.assert_array_equal(labels, expected.labels)
+    np.testing.assert_array_equal(probability, expected.probability)
+    assert all((h, w) == (32, 32) for _, _, h, w in reads)  # only windows were read, never the whole image
