@@ -60,9 +60,9 @@ def evaluate(model, count: int = 16) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "assets" / "demo-segformer.safetensors"))
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--images", type=int, default=256, help="training images drawn from the train split")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--images", type=int, default=192, help="training images drawn from the train split")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 

@@ -9,7 +9,8 @@ blocks come back as N x D x h x w feature maps at stride 16.
 Any input size: the input is zero-padded at the bottom and right to a multiple of the patch
 size (as mmseg's PatchEmbed(padding="corner") and Segmenter do), and the position embeddings,
 learned for one grid (`pos_grid`), are resized to the input's grid (bicubic by default, as
-mmseg's Segmenter configs, timm and transformers do; align_corners=False, no antialias).
+mmseg's Segmenter configs, timm and transformers do; bilinear where the checkpoint's own code did,
+mmseg's SETR configs and the original Segmenter; align_corners=False, no antialias).
 
 The file reads top to bottom: configuration and sizes, building blocks, the encoder, then the
 checkpoint layouts (timm, transformers' ViTModel, mmsegmentation) mapped to ours.
@@ -47,7 +48,7 @@ class ViTConfig:
     patch_size: int = 16
     pos_grid: tuple[int, int] = (32, 32)  # the patch grid the position embeddings were learned for
     qkv_bias: bool = True
-    patch_bias: bool = True  # mmseg >= 1.1 builds its ViT without one (patch_bias=False); 0.x and timm with
+    patch_bias: bool = True  # mmseg >= 1.1 defaults to none; its released checkpoints, timm, transformers have one
     norm_eps: float = 1e-6  # timm and mmseg: 1e-6; the original Segmenter: 1e-5; transformers: its config
     final_norm: bool = True  # a LayerNorm after the last block (mmseg's SETR has none)
     pos_interpolation: str = "bicubic"  # how position embeddings follow the input grid
@@ -191,7 +192,9 @@ class ViTEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
         depth = self.config.depth
-        wanted = [i % depth if -depth <= i < depth else _bad_layer(i, depth) for i in layers]
+        if any(not -depth <= i < depth for i in layers):
+            raise IndexError(f"layers {list(layers)}: a ViT of depth {depth} has blocks 0..{depth - 1}")
+        wanted = [i % depth for i in layers]
         n, _, height, width = pixels.shape
         patch = self.config.patch_size
         pad_h, pad_w = (-height) % patch, (-width) % patch
@@ -216,10 +219,6 @@ class ViTEncoder(nn.Module):
             if index == last_wanted:
                 break  # the blocks after the last requested one change nothing we return
         return [features[i] for i in wanted]
-
-
-def _bad_layer(index: int, depth: int) -> int:
-    raise IndexError(f"layer {index} does not exist in a ViT of depth {depth}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pipeline.decode import DecodeError, decode_image, decode_label
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.sink import AREAS, ERRORS, MASKS, METRICS, RunStore, write_results
 from pipeline.source import RawSample, SourceUnit, list_units, read_unit
+from pipeline.storage import StoreStats
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,25 @@ class RunResult:
 
 # ---- stage 1: read and decode (a Ray task per unit) -------------------------------------------
 
-def read_and_decode(row: dict[str, Any], *, input_cfg: dict) -> Iterator[dict[str, Any]]:
-    """One unit in, one decoded row per image out; a failure is a row with `error` set."""
+def read_and_decode(row: dict[str, Any], *, input_cfg: dict, stats_collector=None) -> Iterator[dict[str, Any]]:
+    """One unit in, one decoded row per image out; a failure is a row with `error` set.
+    What the store did (retries, failures) goes to the run's stats collector when the unit ends."""
+    import ray
+
     from pipeline.config import InputConfig
 
     cfg = InputConfig.model_validate(input_cfg)
     unit: SourceUnit = row["unit"]
     skip = set(row.get("skip") or ())
-    for sample in read_unit(unit, cfg):
-        if sample.image_id in skip:  # committed by an earlier attempt of this run
-            continue
-        yield decode_sample(sample, cfg.max_pixels, unit.positions)
+    stats = StoreStats()
+    try:
+        for sample in read_unit(unit, cfg, stats):
+            if sample.image_id in skip:  # committed by an earlier attempt of this run
+                continue
+            yield decode_sample(sample, cfg.max_pixels, unit.positions)
+    finally:
+        if stats_collector is not None:
+            ray.get(stats_collector.add.remote(stats.as_dict()))  # before the task ends, so the driver sees it
 
 
 def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -89,6 +98,25 @@ def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...]
             return out
         out.update(label=label, has_label=True)
     return out
+
+
+def _stats_collector_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StoreStatsCollector:
+        """Sums the StoreStats that read tasks send (fire and forget) for run.json."""
+
+        def __init__(self) -> None:
+            self.total = StoreStats()
+
+        def add(self, stats: dict) -> None:
+            self.total.add(StoreStats(**stats))
+
+        def get(self) -> dict:
+            return self.total.as_dict()
+
+    return StoreStatsCollector
 
 
 # ---- actor sizing -------------------------------------------------------------------------------
@@ -163,7 +191,8 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
     previous = store.read_json("run.json") or {}
     done = store.committed_image_ids()
 
-    units = list_units(cfg.input)
+    list_stats = StoreStats()
+    units = list_units(cfg.input, list_stats)
     total_images = sum(len(u.uris) for u in units)
     units = [u for u in (drop_done(u, done) for u in units) if u.uris]
     todo = sum(len(u.uris) for u in units)
@@ -176,6 +205,7 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
     del model
 
     init_ray()
+    collector = _stats_collector_class().remote()
     actor_plan = plan_actors(cfg, ray.cluster_resources())
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
@@ -196,7 +226,8 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
 
     processed = failed = 0
     if units:
-        ds = build_dataset(cfg, units, actor_plan, binary=num_classes == 2, predictor_cls=Predictor, skips=shard_skips(units, done))
+        ds = build_dataset(cfg, units, actor_plan, binary=num_classes == 2, predictor_cls=Predictor,
+                           skips=shard_skips(units, done), stats_collector=collector)
         last = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             processed += len(batch["image_id"])
@@ -219,13 +250,15 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print) -> RunResul
     elif error_fraction > cfg.max_error_fraction:
         status = "failed"
         message = f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
-    run_info.update(status=status, message=message, ended=_iso(time.time()), counts={**run_info["counts"], "segmented": summary["images"], "errors": summary["errors"], "processed_this_attempt": processed})
+    store_stats = list_stats.add(StoreStats(**ray.get(collector.get.remote())))
+    ray.kill(collector)
+    run_info.update(status=status, message=message, ended=_iso(time.time()), store=store_stats.as_dict(), counts={**run_info["counts"], "segmented": summary["images"], "errors": summary["errors"], "processed_this_attempt": processed})
     store.write_json("run.json", run_info)
     return RunResult(cfg.run_id, store.uri, status, summary, message)
 
 
 def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, binary: bool, predictor_cls: type,
-                  skips: dict[int, set[str]] | None = None):
+                  skips: dict[int, set[str]] | None = None, stats_collector=None):
     """skips: per unit index, image ids an earlier attempt committed (shards: only known once read)."""
     import ray
 
@@ -233,7 +266,7 @@ def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, bi
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
     ds = ray.data.from_items([{"unit": u, "skip": sorted(skips.get(u.index, ()))} for u in units], override_num_blocks=len(units))
-    ds = ds.flat_map(read_and_decode, fn_kwargs={"input_cfg": cfg.input.model_dump(mode="json")})
+    ds = ds.flat_map(read_and_decode, fn_kwargs={"input_cfg": cfg.input.model_dump(mode="json"), "stats_collector": stats_collector})
     ds = ds.map_batches(
         predictor_cls,
         fn_constructor_kwargs={

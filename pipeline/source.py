@@ -40,6 +40,28 @@ class RawSample:
     has_label: bool = False  # a label was expected for this image (it may still have failed to read)
 
 
+def glob_regex(pattern: str) -> re.Pattern:
+    """A regex for a relative path glob: `**/` matches any number of directories (zero included)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def _strip_ext(key: str) -> str:
     p = PurePosixPath(key)
     return str(p.with_suffix("")) if p.suffix else key
