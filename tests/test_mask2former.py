@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
+from jobs.cli import main
 from models import build_model, list_models, load_model, save_native
 from models.base import CheckpointError
 from models.mask2former import Mask2Former, deformable_sample, from_hf
+from pipeline.encode import decode_mask
 
 NAMES = [f"mask2former-swin-{size}" for size in ("tiny", "small", "base", "large")]
 # the paper's parameter counts (ADE20K, 150 classes), in millions
@@ -156,3 +162,34 @@ def test_tiny_variant_forward():
     assert class_logits.shape == (1, 100, 6) and mask_logits.shape == (1, 100, 16, 20)
     assert scores.shape == (1, 5, 16, 20) and torch.isfinite(scores).all()
     assert (scores >= 0).all() and (scores.sum(1) <= 100).all()
+
+
+def test_segpipe_run_with_a_hf_checkpoint(ray_session, hf_checkpoint, tmp_path):
+    """A query-based model through the whole job: sliding windows over images larger and smaller
+    than the window, scores stitched like any other model's."""
+    _, checkpoint = hf_checkpoint
+    rng = np.random.default_rng(0)
+    sizes = {"big.png": (97, 75), "small.png": (30, 41)}
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+        Image.fromarray(rng.integers(0, 7, (h, w), dtype=np.uint8)).save(tmp_path / "labels" / name)
+    config = {
+        "run_id": "m2f",
+        "input": {"uri": str(tmp_path / "images"), "pattern": "*.png", "labels": {"uri": str(tmp_path / "labels")}},
+        "model": {"checkpoint": str(checkpoint)},
+        "inference": {"mode": "slide", "window": [48, 48], "stride": [32, 32], "batch_size": 4},
+        "resources": {"actors": 1},
+        "output": {"uri": str(tmp_path / "runs")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    run = tmp_path / "runs" / "m2f"
+    rows = pq.read_table([str(f) for f in sorted((run / "masks").glob("*.parquet"))]).to_pylist()
+    assert sorted(r["image_id"] for r in rows) == sorted(sizes)
+    for row in rows:
+        mask = decode_mask(row["mask"])
+        assert mask.shape == sizes[row["image_id"]] and mask.max() < 7
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == 2 and summary["errors"] == 0 and len(summary["IoU"]) == 7
