@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -52,7 +53,7 @@ def read_and_decode(row: dict[str, Any], *, input_cfg: dict, stats_collector=Non
     from pipeline.config import InputConfig
 
     cfg = InputConfig.model_validate(input_cfg)
-    unit: SourceUnit = row["unit"]
+    unit = unit_from_row(row["unit"])
     skip = set(row.get("skip") or ())
     stats = StoreStats()
     try:
@@ -63,6 +64,15 @@ def read_and_decode(row: dict[str, Any], *, input_cfg: dict, stats_collector=Non
     finally:
         if stats_collector is not None:
             ray.get(stats_collector.add.remote(stats.as_dict()))  # before the task ends, so the driver sees it
+
+
+def unit_from_row(data: dict[str, Any]) -> SourceUnit:
+    """A SourceUnit back from the plain dict that travels in a Ray block (Arrow has no dataclasses)."""
+    return SourceUnit(
+        index=int(data["index"]),
+        format=str(data["format"]),
+        **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in ("uris", "label_uris", "image_ids", "positions")},
+    )
 
 
 def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...] = ()) -> dict[str, Any]:
@@ -264,8 +274,9 @@ def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, bi
 
     skips = skips or {}
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0") != "1"
-    ds = ray.data.from_items([{"unit": u, "skip": sorted(skips.get(u.index, ()))} for u in units], override_num_blocks=len(units))
+    # segpipe prints its own progress line; Ray's bars only when asked for
+    ctx.enable_progress_bars = os.environ.get("SEGPIPE_RAY_PROGRESS", "0") == "1"
+    ds = ray.data.from_items([{"unit": dataclasses.asdict(u), "skip": sorted(skips.get(u.index, ()))} for u in units], override_num_blocks=len(units))
     ds = ds.flat_map(read_and_decode, fn_kwargs={"input_cfg": cfg.input.model_dump(mode="json"), "stats_collector": stats_collector})
     ds = ds.map_batches(
         predictor_cls,
