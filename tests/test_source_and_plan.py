@@ -59,3 +59,4 @@ def test_actor_sizing_leaves_a_cpu_to_tasks(cluster, resources, expect):
     assert (plan.actors, plan.num_cpus, plan.num_gpus) == expect
     if not plan.num_gpus:
         assert plan.actors * plan.num_cpus <= cluster["CPU"] - 1 + 1e-9
+        assert plan.threads == max(1, int(cluster["CPU"] // plan.actors))  # torch threads: the machine's share
