@@ -11,6 +11,7 @@ Pickles load with `torch.load(weights_only=True)` only.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -177,7 +178,7 @@ class _local_copy:
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def __enter__(self) -> Path:
-        fs, root = fsspec.core.url_to_fs(self.source, **self.storage_options)
+        fs, root = fsspec.core.url_to_fs(self.source, **copy.deepcopy(self.storage_options))  # botocore edits options in place
         if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
             path = Path(root)
             if not path.exists():

@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from typing import Iterator
 
 from pipeline.config import InputConfig
-from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes
+from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes, scrub
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -118,7 +118,7 @@ def read_image_unit(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None
             elif cfg.labels is not None and cfg.labels.required:
                 sample.error = f"no label for {image_id} under {cfg.labels.uri}"
         except Exception as exc:  # one unreadable object is one errors row
-            sample.error = f"read: {exc}"
+            sample.error = scrub(f"read: {exc}", cfg.storage_options)
         yield sample
 
 

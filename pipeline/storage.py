@@ -4,7 +4,8 @@ Every store is an fsspec filesystem opened from a URI and the config's `storage_
 (`s3://` through s3fs, `gs://`, `az://`, `memory://`, local paths, ...). Three rules hold for all of them:
 
 - Listing is one recursive listing per prefix (`fs.find`: for S3 that is paged ListObjectsV2 calls,
-  1000 keys a page), never a HEAD per object. `StoreStats.list_calls` counts them.
+  1000 keys a page, read page by page), never a HEAD per object, and only the names are kept.
+  `StoreStats.list_calls` counts them.
 - Transient errors (timeouts, connection resets, 5xx, throttling) are retried with exponential
   backoff and jitter, and counted in `StoreStats.retries`. s3fs already retries some of them
   inside one call; this layer covers every store, errors s3fs gives up on, and a stream that breaks
@@ -18,6 +19,7 @@ and `scrub` removes their values from any text (an exception message, say).
 """
 from __future__ import annotations
 
+import copy
 import errno
 import io
 import logging
@@ -28,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
 import fsspec
+import fsspec.asyn
 
 log = logging.getLogger("segpipe.storage")
 
@@ -39,8 +42,13 @@ T = TypeVar("T")
 
 
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem of `uri` and the path of `uri` inside it, without a trailing slash."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """The filesystem of `uri` and the path of `uri` inside it, without a trailing slash.
+
+    The store gets a deep copy of the options: botocore rewrites `config_kwargs.retries` in place
+    (`max_attempts: 1` becomes `total_max_attempts: 2, mode: legacy`), which would change the
+    config that run.json records and the key of fsspec's instance cache.
+    """
+    fs, path = fsspec.core.url_to_fs(uri, **copy.deepcopy(storage_options or {}))
     return fs, path.rstrip("/") or path
 
 
@@ -88,7 +96,7 @@ def list_files(
     """
     fs, root = open_fs(uri, storage_options)
     stats = stats if stats is not None else StoreStats()
-    paths = with_retries(lambda: fs.find(root), what="list", uri=uri, policy=policy, stats=stats)
+    paths = with_retries(lambda: _find_paths(fs, root), what="list", uri=uri, policy=policy, stats=stats)
     stats.list_calls += 1
     stats.listed_keys += len(paths)
     prefix = root.lstrip("/") + "/"
@@ -101,6 +109,31 @@ def list_files(
         if suffixes is None or key.lower().endswith(suffixes):
             keys.append(key)
     return fs, root, sorted(keys)
+
+
+def _find_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The path of every object under `root`: one recursive listing, names only.
+
+    s3fs's `find` builds an info dict (about 700 bytes) for every object before it returns the
+    names, and keeps them all in its listings cache for as long as the filesystem lives (fsspec
+    caches instances, so: the driver's life): a million keys held about 700 MB. For s3fs we read
+    the pages of the same listing (ListObjectsV2 without a delimiter, 1000 keys a page) and keep
+    the names; other stores go through `find`, and their listings cache is dropped afterwards.
+    benchmarks/listing_memory.py measures it.
+    """
+    if "s3" in _protocols(fs) and isinstance(fs, fsspec.asyn.AsyncFileSystem) and hasattr(fs, "_iterdir"):
+        bucket, key, _ = fs.split_path(root)
+        prefix = key.strip("/") + "/" if key.strip("/") else ""
+
+        async def names() -> list[str]:
+            return [info["name"] async for info in fs._iterdir(bucket, delimiter="", prefix=prefix)
+                    if info.get("type") != "directory"]
+
+        return fsspec.asyn.sync(fs.loop, names)
+    try:
+        return fs.find(root)
+    finally:
+        fs.invalidate_cache()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Driver memory of listing an S3 prefix of up to 1 000 000 images: keys, not bytes.
+
+    .venv/bin/python benchmarks/listing_memory.py [--keys 100000 1000000] [--sizes 1024 5368709120]
+
+The listing is s3fs's own code (find -> paged ListObjectsV2 -> info dicts -> names, its listings
+cache included) over generated pages: `GeneratedS3` answers `list_objects_v2` with pages of 1000
+objects (Key, Size, ETag, LastModified, StorageClass, as botocore parses them) instead of calling a
+store, so a million keys need no million objects. Keys look like an archive's:
+`archive/cam-0042/img-000042123.png`, 1000 per "directory". The claimed object sizes are whatever
+`--sizes` says: the driver must not care.
+
+Each case runs in its own fresh subprocess: `pipeline.source.list_units` (the driver's whole
+listing: one recursive listing, then units of 64 images) with the units kept alive. Memory is the
+resident set size (from /proc/self/status): `peak` is the highest RSS during the listing above the
+RSS before it (VmHWM, reset with /proc/self/clear_refs), `held` is the RSS once the listing returned
+with the units still referenced. Per key = held / keys. Needs Linux (/proc).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUCKET, PREFIX, PER_DIR, PAGE = "bench", "archive", 1000, 1000
+
+
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def key_of(i: int) -> str:
+    return f"{PREFIX}/cam-{i // PER_DIR:04d}/img-{i:09d}.png"
+
+
+def generated_s3_class():
+    """s3fs's S3FileSystem with its store calls answered from a generated listing."""
+    import s3fs
+
+    class GeneratedS3(s3fs.S3FileSystem):
+        """`keys` objects of `size` bytes each under s3://bench/archive/; only listing is answered."""
+
+        def __init__(self, *args, keys: int = 0, size: int = 0, **kwargs):
+            super().__init__(*args, anon=True, **kwargs)
+            self.keys, self.size = keys, size
+            self.list_calls = 0
+            self.modified = dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc)
+
+        async def _call_s3(self, method, *args, **kwargs):
+            if method != "list_objects_v2" or kwargs.get("Bucket") != BUCKET:
+                raise NotImplementedError(f"GeneratedS3 answers listings only, not {method} {kwargs}")
+            self.list_calls += 1
+            start = int(kwargs.get("ContinuationToken") or 0)
+            stop = min(self.keys, start + PAGE)
+            prefix = kwargs.get("Prefix", "")
+            contents = [
+                {"Key": key, "Size": self.size, "ETag": f'"{i:032x}"', "StorageClass": "STANDARD",
+                 "LastModified": self.modified.replace(second=i % 60)}
+                for i in range(start, stop)
+                if (key := key_of(i)).startswith(prefix)
+            ]
+            page = {"Contents": contents, "KeyCount": len(contents), "IsTruncated": stop < self.keys}
+            if stop < self.keys:
+                page["NextContinuationToken"] = str(stop)
+            return page
+
+    return GeneratedS3
+
+
+def worker(keys: int, size: int, method: str) -> None:
+    """List `keys` generated keys in this process; print one JSON line."""
+    import fsspec
+
+    from pipeline.config import InputConfig
+    from pipeline.source import list_units
+    from pipeline.storage import StoreStats
+
+    fsspec.register_implementation("s3", generated_s3_class(), clobber=True)
+    cfg = InputConfig(uri=f"s3://{BUCKET}/{PREFIX}", format="images", pattern="**/*.png",
+                      storage_options={"keys": keys, "size": size})
+    # warm up outside the measurement: imports that s3fs and botocore make lazily, the event loop thread
+    list_units(cfg.model_copy(update={"storage_options": {"keys": 10, "size": size}}))
+    gc.collect()
+    before = rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
+    stats = StoreStats()
+    start = time.perf_counter()
+    if method == "segpipe":
+        units = list_units(cfg, stats)
+        images = sum(len(u.uris) for u in units)
+    else:  # what list_files did before: s3fs's find, names kept, its listings cache left as it is
+        units = fsspec.filesystem("s3", keys=keys, size=size).find(f"{BUCKET}/{PREFIX}")
+        images = len(units)
+    seconds = time.perf_counter() - start
+    gc.collect()
+    peak, held = rss_kib("VmHWM") - before, rss_kib("VmRSS") - before
+    fs = fsspec.filesystem("s3", keys=keys, size=size)  # the cached instance the listing used
+    print(json.dumps({
+        "method": method, "keys": keys, "size": size, "images": images, "units": len(units), "seconds": seconds,
+        "peak_mib": peak / 1024, "held_mib": held / 1024, "pages": fs.list_calls,
+        "listings": stats.list_calls, "cached_dirs": len(fs.dircache),
+        "cached_entries": sum(len(v) for v in fs.dircache.values()),
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 5 * 2**30], help="claimed bytes per object")
+    parser.add_argument("--no-find", action="store_true", help="leave out the row of s3fs's plain find")
+    parser.add_argument("--worker", nargs=3, metavar=("KEYS", "SIZE", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2])
+        return
+
+    most = max(args.keys)
+    cases = [(k, args.sizes[0], "segpipe") for k in args.keys] + [(most, s, "segpipe") for s in args.sizes[1:]]
+    if not args.no_find:
+        cases.append((most, args.sizes[0], "s3fs-find"))
+    rows = []
+    for keys, size, method in cases:
+        command = [sys.executable, __file__, "--worker", str(keys), str(size), method]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode != 0:
+            sys.exit(f"worker {keys} keys x {size} B failed:\n{done.stderr}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    print("| listing | keys | bytes per object (claimed) | bytes listed (claimed) | LIST pages | listing s | peak MiB | held MiB | held bytes per key | info dicts cached |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        assert r["images"] == r["keys"], r
+        print(f"| {r['method']} | {r['keys']:,} | {_human(r['size'])} | {_human(r['size'] * r['keys'])} | {r['pages']:,} "
+              f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['held_mib']:.0f} | {r['held_mib'] * 2**20 / r['keys']:.0f} "
+              f"| {r['cached_entries']:,} |")
+    print()
+    print("segpipe: pipeline.source.list_units (one recursive listing, then units of 64 images, all kept).")
+    print("s3fs-find: s3fs's find() on the same pages, names kept (what the driver's listing did before).")
+    print("Every case: paged ListObjectsV2, 1000 keys a page, no HEAD.")
+    print("peak / held: RSS above the RSS before the listing, at its highest / once it returned (units alive);")
+    print("each case in a fresh subprocess.")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+if __name__ == "__main__":
+    main()
