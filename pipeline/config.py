@@ -34,6 +34,9 @@ class InputConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     images_per_unit: int = Field(64, ge=1, description="image files per read task (and per output part)")
     max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
+    # tiled or striped TIFF image files above this many pixels are never decoded whole: the predictor
+    # reads them window by window (pipeline.huge); null turns streaming off. Not limited by max_pixels.
+    stream_above_pixels: int | None = Field(67_108_864, ge=1, description="stream TIFFs larger than this (8192 x 8192)")
     image_column: str = "image"
     id_column: str = "image_id"
     label_column: str | None = None
@@ -66,6 +69,22 @@ class ModelConfig(_Strict):
         return self
 
 
+class TTAConfig(_Strict):
+    """Test-time augmentation: every window (or whole image) is scored once per scale and, with
+    flip, once more mirrored left-right; the views' class scores are averaged (see
+    pipeline.tiling.TTAScoreFn). The defaults are one view: no augmentation."""
+
+    flip: bool = False
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, v: list[float]) -> list[float]:
+        if any(not s > 0 for s in v):
+            raise ValueError("scales must be positive")
+        return v
+
+
 class InferenceConfig(_Strict):
     mode: Literal["whole", "slide"] = "slide"
     window: tuple[int, int] = (512, 512)
@@ -73,6 +92,7 @@ class InferenceConfig(_Strict):
     blend: Literal["mean", "gaussian"] = "mean"
     batch_size: int = Field(8, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    tta: TTAConfig = Field(default_factory=TTAConfig)
 
     @field_validator("window", "stride")
     @classmethod
@@ -97,6 +117,9 @@ class ResourcesConfig(_Strict):
 class OutputConfig(_Strict):
     uri: str = "./runs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # masks of images larger than this on either side are written as chunk_size x chunk_size chunk
+    # rows (pipeline.sink); null writes every mask as one row
+    chunk_size: int | None = Field(4096, ge=16)
 
 
 class MetricsConfig(_Strict):

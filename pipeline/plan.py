@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import pyarrow.compute as pc
 
 from pipeline.config import JobConfig, public_config
 from pipeline.decode import DecodeError, decode_image, decode_label
@@ -76,7 +77,11 @@ def unit_from_row(data: dict[str, Any]) -> SourceUnit:
 
 
 def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One decoded row per sample. A sample the read stage marked for streaming (`sample.stream`, a
+    pipeline.huge.StreamSource: a TIFF too large to decode whole) is not decoded: its row says where
+    it is (`stream_uri`, `stream_label_uri`) and how large, and the predictor reads it window by window."""
     index = positions[sample.index_in_unit] if positions else sample.index_in_unit
+    stream = getattr(sample, "stream", None)
     out = {
         "unit": sample.unit,
         "index_in_unit": index,
@@ -88,8 +93,16 @@ def decode_sample(sample: RawSample, max_pixels: int, positions: tuple[int, ...]
         "width": 0,
         "error": sample.error or "",
         "stage": "read" if sample.error else "",
+        "stream_uri": "",  # set for an image to stream: the predictor reads it window by window
+        "stream_label_uri": "",
     }
     if sample.error:
+        return out
+    if stream is not None:
+        out.update(
+            stream_uri=stream.uri, stream_label_uri=stream.label_uri or "", has_label=bool(stream.label_uri),
+            height=stream.height, width=stream.width,
+        )
         return out
     try:
         image = decode_image(sample.image_bytes, max_pixels)
@@ -289,6 +302,8 @@ def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, bi
             "inference_cfg": cfg.inference.model_dump(mode="json"),
             "ignore_index": cfg.metrics.ignore_index,
             "num_threads": actors.threads,
+            "chunk_size": cfg.output.chunk_size,
+            "input_storage_options": cfg.input.storage_options,
         },
         batch_size=IMAGES_PER_PREDICT_BATCH,
         batch_format="numpy",
@@ -349,7 +364,8 @@ def summarize_run(store: RunStore, num_classes: int, class_names: list[str]) -> 
             total += ClassAreas(*(np.asarray(columns[a][i], dtype=np.int64) for a in AREAS))
     masks = store.read_table(MASKS, columns=["image_id"])
     errors = store.read_table(ERRORS, columns=["image_id"])
-    summary = {"images": masks.num_rows if masks is not None else 0, "errors": errors.num_rows if errors is not None else 0, "labeled_images": labeled, "class_names": class_names}
+    # a chunked mask has several rows: count images, not rows
+    summary = {"images": pc.count_distinct(masks.column("image_id")).as_py() if masks is not None else 0, "errors": errors.num_rows if errors is not None else 0, "labeled_images": labeled, "class_names": class_names}
     summary.update(summarize(total))
     return summary
 

@@ -1,13 +1,16 @@
 """The predict stage: a Ray actor that holds one model and turns decoded images into masks.
 
-One batch of decoded rows in, one batch of result rows out: for each image its PNG mask (and
-probability for binary tasks) and, where it has a label, its per-class areas. A failure on one
-image becomes that image's error row; the actor goes on with the rest.
+One batch of decoded rows in, one batch of result rows out: for each image its mask as PNG chunks
+(and probability for binary tasks) and, where it has a label, its per-class areas. A failure on one
+image becomes that image's error row; the actor goes on with the rest. Test-time augmentation
+(inference.tta) wraps the model's score_fn (pipeline.tiling.TTAScoreFn), so whole, slide and
+streamed images get it alike.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -17,10 +20,12 @@ import torch
 
 from models import build_model, load_model
 from models.base import SegmentationModel
-from pipeline.config import InferenceConfig, ModelConfig
-from pipeline.encode import encode_mask, encode_probability
-from pipeline.metrics import class_areas
-from pipeline.tiling import TilingSettings, segment_images
+from pipeline.config import InferenceConfig, ModelConfig, OutputConfig
+from pipeline.huge import StreamSource, limit_heap_growth, segment_tiff
+from pipeline.metrics import ClassAreas, class_areas
+from pipeline.sink import MaskChunk, encode_chunks
+from pipeline.storage import scrub
+from pipeline.tiling import TilingSettings, segment_images, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +65,35 @@ class ModelScorer:
 
 
 class Predictor:
-    """Ray actor: constructed once per actor, called once per batch of decoded images."""
+    """Ray actor: constructed once per actor, called once per batch of decoded images.
 
-    def __init__(self, model_cfg: dict, inference_cfg: dict, ignore_index: int, num_threads: int = 1) -> None:
+    Decoded images are segmented together (`segment_images` batches windows across them); a row
+    that says "stream this one" (`stream_uri`: a TIFF too large to decode, see pipeline.huge) is
+    read window by window from its store and segmented alone. Every image's mask leaves as a list
+    of chunks (one for images up to `chunk_size` on both sides; see pipeline.sink), all in this one
+    result row, so that the sink writes an image's chunks to one part.
+    """
+
+    def __init__(
+        self,
+        model_cfg: dict,
+        inference_cfg: dict,
+        ignore_index: int,
+        num_threads: int = 1,
+        chunk_size: int | None = OutputConfig().chunk_size,
+        input_storage_options: dict | None = None,
+    ) -> None:
         torch.set_num_threads(max(1, num_threads))
+        limit_heap_growth()  # band-sized temporaries, image after image: see pipeline.huge
         model_cfg = ModelConfig.model_validate(model_cfg)
         inference = InferenceConfig.model_validate(inference_cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_job_model(model_cfg).to(self.device)
         self.num_classes = model.num_classes
         self.ignore_index = ignore_index
-        self.score_fn = ModelScorer(model, self.device, inference.precision)
+        self.chunk_size = chunk_size
+        self.input_storage_options = input_storage_options or {}
+        self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
             mode=inference.mode,
             window=tuple(inference.window),
@@ -84,10 +107,15 @@ class Predictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["image_id"])
         rows = [_empty_result(batch, i) for i in range(n)]
-        todo = [i for i in range(n) if not batch["error"][i]]
+        streams = batch.get("stream_uri")
+        todo = []
         for i in range(n):
             if batch["error"][i]:
                 rows[i]["error"], rows[i]["stage"] = batch["error"][i], batch["stage"][i]
+            elif streams is not None and streams[i]:
+                self._predict_streamed(batch, i, rows[i])
+            else:
+                todo.append(i)
         try:
             segs = segment_images(self.score_fn, [batch["image"][i] for i in todo], self.settings)
         except Exception:
@@ -104,29 +132,70 @@ class Predictor:
                 row["error"], row["stage"] = f"{type(seg).__name__}: {seg}", "predict"
                 continue
             try:
-                row["mask"] = encode_mask(seg.labels, self.num_classes)
-                if seg.probability is not None:
-                    row["probability"] = encode_probability(seg.probability)
-                label = batch["label"][i]
+                _set_chunks(row, encode_chunks(seg.labels, seg.probability, self.chunk_size, self.num_classes))
                 if batch["has_label"][i]:
-                    row["labeled"] = True
-                    areas = class_areas(seg.labels, label, self.num_classes, self.ignore_index)
-                    row.update(
-                        intersection=areas.intersection.tolist(),
-                        union=areas.union.tolist(),
-                        pred_area=areas.pred_area.tolist(),
-                        label_area=areas.label_area.tolist(),
-                    )
+                    _set_areas(row, class_areas(seg.labels, batch["label"][i], self.num_classes, self.ignore_index))
             except Exception as exc:
                 row["error"], row["stage"] = f"{type(exc).__name__}: {exc}", "encode"
                 log.debug(traceback.format_exc())
-        return {k: [r[k] for r in rows] for k in RESULT_COLUMNS}
+        return _columns(rows)
+
+    def _predict_streamed(self, batch: dict[str, np.ndarray], i: int, row: dict[str, Any]) -> None:
+        source = StreamSource(
+            uri=str(batch["stream_uri"][i]),
+            label_uri=str(batch["stream_label_uri"][i]) or None,
+            height=int(batch["height"][i]),
+            width=int(batch["width"][i]),
+        )
+        started = time.time()
+        try:
+            result = segment_tiff(
+                self.score_fn, source, self.settings, num_classes=self.num_classes, chunk_size=self.chunk_size,
+                ignore_index=self.ignore_index, storage_options=self.input_storage_options,
+            )
+        except Exception as exc:
+            row["error"], row["stage"] = f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}", "predict"
+            log.debug(traceback.format_exc())
+            return
+        _set_chunks(row, result.chunks)
+        if result.areas is not None:
+            _set_areas(row, result.areas)
+        log.info("streamed %s (%d x %d) in %.1f s", source.uri, source.width, source.height, time.time() - started)
 
 
 RESULT_COLUMNS = (
-    "unit", "index_in_unit", "image_id", "height", "width", "mask", "probability",
+    "unit", "index_in_unit", "image_id", "height", "width", "chunks", "mask", "probability",
     "labeled", "intersection", "union", "pred_area", "label_area", "error", "stage",
 )
+# one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs
+LIST_COLUMNS = ("chunks", "mask", "probability")
+
+
+def _set_chunks(row: dict[str, Any], chunks: list[MaskChunk]) -> None:
+    row["chunks"] = [[c.y, c.x, c.height, c.width] for c in chunks]
+    row["mask"] = [c.mask for c in chunks]
+    row["probability"] = [c.probability for c in chunks if c.probability is not None]
+
+
+def _set_areas(row: dict[str, Any], areas: ClassAreas) -> None:
+    row["labeled"] = True
+    row.update(
+        intersection=areas.intersection.tolist(),
+        union=areas.union.tolist(),
+        pred_area=areas.pred_area.tolist(),
+        label_area=areas.label_area.tolist(),
+    )
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: [r[k] for r in rows] for k in RESULT_COLUMNS}
+    for k in LIST_COLUMNS:
+        # object arrays, so that lists of equal length never become a 2-D fixed-width bytes array
+        column = np.empty(len(rows), dtype=object)
+        for i, r in enumerate(rows):
+            column[i] = r[k]
+        out[k] = column
+    return out
 
 
 def _empty_result(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
@@ -136,8 +205,9 @@ def _empty_result(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
         "image_id": str(batch["image_id"][i]),
         "height": int(batch["height"][i]),
         "width": int(batch["width"][i]),
-        "mask": None,
-        "probability": None,
+        "chunks": [],
+        "mask": [],
+        "probability": [],
         "labeled": False,  # areas below are empty lists unless the image had a label
         "intersection": [],
         "union": [],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Iterator
+from typing import Any, Iterator
 
 from pipeline.config import InputConfig
 from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes, scrub
@@ -38,6 +38,7 @@ class RawSample:
     label_bytes: bytes | None
     error: str | None = None  # a read failure: becomes an errors row, the job goes on
     has_label: bool = False  # a label was expected for this image (it may still have failed to read)
+    stream: Any = None  # a pipeline.huge.StreamSource: a TIFF too large to decode whole, read by windows later
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -106,12 +107,18 @@ def list_image_units(cfg: InputConfig, stats: StoreStats | None = None) -> list[
 
 def read_image_unit(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None) -> Iterator[RawSample]:
     """The bytes of each image (and label) of a unit; a read failure is an error sample."""
+    from pipeline.huge import probe_stream  # huge builds on this module's types
     fs, _ = open_fs(cfg.uri, cfg.storage_options)
     lfs = open_fs(cfg.labels.uri, cfg.storage_options)[0] if cfg.labels else None
     for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
         label_uri = unit.label_uris[i] if unit.label_uris else None
         sample = RawSample(unit.index, i, image_id, None, None, has_label=label_uri is not None)
         try:
+            # a huge tiled/striped TIFF is not read here: the predictor reads it window by window
+            sample.stream = probe_stream(uri, label_uri, cfg, stats)
+            if sample.stream is not None:
+                yield sample
+                continue
             sample.image_bytes = read_bytes(fs, uri, stats=stats)
             if label_uri is not None:
                 sample.label_bytes = read_bytes(lfs, label_uri, stats=stats)

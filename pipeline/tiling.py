@@ -8,6 +8,7 @@ Read top to bottom:
                           `StreamingStitcher` (a band of rows; what the pipeline uses)
   entry points            `segment_images` (in-memory images, the predictor actor's call) and
                           `segment_streaming` (huge images read window by window, yields row bands)
+  test-time augmentation  `TTAScoreFn`: a score_fn that averages flipped and rescaled views
 
 Conventions, shared with MONAI's `sliding_window_inference` and mmseg's `slide_inference` so that
 results can be checked against them:
@@ -30,6 +31,20 @@ model's output stride, so blending at the output stride would put those windows 
 pixels off (MONAI truncates `int(start * zoom)`); at full resolution every window lands exactly where
 it was read and the result is the same as mmseg's resize-then-paste. The cost is memory: the band of
 the streaming stitcher is window height x image width x classes float32 at full resolution.
+Huge images (pipeline.huge) are stitched the same way, at full resolution, band by band.
+
+Test-time augmentation (`TTAScoreFn`, config `inference.tta: {flip, scales}`) sits inside score_fn:
+each window (each image in whole mode) is scored once per scale (the window resized by the scale,
+bilinear) and, with flip, once more mirrored left-right (its scores mirrored back). The views are
+averaged in score space, i.e. the model's raw class scores (logits for SegFormer and SETR; the
+semantic score map for the query-based models), not in softmax probabilities as mmseg's aug_test
+does. That keeps one space throughout: the stitcher blends windows as a weighted mean of scores,
+TTA views are one more mean of the same scores, and a binary task's probability is still
+softmax(blended scores)[1], so whole, slide and streamed images, with or without TTA, get their
+labels and probabilities the same way. The views are averaged at the finest resolution any of them
+produced (the largest scale's output, capped at the window size), so that an upscaled view keeps
+its detail and a batch's scores stay at most N x C x window; the stitcher then resizes to the
+window as for any score_fn.
 """
 from __future__ import annotations
 
@@ -114,10 +129,27 @@ def label_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
 
 
+def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(dim=0) of C x h x w scores (ties to the lower class), as a running maximum.
+
+    torch's CPU argmax over the leading dimension is slow: 1.4 s for 2 x 500 x 12000 (a band of a
+    12000-wide image) where this loop takes 0.09 s; 2.0 s against 0.6 s for 19 classes, 0.6
+    against 0.5 for 150; it also needs no int64 result. uint8 labels up to 256 classes, int32 above.
+    """
+    num_classes = scores.shape[0]
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32)
+    best = scores[0].clone()
+    for c in range(1, num_classes):
+        better = scores[c] > best  # strictly: a tie keeps the lower class, as argmax does
+        labels.masked_fill_(better, c)
+        torch.maximum(best, scores[c], out=best)
+    return labels
+
+
 def labels_and_probability(scores: torch.Tensor, binary: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Blended scores C x h x w -> labels (argmax over classes) and, for binary tasks, softmax(.)[1]."""
     num_classes = scores.shape[0]
-    labels = scores.argmax(dim=0).numpy().astype(label_dtype(num_classes))
+    labels = argmax_classes(scores).numpy().astype(label_dtype(num_classes), copy=False)
     if not binary:
         return labels, None
     if num_classes != 2:
@@ -319,6 +351,59 @@ class StreamingStitcher:
             self._scores = None  # free the band
         self._band_top = until
         return band
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+class TTAScoreFn:
+    """A score_fn averaging several views of each window: `scales` (each a resize factor of the
+    window, bilinear, align_corners=False) times, with `flip`, the window and its left-right mirror.
+
+    Scores of a flipped view are mirrored back before averaging; every view's scores are resized to
+    the finest output size among the views (the largest scale's), capped at the window size, and
+    the mean over views is returned (see the module docstring for why scores, not probabilities).
+    A scale listed twice counts twice.
+    """
+
+    def __init__(self, score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1.0,)) -> None:
+        self.score_fn = score_fn
+        self.flip = bool(flip)
+        self.scales = sorted((float(s) for s in scales), reverse=True)  # largest first: it sets the output size
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+
+    @property
+    def views(self) -> int:
+        return len(self.scales) * (2 if self.flip else 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        height, width = pixels.shape[-2:]
+        total: torch.Tensor | None = None
+        size: tuple[int, int] | None = None
+        for scale in self.scales:
+            # sizes round half up, as mmseg's rescale does
+            scaled = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+            view = pixels if scaled == (height, width) else F.interpolate(pixels, size=scaled, mode="bilinear", align_corners=False)
+            for mirrored in (False, True) if self.flip else (False,):
+                scores = self.score_fn(view.flip(-1) if mirrored else view).to(torch.float32)
+                if mirrored:
+                    scores = scores.flip(-1)
+                if size is None:
+                    size = (min(scores.shape[-2], height), min(scores.shape[-1], width))
+                if tuple(scores.shape[-2:]) != size:
+                    scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+                total = scores.clone() if total is None else total.add_(scores)
+        assert total is not None
+        return total.div_(self.views)
+
+
+def with_tta(score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1.0,)) -> ScoreFn:
+    """score_fn itself when there is nothing to augment (no flip, scales [1.0]), else a TTAScoreFn."""
+    scales = list(scales)
+    if not flip and scales == [1.0]:
+        return score_fn
+    return TTAScoreFn(score_fn, flip, scales)
 
 
 # --------------------------------------------------------------------------- entry points
