@@ -85,26 +85,6 @@ class StreamSource:
 # --------------------------------------------------------------------------- reading windows
 
 
-class _BlockFile(RetryingFile):
-    """RetryingFile (transient store errors are retried, a broken stream reopened at its offset) with
-    a chosen fsspec read-ahead block: s3fs reads 50 MB ahead by default, too much for a header."""
-
-    def __init__(self, fs, path: str, block_size: int, **kwargs: Any) -> None:
-        self._block_size = block_size
-        super().__init__(fs, path, **kwargs)
-
-    def _open_at_pos(self) -> None:
-        self._drop()
-        f = self.fs.open(self.path, "rb", block_size=self._block_size)
-        try:
-            if self._pos:
-                f.seek(self._pos)
-        except BaseException:
-            f.close()
-            raise
-        self._file = f
-
-
 class TiffWindows:
     """Reads regions of the first page of a tiled or striped TIFF, decoding only what they touch.
 
@@ -166,7 +146,7 @@ class TiffWindows:
         stats: StoreStats | None = None,
     ) -> "TiffWindows":
         fs, path = open_fs(uri, storage_options)
-        file = _BlockFile(fs, path, block_size, uri=uri, stats=stats)
+        file = RetryingFile(fs, path, uri=uri, stats=stats, block_size=block_size)
         try:
             return cls(file, uri, role=role, cache_rows=cache_rows)
         except BaseException:

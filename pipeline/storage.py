@@ -305,9 +305,12 @@ class RetryingFile(io.RawIOBase):
         policy: RetryPolicy | None = None,
         stats: StoreStats | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        block_size: int | None = None,
     ):
         super().__init__()
         self.fs, self.path, self.uri = fs, path, uri or path
+        # fsspec's read-ahead block; None keeps the store's default (s3fs: 50 MB, too much for a header)
+        self._open_kwargs = {"block_size": block_size} if block_size else {}
         self.policy = policy or DEFAULT_POLICY
         self.stats = stats if stats is not None else StoreStats()
         self._sleep = sleep
@@ -317,7 +320,7 @@ class RetryingFile(io.RawIOBase):
 
     def _open_at_pos(self) -> None:
         self._drop()
-        f = self.fs.open(self.path, "rb")
+        f = self.fs.open(self.path, "rb", **self._open_kwargs)
         try:
             if self._pos:
                 f.seek(self._pos)
