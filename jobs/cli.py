@@ -1,19 +1,23 @@
 """`segpipe`: run, demo, convert, models.
 
-Exit codes: 0 done (per-image errors within max_error_fraction); 1 the run failed; 2 bad usage or
-an invalid config (a one-line message naming the field, no traceback).
+Exit codes, one rule (README "Exit codes"): 0 done (per-image errors within max_error_fraction);
+2 anything found wrong before the first image is segmented (usage, config, input and labels
+locations, model name, checkpoint, a rerun that would change a run's results), one line naming the
+field; 1 a run that started and failed, one line; 130 interrupted (Ctrl-C). Never a traceback
+(SEGPIPE_DEBUG=1 shows one).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from models.base import CheckpointError
+from models.base import ModelError
 from pipeline.config import ConfigError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,20 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="segpipe", description="Bulk segmentation of image archives with transformer models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="run a segmentation job")
+    run = sub.add_parser(
+        "run", help="run a segmentation job",
+        description="Run a segmentation job, or resume it: the same config and run_id again segments what is missing "
+        "(and retries images that failed) and never rewrites a committed result.",
+    )
     run.add_argument("config", help="YAML job config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config field (repeatable)")
+    run.add_argument("--no-retry-errors", dest="retry_errors", action="store_false", help="on a rerun, keep images that failed as failed instead of trying them again")
 
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
 
-    convert = sub.add_parser("convert", help="turn an HF or mmseg checkpoint into a native .safetensors one")
-    convert.add_argument("source")
-    convert.add_argument("dest")
-    convert.add_argument("--name", default=None, help="model name (needed for mmseg checkpoints)")
-    convert.add_argument("--num-classes", type=int, default=None)
+    convert = sub.add_parser(
+        "convert", help="turn an HF or mmseg checkpoint into a native .safetensors one",
+        description="Load a checkpoint (a Hugging Face directory, an mmsegmentation .pth, or a native .safetensors) "
+        "and write it as one native .safetensors file whose metadata names the model, its classes and normalization.",
+    )
+    convert.add_argument("source", help="HF checkpoint directory, mmseg .pth, or native .safetensors (local path or URI)")
+    convert.add_argument("dest", help="the .safetensors file to write")
+    convert.add_argument("--name", default=None, help="registered model name (`segpipe models`); needed for mmseg checkpoints")
+    convert.add_argument("--num-classes", type=int, default=None, help="number of classes; checked against the checkpoint")
 
-    sub.add_parser("models", help="list the registered model names")
+    sub.add_parser("models", help="list the registered model names",
+                   description="List the model names that model.name and `convert --name` accept.")
     return parser
 
 
@@ -58,26 +72,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from pipeline.config import load_config
 
-            return _run(load_config(args.config, args.overrides))
+            return _run(load_config(args.config, args.overrides), retry_errors=args.retry_errors)
         if args.command == "demo":
             from jobs.demo import demo_config
 
             return _run(demo_config(Path(args.out)))
-    except ConfigError as exc:
-        print(f"segpipe: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (CheckpointError, OSError) as exc:  # OSError: a missing input, an unreachable store
-        print(f"segpipe: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except (ConfigError, ModelError) as exc:
+        return _fail(exc, EXIT_USAGE)
+    except KeyboardInterrupt:
+        print("segpipe: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # an unreachable store while setting up: nothing was segmented
+        return _fail(exc, EXIT_USAGE)
     return EXIT_USAGE
 
 
-def _run(cfg) -> int:
+def _fail(exc: BaseException, code: int) -> int:
+    if os.environ.get("SEGPIPE_DEBUG") == "1":
+        logging.exception("segpipe")
+    print(f"segpipe: {' '.join(str(exc).split())}", file=sys.stderr)
+    return code
+
+
+def _run(cfg, retry_errors: bool = True) -> int:
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 
-    result = run_job(cfg)
+    result = run_job(cfg, retry_errors=retry_errors)
     print(format_summary(result.summary, result.run_dir))
+    if result.status == "interrupted":
+        print(f"segpipe: {result.message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.status != "succeeded":
         print(f"segpipe: run failed: {result.message}", file=sys.stderr)
         return EXIT_FAILED

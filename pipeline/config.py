@@ -8,10 +8,17 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+
+
+# Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
+# (Lists still become tuples, and an int is a valid float.)
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class _Strict(BaseModel):
@@ -23,7 +30,7 @@ class LabelsConfig(_Strict):
     # for image folders: label files share the image's relative key; their extension may differ
     extensions: list[str] = Field(default_factory=lambda: [".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"])
     suffix: str = ".label.png"  # for tar shards: the label member's suffix
-    required: bool = False  # a missing label is an errors row when true, an unlabeled image when false
+    required: Bool = False  # a missing label is an errors row when true, an unlabeled image when false
 
 
 class InputConfig(_Strict):
@@ -32,11 +39,15 @@ class InputConfig(_Strict):
     pattern: str = "**/*"
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    images_per_unit: int = Field(64, ge=1, description="image files per read task (and per output part)")
-    max_pixels: int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
+    images_per_unit: Int = Field(64, ge=1, description="image files per read task (and per output part)")
+    max_pixels: Int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
     # tiled or striped TIFF image files above this many pixels are never decoded whole: the predictor
-    # reads them window by window (pipeline.huge); null turns streaming off. Not limited by max_pixels.
-    stream_above_pixels: int | None = Field(67_108_864, ge=1, description="stream TIFFs larger than this (8192 x 8192)")
+    # reads them window by window (pipeline.huge); null turns streaming off.
+    stream_above_pixels: Int | None = Field(67_108_864, ge=1, description="stream TIFFs larger than this (8192 x 8192)")
+    # the bomb guard of streamed images: a TIFF over max_pixels is admitted only when it is streamed
+    # and within this many pixels, checked on its header before any pixel is read
+    max_stream_pixels: Int = Field(10_000_000_000, ge=1, description="largest streamed TIFF (10 gigapixels)")
+    exif_transpose: Bool = Field(True, description="turn images and labels upright by their EXIF orientation")
     image_column: str = "image"
     id_column: str = "image_id"
     label_column: str | None = None
@@ -56,7 +67,7 @@ class InputConfig(_Strict):
 class ModelConfig(_Strict):
     name: str | None = None
     checkpoint: str | None = None
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: Int | None = Field(None, ge=1)
     class_names: list[str] | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -74,8 +85,8 @@ class TTAConfig(_Strict):
     flip, once more mirrored left-right; the views' class scores are averaged (see
     pipeline.tiling.TTAScoreFn). The defaults are one view: no augmentation."""
 
-    flip: bool = False
-    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: Bool = False
+    scales: list[Float] = Field(default_factory=lambda: [1.0], min_length=1)
 
     @field_validator("scales")
     @classmethod
@@ -87,10 +98,10 @@ class TTAConfig(_Strict):
 
 class InferenceConfig(_Strict):
     mode: Literal["whole", "slide"] = "slide"
-    window: tuple[int, int] = (512, 512)
-    stride: tuple[int, int] = (341, 341)
+    window: tuple[Int, Int] = (512, 512)
+    stride: tuple[Int, Int] = (341, 341)
     blend: Literal["mean", "gaussian"] = "mean"
-    batch_size: int = Field(8, ge=1)
+    batch_size: Int = Field(8, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     tta: TTAConfig = Field(default_factory=TTAConfig)
 
@@ -109,9 +120,9 @@ class InferenceConfig(_Strict):
 
 
 class ResourcesConfig(_Strict):
-    actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0, ge=0)
-    cpus_per_actor: float | None = Field(None, gt=0, description="None: sized from the cluster")
+    actors: Int = Field(1, ge=1)
+    gpus_per_actor: Float = Field(0, ge=0)
+    cpus_per_actor: Float | None = Field(None, gt=0, description="None: sized from the cluster")
 
 
 class OutputConfig(_Strict):
@@ -119,11 +130,11 @@ class OutputConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # masks of images larger than this on either side are written as chunk_size x chunk_size chunk
     # rows (pipeline.sink); null writes every mask as one row
-    chunk_size: int | None = Field(4096, ge=16)
+    chunk_size: Int | None = Field(4096, ge=16)
 
 
 class MetricsConfig(_Strict):
-    ignore_index: int = 255
+    ignore_index: Int = 255
 
 
 class JobConfig(_Strict):
@@ -134,7 +145,7 @@ class JobConfig(_Strict):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    max_error_fraction: float = Field(0.01, ge=0, le=1)
+    max_error_fraction: Float = Field(0.01, ge=0, le=1)
 
     @field_validator("run_id")
     @classmethod

@@ -8,6 +8,7 @@ streamed images get it alike.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -32,17 +33,32 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+RANDOM_WEIGHTS_SEED = 0
+
+
 def load_job_model(cfg: ModelConfig) -> SegmentationModel:
-    """The model a job config names: a checkpoint, or a registered name with random weights."""
+    """The model a job config names: a checkpoint, or a registered name with random weights (seeded,
+    so that every actor and every attempt of a run holds the same ones)."""
     if cfg.checkpoint:
         model = load_model(cfg.checkpoint, name=cfg.name, num_classes=cfg.num_classes, storage_options=cfg.storage_options)
-        if cfg.num_classes and cfg.num_classes != model.num_classes:
-            raise ValueError(f"model.num_classes is {cfg.num_classes} but the checkpoint has {model.num_classes} classes")
     else:
-        model = build_model(cfg.name, num_classes=cfg.num_classes or 150)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = build_model(cfg.name, num_classes=cfg.num_classes or 150)
     if cfg.class_names:
         model.class_names = list(cfg.class_names)
     return model.eval()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A digest of the weights as loaded (names, dtypes, shapes, values): the same for a checkpoint in
+    any of its layouts (HF, mmseg, native), different for any other weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -82,6 +98,7 @@ class Predictor:
         num_threads: int = 1,
         chunk_size: int | None = OutputConfig().chunk_size,
         input_storage_options: dict | None = None,
+        monitor=None,
     ) -> None:
         torch.set_num_threads(max(1, num_threads))
         limit_heap_growth()  # band-sized temporaries, image after image: see pipeline.huge
@@ -93,6 +110,7 @@ class Predictor:
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
         self.input_storage_options = input_storage_options or {}
+        self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
             mode=inference.mode,
@@ -110,6 +128,8 @@ class Predictor:
         streams = batch.get("stream_uri")
         todo = []
         for i in range(n):
+            if int(batch["unit_rows"][i]) >= 0:
+                continue  # a unit's end marker: passed on to the writer as it is
             if batch["error"][i]:
                 rows[i]["error"], rows[i]["stage"] = batch["error"][i], batch["stage"][i]
             elif streams is not None and streams[i]:
@@ -148,10 +168,16 @@ class Predictor:
             width=int(batch["width"][i]),
         )
         started = time.time()
+        image_id = str(batch["image_id"][i])
+
+        def on_rows(done: int, total: int) -> None:
+            if self.monitor is not None:
+                self.monitor.stream_rows.remote(image_id, done, total)  # fire and forget
+
         try:
             result = segment_tiff(
                 self.score_fn, source, self.settings, num_classes=self.num_classes, chunk_size=self.chunk_size,
-                ignore_index=self.ignore_index, storage_options=self.input_storage_options,
+                ignore_index=self.ignore_index, storage_options=self.input_storage_options, on_rows=on_rows,
             )
         except Exception as exc:
             row["error"], row["stage"] = f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}", "predict"
@@ -164,7 +190,7 @@ class Predictor:
 
 
 RESULT_COLUMNS = (
-    "unit", "index_in_unit", "image_id", "height", "width", "chunks", "mask", "probability",
+    "unit", "index_in_unit", "unit_rows", "image_id", "height", "width", "chunks", "mask", "probability",
     "labeled", "intersection", "union", "pred_area", "label_area", "error", "stage",
 )
 # one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs
@@ -202,6 +228,7 @@ def _empty_result(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return {
         "unit": int(batch["unit"][i]),
         "index_in_unit": int(batch["index_in_unit"][i]),
+        "unit_rows": int(batch["unit_rows"][i]),
         "image_id": str(batch["image_id"][i]),
         "height": int(batch["height"][i]),
         "width": int(batch["width"][i]),

@@ -18,10 +18,11 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
             lines.append(f"{name:<{width}} {_pct(iou)} {_pct(acc)} {_pct(dice)}")
         lines.append(f"{'mean':<{width}} {_pct(summary['mIoU'])} {_pct(summary['mAcc'])} {_pct(summary['mDice'])}")
         lines.append(f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}")
-    tp = summary.get("throughput", {})
+    now = summary.get("this_attempt") or summary.get("throughput", {})
+    rate = now.get("images_per_second") or 0.0
     lines.append(
         f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}   "
-        f"{tp.get('images_per_second', 0.0):.2f} images/s over {tp.get('seconds', 0.0):.1f} s"
+        f"this attempt: {now.get('images', 0)} images, {rate:.2f} images/s over {now.get('seconds', 0.0):.1f} s"
     )
     if run_dir:
         lines.append(f"run: {run_dir}")

@@ -1,10 +1,11 @@
-"""Where results go: the run directory `<output.uri>/<run_id>/` on any fsspec store.
+"""The write stage, and the mask codec it and the predictor share.
 
-A batch of results is one *part*, named from the input position of its first image
-(`part-<unit>-<index>`), written as metrics, errors, then masks. The masks file is the commit
-marker: a part whose masks file exists is complete; metrics or errors files of a part without one
-are leftovers of an interrupted run and are removed before a resumed run starts. Each file is
-written under a temporary name and moved into place, so a reader never sees half a file.
+Write stage: `PartWriter`, one Ray actor, gathers the predictor's result rows by unit and commits a
+part (pipeline.runstore: masks, metrics and errors files; the masks file commits) every
+`images_per_unit` images and at the end of each unit, so parts follow units and the user chooses
+the commit granularity. The read stage ends each unit with a marker row that says how many image
+rows it sent; the writer knows from it when a unit is complete, whatever order rows arrive in
+from the actor pool.
 
 Chunked masks: the mask of an image larger than `output.chunk_size` on either side is cut into
 chunk_size x chunk_size chunks (smaller at the right and bottom edges), one masks row each:
@@ -19,115 +20,21 @@ mask back together for a reader.
 from __future__ import annotations
 
 import io
-import json
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
-
-AREAS = ("intersection", "union", "pred_area", "label_area")
-CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
-
-
-def masks_schema(binary: bool) -> pa.Schema:
-    fields = [
-        pa.field("image_id", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        *(pa.field(name, pa.int32()) for name in CHUNK_FIELDS),
-        pa.field("mask", pa.binary()),
-    ]
-    if binary:
-        fields.append(pa.field("probability", pa.binary()))
-    return pa.schema(fields)
-
-
-METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
-ERRORS_SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string())])
-
-
-class RunStore:
-    """Reads and writes one run directory."""
-
-    def __init__(self, output_uri: str, storage_options: dict, run_id: str) -> None:
-        self.fs, root = fsspec.core.url_to_fs(output_uri, **storage_options)
-        self.root = f"{root.rstrip('/')}/{run_id}"
-        self.uri = f"{output_uri.rstrip('/')}/{run_id}"
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def _parts(self, kind: str) -> set[str]:
-        try:
-            names = self.fs.ls(self.path(kind), detail=False)
-        except FileNotFoundError:
-            return set()
-        return {n.rsplit("/", 1)[-1][: -len(".parquet")] for n in names if n.endswith(".parquet")}
-
-    def committed_parts(self) -> set[str]:
-        return self._parts(MASKS)
-
-    def discard_uncommitted(self) -> None:
-        """Remove what an interrupted run left: parts without a masks file, temporary files."""
-        committed = self.committed_parts()
-        for kind in (METRICS, ERRORS):
-            for part in self._parts(kind) - committed:
-                self.fs.rm(self.path(kind, part + ".parquet"))
-        if self.fs.exists(self.path("_tmp")):
-            self.fs.rm(self.path("_tmp"), recursive=True)
-
-    def committed_image_ids(self) -> set[str]:
-        """Images already done: those with a mask, and those that failed, in committed parts."""
-        ids: set[str] = set()
-        committed = self.committed_parts()
-        for kind in (MASKS, ERRORS):
-            for part in self._parts(kind) & committed:
-                table = self._read(self.path(kind, part + ".parquet"), columns=["image_id"])
-                ids.update(table.column("image_id").to_pylist())
-        return ids
-
-    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    def read_table(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
-        """All committed parts of one table, in part order; None when there are none."""
-        parts = sorted(self._parts(kind) & self.committed_parts())
-        tables = [self._read(self.path(kind, p + ".parquet"), columns) for p in parts]
-        return pa.concat_tables(tables) if tables else None
-
-    def _write_atomic(self, path: str, write) -> None:
-        tmp = self.path("_tmp", f"{uuid.uuid4().hex}.tmp")
-        self.fs.makedirs(self.path("_tmp"), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            write(f)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.mv(tmp, path)
-
-    def write_part(self, name: str, masks: pa.Table, metrics: pa.Table, errors: pa.Table) -> None:
-        # masks last: its presence commits the part
-        for kind, table in ((METRICS, metrics), (ERRORS, errors), (MASKS, masks)):
-            self._write_atomic(self.path(kind, name + ".parquet"), lambda f, t=table: pq.write_table(t, f))
-
-    def write_json(self, name: str, obj: Any) -> None:
-        data = json.dumps(obj, indent=2, allow_nan=True, default=str).encode()
-        self._write_atomic(self.path(name), lambda f: f.write(data))
-
-    def read_json(self, name: str) -> Any | None:
-        if not self.fs.exists(self.path(name)):
-            return None
-        with self.fs.open(self.path(name), "rb") as f:
-            return json.loads(f.read())
+from pipeline.runstore import (
+    AREAS, CHUNK_FIELDS, ERRORS_SCHEMA, MASKS, METRICS_SCHEMA, RunStore, masks_schema, part_name,
+)
+from pipeline.storage import open_fs
 
 
 # --------------------------------------------------------------------------- chunked masks
@@ -352,7 +259,7 @@ def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", stor
     if isinstance(run_dir, pa.Table):
         table = run_dir.filter(pc.equal(run_dir.column("image_id"), image_id))
     else:
-        fs, root = fsspec.core.url_to_fs(run_dir, **(storage_options or {}))
+        fs, root = open_fs(run_dir, storage_options)
         tables = []
         for path in sorted(fs.glob(f"{root.rstrip('/')}/{MASKS}/*.parquet")):
             with fs.open(path, "rb") as f:
@@ -366,45 +273,90 @@ def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", stor
 # --------------------------------------------------------------------------- writing parts
 
 
-def part_name(unit: int, index_in_unit: int) -> str:
-    return f"part-{unit:06d}-{index_in_unit:06d}"
-
-
-def write_results(batch: dict[str, Any], *, output_uri: str, storage_options: dict, run_id: str, binary: bool) -> dict[str, list]:
-    """The sink stage: write one batch of predictor results as one part; return what the driver
-    shows as progress (ids and status only, never the masks)."""
-    n = len(batch["image_id"])
-    order = sorted(range(n), key=lambda i: (int(batch["unit"][i]), int(batch["index_in_unit"][i])))
-    pick = lambda col: [batch[col][i] for i in order]  # noqa: E731
-    ids, errors = pick("image_id"), pick("error")
-    ok = [j for j, e in enumerate(errors) if not e]
-    failed = [j for j, e in enumerate(errors) if e]
-    labeled = [j for j in ok if bool(pick("labeled")[j])]
-
+def part_tables(rows: list[dict[str, Any]], binary: bool, attempt: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """The masks, metrics and errors tables of one part from predictor result rows."""
+    rows = sorted(rows, key=lambda r: str(r["image_id"]))
+    ok = [r for r in rows if not r["error"]]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
     masks: dict[str, list] = {k: [] for k in masks_schema(binary).names}
-    heights, widths, boxes = pick("height"), pick("width"), pick("chunks")
-    mask_cells, probability_cells = pick("mask"), pick("probability") if binary else None
-    for j in ok:
-        for k, box in enumerate(boxes[j]):
-            masks["image_id"].append(ids[j])
-            masks["height"].append(int(heights[j]))
-            masks["width"].append(int(widths[j]))
+    for r in ok:
+        for k, box in enumerate(r["chunks"]):
+            masks["image_id"].append(str(r["image_id"]))
+            masks["height"].append(int(r["height"]))
+            masks["width"].append(int(r["width"]))
             for name, value in zip(CHUNK_FIELDS, box):
                 masks[name].append(int(value))
-            masks["mask"].append(bytes(mask_cells[j][k]))
+            masks["mask"].append(bytes(r["mask"][k]))
             if binary:
-                masks["probability"].append(bytes(probability_cells[j][k]))
-    metrics = {"image_id": [ids[j] for j in labeled]}
+                masks["probability"].append(bytes(r["probability"][k]))
+    labeled = [r for r in ok if bool(r["labeled"])]
+    metrics = {"image_id": [str(r["image_id"]) for r in labeled]}
     for area in AREAS:
-        metrics[area] = [list(map(int, pick(area)[j])) for j in labeled]
-    errs = {"image_id": [ids[j] for j in failed], "stage": [str(pick("stage")[j]) for j in failed], "error": [str(errors[j]) for j in failed]}
-
-    store = RunStore(output_uri, storage_options, run_id)
-    store.write_part(
-        part_name(int(batch["unit"][order[0]]), int(batch["index_in_unit"][order[0]])),
+        metrics[area] = [list(map(int, r[area])) for r in labeled]
+    failed = [r for r in rows if r["error"]]
+    errors = {
+        "image_id": [str(r["image_id"]) for r in failed],
+        "stage": [str(r["stage"]) for r in failed],
+        "error": [str(r["error"]) for r in failed],
+        "attempt": [attempt] * len(failed),
+    }
+    return (
         pa.Table.from_pydict(masks, schema=masks_schema(binary)),
         pa.Table.from_pydict(metrics, schema=METRICS_SCHEMA),
-        pa.Table.from_pydict(errs, schema=ERRORS_SCHEMA),
+        pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
-    return {"image_id": ids, "ok": [not e for e in errors]}
+
+
+class PartWriter:
+    """Ray actor of the write stage (a pool of one, so that every row of a unit meets here).
+
+    Each call takes result rows; it returns one progress row per image (`image_id`, `ok`) and one
+    row per finished unit (`unit_done` = its index, `image_id` empty), never the masks. A unit is
+    finished when its marker row (`unit_rows` >= 0: the number of image rows the read stage sent)
+    has arrived and as many image rows have been committed.
+    """
+
+    def __init__(self, output_uri: str, storage_options: dict, run_id: str, attempt: int, binary: bool, images_per_part: int) -> None:
+        self.store = RunStore(output_uri, storage_options, run_id)
+        self.attempt, self.binary, self.images_per_part = attempt, binary, images_per_part
+        self.pending: dict[int, list[dict[str, Any]]] = {}  # unit -> rows not yet committed
+        self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
+        self.committed: dict[int, int] = {}  # unit -> image rows committed
+        self.next_seq: dict[int, int] = {}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        progress: dict[str, list] = {"image_id": [], "ok": [], "unit_done": []}
+        touched = set()
+        for i in range(len(batch["image_id"])):
+            unit = int(batch["unit"][i])
+            touched.add(unit)
+            if int(batch["unit_rows"][i]) >= 0:
+                self.expected[unit] = int(batch["unit_rows"][i])
+                continue
+            row = {k: batch[k][i] for k in batch}
+            self.pending.setdefault(unit, []).append(row)
+            progress["image_id"].append(str(row["image_id"]))
+            progress["ok"].append(not row["error"])
+            progress["unit_done"].append(-1)
+        for unit in sorted(touched):
+            rows = self.pending.get(unit, [])
+            while len(rows) >= self.images_per_part:
+                self._commit(unit, rows[: self.images_per_part])
+                rows = rows[self.images_per_part :]
+            complete = unit in self.expected and self.committed.get(unit, 0) + len(rows) == self.expected[unit]
+            if complete and rows:
+                self._commit(unit, rows)
+                rows = []
+            self.pending[unit] = rows
+            if complete:
+                progress["image_id"].append("")
+                progress["ok"].append(True)
+                progress["unit_done"].append(unit)
+                del self.pending[unit], self.expected[unit]
+        return progress
+
+    def _commit(self, unit: int, rows: list[dict[str, Any]]) -> None:
+        seq = self.next_seq.get(unit, 0)
+        self.next_seq[unit] = seq + 1
+        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt))
+        self.committed[unit] = self.committed.get(unit, 0) + len(rows)

@@ -1,8 +1,8 @@
 """Where images come from: the driver lists units (keys, never bytes); read tasks fetch their bytes.
 
 A unit is one read task's worth of input: a block of image files (with their labels), a tar shard or
-a Parquet file. Its `index` is its position in the listing, and output parts are named from it, so
-a rerun of the same listing writes the same file names.
+a Parquet file. Its `index` is its position in this attempt's listing; output parts are named by
+attempt and unit (pipeline.runstore), so a changed listing never touches an earlier attempt's parts.
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ class SourceUnit:
     uris: tuple[str, ...]
     label_uris: tuple[str | None, ...] = ()
     image_ids: tuple[str, ...] = ()  # for "images": the id of each uri (its path relative to input.uri)
-    positions: tuple[int, ...] = ()  # original positions of the uris when a resumed run dropped some
 
 
 @dataclass
@@ -76,12 +75,14 @@ def list_image_units(cfg: InputConfig, stats: StoreStats | None = None) -> list[
     regex = glob_regex(cfg.pattern)
     fs, root, keys = list_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
     if not keys and not fs.exists(root):
-        raise FileNotFoundError(f"input {cfg.uri} does not exist")
+        raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
     keys = [k for k in keys if regex.match(k)]
     labels: dict[str, str] = {}
     if cfg.labels is not None:
         ranks = {ext: i for i, ext in enumerate(cfg.labels.extensions)}
         lfs, lroot, label_keys = list_files(cfg.labels.uri, cfg.storage_options, suffixes=tuple(ranks), stats=stats)
+        if not label_keys and not lfs.exists(lroot):
+            raise FileNotFoundError(f"labels {cfg.labels.uri} do not exist (input.labels.uri)")
         best: dict[str, tuple[int, str]] = {}
         for key in label_keys:
             rank = ranks[PurePosixPath(key).suffix.lower()]

@@ -32,4 +32,4 @@ def test_convert_hf_directory_to_native(tmp_path, capsys):
 def test_bad_usage_exits_2():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert main(["convert", "/nonexistent/dir", "/tmp/x.safetensors"]) == 1
+    assert main(["convert", "/nonexistent/dir", "/tmp/x.safetensors"]) == 2  # a checkpoint problem: usage

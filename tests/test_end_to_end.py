@@ -142,10 +142,14 @@ def test_bad_images_become_error_rows(ray_session, tmp_path, archive, checkpoint
     assert json.loads((tmp_path / "runs" / "bad2" / "run.json").read_text())["status"] == "failed"
 
 
-def test_whole_mode_and_missing_input(ray_session, tmp_path, archive, checkpoint):
+def test_whole_mode_and_missing_input(ray_session, tmp_path, archive, checkpoint, capsys):
     config = write_config(tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"})
     assert main(["run", str(config)]) == 0
     masks = read_dir(tmp_path / "runs" / "whole", "masks")
     assert masks.num_rows == 6
     config = write_config(tmp_path, archive, checkpoint, run_id="none", input={"uri": str(tmp_path / "nowhere")})
-    assert main(["run", str(config)]) == 1
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 2  # found before the first image: usage, one line
+    err = capsys.readouterr().err
+    assert "input.uri" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "none").exists()

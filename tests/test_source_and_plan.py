@@ -30,16 +30,16 @@ def test_memory_fs_listing_pairs_labels_with_other_extensions():
     samples = list(read_unit(units[0], cfg))
     assert [s.image_bytes for s in samples] == [b"x", b"x"] and samples[0].label_bytes == b"y"
     assert samples[1].label_bytes is None and not samples[1].has_label
-    # resume: ids done are dropped, positions keep the original indices
+    # resume: ids done are dropped, their labels with them
     kept = drop_done(units[0], {"a/1.jpg"})
-    assert kept.image_ids == ("a/2.png",) and kept.positions == (1,)
+    assert kept.image_ids == ("a/2.png",) and kept.label_uris == (None,)
 
 
 def test_decode_sample_rows():
     row = decode_sample(RawSample(3, 0, "x.png", b"", None), max_pixels=100)
     assert row["stage"] == "decode" and "empty" in row["error"] and row["unit"] == 3
-    row = decode_sample(RawSample(3, 1, "y.png", None, None, error="read: boom"), max_pixels=100, positions=(5, 9))
-    assert row["stage"] == "read" and row["index_in_unit"] == 9
+    row = decode_sample(RawSample(3, 1, "y.png", None, None, error="read: boom"), max_pixels=100)
+    assert row["stage"] == "read" and row["index_in_unit"] == 1 and row["unit_rows"] == -1
 
 
 @pytest.mark.parametrize(

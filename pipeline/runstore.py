@@ -1,0 +1,219 @@
+"""The run directory `<output.uri>/<run_id>/` and its commit protocol: a written result is never lost.
+
+Parts. A batch of results is one *part*: one Parquet file in each of masks/, metrics/ and
+errors/, named `part-a<attempt>-u<unit>-<seq>`: the attempt that wrote it, the unit (input block or
+shard) of that attempt's listing, and its sequence within the unit. The name never depends on where
+an image sits in a listing, and every attempt writes names of its own, so a later attempt over a
+changed listing can never overwrite a committed part. Files are written metrics, errors, then
+masks; the masks file is the commit marker (a part without one is a leftover of an interrupted
+attempt, removed before the next one starts), and a committed part is never written again. Each
+file is written under a hidden temporary name beside its place and moved there, so a reader never
+sees half a file.
+
+Outcomes. An image is *segmented* when a committed part holds its mask, and *failed* when committed
+parts hold error rows for it and no mask. Error rows carry the attempt that wrote them: a rerun
+retries failed images and supersedes (never deletes) their earlier error rows; summaries count each
+image's latest outcome once.
+
+Records. run.json keeps the run's identity (what decides its results: see `run_identity`), its first
+config and one record per attempt; summary.json counts the whole run. Both are strict JSON (NaN is
+written as null), readable by any JSON parser.
+"""
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.metrics import ClassAreas, summarize
+from pipeline.storage import open_fs, with_retries
+
+MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
+TABLES = (MASKS, METRICS, ERRORS)
+AREAS = ("intersection", "union", "pred_area", "label_area")
+CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
+TMP_PREFIX = ".tmp-"
+
+
+def masks_schema(binary: bool) -> pa.Schema:
+    fields = [
+        pa.field("image_id", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        *(pa.field(name, pa.int32()) for name in CHUNK_FIELDS),
+        pa.field("mask", pa.binary()),
+    ]
+    if binary:
+        fields.append(pa.field("probability", pa.binary()))
+    return pa.schema(fields)
+
+
+METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
+ERRORS_SCHEMA = pa.schema(
+    [pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string()), pa.field("attempt", pa.int32())]
+)
+
+
+def part_name(attempt: int, unit: int, seq: int) -> str:
+    return f"part-a{attempt:04d}-u{unit:06d}-{seq:04d}"
+
+
+def strict_json(obj: Any) -> Any:
+    """obj with every NaN or infinity replaced by None: JSON has no NaN (JSON.parse and jq reject it)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return strict_json(obj.item())
+    return obj
+
+
+@dataclass
+class Outcomes:
+    """What the committed parts hold: ids with a mask, and ids whose only rows are errors."""
+
+    segmented: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)
+
+
+class RunStore:
+    """Reads and writes one run directory, on any fsspec store, through pipeline.storage."""
+
+    def __init__(self, output_uri: str, storage_options: dict, run_id: str) -> None:
+        self.fs, root = open_fs(output_uri, storage_options)
+        self.root = f"{root.rstrip('/')}/{run_id}"
+        self.uri = f"{output_uri.rstrip('/')}/{run_id}"
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _names(self, kind: str) -> list[str]:
+        try:
+            return [n.rsplit("/", 1)[-1] for n in self.fs.ls(self.path(kind), detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def _parts(self, kind: str) -> set[str]:
+        return {n[: -len(".parquet")] for n in self._names(kind) if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)}
+
+    def committed_parts(self) -> set[str]:
+        return self._parts(MASKS)
+
+    def discard_uncommitted(self) -> None:
+        """Remove what an interrupted attempt left: parts without a masks file, temporary files."""
+        committed = self.committed_parts()
+        for kind in TABLES:
+            for name in self._names(kind):
+                if name.startswith(TMP_PREFIX):
+                    self.fs.rm(self.path(kind, name))
+            if kind != MASKS:
+                for part in self._parts(kind) - committed:
+                    self.fs.rm(self.path(kind, part + ".parquet"))
+
+    def outcomes(self) -> Outcomes:
+        """Segmented and failed image ids in committed parts (an image retried successfully is segmented)."""
+        out = Outcomes()
+        masks = self.read_table(MASKS, columns=["image_id"])
+        if masks is not None:
+            out.segmented = set(masks.column("image_id").to_pylist())
+        errors = self.read_table(ERRORS, columns=["image_id"])
+        if errors is not None:
+            out.failed = set(errors.column("image_id").to_pylist()) - out.segmented
+        return out
+
+    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read_table(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All committed parts of one table, in part order; None when there are none. Error rows of
+        runs written before errors carried an attempt read as attempt 1."""
+        parts = sorted(self._parts(kind) & self.committed_parts())
+        tables = []
+        for p in parts:
+            # errors are read whole: an old part may lack the attempt column that `columns` names
+            table = self._read(self.path(kind, p + ".parquet"), None if kind == ERRORS else columns)
+            if kind == ERRORS and "attempt" not in table.column_names:
+                table = table.append_column("attempt", pa.array([1] * table.num_rows, pa.int32()))
+            tables.append(table.select(columns) if columns else table)
+        return pa.concat_tables(tables, promote_options="default") if tables else None
+
+    def latest_errors(self) -> pa.Table | None:
+        """One row per failed image: its latest error (highest attempt), images segmented later left out."""
+        errors = self.read_table(ERRORS)
+        if errors is None:
+            return None
+        segmented = self.outcomes().segmented
+        latest: dict[str, dict] = {}
+        for row in errors.to_pylist():
+            if row["image_id"] in segmented:
+                continue
+            if row["image_id"] not in latest or row["attempt"] >= latest[row["image_id"]]["attempt"]:
+                latest[row["image_id"]] = row
+        return pa.Table.from_pylist(sorted(latest.values(), key=lambda r: r["image_id"]), schema=ERRORS_SCHEMA)
+
+    def _write_atomic(self, path: str, write: Callable) -> None:
+        """Write under a temporary name, then move into place; each step retried on transient errors."""
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+
+        def write_tmp() -> None:
+            self.fs.makedirs(directory, exist_ok=True)
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+
+        with_retries(write_tmp, what="write", uri=path)
+        with_retries(lambda: self.fs.mv(tmp, path), what="commit", uri=path)
+
+    def write_part(self, name: str, masks: pa.Table, metrics: pa.Table, errors: pa.Table) -> bool:
+        """Commit one part; False (and nothing written) when a part of that name is committed already,
+        as when Ray retries a write that had finished."""
+        if self.fs.exists(self.path(MASKS, name + ".parquet")):
+            return False
+        for kind, table in ((METRICS, metrics), (ERRORS, errors), (MASKS, masks)):  # masks last: commits
+            self._write_atomic(self.path(kind, name + ".parquet"), lambda f, t=table: pq.write_table(t, f))
+        return True
+
+    def write_json(self, name: str, obj: Any) -> None:
+        data = json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str).encode()
+        self._write_atomic(self.path(name), lambda f: f.write(data))
+
+    def read_json(self, name: str) -> Any | None:
+        if not self.fs.exists(self.path(name)):
+            return None
+        with self.fs.open(self.path(name), "rb") as f:
+            return json.loads(f.read())
+
+    def summarize(self, num_classes: int, class_names: list[str]) -> dict:
+        """summary.json's counts and metrics, from what the run directory holds (every attempt)."""
+        total = ClassAreas.zeros(num_classes)
+        metrics = self.read_table(METRICS)
+        labeled = set()
+        if metrics is not None:
+            columns = {a: metrics.column(a).to_pylist() for a in AREAS}
+            for i, image_id in enumerate(metrics.column("image_id").to_pylist()):
+                if image_id in labeled:  # never counted twice, whatever a part holds
+                    continue
+                labeled.add(image_id)
+                total += ClassAreas(*(np.asarray(columns[a][i], dtype=np.int64) for a in AREAS))
+        masks = self.read_table(MASKS, columns=["image_id"])
+        outcomes = self.outcomes()
+        summary = {
+            # a chunked mask has several rows: count images, not rows
+            "images": pc.count_distinct(masks.column("image_id")).as_py() if masks is not None else 0,
+            "errors": len(outcomes.failed),
+            "labeled_images": len(labeled),
+            "class_names": class_names,
+        }
+        summary.update(summarize(total))
+        return summary
