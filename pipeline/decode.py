@@ -3,16 +3,39 @@
 Every failure raises DecodeError with a reason a person can act on; the caller turns it into an
 errors row. Pillow's own decompression-bomb check is replaced by `max_pixels`, checked on the
 header before any pixel is decoded.
+
+EXIF orientation: a camera stores a portrait photo as landscape pixels with an Orientation tag
+that viewers apply; a label drawn on the photo as shown is upright. With `exif_transpose` on (the
+default) images and labels are turned upright as Pillow's `ImageOps.exif_transpose` does (EXIF,
+or XMP where EXIF has no orientation), before any mode conversion; a transpose moves pixels and
+keeps their values, so palette indices and 16-bit class ids stay what they were. Off, pixels are
+taken as stored, TIFFs included (Pillow turns those upright by their tag as it decodes them: that
+turn is undone).
 """
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 Image.MAX_IMAGE_PIXELS = None  # our max_pixels check runs first, on the header alone
+
+# EXIF Orientation -> the transpose that shows the stored pixels upright (as ImageOps.exif_transpose),
+# and the one that takes upright pixels back to stored
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+STORED = {**UPRIGHT, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+SWAPS_SIDES = {5, 6, 7, 8}
 
 
 class DecodeError(ValueError):
@@ -41,10 +64,63 @@ def _load(img: Image.Image, what: str) -> None:
         raise DecodeError(f"corrupt {what}: {type(exc).__name__}: {exc}") from None
 
 
-def decode_image(data: bytes, max_pixels: int = 178_956_970) -> np.ndarray:
-    """Any common mode (RGB, RGBA, L, LA, I;16, I, F, P, CMYK, 1) -> H x W x 3 uint8 RGB."""
-    img = _open(data, max_pixels, "image")
-    _load(img, "image")
+def _png_exif_chunk(data: bytes) -> bytes | None:
+    """The eXIf chunk of a PNG wherever it is, found by walking the chunk headers (no pixel decoded)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind == b"eXIf":
+            return b"Exif\x00\x00" + data[pos + 8 : pos + 8 + length]  # as Pillow's PNG reader stores it
+        if kind == b"IEND":
+            break
+        pos += 12 + length
+    return None
+
+
+def _orientation(img: Image.Image, data: bytes) -> int:
+    """The EXIF Orientation (1 to 8) that ImageOps.exif_transpose would apply, from the header alone."""
+    if img.format == "PNG" and "exif" not in img.info:
+        # an eXIf chunk after the pixel data is one Pillow finds only by decoding them
+        found = _png_exif_chunk(data)
+        if found is not None:
+            img.info["exif"] = found
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+        return value if value in UPRIGHT else 1
+    except Exception:  # unreadable EXIF: viewers show such a file as stored
+        return 1
+
+
+def _stored_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as the pixels are stored: Pillow reports a TIFF's size upright already."""
+    if img.format == "TIFF":
+        return int(img.tag_v2[256]), int(img.tag_v2[257])  # ImageWidth, ImageLength
+    return img.size
+
+
+def _load_oriented(img: Image.Image, data: bytes, what: str, exif_transpose: bool) -> Image.Image:
+    """Decode the pixels, upright when `exif_transpose`, as stored otherwise."""
+    orientation = _orientation(img, data)  # before loading: Pillow may apply and drop it as it loads
+    _load(img, what)
+    # Pillow turns a TIFF upright by its Orientation tag as it loads it (and then drops the tag):
+    # what it did is seen as the orientation gone from the EXIF it reports
+    applied = orientation if _orientation(img, data) != orientation else 1
+    if exif_transpose:
+        method = UPRIGHT.get(orientation) if applied == 1 else None
+    else:
+        method = STORED.get(applied)
+    if method is None:
+        return img
+    try:
+        return img.transpose(method)  # moves pixels, keeps their values (and a P image's palette)
+    except Exception as exc:
+        raise DecodeError(f"cannot apply the EXIF orientation {orientation} to the {what}: {type(exc).__name__}: {exc}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> np.ndarray:
+    """Any common mode (RGB, RGBA, L, LA, I;16, I, F, P, CMYK, 1) -> H x W x 3 uint8 RGB, upright by
+    its EXIF orientation when `exif_transpose`."""
+    img = _load_oriented(_open(data, max_pixels, "image"), data, "image", exif_transpose)
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # high bit depth: scale the full range of the type to 0..255 (not clip), as viewers do
@@ -58,16 +134,20 @@ def decode_image(data: bytes, max_pixels: int = 178_956_970) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
 
 
-def decode_label(data: bytes, max_pixels: int = 178_956_970) -> np.ndarray:
-    """A single-channel label image -> H x W int64 class map (P: the palette index is the class)."""
-    img = _open(data, max_pixels, "label")
-    _load(img, "label")
+def decode_label(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> np.ndarray:
+    """A single-channel label image -> H x W int64 class map (P: the palette index is the class),
+    upright by its EXIF orientation when `exif_transpose`, so that it fits the upright image."""
+    img = _load_oriented(_open(data, max_pixels, "label"), data, "label", exif_transpose)
     if img.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I;16N", "I", "1"):
         raise DecodeError(f"label must be a single-channel image (L, P or 16-bit), not mode {img.mode}")
     return np.asarray(img).astype(np.int64)
 
 
-def image_size(data: bytes, max_pixels: int = 178_956_970) -> tuple[int, int]:
-    """(height, width) from the header alone."""
-    w, h = _open(data, max_pixels, "image").size
+def image_size(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """(height, width) from the header alone: the upright size when `exif_transpose`, as decode_image
+    returns it."""
+    img = _open(data, max_pixels, "image")
+    w, h = _stored_size(img)
+    if exif_transpose and _orientation(img, data) in SWAPS_SIDES:
+        return w, h
     return h, w

@@ -14,6 +14,18 @@ image is never decoded in one piece:
                 `pipeline.sink.ChunkedMaskWriter` (chunk PNGs) and, for a labeled image, to
                 `class_areas` with the same rows of the label TIFF, read the same way.
 
+Bounds, against decompression bombs: every image is bounded by its header before any pixel is
+read. An image of more than `input.max_pixels` pixels is admitted only when it is streamed (a tiled
+or striped TIFF above `input.stream_above_pixels` that `TiffWindows` can read window by window) and
+has at most `input.max_stream_pixels` pixels; `probe_stream` makes any other an error naming both
+limits, so a header that claims 60000 x 60000 pixels costs one header read, not a worker's memory
+and minutes of windows. A streamed image's label must have the image's size, which bounds it the
+same way, and is checked before anything else of the label. A header whose tile (or strip) table
+cannot hold the size it claims (another number of entries than that size needs, segments that end
+past the end of the file) is an error as well, found from the table alone without reading a
+segment. Images decoded whole are bounded by `input.max_pixels` in `pipeline.decode`, on their
+header too.
+
 What is held, and why it is bounded by the window height and the image width, never the height:
 - TiffWindows decodes only the tiles (or strips) that a window touches, and keeps decoded segments
   in an LRU cache of about (window height + 2 segment heights) x image width pixels, so that the
@@ -33,7 +45,9 @@ What can be streamed: the first page of a 2-D TIFF, tiled or striped, planar con
 separate, 8- or 16-bit unsigned samples (images: gray, gray + alpha, RGB, RGBA; 16-bit is scaled
 to 0..255 as `decode_image` does; labels: one channel, integer), compressed with what tifffile
 decodes without imagecodecs (none, deflate/zlib with or without predictor, LZMA). JPEG, LZW and
-PackBits need the `imagecodecs` package. A compressed strip or tile larger than
+PackBits need the `imagecodecs` package. A TIFF is read as stored: where `input.exif_transpose` turns
+images upright, a TIFF (or label) whose Orientation tag is not top-left is not streamed, as the whole
+decode would turn it and windows do not. A compressed strip or tile larger than
 MAX_SEGMENT_BYTES decoded cannot be read in parts (an uncompressed one can: rows are read
 directly). A TIFF that cannot be streamed is decoded whole like any other image if it is within
 `input.max_pixels`, and is an error row naming the reason otherwise. Images in tar shards and
@@ -44,7 +58,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -92,7 +106,8 @@ class TiffWindows:
     stay in an LRU cache of `cache_rows` rows of the image (plus two segment rows), so that
     overlapping reads that go left to right, top to bottom decode each segment about once.
     `problem` is "" for a TIFF this class can read, else the reason it cannot (the constructor
-    does not raise for it, so that a probe can report it).
+    does not raise for it, so that a probe can report it); `damage` is "" unless that reason is a
+    header whose segment table does not fit the size it claims.
     """
 
     def __init__(self, file: Any, uri: str, *, role: str = "image", cache_rows: int = 0) -> None:
@@ -115,8 +130,12 @@ class TiffWindows:
         self.separate = page.planarconfig == 2 and self.samples > 1
         self.tiled = bool(page.is_tiled)
         self.photometric = int(page.photometric)
+        self.orientation = int(page.tags.valueof(274, 1) or 1)  # Orientation: 1 is top-left, as stored
         self.dtype = np.dtype(page.dtype).newbyteorder("=") if page.dtype is not None else None
         self.problem = self._check(role)
+        # `damage`: the header does not hold together; it is also a `problem`, so nothing reads it
+        self.damage = "" if self.problem else self._damage()
+        self.problem = self.problem or self.damage
         if self.problem:
             return
         contig_samples = 1 if self.separate else self.samples
@@ -196,6 +215,52 @@ class TiffWindows:
             if segment_bytes > MAX_SEGMENT_BYTES:
                 kind = "tiles" if self.tiled else "strips"
                 return f"compressed {kind} of {cols} x {rows} pixels ({segment_bytes / 2**20:.0f} MB each decoded) cannot be read in parts; re-save it tiled (e.g. 512 x 512)"
+        return ""
+
+    def _damage(self) -> str:
+        """Why the segment table cannot hold the image the header claims ("" if it can): from the table
+        alone, no segment read."""
+        page = self._page
+        kind = "tile" if self.tiled else "strip"
+        if self.tiled:
+            rows, cols = int(page.tilelength), int(page.tilewidth)
+        else:
+            rows, cols = int(min(page.rowsperstrip, self.height)), self.width
+        if rows < 1 or cols < 1 or self.height < 1 or self.width < 1:
+            return f"a header that claims {self.width} x {self.height} pixels in {kind}s of {cols} x {rows}"
+        down, across = math.ceil(self.height / rows), math.ceil(self.width / cols)
+        expected = down * across * (self.samples if self.separate else 1)
+        offsets = np.asarray(page.dataoffsets, np.int64).ravel()
+        counts = np.asarray(page.databytecounts, np.int64).ravel()
+        if len(offsets) != expected or len(counts) != expected:
+            return (
+                f"a header that claims {self.width} x {self.height} pixels, {expected} {kind}s of {cols} x {rows}, "
+                f"but lists {len(offsets)} {kind} offsets and {len(counts)} byte counts"
+            )
+        size = int(self._tiff.filehandle.size)
+        if page.compression == 1:
+            # uncompressed segments are read by the size their pixels take, whatever their byte count
+            contig_samples = 1 if self.separate else self.samples
+            need = np.full(expected, rows * cols * contig_samples * self.dtype.itemsize, np.int64)
+            if not self.tiled:  # the last strip of each plane holds the rows left
+                need[down - 1 :: down] = (self.height - (down - 1) * rows) * cols * contig_samples * self.dtype.itemsize
+            # tifffile fills an empty tile (byte count 0); the strips are all read from their offsets
+            present = counts > 0 if self.tiled else np.ones(expected, bool)
+            short = np.flatnonzero(present & (counts < need))
+            if short.size:
+                i = int(short[0])
+                return f"{kind} {i} of {expected} holds {counts[i]} bytes where its uncompressed pixels take {need[i]}"
+            ends = offsets + need
+        else:
+            present = counts > 0
+            ends = offsets + counts
+        past = np.flatnonzero(present & (ends > size))
+        if past.size:
+            i = int(past[0])
+            return (
+                f"a header that claims {self.width} x {self.height} pixels but {kind} {i} of {expected} ends at byte {ends[i]}, "
+                f"past the end of the file ({size} bytes)"
+            )
         return ""
 
     # ---- reading
@@ -296,13 +361,16 @@ class TiffWindows:
 
 
 def probe_stream(uri: str, label_uri: str | None, cfg: Any, stats: StoreStats | None = None) -> StreamSource | None:
-    """Decide from the header alone whether an image file is to be streamed.
+    """Decide from the header alone whether an image file is to be streamed, and bound it.
 
-    cfg: the job's InputConfig (stream_above_pixels, max_pixels, storage_options). Returns None for
-    an image to read and decode whole as usual: not a TIFF, not larger than stream_above_pixels,
-    streaming off, or a TIFF that cannot be streamed but is within max_pixels. Raises StreamError
-    for one over max_pixels that cannot be streamed, and for a streamed image whose label cannot
-    be read alongside it (not a TIFF, another size, not one channel).
+    cfg: the job's InputConfig (stream_above_pixels, max_pixels, max_stream_pixels, exif_transpose,
+    storage_options). Returns None for an image to read and decode whole as usual (where
+    `pipeline.decode` holds it to max_pixels): not a TIFF, not larger than stream_above_pixels,
+    streaming off, or a TIFF within max_pixels that cannot be streamed or is over max_stream_pixels.
+    Raises StreamError, before any pixel is read, for one over max_pixels that is not streamed
+    (cannot be, or over max_stream_pixels), for a header whose segment table cannot hold the size it
+    claims, and for a streamed image whose label cannot be read alongside it (not a TIFF, another
+    size, not one channel).
     """
     if not cfg.stream_above_pixels or not is_tiff_name(uri):
         return None
@@ -311,26 +379,50 @@ def probe_stream(uri: str, label_uri: str | None, cfg: Any, stats: StoreStats | 
     except ImportError:  # without the `tiff` extra every image is decoded whole, as before
         return None
     with TiffWindows.open(uri, cfg.storage_options, block_size=PROBE_BLOCK_BYTES, stats=stats) as image:
-        height, width, problem = image.height, image.width, image.problem
+        height, width, problem, damage, orientation = image.height, image.width, image.problem, image.damage, image.orientation
     pixels = height * width
     if pixels <= cfg.stream_above_pixels:
         return None
+    claim = f"image of {width} x {height} = {pixels} pixels"
+    if pixels > cfg.max_stream_pixels:
+        if pixels <= cfg.max_pixels:
+            return None
+        raise StreamError(
+            f"{claim} is over the limits of {cfg.max_pixels} pixels for an image decoded whole (input.max_pixels) "
+            f"and {cfg.max_stream_pixels} for a TIFF read window by window (input.max_stream_pixels)"
+        )
+    if damage:
+        raise StreamError(f"{uri} cannot be read: {damage}")
+    if not problem and cfg.exif_transpose and orientation != 1:
+        problem = _orientation_problem(orientation)
     if problem:
         if pixels <= cfg.max_pixels:
             return None
         raise StreamError(
-            f"image of {width} x {height} = {pixels} pixels is over the limit of {cfg.max_pixels} (input.max_pixels) "
-            f"and cannot be read window by window: {problem}"
+            f"{claim} is over the limit of {cfg.max_pixels} (input.max_pixels) and cannot be read window by window, "
+            f"which admits up to {cfg.max_stream_pixels} pixels (input.max_stream_pixels): {problem}"
         )
     if label_uri is not None:
         if not is_tiff_name(label_uri):
             raise StreamError(f"the image is streamed ({width} x {height}), so its label must be a tiled or striped TIFF, not {label_uri}")
         with TiffWindows.open(label_uri, cfg.storage_options, role="label", block_size=PROBE_BLOCK_BYTES, stats=stats) as label:
-            if label.problem:
-                raise StreamError(f"label {label_uri} cannot be read window by window: {label.problem}")
+            # the size first: a label of the image's size is within the image's bounds
             if (label.height, label.width) != (height, width):
                 raise StreamError(f"label is {label.width} x {label.height} but the image is {width} x {height}")
+            if label.damage:
+                raise StreamError(f"label {label_uri} cannot be read: {label.damage}")
+            if label.problem:
+                raise StreamError(f"label {label_uri} cannot be read window by window: {label.problem}")
+            if cfg.exif_transpose and label.orientation != 1:
+                raise StreamError(f"label {label_uri} cannot be read window by window: {_orientation_problem(label.orientation)}")
     return StreamSource(uri, label_uri, height, width)
+
+
+def _orientation_problem(orientation: int) -> str:
+    return (
+        f"its Orientation tag ({orientation}) asks to turn it, which windows read as stored do not "
+        f"(input.exif_transpose: false takes every image as stored)"
+    )
 
 
 # --------------------------------------------------------------------------- the predictor
@@ -376,8 +468,13 @@ def segment_tiff(
     ignore_index: int = 255,
     storage_options: dict | None = None,
     stats: StoreStats | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
 ) -> StreamedMask:
-    """Segment a streamed TIFF window by window: chunk PNGs, and class areas when it has a label."""
+    """Segment a streamed TIFF window by window: chunk PNGs, and class areas when it has a label.
+
+    on_rows(rows finished, total rows), when given, is called after each band of finished rows is
+    written (and counted), from top to bottom: the progress within one image, which can take hours.
+    """
     if settings.mode != "slide":
         raise StreamError(
             f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}"
@@ -390,15 +487,22 @@ def segment_tiff(
         label = None
         if source.label_uri:
             label = TiffWindows.open(source.label_uri, storage_options, role="label", stats=stats)
+            if (label.height, label.width) != (source.height, source.width):  # replaced since it was listed
+                label.close()
+                raise StreamError(f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}")
         try:
             writer = ChunkedMaskWriter(source.height, source.width, chunk_size, num_classes, settings.binary)
             areas = ClassAreas.zeros(num_classes) if label is not None else None
+            finished = 0
             for y0, labels, probability in segment_streaming(score_fn, image.rgb, source.height, source.width, settings):
                 writer.add(y0, labels, probability)
                 if label is not None:  # in slices: class_areas works in int64, 8 bytes a pixel
                     for top in range(0, labels.shape[0], AREA_ROWS):
                         rows = labels[top : top + AREA_ROWS]
                         areas += class_areas(rows, label.labels(y0 + top, rows.shape[0]), num_classes, ignore_index)
+                finished += labels.shape[0]  # bands come top to bottom and cover each row once
+                if on_rows is not None:
+                    on_rows(finished, source.height)
             return StreamedMask(writer.finish(), areas)
         finally:
             if label is not None:

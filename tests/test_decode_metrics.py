@@ -1,10 +1,11 @@
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
-from pipeline.decode import DecodeError, decode_image, decode_label
+from pipeline.decode import DecodeError, decode_image, decode_label, image_size
 from pipeline.encode import decode_mask, encode_mask
 from pipeline.metrics import ClassAreas, class_areas, summarize
 
@@ -59,6 +60,90 @@ def test_label_modes():
     np.testing.assert_array_equal(decode_label(_png(Image.fromarray(lab).convert("P"))), np.asarray(Image.fromarray(lab).convert("P")))
     big = np.array([[0, 300], [1000, 2]], np.uint16)
     np.testing.assert_array_equal(decode_label(_png(Image.fromarray(big))), big)
+
+
+def _oriented(img: Image.Image, fmt: str, orientation: int) -> bytes:
+    """img saved with an EXIF Orientation tag, as a camera (or an editor) writes a turned photo."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _viewer(data: bytes) -> np.ndarray:
+    """What a viewer shows: Pillow's own exif_transpose, the reference."""
+    return np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+
+
+def _exif_after_pixels(png: bytes) -> bytes:
+    """The same PNG with its eXIf chunk moved behind the pixel data (IDAT), where the spec allows it too."""
+    chunks, pos = [], 8
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        chunks.append(png[pos : pos + 12 + length])
+        pos += 12 + length
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    assert len(exif) == 1 and rest[-1][4:8] == b"IEND"
+    return png[:8] + b"".join(rest[:-1] + exif + rest[-1:])
+
+
+# orientation -> np.rot90 turns (counter-clockwise) that show the stored pixels upright
+TURNS = {6: -1, 3: 2, 8: 1}
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "TIFF"])
+@pytest.mark.parametrize("orientation", sorted(TURNS))
+def test_exif_orientation_turns_images_upright(fmt, orientation):
+    rgb = np.zeros((6, 10, 3), np.uint8)  # not square: a turn swaps the sides
+    rgb[1:3, 6:9] = 255  # a white block in the top-right corner as stored
+    rgb[..., 2] = np.arange(10) * 20  # a ramp along the stored rows
+    data = _oriented(Image.fromarray(rgb), fmt, orientation)
+    stored = decode_image(data, exif_transpose=False)
+    if fmt != "JPEG":  # lossless: as stored is the array that was saved
+        np.testing.assert_array_equal(stored, rgb)
+    upright = decode_image(data)
+    np.testing.assert_array_equal(upright, np.rot90(stored, TURNS[orientation]))
+    np.testing.assert_array_equal(upright, _viewer(data))
+    assert image_size(data) == upright.shape[:2] and image_size(data, exif_transpose=False) == stored.shape[:2]
+    # the bomb guard still reads the header alone, upright or not
+    with pytest.raises(DecodeError, match="over the limit"):
+        decode_image(data, max_pixels=59)
+
+
+def test_exif_orientation_after_the_pixel_data_of_a_png():
+    data = _exif_after_pixels(_oriented(Image.fromarray(np.arange(60, dtype=np.uint8).reshape(6, 10)), "PNG", 6))
+    assert "exif" not in Image.open(io.BytesIO(data)).info  # Pillow's header does not see it
+    upright = decode_label(data)
+    np.testing.assert_array_equal(upright, np.rot90(np.arange(60).reshape(6, 10), -1))
+    np.testing.assert_array_equal(upright, _viewer(data))
+    assert image_size(data) == (10, 6)
+
+
+def test_exif_orientation_moves_label_ids_and_keeps_them():
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 40, (6, 10)).astype(np.uint8)
+    ids[1:3, 6:9] = 7
+    palette = Image.frombytes("P", (10, 6), ids.tobytes())
+    palette.putpalette([0] * 768)  # every index the same colour: only the index tells the class
+    wide = Image.fromarray(ids.astype(np.uint16) * 1000 + 300)  # 16-bit ids, none below 256
+    assert wide.mode == "I;16"
+    for fmt, img, stored in (("PNG", palette, ids), ("TIFF", palette, ids), ("PNG", wide, ids.astype(np.int64) * 1000 + 300)):
+        for orientation, turns in TURNS.items():
+            data = _oriented(img, fmt, orientation)
+            assert Image.open(io.BytesIO(data)).mode == img.mode
+            upright = decode_label(data)
+            np.testing.assert_array_equal(upright, np.rot90(stored, turns), err_msg=f"{fmt} {img.mode} {orientation}")
+            np.testing.assert_array_equal(upright, _viewer(data))
+            np.testing.assert_array_equal(decode_label(data, exif_transpose=False), stored)
+    # a label drawn on the upright photo lands on the photo's pixels: both turn the same way
+    rgb = np.zeros((6, 10, 3), np.uint8)
+    rgb[ids == 7] = 255
+    image = decode_image(_oriented(Image.fromarray(rgb), "JPEG", 6))
+    label = decode_label(_oriented(Image.fromarray((ids == 7).astype(np.uint8)), "PNG", 6))
+    assert label.shape == image.shape[:2] == (10, 6)
+    np.testing.assert_array_equal(label == 1, image[..., 0] > 127)
 
 
 def test_mask_png_round_trip():

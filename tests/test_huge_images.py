@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -23,11 +24,15 @@ from PIL import Image
 from jobs.cli import main
 from models import build_model, load_model, save_native
 from pipeline import huge
+from pipeline import source as source_module
 from pipeline.config import InputConfig
+from pipeline.decode import decode_image
 from pipeline.huge import StreamError, StreamSource, TiffWindows, probe_stream
 from pipeline.metrics import class_areas
 from pipeline.predictor import ModelScorer
-from pipeline.sink import ChunkedMaskWriter, PngRows, assemble_mask, chunk_boxes, quantize_probability, read_mask, write_results
+from pipeline.runstore import RunStore, part_name
+from pipeline.sink import ChunkedMaskWriter, PngRows, assemble_mask, chunk_boxes, part_tables, quantize_probability, read_mask
+from pipeline.source import SourceUnit, read_image_unit
 from pipeline.tiling import TilingSettings, segment_images, with_tta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +129,135 @@ def test_probe_stream_decides_from_the_header(tmp_path, monkeypatch):
         probe_stream(str(images / "strip.tif"), None, cfg)
 
 
+# --------------------------------------------------------------------------- bounds
+
+
+def sparse_tiff(path: Path, height: int, width: int, tile: int = 512) -> None:
+    """A tiled RGB TIFF whose header claims height x width but holds one tile: tifffile writes the
+    others empty (byte count 0, read as zeros), so a 120000 x 120000 header is a file of 440 kB."""
+    count = math.ceil(height / tile) * math.ceil(width / tile)
+    tiles = (np.zeros((tile, tile, 3), np.uint8) if i == 0 else None for i in range(count))
+    tifffile.imwrite(path, tiles, shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression="zlib")
+
+
+def patch_tag(path: Path, code: int, value: int) -> None:
+    """Overwrite the value of a one-value SHORT or LONG tag of the first page in place."""
+    with tifffile.TiffFile(path) as tiff:
+        tag = tiff.pages.first.tags[code]
+        assert tag.count == 1 and tag.dtype in (3, 4), (tag.count, tag.dtype)
+        offset, fmt = tag.valueoffset, tiff.byteorder + ("H" if tag.dtype == 3 else "I")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def test_probe_stream_bounds_every_image_by_its_header(tmp_path):
+    sparse_tiff(tmp_path / "120k.tif", 120_000, 120_000)
+    sparse_tiff(tmp_path / "60k.tif", 60_000, 60_000)
+    sparse_tiff(tmp_path / "60k-label.tif", 60_000, 60_000)  # RGB: were it read, not a label
+    assert (tmp_path / "120k.tif").stat().st_size < 2**20
+    defaults = InputConfig(uri=str(tmp_path))
+    assert defaults.max_stream_pixels == 10_000_000_000 < 120_000**2
+    for name, cfg in (("120k.tif", defaults), ("60k.tif", defaults.model_copy(update={"max_stream_pixels": 1_000_000_000}))):
+        with pytest.raises(StreamError) as error:
+            probe_stream(str(tmp_path / name), None, cfg)
+        message = str(error.value)
+        assert "\n" not in message and "input.max_pixels" in message and "input.max_stream_pixels" in message, message
+        assert f"{cfg.max_pixels} pixels" in message and str(cfg.max_stream_pixels) in message, message
+    # within both limits it streams; its label is bounded by the image's size before anything else
+    uri = str(tmp_path / "60k.tif")
+    assert probe_stream(uri, None, defaults) == StreamSource(uri, None, 60_000, 60_000)
+    with pytest.raises(StreamError, match="label is 120000 x 120000 but the image is 60000 x 60000"):
+        probe_stream(uri, str(tmp_path / "120k.tif"), defaults)
+    with pytest.raises(StreamError, match="label .*60k-label.tif cannot be read window by window: 3 samples"):
+        probe_stream(uri, str(tmp_path / "60k-label.tif"), defaults)
+    # over max_stream_pixels but within max_pixels: decoded whole, which max_pixels bounds
+    tifffile.imwrite(tmp_path / "small.tif", RGB, tile=(64, 64), compression="zlib")
+    small = InputConfig(uri=str(tmp_path), stream_above_pixels=100_000, max_stream_pixels=120_000, max_pixels=200_000)
+    assert probe_stream(str(tmp_path / "small.tif"), None, small) is None
+    with pytest.raises(StreamError, match="over the limits of 150000 pixels .*input.max_pixels.* and 120000 .*input.max_stream_pixels"):
+        probe_stream(str(tmp_path / "small.tif"), None, small.model_copy(update={"max_pixels": 150_000}))
+
+
+def test_a_bomb_is_an_error_sample_and_no_bytes_are_read(tmp_path, monkeypatch):
+    sparse_tiff(tmp_path / "bomb.tif", 120_000, 120_000)
+    fetched = []
+    monkeypatch.setattr(source_module, "read_bytes", lambda fs, uri, **kw: fetched.append(uri) or b"")
+    unit = SourceUnit(index=0, format="images", uris=(str(tmp_path / "bomb.tif"),), image_ids=("bomb.tif",))
+    [sample] = read_image_unit(unit, InputConfig(uri=str(tmp_path)))
+    assert sample.error and "120000 x 120000" in sample.error and "input.max_stream_pixels" in sample.error
+    assert sample.image_bytes is None and sample.stream is None and fetched == []
+
+
+@pytest.mark.parametrize("layout", ["tiled-zlib", "strips-uncompressed"])
+def test_a_header_that_claims_more_than_its_file_holds(tmp_path, layout):
+    kwargs = dict(tile=(64, 64), compression="zlib") if layout == "tiled-zlib" else dict(rowsperstrip=16)
+    cfg = InputConfig(uri=str(tmp_path), stream_above_pixels=100_000)
+    kind = "tile" if layout == "tiled-zlib" else "strip"
+    # a size its segment table does not cover: 517 wide claimed 4 x as wide
+    tifffile.imwrite(tmp_path / "wide.tif", RGB, **kwargs)
+    patch_tag(tmp_path / "wide.tif", 256, 4 * 517)  # ImageWidth
+    if kind == "tile":
+        with pytest.raises(StreamError, match=r"claims 2068 x 301 pixels, 165 tiles of 64 x 64, but lists 45 tile offsets"):
+            probe_stream(str(tmp_path / "wide.tif"), None, cfg)
+    else:  # the same number of strips, each of them too short for rows 4 x as wide
+        with pytest.raises(StreamError, match=r"strip 0 of 19 holds 24816 bytes where its uncompressed pixels take 99264"):
+            probe_stream(str(tmp_path / "wide.tif"), None, cfg)
+    # segments past the end of the file: the pixel data cut off behind the header
+    tifffile.imwrite(tmp_path / "cut.tif", RGB, **kwargs)
+    with tifffile.TiffFile(tmp_path / "cut.tif") as tiff:
+        assert max(tiff.pages.first.dataoffsets) > 100_000  # tifffile writes the header first
+    data = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) - 50_000])
+    with pytest.raises(StreamError, match=rf"claims 517 x 301 pixels but {kind} \d+ of \d+ ends at byte \d+, past the end of the file \({len(data) - 50_000} bytes\)"):
+        probe_stream(str(tmp_path / "cut.tif"), None, cfg)
+    # a damaged label likewise, once its size matches
+    tifffile.imwrite(tmp_path / "image.tif", RGB, tile=(64, 64))
+    label = (GRAY16 % 3).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "label.tif", label, **kwargs)
+    data = (tmp_path / "label.tif").read_bytes()
+    (tmp_path / "label.tif").write_bytes(data[: len(data) - 20_000])
+    with pytest.raises(StreamError, match=r"label .*label.tif cannot be read: .*past the end of the file"):
+        probe_stream(str(tmp_path / "image.tif"), str(tmp_path / "label.tif"), cfg)
+
+
+def test_a_turned_tiff_is_not_streamed_while_images_are_turned_upright(tmp_path):
+    orientation = [(274, "H", 1, 6, True)]  # Orientation 6: shown turned 90 degrees clockwise
+    tifffile.imwrite(tmp_path / "turned.tif", RGB, tile=(64, 64), compression="zlib", extratags=orientation)
+    tifffile.imwrite(tmp_path / "label.tif", (GRAY16 % 3).astype(np.uint8), tile=(64, 64), extratags=orientation)
+    tifffile.imwrite(tmp_path / "upright.tif", RGB, tile=(64, 64), compression="zlib")
+    # decoded whole it is turned upright, as a viewer shows it; windows read it as stored
+    np.testing.assert_array_equal(decode_image((tmp_path / "turned.tif").read_bytes()), np.rot90(RGB, -1))
+    cfg = InputConfig(uri=str(tmp_path), stream_above_pixels=100_000, max_pixels=200_000)
+    assert probe_stream(str(tmp_path / "turned.tif"), None, cfg) is None  # decoded whole, turned
+    with pytest.raises(StreamError, match=r"over the limit of 120000 .*: its Orientation tag \(6\)"):
+        probe_stream(str(tmp_path / "turned.tif"), None, cfg.model_copy(update={"max_pixels": 120_000}))
+    with pytest.raises(StreamError, match=r"label .*label.tif cannot be read window by window: its Orientation tag \(6\)"):
+        probe_stream(str(tmp_path / "upright.tif"), str(tmp_path / "label.tif"), cfg)
+    as_stored = cfg.model_copy(update={"exif_transpose": False})
+    turned = str(tmp_path / "turned.tif")
+    assert probe_stream(turned, str(tmp_path / "label.tif"), as_stored) == StreamSource(turned, str(tmp_path / "label.tif"), 301, 517)
+
+
+def test_segment_tiff_reports_rows_as_bands_finish(tmp_path):
+    tifffile.imwrite(tmp_path / "scene.tif", RGB, tile=(64, 64), compression="zlib")
+    tifffile.imwrite(tmp_path / "label.tif", (GRAY16 % 2).astype(np.uint8), rowsperstrip=32)
+    seen = []
+    result = huge.segment_tiff(
+        lambda pixels: pixels[:, :2].float(), StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
+        TilingSettings(window=(64, 64), stride=(48, 48), batch_size=4), num_classes=2, chunk_size=128,
+        on_rows=lambda done, total: seen.append((done, total)),
+    )
+    assert len(seen) > 2 and seen[-1] == (301, 301) and {total for _, total in seen} == {301}
+    assert all(a < b for (a, _), (b, _) in zip(seen, seen[1:]))
+    assert result.areas is not None and len(result.chunks) == 3 * 5
+    # a label replaced by one of another size since the probe is refused, not misread
+    tifffile.imwrite(tmp_path / "label.tif", np.zeros((300, 517), np.uint8))
+    with pytest.raises(StreamError, match="label .* is 517 x 300 but the image is 517 x 301"):
+        huge.segment_tiff(lambda pixels: pixels[:, :2].float(), StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
+                          TilingSettings(window=(64, 64), stride=(48, 48)), num_classes=2, chunk_size=None)
+
+
 # --------------------------------------------------------------------------- chunked masks
 
 
@@ -162,8 +296,7 @@ def test_chunked_mask_rows_round_trip_through_the_sink(tmp_path):
                     pred_area=[], label_area=[], error="", stage="")
 
     rows = [result(0, 0, "big.tif", writer.finish(), 300, 410), result(0, 1, "small.png", small.finish(), 50, 60)]
-    batch = {k: [r[k] for r in rows] for k in rows[0]}
-    write_results(batch, output_uri=str(tmp_path), storage_options={}, run_id="r", binary=True)
+    RunStore(str(tmp_path), {}, "r").write_part(part_name(0, 0, 0), *part_tables(rows, binary=True, attempt=0))
     table = pq.read_table(next((tmp_path / "r" / "masks").glob("*.parquet")))
     assert table.num_rows == 13
     by_image = {}
