@@ -6,7 +6,9 @@ normalization, and optionally the class names. `family` names the model file it 
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import re
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -48,18 +50,102 @@ class SegmentationModel(nn.Module):
         return (images.float() - mean) / std
 
 
-class CheckpointError(ValueError):
+class ModelError(ValueError):
+    """A model name or a checkpoint that segpipe cannot use; the message is one line.
+
+    Callers (the CLI, the pipeline's error report) print the message as it is, so it must be short
+    and fit one line: newlines in the text given are folded into spaces here, whatever raised it.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
+
+
+class CheckpointError(ModelError):
     """A checkpoint that cannot be read or does not fit the architecture."""
 
 
-def load_weights(model: SegmentationModel, state_dict: dict[str, torch.Tensor], origin: str) -> SegmentationModel:
-    """Load a state dict that must cover the model exactly; name what is missing or extra."""
-    result = model.load_state_dict(state_dict, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} keys, e.g. {result.missing_keys[:5]}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {len(result.unexpected_keys)} keys, e.g. {result.unexpected_keys[:5]}")
-    if problems:
-        raise CheckpointError(f"{origin}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+class UnknownModelError(ModelError):
+    """A model name (or family) that the registry does not know."""
+
+
+def brief(exc: BaseException, limit: int = 150, line: str | None = None) -> str:
+    """`ExceptionClass: first line of its message` (or the `line` given), cut to `limit` characters:
+    enough to tell what went wrong inside a library without quoting its whole (often multi-line) text."""
+    lines = [line] if line else [part.strip() for part in str(exc).splitlines() if part.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextmanager
+def building_from(origin: str, settings: str) -> Iterator[None]:
+    """Settings read from a checkpoint (config.json, native metadata) that the model's constructor
+    refuses (a head count that does not divide the width, a string where a number goes...) are a
+    bad checkpoint, not a bug: one CheckpointError line naming the checkpoint and the settings."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{origin}: {settings} describes a model that cannot be built: {brief(exc)}") from exc
+
+
+def _shape(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return str(list(shape)) if shape is not None else type(value).__name__
+
+
+# how long the list of what does not fit may get; the origin comes on top of it
+_FIT_BUDGET = 300
+
+
+def describe_misfit(model_shapes: dict[str, Any], weights: dict[str, Any]) -> str | None:
+    """None when `weights` has exactly the keys of `model_shapes` with the same shapes; else one line
+    that counts the keys of another shape, the missing and the unexpected ones, with up to three
+    examples of each (fewer when the line would get long)."""
+    wrong = [k for k in model_shapes if k in weights and _shape(weights[k]) != _shape(model_shapes[k])]
+    missing = [k for k in model_shapes if k not in weights]
+    unexpected = [k for k in weights if k not in model_shapes]
+    if not (wrong or missing or unexpected):
+        return None
+
+    def line(examples: int) -> str:
+        def part(count: int, label: str, items: list[str]) -> str:
+            shown = items[:examples]
+            return f"{count} {label}" + (f" ({', '.join(shown)}{', ...' if count > len(shown) else ''})" if shown else "")
+
+        return ", ".join((
+            part(len(wrong), "key of another shape" if len(wrong) == 1 else "keys of another shape",
+                 [f"{k}: checkpoint {_shape(weights[k])} vs model {_shape(model_shapes[k])}" for k in wrong]),
+            part(len(missing), "missing", missing),
+            part(len(unexpected), "unexpected", unexpected),
+        ))
+
+    for examples in (3, 2, 1):
+        text = line(examples)
+        if len(text) <= _FIT_BUDGET:
+            return text
+    return line(0)
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def load_weights(model: M, state_dict: dict[str, torch.Tensor], origin: str, target: str | None = None) -> M:
+    """Load a state dict that must cover the model exactly (keys and shapes).
+
+    The fit is checked before load_state_dict, whose own error lists every mismatched key over
+    hundreds of lines: here the answer is one CheckpointError line naming `origin` (the checkpoint)
+    and `target` (what it was loaded into; default: the model's class and registry name).
+    """
+    misfit = describe_misfit(model.state_dict(), state_dict)
+    if misfit:
+        if target is None:
+            name = getattr(model, "name", "")
+            target = type(model).__name__ + (f" ({name})" if name else "")
+        raise CheckpointError(f"{origin}: weights do not fit {target}: {misfit}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:  # keys and shapes fit, yet a copy failed (a dtype torch cannot cast)
+        raise CheckpointError(f"{origin}: weights do not load into {target or type(model).__name__}: {brief(exc)}") from exc
     return model

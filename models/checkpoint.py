@@ -14,31 +14,42 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fsspec
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from models import mask2former, maskformer, segformer, segmenter, setr
-from models.base import CheckpointError, SegmentationModel, load_weights
-from models.registry import MODELS, build_from_arch
+from models.base import (
+    CheckpointError,
+    ModelError,
+    SegmentationModel,
+    UnknownModelError,
+    brief,
+    building_from,
+    describe_misfit,
+    load_weights,
+)
+from models.registry import MODELS, build_from_arch, check_name
 
 NATIVE_KEY = "segpipe"
 
-# config.json model_type -> loader(config dict, state dict) -> model
-HF_LOADERS: dict[str, Callable[[dict, dict[str, torch.Tensor]], SegmentationModel]] = {
+# config.json model_type -> loader(config dict, state dict, origin=...) -> model
+HF_LOADERS: dict[str, Callable[..., SegmentationModel]] = {
     "segformer": segformer.from_hf,
     "maskformer": maskformer.from_hf,
     "mask2former": mask2former.from_hf,
 }
 
-# registry-name prefix -> loader(name, num_classes, state dict) -> model
-MMSEG_LOADERS: dict[str, Callable[[str, int, dict[str, torch.Tensor]], SegmentationModel]] = {
+# registry-name prefix -> loader(name, num_classes, state dict, origin=...) -> model
+MMSEG_LOADERS: dict[str, Callable[..., SegmentationModel]] = {
     "segformer-": segformer.from_mmseg,
     "setr-": setr.from_mmseg,
     "segmenter-": segmenter.from_mmseg,  # also the original Segmenter checkpoint.pth (encoder.*, decoder.*)
@@ -66,18 +77,35 @@ def load_model(
     num_classes: int | None = None,
     storage_options: dict | None = None,
 ) -> SegmentationModel:
-    """Load a model from an HF directory, a native .safetensors file or an mmseg .pth file."""
+    """Load a model from an HF directory, a native .safetensors file or an mmseg .pth file.
+
+    `name` (a registered model name) picks the architecture of an mmseg checkpoint; a native or HF
+    checkpoint states its own, which must then be that model's. `num_classes`, when given, must be
+    the checkpoint's. Every problem is one line: UnknownModelError for a name the registry does
+    not know, CheckpointError naming `source` for anything about the checkpoint.
+    """
     source = str(source)
-    with _local_copy(source, storage_options or {}) as path:
-        if path.is_dir():
-            model = _load_hf_directory(path)
-        elif path.suffix == ".safetensors":
-            model = _load_native(path)
-        elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            model = _load_mmseg(path, name, num_classes)
-        else:
-            raise CheckpointError(f"{source}: not a checkpoint directory, .safetensors or .pth file")
-    if name and not model.name:
+    if name:
+        check_name(name)
+    try:
+        with _local_copy(source, storage_options or {}) as path:
+            if path.is_dir():
+                model = _load_hf_directory(path, source)
+            elif path.suffix == ".safetensors":
+                model = _load_native(path, source)
+            elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+                model = _load_mmseg(path, source, name, num_classes)
+            else:
+                raise CheckpointError(f"{source}: not a checkpoint directory, .safetensors or .pth file")
+    except CheckpointError as exc:
+        # loaders deeper down (Swin's, ViT's config readers) do not know the file: name it here
+        if str(exc).startswith(source):
+            raise
+        raise CheckpointError(f"{source}: {exc}") from exc
+    if num_classes is not None and num_classes != model.num_classes:
+        raise CheckpointError(f"model.num_classes is {num_classes} but {source} has {model.num_classes} classes")
+    if name:
+        _check_is(model, name, source)
         model.name = name
     return model.eval()
 
@@ -98,75 +126,165 @@ def save_native(model: SegmentationModel, path: str | os.PathLike, source: str =
     save_file(tensors, str(path), metadata={NATIVE_KEY: meta.model_dump_json()})
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file or a weights-only torch pickle."""
+def read_state_dict(path: str | os.PathLike, origin: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a weights-only torch pickle; `origin` names the file in
+    errors (default: `path`)."""
     path = Path(path)
+    origin = origin or str(path)
     if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+        return _read_safetensors(path, origin)[1]
+    _refuse_empty(path, origin)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickle with code in it, or not a pickle at all
-        raise CheckpointError(f"{path}: cannot be read as a weights-only checkpoint: {exc}") from exc
-    return obj
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code in it, not a pickle at all, a truncated zip: any parser error
+        raise CheckpointError(f"{origin}: cannot be read as a weights-only checkpoint: {brief(exc, line=_weights_only_reason(exc))}") from exc
 
 
-def _load_hf_directory(path: Path) -> SegmentationModel:
+def _weights_only_reason(exc: Exception) -> str | None:
+    """The telling sentence of torch's weights-only refusal, which wraps it in paragraphs of advice:
+    "Unsupported global: GLOBAL print was not an allowed global by default.", "Unsupported operand
+    103", "Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked."."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "WeightsUnpickler error:" in line:
+            line = line.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+        elif not line.startswith(("Trying to load unsupported", "Unsupported")):
+            continue
+        return re.split(r"(?<=\.)\s", line, maxsplit=1)[0] or None
+    return None
+
+
+def _read_safetensors(path: Path, origin: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a .safetensors file; a truncated or corrupt one is a CheckpointError."""
+    _refuse_empty(path, origin)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # SafetensorError (truncated, bad header), OSError: the file's fault, not ours
+        raise CheckpointError(f"{origin}: cannot be read as safetensors: {brief(exc)}") from exc
+
+
+def _refuse_empty(path: Path, origin: str) -> None:
+    # an empty file makes the parsers fail with an empty EOFError or a "header too small"
+    if path.is_file() and path.stat().st_size == 0:
+        raise CheckpointError(f"{origin}: empty file")
+
+
+def _inside(source: str, name: str) -> str:
+    """How errors name a file of a checkpoint directory."""
+    return f"{source.rstrip('/')}/{name}"
+
+
+def _load_hf_directory(path: Path, source: str) -> SegmentationModel:
     config_file = path / "config.json"
+    config_origin = _inside(source, "config.json")
     if not config_file.exists():
-        raise CheckpointError(f"{path}: a checkpoint directory needs config.json")
-    config = json.loads(config_file.read_text())
+        raise CheckpointError(f"{source}: a checkpoint directory needs config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        raise CheckpointError(f"{config_origin}: not a JSON file: {brief(exc)}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_origin}: holds a JSON {type(config).__name__}, not an object")
     model_type = config.get("model_type", "")
     if model_type not in HF_LOADERS:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not supported; known: {sorted(HF_LOADERS)}")
+        raise CheckpointError(f"{config_origin}: model_type {model_type!r} is not supported; known: {', '.join(sorted(HF_LOADERS))}")
     for weights in ("model.safetensors", "pytorch_model.bin"):
         if (path / weights).exists():
-            state_dict = read_state_dict(path / weights)
+            state_dict = read_state_dict(path / weights, _inside(source, weights))
             break
     else:
-        raise CheckpointError(f"{path}: neither model.safetensors nor pytorch_model.bin is there")
-    model = HF_LOADERS[model_type](config, state_dict)
+        sharded = [f"{w}.index.json" for w in ("model.safetensors", "pytorch_model.bin") if (path / f"{w}.index.json").exists()]
+        if sharded:
+            raise CheckpointError(f"{source}: sharded weights ({sharded[0]}) are not supported: merge them into model.safetensors")
+        raise CheckpointError(f"{source}: neither model.safetensors nor pytorch_model.bin is there")
+    if not _is_tensor_dict(state_dict):
+        raise CheckpointError(f"{_inside(source, weights)}: does not hold a flat dict of named tensors")
+    with _weights_fault(source, f"a {model_type} model"):
+        model = HF_LOADERS[model_type](config, state_dict, origin=source)
     id2label = config.get("id2label")
-    if id2label and len(id2label) == model.num_classes:
+    if isinstance(id2label, dict) and id2label and len(id2label) == model.num_classes:
         model.class_names = [str(id2label[str(i)]) if str(i) in id2label else str(i) for i in range(model.num_classes)]
     return model
 
 
-def _load_native(path: Path) -> SegmentationModel:
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(NATIVE_KEY)
-        if raw is None:
-            raise CheckpointError(f"{path}: a .safetensors file without segpipe metadata (convert it with `segpipe convert`)")
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _load_native(path: Path, source: str) -> SegmentationModel:
+    metadata, state_dict = _read_safetensors(path, source)
+    raw = metadata.get(NATIVE_KEY)
+    if raw is None:
+        raise CheckpointError(f"{source}: a .safetensors file without segpipe metadata (convert it with `segpipe convert`)")
+    try:
         meta = NativeMeta.model_validate_json(raw)
-        state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    model = build_from_arch(meta.family, meta.arch)
-    load_weights(model, state_dict, str(path))
+    except ValidationError as exc:  # its text is a multi-line report: keep the first problem
+        first, count = exc.errors()[0], exc.error_count()
+        where = ".".join(str(part) for part in first["loc"]) or "metadata"
+        problems = f"{count} problem{'s' if count != 1 else ''}"
+        raise CheckpointError(f"{source}: its segpipe metadata is not valid ({problems}): {where}: {first['msg']}"[:400]) from exc
+    try:
+        with building_from(source, "its segpipe metadata"):
+            model = build_from_arch(meta.family, meta.arch)
+    except UnknownModelError as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    load_weights(model, state_dict, source)
     model.name = meta.name
     model.class_names = meta.class_names
     return model
 
 
-def _load_mmseg(path: Path, name: str | None, num_classes: int | None) -> SegmentationModel:
-    obj = read_state_dict(path)
+def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | None) -> SegmentationModel:
+    obj = read_state_dict(path, source)
     state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: no state_dict in this checkpoint")
+        raise CheckpointError(f"{source}: no state_dict in this checkpoint")
     meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
+    meta = meta if isinstance(meta, dict) else {}
     if num_classes is None:
-        classes = (meta or {}).get("CLASSES") or (meta or {}).get("dataset_meta", {}).get("classes")
-        num_classes = len(classes) if classes else None
+        dataset_meta = meta.get("dataset_meta")
+        classes = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+        num_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
     if not name:
-        raise CheckpointError(f"{path}: an mmsegmentation checkpoint needs the model name (model.name / --name)")
-    if name not in MODELS:
-        raise CheckpointError(f"{path}: unknown model name {name!r}")
+        raise CheckpointError(f"{source}: an mmsegmentation checkpoint needs the model name (model.name / --name)")
     if num_classes is None:
-        raise CheckpointError(f"{path}: the checkpoint does not say its classes: give num_classes")
+        raise CheckpointError(f"{source}: the checkpoint does not say its classes: give num_classes")
     for prefix, loader in MMSEG_LOADERS.items():
         if name.startswith(prefix):
-            model = loader(name, num_classes, state_dict)
+            with _weights_fault(source, name):
+                model = loader(name, num_classes, state_dict, origin=source)
             model.name = name
             return model
-    raise CheckpointError(f"{path}: no mmsegmentation layout is known for {name!r}")
+    raise CheckpointError(f"{source}: no mmsegmentation layout is known for {name!r}")
+
+
+@contextmanager
+def _weights_fault(source: str, what: str) -> Iterator[None]:
+    """The loaders check what they read; tensors stranger still (a q/k/v of unequal rows, a number
+    where a tensor goes) fail inside torch or a rename: still the checkpoint's fault, still one line."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: these weights do not make {what}: {brief(exc)}") from exc
+
+
+def _check_is(model: SegmentationModel, name: str, source: str) -> None:
+    """A native or HF checkpoint loaded under a registered name must hold that model: its family,
+    its keys and shapes (B0 weights are not segformer-b1). A native checkpoint that carries the
+    name itself passes as it is, so that reduced-width models saved under their variant's name load."""
+    if model.name == name:
+        return
+    with torch.device("meta"):  # shapes only: no memory, no time for a large variant
+        expected = MODELS[name](num_classes=model.num_classes)
+    held = model.name or f"a {type(model).__name__}"
+    if expected.family != model.family:
+        raise CheckpointError(f"{source}: not a {name} checkpoint: it holds {held}")
+    misfit = describe_misfit(expected.state_dict(), model.state_dict())
+    if misfit:
+        raise CheckpointError(f"{source}: not a {name} checkpoint (it holds {held}): {misfit}")
 
 
 class _local_copy:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
+from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, building_from, load_weights
 from models.maskformer import (
     Attention,
     ConvNorm,
@@ -425,34 +425,36 @@ def _split_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def from_hf(config: dict, state_dict: dict[str, torch.Tensor]) -> Mask2Former:
-    """Mask2FormerForUniversalSegmentation (config.json + weights) -> Mask2Former."""
-    backbone_config = config.get("backbone_config") or {}
-    if not backbone_config:
-        raise CheckpointError("mask2former config.json without backbone_config: only Swin backbones are supported")
-    check_activation(config, "activation_function")
-    strides = list(config.get("feature_strides", (4, 8, 16, 32)))
-    if strides != [4, 8, 16, 32]:
-        raise CheckpointError(f"feature_strides {strides} are not supported: Swin's are [4, 8, 16, 32]")
-    decoder_layers = int(config.get("decoder_layers", 10))
-    if decoder_layers < 1:
-        raise CheckpointError(f"decoder_layers {decoder_layers}: at least 1 is needed")
-    model = Mask2Former(
-        num_classes=num_labels(config, state_dict, "class_predictor.weight"),
-        swin=swin_arch_from_hf(backbone_config),
-        feature_dim=int(config.get("feature_size", 256)),
-        mask_dim=int(config.get("mask_feature_size", 256)),
-        hidden_dim=int(config.get("hidden_dim", 256)),
-        num_queries=int(config.get("num_queries", 100)),
-        num_heads=int(config.get("num_attention_heads", 8)),
-        encoder_layers=int(config.get("encoder_layers", 6)),
-        encoder_ffn_dim=int(config.get("encoder_feedforward_dim", 1024)),
-        num_layers=decoder_layers - 1,  # the first "layer" is the prediction from the bare queries
-        ffn_dim=int(config.get("dim_feedforward", 2048)),
-        pre_norm=bool(config.get("pre_norm", False)),
-        enforce_input_projection=bool(config.get("enforce_input_projection", False)),
-        common_stride=int(config.get("common_stride", 4)),
-    )
+def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "mask2former checkpoint") -> Mask2Former:
+    """Mask2FormerForUniversalSegmentation (config.json + weights) -> Mask2Former; `origin` names the
+    checkpoint in errors."""
+    with building_from(origin, "config.json"):
+        backbone_config = config.get("backbone_config") or {}
+        if not backbone_config:
+            raise CheckpointError("mask2former config.json without backbone_config: only Swin backbones are supported")
+        check_activation(config, "activation_function")
+        strides = list(config.get("feature_strides", (4, 8, 16, 32)))
+        if strides != [4, 8, 16, 32]:
+            raise CheckpointError(f"feature_strides {strides} are not supported: Swin's are [4, 8, 16, 32]")
+        decoder_layers = int(config.get("decoder_layers", 10))
+        if decoder_layers < 1:
+            raise CheckpointError(f"decoder_layers {decoder_layers}: at least 1 is needed")
+        model = Mask2Former(
+            num_classes=num_labels(config, state_dict, "class_predictor.weight"),
+            swin=swin_arch_from_hf(backbone_config),
+            feature_dim=int(config.get("feature_size", 256)),
+            mask_dim=int(config.get("mask_feature_size", 256)),
+            hidden_dim=int(config.get("hidden_dim", 256)),
+            num_queries=int(config.get("num_queries", 100)),
+            num_heads=int(config.get("num_attention_heads", 8)),
+            encoder_layers=int(config.get("encoder_layers", 6)),
+            encoder_ffn_dim=int(config.get("encoder_feedforward_dim", 1024)),
+            num_layers=decoder_layers - 1,  # the first "layer" is the prediction from the bare queries
+            ffn_dim=int(config.get("dim_feedforward", 2048)),
+            pre_norm=bool(config.get("pre_norm", False)),
+            enforce_input_projection=bool(config.get("enforce_input_projection", False)),
+            common_stride=int(config.get("common_stride", 4)),
+        )
     state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
     ours = swin_from_hf(
         state_dict, prefix="model.pixel_level_module.encoder.", body_prefix="model.pixel_level_module.encoder."
@@ -460,4 +462,4 @@ def from_hf(config: dict, state_dict: dict[str, torch.Tensor]) -> Mask2Former:
     ours.update(_fpn_keys(state_dict))
     ours.update(_split_in_proj(state_dict))
     ours.update(rename_keys(state_dict, _HF_RULES))
-    return load_weights(model, ours, "mask2former checkpoint")
+    return load_weights(model, ours, origin, "the Mask2Former that config.json describes")

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
+from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, building_from, load_weights
 from models.swin import SWIN_SIZES, SwinBackbone, swin_arch, swin_arch_from_hf, swin_from_hf
 
 
@@ -343,27 +343,29 @@ def num_labels(config: dict, state_dict: dict[str, torch.Tensor], class_key: str
     return classes
 
 
-def from_hf(config: dict, state_dict: dict[str, torch.Tensor]) -> MaskFormer:
-    """MaskFormerForInstanceSegmentation (config.json + weights) -> MaskFormer."""
-    backbone_config = config.get("backbone_config") or {}
-    if not backbone_config:
-        raise CheckpointError("maskformer config.json without backbone_config: only Swin backbones are supported")
-    decoder = config.get("decoder_config") or {}
-    if decoder.get("model_type", "detr") != "detr":
-        raise CheckpointError(f"MaskFormer decoder {decoder.get('model_type')!r} is not supported: only detr")
-    check_activation(decoder, "activation_function")
-    model = MaskFormer(
-        num_classes=num_labels(config, state_dict, "class_predictor.weight"),
-        swin=swin_arch_from_hf(backbone_config),
-        fpn_dim=int(config.get("fpn_feature_size", 256)),
-        mask_dim=int(config.get("mask_feature_size", 256)),
-        hidden_dim=int(decoder.get("d_model", 256)),
-        num_queries=int(decoder.get("num_queries", 100)),
-        num_heads=int(decoder.get("decoder_attention_heads", 8)),
-        num_layers=int(decoder.get("decoder_layers", 6)),
-        ffn_dim=int(decoder.get("decoder_ffn_dim", 2048)),
-    )
+def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "maskformer checkpoint") -> MaskFormer:
+    """MaskFormerForInstanceSegmentation (config.json + weights) -> MaskFormer; `origin` names the
+    checkpoint in errors."""
+    with building_from(origin, "config.json"):
+        backbone_config = config.get("backbone_config") or {}
+        if not backbone_config:
+            raise CheckpointError("maskformer config.json without backbone_config: only Swin backbones are supported")
+        decoder = config.get("decoder_config") or {}
+        if decoder.get("model_type", "detr") != "detr":
+            raise CheckpointError(f"MaskFormer decoder {decoder.get('model_type')!r} is not supported: only detr")
+        check_activation(decoder, "activation_function")
+        model = MaskFormer(
+            num_classes=num_labels(config, state_dict, "class_predictor.weight"),
+            swin=swin_arch_from_hf(backbone_config),
+            fpn_dim=int(config.get("fpn_feature_size", 256)),
+            mask_dim=int(config.get("mask_feature_size", 256)),
+            hidden_dim=int(decoder.get("d_model", 256)),
+            num_queries=int(decoder.get("num_queries", 100)),
+            num_heads=int(decoder.get("decoder_attention_heads", 8)),
+            num_layers=int(decoder.get("decoder_layers", 6)),
+            ffn_dim=int(decoder.get("decoder_ffn_dim", 2048)),
+        )
     state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
     ours = swin_from_hf(state_dict, prefix=_HF_PREFIX + "encoder.", body_prefix=_HF_PREFIX + "encoder.model.")
     ours.update(rename_keys(state_dict, _HF_RULES))
-    return load_weights(model, ours, "maskformer checkpoint")
+    return load_weights(model, ours, origin, "the MaskFormer that config.json describes")

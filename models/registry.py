@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 from models import mask2former, maskformer, segformer, segmenter, setr
-from models.base import SegmentationModel
+from models.base import SegmentationModel, UnknownModelError
 
 MODELS: dict[str, Callable[..., SegmentationModel]] = {
     **segformer.VARIANTS,
@@ -31,10 +31,15 @@ def list_models() -> list[str]:
     return sorted(MODELS)
 
 
+def check_name(name: str) -> None:
+    """UnknownModelError, listing every registered name, unless `name` is one."""
+    if name not in MODELS:
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+
+
 def build_model(name: str, num_classes: int = 150, **overrides) -> SegmentationModel:
     """A registered model with random weights."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(list_models())}")
+    check_name(name)
     model = MODELS[name](num_classes=num_classes, **overrides)
     model.name = name
     return model
@@ -43,5 +48,5 @@ def build_model(name: str, num_classes: int = 150, **overrides) -> SegmentationM
 def build_from_arch(family: str, arch: dict) -> SegmentationModel:
     """Rebuild a model from a family name and the `arch` dict that a native checkpoint stores."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
     return FAMILIES[family](**arch)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
+from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, UnknownModelError, building_from, load_weights
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -391,16 +391,12 @@ def _rename(state_dict: dict[str, torch.Tensor], table: list[tuple[str, str]], o
         else:
             unknown.append(key)
     if unknown:
-        raise CheckpointError(f"{origin}: {len(unknown)} keys of no known SegFormer layout, e.g. {unknown[:5]}")
+        raise CheckpointError(f"{origin}: {len(unknown)} keys of no known SegFormer layout, e.g. {', '.join(unknown[:3])}")
     return renamed
 
 
-def _load(model: SegFormer, state_dict: dict[str, torch.Tensor], origin: str) -> SegFormer:
-    try:
-        load_weights(model, state_dict, origin)
-    except RuntimeError as exc:  # shape mismatches
-        raise CheckpointError(f"{origin}: weights do not fit the architecture: {exc}") from exc
-    return model.eval()
+def _load(model: SegFormer, state_dict: dict[str, torch.Tensor], origin: str, target: str | None = None) -> SegFormer:
+    return load_weights(model, state_dict, origin, target).eval()
 
 
 # transformers SegformerForSemanticSegmentation -> ours. Two spellings: the one on the Hub and
@@ -447,13 +443,24 @@ HF_KEYS: list[tuple[str, str]] = [
 ]
 
 
-def from_hf(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> SegFormer:
+def from_hf(
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    origin: str = "transformers SegformerForSemanticSegmentation checkpoint",
+) -> SegFormer:
     """A SegFormer from a transformers SegformerConfig dict and a SegformerForSemanticSegmentation state dict.
 
     Classes come from id2label (else num_labels). `reshape_last_stage` is ignored: our stages always
-    return maps, which is what the semantic-segmentation head consumes either way.
+    return maps, which is what the semantic-segmentation head consumes either way. `origin` names
+    the checkpoint in errors.
     """
-    origin = "transformers SegformerForSemanticSegmentation checkpoint"
+    with building_from(origin, "config.json"):
+        model = _from_hf_config(config, origin)
+    return _load(model, _rename(state_dict, HF_KEYS, origin), origin, "the SegFormer that config.json describes")
+
+
+def _from_hf_config(config: dict[str, Any], origin: str) -> SegFormer:
+    """The model (random weights, class names) that config.json describes."""
     defaults = dict(
         num_channels=3, num_encoder_blocks=4, depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1],
         hidden_sizes=[32, 64, 160, 256], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2],
@@ -483,7 +490,6 @@ def from_hf(config: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> SegF
         layer_norm_eps=1e-5,  # transformers' nn.LayerNorm default everywhere; config.layer_norm_eps is unused
         in_channels=cfg["num_channels"],
     )
-    _load(model, _rename(state_dict, HF_KEYS, origin), origin)
     if id2label:
         model.class_names = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(num_classes)]
     return model
@@ -526,11 +532,15 @@ MMSEG_KEYS: list[tuple[str, str]] = [
 ]
 
 
-def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> SegFormer:
-    """A SegFormer (mmseg head, LayerNorm eps 1e-6) from an mmsegmentation checkpoint's state dict."""
-    origin = f"mmsegmentation {name} checkpoint"
+def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> SegFormer:
+    """A SegFormer (mmseg head, LayerNorm eps 1e-6) from an mmsegmentation checkpoint's state dict.
+
+    `name` picks the variant, whose widths and depths the weights must have; `origin` names the
+    checkpoint in errors.
+    """
+    origin = origin or f"mmsegmentation {name} checkpoint"
     if name not in VARIANTS:
-        raise CheckpointError(f"{origin}: unknown SegFormer variant; known: {sorted(VARIANTS)}")
+        raise UnknownModelError(f"unknown SegFormer variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
     if any(k.startswith("backbone.patch_embed1.") or k.startswith("backbone.block1.") for k in state_dict):
         raise CheckpointError(f"{origin}: this is an NVlabs SegFormer checkpoint (backbone.block1...), not mmsegmentation's layout")
     renamed = _rename(state_dict, MMSEG_KEYS, origin)
@@ -545,5 +555,9 @@ def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor])
             weights[key] = value.flatten(1)  # 1x1 conv -> linear
         else:
             weights[key] = value
+    classifier = weights.get("head.classifier.weight")
+    if classifier is not None and classifier.shape[0] != num_classes:  # said apart from the other misfits
+        raise CheckpointError(f"{origin}: the classifier has {classifier.shape[0]} classes, not {num_classes}")
     model = VARIANTS[name](num_classes=num_classes, head="mmseg", layer_norm_eps=1e-6)
+    model.name = name  # so that a misfit says which variant the weights were loaded as
     return _load(model, weights, origin)

@@ -224,24 +224,25 @@ def parse_name(name: str) -> tuple[str, str]:
     return parts[1], parts[3]
 
 
-def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> Segmenter:
+def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
     """A Segmenter from an mmsegmentation state dict, or from the original repository's checkpoint.
 
     Both come through `load_model(path.pth, name=..., num_classes=...)`; the keys tell them apart
     (backbone.* for mmseg; encoder.* and decoder.*, possibly under "model", for the original).
+    `origin` names the checkpoint in errors.
     """
     if isinstance(state_dict.get("model"), dict):  # the original checkpoint.pth: model, optimizer, epoch...
         state_dict = state_dict["model"]
     if any(k.startswith("backbone.") for k in state_dict):
-        return _from_mmseg_layout(name, num_classes, state_dict)
+        return _from_mmseg_layout(name, num_classes, state_dict, origin)
     if any(k.startswith("encoder.") for k in state_dict):
-        return from_original(name, num_classes, state_dict)
-    raise CheckpointError(f"checkpoint for {name}: neither mmseg (backbone.*) nor original Segmenter (encoder.*) keys")
+        return from_original(name, num_classes, state_dict, origin)
+    raise CheckpointError(f"{origin or f'checkpoint for {name}'}: neither mmseg (backbone.*) nor original Segmenter (encoder.*) keys")
 
 
-def _from_mmseg_layout(name: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> Segmenter:
+def _from_mmseg_layout(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
     decoder, size = parse_name(name)
-    origin = f"mmseg checkpoint for {name}"
+    origin = origin or f"mmseg checkpoint for {name}"
     encoder_weights = encoder_from_mmseg(strip_prefix(state_dict, "backbone."), origin)
     config = _encoder_config(encoder_weights, size, origin, norm_eps=1e-6, pos_interpolation="bicubic")
     heads = {k: v for k, v in state_dict.items() if not k.startswith(("backbone.", "auxiliary_head."))}
@@ -255,10 +256,10 @@ def _from_mmseg_layout(name: str, num_classes: int, state_dict: dict[str, torch.
     return _build(name, decoder, num_classes, config, encoder_weights, decoder_weights, origin, decoder_norm_eps=1e-5)
 
 
-def from_original(name: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> Segmenter:
+def from_original(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
     """A Segmenter from rstrudel/segmenter's state dict (encoder.*, decoder.*)."""
     decoder, size = parse_name(name)
-    origin = f"original Segmenter checkpoint for {name}"
+    origin = origin or f"original Segmenter checkpoint for {name}"
     if "encoder.dist_token" in state_dict:
         raise CheckpointError(f"{origin}: DeiT (distilled) encoders are not supported")
     encoder_weights = encoder_from_timm(strip_prefix(state_dict, "encoder."), origin)

@@ -248,14 +248,15 @@ def parse_name(name: str) -> tuple[str, str]:
     return parts[1], parts[3]
 
 
-def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor]) -> SETR:
+def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> SETR:
     """A SETR from an mmsegmentation state dict (backbone.*, neck.*, decode_head.*).
 
     The encoder's depth and position grid come from the weights (the name gives width and heads,
-    and must agree with the weights' width); the decoder's widths too.
+    and must agree with the weights' width); the decoder's widths too. `origin` names the
+    checkpoint in errors.
     """
     decoder, size = parse_name(name)
-    origin = f"mmseg checkpoint for {name}"
+    origin = origin or f"mmseg checkpoint for {name}"
     backbone = strip_prefix(state_dict, "backbone.")
     heads = {k: v for k, v in state_dict.items() if not k.startswith(("backbone.", "auxiliary_head."))}
     encoder_weights = encoder_from_mmseg(backbone, origin)

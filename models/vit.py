@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CheckpointError
+from models.base import CheckpointError, load_weights
 
 # embed_dim, depth, num_heads of the named sizes (ViT-Ti/S/B/L with 16x16 patches)
 SIZES: dict[str, dict[str, int]] = {
@@ -337,7 +337,7 @@ def rename(
             if not any(p.fullmatch(key) for p in ignored):
                 unknown.append(key)
     if unknown:
-        raise CheckpointError(f"{origin}: {len(unknown)} keys this layout does not cover, e.g. {unknown[:5]}")
+        raise CheckpointError(f"{origin}: {len(unknown)} keys this layout does not cover, e.g. {', '.join(unknown[:3])}")
     return out
 
 
@@ -447,16 +447,7 @@ def load_encoder_weights(encoder: ViTEncoder, state_dict: dict[str, torch.Tensor
     """
     layout = layout or detect_layout(state_dict)
     ours = CONVERTERS[layout](state_dict)
-    try:
-        result = encoder.load_state_dict(ours, strict=False)
-    except RuntimeError as exc:  # shapes that do not agree
-        raise CheckpointError(f"{layout} ViT weights do not fit the encoder: {exc}") from exc
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(
-            f"{layout} ViT weights do not fit the encoder: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return encoder
+    return load_weights(encoder, ours, f"{layout} ViT checkpoint", "the encoder")
 
 
 __all__ = [

@@ -1,0 +1,309 @@
+"""Every problem with a model name or a checkpoint is one short line, never a library's traceback.
+
+Each test makes a small broken checkpoint (truncated, garbage, another variant's weights, a
+config.json edited after save_pretrained, an mmseg tensor of another shape) and checks that
+load_model raises a ModelError whose message is one line, short, and names the file and what
+does not fit. The expected counts of keys that do not fit come from our own models' state
+dicts, built with the architecture the broken file describes.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from models import CheckpointError, ModelError, UnknownModelError, build_model, list_models, load_model, save_native
+from models.mask2former import Mask2Former
+from models.maskformer import MaskFormer
+from models.registry import build_from_arch
+from models.segformer import SegFormer
+
+LIMIT = 500  # characters: a message longer than this is not "short"
+
+SMALL_B0 = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_heads=[1, 2, 3, 4], decoder_dim=16)
+
+
+def one_line(exc_info, *parts: str) -> str:
+    """The message, after checking that it is one short line that contains every one of `parts`."""
+    message = str(exc_info.value)
+    assert "\n" not in message, message
+    assert len(message) < LIMIT, (len(message), message)
+    for part in parts:
+        assert part in message, (part, message)
+    return message
+
+
+def misfit_counts(model: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """(keys of another shape, missing, unexpected) of `weights` loaded into a model with state dict `model`."""
+    wrong = sum(1 for k in model if k in weights and model[k].shape != weights[k].shape)
+    return wrong, len(set(model) - set(weights)), len(set(weights) - set(model))
+
+
+def assert_counts(message: str, counts: tuple[int, int, int]) -> None:
+    wrong, missing, unexpected = counts
+    assert wrong + missing + unexpected > 0
+    assert f"{wrong} {'key' if wrong == 1 else 'keys'} of another shape" in message, message
+    assert f"{missing} missing" in message, message
+    assert f"{unexpected} unexpected" in message, message
+
+
+@pytest.fixture(scope="module")
+def native_b0(tmp_path_factory):
+    """A small SegFormer-B0 (reduced widths, 3 classes) saved as a native checkpoint."""
+    torch.manual_seed(0)
+    model = build_model("segformer-b0", num_classes=3, **SMALL_B0)
+    path = tmp_path_factory.mktemp("native") / "b0.safetensors"
+    save_native(model, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Files that cannot be read
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncated_safetensors_is_one_line_checkpoint_error(native_b0, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    data = native_b0.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(truncated)
+    one_line(exc_info, str(truncated), "SafetensorError")
+
+
+def test_garbage_pth_is_one_line_checkpoint_error(tmp_path):
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a pickle, not a zip\n" * 50)
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(garbage, name="segformer-b0", num_classes=3)
+    one_line(exc_info, str(garbage), "weights-only")
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_pth_with_pickled_code_names_the_refused_global_in_one_line(tmp_path):
+    path = tmp_path / "code.pth"
+    torch.save({"state_dict": {"x": _RunsCodeWhenUnpickled()}}, path)
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(path, name="segformer-b0", num_classes=3)
+    message = one_line(exc_info, str(path), "UnpicklingError")
+    assert "print" in message  # torch's telling line, not its paragraphs of advice
+
+
+def test_config_json_that_is_not_json_is_one_line_checkpoint_error(hf_segformer, tmp_path):
+    directory = tmp_path / "hf"
+    shutil.copytree(hf_segformer, directory)
+    (directory / "config.json").write_text('{"model_type": "segformer",')
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    one_line(exc_info, str(directory / "config.json"), "JSONDecodeError")
+
+
+def test_hf_dir_without_weights_is_one_line_checkpoint_error(hf_segformer, tmp_path):
+    directory = tmp_path / "hf"
+    directory.mkdir()
+    shutil.copy(hf_segformer / "config.json", directory)
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    one_line(exc_info, str(directory), "model.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and class counts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_known_names(native_b0):
+    for call in (
+        lambda: build_model("segformer-b9", num_classes=3),
+        lambda: load_model(native_b0, name="segformer-b9"),
+    ):
+        with pytest.raises(UnknownModelError) as exc_info:
+            call()
+        message = str(exc_info.value)  # the list of names makes it long: one line is what counts
+        assert "\n" not in message and "'segformer-b9'" in message
+        assert ", ".join(list_models()) in message
+    with pytest.raises(UnknownModelError, match="segformer, ") as exc_info:
+        build_from_arch("segformer9", {})
+    assert isinstance(exc_info.value, ModelError) and isinstance(exc_info.value, ValueError)
+
+
+def test_num_classes_other_than_the_checkpoints_is_refused(native_b0):
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(native_b0, num_classes=5)
+    assert str(exc_info.value) == f"model.num_classes is 5 but {native_b0} has 3 classes"
+    assert load_model(native_b0, num_classes=3).num_classes == 3
+
+
+def test_native_b0_under_the_name_of_another_variant_is_refused(native_b0):
+    assert load_model(native_b0, name="segformer-b0").name == "segformer-b0"  # its own name loads
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(native_b0, name="segformer-b1")
+    one_line(exc_info, str(native_b0), "not a segformer-b1 checkpoint", "it holds segformer-b0", "keys of another shape")
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(native_b0, name="setr-naive-vit-tiny")
+    one_line(exc_info, str(native_b0), "not a setr-naive-vit-tiny checkpoint")
+
+
+def test_hf_dir_under_the_name_of_another_variant_is_refused(hf_segformer):
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(hf_segformer, name="segformer-b1")
+    one_line(exc_info, str(hf_segformer), "not a segformer-b1 checkpoint", "keys of another shape")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints that do not fit, one per family
+# ---------------------------------------------------------------------------------------------
+
+HF_SEGFORMER = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 3, 4],
+                    decoder_hidden_size=16, num_labels=3)
+
+
+@pytest.fixture(scope="module")
+def hf_segformer(tmp_path_factory):
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("segformer-hf")
+    SegformerForSemanticSegmentation(SegformerConfig(**HF_SEGFORMER)).save_pretrained(path)
+    return path
+
+
+def edited_copy(source, destination, edit) -> dict:
+    """A copy of an HF checkpoint directory whose config.json went through `edit` (in place)."""
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    edit(config)
+    (destination / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_segformer_hf_dir_whose_config_does_not_fit_its_weights(hf_segformer, tmp_path):
+    directory = tmp_path / "hf"
+    edited_copy(hf_segformer, directory, lambda c: c.update(decoder_hidden_size=24))
+    good = load_model(hf_segformer)
+    expected = misfit_counts(SegFormer(**{**good.arch, "decoder_dim": 24}).state_dict(), good.state_dict())
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    assert_counts(one_line(exc_info, str(directory), "config.json"), expected)
+
+
+def test_segformer_hf_config_that_cannot_build_names_config_json(hf_segformer, tmp_path):
+    directory = tmp_path / "hf"
+    edited_copy(hf_segformer, directory, lambda c: c.update(num_attention_heads=[1, 2, 3, 5]))  # 32 wide, 5 heads
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    one_line(exc_info, str(directory), "config.json", "cannot be built", "5 heads")
+
+
+def test_segformer_native_checkpoint_of_another_width(native_b0, tmp_path):
+    with safe_open(str(native_b0), framework="pt") as f:
+        metadata = f.metadata()
+    wider = build_model("segformer-b0", num_classes=3, **{**SMALL_B0, "hidden_sizes": [8, 16, 24, 40]})
+    path = tmp_path / "wider.safetensors"
+    save_file(wider.state_dict(), str(path), metadata=metadata)  # the weights of a wider model under b0's metadata
+    expected = misfit_counts(load_model(native_b0).state_dict(), wider.state_dict())
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(path)
+    assert_counts(one_line(exc_info, str(path)), expected)
+
+
+# mmseg's names for our SETR-Naive keys (models/vit.py MMSEG_RULES, models/setr.py MMSEG_UP_HEAD_RULES)
+_TO_MMSEG = [
+    ("encoder.patch_embed.proj.", "backbone.patch_embed.projection."), ("encoder.blocks.", "backbone.layers."),
+    ("encoder.", "backbone."), (".norm1.", ".ln1."), (".norm2.", ".ln2."), (".attn.qkv.", ".attn.attn.in_proj_"),
+    (".attn.proj.", ".attn.attn.out_proj."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1."),
+    ("decoder.norm.", "decode_head.norm."), ("decoder.stages.", "decode_head.up_convs."),
+    ("decode_head.up_convs.0.", "decode_head.up_convs.0.0."), ("decoder.classifier.", "decode_head.conv_seg."),
+]
+
+
+def to_mmseg(key: str) -> str:
+    for ours, theirs in _TO_MMSEG:
+        key = key.replace(ours, theirs)
+    return key
+
+
+def test_setr_mmseg_checkpoint_with_a_tensor_of_another_shape(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("setr-naive-vit-tiny", num_classes=3, depth=2, pos_grid=(2, 2), channels=16)
+    weights = {to_mmseg(k): v for k, v in model.state_dict().items()}
+    path = tmp_path / "setr.pth"
+    torch.save({"state_dict": weights}, path)
+    assert load_model(path, name="setr-naive-vit-tiny", num_classes=3).encoder.config.depth == 2  # the layout is right
+    fc2 = "backbone.layers.1.ffn.layers.1.weight"  # 192 x 768
+    weights[fc2] = weights[fc2].reshape(384, 384)
+    torch.save({"state_dict": weights}, path)
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(path, name="setr-naive-vit-tiny", num_classes=3)
+    message = one_line(exc_info, str(path), "encoder.blocks.1.mlp.fc2.weight: checkpoint [384, 384] vs model [192, 768]")
+    assert_counts(message, (1, 0, 0))
+
+
+def test_segmenter_original_checkpoint_with_a_classifier_of_another_width(tmp_path):
+    """rstrudel/segmenter's checkpoint.pth ({"model": encoder.*, decoder.*}) uses our key names, so
+    our model's state dict is one; its linear classifier is swapped for one of a narrower encoder."""
+    torch.manual_seed(0)
+    model = build_model("segmenter-linear-vit-tiny", num_classes=3, depth=1, pos_grid=(2, 2))
+    weights = dict(model.state_dict())
+    weights["decoder.head.weight"] = torch.randn(3, 96)  # a linear head for a 96-wide encoder
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": weights, "epoch": 1}, path)
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(path, name="segmenter-linear-vit-tiny", num_classes=3)
+    message = one_line(exc_info, str(path), "decoder.head.weight: checkpoint [3, 96] vs model [3, 192]")
+    assert_counts(message, (1, 0, 0))
+
+
+def maskformer_config():
+    from transformers import MaskFormerConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                   num_queries=5, encoder_layers=1)
+    return MaskFormerConfig(backbone_config=backbone, decoder_config=decoder, fpn_feature_size=32, mask_feature_size=32,
+                            num_labels=4)
+
+
+def mask2former_config():
+    from transformers import Mask2FormerConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+                          out_features=["stage1", "stage2", "stage3", "stage4"])
+    return Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                             encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=3, num_attention_heads=4,
+                             dim_feedforward=64, num_queries=6, num_labels=4)
+
+
+def test_maskformer_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
+    from transformers import MaskFormerForInstanceSegmentation
+
+    torch.manual_seed(0)
+    MaskFormerForInstanceSegmentation(maskformer_config()).save_pretrained(tmp_path / "good")
+    edited_copy(tmp_path / "good", tmp_path / "bad", lambda c: c["decoder_config"].update(decoder_ffn_dim=48))
+    good = load_model(tmp_path / "good")
+    expected = misfit_counts(MaskFormer(**{**good.arch, "ffn_dim": 48}).state_dict(), good.state_dict())
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(tmp_path / "bad")
+    assert_counts(one_line(exc_info, str(tmp_path / "bad"), "config.json"), expected)
+
+
+def test_mask2former_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(mask2former_config()).save_pretrained(tmp_path / "good")
+    edited_copy(tmp_path / "good", tmp_path / "bad", lambda c: c.update(hidden_dim=48))  # over weights 32 wide
+    good = load_model(tmp_path / "good")
+    expected = misfit_counts(Mask2Former(**{**good.arch, "hidden_dim": 48}).state_dict(), good.state_dict())
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(tmp_path / "bad")
+    assert_counts(one_line(exc_info, str(tmp_path / "bad"), "config.json"), expected)
