@@ -1,5 +1,5 @@
 """One huge tiled TIFF: time and peak memory of segmenting it streamed (read window by window,
-pipeline.huge) next to decoding it whole first, and the streamed peak as the image grows taller.
+pipeline.tiff, pipeline.predictor) next to decoding it whole first, and the streamed peak as the image grows taller.
 
     .venv/bin/python benchmarks/huge_tiff.py [--height 12000] [--width 12000] [--classes 4]
                                             [--window 500] [--stride 500] [--heights 1000,4000,12000]
@@ -12,7 +12,7 @@ size while the call runs, above the RSS just before it (VmHWM after writing 5 to
 /proc/self/clear_refs), so imports and the model are not counted. Time is the call's wall time.
 
 Methods:
-  streamed   pipeline.huge.segment_tiff: tiles read as windows need them, scores blended in a band
+  streamed   pipeline.predictor.segment_tiff: tiles read as windows need them, scores blended in a band
              of rows, the mask PNG-encoded in chunks as rows finish (what the job does above
              input.stream_above_pixels).
   decoded    tifffile.imread of the whole image, then segment_images (the same band stitcher) and
@@ -82,9 +82,10 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from models import build_model
-    from pipeline.huge import StreamSource, limit_heap_growth, segment_tiff
+    from pipeline.predictor import limit_heap_growth, segment_tiff
+    from pipeline.rows import StreamSource
     from pipeline.predictor import ModelScorer
-    from pipeline.sink import encode_chunks
+    from pipeline.masks import encode_chunks
     from pipeline.tiling import TilingSettings, segment_images
 
     torch.set_num_threads(args.threads)
@@ -99,7 +100,7 @@ def worker(args: argparse.Namespace) -> None:
     def run():
         if args.method == "streamed":
             source = StreamSource(args.tiff, None, height, width)
-            return segment_tiff(score_fn, source, settings, num_classes=args.classes, chunk_size=4096).chunks
+            return segment_tiff(score_fn, source, settings, num_classes=args.classes, chunk_size=4096)[0]
         image = tifffile.imread(args.tiff)
         labels = segment_images(score_fn, [image], settings)[0].labels
         return encode_chunks(labels, None, 4096, args.classes)

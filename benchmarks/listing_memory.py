@@ -9,7 +9,7 @@ store, so a million keys need no million objects. Keys look like an archive's:
 `archive/cam-0042/img-000042123.png`, 1000 per "directory". The claimed object sizes are whatever
 `--sizes` says: the driver must not care.
 
-Each case runs in its own fresh subprocess: `pipeline.source.list_units` (the driver's whole
+Each case runs in its own fresh subprocess: `pipeline.source` ImageFolderReader.list_units (the driver's whole
 listing: one recursive listing, then units of 64 images) with the units kept alive. Memory is the
 resident set size (from /proc/self/status): `peak` is the highest RSS during the listing above the
 RSS before it (VmHWM, reset with /proc/self/clear_refs), `held` is the RSS once the listing returned
@@ -82,21 +82,21 @@ def worker(keys: int, size: int, method: str) -> None:
     import fsspec
 
     from pipeline.config import InputConfig
-    from pipeline.source import list_units
+    from pipeline.source import reader_for
     from pipeline.storage import StoreStats
 
     fsspec.register_implementation("s3", generated_s3_class(), clobber=True)
     cfg = InputConfig(uri=f"s3://{BUCKET}/{PREFIX}", format="images", pattern="**/*.png",
                       storage_options={"keys": keys, "size": size})
     # warm up outside the measurement: imports that s3fs and botocore make lazily, the event loop thread
-    list_units(cfg.model_copy(update={"storage_options": {"keys": 10, "size": size}}))
+    reader_for(cfg.model_copy(update={"storage_options": {"keys": 10, "size": size}})).list_units()
     gc.collect()
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
     stats = StoreStats()
     start = time.perf_counter()
     if method == "segpipe":
-        units = list_units(cfg, stats)
+        units = reader_for(cfg).list_units(stats)
         images = sum(len(u.uris) for u in units)
     else:  # what list_files did before: s3fs's find, names kept, its listings cache left as it is
         units = fsspec.filesystem("s3", keys=keys, size=size).find(f"{BUCKET}/{PREFIX}")
@@ -144,7 +144,7 @@ def main() -> None:
               f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['held_mib']:.0f} | {r['held_mib'] * 2**20 / r['keys']:.0f} "
               f"| {r['cached_entries']:,} |")
     print()
-    print("segpipe: pipeline.source.list_units (one recursive listing, then units of 64 images, all kept).")
+    print("segpipe: pipeline.source reader_for(cfg).list_units() (one recursive listing, then units of 64 images, all kept).")
     print("s3fs-find: s3fs's find() on the same pages, names kept (what the driver's listing did before).")
     print("Every case: paged ListObjectsV2, 1000 keys a page, no HEAD.")
     print("peak / held: RSS above the RSS before the listing, at its highest / once it returned (units alive);")

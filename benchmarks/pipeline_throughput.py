@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from models import build_model, save_native  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
-from pipeline.encode import encode_mask  # noqa: E402
+from pipeline.masks import encode_chunks  # noqa: E402
 from pipeline.plan import run_job  # noqa: E402
 from pipeline.predictor import ModelScorer  # noqa: E402
 from pipeline.tiling import TilingSettings, segment_images  # noqa: E402
@@ -59,7 +59,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for p in images:
         seg = segment_images(scorer, [decode_image(p.read_bytes())], settings)[0]
-        encode_mask(seg.labels, 11)
+        encode_chunks(seg.labels, None, 4096, 11)
     plain = time.perf_counter() - t0
 
     cfg = load_config({

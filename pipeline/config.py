@@ -22,7 +22,8 @@ Bool = Annotated[bool, Strict()]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # frozen: the validated config crosses into Ray once and is never changed or validated again
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LabelsConfig(_Strict):
@@ -52,16 +53,30 @@ class InputConfig(_Strict):
     id_column: str = "image_id"
     label_column: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_format(cls, data: Any) -> Any:
+        """`auto` is resolved here, once: every stage sees images, tar or parquet."""
+        if isinstance(data, dict) and data.get("format", "auto") == "auto" and isinstance(data.get("uri"), str):
+            data = {**data, "format": resolve_format(data["uri"])}
+        return data
+
     @model_validator(mode="after")
     def _labels_need_a_place(self) -> "InputConfig":
-        fmt = self.format
-        if fmt == "auto":
-            from pipeline.source import resolve_format
-
-            fmt = resolve_format(self)
-        if fmt == "images" and self.labels is not None and not self.labels.uri:
+        if self.format == "images" and self.labels is not None and not self.labels.uri:
             raise ValueError("labels.uri is needed for image folders")
         return self
+
+
+def resolve_format(uri: str) -> str:
+    """input.format auto: tar or parquet when the uri names one such file, else a prefix of image files
+    (a prefix of shards needs `format: tar` or `format: parquet`)."""
+    uri = uri.rstrip("/").lower()
+    if uri.endswith((".tar", ".tar.gz", ".tgz")):
+        return "tar"
+    if uri.endswith((".parquet", ".pq")):
+        return "parquet"
+    return "images"
 
 
 class ModelConfig(_Strict):

@@ -21,6 +21,10 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image
 
+from pipeline.rows import DecodedImage, RawSample
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+
 Image.MAX_IMAGE_PIXELS = None  # our max_pixels check runs first, on the header alone
 
 # EXIF Orientation -> the transpose that shows the stored pixels upright (as ImageOps.exif_transpose),
@@ -151,3 +155,29 @@ def image_size(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bo
     if exif_transpose and _orientation(img, data) in SWAPS_SIDES:
         return w, h
     return h, w
+
+
+def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = True) -> DecodedImage:
+    """The read stage's sample as the predictor's input: pixels and label decoded, or the error. A
+    sample the read stage marked for streaming (a TIFF too large to decode whole) keeps its stream:
+    the predictor reads it window by window."""
+    out = DecodedImage(unit=sample.unit, image_id=sample.image_id)
+    if sample.error:
+        return out.failed("read", sample.error)
+    if sample.stream is not None:
+        out.stream, out.height, out.width = sample.stream, sample.stream.height, sample.stream.width
+        return out
+    try:
+        image = decode_image(sample.image_bytes, max_pixels, exif_transpose=exif_transpose)
+    except DecodeError as exc:
+        return out.failed("decode", str(exc))
+    out.image, out.height, out.width = image, image.shape[0], image.shape[1]
+    if sample.label_bytes is not None:
+        try:
+            label = decode_label(sample.label_bytes, max_pixels, exif_transpose=exif_transpose)
+        except DecodeError as exc:
+            return out.failed("decode", f"label: {exc}")
+        if label.shape != image.shape[:2]:
+            return out.failed("decode", f"label is {label.shape[1]} x {label.shape[0]} but the image is {image.shape[1]} x {image.shape[0]}")
+        out.label = label
+    return out

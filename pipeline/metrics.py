@@ -8,12 +8,15 @@ denominator is NaN and left out of the means (mIoU, mAcc, mDice); aAcc = sum(I) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 
 @dataclass
 class ClassAreas:
+    FIELDS: ClassVar[tuple[str, ...]] = ("intersection", "union", "pred_area", "label_area")
+
     intersection: np.ndarray  # int64, one per class
     union: np.ndarray
     pred_area: np.ndarray

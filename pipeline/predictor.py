@@ -1,10 +1,12 @@
 """The predict stage: a Ray actor that holds one model and turns decoded images into masks.
 
-One batch of decoded rows in, one batch of result rows out: for each image its mask as PNG chunks
-(and probability for binary tasks) and, where it has a label, its per-class areas. A failure on one
-image becomes that image's error row; the actor goes on with the rest. Test-time augmentation
-(inference.tta) wraps the model's score_fn (pipeline.tiling.TTAScoreFn), so whole, slide and
-streamed images get it alike.
+One batch of DecodedImages in, one batch of Predictions out: for each image its mask as PNG chunks
+(and probability for binary tasks) and, where it has a label, its per-class areas. Every image
+takes the same path: bands of finished rows (pipeline.tiling: the whole image at once when it is
+in memory, the streaming stitcher's bands when a TIFF is read window by window) -> the chunked mask
+writer (pipeline.masks) -> class areas against the same rows of its label (`finish_image`). A
+failure on one image becomes that image's error; the actor goes on with the rest. Test-time
+augmentation (inference.tta) wraps the model's score_fn, so every image gets it alike.
 """
 from __future__ import annotations
 
@@ -12,21 +14,21 @@ import hashlib
 import logging
 import os
 import time
-import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from models import build_model, load_model
-from models.base import SegmentationModel
-from pipeline.config import InferenceConfig, ModelConfig, OutputConfig
-from pipeline.huge import StreamSource, limit_heap_growth, segment_tiff
+from models.base import CheckpointError, SegmentationModel
+from pipeline.config import JobConfig, ModelConfig
+from pipeline.masks import ChunkedMaskWriter
 from pipeline.metrics import ClassAreas, class_areas
-from pipeline.sink import MaskChunk, encode_chunks
-from pipeline.storage import scrub
-from pipeline.tiling import TilingSettings, segment_images, with_tta
+from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
+from pipeline.storage import local_copy, scrub
+from pipeline.tiff import StreamError, TiffWindows
+from pipeline.tiling import TilingSettings, segment_images, segment_streaming, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,15 @@ def load_job_model(cfg: ModelConfig) -> SegmentationModel:
     """The model a job config names: a checkpoint, or a registered name with random weights (seeded,
     so that every actor and every attempt of a run holds the same ones)."""
     if cfg.checkpoint:
-        model = load_model(cfg.checkpoint, name=cfg.name, num_classes=cfg.num_classes, storage_options=cfg.storage_options)
+        # a checkpoint in a store is copied here through pipeline.storage (retries, scrubbed errors)
+        try:
+            with local_copy(cfg.checkpoint, cfg.storage_options) as path:
+                try:
+                    model = load_model(path, name=cfg.name, num_classes=cfg.num_classes)
+                except CheckpointError as exc:  # name the checkpoint as the config does, not its copy
+                    raise CheckpointError(str(exc).replace(path, cfg.checkpoint)) from None
+        except OSError as exc:
+            raise CheckpointError(f"model.checkpoint: {scrub(str(exc), cfg.storage_options)}") from None
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
@@ -80,166 +90,159 @@ class ModelScorer:
         return scores.float().cpu()
 
 
+AREA_ROWS = 64  # class areas of a band are counted this many rows at a time (int64: 8 bytes a pixel)
+Band = tuple[int, np.ndarray, "np.ndarray | None"]  # (first row, label rows, probability rows)
+LabelRows = Callable[[int, int], np.ndarray]  # (first row, rows) -> those rows of the label
+
+
+def finish_image(bands: Iterator[Band], height: int, width: int, label_rows: LabelRows | None, *, num_classes: int,
+                 chunk_size: int | None, binary: bool, ignore_index: int,
+                 on_rows: Callable[[int, int], None] | None = None) -> tuple[list[MaskChunk], ClassAreas | None]:
+    """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
+    where the image has a label, class areas against the same rows of it."""
+    writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
+    areas = ClassAreas.zeros(num_classes) if label_rows is not None else None
+    finished = 0
+    for y0, labels, probability in bands:
+        writer.add(y0, labels, probability)
+        if areas is not None:
+            for top in range(0, labels.shape[0], AREA_ROWS):
+                rows = labels[top : top + AREA_ROWS]
+                areas += class_areas(rows, label_rows(y0 + top, rows.shape[0]), num_classes, ignore_index)
+        finished += labels.shape[0]  # bands come top to bottom and cover each row once
+        if on_rows is not None:
+            on_rows(finished, height)
+    return writer.finish(), areas
+
+
 class Predictor:
     """Ray actor: constructed once per actor, called once per batch of decoded images.
 
-    Decoded images are segmented together (`segment_images` batches windows across them); a row
-    that says "stream this one" (`stream_uri`: a TIFF too large to decode, see pipeline.huge) is
-    read window by window from its store and segmented alone. Every image's mask leaves as a list
-    of chunks (one for images up to `chunk_size` on both sides; see pipeline.sink), all in this one
-    result row, so that the sink writes an image's chunks to one part.
+    Decoded images are segmented together (`segment_images` batches windows across them); an image
+    to stream (a TIFF too large to decode, see pipeline.tiff) is read window by window from its store
+    and segmented alone. Every image's mask leaves as a list of chunks (one for images up to
+    `chunk_size` on both sides), all in its one Prediction, so that the writer commits an image whole.
     """
 
-    def __init__(
-        self,
-        model_cfg: dict,
-        inference_cfg: dict,
-        ignore_index: int,
-        num_threads: int = 1,
-        chunk_size: int | None = OutputConfig().chunk_size,
-        input_storage_options: dict | None = None,
-        monitor=None,
-    ) -> None:
+    def __init__(self, cfg: JobConfig, num_threads: int = 1, monitor=None) -> None:
         torch.set_num_threads(max(1, num_threads))
-        limit_heap_growth()  # band-sized temporaries, image after image: see pipeline.huge
-        model_cfg = ModelConfig.model_validate(model_cfg)
-        inference = InferenceConfig.model_validate(inference_cfg)
+        limit_heap_growth()  # band-sized temporaries, image after image
+        inference = cfg.inference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_job_model(model_cfg).to(self.device)
+        model = load_job_model(cfg.model).to(self.device)
         self.num_classes = model.num_classes
-        self.ignore_index = ignore_index
-        self.chunk_size = chunk_size
-        self.input_storage_options = input_storage_options or {}
+        self.ignore_index = cfg.metrics.ignore_index
+        self.chunk_size = cfg.output.chunk_size
+        self.input_storage_options = cfg.input.storage_options
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
-            mode=inference.mode,
-            window=tuple(inference.window),
-            stride=tuple(inference.stride),
-            blend=inference.blend,
-            batch_size=inference.batch_size,
-            binary=self.num_classes == 2,
+            mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride), blend=inference.blend,
+            batch_size=inference.batch_size, binary=self.num_classes == 2,
         )
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        n = len(batch["image_id"])
-        rows = [_empty_result(batch, i) for i in range(n)]
-        streams = batch.get("stream_uri")
-        todo = []
-        for i in range(n):
-            if int(batch["unit_rows"][i]) >= 0:
-                continue  # a unit's end marker: passed on to the writer as it is
-            if batch["error"][i]:
-                rows[i]["error"], rows[i]["stage"] = batch["error"][i], batch["stage"][i]
-            elif streams is not None and streams[i]:
-                self._predict_streamed(batch, i, rows[i])
-            else:
-                todo.append(i)
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
+        out = [Prediction.of(image) for image in images]
+        in_memory = [i for i, image in enumerate(images) if not image.error and not image.is_unit_end and image.stream is None]
+        for i, image in enumerate(images):
+            if image.stream is not None and not image.error:
+                out[i] = self._guard(out[i], "predict", lambda image=image, p=out[i]: self._predict_streamed(image, p))
         try:
-            segs = segment_images(self.score_fn, [batch["image"][i] for i in todo], self.settings)
+            segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
         except Exception:
             # one image may break the batch (e.g. out of memory): retry one at a time to isolate it
             segs = []
-            for i in todo:
+            for i in in_memory:
                 try:
-                    segs.extend(segment_images(self.score_fn, [batch["image"][i]], self.settings))
-                except Exception as exc:
+                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings))
+                except Exception as exc:  # noqa: BLE001 - that image's error row
                     segs.append(exc)
-        for i, seg in zip(todo, segs):
-            row = rows[i]
+        for i, seg in zip(in_memory, segs):
             if isinstance(seg, Exception):
-                row["error"], row["stage"] = f"{type(seg).__name__}: {seg}", "predict"
+                out[i] = out[i].failed("predict", f"{type(seg).__name__}: {seg}")
                 continue
-            try:
-                _set_chunks(row, encode_chunks(seg.labels, seg.probability, self.chunk_size, self.num_classes))
-                if batch["has_label"][i]:
-                    _set_areas(row, class_areas(seg.labels, batch["label"][i], self.num_classes, self.ignore_index))
-            except Exception as exc:
-                row["error"], row["stage"] = f"{type(exc).__name__}: {exc}", "encode"
-                log.debug(traceback.format_exc())
-        return _columns(rows)
+            label = images[i].label
+            bands = iter([(0, seg.labels, seg.probability)])
+            label_rows = (lambda y, n, label=label: label[y : y + n]) if label is not None else None
+            out[i] = self._guard(out[i], "encode", lambda: self._finish(out[i], bands, label_rows))
+        return to_columns([p.to_record() for p in out])
 
-    def _predict_streamed(self, batch: dict[str, np.ndarray], i: int, row: dict[str, Any]) -> None:
-        source = StreamSource(
-            uri=str(batch["stream_uri"][i]),
-            label_uri=str(batch["stream_label_uri"][i]) or None,
-            height=int(batch["height"][i]),
-            width=int(batch["width"][i]),
+    def _finish(self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None,
+                on_rows: Callable[[int, int], None] | None = None) -> Prediction:
+        chunks, areas = finish_image(
+            bands, row.height, row.width, label_rows, num_classes=self.num_classes, chunk_size=self.chunk_size,
+            binary=self.settings.binary, ignore_index=self.ignore_index, on_rows=on_rows,
         )
-        started = time.time()
-        image_id = str(batch["image_id"][i])
+        row.chunks, row.areas = chunks, areas
+        return row
 
+    def _guard(self, row: Prediction, stage: str, work: Callable[[], Prediction]) -> Prediction:
+        try:
+            return work()
+        except Exception as exc:  # noqa: BLE001 - that image's error row
+            log.debug("%s failed at %s", row.image_id, stage, exc_info=True)
+            return row.failed(stage, f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}")
+
+    def _predict_streamed(self, image: DecodedImage, row: Prediction) -> Prediction:
         def on_rows(done: int, total: int) -> None:
             if self.monitor is not None:
-                self.monitor.stream_rows.remote(image_id, done, total)  # fire and forget
+                self.monitor.stream_rows.remote(image.image_id, done, total)  # fire and forget
 
+        started = time.time()
+        row.chunks, row.areas = segment_tiff(
+            self.score_fn, image.stream, self.settings, num_classes=self.num_classes, chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index, storage_options=self.input_storage_options, on_rows=on_rows,
+        )
+        log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
+        return row
+
+
+def segment_tiff(score_fn, source: StreamSource, settings: TilingSettings, *, num_classes: int, chunk_size: int | None,
+                 ignore_index: int = 255, storage_options: dict | None = None,
+                 on_rows: Callable[[int, int], None] | None = None) -> tuple[list[MaskChunk], ClassAreas | None]:
+    """A TIFF read window by window (pipeline.tiff): the stitcher's bands through `finish_image`, the
+    label's rows read the same way. on_rows(rows finished, total) reports progress inside the image."""
+    if settings.mode != "slide":
+        raise StreamError(f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}")
+    with TiffWindows.open(source.uri, storage_options, cache_rows=settings.window[0]) as tiff:
+        if tiff.problem:
+            raise StreamError(f"{source.uri} cannot be read window by window: {tiff.problem}")
+        if (tiff.height, tiff.width) != (source.height, source.width):
+            raise StreamError(f"{source.uri} is {tiff.width} x {tiff.height} now, {source.width} x {source.height} when it was listed")
+        label = TiffWindows.open(source.label_uri, storage_options, role="label") if source.label_uri else None
         try:
-            result = segment_tiff(
-                self.score_fn, source, self.settings, num_classes=self.num_classes, chunk_size=self.chunk_size,
-                ignore_index=self.ignore_index, storage_options=self.input_storage_options, on_rows=on_rows,
-            )
-        except Exception as exc:
-            row["error"], row["stage"] = f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}", "predict"
-            log.debug(traceback.format_exc())
-            return
-        _set_chunks(row, result.chunks)
-        if result.areas is not None:
-            _set_areas(row, result.areas)
-        log.info("streamed %s (%d x %d) in %.1f s", source.uri, source.width, source.height, time.time() - started)
+            if label is not None and (label.height, label.width) != (source.height, source.width):  # replaced since listed
+                raise StreamError(f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}")
+            bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
+            return finish_image(bands, source.height, source.width, label.labels if label is not None else None,
+                                num_classes=num_classes, chunk_size=chunk_size, binary=settings.binary,
+                                ignore_index=ignore_index, on_rows=on_rows)
+        finally:
+            if label is not None:
+                label.close()
 
 
-RESULT_COLUMNS = (
-    "unit", "index_in_unit", "unit_rows", "image_id", "height", "width", "chunks", "mask", "probability",
-    "labeled", "intersection", "union", "pred_area", "label_area", "error", "stage",
-)
-# one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs
-LIST_COLUMNS = ("chunks", "mask", "probability")
+MMAP_THRESHOLD_BYTES = 16 * 2**20
 
 
-def _set_chunks(row: dict[str, Any], chunks: list[MaskChunk]) -> None:
-    row["chunks"] = [[c.y, c.x, c.height, c.width] for c in chunks]
-    row["mask"] = [c.mask for c in chunks]
-    row["probability"] = [c.probability for c in chunks if c.probability is not None]
+def limit_heap_growth() -> bool:
+    """Keep a long-lived process's RSS from creeping up with the number of bands it has stitched.
 
+    glibc serves allocations above its mmap threshold with mmap and returns them to the system
+    when freed, but after such a free it raises the threshold to that size (up to 32 MB), so that
+    the band-sized temporaries of the next bands (argmax, softmax, quantized probabilities: 6 to
+    50 MB) come from the heap, which fragments and is not given back. Measured on a 12000-wide
+    TIFF: the peak grew by 470 MB over 3000 rows where a band needs 260 MB; with the threshold
+    fixed at 16 MB it stays flat (and a threshold of 128 KB costs 40% more time in page faults).
+    Setting the threshold switches the adjustment off. Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
 
-def _set_areas(row: dict[str, Any], areas: ClassAreas) -> None:
-    row["labeled"] = True
-    row.update(
-        intersection=areas.intersection.tolist(),
-        union=areas.union.tolist(),
-        pred_area=areas.pred_area.tolist(),
-        label_area=areas.label_area.tolist(),
-    )
-
-
-def _columns(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: [r[k] for r in rows] for k in RESULT_COLUMNS}
-    for k in LIST_COLUMNS:
-        # object arrays, so that lists of equal length never become a 2-D fixed-width bytes array
-        column = np.empty(len(rows), dtype=object)
-        for i, r in enumerate(rows):
-            column[i] = r[k]
-        out[k] = column
-    return out
-
-
-def _empty_result(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-    return {
-        "unit": int(batch["unit"][i]),
-        "index_in_unit": int(batch["index_in_unit"][i]),
-        "unit_rows": int(batch["unit_rows"][i]),
-        "image_id": str(batch["image_id"][i]),
-        "height": int(batch["height"][i]),
-        "width": int(batch["width"][i]),
-        "chunks": [],
-        "mask": [],
-        "probability": [],
-        "labeled": False,  # areas below are empty lists unless the image had a label
-        "intersection": [],
-        "union": [],
-        "pred_area": [],
-        "label_area": [],
-        "error": "",
-        "stage": "",
-    }
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

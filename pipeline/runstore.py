@@ -21,8 +21,11 @@ written as null), readable by any JSON parser.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
+import platform
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,12 +35,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import ClassAreas, summarize
-from pipeline.storage import open_fs, with_retries
+from pipeline.rows import SourceUnit
+from pipeline.storage import StoreStats, open_fs, with_retries
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
 TABLES = (MASKS, METRICS, ERRORS)
-AREAS = ("intersection", "union", "pred_area", "label_area")
+AREAS = ClassAreas.FIELDS
 CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
 TMP_PREFIX = ".tmp-"
 
@@ -217,3 +222,156 @@ class RunStore:
         }
         summary.update(summarize(total))
         return summary
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str) -> dict[str, Any]:
+    """What decides a run's results. A rerun under the same run_id that changes any of it is refused:
+    its masks would mix with the earlier ones. Batch size, actors and output chunking may change."""
+    inference = cfg.inference
+    identity = {
+        "input.uri": cfg.input.uri.rstrip("/"),
+        "input.format": cfg.input.format,
+        "model.name": model_name,
+        "model.num_classes": num_classes,
+        "model.weights_sha256": weights,
+        "inference.mode": inference.mode,
+        "inference.window": list(inference.window),
+        "inference.stride": list(inference.stride),
+        "inference.blend": inference.blend,
+        "inference.precision": inference.precision,
+        "inference.tta": inference.tta.model_dump(mode="json"),
+    }
+    if cfg.input.format == "images":
+        identity["input.pattern"] = cfg.input.pattern
+    return identity
+
+
+def config_changes(first: dict, now: dict, prefix: str = "") -> dict[str, list]:
+    """Fields whose value differs from the first attempt's config: {"a.b": [first, now]}."""
+    out: dict[str, list] = {}
+    for key in sorted(set(first) | set(now)):
+        a, b = first.get(key), now.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, name + "."))
+        elif a != b and name != "run_id":
+            out[name] = [a, b]
+    return out
+
+
+def labels_report(cfg: JobConfig, units: list[SourceUnit]) -> dict:
+    """How many listed images have a label: said on the terminal and in run.json (image folders;
+    shards carry labels inside and are counted as they are read: summary.json's labeled_images)."""
+    if cfg.input.labels is None:
+        return {"configured": False}
+    if cfg.input.format != "images":
+        return {"configured": True}
+    listed = sum(len(u.uris) for u in units)
+    with_label = sum(1 for u in units for uri in u.label_uris if uri is not None)
+    report: dict[str, Any] = {"configured": True, "uri": cfg.input.labels.uri, "images_with_label": with_label,
+                              "images_without_label": listed - with_label}
+    if listed and with_label == 0:
+        report["note"] = (f"none of the {listed} images has a label under {cfg.input.labels.uri} "
+                          "(label files share the image's relative path; the extension may differ)")
+    elif with_label < listed:
+        report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
+    return report
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("segpipe", "torch", "ray", "pyarrow", "numpy", "pillow", "fsspec", "pydantic", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class RunRecord:
+    """run.json across attempts: the run's identity and first config, and one record per attempt."""
+
+    def __init__(self, store: RunStore, cfg: JobConfig, identity: dict, previous: dict) -> None:
+        self.store, self.cfg, self.identity, self.previous = store, cfg, identity, previous
+        attempts = previous.get("attempts")
+        # run.json of older versions counted attempts as a number: their records are not kept
+        self.earlier: list[dict] = [a for a in attempts if isinstance(a, dict)] if isinstance(attempts, list) else []
+        self.attempt = len(self.earlier) + 1
+        self.started = time.time()
+
+    @classmethod
+    def load(cls, store: RunStore, cfg: JobConfig, identity: dict) -> "RunRecord":
+        """The record of run `cfg.run_id`; ConfigError, naming the fields, when the run exists and this
+        config would change its results."""
+        previous = store.read_json("run.json") or {}
+        known = previous.get("identity")
+        if known:
+            changed = [k for k in sorted(set(identity) | set(known)) if identity.get(k) != known.get(k)]
+            if changed:
+                raise ConfigError(
+                    f"run {cfg.run_id} was made with other {', '.join(changed)}: its results would mix; "
+                    "use another run_id (or restore the settings to resume it)"
+                )
+        return cls(store, cfg, identity, previous)
+
+    def throughput(self, processed: int, seconds: float) -> dict:
+        """summary.json's throughput: over every attempt, and this attempt's alone."""
+        images = sum(a.get("counts", {}).get("processed", 0) for a in self.earlier) + processed
+        total = sum(a.get("seconds", 0.0) for a in self.earlier) + seconds
+        return {
+            "throughput": {"images": images, "seconds": round(total, 3), "images_per_second": images / total if total > 0 else None},
+            "this_attempt": {"attempt": self.attempt, "images": processed, "seconds": round(seconds, 3),
+                             "images_per_second": processed / seconds if seconds > 0 else None},
+        }
+
+    def write(self, job: Any, status: str, outcome: Any = None, summary: dict | None = None) -> None:
+        """run.json with this attempt's record as it stands (job: pipeline.plan's PreparedJob,
+        outcome: its Execution, absent while the attempt runs)."""
+        config = public_config(self.cfg)
+        first_config = self.previous.get("config", config)
+        stats = StoreStats().add(job.list_stats)
+        if outcome is not None and outcome.store:
+            stats.add(StoreStats(**outcome.store))
+        record = {
+            "attempt": self.attempt,
+            "started": _iso(self.started),
+            "ended": None if status == "running" else _iso(time.time()),
+            "status": status,
+            "message": outcome.message if outcome else "",
+            "seconds": round(outcome.seconds, 3) if outcome else 0.0,
+            "counts": {
+                "listed": job.listed, "done_earlier": job.done, "retried": job.retried,
+                "to_do": sum(len(u.uris) for u in job.units),
+                "processed": outcome.processed if outcome else 0, "failed": outcome.failed if outcome else 0,
+            },
+            "config_changes": config_changes(first_config, config),
+            "actors": outcome.actors if outcome else None,
+            "store": stats.as_dict(),
+            "versions": package_versions(),
+        }
+        counts = {"listed": job.listed}
+        if summary:
+            counts.update(segmented=summary["images"], errors=summary["errors"], labeled=summary["labeled_images"])
+        self.store.write_json("run.json", {
+            "run_id": self.cfg.run_id,
+            "status": status,
+            "message": record["message"],
+            "identity": self.identity,
+            "config": first_config,
+            "model": job.model_info,
+            "labels": job.labels,
+            "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
+            "started": self.previous.get("started", record["started"]),
+            "ended": record["ended"],
+            "counts": counts,
+            "attempts": [*self.earlier, record],
+        })

@@ -33,12 +33,15 @@ import itertools
 import posixpath
 import tarfile
 import zlib
-from typing import Any, Iterator
+from dataclasses import replace
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.source import IMAGE_EXTENSIONS, RawSample, SourceUnit
+from pipeline.config import InputConfig
+from pipeline.decode import IMAGE_EXTENSIONS
+from pipeline.rows import RawSample, SourceUnit
 from pipeline.storage import (
     RetryingFile,
     RetryPolicy,
@@ -334,3 +337,55 @@ def read_parquet_unit(
                 if sample.error:
                     sample.image_bytes = sample.label_bytes = None
                 yield sample
+
+
+# ---------------------------------------------------------------------------------------------
+# The two readers (see pipeline.source.Reader)
+
+
+def _drop_skipped(samples: Iterable[RawSample], unit: SourceUnit) -> Iterator[RawSample]:
+    skip = set(unit.skip_ids)
+    return (s for s in samples if s.image_id not in skip) if skip else iter(samples)
+
+
+class TarReader:
+    """WebDataset-style tar shards: one unit per shard; committed ids are dropped as the shard is read."""
+
+    def __init__(self, cfg: InputConfig) -> None:
+        self.cfg = cfg
+
+    def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]:
+        return list_tar_units(self.cfg.uri, self.cfg.storage_options, stats=stats)
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        labels = self.cfg.labels
+        samples = read_tar_unit(
+            unit, self.cfg.storage_options, label_suffix=labels.suffix if labels else DEFAULT_LABEL_SUFFIX,
+            labels_required=bool(labels and labels.required), stats=stats,
+        )
+        return _drop_skipped(samples, unit)
+
+    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit:
+        prefix = unit.image_ids[0] + "/"  # a shard's ids are <shard path>/<key>
+        return replace(unit, skip_ids=tuple(sorted(i for i in done if i.startswith(prefix))))
+
+
+class ParquetReader:
+    """Parquet image tables: one unit per file; ids are free-form, so each unit drops every committed id."""
+
+    def __init__(self, cfg: InputConfig) -> None:
+        self.cfg = cfg
+
+    def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]:
+        return list_parquet_units(self.cfg.uri, self.cfg.storage_options, stats=stats)
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        cfg = self.cfg
+        samples = read_parquet_unit(
+            unit, cfg.storage_options, image_column=cfg.image_column, id_column=cfg.id_column,
+            label_column=cfg.label_column, labels_required=bool(cfg.labels and cfg.labels.required), stats=stats,
+        )
+        return _drop_skipped(samples, unit)
+
+    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit:
+        return replace(unit, skip_ids=tuple(sorted(done)))

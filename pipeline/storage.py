@@ -19,15 +19,19 @@ and `scrub` removes their values from any text (an exception message, say).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import io
 import logging
+import os
+import posixpath
 import random
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 import fsspec.asyn
@@ -485,3 +489,21 @@ def scrub(text: str, *options: Any) -> str:
     for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
         text = text.replace(secret, REDACTED)
     return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str, storage_options: dict[str, Any] | None = None, *, stats: StoreStats | None = None) -> Iterator[str]:
+    """A local path for `uri` (a file or a directory): itself when local, else a temporary copy,
+    fetched with retries on transient errors and removed on exit. FileNotFoundError when absent."""
+    fs, path = open_fs(uri, storage_options)
+    if "file" in _protocols(fs):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{uri}: no such file or directory")
+        yield path
+        return
+    if not with_retries(lambda: fs.exists(path), what="stat", uri=uri, stats=stats):
+        raise FileNotFoundError(f"{scrub(uri, storage_options)}: no such object or prefix")
+    with tempfile.TemporaryDirectory(prefix="segpipe-copy-") as tmp:
+        dest = os.path.join(tmp, posixpath.basename(path.rstrip("/")))
+        with_retries(lambda: fs.get(path, dest, recursive=fs.isdir(path)), what="download", uri=uri, stats=stats)
+        yield dest

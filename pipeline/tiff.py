@@ -1,4 +1,4 @@
-"""Huge images: TIFFs read window by window and segmented without ever being held whole.
+"""Huge images: TIFFs read window by window, never held whole.
 
 Satellite scenes, slides and scans come as tiled or striped TIFFs far larger than memory. Such an
 image is never decoded in one piece:
@@ -6,13 +6,13 @@ image is never decoded in one piece:
   read stage    `probe_stream` reads the TIFF's header only (one small ranged read). A tiled or
                 striped TIFF with more than `input.stream_above_pixels` pixels becomes a
                 `StreamSource` (uri, label uri, height, width) instead of bytes.
-  decode stage  `pipeline.plan.decode_sample` turns it into a row that says "stream this one":
-                `stream_uri`, `stream_label_uri`, `height`, `width`, and no pixels.
-  predictor     `segment_tiff` opens the file through fsspec (so s3://, gs://, ... work as local
-                paths do), hands `TiffWindows.rgb` to `pipeline.tiling.segment_streaming` as its
-                window reader, and feeds the bands of finished rows it yields to a
-                `pipeline.sink.ChunkedMaskWriter` (chunk PNGs) and, for a labeled image, to
-                `class_areas` with the same rows of the label TIFF, read the same way.
+  decode stage  `pipeline.decode.decode_sample` turns it into a DecodedImage that says "stream
+                this one" (its `stream`), with no pixels.
+  predictor     `pipeline.predictor` opens the file through `TiffWindows` (fsspec, so s3://,
+                gs://, ... work as local paths do), hands `TiffWindows.rgb` to
+                `pipeline.tiling.segment_streaming` as its window reader, and feeds the bands of
+                finished rows to the same mask writer and class areas as every other image, with
+                the label's rows read the same way (`TiffWindows.labels`).
 
 Bounds, against decompression bombs: every image is bounded by its header before any pixel is
 read. An image of more than `input.max_pixels` pixels is admitted only when it is streamed (a tiled
@@ -57,22 +57,18 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from pipeline.metrics import ClassAreas, class_areas
-from pipeline.sink import ChunkedMaskWriter, MaskChunk
+from pipeline.rows import StreamSource
 from pipeline.storage import RetryingFile, StoreStats, open_fs
-from pipeline.tiling import ScoreFn, TilingSettings, segment_streaming
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PROBE_BLOCK_BYTES = 64 * 1024  # fsspec read-ahead for the header probe: one small ranged read
 READ_BLOCK_BYTES = 4 * 2**20  # fsspec read-ahead while reading tiles
 MAX_SEGMENT_BYTES = 64 * 2**20  # a compressed tile or strip decoding to more than this is not streamed
 DIRECT_BLOCK_BYTES = 2**20  # uncompressed strips are read in blocks of rows of about this size
-AREA_ROWS = 64  # class areas of a band are counted this many rows at a time
 
 IMAGE_PHOTOMETRIC = {0: "min-is-white", 1: "min-is-black", 2: "rgb"}
 LABEL_PHOTOMETRIC = {0: "min-is-white", 1: "min-is-black", 3: "palette"}  # the stored value is the class
@@ -84,16 +80,6 @@ class StreamError(ValueError):
 
 def is_tiff_name(uri: str) -> bool:
     return uri.lower().endswith(TIFF_SUFFIXES)
-
-
-@dataclass(frozen=True)
-class StreamSource:
-    """What the read stage hands on for an image to stream: where it is and how large."""
-
-    uri: str
-    label_uri: str | None
-    height: int
-    width: int
 
 
 # --------------------------------------------------------------------------- reading windows
@@ -423,87 +409,3 @@ def _orientation_problem(orientation: int) -> str:
         f"its Orientation tag ({orientation}) asks to turn it, which windows read as stored do not "
         f"(input.exif_transpose: false takes every image as stored)"
     )
-
-
-# --------------------------------------------------------------------------- the predictor
-
-MMAP_THRESHOLD_BYTES = 16 * 2**20
-
-
-def limit_heap_growth() -> bool:
-    """Keep a long-lived process's RSS from creeping up with the number of bands it has stitched.
-
-    glibc serves allocations above its mmap threshold with mmap and returns them to the system
-    when freed, but after such a free it raises the threshold to that size (up to 32 MB), so that
-    the band-sized temporaries of the next bands (argmax, softmax, quantized probabilities: 6 to
-    50 MB) come from the heap, which fragments and is not given back. Measured on a 12000-wide
-    TIFF: the peak grew by 470 MB over 3000 rows where a band needs 260 MB; with the threshold
-    fixed at 16 MB it stays flat (and a threshold of 128 KB costs 40% more time in page faults).
-    Setting the threshold switches the adjustment off. Returns False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
-
-@dataclass
-class StreamedMask:
-    chunks: list[MaskChunk]
-    areas: ClassAreas | None  # per-class areas summed band by band (labeled images)
-
-
-def segment_tiff(
-    score_fn: ScoreFn,
-    source: StreamSource,
-    settings: TilingSettings,
-    *,
-    num_classes: int,
-    chunk_size: int | None,
-    ignore_index: int = 255,
-    storage_options: dict | None = None,
-    stats: StoreStats | None = None,
-    on_rows: Callable[[int, int], None] | None = None,
-) -> StreamedMask:
-    """Segment a streamed TIFF window by window: chunk PNGs, and class areas when it has a label.
-
-    on_rows(rows finished, total rows), when given, is called after each band of finished rows is
-    written (and counted), from top to bottom: the progress within one image, which can take hours.
-    """
-    if settings.mode != "slide":
-        raise StreamError(
-            f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}"
-        )
-    with TiffWindows.open(source.uri, storage_options, cache_rows=settings.window[0], stats=stats) as image:
-        if image.problem:
-            raise StreamError(f"{source.uri} cannot be read window by window: {image.problem}")
-        if (image.height, image.width) != (source.height, source.width):
-            raise StreamError(f"{source.uri} is {image.width} x {image.height} now, {source.width} x {source.height} when it was listed")
-        label = None
-        if source.label_uri:
-            label = TiffWindows.open(source.label_uri, storage_options, role="label", stats=stats)
-            if (label.height, label.width) != (source.height, source.width):  # replaced since it was listed
-                label.close()
-                raise StreamError(f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}")
-        try:
-            writer = ChunkedMaskWriter(source.height, source.width, chunk_size, num_classes, settings.binary)
-            areas = ClassAreas.zeros(num_classes) if label is not None else None
-            finished = 0
-            for y0, labels, probability in segment_streaming(score_fn, image.rgb, source.height, source.width, settings):
-                writer.add(y0, labels, probability)
-                if label is not None:  # in slices: class_areas works in int64, 8 bytes a pixel
-                    for top in range(0, labels.shape[0], AREA_ROWS):
-                        rows = labels[top : top + AREA_ROWS]
-                        areas += class_areas(rows, label.labels(y0 + top, rows.shape[0]), num_classes, ignore_index)
-                finished += labels.shape[0]  # bands come top to bottom and cover each row once
-                if on_rows is not None:
-                    on_rows(finished, source.height)
-            return StreamedMask(writer.finish(), areas)
-        finally:
-            if label is not None:
-                label.close()

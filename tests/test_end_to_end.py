@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs.cli import main
 from models import build_model, save_native
-from pipeline.encode import decode_mask
+from pipeline.masks import decode_png as decode_mask
 from pipeline.metrics import ClassAreas, class_areas, summarize
 
 NUM_CLASSES = 3

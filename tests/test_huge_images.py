@@ -1,5 +1,5 @@
 """Huge images: windowed TIFF reads, chunked mask rows, and a 12000 x 12000 TIFF through the job in
-bounded memory (pipeline.huge, pipeline.sink)."""
+bounded memory (pipeline.tiff, pipeline.predictor, pipeline.masks)."""
 from __future__ import annotations
 
 import json
@@ -23,16 +23,20 @@ from PIL import Image
 
 from jobs.cli import main
 from models import build_model, load_model, save_native
-from pipeline import huge
+from pipeline import tiff as huge
 from pipeline import source as source_module
+from pipeline.predictor import segment_tiff
 from pipeline.config import InputConfig
 from pipeline.decode import decode_image
-from pipeline.huge import StreamError, StreamSource, TiffWindows, probe_stream
+from pipeline.rows import Prediction, StreamSource
+from pipeline.tiff import StreamError, TiffWindows, probe_stream
 from pipeline.metrics import class_areas
 from pipeline.predictor import ModelScorer
 from pipeline.runstore import RunStore, part_name
-from pipeline.sink import ChunkedMaskWriter, PngRows, assemble_mask, chunk_boxes, part_tables, quantize_probability, read_mask
-from pipeline.source import SourceUnit, read_image_unit
+from pipeline.masks import ChunkedMaskWriter, PngRows, assemble_mask, chunk_boxes, quantize_probability, read_mask
+from pipeline.sink import part_tables
+from pipeline.rows import SourceUnit
+from pipeline.source import ImageFolderReader
 from pipeline.tiling import TilingSettings, segment_images, with_tta
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +188,7 @@ def test_a_bomb_is_an_error_sample_and_no_bytes_are_read(tmp_path, monkeypatch):
     fetched = []
     monkeypatch.setattr(source_module, "read_bytes", lambda fs, uri, **kw: fetched.append(uri) or b"")
     unit = SourceUnit(index=0, format="images", uris=(str(tmp_path / "bomb.tif"),), image_ids=("bomb.tif",))
-    [sample] = read_image_unit(unit, InputConfig(uri=str(tmp_path)))
+    [sample] = ImageFolderReader(InputConfig(uri=str(tmp_path))).read_unit(unit)
     assert sample.error and "120000 x 120000" in sample.error and "input.max_stream_pixels" in sample.error
     assert sample.image_bytes is None and sample.stream is None and fetched == []
 
@@ -243,18 +247,18 @@ def test_segment_tiff_reports_rows_as_bands_finish(tmp_path):
     tifffile.imwrite(tmp_path / "scene.tif", RGB, tile=(64, 64), compression="zlib")
     tifffile.imwrite(tmp_path / "label.tif", (GRAY16 % 2).astype(np.uint8), rowsperstrip=32)
     seen = []
-    result = huge.segment_tiff(
+    chunks, areas = segment_tiff(
         lambda pixels: pixels[:, :2].float(), StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
         TilingSettings(window=(64, 64), stride=(48, 48), batch_size=4), num_classes=2, chunk_size=128,
         on_rows=lambda done, total: seen.append((done, total)),
     )
     assert len(seen) > 2 and seen[-1] == (301, 301) and {total for _, total in seen} == {301}
     assert all(a < b for (a, _), (b, _) in zip(seen, seen[1:]))
-    assert result.areas is not None and len(result.chunks) == 3 * 5
+    assert areas is not None and len(chunks) == 3 * 5
     # a label replaced by one of another size since the probe is refused, not misread
     tifffile.imwrite(tmp_path / "label.tif", np.zeros((300, 517), np.uint8))
     with pytest.raises(StreamError, match="label .* is 517 x 300 but the image is 517 x 301"):
-        huge.segment_tiff(lambda pixels: pixels[:, :2].float(), StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
+        segment_tiff(lambda pixels: pixels[:, :2].float(), StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
                           TilingSettings(window=(64, 64), stride=(48, 48)), num_classes=2, chunk_size=None)
 
 
@@ -289,13 +293,7 @@ def test_chunked_mask_rows_round_trip_through_the_sink(tmp_path):
     small = ChunkedMaskWriter(50, 60, 128, num_classes=2, binary=True)
     small.add(0, small_labels, np.zeros((50, 60), np.float32))
 
-    def result(unit, index, image_id, chunks, height, width):
-        return dict(unit=unit, index_in_unit=index, image_id=image_id, height=height, width=width,
-                    chunks=[[c.y, c.x, c.height, c.width] for c in chunks], mask=[c.mask for c in chunks],
-                    probability=[c.probability for c in chunks], labeled=False, intersection=[], union=[],
-                    pred_area=[], label_area=[], error="", stage="")
-
-    rows = [result(0, 0, "big.tif", writer.finish(), 300, 410), result(0, 1, "small.png", small.finish(), 50, 60)]
+    rows = [Prediction(0, "big.tif", 300, 410, writer.finish()), Prediction(0, "small.png", 50, 60, small.finish())]
     RunStore(str(tmp_path), {}, "r").write_part(part_name(0, 0, 0), *part_tables(rows, binary=True, attempt=0))
     table = pq.read_table(next((tmp_path / "r" / "masks").glob("*.parquet")))
     assert table.num_rows == 13
@@ -375,7 +373,7 @@ def test_streamed_images_need_slide_mode(tmp_path):
     path = tmp_path / "scene.tif"
     tifffile.imwrite(path, RGB, tile=(64, 64))
     with pytest.raises(StreamError, match="inference.mode must be 'slide'"):
-        huge.segment_tiff(lambda x: x[:, :2], StreamSource(str(path), None, 301, 517), TilingSettings(mode="whole"),
+        segment_tiff(lambda x: x[:, :2], StreamSource(str(path), None, 301, 517), TilingSettings(mode="whole"),
                           num_classes=2, chunk_size=None)
 
 

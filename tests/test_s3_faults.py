@@ -16,7 +16,7 @@ from fault_proxy import Fault, FaultProxy
 from PIL import Image
 from s3_server import s3  # noqa: F401  (the fixture)
 
-import pipeline.plan
+from pipeline.source import ImageFolderReader
 from models import build_model, save_native
 from pipeline.config import load_config
 from pipeline.plan import run_job
@@ -115,7 +115,7 @@ def test_tar_job_over_a_faulty_endpoint_reads_every_image_once(ray_session, s3, 
     assert len(_table(s3.fs, run, "metrics")) == len(expected)
     assert _table(s3.fs, run, "errors") == []
     run_json = json.loads(s3.fs.cat_file(run + "/run.json"))
-    store = run_json["store"]
+    store = run_json["attempts"][-1]["store"]
     assert 0 < store["retries"] <= proxy.injected
     assert store["failures"] == 0 and store["list_calls"] == 1 and store["listed_keys"] == SHARDS
     # run.json records the options as given (botocore rewrites a retries dict it is handed in place)
@@ -133,14 +133,14 @@ def test_objects_gone_after_listing_are_error_rows(ray_session, s3, checkpoint, 
 
     listed = []
 
-    def list_then_delete(cfg, stats=None):  # the driver lists; then the objects disappear
-        units = original(cfg, stats)
+    def list_then_delete(self, stats=None):  # the driver lists; then the objects disappear
+        units = original(self, stats)
         listed.extend(u for unit in units for u in unit.uris)
         s3.fs.rm([uri[5:] for uri in gone.values()])
         return units
 
-    original = pipeline.plan.list_units
-    monkeypatch.setattr(pipeline.plan, "list_units", list_then_delete)
+    original = ImageFolderReader.list_units
+    monkeypatch.setattr(ImageFolderReader, "list_units", list_then_delete)
     cfg = _job(f"s3://{bucket}/images", f"s3://{bucket}/runs", checkpoint, s3.storage_options, "images",
                max_error_fraction=0.6)
     cfg["input"]["labels"] = {"uri": f"s3://{bucket}/labels"}
@@ -156,7 +156,7 @@ def test_objects_gone_after_listing_are_error_rows(ray_session, s3, checkpoint, 
         assert f"{uri}: not found" in errors[image_id]["error"], errors[image_id]["error"]
     assert sorted(r["image_id"] for r in _table(s3.fs, run, "masks")) == ["a.png", "d.png"]
     assert sorted(r["image_id"] for r in _table(s3.fs, run, "metrics")) == ["a.png", "d.png"]
-    store = json.loads(s3.fs.cat_file(run + "/run.json"))["store"]
+    store = json.loads(s3.fs.cat_file(run + "/run.json"))["attempts"][-1]["store"]
     assert store["retries"] == 0 and store["failures"] == 2  # not found is never retried
 
 

@@ -1,10 +1,11 @@
 import fsspec
-import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.plan import decode_sample, drop_done, plan_actors
-from pipeline.source import RawSample, glob_regex, list_units, read_unit
+from pipeline.decode import decode_sample
+from pipeline.plan import plan_actors
+from pipeline.rows import RawSample
+from pipeline.source import glob_regex, reader_for
 
 
 def test_glob_regex():
@@ -23,23 +24,31 @@ def test_memory_fs_listing_pairs_labels_with_other_extensions():
         fs.pipe(f"/src/labels/{key}", b"y")
     cfg = load_config({"input": {"uri": "memory://src/images", "labels": {"uri": "memory://src/labels"}, "images_per_unit": 2},
                        "model": {"name": "segformer-b0"}}).input
-    units = list_units(cfg)
+    reader = reader_for(cfg)
+    units = reader.list_units()
     assert [u.image_ids for u in units] == [("a/1.jpg", "a/2.png"), ("b/3.png",)]
     assert units[0].label_uris[0].endswith("labels/a/1.png")  # .png preferred over .tif
     assert units[0].label_uris[1] is None
-    samples = list(read_unit(units[0], cfg))
+    samples = list(reader.read_unit(units[0]))
     assert [s.image_bytes for s in samples] == [b"x", b"x"] and samples[0].label_bytes == b"y"
     assert samples[1].label_bytes is None and not samples[1].has_label
     # resume: ids done are dropped, their labels with them
-    kept = drop_done(units[0], {"a/1.jpg"})
+    kept = reader.drop_done(units[0], {"a/1.jpg"})
     assert kept.image_ids == ("a/2.png",) and kept.label_uris == (None,)
+
+
+@pytest.mark.parametrize("uri, fmt", [("s/x.tar", "tar"), ("s/x.tar.gz", "tar"), ("s/t.parquet", "parquet"), ("s/images/", "images")])
+def test_input_format_auto_is_resolved_once_by_the_config(uri, fmt):
+    cfg = load_config({"input": {"uri": uri}, "model": {"name": "segformer-b0"}})
+    readers = {"tar": "TarReader", "parquet": "ParquetReader", "images": "ImageFolderReader"}
+    assert cfg.input.format == fmt and type(reader_for(cfg.input)).__name__ == readers[fmt]
 
 
 def test_decode_sample_rows():
     row = decode_sample(RawSample(3, 0, "x.png", b"", None), max_pixels=100)
-    assert row["stage"] == "decode" and "empty" in row["error"] and row["unit"] == 3
+    assert row.stage == "decode" and "empty" in row.error and row.unit == 3
     row = decode_sample(RawSample(3, 1, "y.png", None, None, error="read: boom"), max_pixels=100)
-    assert row["stage"] == "read" and row["index_in_unit"] == 1 and row["unit_rows"] == -1
+    assert row.stage == "read" and row.error == "read: boom" and not row.is_unit_end
 
 
 @pytest.mark.parametrize(

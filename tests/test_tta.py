@@ -12,7 +12,7 @@ from PIL import Image
 from jobs.cli import main
 from models import build_model, load_model, save_native
 from pipeline.predictor import ModelScorer
-from pipeline.sink import read_mask
+from pipeline.masks import read_mask
 from pipeline.tiling import TilingSettings, TTAScoreFn, segment_images, segment_streaming, with_tta
 
 

@@ -1,0 +1,209 @@
+"""What travels between the stages: typed once, here (a leaf module: it imports no other stage).
+
+    SourceUnit    driver -> read task      one block of image files, a tar shard or a Parquet file
+    RawSample     inside the read task     one image's bytes as read, before decoding
+    DecodedImage  read task -> predictor   the pixels (or where to stream them from), the label
+    Prediction    predictor -> writer      the mask as PNG chunks, the class areas, or the error
+
+Ray Data moves rows as dicts of plain values (Arrow has no dataclasses): each row type converts
+`to_record()` and back `from_batch(batch, i)`. A unit's end travels as a row of its own (`unit_rows`
+>= 0: how many image rows the read task sent), so that the writer knows when a unit is complete.
+An error row is made in one place: `.failed(stage, error)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from pipeline.metrics import ClassAreas
+
+NOT_AN_END = -1
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """One read task's worth of input. `index` is its position in this attempt's listing."""
+
+    index: int
+    format: str  # "images" | "tar" | "parquet"
+    uris: tuple[str, ...]
+    label_uris: tuple[str | None, ...] = ()
+    image_ids: tuple[str, ...] = ()  # images: each uri's id; tar/parquet: the file's path relative to input.uri
+    skip_ids: tuple[str, ...] = ()  # tar/parquet: ids committed by earlier attempts, dropped as they are read
+
+    def to_record(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> "SourceUnit":
+        tuples = ("uris", "label_uris", "image_ids", "skip_ids")
+        return cls(index=int(data["index"]), format=str(data["format"]),
+                   **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples})
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """A TIFF too large to decode whole: where it is and how large; the predictor reads it by windows."""
+
+    uri: str
+    label_uri: str | None
+    height: int
+    width: int
+
+
+@dataclass
+class RawSample:
+    """One image's bytes as read, before decoding."""
+
+    unit: int
+    index_in_unit: int
+    image_id: str
+    image_bytes: bytes | None
+    label_bytes: bytes | None
+    error: str | None = None  # a read failure: becomes an errors row, the job goes on
+    has_label: bool = False  # a label was expected for this image (it may still have failed to read)
+    stream: StreamSource | None = None  # read by windows later, not decoded
+
+
+@dataclass
+class DecodedImage:
+    """What the read stage hands the predictor for one image (or a unit's end, `unit_rows` >= 0)."""
+
+    unit: int
+    image_id: str
+    image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))  # H x W x 3 uint8
+    label: np.ndarray | None = None  # H x W int64 class map
+    height: int = 0
+    width: int = 0
+    stream: StreamSource | None = None
+    error: str = ""
+    stage: str = ""
+    unit_rows: int = NOT_AN_END
+
+    @property
+    def is_unit_end(self) -> bool:
+        return self.unit_rows >= 0
+
+    @property
+    def has_label(self) -> bool:
+        return self.label is not None or bool(self.stream and self.stream.label_uri)
+
+    def failed(self, stage: str, error: str) -> "DecodedImage":
+        return replace(self, error=error, stage=stage)
+
+    def to_record(self) -> dict[str, Any]:
+        s = self.stream
+        return {
+            "unit": self.unit, "image_id": self.image_id, "image": self.image,
+            "label": self.label if self.label is not None else np.zeros((0, 0), np.int64),
+            "has_label": self.label is not None, "height": self.height, "width": self.width,
+            "stream_uri": s.uri if s else "", "stream_label_uri": (s.label_uri or "") if s else "",
+            "error": self.error, "stage": self.stage, "unit_rows": self.unit_rows,
+        }
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, Any], i: int) -> "DecodedImage":
+        height, width = int(batch["height"][i]), int(batch["width"][i])
+        stream_uri = str(batch["stream_uri"][i])
+        stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width) if stream_uri else None
+        return cls(
+            unit=int(batch["unit"][i]), image_id=str(batch["image_id"][i]), image=batch["image"][i],
+            label=batch["label"][i] if bool(batch["has_label"][i]) else None, height=height, width=width,
+            stream=stream, error=str(batch["error"][i]), stage=str(batch["stage"][i]), unit_rows=int(batch["unit_rows"][i]),
+        )
+
+    @classmethod
+    def unit_end(cls, unit: int, image_rows: int) -> "DecodedImage":
+        return cls(unit=unit, image_id="", unit_rows=image_rows)
+
+
+@dataclass
+class MaskChunk:
+    """One chunk of an image's mask (the whole mask for most images): where it sits and its PNGs."""
+
+    y: int
+    x: int
+    height: int
+    width: int
+    mask: bytes  # PNG of the chunk's labels
+    probability: bytes | None  # PNG of round(255 p) (binary tasks), else None
+
+
+# one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs
+LIST_COLUMNS = ("chunks", "mask", "probability")
+
+
+@dataclass
+class Prediction:
+    """What the predictor hands the writer for one image (or a unit's end, passed on)."""
+
+    unit: int
+    image_id: str
+    height: int = 0
+    width: int = 0
+    chunks: list[MaskChunk] = field(default_factory=list)
+    areas: ClassAreas | None = None  # set when the image had a label
+    error: str = ""
+    stage: str = ""
+    unit_rows: int = NOT_AN_END
+
+    @property
+    def is_unit_end(self) -> bool:
+        return self.unit_rows >= 0
+
+    @classmethod
+    def of(cls, image: DecodedImage) -> "Prediction":
+        """An empty prediction for `image`, carrying its error if it failed before the predictor."""
+        return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
+
+    def failed(self, stage: str, error: str) -> "Prediction":
+        return replace(self, chunks=[], areas=None, error=error, stage=stage)
+
+    def to_record(self) -> dict[str, Any]:
+        a = self.areas
+        return {
+            "unit": self.unit, "image_id": self.image_id, "height": self.height, "width": self.width,
+            "chunks": [[c.y, c.x, c.height, c.width] for c in self.chunks],
+            "mask": [c.mask for c in self.chunks],
+            "probability": [c.probability for c in self.chunks if c.probability is not None],
+            "labeled": a is not None,
+            **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
+            "error": self.error, "stage": self.stage, "unit_rows": self.unit_rows,
+        }
+
+    @classmethod
+    def from_batch(cls, batch: dict[str, Any], i: int) -> "Prediction":
+        probabilities = list(batch["probability"][i])
+        chunks = [
+            MaskChunk(*map(int, box), bytes(mask), bytes(probabilities[k]) if probabilities else None)
+            for k, (box, mask) in enumerate(zip(batch["chunks"][i], batch["mask"][i]))
+        ]
+        areas = None
+        if bool(batch["labeled"][i]):
+            areas = ClassAreas(*(np.asarray(batch[k][i], dtype=np.int64) for k in ClassAreas.FIELDS))
+        return cls(
+            unit=int(batch["unit"][i]), image_id=str(batch["image_id"][i]), height=int(batch["height"][i]),
+            width=int(batch["width"][i]), chunks=chunks, areas=areas, error=str(batch["error"][i]),
+            stage=str(batch["stage"][i]), unit_rows=int(batch["unit_rows"][i]),
+        )
+
+
+def to_columns(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows as one batch of columns for Ray Data. List-valued cells go in object arrays, so that lists
+    of equal length never become one 2-D fixed-width array."""
+    out: dict[str, Any] = {}
+    for k in records[0] if records else ():
+        if k in LIST_COLUMNS:
+            column = np.empty(len(records), dtype=object)
+            for i, r in enumerate(records):
+                column[i] = r[k]
+            out[k] = column
+        else:
+            out[k] = [r[k] for r in records]
+    return out
+
+
+def batch_length(batch: dict[str, Any]) -> int:
+    return len(batch["image_id"])
