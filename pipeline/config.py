@@ -1,4 +1,4 @@
-"""The job's config: the YAML of design.md, validated by pydantic.
+"""The job's config: the YAML of the README's "The config" section, validated by pydantic.
 
 Unknown keys and bad values are errors that name the field. `--set key.sub=value` overrides go
 through `apply_overrides` before validation, so they are checked like the file itself.
@@ -43,7 +43,7 @@ class InputConfig(_Strict):
     images_per_unit: Int = Field(64, ge=1, description="image files per read task (and per output part)")
     max_pixels: Int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
     # tiled or striped TIFF image files above this many pixels are never decoded whole: the predictor
-    # reads them window by window (pipeline.huge); null turns streaming off.
+    # reads them window by window (pipeline.tiff); null turns streaming off.
     stream_above_pixels: Int | None = Field(67_108_864, ge=1, description="stream TIFFs larger than this (8192 x 8192)")
     # the bomb guard of streamed images: a TIFF over max_pixels is admitted only when it is streamed
     # and within this many pixels, checked on its header before any pixel is read
@@ -144,7 +144,7 @@ class OutputConfig(_Strict):
     uri: str = "./runs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # masks of images larger than this on either side are written as chunk_size x chunk_size chunk
-    # rows (pipeline.sink); null writes every mask as one row
+    # rows (pipeline.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
 
 

@@ -31,7 +31,7 @@ model's output stride, so blending at the output stride would put those windows 
 pixels off (MONAI truncates `int(start * zoom)`); at full resolution every window lands exactly where
 it was read and the result is the same as mmseg's resize-then-paste. The cost is memory: the band of
 the streaming stitcher is window height x image width x classes float32 at full resolution.
-Huge images (pipeline.huge) are stitched the same way, at full resolution, band by band.
+Huge images (pipeline.tiff, read by pipeline.predictor) are stitched the same way, at full resolution, band by band.
 
 Test-time augmentation (`TTAScoreFn`, config `inference.tta: {flip, scales}`) sits inside score_fn:
 each window (each image in whole mode) is scored once per scale (the window resized by the scale,
