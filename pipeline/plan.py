@@ -1,9 +1,9 @@
 """The Ray Data plan: the one place that wires the stages of a job.
 
-    list units (driver: keys only)
-      -> read + decode   (CPU tasks)       pipeline.source, pipeline.decode
-      -> predict         (actor pool)      pipeline.predictor (tiling, model, stitching, encode, areas)
-      -> write parts     (one actor)       pipeline.sink (commits), pipeline.runstore (the run directory)
+    list units (driver: keys only)           pipeline.source  reader_for(cfg).list_units
+      -> read + decode   (CPU tasks)       pipeline.source  read_and_decode (pipeline.decode)
+      -> predict         (actor pool)      pipeline.predictor  Predictor (tiling, model, stitching, masks, areas)
+      -> write parts     (one actor)       pipeline.sink  PartWriter (commits through pipeline.runstore)
     driver: progress from the small rows the writer returns; summary.json from the written parts.
 
 `run_job` is prepare -> execute -> finish. Everything that can be found wrong before the first image
@@ -18,16 +18,15 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.decode import decode_sample
 from pipeline.predictor import Predictor, load_job_model, weights_sha256
-from pipeline.rows import DecodedImage, SourceUnit
+from pipeline.rows import SourceUnit
 from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity
 from pipeline.sink import PartWriter
-from pipeline.source import reader_for
+from pipeline.source import read_and_decode, reader_for
 from pipeline.storage import StoreStats, scrub
 
 log = logging.getLogger(__name__)
@@ -45,26 +44,7 @@ class RunResult:
     message: str = ""
 
 
-# ---- stage 1: read and decode (a Ray task per unit) -------------------------------------------
-
-def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None) -> Iterator[dict[str, Any]]:
-    """One unit in, one DecodedImage per image out, then the unit's end (how many image rows came
-    before it). A failure is a row with its error set. What the store did (retries, failures) goes
-    to the run monitor when the unit ends."""
-    import ray
-
-    unit = SourceUnit.from_record(row)
-    stats = StoreStats()
-    sent = 0
-    try:
-        for sample in reader_for(cfg.input).read_unit(unit, stats):
-            yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose).to_record()
-            sent += 1
-        yield DecodedImage.unit_end(unit.index, sent).to_record()
-    finally:
-        if monitor is not None:
-            ray.get(monitor.add_store_stats.remote(stats.as_dict()))  # before the task ends, so the driver sees it
-
+# ---- what tasks and actors report on the side ---------------------------------------------------
 
 def _run_monitor_class():
     import ray

@@ -14,11 +14,11 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 from pathlib import PurePosixPath
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
-from pipeline.config import InputConfig
-from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.rows import RawSample, SourceUnit
+from pipeline.config import InputConfig, JobConfig
+from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
+from pipeline.rows import DecodedImage, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
 from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes, scrub
 from pipeline.tiff import probe_stream
@@ -142,3 +142,22 @@ READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parq
 
 def reader_for(cfg: InputConfig) -> Reader:
     return READERS[cfg.format](cfg)
+
+
+def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None) -> Iterator[dict[str, Any]]:
+    """The read stage (a Ray task per unit): one DecodedImage per image, then the unit's end (how
+    many image rows came before it). A failure is a row with its error set. What the store did
+    (retries, failures) goes to the run monitor (pipeline.plan) when the unit ends."""
+    unit = SourceUnit.from_record(row)
+    stats = StoreStats()
+    sent = 0
+    try:
+        for sample in reader_for(cfg.input).read_unit(unit, stats):
+            yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose).to_record()
+            sent += 1
+        yield DecodedImage.unit_end(unit.index, sent).to_record()
+    finally:
+        if monitor is not None:
+            import ray
+
+            ray.get(monitor.add_store_stats.remote(stats.as_dict()))  # before the task ends, so the driver sees it

@@ -1,0 +1,95 @@
+"""The run directory's commit protocol and records (pipeline.runstore), on local files and memory://."""
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import strict_json_load
+
+from pipeline.config import ConfigError, load_config
+from pipeline.runstore import (
+    ERRORS_SCHEMA, METRICS_SCHEMA, RunRecord, RunStore, config_changes, masks_schema, part_name, run_identity, strict_json,
+)
+
+
+def tables(ids: list[str], failed: list[str] = (), attempt: int = 1):
+    masks = pa.Table.from_pydict(
+        {"image_id": ids, "height": [1] * len(ids), "width": [1] * len(ids), "chunk_y": [0] * len(ids), "chunk_x": [0] * len(ids),
+         "chunk_height": [1] * len(ids), "chunk_width": [1] * len(ids), "mask": [b"png"] * len(ids)}, schema=masks_schema(False))
+    metrics = pa.Table.from_pydict({"image_id": [], **{k: [] for k in METRICS_SCHEMA.names[1:]}}, schema=METRICS_SCHEMA)
+    errors = pa.Table.from_pydict({"image_id": list(failed), "stage": ["decode"] * len(failed), "error": ["bad"] * len(failed),
+                                   "attempt": [attempt] * len(failed)}, schema=ERRORS_SCHEMA)
+    return masks, metrics, errors
+
+
+def test_part_names_differ_by_attempt_so_a_later_attempt_never_overwrites():
+    assert part_name(1, 0, 0) != part_name(2, 0, 0)
+    assert sorted([part_name(2, 0, 0), part_name(1, 5, 3), part_name(1, 10, 0)]) == [part_name(1, 5, 3), part_name(1, 10, 0), part_name(2, 0, 0)]
+
+
+def test_a_committed_part_is_never_written_again(tmp_path):
+    store = RunStore(str(tmp_path), {}, "r")
+    assert store.write_part("part-x", *tables(["a.png"]))
+    before = (tmp_path / "r" / "masks" / "part-x.parquet").read_bytes()
+    assert not store.write_part("part-x", *tables(["b.png", "c.png"]))
+    assert (tmp_path / "r" / "masks" / "part-x.parquet").read_bytes() == before
+
+
+def test_leftovers_of_an_interrupted_attempt_are_discarded_and_committed_parts_kept(tmp_path):
+    store = RunStore(str(tmp_path), {}, "r")
+    store.write_part("part-committed", *tables(["a.png"]))
+    masks, metrics, errors = tables(["b.png"], failed=["c.png"])
+    pq.write_table(metrics, tmp_path / "r" / "metrics" / "part-half.parquet")  # the masks file never came
+    pq.write_table(errors, tmp_path / "r" / "errors" / "part-half.parquet")
+    (tmp_path / "r" / "masks" / ".tmp-123-part-y.parquet").write_bytes(b"half a file")
+    store.discard_uncommitted()
+    names = sorted(p.relative_to(tmp_path / "r").as_posix() for p in (tmp_path / "r").rglob("*") if p.is_file())
+    assert names == ["errors/part-committed.parquet", "masks/part-committed.parquet", "metrics/part-committed.parquet"]
+
+
+def test_outcomes_count_each_image_once_by_its_latest_result():
+    store = RunStore("memory://runstore-outcomes", {}, "r")
+    store.write_part(part_name(1, 0, 0), *tables(["a.png"], failed=["b.png", "c.png"], attempt=1))
+    store.write_part(part_name(2, 0, 0), *tables(["b.png"], failed=["c.png"], attempt=2))  # b fixed, c failed again
+    outcomes = store.outcomes()
+    assert outcomes.segmented == {"a.png", "b.png"} and outcomes.failed == {"c.png"}
+    latest = store.latest_errors().to_pylist()
+    assert [(r["image_id"], r["attempt"]) for r in latest] == [("c.png", 2)]
+    summary = store.summarize(2, ["bg", "fg"])
+    assert summary["images"] == 2 and summary["errors"] == 1 and summary["labeled_images"] == 0
+
+
+def test_error_rows_written_before_attempts_existed_read_as_attempt_1(tmp_path):
+    store = RunStore(str(tmp_path), {}, "r")
+    masks, metrics, _ = tables(["a.png"])
+    old_errors = pa.table({"image_id": ["b.png"], "stage": ["read"], "error": ["gone"]})
+    for kind, table in (("metrics", metrics), ("errors", old_errors), ("masks", masks)):
+        (tmp_path / "r" / kind).mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, tmp_path / "r" / kind / "part-000000-000000.parquet")
+    store.write_part(part_name(1, 0, 0), *tables(["c.png"], failed=["d.png"]))
+    errors = store.read_table("errors")
+    assert sorted(zip(errors.column("image_id").to_pylist(), errors.column("attempt").to_pylist())) == [("b.png", 1), ("d.png", 1)]
+
+
+def test_json_is_strict_nan_and_infinity_become_null(tmp_path):
+    assert strict_json({"a": [1.0, math.nan], "b": {"c": math.inf}}) == {"a": [1.0, None], "b": {"c": None}}
+    store = RunStore(str(tmp_path), {}, "r")
+    store.write_json("summary.json", {"mIoU": math.nan, "IoU": [0.5, math.nan]})
+    assert strict_json_load(tmp_path / "r" / "summary.json") == {"mIoU": None, "IoU": [0.5, None]}
+
+
+def test_a_run_record_refuses_a_config_that_changes_the_runs_results(tmp_path):
+    cfg = load_config({"run_id": "r", "input": {"uri": "/data/images"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
+    store = RunStore(str(tmp_path), {}, "r")
+    identity = run_identity(cfg, "segformer-b0", 150, "abc")
+    store.write_json("run.json", {"identity": identity, "attempts": [{"attempt": 1}]})
+    assert RunRecord.load(store, cfg, identity).attempt == 2
+    other = run_identity(cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"stride": (100, 100)})}), "segformer-b0", 150, "def")
+    with pytest.raises(ConfigError, match=r"inference\.stride, model\.weights_sha256"):
+        RunRecord.load(store, cfg, other)
+
+
+def test_config_changes_name_the_fields_that_differ():
+    assert config_changes({"a": {"b": 1, "c": 2}, "run_id": "x"}, {"a": {"b": 1, "c": 3}, "run_id": "y"}) == {"a.c": [2, 3]}
