@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ venv: $(VENV)/.core
 demo: $(VENV)/.core
 	$(VENV)/bin/segpipe demo --out ./demo-out
 
-test: $(VENV)/.test
+lint: $(VENV)/.test
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
 
 clean:

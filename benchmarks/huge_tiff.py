@@ -77,15 +77,13 @@ def write_tiff(path: str, height: int, width: int, tile: int = 256) -> None:
 
 def worker(args: argparse.Namespace) -> None:
     """Run one method in this process; print a JSON line with time and memory."""
-    import numpy as np
     import tifffile
     import torch
 
     from models import build_model
-    from pipeline.predictor import limit_heap_growth, segment_tiff
-    from pipeline.rows import StreamSource
-    from pipeline.predictor import ModelScorer
     from pipeline.masks import encode_chunks
+    from pipeline.predictor import ModelScorer, limit_heap_growth, segment_tiff
+    from pipeline.rows import StreamSource
     from pipeline.tiling import TilingSettings, segment_images
 
     torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import build_model  # noqa: E402
+from models import build_model
 
 DEFAULT_NAMES = [
     f"{family}-{decoder}-vit-{size}"

@@ -18,15 +18,15 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-import torch  # noqa: E402
+import torch
 
-from models import build_model, save_native  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.decode import decode_image  # noqa: E402
-from pipeline.masks import encode_chunks  # noqa: E402
-from pipeline.plan import run_job  # noqa: E402
-from pipeline.predictor import ModelScorer  # noqa: E402
-from pipeline.tiling import TilingSettings, segment_images  # noqa: E402
+from models import build_model, save_native
+from pipeline.config import load_config
+from pipeline.decode import decode_image
+from pipeline.masks import encode_chunks
+from pipeline.plan import run_job
+from pipeline.predictor import ModelScorer
+from pipeline.tiling import TilingSettings, segment_images
 
 
 def main() -> None:

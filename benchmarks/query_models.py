@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import load_model  # noqa: E402
+from models import load_model
 
 
 def hf_maskformer_tiny():

@@ -74,7 +74,7 @@ def main() -> None:
     from pipeline.plan import init_ray, run_job
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    import ray.data  # noqa: F401  (configures its loggers on import: quieten them after)
+    import ray.data
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per dataset otherwise
     work = Path(tempfile.mkdtemp(prefix="segpipe-s3-bench-"))

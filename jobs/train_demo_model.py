@@ -52,7 +52,7 @@ def evaluate(model, count: int = 16) -> dict:
 
     total = ClassAreas.zeros(len(CLASS_NAMES))
     samples = [make_sample("heldout", i, size) for i, size in enumerate(heldout_sizes(count))]
-    for (image, label), seg in zip(samples, segment_images(score_fn, [s[0] for s in samples], settings)):
+    for (_image, label), seg in zip(samples, segment_images(score_fn, [s[0] for s in samples], settings)):
         total += class_areas(seg.labels, label, len(CLASS_NAMES), 255)
     return summarize(total)
 

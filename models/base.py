@@ -3,12 +3,16 @@
 A model keeps the few facts the pipeline and the checkpoint writer need beside its weights:
 `arch` (the constructor's keyword arguments, enough to rebuild the architecture), the pixel
 normalization, and optionally the class names. `family` names the model file it comes from.
+
+Also here: what every family file uses to state its contract (`FamilyContract`) and to map a
+checkpoint's key names to its own (`rename_keys`).
 """
 from __future__ import annotations
 
 import re
 from contextlib import contextmanager
-from typing import Any, ClassVar, Iterator, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -149,3 +153,88 @@ def load_weights(model: M, state_dict: dict[str, torch.Tensor], origin: str, tar
     except RuntimeError as exc:  # keys and shapes fit, yet a copy failed (a dtype torch cannot cast)
         raise CheckpointError(f"{origin}: weights do not load into {target or type(model).__name__}: {brief(exc)}") from exc
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Key renaming: one helper for every checkpoint layout
+# ---------------------------------------------------------------------------------------------
+
+# (pattern, replacement): the pattern must match the whole key; the replacement is a template
+# (\1, \g<name>) or, where a number has to change (a 1-based index made 0-based), a function of the match
+Rule = tuple[str, str | Callable[[re.Match], str]]
+
+
+def rename_keys(
+    state_dict: Mapping[str, Any],
+    rules: Iterable[Rule],
+    *,
+    ignored: Iterable[str] = (),
+    keep_unknown: bool = False,
+    origin: str = "checkpoint",
+    layout: str = "",
+) -> dict[str, Any]:
+    """Rename each key by the first rule whose pattern matches it whole (`re.fullmatch`).
+
+    A key that no rule matches is dropped when an `ignored` pattern matches it whole (a
+    classification head, a loss's weights). Any other key is a CheckpointError naming `origin`
+    and the `layout`, so that an unsupported feature (layer scale, register tokens...) never
+    loads silently; with `keep_unknown` it keeps its name instead, and the strict load that
+    follows names it as unexpected. `state_dict` is left as it is.
+    """
+    compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+    dropped = [re.compile(pattern) for pattern in ignored]
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        for pattern, replacement in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                out[replacement(match) if callable(replacement) else match.expand(replacement)] = value
+                break
+        else:
+            if any(p.fullmatch(key) for p in dropped):
+                continue
+            if keep_unknown:
+                out[key] = value
+            else:
+                unknown.append(key)
+    if unknown:
+        what = f"{layout} layout" if layout else "layout"
+        raise CheckpointError(f"{origin}: {len(unknown)} keys of no known {what}, e.g. {', '.join(unknown[:3])}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A family's contract
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyContract:
+    """What a family file declares, at its end, to the registry and the checkpoint loader.
+
+    model       the class; `model.family` names the family, and `model(**arch)` rebuilds a
+                native checkpoint
+    variants    registry name -> builder(num_classes=..., **overrides), random weights
+    hf_model_types, from_hf
+                the config.json `model_type` values of the Hugging Face checkpoints that
+                `from_hf(config, state_dict, origin=...)` reads
+    from_mmseg  `from_mmseg(name, num_classes, state_dict, origin=...)`: an mmsegmentation .pth
+                loaded under any of the `variants` names
+    """
+
+    model: type[SegmentationModel]
+    variants: Mapping[str, Callable[..., SegmentationModel]]
+    hf_model_types: tuple[str, ...] = ()
+    from_hf: Callable[..., SegmentationModel] | None = None
+    from_mmseg: Callable[..., SegmentationModel] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.model.family:
+            raise ValueError(f"{self.model.__name__} names no family")
+        if bool(self.hf_model_types) != (self.from_hf is not None):
+            raise ValueError(f"{self.model.family}: hf_model_types and from_hf come together")
+
+    @property
+    def name(self) -> str:
+        return self.model.family

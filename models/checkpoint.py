@@ -2,12 +2,14 @@
 
 Three layouts come in:
 - a Hugging Face checkpoint directory: config.json with model.safetensors or pytorch_model.bin;
-  config.json's `model_type` picks the family's `from_hf(config, state_dict)`;
+  config.json's `model_type` picks the family that declares it (its CONTRACT's hf_model_types)
+  and that family's `from_hf(config, state_dict)`;
 - a native segpipe .safetensors file: its metadata (key "segpipe", JSON) names the family, the
   architecture, the classes and the normalization;
 - an mmsegmentation .pth file (`state_dict` and `meta`): the registry name passed as `name`
-  (or found in `meta`) picks the family's `from_mmseg(name, num_classes, state_dict)`.
-Pickles load with `torch.load(weights_only=True)` only.
+  picks the family that registers it, and that family's `from_mmseg(name, num_classes, state_dict)`.
+Which family loads what is read from the families' contracts (models/registry.py); this file keeps
+no table of its own. Pickles load with `torch.load(weights_only=True)` only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import fsspec
 import torch
@@ -26,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models import mask2former, maskformer, segformer, segmenter, setr
 from models.base import (
     CheckpointError,
     ModelError,
@@ -37,23 +38,15 @@ from models.base import (
     describe_misfit,
     load_weights,
 )
-from models.registry import MODELS, build_from_arch, check_name
+from models.registry import (
+    FAMILY_OF,
+    HF_MODEL_TYPES,
+    MODELS,
+    build_from_arch,
+    check_name,
+)
 
 NATIVE_KEY = "segpipe"
-
-# config.json model_type -> loader(config dict, state dict, origin=...) -> model
-HF_LOADERS: dict[str, Callable[..., SegmentationModel]] = {
-    "segformer": segformer.from_hf,
-    "maskformer": maskformer.from_hf,
-    "mask2former": mask2former.from_hf,
-}
-
-# registry-name prefix -> loader(name, num_classes, state dict, origin=...) -> model
-MMSEG_LOADERS: dict[str, Callable[..., SegmentationModel]] = {
-    "segformer-": segformer.from_mmseg,
-    "setr-": setr.from_mmseg,
-    "segmenter-": segmenter.from_mmseg,  # also the original Segmenter checkpoint.pth (encoder.*, decoder.*)
-}
 
 
 class NativeMeta(BaseModel):
@@ -187,8 +180,9 @@ def _load_hf_directory(path: Path, source: str) -> SegmentationModel:
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_origin}: holds a JSON {type(config).__name__}, not an object")
     model_type = config.get("model_type", "")
-    if model_type not in HF_LOADERS:
-        raise CheckpointError(f"{config_origin}: model_type {model_type!r} is not supported; known: {', '.join(sorted(HF_LOADERS))}")
+    family = HF_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise CheckpointError(f"{config_origin}: model_type {model_type!r} is not supported; known: {', '.join(sorted(HF_MODEL_TYPES))}")
     for weights in ("model.safetensors", "pytorch_model.bin"):
         if (path / weights).exists():
             state_dict = read_state_dict(path / weights, _inside(source, weights))
@@ -201,7 +195,7 @@ def _load_hf_directory(path: Path, source: str) -> SegmentationModel:
     if not _is_tensor_dict(state_dict):
         raise CheckpointError(f"{_inside(source, weights)}: does not hold a flat dict of named tensors")
     with _weights_fault(source, f"a {model_type} model"):
-        model = HF_LOADERS[model_type](config, state_dict, origin=source)
+        model = family.from_hf(config, state_dict, origin=source)
     id2label = config.get("id2label")
     if isinstance(id2label, dict) and id2label and len(id2label) == model.num_classes:
         model.class_names = [str(id2label[str(i)]) if str(i) in id2label else str(i) for i in range(model.num_classes)]
@@ -250,13 +244,13 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
         raise CheckpointError(f"{source}: an mmsegmentation checkpoint needs the model name (model.name / --name)")
     if num_classes is None:
         raise CheckpointError(f"{source}: the checkpoint does not say its classes: give num_classes")
-    for prefix, loader in MMSEG_LOADERS.items():
-        if name.startswith(prefix):
-            with _weights_fault(source, name):
-                model = loader(name, num_classes, state_dict, origin=source)
-            model.name = name
-            return model
-    raise CheckpointError(f"{source}: no mmsegmentation layout is known for {name!r}")
+    family = FAMILY_OF.get(name)
+    if family is None or family.from_mmseg is None:
+        raise CheckpointError(f"{source}: no mmsegmentation layout is known for {name!r}")
+    with _weights_fault(source, name):
+        model = family.from_mmseg(name, num_classes, state_dict, origin=source)
+    model.name = name
+    return model
 
 
 @contextmanager

@@ -17,7 +17,12 @@ Facts that matter for parity with the published models:
 
 `forward` returns the semantic score map at the mask resolution (ceil(H/4) x ceil(W/4));
 `forward_queries` the last layer's (class_logits N x Q x (C+1), mask_logits N x Q x h x w).
-The HF key mapping of Mask2FormerForUniversalSegmentation is written down above `from_hf`.
+
+The file reads top to bottom: multi-scale deformable attention and the pixel decoder, the
+masked-attention decoder, the model, the HF key table, then its contract: the named variants,
+`from_hf` and `CONTRACT`. What it shares with MaskFormer (position embedding, conv + GroupNorm,
+attention, the MLP head, the semantic combination, HF config parsing) is in
+models/mask_classification.py.
 """
 from __future__ import annotations
 
@@ -29,19 +34,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, building_from, load_weights
-from models.maskformer import (
+from models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    FamilyContract,
+    Rule,
+    SegmentationModel,
+    building_from,
+    load_weights,
+)
+from models.mask_classification import (
+    HF_BACKBONE,
     Attention,
     ConvNorm,
-    MLPHead,
     Mlp,
+    MLPHead,
     check_activation,
+    hf_swin_arch,
     num_labels,
-    rename_keys,
     semantic_scores,
     sine_position_embedding,
+    weights_from_hf,
 )
-from models.swin import SWIN_SIZES, SwinBackbone, swin_arch, swin_arch_from_hf, swin_from_hf
+from models.swin import SWIN_SIZES, SwinBackbone, swin_arch
 
 NUM_LEVELS = 3  # the deformable encoder and the decoder read the 1/32, 1/16 and 1/8 maps
 
@@ -325,24 +341,6 @@ class Mask2Former(SegmentationModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Named variants: the ADE20K semantic models of the Mask2Former paper (150 classes, 100 queries,
-# 256 wide, 6 deformable encoder layers, 9 decoder layers).
-# ---------------------------------------------------------------------------------------------
-
-def _builder(size: str):
-    def build(num_classes: int = 150, **overrides) -> Mask2Former:
-        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
-        kwargs.update(overrides)
-        return Mask2Former(num_classes=num_classes, **kwargs)
-
-    build.__doc__ = f"Mask2Former with a Swin-{size[0].upper()} backbone, random weights."
-    return build
-
-
-VARIANTS = {f"mask2former-swin-{size}": _builder(size) for size in SWIN_SIZES}
-
-
-# ---------------------------------------------------------------------------------------------
 # Hugging Face checkpoints (Mask2FormerForUniversalSegmentation, model_type "mask2former")
 # ---------------------------------------------------------------------------------------------
 #
@@ -374,64 +372,81 @@ VARIANTS = {f"mask2former-swin-{size}": _builder(size) for size in SWIN_SIZES}
 # class_predictor.*                                               class_head.*
 # dropped: criterion.empty_weight (the loss's class weights).
 
-_P = r"^model\.pixel_level_module\.decoder\."
-_T = r"^model\.transformer_module\."
-_HF_RULES: list[tuple[str, str]] = [
-    (_P + r"input_projections\.(\d+)\.0\.", r"pixel_decoder.input_projections.\1.conv."),
-    (_P + r"input_projections\.(\d+)\.1\.", r"pixel_decoder.input_projections.\1.norm."),
-    (_P + r"level_embed$", "pixel_decoder.level_embed"),
-    (_P + r"encoder\.layers\.(\d+)\.self_attn\.", r"pixel_decoder.encoder_layers.\1.self_attn."),
-    (_P + r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"pixel_decoder.encoder_layers.\1.norm1."),
-    (_P + r"encoder\.layers\.(\d+)\.fc(1|2)\.", r"pixel_decoder.encoder_layers.\1.mlp.fc\2."),
-    (_P + r"encoder\.layers\.(\d+)\.final_layer_norm\.", r"pixel_decoder.encoder_layers.\1.norm2."),
-    (_P + r"mask_projection\.", "pixel_decoder.mask_projection."),
-    (_T + r"input_projections\.", "input_projections."),
-    (_T + r"level_embed\.", "level_embed."),
-    (_T + r"queries_features\.", "query_feat."),
-    (_T + r"queries_embedder\.", "query_embed."),
-    (_T + r"decoder\.layers\.(\d+)\.cross_attn\.out_proj\.", r"decoder_layers.\1.cross_attn.out_proj."),
-    (_T + r"decoder\.layers\.(\d+)\.cross_attn_layer_norm\.", r"decoder_layers.\1.norm1."),
-    (_T + r"decoder\.layers\.(\d+)\.self_attn\.", r"decoder_layers.\1.self_attn."),
-    (_T + r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"decoder_layers.\1.norm2."),
-    (_T + r"decoder\.layers\.(\d+)\.fc(1|2)\.", r"decoder_layers.\1.mlp.fc\2."),
-    (_T + r"decoder\.layers\.(\d+)\.final_layer_norm\.", r"decoder_layers.\1.norm3."),
-    (_T + r"decoder\.layernorm\.", "decoder_norm."),
-    (_T + r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.", r"mask_embed.layers.\1."),
-    (r"^class_predictor\.", "class_head."),
-]
-_HF_DROPPED = ("criterion.empty_weight",)
+_P = r"model\.pixel_level_module\.decoder\."
+_T = r"model\.transformer_module\."
 
 
-def _fpn_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _fpn_key(match: re.Match) -> str:
     """adapter_k / layer_k (1-based) -> fpn_laterals / fpn_outputs (0-based)."""
-    out = {}
-    for key in list(state_dict):
-        match = re.fullmatch(r"model\.pixel_level_module\.decoder\.(adapter|layer)_(\d+)\.([01])\.(weight|bias)", key)
-        if match:
-            kind = "fpn_laterals" if match.group(1) == "adapter" else "fpn_outputs"
-            part = "conv" if match.group(3) == "0" else "norm"
-            out[f"pixel_decoder.{kind}.{int(match.group(2)) - 1}.{part}.{match.group(4)}"] = state_dict.pop(key)
-    return out
+    kind = "fpn_laterals" if match[1] == "adapter" else "fpn_outputs"
+    part = "conv" if match[3] == "0" else "norm"
+    return f"pixel_decoder.{kind}.{int(match[2]) - 1}.{part}.{match[4]}"
 
 
-def _split_in_proj(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+_HF_RULES: list[Rule] = [
+    (_P + r"input_projections\.(\d+)\.0\.(.+)", r"pixel_decoder.input_projections.\1.conv.\2"),
+    (_P + r"input_projections\.(\d+)\.1\.(.+)", r"pixel_decoder.input_projections.\1.norm.\2"),
+    (_P + r"level_embed", "pixel_decoder.level_embed"),
+    (_P + r"encoder\.layers\.(\d+)\.self_attn\.(.+)", r"pixel_decoder.encoder_layers.\1.self_attn.\2"),
+    (_P + r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(.+)", r"pixel_decoder.encoder_layers.\1.norm1.\2"),
+    (_P + r"encoder\.layers\.(\d+)\.fc(1|2)\.(.+)", r"pixel_decoder.encoder_layers.\1.mlp.fc\2.\3"),
+    (_P + r"encoder\.layers\.(\d+)\.final_layer_norm\.(.+)", r"pixel_decoder.encoder_layers.\1.norm2.\2"),
+    (_P + r"(adapter|layer)_(\d+)\.([01])\.(weight|bias)", _fpn_key),
+    (_P + r"mask_projection\.(.+)", r"pixel_decoder.mask_projection.\1"),
+    (_T + r"input_projections\.(.+)", r"input_projections.\1"),
+    (_T + r"level_embed\.(.+)", r"level_embed.\1"),
+    (_T + r"queries_features\.(.+)", r"query_feat.\1"),
+    (_T + r"queries_embedder\.(.+)", r"query_embed.\1"),
+    (_T + r"decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", r"decoder_layers.\1.cross_attn.in_proj.\2"),  # split below
+    (_T + r"decoder\.layers\.(\d+)\.cross_attn\.out_proj\.(.+)", r"decoder_layers.\1.cross_attn.out_proj.\2"),
+    (_T + r"decoder\.layers\.(\d+)\.cross_attn_layer_norm\.(.+)", r"decoder_layers.\1.norm1.\2"),
+    (_T + r"decoder\.layers\.(\d+)\.self_attn\.(.+)", r"decoder_layers.\1.self_attn.\2"),
+    (_T + r"decoder\.layers\.(\d+)\.self_attn_layer_norm\.(.+)", r"decoder_layers.\1.norm2.\2"),
+    (_T + r"decoder\.layers\.(\d+)\.fc(1|2)\.(.+)", r"decoder_layers.\1.mlp.fc\2.\3"),
+    (_T + r"decoder\.layers\.(\d+)\.final_layer_norm\.(.+)", r"decoder_layers.\1.norm3.\2"),
+    (_T + r"decoder\.layernorm\.(.+)", r"decoder_norm.\1"),
+    (_T + r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(.+)", r"mask_embed.layers.\1.\2"),
+    (r"class_predictor\.(.+)", r"class_head.\1"),
+]
+
+
+def _split_in_proj(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """nn.MultiheadAttention's packed in_proj (q; k; v rows) -> our three projections."""
     out = {}
-    for key in list(state_dict):
-        match = re.fullmatch(r"model\.transformer_module\.decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", key)
-        if match:
-            for name, part in zip("qkv", state_dict.pop(key).chunk(3, dim=0)):
-                out[f"decoder_layers.{match.group(1)}.cross_attn.{name}_proj.{match.group(2)}"] = part
+    for key, value in weights.items():
+        match = re.fullmatch(r"(decoder_layers\.\d+\.cross_attn)\.in_proj\.(weight|bias)", key)
+        if match is None:
+            out[key] = value
+            continue
+        for name, part in zip("qkv", value.chunk(3, dim=0)):
+            out[f"{match[1]}.{name}_proj.{match[2]}"] = part
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract: named variants (the ADE20K semantic models of the Mask2Former paper: 150 classes,
+# 100 queries, 256 wide, 6 deformable encoder layers, 9 decoder layers), the HF loader, and what
+# the registry reads
+# ---------------------------------------------------------------------------------------------
+
+def _builder(size: str):
+    def build(num_classes: int = 150, **overrides) -> Mask2Former:
+        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
+        kwargs.update(overrides)
+        return Mask2Former(num_classes=num_classes, **kwargs)
+
+    build.__doc__ = f"Mask2Former with a Swin-{size[0].upper()} backbone, random weights."
+    return build
+
+
+VARIANTS = {f"mask2former-swin-{size}": _builder(size) for size in SWIN_SIZES}
 
 
 def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "mask2former checkpoint") -> Mask2Former:
     """Mask2FormerForUniversalSegmentation (config.json + weights) -> Mask2Former; `origin` names the
     checkpoint in errors."""
     with building_from(origin, "config.json"):
-        backbone_config = config.get("backbone_config") or {}
-        if not backbone_config:
-            raise CheckpointError("mask2former config.json without backbone_config: only Swin backbones are supported")
+        swin = hf_swin_arch(config, "mask2former")
         check_activation(config, "activation_function")
         strides = list(config.get("feature_strides", (4, 8, 16, 32)))
         if strides != [4, 8, 16, 32]:
@@ -441,7 +456,7 @@ def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "ma
             raise CheckpointError(f"decoder_layers {decoder_layers}: at least 1 is needed")
         model = Mask2Former(
             num_classes=num_labels(config, state_dict, "class_predictor.weight"),
-            swin=swin_arch_from_hf(backbone_config),
+            swin=swin,
             feature_dim=int(config.get("feature_size", 256)),
             mask_dim=int(config.get("mask_feature_size", 256)),
             hidden_dim=int(config.get("hidden_dim", 256)),
@@ -455,11 +470,9 @@ def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "ma
             enforce_input_projection=bool(config.get("enforce_input_projection", False)),
             common_stride=int(config.get("common_stride", 4)),
         )
-    state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
-    ours = swin_from_hf(
-        state_dict, prefix="model.pixel_level_module.encoder.", body_prefix="model.pixel_level_module.encoder."
-    )
-    ours.update(_fpn_keys(state_dict))
-    ours.update(_split_in_proj(state_dict))
-    ours.update(rename_keys(state_dict, _HF_RULES))
-    return load_weights(model, ours, origin, "the Mask2Former that config.json describes")
+    weights = _split_in_proj(weights_from_hf(state_dict, _HF_RULES, swin_body=HF_BACKBONE, origin=origin))
+    return load_weights(model, weights, origin, "the Mask2Former that config.json describes")
+
+
+# no mmsegmentation layout: Mask2Former checkpoints come from transformers (or detectron2, not supported)
+CONTRACT = FamilyContract(model=Mask2Former, variants=VARIANTS, hf_model_types=("mask2former",), from_hf=from_hf)

@@ -12,151 +12,42 @@ FPN pixel decoder at 1/4 of the input resolution.
 `forward` returns the semantic score map at the mask resolution (ceil(H/4) x ceil(W/4));
 `forward_queries` the raw (class_logits N x Q x (C+1), mask_logits N x Q x h x w).
 
-The building blocks shared with Mask2Former (sine position embedding, conv + GroupNorm, attention,
-the MLP head, the semantic combination, key renaming) live here and are imported there.
-The HF key mapping of MaskFormerForInstanceSegmentation is written down above `from_hf`.
+The file reads top to bottom: MaskFormer's own parts (the FPN pixel decoder, the DETR decoder
+layer), the model, the HF key table, then its contract: the named variants, `from_hf` and
+`CONTRACT`. What it shares with Mask2Former (position embedding, conv + GroupNorm, attention, the
+MLP head, the semantic combination, HF config parsing) is in models/mask_classification.py.
 """
 from __future__ import annotations
 
-import math
-import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, building_from, load_weights
-from models.swin import SWIN_SIZES, SwinBackbone, swin_arch, swin_arch_from_hf, swin_from_hf
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared building blocks
-# ---------------------------------------------------------------------------------------------
-
-def sine_position_embedding(
-    height: int, width: int, dim: int, device: torch.device, dtype: torch.dtype, temperature: float = 10000.0
-) -> torch.Tensor:
-    """DETR's normalised 2-D sine embedding, dim x H x W: dim/2 channels for y, then dim/2 for x.
-
-    Coordinates run 1..H (1..W), are normalised to (0, 2*pi] and fed to interleaved sin / cos
-    at geometrically spaced frequencies. There is no padding mask: every position is valid.
-    """
-    half = dim // 2
-    eps, scale = 1e-6, 2 * math.pi
-    y = torch.arange(1, height + 1, device=device, dtype=dtype)
-    x = torch.arange(1, width + 1, device=device, dtype=dtype)
-    y = y / (y[-1:] + eps) * scale
-    x = x / (x[-1:] + eps) * scale
-    freq = torch.arange(half, device=device, dtype=torch.int64).to(dtype)
-    freq = temperature ** (2 * torch.div(freq, 2, rounding_mode="floor") / half)
-
-    def encode(coord: torch.Tensor) -> torch.Tensor:
-        angles = coord[:, None] / freq
-        return torch.stack((angles[:, 0::2].sin(), angles[:, 1::2].cos()), dim=-1).flatten(1)  # len x half
-
-    pos_y = encode(y)[:, None, :].expand(height, width, half)
-    pos_x = encode(x)[None, :, :].expand(height, width, half)
-    return torch.cat((pos_y, pos_x), dim=-1).permute(2, 0, 1)
-
-
-class ConvNorm(nn.Module):
-    """Conv (no bias unless asked) + GroupNorm(32) (+ ReLU): the detectron2 FPN unit."""
-
-    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, relu: bool, bias: bool = False) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.norm = nn.GroupNorm(32, out_ch)
-        self.relu = relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x))
-        return F.relu(x) if self.relu else x
-
-
-class Attention(nn.Module):
-    """Multi-head attention with separate q / k / v projections (queries and keys may carry
-    position embeddings that the values do not)."""
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not a multiple of {num_heads} heads")
-        self.num_heads = num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """query N x Lq x C, key / value N x Lk x C; mask broadcastable to N x heads x Lq x Lk
-        (bool: True = may attend)."""
-        n, length, dim = query.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(n, t.shape[1], self.num_heads, -1).transpose(1, 2)
-
-        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(key)), heads(self.v_proj(value))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
-
-
-class Mlp(nn.Module):
-    """Linear, ReLU, Linear: the transformer feed-forward block."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-class MLPHead(nn.Module):
-    """num_layers linear layers with ReLU between them: the mask-embedding head."""
-
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
-        super().__init__()
-        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return x
-
-
-def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """N x Q x (C+1), N x Q x h x w -> N x C x h x w: class probabilities without the no-object
-    class, times mask probabilities, summed over the queries."""
-    probs = class_logits.softmax(dim=-1)[..., :-1]
-    return torch.einsum("nqc,nqhw->nchw", probs, mask_logits.sigmoid())
-
-
-def rename_keys(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Apply the first matching (regex, replacement) rule to each key; a key no rule matches keeps
-    its name (so that the strict load names it as unexpected)."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            renamed, count = re.subn(pattern, replacement, key)
-            if count:
-                key = renamed
-                break
-        out[key] = value
-    return out
-
-
-def check_activation(config: dict, field: str) -> None:
-    activation = config.get(field, "relu")
-    if activation != "relu":
-        raise CheckpointError(f"{field} {activation!r} is not supported: only relu")
-
+from models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    FamilyContract,
+    SegmentationModel,
+    building_from,
+    load_weights,
+)
+from models.mask_classification import (
+    HF_BACKBONE,
+    Attention,
+    ConvNorm,
+    Mlp,
+    MLPHead,
+    check_activation,
+    hf_swin_arch,
+    num_labels,
+    semantic_scores,
+    sine_position_embedding,
+    weights_from_hf,
+)
+from models.swin import SWIN_SIZES, SwinBackbone, swin_arch
 
 # ---------------------------------------------------------------------------------------------
 # MaskFormer's parts
@@ -262,24 +153,6 @@ class MaskFormer(SegmentationModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Named variants: the ADE20K models of the MaskFormer paper (150 classes, 100 queries, 256 wide,
-# 6 decoder layers).
-# ---------------------------------------------------------------------------------------------
-
-def _builder(size: str):
-    def build(num_classes: int = 150, **overrides) -> MaskFormer:
-        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
-        kwargs.update(overrides)
-        return MaskFormer(num_classes=num_classes, **kwargs)
-
-    build.__doc__ = f"MaskFormer with a Swin-{size[0].upper()} backbone, random weights."
-    return build
-
-
-VARIANTS = {f"maskformer-swin-{size}": _builder(size) for size in SWIN_SIZES}
-
-
-# ---------------------------------------------------------------------------------------------
 # Hugging Face checkpoints (MaskFormerForInstanceSegmentation, model_type "maskformer")
 # ---------------------------------------------------------------------------------------------
 #
@@ -304,59 +177,62 @@ VARIANTS = {f"maskformer-swin-{size}": _builder(size) for size in SWIN_SIZES}
 # dropped: criterion.empty_weight (the loss's class weights).
 # transformers 5's in-memory names (o_proj for out_proj, mlp.fc1 for fc1) are accepted too.
 
-_HF_PREFIX = "model.pixel_level_module."
-_HF_DECODER = r"^model\.transformer_module\.decoder\."
+_PIXEL = r"model\.pixel_level_module\.decoder\."
+_DECODER = r"model\.transformer_module\.decoder\."
 _HF_RULES: list[tuple[str, str]] = [
-    (r"^model\.pixel_level_module\.decoder\.fpn\.stem\.0\.", "pixel_decoder.stem.conv."),
-    (r"^model\.pixel_level_module\.decoder\.fpn\.stem\.1\.", "pixel_decoder.stem.norm."),
-    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.proj\.0\.", r"pixel_decoder.laterals.\1.conv."),
-    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.proj\.1\.", r"pixel_decoder.laterals.\1.norm."),
-    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.block\.0\.", r"pixel_decoder.outputs.\1.conv."),
-    (r"^model\.pixel_level_module\.decoder\.fpn\.layers\.(\d+)\.block\.1\.", r"pixel_decoder.outputs.\1.norm."),
-    (r"^model\.pixel_level_module\.decoder\.mask_projection\.", "pixel_decoder.mask_projection."),
-    (r"^model\.transformer_module\.input_projection\.", "input_projection."),
-    (r"^model\.transformer_module\.queries_embedder\.", "query_embed."),
-    (_HF_DECODER + r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.", r"decoder_layers.\1.self_attn.\2_proj."),
-    (_HF_DECODER + r"layers\.(\d+)\.self_attn\.(?:out|o)_proj\.", r"decoder_layers.\1.self_attn.out_proj."),
-    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn\.(q|k|v)_proj\.", r"decoder_layers.\1.cross_attn.\2_proj."),
-    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn\.(?:out|o)_proj\.", r"decoder_layers.\1.cross_attn.out_proj."),
-    (_HF_DECODER + r"layers\.(\d+)\.self_attn_layer_norm\.", r"decoder_layers.\1.norm1."),
-    (_HF_DECODER + r"layers\.(\d+)\.encoder_attn_layer_norm\.", r"decoder_layers.\1.norm2."),
-    (_HF_DECODER + r"layers\.(\d+)\.(?:mlp\.)?fc(1|2)\.", r"decoder_layers.\1.mlp.fc\2."),
-    (_HF_DECODER + r"layers\.(\d+)\.final_layer_norm\.", r"decoder_layers.\1.norm3."),
-    (_HF_DECODER + r"layernorm\.", "decoder_norm."),
-    (r"^class_predictor\.", "class_head."),
-    (r"^mask_embedder\.(\d+)\.0\.", r"mask_embed.layers.\1."),
+    (_PIXEL + r"fpn\.stem\.0\.(.+)", r"pixel_decoder.stem.conv.\1"),
+    (_PIXEL + r"fpn\.stem\.1\.(.+)", r"pixel_decoder.stem.norm.\1"),
+    (_PIXEL + r"fpn\.layers\.(\d+)\.proj\.0\.(.+)", r"pixel_decoder.laterals.\1.conv.\2"),
+    (_PIXEL + r"fpn\.layers\.(\d+)\.proj\.1\.(.+)", r"pixel_decoder.laterals.\1.norm.\2"),
+    (_PIXEL + r"fpn\.layers\.(\d+)\.block\.0\.(.+)", r"pixel_decoder.outputs.\1.conv.\2"),
+    (_PIXEL + r"fpn\.layers\.(\d+)\.block\.1\.(.+)", r"pixel_decoder.outputs.\1.norm.\2"),
+    (_PIXEL + r"mask_projection\.(.+)", r"pixel_decoder.mask_projection.\1"),
+    (r"model\.transformer_module\.input_projection\.(.+)", r"input_projection.\1"),
+    (r"model\.transformer_module\.queries_embedder\.(.+)", r"query_embed.\1"),
+    (_DECODER + r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(.+)", r"decoder_layers.\1.self_attn.\2_proj.\3"),
+    (_DECODER + r"layers\.(\d+)\.self_attn\.(?:out|o)_proj\.(.+)", r"decoder_layers.\1.self_attn.out_proj.\2"),
+    (_DECODER + r"layers\.(\d+)\.encoder_attn\.(q|k|v)_proj\.(.+)", r"decoder_layers.\1.cross_attn.\2_proj.\3"),
+    (_DECODER + r"layers\.(\d+)\.encoder_attn\.(?:out|o)_proj\.(.+)", r"decoder_layers.\1.cross_attn.out_proj.\2"),
+    (_DECODER + r"layers\.(\d+)\.self_attn_layer_norm\.(.+)", r"decoder_layers.\1.norm1.\2"),
+    (_DECODER + r"layers\.(\d+)\.encoder_attn_layer_norm\.(.+)", r"decoder_layers.\1.norm2.\2"),
+    (_DECODER + r"layers\.(\d+)\.(?:mlp\.)?fc(1|2)\.(.+)", r"decoder_layers.\1.mlp.fc\2.\3"),
+    (_DECODER + r"layers\.(\d+)\.final_layer_norm\.(.+)", r"decoder_layers.\1.norm3.\2"),
+    (_DECODER + r"layernorm\.(.+)", r"decoder_norm.\1"),
+    (r"class_predictor\.(.+)", r"class_head.\1"),
+    (r"mask_embedder\.(\d+)\.0\.(.+)", r"mask_embed.layers.\1.\2"),
 ]
-_HF_DROPPED = ("criterion.empty_weight",)
 
 
-def num_labels(config: dict, state_dict: dict[str, torch.Tensor], class_key: str) -> int:
-    """The number of classes: the class head's rows minus the no-object one (config.json's
-    id2label may be absent or stale)."""
-    if class_key not in state_dict:
-        raise CheckpointError(f"the checkpoint has no {class_key}: not a segmentation head")
-    classes = int(state_dict[class_key].shape[0]) - 1
-    id2label = config.get("id2label")
-    if id2label and len(id2label) != classes:
-        raise CheckpointError(f"config.json names {len(id2label)} classes but the class head has {classes}")
-    return classes
+# ---------------------------------------------------------------------------------------------
+# The contract: named variants (the ADE20K models of the MaskFormer paper: 150 classes, 100 queries,
+# 256 wide, 6 decoder layers), the HF loader, and what the registry reads
+# ---------------------------------------------------------------------------------------------
+
+def _builder(size: str):
+    def build(num_classes: int = 150, **overrides) -> MaskFormer:
+        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
+        kwargs.update(overrides)
+        return MaskFormer(num_classes=num_classes, **kwargs)
+
+    build.__doc__ = f"MaskFormer with a Swin-{size[0].upper()} backbone, random weights."
+    return build
+
+
+VARIANTS = {f"maskformer-swin-{size}": _builder(size) for size in SWIN_SIZES}
 
 
 def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "maskformer checkpoint") -> MaskFormer:
     """MaskFormerForInstanceSegmentation (config.json + weights) -> MaskFormer; `origin` names the
     checkpoint in errors."""
     with building_from(origin, "config.json"):
-        backbone_config = config.get("backbone_config") or {}
-        if not backbone_config:
-            raise CheckpointError("maskformer config.json without backbone_config: only Swin backbones are supported")
+        swin = hf_swin_arch(config, "maskformer")
         decoder = config.get("decoder_config") or {}
         if decoder.get("model_type", "detr") != "detr":
             raise CheckpointError(f"MaskFormer decoder {decoder.get('model_type')!r} is not supported: only detr")
         check_activation(decoder, "activation_function")
         model = MaskFormer(
             num_classes=num_labels(config, state_dict, "class_predictor.weight"),
-            swin=swin_arch_from_hf(backbone_config),
+            swin=swin,
             fpn_dim=int(config.get("fpn_feature_size", 256)),
             mask_dim=int(config.get("mask_feature_size", 256)),
             hidden_dim=int(decoder.get("d_model", 256)),
@@ -365,7 +241,9 @@ def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "ma
             num_layers=int(decoder.get("decoder_layers", 6)),
             ffn_dim=int(decoder.get("decoder_ffn_dim", 2048)),
         )
-    state_dict = {k: v for k, v in state_dict.items() if k not in _HF_DROPPED}
-    ours = swin_from_hf(state_dict, prefix=_HF_PREFIX + "encoder.", body_prefix=_HF_PREFIX + "encoder.model.")
-    ours.update(rename_keys(state_dict, _HF_RULES))
-    return load_weights(model, ours, origin, "the MaskFormer that config.json describes")
+    weights = weights_from_hf(state_dict, _HF_RULES, swin_body=HF_BACKBONE + "model.", origin=origin)
+    return load_weights(model, weights, origin, "the MaskFormer that config.json describes")
+
+
+# no mmsegmentation layout: MaskFormer checkpoints come from transformers (or detectron2, not supported)
+CONTRACT = FamilyContract(model=MaskFormer, variants=VARIANTS, hf_model_types=("maskformer",), from_hf=from_hf)

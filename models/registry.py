@@ -1,4 +1,8 @@
-"""The model registry: a plain dict from model name to builder, and one from family to class.
+"""The model registry: plain dicts built from the family modules, each listed once below.
+
+Every family file ends with its `CONTRACT` (models/base.py FamilyContract): its model class, its
+named variants, and the checkpoint layouts it loads. The tables here, and the checkpoint loader's
+dispatch (models/checkpoint.py), are derived from those declarations and nothing else.
 
 A builder takes `num_classes` (and optional overrides of its architecture) and returns a model
 with random weights. A family class rebuilds a model from the `arch` dict a checkpoint stores.
@@ -8,22 +12,24 @@ from __future__ import annotations
 from typing import Callable
 
 from models import mask2former, maskformer, segformer, segmenter, setr
-from models.base import SegmentationModel, UnknownModelError
+from models.base import FamilyContract, SegmentationModel, UnknownModelError
 
-MODELS: dict[str, Callable[..., SegmentationModel]] = {
-    **segformer.VARIANTS,
-    **maskformer.VARIANTS,
-    **mask2former.VARIANTS,
-    **setr.VARIANTS,
-    **segmenter.VARIANTS,
+# family name -> contract; a new family is one more module in this tuple
+CONTRACTS: dict[str, FamilyContract] = {
+    module.CONTRACT.name: module.CONTRACT for module in (segformer, maskformer, mask2former, setr, segmenter)
 }
 
-FAMILIES: dict[str, type[SegmentationModel]] = {
-    segformer.SegFormer.family: segformer.SegFormer,
-    maskformer.MaskFormer.family: maskformer.MaskFormer,
-    mask2former.Mask2Former.family: mask2former.Mask2Former,
-    setr.SETR.family: setr.SETR,
-    segmenter.Segmenter.family: segmenter.Segmenter,
+# model name -> builder
+MODELS: dict[str, Callable[..., SegmentationModel]] = {
+    name: build for contract in CONTRACTS.values() for name, build in contract.variants.items()
+}
+
+# model name -> the contract of its family (the mmseg loader of a name is its family's)
+FAMILY_OF: dict[str, FamilyContract] = {name: contract for contract in CONTRACTS.values() for name in contract.variants}
+
+# config.json model_type -> the contract of the family that loads it
+HF_MODEL_TYPES: dict[str, FamilyContract] = {
+    model_type: contract for contract in CONTRACTS.values() for model_type in contract.hf_model_types
 }
 
 
@@ -47,6 +53,6 @@ def build_model(name: str, num_classes: int = 150, **overrides) -> SegmentationM
 
 def build_from_arch(family: str, arch: dict) -> SegmentationModel:
     """Rebuild a model from a family name and the `arch` dict that a native checkpoint stores."""
-    if family not in FAMILIES:
-        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[family](**arch)
+    if family not in CONTRACTS:
+        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(sorted(CONTRACTS))}")
+    return CONTRACTS[family].model(**arch)

@@ -21,20 +21,30 @@ in the logits: transformers builds every LayerNorm with torch's default 1e-5 (it
 for every LayerNorm. (NVlabs' original code mixes them: 1e-6 in blocks and stage norms, 1e-5 in
 the patch embeddings and the spatial-reduction norm.) Each loader sets the value of its origin.
 
-Checkpoint loaders at the end of the file: `from_hf` (transformers' SegformerForSemanticSegmentation,
-both its Hub key names and its 5.x module names) and `from_mmseg` (mmsegmentation's
-MixVisionTransformer + SegformerHead). Each key table sits next to its loader.
+The file reads top to bottom: the encoder's blocks, the decoders, the model, the checkpoint key
+tables, then the family's contract: the named variants, the loaders `from_hf` (transformers'
+SegformerForSemanticSegmentation, both its Hub key names and its 5.x module names) and
+`from_mmseg` (mmsegmentation's MixVisionTransformer + SegformerHead), and `CONTRACT`.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, UnknownModelError, building_from, load_weights
+from models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    FamilyContract,
+    SegmentationModel,
+    UnknownModelError,
+    building_from,
+    load_weights,
+    rename_keys,
+)
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -319,80 +329,8 @@ class SegFormer(SegmentationModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Named variants
+# Checkpoint layouts: each key table with the code that reads it
 # ---------------------------------------------------------------------------------------------
-
-# The published MiT widths and depths; heads 1, 2, 5, 8 and sr ratios 8, 4, 2, 1 for all.
-_MIT = {
-    "b0": dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
-    "b1": dict(hidden_sizes=(64, 128, 320, 512), depths=(2, 2, 2, 2), decoder_dim=256),
-    "b2": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 6, 3), decoder_dim=768),
-    "b3": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 18, 3), decoder_dim=768),
-    "b4": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 8, 27, 3), decoder_dim=768),
-    "b5": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
-}
-
-
-# what a builder may override (num_classes is its own argument)
-_ARCH_KWARGS = (
-    "hidden_sizes", "depths", "num_heads", "sr_ratios", "mlp_ratios", "patch_sizes", "strides",
-    "decoder_dim", "head", "act", "layer_norm_eps", "in_channels", "pixel_mean", "pixel_std",
-)
-
-
-def _builder(size: str) -> Callable[..., SegFormer]:
-    def build(num_classes: int = 150, **overrides: Any) -> SegFormer:
-        unknown = set(overrides) - set(_ARCH_KWARGS)
-        if unknown:
-            raise TypeError(f"segformer-{size}: unknown overrides {sorted(unknown)}; known: {sorted(_ARCH_KWARGS)}")
-        return SegFormer(num_classes=num_classes, **{**_MIT[size], **overrides})
-
-    build.__name__ = f"segformer_{size}"
-    build.__doc__ = f"SegFormer-{size.upper()} with random weights; keyword overrides replace its arch kwargs."
-    return build
-
-
-VARIANTS: dict[str, Callable[..., SegFormer]] = {f"segformer-{size}": _builder(size) for size in _MIT}
-"""`VARIANTS[name](num_classes=K, **overrides)` builds SegFormer-B0..B5 with random weights.
-
-Overrides (any SegFormer arch kwarg, per-stage lists have one entry per stage):
-  hidden_sizes  stage widths, e.g. [16, 32, 64, 128] for a reduced-width MiT
-  depths        blocks per stage
-  num_heads     attention heads per stage (default 1, 2, 5, 8: widths must divide by them,
-                so pass num_heads with hidden_sizes that are not multiples of these)
-  sr_ratios     key/value spatial-reduction ratios (8, 4, 2, 1)
-  mlp_ratios    Mix-FFN hidden width / stage width (4, 4, 4, 4)
-  patch_sizes, strides   the overlapping patch embeddings ((7, 3, 3, 3), (4, 2, 2, 2))
-  decoder_dim   the decoder's width (256 for B0/B1, 768 for B2..B5)
-  head          "mlp" (paper / transformers) or "mmseg" (mmsegmentation's SegformerHead)
-  act           "gelu" (default), "gelu_new", "relu"
-  layer_norm_eps  1e-6 (the original / mmseg MiT); transformers checkpoints load with 1e-5
-  in_channels, pixel_mean, pixel_std
-Example: build_model("segformer-b0", num_classes=2, hidden_sizes=[16, 32, 64, 128],
-                     num_heads=[1, 2, 4, 8], decoder_dim=64)
-"""
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint loading
-# ---------------------------------------------------------------------------------------------
-
-
-def _rename(state_dict: dict[str, torch.Tensor], table: list[tuple[str, str]], origin: str) -> dict[str, torch.Tensor]:
-    """Rename every key by the first pattern of `table` that matches it whole; unknown keys are an error."""
-    compiled = [(re.compile(pattern), target) for pattern, target in table]
-    renamed, unknown = {}, []
-    for key, value in state_dict.items():
-        for pattern, target in compiled:
-            match = pattern.fullmatch(key)
-            if match:
-                renamed[match.expand(target)] = value
-                break
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{origin}: {len(unknown)} keys of no known SegFormer layout, e.g. {', '.join(unknown[:3])}")
-    return renamed
 
 
 def _load(model: SegFormer, state_dict: dict[str, torch.Tensor], origin: str, target: str | None = None) -> SegFormer:
@@ -441,22 +379,6 @@ HF_KEYS: list[tuple[str, str]] = [
     (rf"decode_head\.batch_norm\.{_BN}", r"head.fuse.bn.\1"),
     (rf"decode_head\.classifier\.{_P}", r"head.classifier.\1"),
 ]
-
-
-def from_hf(
-    config: dict[str, Any],
-    state_dict: dict[str, torch.Tensor],
-    origin: str = "transformers SegformerForSemanticSegmentation checkpoint",
-) -> SegFormer:
-    """A SegFormer from a transformers SegformerConfig dict and a SegformerForSemanticSegmentation state dict.
-
-    Classes come from id2label (else num_labels). `reshape_last_stage` is ignored: our stages always
-    return maps, which is what the semantic-segmentation head consumes either way. `origin` names
-    the checkpoint in errors.
-    """
-    with building_from(origin, "config.json"):
-        model = _from_hf_config(config, origin)
-    return _load(model, _rename(state_dict, HF_KEYS, origin), origin, "the SegFormer that config.json describes")
 
 
 def _from_hf_config(config: dict[str, Any], origin: str) -> SegFormer:
@@ -532,6 +454,79 @@ MMSEG_KEYS: list[tuple[str, str]] = [
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# The contract: named variants, the loaders of the two checkpoint layouts, and what the
+# registry reads
+# ---------------------------------------------------------------------------------------------
+
+# The published MiT widths and depths; heads 1, 2, 5, 8 and sr ratios 8, 4, 2, 1 for all.
+_MIT = {
+    "b0": dict(hidden_sizes=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b1": dict(hidden_sizes=(64, 128, 320, 512), depths=(2, 2, 2, 2), decoder_dim=256),
+    "b2": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 6, 3), decoder_dim=768),
+    "b3": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 4, 18, 3), decoder_dim=768),
+    "b4": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 8, 27, 3), decoder_dim=768),
+    "b5": dict(hidden_sizes=(64, 128, 320, 512), depths=(3, 6, 40, 3), decoder_dim=768),
+}
+
+
+# what a builder may override (num_classes is its own argument)
+_ARCH_KWARGS = (
+    "hidden_sizes", "depths", "num_heads", "sr_ratios", "mlp_ratios", "patch_sizes", "strides",
+    "decoder_dim", "head", "act", "layer_norm_eps", "in_channels", "pixel_mean", "pixel_std",
+)
+
+
+def _builder(size: str) -> Callable[..., SegFormer]:
+    def build(num_classes: int = 150, **overrides: Any) -> SegFormer:
+        unknown = set(overrides) - set(_ARCH_KWARGS)
+        if unknown:
+            raise TypeError(f"segformer-{size}: unknown overrides {sorted(unknown)}; known: {sorted(_ARCH_KWARGS)}")
+        return SegFormer(num_classes=num_classes, **{**_MIT[size], **overrides})
+
+    build.__name__ = f"segformer_{size}"
+    build.__doc__ = f"SegFormer-{size.upper()} with random weights; keyword overrides replace its arch kwargs."
+    return build
+
+
+VARIANTS: dict[str, Callable[..., SegFormer]] = {f"segformer-{size}": _builder(size) for size in _MIT}
+"""`VARIANTS[name](num_classes=K, **overrides)` builds SegFormer-B0..B5 with random weights.
+
+Overrides (any SegFormer arch kwarg, per-stage lists have one entry per stage):
+  hidden_sizes  stage widths, e.g. [16, 32, 64, 128] for a reduced-width MiT
+  depths        blocks per stage
+  num_heads     attention heads per stage (default 1, 2, 5, 8: widths must divide by them,
+                so pass num_heads with hidden_sizes that are not multiples of these)
+  sr_ratios     key/value spatial-reduction ratios (8, 4, 2, 1)
+  mlp_ratios    Mix-FFN hidden width / stage width (4, 4, 4, 4)
+  patch_sizes, strides   the overlapping patch embeddings ((7, 3, 3, 3), (4, 2, 2, 2))
+  decoder_dim   the decoder's width (256 for B0/B1, 768 for B2..B5)
+  head          "mlp" (paper / transformers) or "mmseg" (mmsegmentation's SegformerHead)
+  act           "gelu" (default), "gelu_new", "relu"
+  layer_norm_eps  1e-6 (the original / mmseg MiT); transformers checkpoints load with 1e-5
+  in_channels, pixel_mean, pixel_std
+Example: build_model("segformer-b0", num_classes=2, hidden_sizes=[16, 32, 64, 128],
+                     num_heads=[1, 2, 4, 8], decoder_dim=64)
+"""
+
+
+def from_hf(
+    config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    origin: str = "transformers SegformerForSemanticSegmentation checkpoint",
+) -> SegFormer:
+    """A SegFormer from a transformers SegformerConfig dict and a SegformerForSemanticSegmentation state dict.
+
+    Classes come from id2label (else num_labels). `reshape_last_stage` is ignored: our stages always
+    return maps, which is what the semantic-segmentation head consumes either way. `origin` names
+    the checkpoint in errors.
+    """
+    with building_from(origin, "config.json"):
+        model = _from_hf_config(config, origin)
+    weights = rename_keys(state_dict, HF_KEYS, origin=origin, layout="SegFormer")
+    return _load(model, weights, origin, "the SegFormer that config.json describes")
+
+
 def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> SegFormer:
     """A SegFormer (mmseg head, LayerNorm eps 1e-6) from an mmsegmentation checkpoint's state dict.
 
@@ -543,7 +538,7 @@ def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor],
         raise UnknownModelError(f"unknown SegFormer variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
     if any(k.startswith("backbone.patch_embed1.") or k.startswith("backbone.block1.") for k in state_dict):
         raise CheckpointError(f"{origin}: this is an NVlabs SegFormer checkpoint (backbone.block1...), not mmsegmentation's layout")
-    renamed = _rename(state_dict, MMSEG_KEYS, origin)
+    renamed = rename_keys(state_dict, MMSEG_KEYS, origin=origin, layout="SegFormer")
     weights: dict[str, torch.Tensor] = {}
     for key, value in renamed.items():
         if ".attn.qkv." in key:  # nn.MultiheadAttention's fused in-projection: q, k, v rows
@@ -561,3 +556,12 @@ def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor],
     model = VARIANTS[name](num_classes=num_classes, head="mmseg", layer_norm_eps=1e-6)
     model.name = name  # so that a misfit says which variant the weights were loaded as
     return _load(model, weights, origin)
+
+
+CONTRACT = FamilyContract(
+    model=SegFormer,
+    variants=VARIANTS,
+    hf_model_types=("segformer",),
+    from_hf=from_hf,
+    from_mmseg=from_mmseg,
+)

@@ -16,6 +16,9 @@ metadata. Two checkpoint layouts load (mappings next to the loaders below): mmse
 the original repository's (rstrudel/segmenter: checkpoint.pth with "model": encoder.*, decoder.*).
 They differ in more than names: the original uses LayerNorm eps 1e-5 in the encoder and
 bilinear position-embedding resizing, mmseg eps 1e-6 and bicubic; both are kept in the arch.
+
+The file reads top to bottom: the decoders, the model, the key tables of both layouts and the
+code that reads them, then the family's contract: the named variants, `from_mmseg` and `CONTRACT`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CheckpointError, SegmentationModel, load_weights
+from models.base import (
+    CheckpointError,
+    FamilyContract,
+    SegmentationModel,
+    load_weights,
+    rename_keys,
+)
 from models.vit import (
     SIZES,
     Block,
@@ -37,7 +46,6 @@ from models.vit import (
     encoder_from_mmseg,
     encoder_from_timm,
     mmseg_block_rules,
-    rename,
     strip_prefix,
     vit_config,
 )
@@ -155,23 +163,6 @@ def segmenter_encoder(size: str, **overrides: Any) -> ViTConfig:
     return vit_config(size, **{**settings, **overrides})
 
 
-_VIT_FIELDS = {f.name for f in fields(ViTConfig)}
-
-
-def _variant(decoder: str, size: str) -> Callable[..., Segmenter]:
-    def build(num_classes: int = 150, **overrides: Any) -> Segmenter:
-        encoder = {k: overrides.pop(k) for k in list(overrides) if k in _VIT_FIELDS}
-        return Segmenter(num_classes=num_classes, decoder=decoder, encoder=segmenter_encoder(size, **encoder).to_dict(), **overrides)
-
-    build.__name__ = f"segmenter_{decoder}_vit_{size}"
-    return build
-
-
-VARIANTS: dict[str, Callable[..., Segmenter]] = {
-    f"segmenter-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Checkpoints: mmsegmentation and the original repository
 # --------------------------------------------------------------------------------------------
@@ -224,22 +215,6 @@ def parse_name(name: str) -> tuple[str, str]:
     return parts[1], parts[3]
 
 
-def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
-    """A Segmenter from an mmsegmentation state dict, or from the original repository's checkpoint.
-
-    Both come through `load_model(path.pth, name=..., num_classes=...)`; the keys tell them apart
-    (backbone.* for mmseg; encoder.* and decoder.*, possibly under "model", for the original).
-    `origin` names the checkpoint in errors.
-    """
-    if isinstance(state_dict.get("model"), dict):  # the original checkpoint.pth: model, optimizer, epoch...
-        state_dict = state_dict["model"]
-    if any(k.startswith("backbone.") for k in state_dict):
-        return _from_mmseg_layout(name, num_classes, state_dict, origin)
-    if any(k.startswith("encoder.") for k in state_dict):
-        return from_original(name, num_classes, state_dict, origin)
-    raise CheckpointError(f"{origin or f'checkpoint for {name}'}: neither mmseg (backbone.*) nor original Segmenter (encoder.*) keys")
-
-
 def _from_mmseg_layout(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
     decoder, size = parse_name(name)
     origin = origin or f"mmseg checkpoint for {name}"
@@ -247,9 +222,9 @@ def _from_mmseg_layout(name: str, num_classes: int, state_dict: dict[str, torch.
     config = _encoder_config(encoder_weights, size, origin, norm_eps=1e-6, pos_interpolation="bicubic")
     heads = {k: v for k, v in state_dict.items() if not k.startswith(("backbone.", "auxiliary_head."))}
     if decoder == "mask":
-        decoder_weights = rename(heads, MMSEG_MASK_RULES, MMSEG_MASK_IGNORED, origin)
+        decoder_weights = rename_keys(heads, MMSEG_MASK_RULES, ignored=MMSEG_MASK_IGNORED, origin=origin, layout="Segmenter")
     else:
-        decoder_weights = rename(heads, MMSEG_LINEAR_RULES, (), origin)
+        decoder_weights = rename_keys(heads, MMSEG_LINEAR_RULES, origin=origin, layout="Segmenter")
         weight = decoder_weights.get("decoder.head.weight")
         if weight is not None and weight.dim() == 4:
             decoder_weights["decoder.head.weight"] = weight.flatten(1)  # a 1x1 conv is a linear layer
@@ -266,7 +241,8 @@ def from_original(name: str, num_classes: int, state_dict: dict[str, torch.Tenso
     # segm/model/blocks.py uses nn.LayerNorm's default eps and segm/model/utils.py resizes bilinearly
     config = _encoder_config(encoder_weights, size, origin, norm_eps=1e-5, pos_interpolation="bilinear")
     heads = {k: v for k, v in state_dict.items() if not k.startswith("encoder.")}
-    decoder_weights = rename(heads, ORIGINAL_MASK_RULES if decoder == "mask" else ORIGINAL_LINEAR_RULES, (), origin)
+    rules = ORIGINAL_MASK_RULES if decoder == "mask" else ORIGINAL_LINEAR_RULES
+    decoder_weights = rename_keys(heads, rules, origin=origin, layout="original Segmenter")
     for key in ("decoder.proj_patch.weight", "decoder.proj_classes.weight"):
         if key in decoder_weights:
             decoder_weights[key] = decoder_weights[key].t().contiguous()
@@ -311,3 +287,44 @@ def _build(
     model = Segmenter(num_classes=num_classes, decoder=decoder, encoder=config.to_dict(), decoder_norm_eps=decoder_norm_eps, **kwargs)
     model.name = name
     return load_weights(model, {**{f"encoder.{k}": v for k, v in encoder_weights.items()}, **decoder_weights}, origin)
+
+
+# --------------------------------------------------------------------------------------------
+# The contract: named variants, the loader of both checkpoint layouts, and what the registry reads
+# --------------------------------------------------------------------------------------------
+
+_VIT_FIELDS = {f.name for f in fields(ViTConfig)}
+
+
+def _variant(decoder: str, size: str) -> Callable[..., Segmenter]:
+    def build(num_classes: int = 150, **overrides: Any) -> Segmenter:
+        encoder = {k: overrides.pop(k) for k in list(overrides) if k in _VIT_FIELDS}
+        return Segmenter(num_classes=num_classes, decoder=decoder, encoder=segmenter_encoder(size, **encoder).to_dict(), **overrides)
+
+    build.__name__ = f"segmenter_{decoder}_vit_{size}"
+    return build
+
+
+VARIANTS: dict[str, Callable[..., Segmenter]] = {
+    f"segmenter-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES
+}
+
+
+def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> Segmenter:
+    """A Segmenter from an mmsegmentation state dict, or from the original repository's checkpoint.
+
+    Both come through `load_model(path.pth, name=..., num_classes=...)`; the keys tell them apart
+    (backbone.* for mmseg; encoder.* and decoder.*, possibly under "model", for the original).
+    `origin` names the checkpoint in errors.
+    """
+    if isinstance(state_dict.get("model"), dict):  # the original checkpoint.pth: model, optimizer, epoch...
+        state_dict = state_dict["model"]
+    if any(k.startswith("backbone.") for k in state_dict):
+        return _from_mmseg_layout(name, num_classes, state_dict, origin)
+    if any(k.startswith("encoder.") for k in state_dict):
+        return from_original(name, num_classes, state_dict, origin)
+    raise CheckpointError(f"{origin or f'checkpoint for {name}'}: neither mmseg (backbone.*) nor original Segmenter (encoder.*) keys")
+
+
+# no HF model_type: transformers has no Segmenter; from_mmseg also reads the original repository's checkpoint.pth
+CONTRACT = FamilyContract(model=Segmenter, variants=VARIANTS, from_mmseg=from_mmseg)

@@ -16,6 +16,9 @@ exactly: BN after bias-free convs, align_corners=False everywhere, position embe
 bilinearly, no final norm in the encoder, and for MLA the class token dropped before the blocks.
 The original SETR code differs (conv bias before BN, align_corners=True and a 3x3 classifier in
 MLA) and its checkpoints are not supported.
+
+The file reads top to bottom: the decoders' blocks, the model, mmsegmentation's key tables, then
+the family's contract: the named variants, `from_mmseg` and `CONTRACT`.
 """
 from __future__ import annotations
 
@@ -27,8 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, SegmentationModel, load_weights
-from models.vit import SIZES, ViTConfig, ViTEncoder, config_from_weights, encoder_from_mmseg, rename, strip_prefix, vit_config
+from models.base import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CheckpointError,
+    FamilyContract,
+    SegmentationModel,
+    load_weights,
+    rename_keys,
+)
+from models.vit import (
+    SIZES,
+    ViTConfig,
+    ViTEncoder,
+    config_from_weights,
+    encoder_from_mmseg,
+    strip_prefix,
+    vit_config,
+)
 
 DECODERS = ("naive", "pup", "mla")
 
@@ -188,23 +207,6 @@ def setr_encoder(size: str, decoder: str, **overrides: Any) -> ViTConfig:
     return vit_config(size, **{**settings, **overrides})
 
 
-_VIT_FIELDS = {f.name for f in fields(ViTConfig)}
-
-
-def _variant(decoder: str, size: str) -> Callable[..., SETR]:
-    def build(num_classes: int = 150, **overrides: Any) -> SETR:
-        encoder = {k: overrides.pop(k) for k in list(overrides) if k in _VIT_FIELDS}
-        return SETR(num_classes=num_classes, decoder=decoder, encoder=setr_encoder(size, decoder, **encoder).to_dict(), **overrides)
-
-    build.__name__ = f"setr_{decoder}_vit_{size}"
-    return build
-
-
-VARIANTS: dict[str, Callable[..., SETR]] = {
-    f"setr-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES
-}
-
-
 # --------------------------------------------------------------------------------------------
 # mmsegmentation checkpoints
 # --------------------------------------------------------------------------------------------
@@ -248,6 +250,36 @@ def parse_name(name: str) -> tuple[str, str]:
     return parts[1], parts[3]
 
 
+def fill_bn_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older checkpoints lack BatchNorm's num_batches_tracked (unused at inference): add zeros."""
+    out = dict(state_dict)
+    for key in state_dict:
+        if key.endswith(".running_mean"):
+            out.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The contract: named variants, the mmsegmentation loader, and what the registry reads
+# --------------------------------------------------------------------------------------------
+
+_VIT_FIELDS = {f.name for f in fields(ViTConfig)}
+
+
+def _variant(decoder: str, size: str) -> Callable[..., SETR]:
+    def build(num_classes: int = 150, **overrides: Any) -> SETR:
+        encoder = {k: overrides.pop(k) for k in list(overrides) if k in _VIT_FIELDS}
+        return SETR(num_classes=num_classes, decoder=decoder, encoder=setr_encoder(size, decoder, **encoder).to_dict(), **overrides)
+
+    build.__name__ = f"setr_{decoder}_vit_{size}"
+    return build
+
+
+VARIANTS: dict[str, Callable[..., SETR]] = {
+    f"setr-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES
+}
+
+
 def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> SETR:
     """A SETR from an mmsegmentation state dict (backbone.*, neck.*, decode_head.*).
 
@@ -269,7 +301,8 @@ def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor],
     )
     if config.embed_dim != SIZES[size]["embed_dim"]:
         raise CheckpointError(f"{origin}: the backbone is {config.embed_dim} wide, ViT-{size} is {SIZES[size]['embed_dim']}")
-    decoder_weights = fill_bn_counters(rename(heads, MMSEG_MLA_RULES if decoder == "mla" else MMSEG_UP_HEAD_RULES, (), origin))
+    rules = MMSEG_MLA_RULES if decoder == "mla" else MMSEG_UP_HEAD_RULES
+    decoder_weights = fill_bn_counters(rename_keys(heads, rules, origin=origin, layout=f"SETR-{decoder} head"))
     kwargs: dict[str, Any] = {}
     try:
         classes = decoder_weights["decoder.classifier.weight"].shape[0]
@@ -295,10 +328,5 @@ def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor],
     return load_weights(model, {**{f"encoder.{k}": v for k, v in encoder_weights.items()}, **decoder_weights}, origin)
 
 
-def fill_bn_counters(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Older checkpoints lack BatchNorm's num_batches_tracked (unused at inference): add zeros."""
-    out = dict(state_dict)
-    for key in state_dict:
-        if key.endswith(".running_mean"):
-            out.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0, dtype=torch.long))
-    return out
+# no HF model_type: transformers has no SETR
+CONTRACT = FamilyContract(model=SETR, variants=VARIANTS, from_mmseg=from_mmseg)

@@ -10,7 +10,7 @@ block pads its map to a multiple of the window (padded tokens take part in the a
 window, as in the original and in transformers) and crops back, and patch merging pads odd sides
 by one. A stage's output is therefore ceil(H / stride) x ceil(W / stride).
 
-The HF key mapping (both `MaskFormerSwinBackbone` and `SwinBackbone` layouts) is `swin_from_hf`
+The HF key mapping (both `MaskFormerSwinBackbone` and `SwinBackbone` layouts) is `swin_hf_rules`
 at the bottom of this file.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CheckpointError
+from models.base import CheckpointError, Rule
 
 # The published ImageNet Swin sizes; base and large are the 384-pixel, window-12 models that the
 # MaskFormer / Mask2Former ADE20K checkpoints start from.
@@ -336,68 +336,57 @@ def swin_arch_from_hf(backbone_config: dict) -> dict[str, Any]:
 # `model.` (MaskFormerSwinBackbone.model); Mask2Former's is `model.pixel_level_module.encoder.` with
 # the body directly under it, or under `swin.` in the in-memory layout of transformers 5.
 
-_SWIN_BLOCK_RENAMES = [
-    (r"layernorm_before\.", "norm1."),
-    (r"layernorm_after\.", "norm2."),
-    (r"attention\.(?:self\.|relative_position_bias\.)relative_position_bias_table", "attn.relative_position_bias_table"),
-    (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
-    (r"(?:intermediate\.dense|mlp\.fc1)\.", "mlp.fc1."),
-    (r"(?:output\.dense|mlp\.fc2)\.", "mlp.fc2."),
-]
-_QKV = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
 
+def swin_hf_rules(prefix: str, body_prefix: str) -> tuple[list[Rule], list[str]]:
+    """(rules, ignored patterns) for `rename_keys`: the HF keys of a Swin backbone whose output norms
+    sit under `prefix` and whose body under `body_prefix` -> ours under `backbone.`.
 
-def swin_from_hf(state_dict: dict[str, torch.Tensor], prefix: str, body_prefix: str) -> dict[str, torch.Tensor]:
-    """Our `backbone.*` tensors from the HF keys under `prefix` (norms) and `body_prefix` (the Swin body).
-
-    Consumes (pops) the keys it maps from `state_dict`, so that what is left can be checked.
+    q, k and v come out apart (`....attn.q.weight`...): `fuse_swin_qkv` concatenates them.
     """
+    body = re.escape(body_prefix) + r"(?:swin\.)?"
+    blocks, ours = body + r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.", r"backbone.stages.\1.blocks.\2."
+
+    def out_norm(match: re.Match) -> str:
+        stage = int(match[2]) - (1 if match[1] else 0)  # Swin counts stage1..4, MaskFormerSwin 0..3
+        return f"backbone.out_norms.{stage}.{match[3]}"
+
+    rules: list[Rule] = [
+        (re.escape(prefix) + r"hidden_states_norms\.(stage)?(\d+)\.(weight|bias)", out_norm),
+        (body + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"backbone.patch_embed.proj.\1"),
+        (body + r"embeddings\.norm\.(weight|bias)", r"backbone.patch_embed.norm.\1"),
+        (body + r"encoder\.layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)", r"backbone.stages.\1.downsample.\2.\3"),
+        *[
+            (blocks + rf"attention\.(?:self\.)?(?:{hf}|{part}_proj)\.(weight|bias)", ours + rf"attn.{part}.\3")
+            for part, hf in (("q", "query"), ("k", "key"), ("v", "value"))
+        ],
+        (blocks + r"layernorm_before\.(.+)", ours + r"norm1.\3"),
+        (blocks + r"layernorm_after\.(.+)", ours + r"norm2.\3"),
+        (
+            blocks + r"attention\.(?:self\.|relative_position_bias\.)relative_position_bias_table",
+            ours + "attn.relative_position_bias_table",
+        ),
+        (blocks + r"attention\.(?:output\.dense|o_proj)\.(.+)", ours + r"attn.proj.\3"),
+        (blocks + r"(?:intermediate\.dense|mlp\.fc1)\.(.+)", ours + r"mlp.fc1.\3"),
+        (blocks + r"(?:output\.dense|mlp\.fc2)\.(.+)", ours + r"mlp.fc2.\3"),
+    ]
+    # relative_position_index is rebuilt from the window size; layernorm is the classifier's final norm
+    ignored = [body + r".*relative_position_index", body + r"layernorm\..*"]
+    return rules, ignored
+
+
+def fuse_swin_qkv(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` with each block's q, k, v (as `swin_hf_rules` names them) concatenated into our
+    fused `attn.qkv`, rows q, k, v."""
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, list[torch.Tensor | None]] = {}
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix):]
-        if rest.startswith("hidden_states_norms."):
-            match = re.fullmatch(r"hidden_states_norms\.(stage)?(\d+)\.(weight|bias)", rest)
-            if match is None:
-                continue
-            stage = int(match.group(2)) - (1 if match.group(1) else 0)
-            out[f"backbone.out_norms.{stage}.{match.group(3)}"] = state_dict.pop(key)
-            continue
-        if not key.startswith(body_prefix):
-            continue
-        rest = key[len(body_prefix):]
-        if rest.startswith("swin."):
-            rest = rest[len("swin."):]
-        if rest.endswith("relative_position_index") or rest.startswith("layernorm."):
-            state_dict.pop(key)
-            continue
-        if rest.startswith("embeddings.patch_embeddings.projection."):
-            out["backbone.patch_embed.proj." + rest.rsplit(".", 1)[1]] = state_dict.pop(key)
-            continue
-        if rest.startswith("embeddings.norm."):
-            out["backbone.patch_embed.norm." + rest.rsplit(".", 1)[1]] = state_dict.pop(key)
-            continue
-        match = re.fullmatch(r"encoder\.layers\.(\d+)\.downsample\.(norm|reduction)\.(weight|bias)", rest)
-        if match:
-            out[f"backbone.stages.{match.group(1)}.downsample.{match.group(2)}.{match.group(3)}"] = state_dict.pop(key)
-            continue
-        match = re.fullmatch(r"encoder\.layers\.(\d+)\.blocks\.(\d+)\.(.+)", rest)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        match = re.fullmatch(r"(backbone\.stages\.\d+\.blocks\.\d+\.attn)\.([qkv])\.(weight|bias)", key)
         if match is None:
-            continue
-        block = f"backbone.stages.{match.group(1)}.blocks.{match.group(2)}."
-        inner = match.group(3)
-        qkv_match = re.fullmatch(r"attention\.(?:self\.)?(query|key|value|q_proj|k_proj|v_proj)\.(weight|bias)", inner)
-        if qkv_match:
-            parts = qkv.setdefault(block + "attn.qkv." + qkv_match.group(2), [None, None, None])
-            parts[_QKV[qkv_match.group(1)]] = state_dict.pop(key)
-            continue
-        for pattern, replacement in _SWIN_BLOCK_RENAMES:
-            renamed, count = re.subn("^" + pattern, replacement, inner)
-            if count:
-                out[block + renamed] = state_dict.pop(key)
-                break
-    for name, parts in qkv.items():
-        if any(p is None for p in parts):
+            out[key] = value
+        else:
+            parts.setdefault(f"{match[1]}.qkv.{match[3]}", {})[match[2]] = value
+    for name, found in parts.items():
+        if set(found) != {"q", "k", "v"}:
             raise CheckpointError(f"{name}: the checkpoint lacks one of query / key / value")
-        out[name] = torch.cat(parts, dim=0)
+        out[name] = torch.cat([found[part] for part in "qkv"], dim=0)
     return out

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import CheckpointError, load_weights
+from models.base import CheckpointError, load_weights, rename_keys
 
 # embed_dim, depth, num_heads of the named sizes (ViT-Ti/S/B/L with 16x16 patches)
 SIZES: dict[str, dict[str, int]] = {
@@ -312,52 +312,27 @@ HF_RULES: list[tuple[str, str]] = [
 HF_IGNORED = [r"pooler\..*", r"classifier\..*"]
 
 
-def rename(
-    state_dict: dict[str, torch.Tensor],
-    rules: Iterable[tuple[str, str]],
-    ignored: Iterable[str] = (),
-    origin: str = "checkpoint",
-) -> dict[str, torch.Tensor]:
-    """Apply the first matching (full-match regex, replacement) rule to each key.
-
-    Keys that match an `ignored` pattern are dropped; any other key that no rule covers is an
-    error, so that an unsupported feature (layer scale, register tokens...) never loads silently.
-    """
-    rules = [(re.compile(pattern), replacement) for pattern, replacement in rules]
-    ignored = [re.compile(pattern) for pattern in ignored]
-    out: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, value in state_dict.items():
-        for pattern, replacement in rules:
-            match = pattern.fullmatch(key)
-            if match:
-                out[match.expand(replacement)] = value
-                break
-        else:
-            if not any(p.fullmatch(key) for p in ignored):
-                unknown.append(key)
-    if unknown:
-        raise CheckpointError(f"{origin}: {len(unknown)} keys this layout does not cover, e.g. {', '.join(unknown[:3])}")
-    return out
-
-
 def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix`, with it removed."""
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
+# A key that no rule covers is an error (rename_keys), so that an unsupported feature (layer
+# scale, register tokens...) never loads silently.
+
+
 def encoder_from_timm(state_dict: dict[str, torch.Tensor], origin: str = "timm ViT") -> dict[str, torch.Tensor]:
-    return rename(state_dict, TIMM_RULES, TIMM_IGNORED, origin)
+    return rename_keys(state_dict, TIMM_RULES, ignored=TIMM_IGNORED, origin=origin, layout="timm ViT")
 
 
 def encoder_from_mmseg(state_dict: dict[str, torch.Tensor], origin: str = "mmseg ViT") -> dict[str, torch.Tensor]:
-    return rename(state_dict, MMSEG_RULES, (), origin)
+    return rename_keys(state_dict, MMSEG_RULES, origin=origin, layout="mmseg ViT")
 
 
 def encoder_from_hf(state_dict: dict[str, torch.Tensor], origin: str = "transformers ViT") -> dict[str, torch.Tensor]:
     if any(k.startswith("vit.") for k in state_dict):  # ViTForImageClassification and friends
         state_dict = {k.removeprefix("vit."): v for k, v in state_dict.items() if not k.startswith("classifier.")}
-    split = rename(state_dict, HF_RULES, HF_IGNORED, origin)
+    split = rename_keys(state_dict, HF_RULES, ignored=HF_IGNORED, origin=origin, layout="transformers ViT")
     out: dict[str, torch.Tensor] = {}
     for key, value in split.items():
         match = re.fullmatch(r"blocks\.(\d+)\.attn\.(query|key|value)\.(weight|bias)", key)
@@ -464,6 +439,5 @@ __all__ = [
     "encoder_from_hf",
     "load_encoder_weights",
     "mmseg_block_rules",
-    "rename",
     "strip_prefix",
 ]

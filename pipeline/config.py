@@ -13,7 +13,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
-
 # Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
 # (Lists still become tuples, and an int is a valid float.)
 Int = Annotated[int, Strict()]
@@ -62,7 +61,7 @@ class InputConfig(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _labels_need_a_place(self) -> "InputConfig":
+    def _labels_need_a_place(self) -> InputConfig:
         if self.format == "images" and self.labels is not None and not self.labels.uri:
             raise ValueError("labels.uri is needed for image folders")
         return self
@@ -87,7 +86,7 @@ class ModelConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _needs_something(self) -> "ModelConfig":
+    def _needs_something(self) -> ModelConfig:
         if not self.name and not self.checkpoint:
             raise ValueError("give model.name or model.checkpoint")
         if self.class_names and self.num_classes and len(self.class_names) != self.num_classes:
@@ -128,7 +127,7 @@ class InferenceConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _stride_fits(self) -> "InferenceConfig":
+    def _stride_fits(self) -> InferenceConfig:
         if any(s > w for s, w in zip(self.stride, self.window)):
             raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
         return self
@@ -169,7 +168,7 @@ class JobConfig(_Strict):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return v
 
-    def with_run_id(self) -> "JobConfig":
+    def with_run_id(self) -> JobConfig:
         """This config with a run_id: a timestamped one when absent."""
         if self.run_id:
             return self

@@ -15,7 +15,8 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from typing import Iterable
+from collections.abc import Iterable
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,6 @@ from PIL import Image
 from pipeline.rows import MaskChunk
 from pipeline.runstore import CHUNK_FIELDS, MASKS
 from pipeline.storage import open_fs
-
 
 # --------------------------------------------------------------------------- chunked masks
 
@@ -59,7 +59,7 @@ class PngRows:
     """
 
     SIGNATURE = b"\x89PNG\r\n\x1a\n"
-    FILTERS = {"up": 2, "sub": 1}
+    FILTERS: ClassVar[dict[str, int]] = {"up": 2, "sub": 1}
 
     def __init__(self, height: int, width: int, bit_depth: int = 8, row_filter: str = "up") -> None:
         if bit_depth not in (8, 16):

@@ -23,11 +23,11 @@ class ClassAreas:
     label_area: np.ndarray
 
     @classmethod
-    def zeros(cls, num_classes: int) -> "ClassAreas":
-        z = lambda: np.zeros(num_classes, dtype=np.int64)  # noqa: E731
+    def zeros(cls, num_classes: int) -> ClassAreas:
+        z = lambda: np.zeros(num_classes, dtype=np.int64)
         return cls(z(), z(), z(), z())
 
-    def __iadd__(self, other: "ClassAreas") -> "ClassAreas":
+    def __iadd__(self, other: ClassAreas) -> ClassAreas:
         self.intersection += other.intersection
         self.union += other.union
         self.pred_area += other.pred_area

@@ -17,9 +17,8 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.predictor import Predictor, load_job_model, weights_sha256
@@ -148,7 +147,7 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print, *, retry_er
         outcome = execute_job(job, progress)
     except KeyboardInterrupt:
         outcome = Execution(status="interrupted", message="interrupted (Ctrl-C): rerun the same config to finish")
-    except Exception as exc:  # noqa: BLE001 - the attempt is recorded as failed; the CLI prints one line
+    except Exception as exc:
         log.debug("run failed", exc_info=True)
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         outcome = Execution(status="failed", message=scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options))
@@ -247,7 +246,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None]) -> Execution:
         try:
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
             ray.kill(monitor)
-        except Exception:  # noqa: BLE001 - stats are a nicety; an interrupted run may not reach them
+        except Exception:
             result.store = None
     if result.units_done < len(job.units):
         # a unit whose rows did not all reach the writer: say so, never skip it silently
@@ -263,7 +262,7 @@ def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], No
     while not stop.wait(PROGRESS_SECONDS):
         try:
             streams = ray.get(monitor.streaming.remote(), timeout=PROGRESS_SECONDS)
-        except Exception:  # noqa: BLE001 - progress only
+        except Exception:
             return
         for image_id, (done, total) in sorted(streams.items()):
             progress(f"  streaming {image_id}: {done}/{total} rows ({done / max(total, 1):.0%})")

@@ -14,8 +14,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -148,7 +148,7 @@ class Predictor:
         in_memory = [i for i, image in enumerate(images) if not image.error and not image.is_unit_end and image.stream is None]
         for i, image in enumerate(images):
             if image.stream is not None and not image.error:
-                out[i] = self._guard(out[i], "predict", lambda image=image, p=out[i]: self._predict_streamed(image, p))
+                out[i] = self._guard(out[i], "predict", self._predict_streamed, image, out[i])
         try:
             segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
         except Exception:
@@ -157,16 +157,15 @@ class Predictor:
             for i in in_memory:
                 try:
                     segs.extend(segment_images(self.score_fn, [images[i].image], self.settings))
-                except Exception as exc:  # noqa: BLE001 - that image's error row
+                except Exception as exc:
                     segs.append(exc)
         for i, seg in zip(in_memory, segs):
             if isinstance(seg, Exception):
                 out[i] = out[i].failed("predict", f"{type(seg).__name__}: {seg}")
                 continue
             label = images[i].label
-            bands = iter([(0, seg.labels, seg.probability)])
             label_rows = (lambda y, n, label=label: label[y : y + n]) if label is not None else None
-            out[i] = self._guard(out[i], "encode", lambda: self._finish(out[i], bands, label_rows))
+            out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
         return to_columns([p.to_record() for p in out])
 
     def _finish(self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None,
@@ -178,10 +177,11 @@ class Predictor:
         row.chunks, row.areas = chunks, areas
         return row
 
-    def _guard(self, row: Prediction, stage: str, work: Callable[[], Prediction]) -> Prediction:
+    def _guard(self, row: Prediction, stage: str, work: Callable[..., Prediction], *args) -> Prediction:
+        """work(*args), or `row` as that image's error at `stage`."""
         try:
-            return work()
-        except Exception as exc:  # noqa: BLE001 - that image's error row
+            return work(*args)
+        except Exception as exc:
             log.debug("%s failed at %s", row.image_id, stage, exc_info=True)
             return row.failed(stage, f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}")
 

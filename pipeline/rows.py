@@ -37,7 +37,7 @@ class SourceUnit:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_record(cls, data: dict[str, Any]) -> "SourceUnit":
+    def from_record(cls, data: dict[str, Any]) -> SourceUnit:
         tuples = ("uris", "label_uris", "image_ids", "skip_ids")
         return cls(index=int(data["index"]), format=str(data["format"]),
                    **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples})
@@ -68,7 +68,24 @@ class RawSample:
 
 
 @dataclass
-class DecodedImage:
+class _StageRow:
+    """What every row between stages carries besides its payload: an error, or a unit's end."""
+
+    error: str = field(default="", kw_only=True)
+    stage: str = field(default="", kw_only=True)  # where it failed: read, decode, predict, encode
+    unit_rows: int = field(default=NOT_AN_END, kw_only=True)  # >= 0 in a unit's end: its image rows
+
+    @property
+    def is_unit_end(self) -> bool:
+        return self.unit_rows >= 0
+
+    def failed(self, stage: str, error: str):
+        """This row as an error row: the one place an error row is made."""
+        return replace(self, error=error, stage=stage)
+
+
+@dataclass
+class DecodedImage(_StageRow):
     """What the read stage hands the predictor for one image (or a unit's end, `unit_rows` >= 0)."""
 
     unit: int
@@ -78,20 +95,10 @@ class DecodedImage:
     height: int = 0
     width: int = 0
     stream: StreamSource | None = None
-    error: str = ""
-    stage: str = ""
-    unit_rows: int = NOT_AN_END
-
-    @property
-    def is_unit_end(self) -> bool:
-        return self.unit_rows >= 0
 
     @property
     def has_label(self) -> bool:
         return self.label is not None or bool(self.stream and self.stream.label_uri)
-
-    def failed(self, stage: str, error: str) -> "DecodedImage":
-        return replace(self, error=error, stage=stage)
 
     def to_record(self) -> dict[str, Any]:
         s = self.stream
@@ -104,7 +111,7 @@ class DecodedImage:
         }
 
     @classmethod
-    def from_batch(cls, batch: dict[str, Any], i: int) -> "DecodedImage":
+    def from_batch(cls, batch: dict[str, Any], i: int) -> DecodedImage:
         height, width = int(batch["height"][i]), int(batch["width"][i])
         stream_uri = str(batch["stream_uri"][i])
         stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width) if stream_uri else None
@@ -115,7 +122,7 @@ class DecodedImage:
         )
 
     @classmethod
-    def unit_end(cls, unit: int, image_rows: int) -> "DecodedImage":
+    def unit_end(cls, unit: int, image_rows: int) -> DecodedImage:
         return cls(unit=unit, image_id="", unit_rows=image_rows)
 
 
@@ -136,7 +143,7 @@ LIST_COLUMNS = ("chunks", "mask", "probability")
 
 
 @dataclass
-class Prediction:
+class Prediction(_StageRow):
     """What the predictor hands the writer for one image (or a unit's end, passed on)."""
 
     unit: int
@@ -145,21 +152,14 @@ class Prediction:
     width: int = 0
     chunks: list[MaskChunk] = field(default_factory=list)
     areas: ClassAreas | None = None  # set when the image had a label
-    error: str = ""
-    stage: str = ""
-    unit_rows: int = NOT_AN_END
-
-    @property
-    def is_unit_end(self) -> bool:
-        return self.unit_rows >= 0
 
     @classmethod
-    def of(cls, image: DecodedImage) -> "Prediction":
+    def of(cls, image: DecodedImage) -> Prediction:
         """An empty prediction for `image`, carrying its error if it failed before the predictor."""
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
-    def failed(self, stage: str, error: str) -> "Prediction":
-        return replace(self, chunks=[], areas=None, error=error, stage=stage)
+    def failed(self, stage: str, error: str) -> Prediction:
+        return replace(super().failed(stage, error), chunks=[], areas=None)
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -174,7 +174,7 @@ class Prediction:
         }
 
     @classmethod
-    def from_batch(cls, batch: dict[str, Any], i: int) -> "Prediction":
+    def from_batch(cls, batch: dict[str, Any], i: int) -> Prediction:
         probabilities = list(batch["probability"][i])
         chunks = [
             MaskChunk(*map(int, box), bytes(mask), bytes(probabilities[k]) if probabilities else None)

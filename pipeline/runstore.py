@@ -21,14 +21,16 @@ written as null), readable by any JSON parser.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -286,10 +288,8 @@ def package_versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("segpipe", "torch", "ray", "pyarrow", "numpy", "pillow", "fsspec", "pydantic", "safetensors"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -309,7 +309,7 @@ class RunRecord:
         self.started = time.time()
 
     @classmethod
-    def load(cls, store: RunStore, cfg: JobConfig, identity: dict) -> "RunRecord":
+    def load(cls, store: RunStore, cfg: JobConfig, identity: dict) -> RunRecord:
         """The record of run `cfg.run_id`; ConfigError, naming the fields, when the run exists and this
         config would change its results."""
         previous = store.read_json("run.json") or {}

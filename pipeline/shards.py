@@ -33,8 +33,9 @@ import itertools
 import posixpath
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq

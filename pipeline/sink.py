@@ -16,7 +16,6 @@ from pipeline.config import JobConfig
 from pipeline.rows import Prediction, batch_length
 from pipeline.runstore import CHUNK_FIELDS, ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema, part_name
 
-
 # --------------------------------------------------------------------------- writing parts
 
 

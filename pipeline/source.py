@@ -12,9 +12,10 @@ Parquet tables in pipeline.shards. A unit is one read task's worth of input: a b
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import PurePosixPath
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from pipeline.config import InputConfig, JobConfig
 from pipeline.decode import IMAGE_EXTENSIONS, decode_sample

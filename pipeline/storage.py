@@ -30,8 +30,9 @@ import random
 import re
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 import fsspec.asyn
@@ -76,7 +77,7 @@ class StoreStats:
     retries: int = 0  # transient failures that were retried
     failures: int = 0  # operations that failed for good (missing, denied, or still failing)
 
-    def add(self, other: "StoreStats") -> "StoreStats":
+    def add(self, other: StoreStats) -> StoreStats:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
         return self
@@ -90,7 +91,7 @@ def list_files(
     storage_options: dict[str, Any] | None = None,
     *,
     suffixes: tuple[str, ...] | None = None,
-    policy: "RetryPolicy | None" = None,
+    policy: RetryPolicy | None = None,
     stats: StoreStats | None = None,
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
     """Every file under the prefix `uri` as (fs, root, sorted paths relative to root).
@@ -272,7 +273,7 @@ def with_retries(
             return call()
         except StoreError:
             raise
-        except Exception as exc:  # noqa: BLE001 - classified below, never swallowed
+        except Exception as exc:
             kind = classify(exc)
             if kind == "transient" and attempt < policy.attempts:
                 wait = policy.delay(attempt)
@@ -335,10 +336,8 @@ class RetryingFile(io.RawIOBase):
 
     def _drop(self) -> None:
         if self._file is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self._file.close()
-            except Exception:  # noqa: BLE001 - the connection is broken already; closing is best effort
-                pass
             self._file = None
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:

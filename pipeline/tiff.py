@@ -149,7 +149,7 @@ class TiffWindows:
         cache_rows: int = 0,
         block_size: int = READ_BLOCK_BYTES,
         stats: StoreStats | None = None,
-    ) -> "TiffWindows":
+    ) -> TiffWindows:
         fs, path = open_fs(uri, storage_options)
         file = RetryingFile(fs, path, uri=uri, stats=stats, block_size=block_size)
         try:
@@ -163,7 +163,7 @@ class TiffWindows:
         self._tiff.close()
         self._file.close()
 
-    def __enter__(self) -> "TiffWindows":
+    def __enter__(self) -> TiffWindows:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,8 +1,10 @@
 """What several test files need: small images, tiny checkpoints, job configs, run-directory readers."""
 from __future__ import annotations
 
+import io
 import json
 import math
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from models import build_model, save_native
 # a SegFormer small enough to push hundreds of windows through on one CPU thread in seconds
 TINY_SEGFORMER = dict(hidden_sizes=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=16,
                       strides=[8, 2, 2, 2], patch_sizes=[8, 3, 3, 3])
+# the classes of the job tests' checkpoint (the `checkpoint` fixture of tests/conftest.py)
+CLASS_NAMES = ["zero", "one", "two"]
 
 
 def rel_error(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
@@ -95,3 +99,138 @@ def file_bytes(root: Path) -> dict[str, bytes]:
 
 def isnan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def image_bytes(image: np.ndarray | Image.Image, fmt: str = "PNG") -> bytes:
+    """An array (or a Pillow image) encoded in memory, as a store or an archive member holds it."""
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]], gz: bool = False) -> bytes:
+    """A tar archive (gzipped when `gz`) of (member name, bytes), in that order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if gz else "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def store_rows(fs, run: str, kind: str) -> list[dict]:
+    """The rows of one table of a run directory (masks, metrics, errors) on any fsspec filesystem,
+    part after part: `read_run_table` for a run that is not a local path."""
+    rows: list[dict] = []
+    for path in sorted(fs.glob(f"{run}/{kind}/*.parquet")):
+        with fs.open(path, "rb") as f:
+            rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def sparse_tiff(path: Path, height: int, width: int, tile: int = 512) -> Path:
+    """A tiled RGB TIFF whose header claims height x width but holds one tile: tifffile writes the
+    others empty (byte count 0, read as zeros), so a 120000 x 120000 header is a file of 440 kB."""
+    import tifffile
+
+    count = math.ceil(height / tile) * math.ceil(width / tile)
+    tiles = (np.zeros((tile, tile, 3), np.uint8) if i == 0 else None for i in range(count))
+    tifffile.imwrite(path, tiles, shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb", compression="zlib")
+    return path
+
+
+def tiled_tiff(path: Path, shape: tuple[int, int], tile: int, pixels, **kwargs) -> Path:
+    """A tiled uint8 TIFF of `shape` (height, width) written tile by tile, never more than one tile in
+    memory: pixels(y, x, height, width) gives each region. RGB with photometric="rgb", else one channel."""
+    import tifffile
+
+    height, width = shape
+
+    def tiles():
+        for y in range(0, height, tile):
+            for x in range(0, width, tile):
+                region = pixels(y, x, min(tile, height - y), min(tile, width - x))
+                padded = np.zeros((tile, tile, *region.shape[2:]), np.uint8)
+                padded[: region.shape[0], : region.shape[1]] = region
+                yield padded
+
+    channels = (3,) if kwargs.get("photometric") == "rgb" else ()
+    tifffile.imwrite(path, tiles(), shape=(height, width, *channels), dtype=np.uint8, tile=(tile, tile),
+                     compression="zlib", compressionargs={"level": 1}, **kwargs)
+    return path
+
+
+def segpipe_run(path: Path, cfg: dict, *args: str) -> int:
+    """`segpipe run` of `cfg` written to the YAML file `path` (extra CLI arguments after it): the exit code."""
+    from jobs.cli import main
+
+    return main(["run", str(write_yaml(path, cfg)), *args])
+
+
+# ---------------------------------------------------------------------------------------------
+# Small random transformers checkpoints (save_pretrained), for the model and checkpoint tests
+# ---------------------------------------------------------------------------------------------
+
+# a SegFormer of four narrow one-block stages
+TINY_HF_SEGFORMER = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 3, 4],
+                         decoder_hidden_size=16, num_labels=3)
+
+
+def tiny_swin_config(depths=(1, 2, 2, 1)):
+    """A 32-wide Swin with windows of 4 and every stage out: the backbone of the tiny MaskFormer and
+    Mask2Former below."""
+    from transformers import SwinConfig
+
+    return SwinConfig(embed_dim=32, depths=list(depths), num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+
+
+def tiny_maskformer_config(num_labels: int = 7, swin_depths=(1, 2, 2, 1), **overrides):
+    """A MaskFormerConfig 32 wide, with a 2-layer DETR decoder over 5 queries."""
+    from transformers import MaskFormerConfig
+
+    decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                   num_queries=5, encoder_layers=1)
+    kwargs = dict(backbone_config=tiny_swin_config(swin_depths), decoder_config=decoder, fpn_feature_size=32,
+                  mask_feature_size=32, num_labels=num_labels)
+    return MaskFormerConfig(**{**kwargs, **overrides})
+
+
+def tiny_mask2former_config(num_labels: int = 7, swin_depths=(1, 2, 2, 1), **overrides):
+    """A Mask2FormerConfig 32 wide: 2 deformable encoder layers, decoder_layers=5 (4 built), 6 queries."""
+    from transformers import Mask2FormerConfig
+
+    kwargs = dict(backbone_config=tiny_swin_config(swin_depths), feature_size=32, mask_feature_size=32, hidden_dim=32,
+                  encoder_feedforward_dim=64, encoder_layers=2, decoder_layers=5, num_attention_heads=4,
+                  dim_feedforward=64, num_queries=6, num_labels=num_labels)
+    return Mask2FormerConfig(**{**kwargs, **overrides})
+
+
+def saved_hf_model(model_class, config, path: Path, seed: int = 0, perturb: bool = True):
+    """`model_class(config)` with random weights (seeded), written to `path` by save_pretrained and
+    returned in eval mode. `perturb` moves every parameter off its initial value (ones, zeros), so
+    that a swapped norm or bias shows in a parity test."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    if perturb:
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return model
+
+
+def tiny_hf_checkpoint(model_type: str, path: Path, seed: int = 0, perturb: bool = False):
+    """A small checkpoint directory of config.json `model_type`, for each type segpipe loads (a
+    KeyError for another: add it here); returns the transformers model."""
+    import transformers
+
+    models = {
+        "segformer": lambda: (transformers.SegformerForSemanticSegmentation, transformers.SegformerConfig(**TINY_HF_SEGFORMER)),
+        "maskformer": lambda: (transformers.MaskFormerForInstanceSegmentation, tiny_maskformer_config()),
+        "mask2former": lambda: (transformers.Mask2FormerForUniversalSegmentation, tiny_mask2former_config()),
+    }
+    model_class, config = models[model_type]()
+    return saved_hf_model(model_class, config, path, seed=seed, perturb=perturb)

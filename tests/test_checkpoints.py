@@ -8,15 +8,35 @@ dicts, built with the architecture the broken file describes.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import pkgutil
 import shutil
 
 import pytest
 import torch
+from helpers import (
+    saved_hf_model,
+    tiny_hf_checkpoint,
+    tiny_mask2former_config,
+    tiny_maskformer_config,
+)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from models import CheckpointError, ModelError, UnknownModelError, build_model, list_models, load_model, save_native
+import models
+from models import (
+    CheckpointError,
+    ModelError,
+    UnknownModelError,
+    build_model,
+    list_models,
+    load_model,
+    registry,
+    save_native,
+)
+from models.base import FamilyContract, rename_keys
 from models.mask2former import Mask2Former
 from models.maskformer import MaskFormer
 from models.registry import build_from_arch
@@ -162,17 +182,10 @@ def test_hf_dir_under_the_name_of_another_variant_is_refused(hf_segformer):
 # Checkpoints that do not fit, one per family
 # ---------------------------------------------------------------------------------------------
 
-HF_SEGFORMER = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 3, 4],
-                    decoder_hidden_size=16, num_labels=3)
-
-
 @pytest.fixture(scope="module")
 def hf_segformer(tmp_path_factory):
-    from transformers import SegformerConfig, SegformerForSemanticSegmentation
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("segformer-hf")
-    SegformerForSemanticSegmentation(SegformerConfig(**HF_SEGFORMER)).save_pretrained(path)
+    tiny_hf_checkpoint("segformer", path)
     return path
 
 
@@ -262,32 +275,11 @@ def test_segmenter_original_checkpoint_with_a_classifier_of_another_width(tmp_pa
     assert_counts(message, (1, 0, 0))
 
 
-def maskformer_config():
-    from transformers import MaskFormerConfig, SwinConfig
-
-    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-                   num_queries=5, encoder_layers=1)
-    return MaskFormerConfig(backbone_config=backbone, decoder_config=decoder, fpn_feature_size=32, mask_feature_size=32,
-                            num_labels=4)
-
-
-def mask2former_config():
-    from transformers import Mask2FormerConfig, SwinConfig
-
-    backbone = SwinConfig(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
-                          out_features=["stage1", "stage2", "stage3", "stage4"])
-    return Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                             encoder_feedforward_dim=64, encoder_layers=1, decoder_layers=3, num_attention_heads=4,
-                             dim_feedforward=64, num_queries=6, num_labels=4)
-
-
 def test_maskformer_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
     from transformers import MaskFormerForInstanceSegmentation
 
-    torch.manual_seed(0)
-    MaskFormerForInstanceSegmentation(maskformer_config()).save_pretrained(tmp_path / "good")
+    config = tiny_maskformer_config(num_labels=4, swin_depths=(1, 1, 1, 1))
+    saved_hf_model(MaskFormerForInstanceSegmentation, config, tmp_path / "good", perturb=False)
     edited_copy(tmp_path / "good", tmp_path / "bad", lambda c: c["decoder_config"].update(decoder_ffn_dim=48))
     good = load_model(tmp_path / "good")
     expected = misfit_counts(MaskFormer(**{**good.arch, "ffn_dim": 48}).state_dict(), good.state_dict())
@@ -299,11 +291,116 @@ def test_maskformer_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
 def test_mask2former_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
     from transformers import Mask2FormerForUniversalSegmentation
 
-    torch.manual_seed(0)
-    Mask2FormerForUniversalSegmentation(mask2former_config()).save_pretrained(tmp_path / "good")
+    config = tiny_mask2former_config(num_labels=4, swin_depths=(1, 1, 1, 1), encoder_layers=1, decoder_layers=3)
+    saved_hf_model(Mask2FormerForUniversalSegmentation, config, tmp_path / "good", perturb=False)
     edited_copy(tmp_path / "good", tmp_path / "bad", lambda c: c.update(hidden_dim=48))  # over weights 32 wide
     good = load_model(tmp_path / "good")
     expected = misfit_counts(Mask2Former(**{**good.arch, "hidden_dim": 48}).state_dict(), good.state_dict())
     with pytest.raises(CheckpointError) as exc_info:
         load_model(tmp_path / "bad")
     assert_counts(one_line(exc_info, str(tmp_path / "bad"), "config.json"), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each family's contract: the registry and the loaders' dispatch come from the family files
+# ---------------------------------------------------------------------------------------------
+
+
+def family_modules():
+    """Every module of models/ that ends with a CONTRACT."""
+    found = []
+    for info in pkgutil.iter_modules(models.__path__):
+        module = importlib.import_module(f"models.{info.name}")
+        if isinstance(getattr(module, "CONTRACT", None), FamilyContract):
+            found.append(module)
+    return found
+
+
+def test_registry_holds_every_family_files_contract_and_nothing_else():
+    contracts = [module.CONTRACT for module in family_modules()]
+    assert sorted(c.name for c in contracts) == sorted(registry.CONTRACTS)
+    assert all(registry.CONTRACTS[c.name] is c for c in contracts)
+    names = [name for c in contracts for name in c.variants]
+    assert len(names) == len(set(names)), "a model name is declared by two families"
+    assert sorted(names) == list_models()
+    model_types = [t for c in contracts for t in c.hf_model_types]
+    assert len(model_types) == len(set(model_types)), "an HF model_type is declared by two families"
+    assert sorted(registry.HF_MODEL_TYPES) == sorted(model_types)
+    for contract in contracts:
+        assert all(registry.FAMILY_OF[name] is contract for name in contract.variants)
+        assert all(registry.HF_MODEL_TYPES[t] is contract for t in contract.hf_model_types)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_name_builds_a_model_of_the_family_that_declares_it(name):
+    contract = registry.FAMILY_OF[name]
+    with torch.device("meta"):  # shapes only: the large variants cost nothing
+        model = build_model(name, num_classes=3)
+        rebuilt = build_from_arch(model.family, model.arch)  # as a native checkpoint is
+    assert type(model) is contract.model and model.family == contract.name and model.name == name
+    assert type(rebuilt) is contract.model and rebuilt.arch == model.arch
+
+
+@pytest.mark.parametrize("model_type", sorted(registry.HF_MODEL_TYPES))
+def test_a_save_pretrained_directory_loads_into_the_family_that_declares_its_model_type(model_type, tmp_path):
+    tiny_hf_checkpoint(model_type, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    model = load_model(tmp_path)
+    contract = registry.HF_MODEL_TYPES[model_type]
+    assert type(model) is contract.model and model.family == contract.name
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_an_mmseg_checkpoint_goes_to_from_mmseg_of_the_family_that_registers_its_name(name, tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {"decode_head.conv_seg.weight": torch.zeros(3, 4, 1, 1)}}, path)
+    contract = registry.FAMILY_OF[name]
+    if contract.from_mmseg is None:
+        with pytest.raises(CheckpointError) as exc_info:
+            load_model(path, name=name, num_classes=3)
+        one_line(exc_info, str(path), f"no mmsegmentation layout is known for {name!r}")
+        return
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise CheckpointError("reached the family's from_mmseg")
+
+    monkeypatch.setitem(registry.FAMILY_OF, name, dataclasses.replace(contract, from_mmseg=spy))
+    with pytest.raises(CheckpointError, match="reached the family's from_mmseg"):
+        load_model(path, name=name, num_classes=3)
+    [(args, kwargs)] = calls
+    assert args[:2] == (name, 3) and kwargs == {"origin": str(path)}
+
+
+def test_a_contract_with_from_hf_names_its_model_types():
+    with pytest.raises(ValueError, match="hf_model_types and from_hf"):
+        FamilyContract(model=SegFormer, variants={}, from_hf=lambda config, state_dict, origin="": None)
+    with pytest.raises(ValueError, match="hf_model_types and from_hf"):
+        FamilyContract(model=SegFormer, variants={}, hf_model_types=("segformer",))
+
+
+# ---------------------------------------------------------------------------------------------
+# rename_keys: the one key-renaming helper of every layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rename_keys_uses_the_first_rule_that_matches_the_whole_key():
+    rules = [
+        (r"a\.(\d+)\.w", r"x.\1.weight"),
+        (r"a\.(\d+)\.(.+)", r"y.\1.\2"),  # a.0.w matched the rule above first
+        (r"layer_(\d+)\.b", lambda match: f"z.{int(match[1]) - 1}.bias"),  # 1-based -> 0-based
+    ]
+    state_dict = {"a.0.w": 1, "a.0.w.extra": 2, "layer_1.b": 3}
+    assert rename_keys(state_dict, rules) == {"x.0.weight": 1, "y.0.w.extra": 2, "z.0.bias": 3}
+    assert state_dict == {"a.0.w": 1, "a.0.w.extra": 2, "layer_1.b": 3}  # the input is left as it is
+
+
+def test_rename_keys_refuses_uncovered_keys_in_one_line_unless_ignored_or_kept():
+    rules = [(r"a\.w", "weight")]
+    state_dict = {"a.w": 1, "head.w": 2, "other.w": 3}
+    with pytest.raises(CheckpointError) as exc_info:
+        rename_keys(state_dict, rules, origin="ckpt.pth", layout="Test")
+    one_line(exc_info, "ckpt.pth: 2 keys of no known Test layout, e.g. head.w, other.w")
+    assert rename_keys(state_dict, rules, ignored=[r"head\..*", r"other\.w"]) == {"weight": 1}
+    assert rename_keys(state_dict, rules, ignored=[r"head\..*"], keep_unknown=True) == {"weight": 1, "other.w": 3}

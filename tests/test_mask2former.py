@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import rel_error, saved_hf_model, tiny_mask2former_config
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+from transformers import Mask2FormerForUniversalSegmentation
 
 from jobs.cli import main
 from models import build_model, list_models, load_model, save_native
@@ -25,38 +26,14 @@ NAMES = [f"mask2former-swin-{size}" for size in ("tiny", "small", "base", "large
 PUBLISHED_PARAMS = {"tiny": 47, "small": 69, "base": 107, "large": 216}
 
 
-def tiny_hf_config(**overrides) -> Mask2FormerConfig:
-    backbone = SwinConfig(
-        embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    kwargs = dict(
-        backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64,
-        encoder_layers=2, decoder_layers=5, num_attention_heads=4, dim_feedforward=64, num_queries=6, num_labels=7,
-    )
-    kwargs.update(overrides)
-    return Mask2FormerConfig(**kwargs)
-
-
 def saved_reference(path, **overrides):
-    torch.manual_seed(0)
-    reference = Mask2FormerForUniversalSegmentation(tiny_hf_config(**overrides)).eval()
-    # move every parameter off its initial value (ones, zeros) so that a swapped norm or bias shows
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(0.1 * torch.randn_like(param))
-    reference.save_pretrained(path)
-    return reference
+    return saved_hf_model(Mask2FormerForUniversalSegmentation, tiny_mask2former_config(**overrides), path)
 
 
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("mask2former-hf")
     return saved_reference(path), path
-
-
-def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    return ((expected - actual).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize("size", [(64, 96), (70, 90)])  # the second: not a multiple of 32 (nor of 4)
@@ -74,11 +51,11 @@ def test_matches_transformers(hf_checkpoint, size):
         "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
     )
     assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
-    assert relative_error(expected, scores) <= 1e-4
+    assert rel_error(scores, expected) <= 1e-4
     # transformers' outputs are the last layer's predictions
     assert class_logits.shape == out.class_queries_logits.shape == (2, 6, 8)
-    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
-    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+    assert rel_error(class_logits, out.class_queries_logits) <= 1e-4
+    assert rel_error(mask_logits, out.masks_queries_logits) <= 1e-4
 
 
 def test_pre_norm_and_input_projection_configs(tmp_path):
@@ -89,8 +66,8 @@ def test_pre_norm_and_input_projection_configs(tmp_path):
     with torch.no_grad():
         out = reference(pixel_values=pixels)
         class_logits, mask_logits = model.forward_queries(pixels)
-    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
-    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+    assert rel_error(class_logits, out.class_queries_logits) <= 1e-4
+    assert rel_error(mask_logits, out.masks_queries_logits) <= 1e-4
 
 
 def test_attention_mask_follows_the_predicted_masks():

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+from helpers import rel_error, saved_hf_model, tiny_maskformer_config
 from safetensors.torch import load_file
-from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+from transformers import MaskFormerForInstanceSegmentation
 
 from models import build_model, list_models, load_model, save_native
 from models.base import CheckpointError
@@ -19,36 +20,10 @@ NAMES = [f"maskformer-swin-{size}" for size in ("tiny", "small", "base", "large"
 PUBLISHED_PARAMS = {"tiny": 42, "small": 63, "base": 102, "large": 212}
 
 
-def tiny_hf_config(num_labels: int = 7) -> MaskFormerConfig:
-    backbone = SwinConfig(
-        embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    decoder = dict(
-        model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-        num_queries=5, encoder_layers=1,
-    )
-    return MaskFormerConfig(
-        backbone_config=backbone, decoder_config=decoder, fpn_feature_size=32, mask_feature_size=32,
-        num_labels=num_labels,
-    )
-
-
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    reference = MaskFormerForInstanceSegmentation(tiny_hf_config()).eval()
-    # move every parameter off its initial value (ones, zeros) so that a swapped norm or bias shows
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(0.1 * torch.randn_like(param))
     path = tmp_path_factory.mktemp("maskformer-hf")
-    reference.save_pretrained(path)
-    return reference, path
-
-
-def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    return ((expected - actual).abs().max() / expected.abs().max()).item()
+    return saved_hf_model(MaskFormerForInstanceSegmentation, tiny_maskformer_config(), path), path
 
 
 @pytest.mark.parametrize("size", [(64, 96), (70, 90)])  # the second: not a multiple of 32 (nor of 4)
@@ -65,10 +40,10 @@ def test_matches_transformers(hf_checkpoint, size):
         "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
     )
     assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
-    assert relative_error(expected, scores) <= 1e-4
+    assert rel_error(scores, expected) <= 1e-4
     assert class_logits.shape == out.class_queries_logits.shape == (2, 5, 8)
-    assert relative_error(out.class_queries_logits, class_logits) <= 1e-4
-    assert relative_error(out.masks_queries_logits, mask_logits) <= 1e-4
+    assert rel_error(class_logits, out.class_queries_logits) <= 1e-4
+    assert rel_error(mask_logits, out.masks_queries_logits) <= 1e-4
 
 
 def test_native_checkpoint_round_trip(hf_checkpoint, tmp_path):
