@@ -19,6 +19,7 @@ Methods:
              the same chunked PNG encoding: what the job does for an image below the threshold.
 Ratios are decoded / streamed, from the same run. Needs Linux (/proc).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 METHODS = ("streamed", "decoded")
-TINY_SEGFORMER = dict(hidden_sizes=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=16,
-                      strides=[8, 2, 2, 2], patch_sizes=[8, 3, 3, 3])
+TINY_SEGFORMER = dict(
+    hidden_sizes=[8, 16, 32, 64],
+    num_heads=[1, 1, 1, 1],
+    depths=[1, 1, 1, 1],
+    decoder_dim=16,
+    strides=[8, 2, 2, 2],
+    patch_sizes=[8, 3, 3, 3],
+)
 
 
 def rss_kib(field: str) -> int:
@@ -71,8 +78,16 @@ def write_tiff(path: str, height: int, width: int, tile: int = 256) -> None:
                 padded[: region.shape[0], : region.shape[1]] = region
                 yield padded
 
-    tifffile.imwrite(path, tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
-                     photometric="rgb", compression="zlib", compressionargs={"level": 1})
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(height, width, 3),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="zlib",
+        compressionargs={"level": 1},
+    )
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -109,13 +124,23 @@ def worker(args: argparse.Namespace) -> None:
     chunks = run()
     seconds = time.perf_counter() - start
     peak = rss_kib("VmHWM")
-    print(json.dumps({"method": args.method, "height": height, "seconds": seconds, "peak_mib": (peak - before) / 1024,
-                      "png_mib": sum(len(c.mask) for c in chunks) / 2**20}))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "height": height,
+                "seconds": seconds,
+                "peak_mib": (peak - before) / 1024,
+                "png_mib": sum(len(c.mask) for c in chunks) / 2**20,
+            }
+        )
+    )
 
 
 def measure(args: argparse.Namespace, method: str, tiff: str, height: int) -> dict:
     command = [sys.executable, __file__, "--method", method, "--tiff", tiff, f"--image-height={height}"] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(args).items()
         if k not in ("method", "tiff", "image_height", "methods", "heights") and v is not None
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -145,8 +170,10 @@ def main() -> None:
         return
 
     pixels = args.height * args.width
-    print(f"TIFF {args.width} x {args.height} RGB, zlib tiles of 256; {args.classes} classes, tiny SegFormer, window "
-          f"{args.window}, stride {args.stride}, batch {args.batch}, {args.threads} torch thread(s)")
+    print(
+        f"TIFF {args.width} x {args.height} RGB, zlib tiles of 256; {args.classes} classes, tiny SegFormer, window "
+        f"{args.window}, stride {args.stride}, batch {args.batch}, {args.threads} torch thread(s)"
+    )
     print(f"decoded image {pixels * 3 / 2**20:.0f} MiB; float32 scores of the whole image {pixels * args.classes * 4 / 2**20:.0f} MiB")
     with tempfile.TemporaryDirectory() as tmp:
         tiff = os.path.join(tmp, "scene.tif")

@@ -15,6 +15,7 @@ resident set size (from /proc/self/status): `peak` is the highest RSS during the
 RSS before it (VmHWM, reset with /proc/self/clear_refs), `held` is the RSS once the listing returned
 with the units still referenced. Per key = held / keys. Needs Linux (/proc).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,13 @@ def generated_s3_class():
             stop = min(self.keys, start + PAGE)
             prefix = kwargs.get("Prefix", "")
             contents = [
-                {"Key": key, "Size": self.size, "ETag": f'"{i:032x}"', "StorageClass": "STANDARD",
-                 "LastModified": self.modified.replace(second=i % 60)}
+                {
+                    "Key": key,
+                    "Size": self.size,
+                    "ETag": f'"{i:032x}"',
+                    "StorageClass": "STANDARD",
+                    "LastModified": self.modified.replace(second=i % 60),
+                }
                 for i in range(start, stop)
                 if (key := key_of(i)).startswith(prefix)
             ]
@@ -86,8 +92,7 @@ def worker(keys: int, size: int, method: str) -> None:
     from pipeline.storage import StoreStats
 
     fsspec.register_implementation("s3", generated_s3_class(), clobber=True)
-    cfg = InputConfig(uri=f"s3://{BUCKET}/{PREFIX}", format="images", pattern="**/*.png",
-                      storage_options={"keys": keys, "size": size})
+    cfg = InputConfig(uri=f"s3://{BUCKET}/{PREFIX}", format="images", pattern="**/*.png", storage_options={"keys": keys, "size": size})
     # warm up outside the measurement: imports that s3fs and botocore make lazily, the event loop thread
     reader_for(cfg.model_copy(update={"storage_options": {"keys": 10, "size": size}})).list_units()
     gc.collect()
@@ -105,12 +110,24 @@ def worker(keys: int, size: int, method: str) -> None:
     gc.collect()
     peak, held = rss_kib("VmHWM") - before, rss_kib("VmRSS") - before
     fs = fsspec.filesystem("s3", keys=keys, size=size)  # the cached instance the listing used
-    print(json.dumps({
-        "method": method, "keys": keys, "size": size, "images": images, "units": len(units), "seconds": seconds,
-        "peak_mib": peak / 1024, "held_mib": held / 1024, "pages": fs.list_calls,
-        "listings": stats.list_calls, "cached_dirs": len(fs.dircache),
-        "cached_entries": sum(len(v) for v in fs.dircache.values()),
-    }))
+    print(
+        json.dumps(
+            {
+                "method": method,
+                "keys": keys,
+                "size": size,
+                "images": images,
+                "units": len(units),
+                "seconds": seconds,
+                "peak_mib": peak / 1024,
+                "held_mib": held / 1024,
+                "pages": fs.list_calls,
+                "listings": stats.list_calls,
+                "cached_dirs": len(fs.dircache),
+                "cached_entries": sum(len(v) for v in fs.dircache.values()),
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -136,13 +153,17 @@ def main() -> None:
             sys.exit(f"worker {keys} keys x {size} B failed:\n{done.stderr}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
 
-    print("| listing | keys | bytes per object (claimed) | bytes listed (claimed) | LIST pages | listing s | peak MiB | held MiB | held bytes per key | info dicts cached |")
+    print(
+        "| listing | keys | bytes per object (claimed) | bytes listed (claimed) | LIST pages | listing s | peak MiB | held MiB | held bytes per key | info dicts cached |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         assert r["images"] == r["keys"], r
-        print(f"| {r['method']} | {r['keys']:,} | {_human(r['size'])} | {_human(r['size'] * r['keys'])} | {r['pages']:,} "
-              f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['held_mib']:.0f} | {r['held_mib'] * 2**20 / r['keys']:.0f} "
-              f"| {r['cached_entries']:,} |")
+        print(
+            f"| {r['method']} | {r['keys']:,} | {_human(r['size'])} | {_human(r['size'] * r['keys'])} | {r['pages']:,} "
+            f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['held_mib']:.0f} | {r['held_mib'] * 2**20 / r['keys']:.0f} "
+            f"| {r['cached_entries']:,} |"
+        )
     print()
     print("segpipe: pipeline.source reader_for(cfg).list_units() (one recursive listing, then units of 64 images, all kept).")
     print("s3fs-find: s3fs's find() on the same pages, names kept (what the driver's listing did before).")

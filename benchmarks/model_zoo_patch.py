@@ -7,6 +7,7 @@ table gives the median and the fastest run, and the output's shape (its stride t
 
     .venv/bin/python benchmarks/model_zoo_patch.py [--size 512] [--runs 3] [--threads N] [--names ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,9 @@ def main() -> None:
     pixels = torch.randn(1, 3, args.size, args.size)
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())  # other work on the machine skews the times
-    print(f"torch {torch.__version__}, {args.threads} threads, input 1x3x{args.size}x{args.size}, {args.classes} classes, load average {load}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, input 1x3x{args.size}x{args.size}, {args.classes} classes, load average {load}"
+    )
     header = f"| {'model':<26} | {'params (M)':>10} | {'median (s)':>10} | {'best (s)':>8} | {'output':<16} |"
     print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")

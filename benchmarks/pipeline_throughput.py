@@ -8,6 +8,7 @@ depend on the weights) and the same sliding window. The plain loop reads, decode
 is a local Ray job (read/decode tasks, one CPU actor, write tasks) that also writes Parquet and
 computes metrics. Pipeline time includes Ray start-up and model load, reported separately.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,14 +63,16 @@ def main() -> None:
         encode_chunks(seg.labels, None, 4096, 11)
     plain = time.perf_counter() - t0
 
-    cfg = load_config({
-        "run_id": "bench",
-        "input": {"uri": str(subset), "pattern": "*.png", "labels": {"uri": str(labels)}},
-        "model": {"checkpoint": str(ckpt)},
-        "inference": {"mode": "slide", "window": [args.window] * 2, "stride": [args.stride] * 2, "batch_size": 4},
-        "output": {"uri": str(work / "runs")},
-        "metrics": {"ignore_index": 11},
-    })
+    cfg = load_config(
+        {
+            "run_id": "bench",
+            "input": {"uri": str(subset), "pattern": "*.png", "labels": {"uri": str(labels)}},
+            "model": {"checkpoint": str(ckpt)},
+            "inference": {"mode": "slide", "window": [args.window] * 2, "stride": [args.stride] * 2, "batch_size": 4},
+            "output": {"uri": str(work / "runs")},
+            "metrics": {"ignore_index": 11},
+        }
+    )
     t0 = time.perf_counter()
     result = run_job(cfg, progress=lambda _: None)
     pipe = time.perf_counter() - t0
@@ -81,7 +84,9 @@ def main() -> None:
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 16}|")
     print(f"| {'plain loop (one process)':<34} | {plain:8.1f} | {n / plain:8.2f} | {1.0:14.2f} |")
     print(f"| {'segpipe run (Ray, 1 CPU actor)':<34} | {pipe:8.1f} | {n / pipe:8.2f} | {plain / pipe:14.2f} |")
-    print(f"(pipeline wall time includes Ray start-up and two model loads; run_job's own figure: {steady['images_per_second']:.2f} images/s)")
+    print(
+        f"(pipeline wall time includes Ray start-up and two model loads; run_job's own figure: {steady['images_per_second']:.2f} images/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ ours / theirs (below 1: ours is faster). `max rel diff` checks that the two sema
 
 transformers (and scipy, which its MaskFormer constructors need) are test dependencies.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,10 @@ def hf_maskformer_tiny():
     from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
 
     backbone = SwinConfig(
-        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     config = MaskFormerConfig(backbone_config=backbone, decoder_config=dict(model_type="detr"), num_labels=150)
@@ -41,7 +45,10 @@ def hf_mask2former_tiny():
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
     backbone = SwinConfig(
-        embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+        embed_dim=96,
+        depths=[2, 2, 6, 2],
+        num_heads=[3, 6, 12, 24],
+        window_size=7,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
     return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=backbone, num_labels=150))
@@ -100,8 +107,10 @@ def main() -> None:
         )
         del ours, theirs
 
-    print(f"CPU forward, 1 x 3 x {args.size} x {args.size}, {torch.get_num_threads()} threads, "
-          f"median of {args.runs} runs (torch {torch.__version__})")
+    print(
+        f"CPU forward, 1 x 3 x {args.size} x {args.size}, {torch.get_num_threads()} threads, "
+        f"median of {args.runs} runs (torch {torch.__version__})"
+    )
     header = ("model", "params ours (M)", "params HF (M)", "ours (ms)", "HF (ms)", "ours/HF", "max rel diff")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")

@@ -14,6 +14,7 @@ turn, `--repeats` times, each with a new run_id; the table shows the median. `im
 images segmented over the job's wall time (listing, actor start, reads, inference, writes,
 summary), as summary.json reports it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,15 +83,16 @@ def main() -> None:
     shards.mkdir()
     write_shards(shards, args.images, args.shards, args.size)
     checkpoint = work / "tiny-segformer.safetensors"
-    save_native(build_model("segformer-b0", num_classes=NUM_CLASSES, hidden_sizes=[16, 32, 64, 128],
-                            num_heads=[1, 1, 2, 4], decoder_dim=32), checkpoint)
+    save_native(
+        build_model("segformer-b0", num_classes=NUM_CLASSES, hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=32),
+        checkpoint,
+    )
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     # moto takes any credentials; a real job takes them from the environment or the options
-    options = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench",
-               "client_kwargs": {"region_name": "us-west-2"}}
+    options = {"endpoint_url": f"http://{host}:{port}", "key": "bench", "secret": "bench", "client_kwargs": {"region_name": "us-west-2"}}
     s3 = fsspec.filesystem("s3", **options)
     s3.mkdir("bench-archive")
     s3.mkdir("bench-runs")
@@ -100,8 +102,7 @@ def main() -> None:
     def job(source: str, sink: str, run_id: str) -> dict:
         cfg = {
             "run_id": run_id,
-            "input": {"uri": uris[source][0], "format": "tar", "labels": {},
-                      "storage_options": options if source == "s3" else {}},
+            "input": {"uri": uris[source][0], "format": "tar", "labels": {}, "storage_options": options if source == "s3" else {}},
             "model": {"checkpoint": str(checkpoint)},
             "inference": {"mode": "whole", "window": [args.size, args.size], "stride": [args.size, args.size]},
             "output": {"uri": uris[sink][1], "storage_options": options if sink == "s3" else {}},
@@ -128,8 +129,10 @@ def main() -> None:
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     base = statistics.median(x["rate"] for x in results["local", "local"])
-    print(f"{args.images} images of {args.size} x {args.size} in {args.shards} tar shards, tiny SegFormer "
-          f"(random weights, whole-image inference), {cpus} CPUs; median of {args.repeats} runs per case")
+    print(
+        f"{args.images} images of {args.size} x {args.size} in {args.shards} tar shards, tiny SegFormer "
+        f"(random weights, whole-image inference), {cpus} CPUs; median of {args.repeats} runs per case"
+    )
     print()
     print("| input | output | job wall s | images/s | ratio to local -> local |")
     print("| --- | --- | ---: | ---: | ---: |")

@@ -19,6 +19,7 @@ Methods:
                     result (edge windows land up to 3 pixels off) and a full-size upsample at the end.
 Ratios are MONAI / ours, from the same run. Needs Linux (/proc).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,12 @@ def build_model(name: str, num_classes: int):
     torch.manual_seed(0)
     if name == "conv":  # a small conv net at output stride 4
         model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
             nn.Conv2d(32, num_classes, 1),
         )
     else:
@@ -179,10 +183,7 @@ def main() -> None:
         time_ratio = result["seconds"] / ours["seconds"] if ours else float("nan")
         memory_ratio = result["peak_mib"] / ours["peak_mib"] if ours else float("nan")
         same = float((labels[method] == labels["ours"]).mean()) if ours else float("nan")
-        print(
-            f"{method:<14}{result['seconds']:>9.1f}{result['peak_mib']:>11.0f}{time_ratio:>13.2f}"
-            f"{memory_ratio:>15.2f}{same:>14.2%}"
-        )
+        print(f"{method:<14}{result['seconds']:>9.1f}{result['peak_mib']:>11.0f}{time_ratio:>13.2f}{memory_ratio:>15.2f}{same:>14.2%}")
     print("peak MiB: peak RSS during the call above the RSS before it (VmHWM after clear_refs), per fresh subprocess")
 
 

@@ -6,6 +6,7 @@ locations, model name, checkpoint, a rerun that would change a run's results), o
 field; 1 a run that started and failed, one line; 130 interrupted (Ctrl-C). Never a traceback
 (SEGPIPE_DEBUG=1 shows one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,19 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser(
-        "run", help="run a segmentation job",
+        "run",
+        help="run a segmentation job",
         description="Run a segmentation job, or resume it: the same config and run_id again segments what is missing "
         "(and retries images that failed) and never rewrites a committed result.",
     )
     run.add_argument("config", help="YAML job config")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config field (repeatable)")
-    run.add_argument("--no-retry-errors", dest="retry_errors", action="store_false", help="on a rerun, keep images that failed as failed instead of trying them again")
+    run.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE", help="override a config field (repeatable)"
+    )
+    run.add_argument(
+        "--no-retry-errors",
+        dest="retry_errors",
+        action="store_false",
+        help="on a rerun, keep images that failed as failed instead of trying them again",
+    )
 
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
 
     convert = sub.add_parser(
-        "convert", help="turn an HF or mmseg checkpoint into a native .safetensors one",
+        "convert",
+        help="turn an HF or mmseg checkpoint into a native .safetensors one",
         description="Load a checkpoint (a Hugging Face directory, an mmsegmentation .pth, or a native .safetensors) "
         "and write it as one native .safetensors file whose metadata names the model, its classes and normalization.",
     )
@@ -53,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--name", default=None, help="registered model name (`segpipe models`); needed for mmseg checkpoints")
     convert.add_argument("--num-classes", type=int, default=None, help="number of classes; checked against the checkpoint")
 
-    sub.add_parser("models", help="list the registered model names",
-                   description="List the model names that model.name and `convert --name` accept.")
+    sub.add_parser(
+        "models", help="list the registered model names", description="List the model names that model.name and `convert --name` accept."
+    )
     return parser
 
 
@@ -110,11 +121,16 @@ def _run(cfg, retry_errors: bool = True) -> int:
 
 
 def _convert(args) -> int:
-    from models import load_model, save_native
+    from models import save_native
+    from pipeline.config import ModelConfig
+    from pipeline.predictor import load_job_model
 
-    model = load_model(args.source, name=args.name, num_classes=args.num_classes)
+    # as a job loads it: a checkpoint in a store is fetched through pipeline.storage
+    model = load_job_model(ModelConfig(checkpoint=str(args.source), name=args.name, num_classes=args.num_classes))
     save_native(model, args.dest, source=str(args.source))
-    print(f"{args.dest}: {model.name or model.family}, {model.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"{args.dest}: {model.name or model.family}, {model.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
     return EXIT_OK
 
 

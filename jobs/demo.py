@@ -1,4 +1,5 @@
 """`segpipe demo`: the synthetic archive (generated on first use) through the bundled model."""
+
 from __future__ import annotations
 
 import shutil

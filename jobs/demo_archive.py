@@ -5,6 +5,7 @@ files come out on every machine. Classes: 0 background, 1 disc, 2 box, 3 triangl
 has its own colour family and texture (stripes, checks, diagonals), jittered per image, so that a
 small model must use colour and texture, not a single pixel value.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -7,6 +7,7 @@ gives the same weights. Training images come from the archive's "train" split, w
 overlaps the held-out split that `segpipe demo` segments. The run time and the held-out mIoU of
 the last training run are written to jobs/assets/demo-segformer.json beside the checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,10 +94,18 @@ def main() -> None:
     print(f"held-out mIoU {metrics['mIoU']:.4f}  aAcc {metrics['aAcc']:.4f}  IoU {[round(v, 4) for v in metrics['IoU']]}")
     save_native(model, args.out, source="jobs/train_demo_model.py")
     info = {
-        "arch": DEMO_ARCH, "steps": args.steps, "batch": args.batch, "crop": CROP, "train_images": args.images,
-        "threads": args.threads, "train_seconds": round(train_seconds, 1), "torch": torch.__version__,
-        "heldout_mIoU": metrics["mIoU"], "heldout_IoU": metrics["IoU"],
-        "parameters": sum(p.numel() for p in model.parameters()), "bytes": Path(args.out).stat().st_size,
+        "arch": DEMO_ARCH,
+        "steps": args.steps,
+        "batch": args.batch,
+        "crop": CROP,
+        "train_images": args.images,
+        "threads": args.threads,
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "heldout_mIoU": metrics["mIoU"],
+        "heldout_IoU": metrics["IoU"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": Path(args.out).stat().st_size,
     }
     Path(args.out).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))

@@ -1,4 +1,5 @@
 """segpipe's models: pure PyTorch, one file per family, a plain registry, checkpoint loading."""
+
 from models.base import CheckpointError, ModelError, UnknownModelError
 from models.checkpoint import load_model, save_native
 from models.registry import build_model, list_models

@@ -7,12 +7,14 @@ normalization, and optionally the class names. `family` names the model file it 
 Also here: what every family file uses to state its contract (`FamilyContract`) and to map a
 checkpoint's key names to its own (`rename_keys`).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -118,12 +120,17 @@ def describe_misfit(model_shapes: dict[str, Any], weights: dict[str, Any]) -> st
             shown = items[:examples]
             return f"{count} {label}" + (f" ({', '.join(shown)}{', ...' if count > len(shown) else ''})" if shown else "")
 
-        return ", ".join((
-            part(len(wrong), "key of another shape" if len(wrong) == 1 else "keys of another shape",
-                 [f"{k}: checkpoint {_shape(weights[k])} vs model {_shape(model_shapes[k])}" for k in wrong]),
-            part(len(missing), "missing", missing),
-            part(len(unexpected), "unexpected", unexpected),
-        ))
+        return ", ".join(
+            (
+                part(
+                    len(wrong),
+                    "key of another shape" if len(wrong) == 1 else "keys of another shape",
+                    [f"{k}: checkpoint {_shape(weights[k])} vs model {_shape(model_shapes[k])}" for k in wrong],
+                ),
+                part(len(missing), "missing", missing),
+                part(len(unexpected), "unexpected", unexpected),
+            )
+        )
 
     for examples in (3, 2, 1):
         text = line(examples)

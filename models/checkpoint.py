@@ -11,18 +11,17 @@ Three layouts come in:
 Which family loads what is read from the families' contracts (models/registry.py); this file keeps
 no table of its own. Pickles load with `torch.load(weights_only=True)` only.
 """
+
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
-import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import fsspec
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import safe_open
@@ -68,9 +67,12 @@ def load_model(
     source: str | os.PathLike,
     name: str | None = None,
     num_classes: int | None = None,
-    storage_options: dict | None = None,
 ) -> SegmentationModel:
-    """Load a model from an HF directory, a native .safetensors file or an mmseg .pth file.
+    """Load a model from a local HF directory, native .safetensors file or mmseg .pth file.
+
+    Local paths only: a checkpoint in an object store is fetched by the pipeline
+    (pipeline.storage.local_copy: retries, credentials kept out of messages), as `segpipe run` and
+    `segpipe convert` do.
 
     `name` (a registered model name) picks the architecture of an mmseg checkpoint; a native or HF
     checkpoint states its own, which must then be that model's. `num_classes`, when given, must be
@@ -80,16 +82,21 @@ def load_model(
     source = str(source)
     if name:
         check_name(name)
+    path = Path(source)
     try:
-        with _local_copy(source, storage_options or {}) as path:
-            if path.is_dir():
-                model = _load_hf_directory(path, source)
-            elif path.suffix == ".safetensors":
-                model = _load_native(path, source)
-            elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-                model = _load_mmseg(path, source, name, num_classes)
-            else:
-                raise CheckpointError(f"{source}: not a checkpoint directory, .safetensors or .pth file")
+        if "://" in source and not source.startswith("file://"):
+            raise CheckpointError(f"{source}: load_model reads local paths; fetch it first (pipeline.storage.local_copy)")
+        path = Path(source.removeprefix("file://"))
+        if not path.exists():
+            raise CheckpointError(f"{source}: no such checkpoint")
+        if path.is_dir():
+            model = _load_hf_directory(path, source)
+        elif path.suffix == ".safetensors":
+            model = _load_native(path, source)
+        elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            model = _load_mmseg(path, source, name, num_classes)
+        else:
+            raise CheckpointError(f"{source}: not a checkpoint directory, .safetensors or .pth file")
     except CheckpointError as exc:
         # loaders deeper down (Swin's, ViT's config readers) do not know the file: name it here
         if str(exc).startswith(source):
@@ -130,7 +137,9 @@ def read_state_dict(path: str | os.PathLike, origin: str | None = None) -> dict[
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickle with code in it, not a pickle at all, a truncated zip: any parser error
-        raise CheckpointError(f"{origin}: cannot be read as a weights-only checkpoint: {brief(exc, line=_weights_only_reason(exc))}") from exc
+        raise CheckpointError(
+            f"{origin}: cannot be read as a weights-only checkpoint: {brief(exc, line=_weights_only_reason(exc))}"
+        ) from exc
 
 
 def _weights_only_reason(exc: Exception) -> str | None:
@@ -152,7 +161,7 @@ def _read_safetensors(path: Path, origin: str) -> tuple[dict[str, str], dict[str
     _refuse_empty(path, origin)
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+            return (f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has keys(), no __iter__
     except Exception as exc:  # SafetensorError (truncated, bad header), OSError: the file's fault, not ours
         raise CheckpointError(f"{origin}: cannot be read as safetensors: {brief(exc)}") from exc
 
@@ -279,30 +288,3 @@ def _check_is(model: SegmentationModel, name: str, source: str) -> None:
     misfit = describe_misfit(expected.state_dict(), model.state_dict())
     if misfit:
         raise CheckpointError(f"{source}: not a {name} checkpoint (it holds {held}): {misfit}")
-
-
-class _local_copy:
-    """A local path for `source`: itself when local, else a temporary copy (file or directory)."""
-
-    def __init__(self, source: str, storage_options: dict) -> None:
-        self.source = source
-        self.storage_options = storage_options
-        self._tmp: tempfile.TemporaryDirectory | None = None
-
-    def __enter__(self) -> Path:
-        fs, root = fsspec.core.url_to_fs(self.source, **copy.deepcopy(self.storage_options))  # botocore edits options in place
-        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            path = Path(root)
-            if not path.exists():
-                raise CheckpointError(f"{self.source}: no such checkpoint")
-            return path
-        if not fs.exists(root):
-            raise CheckpointError(f"{self.source}: no such checkpoint")
-        self._tmp = tempfile.TemporaryDirectory(prefix="segpipe-ckpt-")
-        dest = Path(self._tmp.name) / Path(root.rstrip("/")).name
-        fs.get(root, str(dest), recursive=fs.isdir(root))
-        return dest
-
-    def __exit__(self, *exc) -> None:
-        if self._tmp is not None:
-            self._tmp.cleanup()

@@ -24,6 +24,7 @@ masked-attention decoder, the model, the HF key table, then its contract: the na
 attention, the MLP head, the semantic combination, HF config parsing) is in
 models/mask_classification.py.
 """
+
 from __future__ import annotations
 
 import math
@@ -66,6 +67,7 @@ NUM_LEVELS = 3  # the deformable encoder and the decoder read the 1/32, 1/16 and
 # Multi-scale deformable attention (Deformable DETR), in pure PyTorch
 # ---------------------------------------------------------------------------------------------
 
+
 def deformable_sample(
     value: torch.Tensor,
     shapes: list[tuple[int, int]],
@@ -80,7 +82,7 @@ def deformable_sample(
     returns    N x Q x (heads * d)
     """
     n, _, heads, d = value.shape
-    _, q, _, levels, points, _ = locations.shape
+    _, q, _, _levels, points, _ = locations.shape
     grids = 2 * locations - 1  # grid_sample's [-1, 1] coordinates
     out = None
     for level, (values_l, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
@@ -104,9 +106,7 @@ class DeformableAttention(nn.Module):
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor, shapes: list[tuple[int, int]]
-    ) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
         """query N x Q x C (with positions), reference 1 x Q x 2 (x, y in [0, 1]), value N x S x C."""
         n, q, _ = query.shape
         heads, levels, points = self.num_heads, self.levels, self.points
@@ -163,9 +163,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
     ) -> None:
         super().__init__()
         # level 0 is the coarsest (stride 32) map
-        self.input_projections = nn.ModuleList(
-            ConvNorm(ch, dim, 1, relu=False, bias=True) for ch in reversed(in_channels[-NUM_LEVELS:])
-        )
+        self.input_projections = nn.ModuleList(ConvNorm(ch, dim, 1, relu=False, bias=True) for ch in reversed(in_channels[-NUM_LEVELS:]))
         self.level_embed = nn.Parameter(torch.zeros(NUM_LEVELS, dim))
         nn.init.normal_(self.level_embed)
         self.encoder_layers = nn.ModuleList(DeformableEncoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
@@ -192,9 +190,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         reference = reference_points(shapes, tokens.device, tokens.dtype)
         for layer in self.encoder_layers:
             tokens = layer(tokens, pos, reference, shapes)
-        outputs = [
-            t.transpose(1, 2).reshape(n, dim, h, w) for t, (h, w) in zip(tokens.split([h * w for h, w in shapes], 1), shapes)
-        ]
+        outputs = [t.transpose(1, 2).reshape(n, dim, h, w) for t, (h, w) in zip(tokens.split([h * w for h, w in shapes], 1), shapes)]
         # finer maps, coarse to fine; bilinear (not nearest) upsampling, as the reference does
         for lateral, output, feature in zip(
             reversed(self.fpn_laterals), reversed(self.fpn_outputs), reversed(features[: len(self.fpn_laterals)])
@@ -208,6 +204,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The masked-attention decoder
 # ---------------------------------------------------------------------------------------------
+
 
 class MaskedAttentionDecoderLayer(nn.Module):
     """Masked cross-attention to one level, then self-attention over the queries, then a
@@ -248,6 +245,7 @@ class MaskedAttentionDecoderLayer(nn.Module):
 # The model
 # ---------------------------------------------------------------------------------------------
 
+
 class Mask2Former(SegmentationModel):
     family = "mask2former"
 
@@ -272,11 +270,22 @@ class Mask2Former(SegmentationModel):
     ) -> None:
         swin = dict(swin) if swin is not None else swin_arch("tiny")
         arch = dict(
-            num_classes=num_classes, swin=swin, feature_dim=feature_dim, mask_dim=mask_dim, hidden_dim=hidden_dim,
-            num_queries=num_queries, num_heads=num_heads, encoder_layers=encoder_layers,
-            encoder_ffn_dim=encoder_ffn_dim, num_layers=num_layers, ffn_dim=ffn_dim, pre_norm=pre_norm,
-            enforce_input_projection=enforce_input_projection, common_stride=common_stride,
-            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std),
+            num_classes=num_classes,
+            swin=swin,
+            feature_dim=feature_dim,
+            mask_dim=mask_dim,
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_heads=num_heads,
+            encoder_layers=encoder_layers,
+            encoder_ffn_dim=encoder_ffn_dim,
+            num_layers=num_layers,
+            ffn_dim=ffn_dim,
+            pre_norm=pre_norm,
+            enforce_input_projection=enforce_input_projection,
+            common_stride=common_stride,
+            pixel_mean=list(pixel_mean),
+            pixel_std=list(pixel_std),
         )
         super().__init__(arch=arch, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.num_heads = num_heads
@@ -318,9 +327,7 @@ class Mask2Former(SegmentationModel):
         for i, level in enumerate(levels):
             h, w = level.shape[-2:]
             memories.append(self.input_projections[i](level).flatten(2).transpose(1, 2) + self.level_embed.weight[i])
-            memory_pos.append(
-                sine_position_embedding(h, w, memories[-1].shape[-1], level.device, level.dtype).flatten(1).T[None]
-            )
+            memory_pos.append(sine_position_embedding(h, w, memories[-1].shape[-1], level.device, level.dtype).flatten(1).T[None])
             # The reference resizes every intermediate 1/4 mask prediction to the level's size for
             # the attention mask. Bilinear resizing is linear, so resizing the mask features once
             # per level and predicting there gives the same logits, without the full-size masks.
@@ -428,6 +435,7 @@ def _split_in_proj(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # 100 queries, 256 wide, 6 deformable encoder layers, 9 decoder layers), the HF loader, and what
 # the registry reads
 # ---------------------------------------------------------------------------------------------
+
 
 def _builder(size: str):
     def build(num_classes: int = 150, **overrides) -> Mask2Former:

@@ -9,8 +9,10 @@ Each family file keeps what is its own (MaskFormer's FPN and DETR decoder, Mask2
 deformable pixel decoder and masked-attention decoder, their key tables); this file holds only
 what both import.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -79,9 +81,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """query N x Lq x C, key / value N x Lk x C; mask broadcastable to N x heads x Lq x Lk
         (bool: True = may attend)."""
         n, length, dim = query.shape
@@ -112,7 +112,7 @@ class MLPHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 3) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -170,14 +170,10 @@ def num_labels(config: dict, state_dict: dict[str, torch.Tensor], class_key: str
     return classes
 
 
-def weights_from_hf(
-    state_dict: dict[str, torch.Tensor], rules: list[Rule], swin_body: str, origin: str
-) -> dict[str, torch.Tensor]:
+def weights_from_hf(state_dict: dict[str, torch.Tensor], rules: list[Rule], swin_body: str, origin: str) -> dict[str, torch.Tensor]:
     """Our names for a transformers checkpoint's weights: the Swin backbone's (output norms under
     HF_BACKBONE, body under `swin_body`) and the family's `rules` for the rest. A key that no
     rule covers keeps its name, so that the strict load names it as unexpected."""
     swin_rules, swin_ignored = swin_hf_rules(HF_BACKBONE, swin_body)
-    weights = rename_keys(
-        state_dict, [*swin_rules, *rules], ignored=[*swin_ignored, *HF_IGNORED], keep_unknown=True, origin=origin
-    )
+    weights = rename_keys(state_dict, [*swin_rules, *rules], ignored=[*swin_ignored, *HF_IGNORED], keep_unknown=True, origin=origin)
     return fuse_swin_qkv(weights)

@@ -17,6 +17,7 @@ layer), the model, the HF key table, then its contract: the named variants, `fro
 `CONTRACT`. What it shares with Mask2Former (position embedding, conv + GroupNorm, attention, the
 MLP head, the semantic combination, HF config parsing) is in models/mask_classification.py.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,6 +54,7 @@ from models.swin import SWIN_SIZES, SwinBackbone, swin_arch
 # MaskFormer's parts
 # ---------------------------------------------------------------------------------------------
 
+
 class FPNPixelDecoder(nn.Module):
     """Top-down FPN over the backbone maps, then a 3x3 projection to the per-pixel mask embeddings."""
 
@@ -85,9 +87,7 @@ class DetrDecoderLayer(nn.Module):
         self.mlp = Mlp(dim, ffn_dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(
-        self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor) -> torch.Tensor:
         q = x + query_pos
         x = self.norm1(x + self.self_attn(q, q, x))
         x = self.norm2(x + self.cross_attn(x + query_pos, memory + memory_pos, memory))
@@ -97,6 +97,7 @@ class DetrDecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+
 
 class MaskFormer(SegmentationModel):
     family = "maskformer"
@@ -117,9 +118,17 @@ class MaskFormer(SegmentationModel):
     ) -> None:
         swin = dict(swin) if swin is not None else swin_arch("tiny")
         arch = dict(
-            num_classes=num_classes, swin=swin, fpn_dim=fpn_dim, mask_dim=mask_dim, hidden_dim=hidden_dim,
-            num_queries=num_queries, num_heads=num_heads, num_layers=num_layers, ffn_dim=ffn_dim,
-            pixel_mean=list(pixel_mean), pixel_std=list(pixel_std),
+            num_classes=num_classes,
+            swin=swin,
+            fpn_dim=fpn_dim,
+            mask_dim=mask_dim,
+            hidden_dim=hidden_dim,
+            num_queries=num_queries,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            ffn_dim=ffn_dim,
+            pixel_mean=list(pixel_mean),
+            pixel_std=list(pixel_std),
         )
         super().__init__(arch=arch, num_classes=num_classes, pixel_mean=pixel_mean, pixel_std=pixel_std)
         self.backbone = SwinBackbone(**swin)
@@ -207,6 +216,7 @@ _HF_RULES: list[tuple[str, str]] = [
 # The contract: named variants (the ADE20K models of the MaskFormer paper: 150 classes, 100 queries,
 # 256 wide, 6 decoder layers), the HF loader, and what the registry reads
 # ---------------------------------------------------------------------------------------------
+
 
 def _builder(size: str):
     def build(num_classes: int = 150, **overrides) -> MaskFormer:

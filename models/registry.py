@@ -7,9 +7,10 @@ dispatch (models/checkpoint.py), are derived from those declarations and nothing
 A builder takes `num_classes` (and optional overrides of its architecture) and returns a model
 with random weights. A family class rebuilds a model from the `arch` dict a checkpoint stores.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from models import mask2former, maskformer, segformer, segmenter, setr
 from models.base import FamilyContract, SegmentationModel, UnknownModelError

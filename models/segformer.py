@@ -26,9 +26,11 @@ tables, then the family's contract: the named variants, the loaders `from_hf` (t
 SegformerForSemanticSegmentation, both its Hub key names and its 5.x module names) and
 `from_mmseg` (mmsegmentation's MixVisionTransformer + SegformerHead), and `CONTRACT`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -141,8 +143,19 @@ class Block(nn.Module):
 class Stage(nn.Module):
     """Patch embedding, blocks, LayerNorm; returns an N x C x h x w map."""
 
-    def __init__(self, in_channels: int, dim: int, depth: int, num_heads: int, sr_ratio: int, mlp_ratio: float,
-                 patch_size: int, stride: int, act: str, eps: float) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        sr_ratio: int,
+        mlp_ratio: float,
+        patch_size: int,
+        stride: int,
+        act: str,
+        eps: float,
+    ) -> None:
         super().__init__()
         self.patch_embed = OverlapPatchEmbed(in_channels, dim, patch_size, stride, eps)
         self.blocks = nn.ModuleList(Block(dim, num_heads, sr_ratio, mlp_ratio, act, eps) for _ in range(depth))
@@ -368,7 +381,10 @@ _HF_BLOCK = {
 }
 HF_KEYS: list[tuple[str, str]] = [
     (rf"segformer\.(?:encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings)\.proj\.{_P}", r"stages.\1\2.patch_embed.proj.\3"),
-    (rf"segformer\.(?:encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings)\.layer_norm\.{_P}", r"stages.\1\2.patch_embed.norm.\3"),
+    (
+        rf"segformer\.(?:encoder\.patch_embeddings\.(\d+)|stages\.(\d+)\.patch_embeddings)\.layer_norm\.{_P}",
+        r"stages.\1\2.patch_embed.norm.\3",
+    ),
     *[
         (rf"segformer\.(?:encoder\.block\.(\d+)\.(\d+)|stages\.(\d+)\.blocks\.(\d+))\.{src}\.{_P}", rf"stages.\1\3.blocks.\2\4.{dst}.\5")
         for src, dst in _HF_BLOCK.items()
@@ -384,9 +400,17 @@ HF_KEYS: list[tuple[str, str]] = [
 def _from_hf_config(config: dict[str, Any], origin: str) -> SegFormer:
     """The model (random weights, class names) that config.json describes."""
     defaults = dict(
-        num_channels=3, num_encoder_blocks=4, depths=[2, 2, 2, 2], sr_ratios=[8, 4, 2, 1],
-        hidden_sizes=[32, 64, 160, 256], patch_sizes=[7, 3, 3, 3], strides=[4, 2, 2, 2],
-        num_attention_heads=[1, 2, 5, 8], mlp_ratios=[4, 4, 4, 4], hidden_act="gelu", decoder_hidden_size=256,
+        num_channels=3,
+        num_encoder_blocks=4,
+        depths=[2, 2, 2, 2],
+        sr_ratios=[8, 4, 2, 1],
+        hidden_sizes=[32, 64, 160, 256],
+        patch_sizes=[7, 3, 3, 3],
+        strides=[4, 2, 2, 2],
+        num_attention_heads=[1, 2, 5, 8],
+        mlp_ratios=[4, 4, 4, 4],
+        hidden_act="gelu",
+        decoder_hidden_size=256,
     )
     cfg = {**defaults, **{k: v for k, v in config.items() if v is not None}}
     id2label = config.get("id2label") or {}
@@ -472,8 +496,20 @@ _MIT = {
 
 # what a builder may override (num_classes is its own argument)
 _ARCH_KWARGS = (
-    "hidden_sizes", "depths", "num_heads", "sr_ratios", "mlp_ratios", "patch_sizes", "strides",
-    "decoder_dim", "head", "act", "layer_norm_eps", "in_channels", "pixel_mean", "pixel_std",
+    "hidden_sizes",
+    "depths",
+    "num_heads",
+    "sr_ratios",
+    "mlp_ratios",
+    "patch_sizes",
+    "strides",
+    "decoder_dim",
+    "head",
+    "act",
+    "layer_norm_eps",
+    "in_channels",
+    "pixel_mean",
+    "pixel_std",
 )
 
 

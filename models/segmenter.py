@@ -20,11 +20,13 @@ bilinear position-embedding resizing, mmseg eps 1e-6 and bicubic; both are kept 
 The file reads top to bottom: the decoders, the model, the key tables of both layouts and the
 code that reads them, then the family's contract: the named variants, `from_mmseg` and `CONTRACT`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -20,11 +20,13 @@ MLA) and its checkpoints are not supported.
 The file reads top to bottom: the decoders' blocks, the model, mmsegmentation's key tables, then
 the family's contract: the named variants, `from_mmseg` and `CONTRACT`.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +94,7 @@ class UpsamplingDecoder(nn.Module):
     ) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(in_channels, eps=norm_eps)
-        self.stages = nn.ModuleList(
-            ConvBNReLU(in_channels if i == 0 else channels, channels, kernel_size) for i in range(num_convs)
-        )
+        self.stages = nn.ModuleList(ConvBNReLU(in_channels if i == 0 else channels, channels, kernel_size) for i in range(num_convs))
         self.up_scale = up_scale
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
@@ -123,8 +123,7 @@ class MLADecoder(nn.Module):
         self.lateral = nn.ModuleList(ConvBNReLU(in_channels, neck_channels, 1) for _ in range(levels))
         self.smooth = nn.ModuleList(ConvBNReLU(neck_channels, neck_channels, 3) for _ in range(levels))
         self.heads = nn.ModuleList(
-            nn.Sequential(ConvBNReLU(neck_channels, head_channels, 3), ConvBNReLU(head_channels, head_channels, 3))
-            for _ in range(levels)
+            nn.Sequential(ConvBNReLU(neck_channels, head_channels, 3), ConvBNReLU(head_channels, head_channels, 3)) for _ in range(levels)
         )
         self.up_scale = 4
         self.classifier = nn.Conv2d(levels * head_channels, num_classes, 1)
@@ -275,9 +274,7 @@ def _variant(decoder: str, size: str) -> Callable[..., SETR]:
     return build
 
 
-VARIANTS: dict[str, Callable[..., SETR]] = {
-    f"setr-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES
-}
+VARIANTS: dict[str, Callable[..., SETR]] = {f"setr-{decoder}-vit-{size}": _variant(decoder, size) for decoder in DECODERS for size in SIZES}
 
 
 def from_mmseg(name: str, num_classes: int, state_dict: dict[str, torch.Tensor], origin: str | None = None) -> SETR:

@@ -13,6 +13,7 @@ by one. A stage's output is therefore ceil(H / stride) x ceil(W / stride).
 The HF key mapping (both `MaskFormerSwinBackbone` and `SwinBackbone` layouts) is `swin_hf_rules`
 at the bottom of this file.
 """
+
 from __future__ import annotations
 
 import re
@@ -41,6 +42,7 @@ _SHIFT_MASK_VALUE = -100.0
 # Windows
 # ---------------------------------------------------------------------------------------------
 
+
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     """N x H x W x C (H, W multiples of the window) -> (N * windows) x window_size**2 x C."""
     n, h, w, c = x.shape
@@ -58,6 +60,7 @@ def window_merge(windows: torch.Tensor, window_size: int, height: int, width: in
 def shifted_window_mask(height: int, width: int, window_size: int, shift: int, device, dtype) -> torch.Tensor:
     """windows x L x L additive mask for a map rolled by -shift: tokens that come from different
     regions of the unrolled map (the wrapped-around strips) must not attend to each other."""
+
     def regions(size: int) -> torch.Tensor:
         idx = torch.arange(size, device=device)
         return (idx >= size - window_size).long() + (idx >= size - shift).long()
@@ -78,6 +81,7 @@ def relative_position_index(window_size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------
+
 
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside each window, plus a learned relative position bias."""
@@ -132,9 +136,7 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     """Pre-norm block: (shifted) window attention, then an MLP, each with a residual."""
 
-    def __init__(
-        self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float, qkv_bias: bool, eps: float
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float, qkv_bias: bool, eps: float) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift = shift
@@ -196,8 +198,7 @@ class SwinStage(nn.Module):
         self.window_size = window_size
         self.shift = window_size // 2
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else self.shift, mlp_ratio, qkv_bias, eps)
-            for i in range(depth)
+            SwinBlock(dim, num_heads, window_size, 0 if i % 2 == 0 else self.shift, mlp_ratio, qkv_bias, eps) for i in range(depth)
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
@@ -237,6 +238,7 @@ class PatchEmbed(nn.Module):
 # The backbone
 # ---------------------------------------------------------------------------------------------
 
+
 class SwinBackbone(nn.Module):
     """pixels N x 3 x H x W -> four maps N x C_i x ceil(H / 4 * 2^-i) x ceil(W / 4 * 2^-i), C_i = embed_dim * 2^i."""
 
@@ -258,9 +260,7 @@ class SwinBackbone(nn.Module):
         self.channels = [embed_dim * 2**i for i in range(len(depths))]
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.stages = nn.ModuleList(
-            SwinStage(
-                dim, depth, heads, window_size, mlp_ratio, qkv_bias, layer_norm_eps, downsample=i < len(depths) - 1
-            )
+            SwinStage(dim, depth, heads, window_size, mlp_ratio, qkv_bias, layer_norm_eps, downsample=i < len(depths) - 1)
             for i, (dim, depth, heads) in enumerate(zip(self.channels, depths, num_heads))
         )
         # the per-stage output norms of the segmentation backbones (not the classifier's final norm)

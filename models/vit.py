@@ -15,12 +15,14 @@ mmseg's SETR configs and the original Segmenter; align_corners=False, no antiali
 The file reads top to bottom: configuration and sizes, building blocks, the encoder, then the
 checkpoint layouts (timm, transformers' ViTModel, mmsegmentation) mapped to ours.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,7 @@ class ViTConfig:
         object.__setattr__(self, "pos_grid", tuple(int(v) for v in self.pos_grid))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ViTConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ViTConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,7 +316,7 @@ HF_IGNORED = [r"pooler\..*", r"classifier\..*"]
 
 def strip_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries under `prefix`, with it removed."""
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 # A key that no rule covers is an error (rename_keys), so that an unsupported feature (layer
@@ -427,17 +429,17 @@ def load_encoder_weights(encoder: ViTEncoder, state_dict: dict[str, torch.Tensor
 
 __all__ = [
     "SIZES",
+    "Block",
     "ViTConfig",
     "ViTEncoder",
-    "Block",
-    "vit_config",
     "config_from_weights",
-    "vit_config_from_hf",
     "detect_layout",
-    "encoder_from_timm",
-    "encoder_from_mmseg",
     "encoder_from_hf",
+    "encoder_from_mmseg",
+    "encoder_from_timm",
     "load_encoder_weights",
     "mmseg_block_rules",
     "strip_prefix",
+    "vit_config",
+    "vit_config_from_hf",
 ]

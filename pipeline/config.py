@@ -3,6 +3,7 @@
 Unknown keys and bad values are errors that name the field. `--set key.sub=value` overrides go
 through `apply_overrides` before validation, so they are checked like the file itself.
 """
+
 from __future__ import annotations
 
 import datetime as dt

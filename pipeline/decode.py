@@ -12,6 +12,7 @@ keeps their values, so palette indices and 16-bit class ids stay what they were.
 taken as stored, TIFFs included (Pillow turns those upright by their tag as it decodes them: that
 turn is undone).
 """
+
 from __future__ import annotations
 
 import io
@@ -178,6 +179,8 @@ def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = 
         except DecodeError as exc:
             return out.failed("decode", f"label: {exc}")
         if label.shape != image.shape[:2]:
-            return out.failed("decode", f"label is {label.shape[1]} x {label.shape[0]} but the image is {image.shape[1]} x {image.shape[0]}")
+            return out.failed(
+                "decode", f"label is {label.shape[1]} x {label.shape[0]} but the image is {image.shape[1]} x {image.shape[0]}"
+            )
         out.label = label
     return out

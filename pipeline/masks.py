@@ -10,6 +10,7 @@ not at all. `ChunkedMaskWriter` PNG-encodes chunks from row bands as they arrive
 never exists whole, not even as labels); `assemble_mask` / `read_mask` put a mask back together for
 a reader, `decode_png` reads one cell.
 """
+
 from __future__ import annotations
 
 import io
@@ -140,9 +141,7 @@ class ChunkedMaskWriter:
         self._row_writers = []
         for j, x in enumerate(self.xs):
             cols = (self.xs[j + 1] if j + 1 < len(self.xs) else self.width) - x
-            self._row_writers.append(
-                (PngRows(rows, cols, self.bit_depth, "up"), PngRows(rows, cols, 8, "sub") if self.binary else None)
-            )
+            self._row_writers.append((PngRows(rows, cols, self.bit_depth, "up"), PngRows(rows, cols, 8, "sub") if self.binary else None))
 
     def add(self, y0: int, labels: np.ndarray, probability: np.ndarray | None = None) -> list[MaskChunk]:
         """Rows y0 .. y0 + len(labels) - 1; returns the chunks they finished."""
@@ -173,7 +172,11 @@ class ChunkedMaskWriter:
                 for j, (mask_png, probability_png) in enumerate(self._row_writers):
                     finished.append(
                         MaskChunk(
-                            self.ys[index], bounds[j], mask_png.height, mask_png.width, mask_png.finish(),
+                            self.ys[index],
+                            bounds[j],
+                            mask_png.height,
+                            mask_png.width,
+                            mask_png.finish(),
                             probability_png.finish() if probability_png is not None else None,
                         )
                     )

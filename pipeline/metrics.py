@@ -5,6 +5,7 @@ ignore_index count nowhere). Per dataset: the sums over images, then per class
 IoU = I / U, Acc = I / label_area, Dice = 2 I / (pred_area + label_area); a class with a zero
 denominator is NaN and left out of the means (mIoU, mAcc, mDice); aAcc = sum(I) / sum(label_area).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

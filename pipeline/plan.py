@@ -10,6 +10,7 @@
 is segmented (config, input and labels locations, model, checkpoint, a rerun that would change the
 run's results) is raised by `prepare_job` before anything is written.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,6 +46,7 @@ class RunResult:
 
 # ---- what tasks and actors report on the side ---------------------------------------------------
 
+
 def _run_monitor_class():
     import ray
 
@@ -76,6 +78,7 @@ def _run_monitor_class():
 
 
 # ---- actor sizing -------------------------------------------------------------------------------
+
 
 @dataclass
 class ActorPlan:
@@ -126,6 +129,7 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
 
 # ---- the job --------------------------------------------------------------------------------------
 
+
 def init_ray() -> None:
     import ray
 
@@ -150,7 +154,9 @@ def run_job(cfg: JobConfig, progress: Callable[[str], None] = print, *, retry_er
     except Exception as exc:
         log.debug("run failed", exc_info=True)
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        outcome = Execution(status="failed", message=scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options))
+        outcome = Execution(
+            status="failed", message=scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options)
+        )
     return finish_job(job, outcome)
 
 
@@ -181,17 +187,30 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True) -> PreparedJob:
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     class_names = model.class_names or [str(i) for i in range(model.num_classes)]
-    model_info = {"name": model.name, "family": model.family, "num_classes": model.num_classes, "class_names": class_names,
-                  "checkpoint": cfg.model.checkpoint, "parameters": sum(p.numel() for p in model.parameters())}
+    model_info = {
+        "name": model.name,
+        "family": model.family,
+        "num_classes": model.num_classes,
+        "class_names": class_names,
+        "checkpoint": cfg.model.checkpoint,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     record = RunRecord.load(store, cfg, run_identity(cfg, model.name, model.num_classes, weights_sha256(model)))  # refuses a changed run
     store.discard_uncommitted()
     outcomes = store.outcomes()
     done = outcomes.segmented | (set() if retry_errors else outcomes.failed)
     listed = sum(len(u.uris) for u in units)
     return PreparedJob(
-        cfg=cfg, store=store, record=record, units=[u for u in (reader.drop_done(u, done) for u in units) if u.uris],
-        listed=listed, done=len(done), retried=len(outcomes.failed) if retry_errors else 0,
-        labels=labels_report(cfg, units), model_info=model_info, list_stats=list_stats,
+        cfg=cfg,
+        store=store,
+        record=record,
+        units=[u for u in (reader.drop_done(u, done) for u in units) if u.uris],
+        listed=listed,
+        done=len(done),
+        retried=len(outcomes.failed) if retry_errors else 0,
+        labels=labels_report(cfg, units),
+        model_info=model_info,
+        list_stats=list_stats,
     )
 
 
@@ -229,7 +248,9 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None]) -> Execution:
     threading.Thread(target=_report_streams, args=(monitor, stop_watch, progress), daemon=True).start()
     try:
         if job.units:
-            ds = build_dataset(cfg, job.units, actor_plan, attempt=job.record.attempt, binary=job.model_info["num_classes"] == 2, monitor=monitor)
+            ds = build_dataset(
+                cfg, job.units, actor_plan, attempt=job.record.attempt, binary=job.model_info["num_classes"] == 2, monitor=monitor
+            )
             last = time.time()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 images = batch["unit_done"] < 0
@@ -280,7 +301,9 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
             outcome.status, outcome.message = "failed", f"no images found under {cfg.input.uri} matching {cfg.input.pattern!r}"
         elif error_fraction > cfg.max_error_fraction:
             outcome.status = "failed"
-            outcome.message = f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
+            outcome.message = (
+                f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
+            )
     job.record.write(job, outcome.status, outcome, summary)
     return RunResult(cfg.run_id, job.store.uri, outcome.status, summary, outcome.message)
 

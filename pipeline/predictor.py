@@ -8,6 +8,7 @@ writer (pipeline.masks) -> class areas against the same rows of its label (`fini
 failure on one image becomes that image's error; the actor goes on with the rest. Test-time
 augmentation (inference.tta) wraps the model's score_fn, so every image gets it alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,9 +96,18 @@ Band = tuple[int, np.ndarray, "np.ndarray | None"]  # (first row, label rows, pr
 LabelRows = Callable[[int, int], np.ndarray]  # (first row, rows) -> those rows of the label
 
 
-def finish_image(bands: Iterator[Band], height: int, width: int, label_rows: LabelRows | None, *, num_classes: int,
-                 chunk_size: int | None, binary: bool, ignore_index: int,
-                 on_rows: Callable[[int, int], None] | None = None) -> tuple[list[MaskChunk], ClassAreas | None]:
+def finish_image(
+    bands: Iterator[Band],
+    height: int,
+    width: int,
+    label_rows: LabelRows | None,
+    *,
+    num_classes: int,
+    chunk_size: int | None,
+    binary: bool,
+    ignore_index: int,
+    on_rows: Callable[[int, int], None] | None = None,
+) -> tuple[list[MaskChunk], ClassAreas | None]:
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
@@ -137,8 +147,12 @@ class Predictor:
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
-            mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride), blend=inference.blend,
-            batch_size=inference.batch_size, binary=self.num_classes == 2,
+            mode=inference.mode,
+            window=tuple(inference.window),
+            stride=tuple(inference.stride),
+            blend=inference.blend,
+            batch_size=inference.batch_size,
+            binary=self.num_classes == 2,
         )
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
@@ -168,11 +182,19 @@ class Predictor:
             out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
         return to_columns([p.to_record() for p in out])
 
-    def _finish(self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None,
-                on_rows: Callable[[int, int], None] | None = None) -> Prediction:
+    def _finish(
+        self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None
+    ) -> Prediction:
         chunks, areas = finish_image(
-            bands, row.height, row.width, label_rows, num_classes=self.num_classes, chunk_size=self.chunk_size,
-            binary=self.settings.binary, ignore_index=self.ignore_index, on_rows=on_rows,
+            bands,
+            row.height,
+            row.width,
+            label_rows,
+            num_classes=self.num_classes,
+            chunk_size=self.chunk_size,
+            binary=self.settings.binary,
+            ignore_index=self.ignore_index,
+            on_rows=on_rows,
         )
         row.chunks, row.areas = chunks, areas
         return row
@@ -192,20 +214,36 @@ class Predictor:
 
         started = time.time()
         row.chunks, row.areas = segment_tiff(
-            self.score_fn, image.stream, self.settings, num_classes=self.num_classes, chunk_size=self.chunk_size,
-            ignore_index=self.ignore_index, storage_options=self.input_storage_options, on_rows=on_rows,
+            self.score_fn,
+            image.stream,
+            self.settings,
+            num_classes=self.num_classes,
+            chunk_size=self.chunk_size,
+            ignore_index=self.ignore_index,
+            storage_options=self.input_storage_options,
+            on_rows=on_rows,
         )
         log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
         return row
 
 
-def segment_tiff(score_fn, source: StreamSource, settings: TilingSettings, *, num_classes: int, chunk_size: int | None,
-                 ignore_index: int = 255, storage_options: dict | None = None,
-                 on_rows: Callable[[int, int], None] | None = None) -> tuple[list[MaskChunk], ClassAreas | None]:
+def segment_tiff(
+    score_fn,
+    source: StreamSource,
+    settings: TilingSettings,
+    *,
+    num_classes: int,
+    chunk_size: int | None,
+    ignore_index: int = 255,
+    storage_options: dict | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
+) -> tuple[list[MaskChunk], ClassAreas | None]:
     """A TIFF read window by window (pipeline.tiff): the stitcher's bands through `finish_image`, the
     label's rows read the same way. on_rows(rows finished, total) reports progress inside the image."""
     if settings.mode != "slide":
-        raise StreamError(f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}")
+        raise StreamError(
+            f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}"
+        )
     with TiffWindows.open(source.uri, storage_options, cache_rows=settings.window[0]) as tiff:
         if tiff.problem:
             raise StreamError(f"{source.uri} cannot be read window by window: {tiff.problem}")
@@ -214,11 +252,21 @@ def segment_tiff(score_fn, source: StreamSource, settings: TilingSettings, *, nu
         label = TiffWindows.open(source.label_uri, storage_options, role="label") if source.label_uri else None
         try:
             if label is not None and (label.height, label.width) != (source.height, source.width):  # replaced since listed
-                raise StreamError(f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}")
+                raise StreamError(
+                    f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
+                )
             bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
-            return finish_image(bands, source.height, source.width, label.labels if label is not None else None,
-                                num_classes=num_classes, chunk_size=chunk_size, binary=settings.binary,
-                                ignore_index=ignore_index, on_rows=on_rows)
+            return finish_image(
+                bands,
+                source.height,
+                source.width,
+                label.labels if label is not None else None,
+                num_classes=num_classes,
+                chunk_size=chunk_size,
+                binary=settings.binary,
+                ignore_index=ignore_index,
+                on_rows=on_rows,
+            )
         finally:
             if label is not None:
                 label.close()

@@ -1,4 +1,5 @@
 """The summary table printed at the end of a run."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         for name, iou, acc, dice in zip(names, summary["IoU"], summary["Acc"], summary["Dice"]):
             lines.append(f"{name:<{width}} {_pct(iou)} {_pct(acc)} {_pct(dice)}")
         lines.append(f"{'mean':<{width}} {_pct(summary['mIoU'])} {_pct(summary['mAcc'])} {_pct(summary['mDice'])}")
-        lines.append(f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}")
+        lines.append(
+            f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}"
+        )
     now = summary.get("this_attempt") or summary.get("throughput", {})
     rate = now.get("images_per_second") or 0.0
     lines.append(

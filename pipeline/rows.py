@@ -10,6 +10,7 @@ Ray Data moves rows as dicts of plain values (Arrow has no dataclasses): each ro
 >= 0: how many image rows the read task sent), so that the writer knows when a unit is complete.
 An error row is made in one place: `.failed(stage, error)`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -39,8 +40,11 @@ class SourceUnit:
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> SourceUnit:
         tuples = ("uris", "label_uris", "image_ids", "skip_ids")
-        return cls(index=int(data["index"]), format=str(data["format"]),
-                   **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples})
+        return cls(
+            index=int(data["index"]),
+            format=str(data["format"]),
+            **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples},
+        )
 
 
 @dataclass(frozen=True)
@@ -103,11 +107,18 @@ class DecodedImage(_StageRow):
     def to_record(self) -> dict[str, Any]:
         s = self.stream
         return {
-            "unit": self.unit, "image_id": self.image_id, "image": self.image,
+            "unit": self.unit,
+            "image_id": self.image_id,
+            "image": self.image,
             "label": self.label if self.label is not None else np.zeros((0, 0), np.int64),
-            "has_label": self.label is not None, "height": self.height, "width": self.width,
-            "stream_uri": s.uri if s else "", "stream_label_uri": (s.label_uri or "") if s else "",
-            "error": self.error, "stage": self.stage, "unit_rows": self.unit_rows,
+            "has_label": self.label is not None,
+            "height": self.height,
+            "width": self.width,
+            "stream_uri": s.uri if s else "",
+            "stream_label_uri": (s.label_uri or "") if s else "",
+            "error": self.error,
+            "stage": self.stage,
+            "unit_rows": self.unit_rows,
         }
 
     @classmethod
@@ -116,9 +127,16 @@ class DecodedImage(_StageRow):
         stream_uri = str(batch["stream_uri"][i])
         stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width) if stream_uri else None
         return cls(
-            unit=int(batch["unit"][i]), image_id=str(batch["image_id"][i]), image=batch["image"][i],
-            label=batch["label"][i] if bool(batch["has_label"][i]) else None, height=height, width=width,
-            stream=stream, error=str(batch["error"][i]), stage=str(batch["stage"][i]), unit_rows=int(batch["unit_rows"][i]),
+            unit=int(batch["unit"][i]),
+            image_id=str(batch["image_id"][i]),
+            image=batch["image"][i],
+            label=batch["label"][i] if bool(batch["has_label"][i]) else None,
+            height=height,
+            width=width,
+            stream=stream,
+            error=str(batch["error"][i]),
+            stage=str(batch["stage"][i]),
+            unit_rows=int(batch["unit_rows"][i]),
         )
 
     @classmethod
@@ -164,13 +182,18 @@ class Prediction(_StageRow):
     def to_record(self) -> dict[str, Any]:
         a = self.areas
         return {
-            "unit": self.unit, "image_id": self.image_id, "height": self.height, "width": self.width,
+            "unit": self.unit,
+            "image_id": self.image_id,
+            "height": self.height,
+            "width": self.width,
             "chunks": [[c.y, c.x, c.height, c.width] for c in self.chunks],
             "mask": [c.mask for c in self.chunks],
             "probability": [c.probability for c in self.chunks if c.probability is not None],
             "labeled": a is not None,
             **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
-            "error": self.error, "stage": self.stage, "unit_rows": self.unit_rows,
+            "error": self.error,
+            "stage": self.stage,
+            "unit_rows": self.unit_rows,
         }
 
     @classmethod
@@ -184,9 +207,15 @@ class Prediction(_StageRow):
         if bool(batch["labeled"][i]):
             areas = ClassAreas(*(np.asarray(batch[k][i], dtype=np.int64) for k in ClassAreas.FIELDS))
         return cls(
-            unit=int(batch["unit"][i]), image_id=str(batch["image_id"][i]), height=int(batch["height"][i]),
-            width=int(batch["width"][i]), chunks=chunks, areas=areas, error=str(batch["error"][i]),
-            stage=str(batch["stage"][i]), unit_rows=int(batch["unit_rows"][i]),
+            unit=int(batch["unit"][i]),
+            image_id=str(batch["image_id"][i]),
+            height=int(batch["height"][i]),
+            width=int(batch["width"][i]),
+            chunks=chunks,
+            areas=areas,
+            error=str(batch["error"][i]),
+            stage=str(batch["stage"][i]),
+            unit_rows=int(batch["unit_rows"][i]),
         )
 
 

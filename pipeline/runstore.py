@@ -19,6 +19,7 @@ Records. run.json keeps the run's identity (what decides its results: see `run_i
 config and one record per attempt; summary.json counts the whole run. Both are strict JSON (NaN is
 written as null), readable by any JSON parser.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -273,11 +274,17 @@ def labels_report(cfg: JobConfig, units: list[SourceUnit]) -> dict:
         return {"configured": True}
     listed = sum(len(u.uris) for u in units)
     with_label = sum(1 for u in units for uri in u.label_uris if uri is not None)
-    report: dict[str, Any] = {"configured": True, "uri": cfg.input.labels.uri, "images_with_label": with_label,
-                              "images_without_label": listed - with_label}
+    report: dict[str, Any] = {
+        "configured": True,
+        "uri": cfg.input.labels.uri,
+        "images_with_label": with_label,
+        "images_without_label": listed - with_label,
+    }
     if listed and with_label == 0:
-        report["note"] = (f"none of the {listed} images has a label under {cfg.input.labels.uri} "
-                          "(label files share the image's relative path; the extension may differ)")
+        report["note"] = (
+            f"none of the {listed} images has a label under {cfg.input.labels.uri} "
+            "(label files share the image's relative path; the extension may differ)"
+        )
     elif with_label < listed:
         report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
     return report
@@ -329,8 +336,12 @@ class RunRecord:
         total = sum(a.get("seconds", 0.0) for a in self.earlier) + seconds
         return {
             "throughput": {"images": images, "seconds": round(total, 3), "images_per_second": images / total if total > 0 else None},
-            "this_attempt": {"attempt": self.attempt, "images": processed, "seconds": round(seconds, 3),
-                             "images_per_second": processed / seconds if seconds > 0 else None},
+            "this_attempt": {
+                "attempt": self.attempt,
+                "images": processed,
+                "seconds": round(seconds, 3),
+                "images_per_second": processed / seconds if seconds > 0 else None,
+            },
         }
 
     def write(self, job: Any, status: str, outcome: Any = None, summary: dict | None = None) -> None:
@@ -349,9 +360,12 @@ class RunRecord:
             "message": outcome.message if outcome else "",
             "seconds": round(outcome.seconds, 3) if outcome else 0.0,
             "counts": {
-                "listed": job.listed, "done_earlier": job.done, "retried": job.retried,
+                "listed": job.listed,
+                "done_earlier": job.done,
+                "retried": job.retried,
                 "to_do": sum(len(u.uris) for u in job.units),
-                "processed": outcome.processed if outcome else 0, "failed": outcome.failed if outcome else 0,
+                "processed": outcome.processed if outcome else 0,
+                "failed": outcome.failed if outcome else 0,
             },
             "config_changes": config_changes(first_config, config),
             "actors": outcome.actors if outcome else None,
@@ -361,17 +375,20 @@ class RunRecord:
         counts = {"listed": job.listed}
         if summary:
             counts.update(segmented=summary["images"], errors=summary["errors"], labeled=summary["labeled_images"])
-        self.store.write_json("run.json", {
-            "run_id": self.cfg.run_id,
-            "status": status,
-            "message": record["message"],
-            "identity": self.identity,
-            "config": first_config,
-            "model": job.model_info,
-            "labels": job.labels,
-            "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
-            "started": self.previous.get("started", record["started"]),
-            "ended": record["ended"],
-            "counts": counts,
-            "attempts": [*self.earlier, record],
-        })
+        self.store.write_json(
+            "run.json",
+            {
+                "run_id": self.cfg.run_id,
+                "status": status,
+                "message": record["message"],
+                "identity": self.identity,
+                "config": first_config,
+                "model": job.model_info,
+                "labels": job.labels,
+                "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
+                "started": self.previous.get("started", record["started"]),
+                "ended": record["ended"],
+                "counts": counts,
+                "attempts": [*self.earlier, record],
+            },
+        )

@@ -27,6 +27,7 @@ Parquet tables: one unit per file, read by row groups (pyarrow over an fsspec fi
 one row group at a time). Columns: image bytes (`image`; a struct with a `bytes` field, as Hugging
 Face datasets write images, works too), id (`image_id`), optionally label bytes.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -63,8 +64,14 @@ DEFAULT_LABEL_SUFFIX = ".label.png"
 # Listing
 
 
-def _list_units(uri: str, storage_options: dict[str, Any] | None, fmt: str, suffixes: tuple[str, ...],
-                policy: RetryPolicy | None, stats: StoreStats | None) -> list[SourceUnit]:
+def _list_units(
+    uri: str,
+    storage_options: dict[str, Any] | None,
+    fmt: str,
+    suffixes: tuple[str, ...],
+    policy: RetryPolicy | None,
+    stats: StoreStats | None,
+) -> list[SourceUnit]:
     """One unit per file: `uri` itself when it names one file, else every matching file under the prefix.
 
     `image_ids[0]` of a unit is its file's path relative to `uri` (the file name when `uri` is the
@@ -76,20 +83,19 @@ def _list_units(uri: str, storage_options: dict[str, Any] | None, fmt: str, suff
     fs, root, keys = list_files(uri, storage_options, suffixes=suffixes, policy=policy, stats=stats)
     if not keys:
         raise StoreError(uri, f"no {' / '.join(suffixes)} files under this prefix")
-    return [
-        SourceUnit(index=i, format=fmt, uris=(full_uri(fs, root + "/" + key),), image_ids=(key,))
-        for i, key in enumerate(keys)
-    ]
+    return [SourceUnit(index=i, format=fmt, uris=(full_uri(fs, root + "/" + key),), image_ids=(key,)) for i, key in enumerate(keys)]
 
 
-def list_tar_units(uri: str, storage_options: dict[str, Any] | None = None, *,
-                   policy: RetryPolicy | None = None, stats: StoreStats | None = None) -> list[SourceUnit]:
+def list_tar_units(
+    uri: str, storage_options: dict[str, Any] | None = None, *, policy: RetryPolicy | None = None, stats: StoreStats | None = None
+) -> list[SourceUnit]:
     """One unit per `.tar` / `.tar.gz` / `.tgz` shard under `uri` (or `uri` itself), in path order."""
     return _list_units(uri, storage_options, "tar", TAR_SUFFIXES, policy, stats)
 
 
-def list_parquet_units(uri: str, storage_options: dict[str, Any] | None = None, *,
-                       policy: RetryPolicy | None = None, stats: StoreStats | None = None) -> list[SourceUnit]:
+def list_parquet_units(
+    uri: str, storage_options: dict[str, Any] | None = None, *, policy: RetryPolicy | None = None, stats: StoreStats | None = None
+) -> list[SourceUnit]:
     """One unit per `.parquet` file under `uri` (or `uri` itself), in path order."""
     return _list_units(uri, storage_options, "parquet", PARQUET_SUFFIXES, policy, stats)
 
@@ -233,9 +239,7 @@ def read_tar_unit(
                         group.images.append((member.name, data))
                 end = getattr(tar, "segpipe_end", None)  # set by _TarInfo, in tarfile.open too
                 if not isinstance(end, tarfile.EOFHeaderError):
-                    raise tarfile.ReadError(
-                        "shard ends without the end-of-archive blocks" + (f" ({end})" if end else "") + ": truncated?"
-                    )
+                    raise tarfile.ReadError("shard ends without the end-of-archive blocks" + (f" ({end})" if end else "") + ": truncated?")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:  # OSError: StoreError, gzip
             reason = f"shard unreadable {position}: " + scrub(f"{type(exc).__name__}: {exc}", storage_options)
             if group is not None and position.startswith("in member"):
@@ -361,8 +365,11 @@ class TarReader:
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         labels = self.cfg.labels
         samples = read_tar_unit(
-            unit, self.cfg.storage_options, label_suffix=labels.suffix if labels else DEFAULT_LABEL_SUFFIX,
-            labels_required=bool(labels and labels.required), stats=stats,
+            unit,
+            self.cfg.storage_options,
+            label_suffix=labels.suffix if labels else DEFAULT_LABEL_SUFFIX,
+            labels_required=bool(labels and labels.required),
+            stats=stats,
         )
         return _drop_skipped(samples, unit)
 
@@ -383,8 +390,13 @@ class ParquetReader:
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         cfg = self.cfg
         samples = read_parquet_unit(
-            unit, cfg.storage_options, image_column=cfg.image_column, id_column=cfg.id_column,
-            label_column=cfg.label_column, labels_required=bool(cfg.labels and cfg.labels.required), stats=stats,
+            unit,
+            cfg.storage_options,
+            image_column=cfg.image_column,
+            id_column=cfg.id_column,
+            label_column=cfg.label_column,
+            labels_required=bool(cfg.labels and cfg.labels.required),
+            stats=stats,
         )
         return _drop_skipped(samples, unit)
 

@@ -7,6 +7,7 @@ the commit granularity. The read stage ends each unit with a marker row that say
 rows it sent; the writer knows from it when a unit is complete, whatever order rows arrive in from
 the actor pool.
 """
+
 from __future__ import annotations
 
 import numpy as np

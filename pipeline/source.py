@@ -9,6 +9,7 @@ parquet when the uri names such a file, else image files). Image folders are her
 Parquet tables in pipeline.shards. A unit is one read task's worth of input: a block of
 `images_per_unit` image files (with their labels), a tar shard or a Parquet file.
 """
+
 from __future__ import annotations
 
 import re

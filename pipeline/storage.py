@@ -17,6 +17,7 @@ Every store is an fsspec filesystem opened from a URI and the config's `storage_
 `storage_options` hold credentials. `redact` gives a copy that is safe to show (run.json, logs),
 and `scrub` removes their values from any text (an exception message, say).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -110,7 +111,7 @@ def list_files(
         bare = path.rstrip("/").lstrip("/")
         if not bare.startswith(prefix):
             continue  # the root itself when it is a file, or a store that echoes something odd
-        key = bare[len(prefix):]
+        key = bare[len(prefix) :]
         if suffixes is None or key.lower().endswith(suffixes):
             keys.append(key)
     return fs, root, sorted(keys)
@@ -131,8 +132,7 @@ def _find_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
         prefix = key.strip("/") + "/" if key.strip("/") else ""
 
         async def names() -> list[str]:
-            return [info["name"] async for info in fs._iterdir(bucket, delimiter="", prefix=prefix)
-                    if info.get("type") != "directory"]
+            return [info["name"] async for info in fs._iterdir(bucket, delimiter="", prefix=prefix) if info.get("type") != "directory"]
 
         return fsspec.asyn.sync(fs.loop, names)
     try:
@@ -171,22 +171,56 @@ DEFAULT_POLICY = RetryPolicy()
 
 # Error codes of S3 (and of stores that mimic it) that mean "try again later".
 _TRANSIENT_CODES = {
-    "throttling", "throttlingexception", "slowdown", "requestlimitexceeded", "toomanyrequests",
-    "requesttimeout", "requesttimeoutexception", "internalerror", "serviceunavailable",
-    "503", "500", "502", "504", "429", "priorrequestnotcomplete", "bandwidthlimitexceeded",
+    "throttling",
+    "throttlingexception",
+    "slowdown",
+    "requestlimitexceeded",
+    "toomanyrequests",
+    "requesttimeout",
+    "requesttimeoutexception",
+    "internalerror",
+    "serviceunavailable",
+    "503",
+    "500",
+    "502",
+    "504",
+    "429",
+    "priorrequestnotcomplete",
+    "bandwidthlimitexceeded",
 }
 # Exception class names of HTTP clients (botocore, aiohttp, urllib3, requests, http.client) that mean
 # the connection or the response broke, matched by name so that this module imports none of them.
 _TRANSIENT_NAMES = {
-    "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError", "ConnectionClosedError",
-    "ResponseStreamingError", "IncompleteReadError", "IncompleteRead", "HTTPClientError",
-    "ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
-    "ServerTimeoutError", "ProtocolError", "ChunkedEncodingError", "RemoteDisconnected",
-    "FSTimeoutError", "ResponseParserError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "IncompleteRead",
+    "HTTPClientError",
+    "ClientPayloadError",
+    "ServerDisconnectedError",
+    "ClientConnectionError",
+    "ClientOSError",
+    "ServerTimeoutError",
+    "ProtocolError",
+    "ChunkedEncodingError",
+    "RemoteDisconnected",
+    "FSTimeoutError",
+    "ResponseParserError",
 }
 _TRANSIENT_ERRNOS = {
-    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
-    errno.EAGAIN, errno.EBUSY, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETRESET,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ENETRESET,
     getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: InternalError / 500
 }
 

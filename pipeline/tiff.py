@@ -53,6 +53,7 @@ directly). A TIFF that cannot be streamed is decoded whole like any other image 
 `input.max_pixels`, and is an error row naming the reason otherwise. Images in tar shards and
 Parquet tables are bytes already, and are decoded whole.
 """
+
 from __future__ import annotations
 
 import math

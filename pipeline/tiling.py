@@ -46,6 +46,7 @@ produced (the largest scale's output, capped at the window size), so that an ups
 its detail and a batch's scores stay at most N x C x window; the stitcher then resizes to the
 window as for any score_fn.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,10 @@ def _pair(value: object, name: str) -> tuple[int, int]:
     """An int or a (height, width) pair of positive ints."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         pair = (int(value), int(value))
-    elif isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)
     ):
         pair = (int(value[0]), int(value[1]))
     else:
@@ -455,9 +458,7 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
         pixels = _to_pixels([_read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
         scores = score_fn(pixels)
         if scores.ndim != 4 or scores.shape[0] != len(batch):
-            raise ValueError(
-                f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}"
-            )
+            raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
         for (index, job, _, _), window_scores in zip(batch, scores):
             for band in job.stitcher.add(_resize_scores(window_scores, job.plan.window)):
                 yield index, band
