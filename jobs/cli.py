@@ -48,9 +48,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="on a rerun, keep images that failed as failed instead of trying them again",
     )
+    run.add_argument(
+        "--incremental",
+        action="store_true",
+        help="a new run of the config's job (`job`, default the config file's name) that segments only the images "
+        "no committed run of the job under output.uri holds",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the input and read image headers only: print and write plan.json (images, pixels, windows, an "
+        "estimate of the run's time); no masks, metrics or errors",
+    )
+    run.add_argument("--verbose", action="store_true", help="show Ray's own log lines too (also SEGPIPE_VERBOSE=1)")
+
+    summary = sub.add_parser(
+        "summary",
+        help="roll a job's runs up into one summary",
+        description="Every run of a job under OUTPUT_URI rolled up: each image once, metrics recomputed from the summed "
+        "areas (never averaged over runs). Prints the table and writes <OUTPUT_URI>/<job>.summary.json.",
+    )
+    summary.add_argument("output_uri", help="the output.uri the job's runs were written under")
+    summary.add_argument("--job", required=True, help="the job's name (its config's `job`, or its file name)")
 
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
+    demo.add_argument("--verbose", action="store_true", help="show Ray's own log lines too")
 
     convert = sub.add_parser(
         "convert",
@@ -83,11 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from pipeline.config import load_config
 
-            return _run(load_config(args.config, args.overrides), retry_errors=args.retry_errors)
+            cfg = load_config(args.config, args.overrides)
+            if args.dry_run:
+                return _dry_run(cfg, incremental=args.incremental, verbose=args.verbose)
+            return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose)
+        if args.command == "summary":
+            return _summary(args.output_uri, args.job)
         if args.command == "demo":
             from jobs.demo import demo_config
 
-            return _run(demo_config(Path(args.out)))
+            return _run(demo_config(Path(args.out)), verbose=args.verbose)
     except (ConfigError, ModelError) as exc:
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt:
@@ -105,11 +133,11 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
-def _run(cfg, retry_errors: bool = True) -> int:
+def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False) -> int:
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 
-    result = run_job(cfg, retry_errors=retry_errors)
+    result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
     print(format_summary(result.summary, result.run_dir))
     if result.status == "interrupted":
         print(f"segpipe: {result.message}", file=sys.stderr)
@@ -117,6 +145,32 @@ def _run(cfg, retry_errors: bool = True) -> int:
     if result.status != "succeeded":
         print(f"segpipe: run failed: {result.message}", file=sys.stderr)
         return EXIT_FAILED
+    return EXIT_OK
+
+
+def _verbose_env() -> bool:
+    return os.environ.get("SEGPIPE_VERBOSE", "0") == "1"
+
+
+def _summary(output_uri: str, job: str) -> int:
+    from pipeline.report import format_summary
+    from pipeline.runstore import job_summary, write_job_summary
+
+    summary = job_summary(output_uri, {}, job)
+    where = write_job_summary(output_uri, {}, job, summary)
+    print(f"job {job}: {len(summary['runs'])} runs")
+    for r in summary["runs"]:
+        print(f"  {r['run_id']:<32} {r['status'] or '?':<12} {r['images']:>8} images {r['errors']:>6} errors")
+    print(format_summary(summary))
+    print(f"summary: {where}")
+    return EXIT_OK
+
+
+def _dry_run(cfg, incremental: bool = False, verbose: bool = False) -> int:
+    from pipeline.estimate import dry_run, format_plan
+
+    plan = dry_run(cfg, incremental=incremental, verbose=verbose or _verbose_env())
+    print(format_plan(plan))
     return EXIT_OK
 
 

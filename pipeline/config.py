@@ -154,6 +154,9 @@ class MetricsConfig(_Strict):
 
 class JobConfig(_Strict):
     run_id: str | None = None
+    # the scheduled job this run belongs to: `--incremental` skips what the job's runs hold;
+    # default: the config file's name without its extension
+    job: str | None = None
     input: InputConfig
     model: ModelConfig
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
@@ -162,19 +165,19 @@ class JobConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     max_error_fraction: Float = Field(0.01, ge=0, le=1)
 
-    @field_validator("run_id")
+    @field_validator("run_id", "job")
     @classmethod
     def _safe_run_id(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return v
 
-    def with_run_id(self) -> JobConfig:
-        """This config with a run_id: a timestamped one when absent."""
+    def with_run_id(self, prefix: str = "run") -> JobConfig:
+        """This config with a run_id: `<prefix>-<UTC time>` when absent."""
         if self.run_id:
             return self
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return self.model_copy(update={"run_id": f"run-{stamp}"})
+        return self.model_copy(update={"run_id": f"{prefix}-{stamp}"})
 
 
 class ConfigError(ValueError):
@@ -237,6 +240,8 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping")
     data = apply_overrides(data, overrides or [])
+    if not isinstance(source, dict) and not data.get("job"):
+        data["job"] = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem) or None
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:

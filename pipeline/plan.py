@@ -13,18 +13,21 @@ run's results) is raised by `prepare_job` before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, JobConfig
 from pipeline.predictor import Predictor, load_job_model, weights_sha256
-from pipeline.rows import SourceUnit
-from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity
+from pipeline.rows import IdSet, SourceUnit
+from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity, runs_of_job
 from pipeline.sink import PartWriter
 from pipeline.source import read_and_decode, reader_for
 from pipeline.storage import StoreStats, scrub
@@ -130,7 +133,7 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
 # ---- the job --------------------------------------------------------------------------------------
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -138,17 +141,47 @@ def init_ray() -> None:
         ray.init(
             include_dashboard=False,
             ignore_reinit_error=True,
-            log_to_driver=os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
+            log_to_driver=verbose or os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
             configure_logging=False,
         )
 
 
-def run_job(cfg: JobConfig, progress: Callable[[str], None] = print, *, retry_errors: bool = True) -> RunResult:
-    """Run (or resume) a job: prepare (raises ConfigError or models.ModelError before anything is
-    written) -> execute (the Ray Data plan) -> finish (summary.json, run.json)."""
-    job = prepare_job(cfg, retry_errors=retry_errors)
+@contextlib.contextmanager
+def ray_lines_to(path: str | None) -> Iterator[None]:
+    """Everything written to this process's stderr (file descriptor 2) goes to `path` meanwhile:
+    Ray's Python loggers, its C++ core worker and its notices all write there, and none of it is
+    for the person at the terminal. Our progress goes to stdout. None: leave stderr alone."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
     try:
-        outcome = execute_job(job, progress)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run_job(
+    cfg: JobConfig,
+    progress: Callable[[str], None] = print,
+    *,
+    retry_errors: bool = True,
+    incremental: bool = False,
+    verbose: bool = False,
+) -> RunResult:
+    """Run (or resume) a job: prepare (raises ConfigError or models.ModelError before anything is
+    written) -> execute (the Ray Data plan; Ray's own lines go to the run's log file unless
+    `verbose`) -> finish (summary.json, run.json, logs/attempt-N.log)."""
+    job = prepare_job(cfg, retry_errors=retry_errors, incremental=incremental)
+    try:
+        with ray_lines_to(None if verbose else job.log_path):
+            outcome = execute_job(job, progress, verbose=verbose)
     except KeyboardInterrupt:
         outcome = Execution(status="interrupted", message="interrupted (Ctrl-C): rerun the same config to finish")
     except Exception as exc:
@@ -174,10 +207,13 @@ class PreparedJob:
     labels: dict
     model_info: dict
     list_stats: StoreStats
+    log_path: str  # a local file for Ray's lines; copied into the run directory at the end
 
 
-def prepare_job(cfg: JobConfig, *, retry_errors: bool = True) -> PreparedJob:
-    cfg = cfg.with_run_id()
+def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool = False) -> PreparedJob:
+    if incremental and not cfg.job:
+        raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
+    cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
     store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
     reader = reader_for(cfg.input)
     list_stats = StoreStats()
@@ -198,20 +234,63 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True) -> PreparedJob:
     record = RunRecord.load(store, cfg, run_identity(cfg, model.name, model.num_classes, weights_sha256(model)))  # refuses a changed run
     store.discard_uncommitted()
     outcomes = store.outcomes()
-    done = outcomes.segmented | (set() if retry_errors else outcomes.failed)
+    done = IdSet.union(outcomes.segmented, *([] if retry_errors else [outcomes.failed]))
+    if incremental:  # what the job's other runs hold is done too
+        record.incremental = {
+            "job": cfg.job,
+            "runs_consulted": [r for r in runs_of_job(cfg.output.uri, cfg.output.storage_options, cfg.job) if r != cfg.run_id],
+        }
+        held = IdSet.union(
+            *(RunStore(cfg.output.uri, cfg.output.storage_options, r).outcomes().segmented for r in record.incremental["runs_consulted"])
+        )
+        record.incremental["skipped"] = (
+            int(held.contains([i for u in units for i in u.image_ids]).sum()) if cfg.input.format == "images" else None
+        )
+        done = IdSet.union(done, held)
     listed = sum(len(u.uris) for u in units)
+    todo = reader.drop_done(units, done)
     return PreparedJob(
         cfg=cfg,
         store=store,
         record=record,
-        units=[u for u in (reader.drop_done(u, done) for u in units) if u.uris],
+        units=todo,
         listed=listed,
-        done=len(done),
+        # image folders know now what is done; shards learn it as they are read
+        done=listed - sum(len(u.uris) for u in todo) if cfg.input.format == "images" else len(done),
         retried=len(outcomes.failed) if retry_errors else 0,
         labels=labels_report(cfg, units),
         model_info=model_info,
         list_stats=list_stats,
+        log_path=_local_log_path(cfg.run_id),
     )
+
+
+def _local_log_path(run_id: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f"segpipe-{run_id}-", suffix=".log")
+    os.close(fd)
+    return path
+
+
+def progress_line(processed: int, failed: int, todo: int, seconds: float, known_total: bool = True) -> str:
+    """`  12/40 images, 0 errors, 2.10 images/s, ETA 13 s` (no ETA while the total is unknown: shards)."""
+    rate = processed / max(seconds, 1e-9)
+    line = (
+        f"  {processed}/{todo} images, {failed} errors, {rate:.2f} images/s"
+        if known_total
+        else f"  {processed} images, {failed} errors, {rate:.2f} images/s"
+    )
+    if known_total and 0 < processed < todo and rate > 0:
+        line += f", ETA {format_seconds((todo - processed) / rate)}"
+    return line
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 @dataclass
@@ -226,12 +305,12 @@ class Execution:
     actors: dict | None = None
 
 
-def execute_job(job: PreparedJob, progress: Callable[[str], None]) -> Execution:
+def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False) -> Execution:
     import ray
 
     cfg = job.cfg
     todo = sum(len(u.uris) for u in job.units)
-    init_ray()
+    init_ray(verbose)
     monitor = _run_monitor_class().remote()
     actor_plan = plan_actors(cfg, ray.cluster_resources())
     if actor_plan.note:
@@ -239,7 +318,8 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None]) -> Execution:
     result = Execution(actors=vars(actor_plan))
     job.record.write(job, "running")
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
-    progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {todo} of {job.listed} images to segment{earlier} -> {job.store.uri}")
+    what = f"{todo} of {job.listed} images" if cfg.input.format == "images" else f"{len(job.units)} {cfg.input.format} files"
+    progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {what} to segment{earlier} -> {job.store.uri}")
     if job.labels.get("note"):
         progress(f"labels: {job.labels['note']}")
 
@@ -258,8 +338,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None]) -> Execution:
                 result.failed += int((~batch["ok"].astype(bool) & images).sum())
                 result.units_done += int((~images).sum())
                 if time.time() - last > PROGRESS_SECONDS or result.processed == todo:
-                    rate = result.processed / max(time.time() - started, 1e-9)
-                    progress(f"  {result.processed}/{todo} images, {result.failed} errors, {rate:.2f} images/s")
+                    progress(progress_line(result.processed, result.failed, todo, time.time() - started, cfg.input.format == "images"))
                     last = time.time()
     finally:
         stop_watch.set()
@@ -291,7 +370,10 @@ def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], No
 
 def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     cfg = job.cfg
-    summary = job.store.summarize(job.model_info["num_classes"], job.model_info["class_names"])
+    job.store.save_log(f"attempt-{job.record.attempt:04d}", job.log_path, cfg.input.storage_options, cfg.output.storage_options)
+    outcomes = job.store.outcomes()
+    job.store.write_index(outcomes)  # one read for a later --incremental run of the job
+    summary = job.store.summarize(job.model_info["num_classes"], job.model_info["class_names"], outcomes)
     summary.update(job.record.throughput(outcome.processed, outcome.seconds))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":

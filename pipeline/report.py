@@ -21,12 +21,12 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         lines.append(
             f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}"
         )
-    now = summary.get("this_attempt") or summary.get("throughput", {})
-    rate = now.get("images_per_second") or 0.0
-    lines.append(
-        f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}   "
-        f"this attempt: {now.get('images', 0)} images, {rate:.2f} images/s over {now.get('seconds', 0.0):.1f} s"
-    )
+    counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}"
+    now = summary.get("this_attempt") or summary.get("throughput")
+    if now:
+        rate = now.get("images_per_second") or 0.0
+        counts += f"   this attempt: {now.get('images', 0)} images, {rate:.2f} images/s over {now.get('seconds', 0.0):.1f} s"
+    lines.append(counts)
     if run_dir:
         lines.append(f"run: {run_dir}")
     return "\n".join(lines)

@@ -17,10 +17,46 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.metrics import ClassAreas
 
 NOT_AN_END = -1
+
+
+class IdSet:
+    """Image ids as one Arrow string array of unique values: membership is tested vectorised
+    (`pc.is_in`), so a run or a job that holds millions of ids never becomes a Python set of them."""
+
+    def __init__(self, ids: pa.Array | pa.ChunkedArray | None = None) -> None:
+        if ids is None:
+            ids = pa.array([], pa.string())
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+        self.ids: pa.Array = pc.unique(ids.cast(pa.string()))
+
+    @classmethod
+    def union(cls, *sets: IdSet) -> IdSet:
+        return cls(pa.chunked_array([s.ids for s in sets], pa.string())) if sets else cls()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def contains(self, ids: list[str] | pa.Array) -> np.ndarray:
+        """A boolean per id of `ids`: is it in this set."""
+        if not len(ids):
+            return np.zeros(0, bool)
+        return pc.is_in(pa.array(ids, pa.string()), value_set=self.ids).to_numpy(zero_copy_only=False)
+
+    def minus(self, other: IdSet) -> IdSet:
+        return IdSet(self.ids.filter(pc.invert(pc.is_in(self.ids, value_set=other.ids))))
+
+    def starting_with(self, prefix: str) -> list[str]:
+        return self.ids.filter(pc.starts_with(self.ids, prefix)).to_pylist()
+
+    def to_pylist(self) -> list[str]:
+        return self.ids.to_pylist()
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import os
 import platform
 import time
 import uuid
@@ -40,14 +41,16 @@ import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import ClassAreas, summarize
-from pipeline.rows import SourceUnit
-from pipeline.storage import StoreStats, open_fs, with_retries
+from pipeline.rows import IdSet, SourceUnit
+from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
 TABLES = (MASKS, METRICS, ERRORS)
 AREAS = ClassAreas.FIELDS
 CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
 TMP_PREFIX = ".tmp-"
+INDEX = "ids.parquet"
+INDEX_PARTS_KEY = b"segpipe_parts"
 
 
 def masks_schema(binary: bool) -> pa.Schema:
@@ -90,8 +93,9 @@ def strict_json(obj: Any) -> Any:
 class Outcomes:
     """What the committed parts hold: ids with a mask, and ids whose only rows are errors."""
 
-    segmented: set[str] = field(default_factory=set)
-    failed: set[str] = field(default_factory=set)
+    segmented: IdSet = field(default_factory=IdSet)
+    failed: IdSet = field(default_factory=IdSet)
+    parts: set[str] = field(default_factory=set)  # the committed parts these ids come from
 
 
 class RunStore:
@@ -129,15 +133,41 @@ class RunStore:
                     self.fs.rm(self.path(kind, part + ".parquet"))
 
     def outcomes(self) -> Outcomes:
-        """Segmented and failed image ids in committed parts (an image retried successfully is segmented)."""
-        out = Outcomes()
-        masks = self.read_table(MASKS, columns=["image_id"])
-        if masks is not None:
-            out.segmented = set(masks.column("image_id").to_pylist())
-        errors = self.read_table(ERRORS, columns=["image_id"])
-        if errors is not None:
-            out.failed = set(errors.column("image_id").to_pylist()) - out.segmented
-        return out
+        """Segmented and failed image ids in committed parts (an image retried successfully is
+        segmented), as Arrow: the run's id index (`ids.parquet`, see `write_index`) for the parts it
+        covers, the committed parts' id columns for the rest."""
+        committed = self.committed_parts()
+        segmented, failed, covered = [], [], set()
+        index = self._read_index()
+        if index is not None:
+            covered = set(json.loads(index.schema.metadata[INDEX_PARTS_KEY]))
+            if covered <= committed:  # committed parts are never removed; if some were, trust the parts
+                is_segmented = pc.equal(index.column("outcome"), "segmented")
+                segmented.append(index.column("image_id").filter(is_segmented))
+                failed.append(index.column("image_id").filter(pc.invert(is_segmented)))
+            else:
+                covered = set()
+        for part in sorted(committed - covered):
+            segmented.append(self._read(self.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id"))
+            if self.fs.exists(self.path(ERRORS, part + ".parquet")):
+                failed.append(self._read(self.path(ERRORS, part + ".parquet"), ["image_id"]).column("image_id"))
+        done = IdSet(pa.chunked_array(segmented, pa.string()))
+        return Outcomes(done, IdSet(pa.chunked_array(failed, pa.string())).minus(done), committed)
+
+    def write_index(self, outcomes: Outcomes) -> None:
+        """`ids.parquet`: every committed id and its outcome, and the parts they come from, so that a
+        later run of the same job looks a run up in one read (`pipeline.plan`'s --incremental)."""
+        ids = pa.concat_arrays([outcomes.segmented.ids, outcomes.failed.ids])
+        outcome = ["segmented"] * len(outcomes.segmented) + ["failed"] * len(outcomes.failed)
+        table = pa.table({"image_id": ids, "outcome": pa.array(outcome, pa.string())})
+        table = table.replace_schema_metadata({INDEX_PARTS_KEY: json.dumps(sorted(outcomes.parts))})
+        self._write_atomic(self.path(INDEX), lambda f: pq.write_table(table, f))
+
+    def _read_index(self) -> pa.Table | None:
+        try:
+            return self._read(self.path(INDEX))
+        except FileNotFoundError:
+            return None
 
     def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(path, "rb") as f:
@@ -161,11 +191,9 @@ class RunStore:
         errors = self.read_table(ERRORS)
         if errors is None:
             return None
-        segmented = self.outcomes().segmented
+        errors = errors.filter(pc.invert(pc.is_in(errors.column("image_id"), value_set=self.outcomes().segmented.ids)))
         latest: dict[str, dict] = {}
         for row in errors.to_pylist():
-            if row["image_id"] in segmented:
-                continue
             if row["image_id"] not in latest or row["attempt"] >= latest[row["image_id"]]["attempt"]:
                 latest[row["image_id"]] = row
         return pa.Table.from_pylist(sorted(latest.values(), key=lambda r: r["image_id"]), schema=ERRORS_SCHEMA)
@@ -192,6 +220,17 @@ class RunStore:
             self._write_atomic(self.path(kind, name + ".parquet"), lambda f, t=table: pq.write_table(t, f))
         return True
 
+    def save_log(self, name: str, local_path: str, *secret_options: dict) -> None:
+        """A log of Ray's lines (see pipeline.plan.ray_lines_to) as logs/<name>.log, credentials
+        scrubbed; the local file is removed."""
+        try:
+            with open(local_path, encoding="utf-8", errors="replace") as f:
+                text = scrub(f.read(), *secret_options)
+            os.remove(local_path)
+        except FileNotFoundError:
+            return
+        self._write_atomic(self.path("logs", f"{name}.log"), lambda f: f.write(text.encode()))
+
     def write_json(self, name: str, obj: Any) -> None:
         data = json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str).encode()
         self._write_atomic(self.path(name), lambda f: f.write(data))
@@ -202,29 +241,41 @@ class RunStore:
         with self.fs.open(self.path(name), "rb") as f:
             return json.loads(f.read())
 
-    def summarize(self, num_classes: int, class_names: list[str]) -> dict:
+    def summarize(self, num_classes: int, class_names: list[str], outcomes: Outcomes | None = None) -> dict:
         """summary.json's counts and metrics, from what the run directory holds (every attempt)."""
-        total = ClassAreas.zeros(num_classes)
-        metrics = self.read_table(METRICS)
-        labeled = set()
-        if metrics is not None:
-            columns = {a: metrics.column(a).to_pylist() for a in AREAS}
-            for i, image_id in enumerate(metrics.column("image_id").to_pylist()):
-                if image_id in labeled:  # never counted twice, whatever a part holds
-                    continue
-                labeled.add(image_id)
-                total += ClassAreas(*(np.asarray(columns[a][i], dtype=np.int64) for a in AREAS))
-        masks = self.read_table(MASKS, columns=["image_id"])
-        outcomes = self.outcomes()
-        summary = {
-            # a chunked mask has several rows: count images, not rows
-            "images": pc.count_distinct(masks.column("image_id")).as_py() if masks is not None else 0,
-            "errors": len(outcomes.failed),
-            "labeled_images": len(labeled),
-            "class_names": class_names,
-        }
-        summary.update(summarize(total))
-        return summary
+        outcomes = outcomes or self.outcomes()
+        return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names)
+
+
+def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAreas, int]:
+    """Class areas summed over metrics tables, each image once (its last row wins: a later run or
+    part supersedes an earlier one); and how many images that is. Vectorised: one row per image
+    in int64 arrays, never a Python loop over images."""
+    tables = [t.select(["image_id", *AREAS]) for t in metrics if t is not None and t.num_rows]
+    if not tables:
+        return ClassAreas.zeros(num_classes), 0
+    table = pa.concat_tables(tables).combine_chunks()
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    last = table.group_by("image_id").aggregate([("_row", "max")]).column("_row_max")
+    table = table.take(last)
+    areas = [
+        np.asarray(table.column(a).combine_chunks().flatten(), dtype=np.int64).reshape(table.num_rows, num_classes).sum(axis=0)
+        for a in AREAS
+    ]
+    return ClassAreas(*areas), table.num_rows
+
+
+def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: int, class_names: list[str]) -> dict:
+    """Counts and dataset metrics (mmseg conventions: sums of areas, then ratios) of a run, or of
+    several runs of a job (metrics recomputed from the summed areas, never averaged over runs)."""
+    total, labeled = sum_areas(metrics, num_classes)
+    return {
+        "images": len(outcomes.segmented),
+        "errors": len(outcomes.failed),
+        "labeled_images": labeled,
+        "class_names": class_names,
+        **summarize(total),
+    }
 
 
 # --------------------------------------------------------------------------- run.json
@@ -314,6 +365,7 @@ class RunRecord:
         self.earlier: list[dict] = [a for a in attempts if isinstance(a, dict)] if isinstance(attempts, list) else []
         self.attempt = len(self.earlier) + 1
         self.started = time.time()
+        self.incremental: dict | None = None  # set by an --incremental run: the job, the runs consulted, ids skipped
 
     @classmethod
     def load(cls, store: RunStore, cfg: JobConfig, identity: dict) -> RunRecord:
@@ -368,6 +420,7 @@ class RunRecord:
                 "failed": outcome.failed if outcome else 0,
             },
             "config_changes": config_changes(first_config, config),
+            "incremental": self.incremental,
             "actors": outcome.actors if outcome else None,
             "store": stats.as_dict(),
             "versions": package_versions(),
@@ -379,6 +432,7 @@ class RunRecord:
             "run.json",
             {
                 "run_id": self.cfg.run_id,
+                "job": self.cfg.job,
                 "status": status,
                 "message": record["message"],
                 "identity": self.identity,
@@ -392,3 +446,50 @@ class RunRecord:
                 "attempts": [*self.earlier, record],
             },
         )
+
+
+def runs_of_job(output_uri: str, storage_options: dict, job: str) -> list[str]:
+    """The run_ids under output_uri whose run.json names `job`, oldest first (by first start)."""
+    fs, root = open_fs(output_uri, storage_options)
+    try:
+        paths = with_retries(lambda: fs.glob(f"{root.rstrip('/')}/*/run.json"), what="list", uri=output_uri)
+    except StoreError:
+        return []
+    runs = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            info = json.loads(f.read())
+        if info.get("job") == job and info.get("run_id"):
+            runs.append((info.get("started") or "", info["run_id"]))
+    return [run_id for _, run_id in sorted(runs)]
+
+
+def job_summary(output_uri: str, storage_options: dict, job: str) -> dict:
+    """The runs of `job` rolled up into one summary: every image once (a later run's result wins),
+    metrics recomputed from the areas summed over all runs, never averaged over runs."""
+    run_ids = runs_of_job(output_uri, storage_options, job)
+    if not run_ids:
+        raise FileNotFoundError(f"no run of job {job!r} under {output_uri}")
+    stores = [RunStore(output_uri, storage_options, r) for r in run_ids]
+    outcomes = [s.outcomes() for s in stores]
+    segmented = IdSet.union(*(o.segmented for o in outcomes))
+    merged = Outcomes(segmented, IdSet.union(*(o.failed for o in outcomes)).minus(segmented))
+    infos = [s.read_json("run.json") or {} for s in stores]
+    model = infos[-1].get("model", {})
+    num_classes = int(model.get("num_classes", 0))
+    summary = summary_of([s.read_table(METRICS) for s in stores], merged, num_classes, model.get("class_names") or [])
+    summary["job"] = job
+    summary["runs"] = [
+        {"run_id": r, "status": i.get("status"), "started": i.get("started"), "images": len(o.segmented), "errors": len(o.failed)}
+        for r, i, o in zip(run_ids, infos, outcomes)
+    ]
+    return summary
+
+
+def write_job_summary(output_uri: str, storage_options: dict, job: str, summary: dict) -> str:
+    """`<output_uri>/<job>.summary.json`; returns its URI."""
+    fs, root = open_fs(output_uri, storage_options)
+    path = f"{root.rstrip('/')}/{job}.summary.json"
+    data = json.dumps(strict_json(summary), indent=2, allow_nan=False).encode()
+    with_retries(lambda: fs.pipe_file(path, data), what="write", uri=path)
+    return f"{output_uri.rstrip('/')}/{job}.summary.json"

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.rows import RawSample, SourceUnit
+from pipeline.rows import IdSet, RawSample, SourceUnit
 from pipeline.storage import (
     RetryingFile,
     RetryPolicy,
@@ -373,9 +373,9 @@ class TarReader:
         )
         return _drop_skipped(samples, unit)
 
-    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit:
-        prefix = unit.image_ids[0] + "/"  # a shard's ids are <shard path>/<key>
-        return replace(unit, skip_ids=tuple(sorted(i for i in done if i.startswith(prefix))))
+    def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
+        # a shard's ids are <shard path>/<key>: each read task drops the committed ids of its shard
+        return [replace(u, skip_ids=tuple(done.starting_with(u.image_ids[0] + "/"))) for u in units] if len(done) else units
 
 
 class ParquetReader:
@@ -400,5 +400,6 @@ class ParquetReader:
         )
         return _drop_skipped(samples, unit)
 
-    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit:
-        return replace(unit, skip_ids=tuple(sorted(done)))
+    def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
+        # ids are free-form: every read task gets every committed id
+        return [replace(u, skip_ids=tuple(done.to_pylist())) for u in units] if len(done) else units

@@ -18,9 +18,11 @@ from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
+import numpy as np
+
 from pipeline.config import InputConfig, JobConfig
 from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
-from pipeline.rows import DecodedImage, RawSample, SourceUnit
+from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
 from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes, scrub
 from pipeline.tiff import probe_stream
@@ -29,7 +31,7 @@ from pipeline.tiff import probe_stream
 class Reader(Protocol):
     def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]: ...
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]: ...
-    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit: ...
+    def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]: ...
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -127,16 +129,28 @@ class ImageFolderReader:
                 sample.error = scrub(f"read: {exc}", cfg.storage_options)
             yield sample
 
-    def drop_done(self, unit: SourceUnit, done: set[str]) -> SourceUnit:
-        keep = [i for i, image_id in enumerate(unit.image_ids) if image_id not in done]
-        if len(keep) == len(unit.uris):
-            return unit
-        return replace(
-            unit,
-            uris=tuple(unit.uris[i] for i in keep),
-            label_uris=tuple(unit.label_uris[i] for i in keep) if unit.label_uris else (),
-            image_ids=tuple(unit.image_ids[i] for i in keep),
-        )
+    def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
+        """The units without the images in `done` (one vectorised lookup for the whole listing);
+        units left empty are dropped."""
+        if not len(done):
+            return units
+        held = done.contains([i for u in units for i in u.image_ids])
+        out, start = [], 0
+        for unit in units:
+            keep = np.flatnonzero(~held[start : start + len(unit.image_ids)])
+            start += len(unit.image_ids)
+            if len(keep) == len(unit.uris):
+                out.append(unit)
+            elif len(keep):
+                out.append(
+                    replace(
+                        unit,
+                        uris=tuple(unit.uris[i] for i in keep),
+                        label_uris=tuple(unit.label_uris[i] for i in keep) if unit.label_uris else (),
+                        image_ids=tuple(unit.image_ids[i] for i in keep),
+                    )
+                )
+        return out
 
 
 READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader}

@@ -1,4 +1,5 @@
 """A written result is never lost: reruns under one run_id, through `segpipe run` on local Ray."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import (
-    file_bytes, job_config, labeled_folder, read_run_table, strict_json_load, tiny_checkpoint, write_png, write_yaml,
+    file_bytes,
+    job_config,
+    labeled_folder,
+    read_run_table,
+    strict_json_load,
+    tiny_checkpoint,
+    write_png,
+    write_yaml,
 )
 
 from jobs.cli import main
@@ -119,7 +127,10 @@ def test_labels_missing_or_unmatched_are_said(ray_session, tmp_path, checkpoint,
     (data / "labels" / "img001.png").unlink()
     (tmp_path / "other").mkdir()
     write_png(tmp_path / "other" / "unrelated.png", np.zeros((4, 4), np.uint8))
-    for labels, run_id, expect in ((data / "labels", "some", "2 of 3 images have a label"), (tmp_path / "other", "none", "none of the 3 images")):
+    for labels, run_id, expect in (
+        (data / "labels", "some", "2 of 3 images have a label"),
+        (tmp_path / "other", "none", "none of the 3 images"),
+    ):
         assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, labels=labels, run_id=run_id)) == 0
         assert expect in capsys.readouterr().out
         info = strict_json_load(tmp_path / "runs" / run_id / "run.json")
@@ -186,12 +197,19 @@ def test_bad_checkpoints_and_model_names_are_one_line_exit_2(ray_session, tmp_pa
 
 def test_ctrl_c_ends_cleanly_and_the_rerun_completes_every_image_once(ray_session, tmp_path, checkpoint):
     data = labeled_folder(tmp_path / "data", [(96, 96)] * 24, NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", checkpoint, run_id="sigint", input={"images_per_unit": 2},
-                     inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4})
+    cfg = job_config(
+        tmp_path,
+        data / "images",
+        checkpoint,
+        run_id="sigint",
+        input={"images_per_unit": 2},
+        inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4},
+    )
     config = write_yaml(tmp_path / "job.yaml", cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     masks = tmp_path / "runs" / "sigint" / "masks"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None and not any(p.name.startswith("part-") for p in masks.glob("*.parquet")):

@@ -1,4 +1,5 @@
 """The run directory's commit protocol and records (pipeline.runstore), on local files and memory://."""
+
 from __future__ import annotations
 
 import math
@@ -9,24 +10,49 @@ import pytest
 from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
+from pipeline.rows import IdSet
 from pipeline.runstore import (
-    ERRORS_SCHEMA, METRICS_SCHEMA, RunRecord, RunStore, config_changes, masks_schema, part_name, run_identity, strict_json,
+    ERRORS_SCHEMA,
+    METRICS_SCHEMA,
+    RunRecord,
+    RunStore,
+    config_changes,
+    masks_schema,
+    part_name,
+    run_identity,
+    strict_json,
 )
 
 
 def tables(ids: list[str], failed: list[str] = (), attempt: int = 1):
     masks = pa.Table.from_pydict(
-        {"image_id": ids, "height": [1] * len(ids), "width": [1] * len(ids), "chunk_y": [0] * len(ids), "chunk_x": [0] * len(ids),
-         "chunk_height": [1] * len(ids), "chunk_width": [1] * len(ids), "mask": [b"png"] * len(ids)}, schema=masks_schema(False))
+        {
+            "image_id": ids,
+            "height": [1] * len(ids),
+            "width": [1] * len(ids),
+            "chunk_y": [0] * len(ids),
+            "chunk_x": [0] * len(ids),
+            "chunk_height": [1] * len(ids),
+            "chunk_width": [1] * len(ids),
+            "mask": [b"png"] * len(ids),
+        },
+        schema=masks_schema(False),
+    )
     metrics = pa.Table.from_pydict({"image_id": [], **{k: [] for k in METRICS_SCHEMA.names[1:]}}, schema=METRICS_SCHEMA)
-    errors = pa.Table.from_pydict({"image_id": list(failed), "stage": ["decode"] * len(failed), "error": ["bad"] * len(failed),
-                                   "attempt": [attempt] * len(failed)}, schema=ERRORS_SCHEMA)
+    errors = pa.Table.from_pydict(
+        {"image_id": list(failed), "stage": ["decode"] * len(failed), "error": ["bad"] * len(failed), "attempt": [attempt] * len(failed)},
+        schema=ERRORS_SCHEMA,
+    )
     return masks, metrics, errors
 
 
 def test_part_names_differ_by_attempt_so_a_later_attempt_never_overwrites():
     assert part_name(1, 0, 0) != part_name(2, 0, 0)
-    assert sorted([part_name(2, 0, 0), part_name(1, 5, 3), part_name(1, 10, 0)]) == [part_name(1, 5, 3), part_name(1, 10, 0), part_name(2, 0, 0)]
+    assert sorted([part_name(2, 0, 0), part_name(1, 5, 3), part_name(1, 10, 0)]) == [
+        part_name(1, 5, 3),
+        part_name(1, 10, 0),
+        part_name(2, 0, 0),
+    ]
 
 
 def test_a_committed_part_is_never_written_again(tmp_path):
@@ -54,7 +80,7 @@ def test_outcomes_count_each_image_once_by_its_latest_result():
     store.write_part(part_name(1, 0, 0), *tables(["a.png"], failed=["b.png", "c.png"], attempt=1))
     store.write_part(part_name(2, 0, 0), *tables(["b.png"], failed=["c.png"], attempt=2))  # b fixed, c failed again
     outcomes = store.outcomes()
-    assert outcomes.segmented == {"a.png", "b.png"} and outcomes.failed == {"c.png"}
+    assert sorted(outcomes.segmented.to_pylist()) == ["a.png", "b.png"] and outcomes.failed.to_pylist() == ["c.png"]
     latest = store.latest_errors().to_pylist()
     assert [(r["image_id"], r["attempt"]) for r in latest] == [("c.png", 2)]
     summary = store.summarize(2, ["bg", "fg"])
@@ -81,15 +107,46 @@ def test_json_is_strict_nan_and_infinity_become_null(tmp_path):
 
 
 def test_a_run_record_refuses_a_config_that_changes_the_runs_results(tmp_path):
-    cfg = load_config({"run_id": "r", "input": {"uri": "/data/images"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
+    cfg = load_config(
+        {"run_id": "r", "input": {"uri": "/data/images"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}}
+    )
     store = RunStore(str(tmp_path), {}, "r")
     identity = run_identity(cfg, "segformer-b0", 150, "abc")
     store.write_json("run.json", {"identity": identity, "attempts": [{"attempt": 1}]})
     assert RunRecord.load(store, cfg, identity).attempt == 2
-    other = run_identity(cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"stride": (100, 100)})}), "segformer-b0", 150, "def")
+    other = run_identity(
+        cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"stride": (100, 100)})}), "segformer-b0", 150, "def"
+    )
     with pytest.raises(ConfigError, match=r"inference\.stride, model\.weights_sha256"):
         RunRecord.load(store, cfg, other)
 
 
 def test_config_changes_name_the_fields_that_differ():
     assert config_changes({"a": {"b": 1, "c": 2}, "run_id": "x"}, {"a": {"b": 1, "c": 3}, "run_id": "y"}) == {"a.c": [2, 3]}
+
+
+def test_the_id_index_covers_its_parts_and_later_parts_are_read_beside_it(tmp_path):
+    store = RunStore(str(tmp_path), {}, "r")
+    store.write_part(part_name(1, 0, 0), *tables(["a.png", "b.png"], failed=["x.png"]))
+    store.write_index(store.outcomes())
+    index = pq.read_table(tmp_path / "r" / "ids.parquet")
+    assert sorted(zip(index.column("image_id").to_pylist(), index.column("outcome").to_pylist())) == [
+        ("a.png", "segmented"),
+        ("b.png", "segmented"),
+        ("x.png", "failed"),
+    ]
+    # the masks of the indexed part are no longer read: the index answers for them
+    (tmp_path / "r" / "masks" / (part_name(1, 0, 0) + ".parquet")).write_bytes(
+        (tmp_path / "r" / "masks" / (part_name(1, 0, 0) + ".parquet")).read_bytes()
+    )
+    pq.write_table(tables(["zzz.png"])[0], tmp_path / "r" / "masks" / (part_name(1, 0, 0) + ".parquet"))
+    store.write_part(part_name(2, 0, 0), *tables(["x.png", "c.png"]))  # a later attempt, not indexed yet
+    outcomes = store.outcomes()
+    assert sorted(outcomes.segmented.to_pylist()) == ["a.png", "b.png", "c.png", "x.png"] and len(outcomes.failed) == 0
+
+
+def test_id_sets_answer_membership_for_a_whole_listing_at_once():
+    held = IdSet(pa.array(["b", "a", "b", "s/1/k"]))
+    assert len(held) == 3 and held.contains(["a", "c", "b"]).tolist() == [True, False, True]
+    assert held.starting_with("s/1/") == ["s/1/k"] and held.minus(IdSet(pa.array(["a"]))).to_pylist() == ["b", "s/1/k"]
+    assert len(IdSet.union(held, IdSet(pa.array(["z"])), IdSet())) == 4 and IdSet().contains([]).tolist() == []

@@ -1,4 +1,5 @@
 """The write stage (pipeline.sink): parts follow units, whatever order rows arrive in."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,14 @@ def batch(*rows: Prediction) -> dict:
 
 
 def writer(tmp_path, images_per_unit: int) -> PartWriter:
-    cfg = load_config({"run_id": "r", "input": {"uri": "/x", "images_per_unit": images_per_unit}, "model": {"name": "segformer-b0"},
-                       "output": {"uri": str(tmp_path)}})
+    cfg = load_config(
+        {
+            "run_id": "r",
+            "input": {"uri": "/x", "images_per_unit": images_per_unit},
+            "model": {"name": "segformer-b0"},
+            "output": {"uri": str(tmp_path)},
+        }
+    )
     return PartWriter(cfg, attempt=3, binary=False)
 
 

@@ -1,0 +1,187 @@
+"""A dry run: what a job would do and cost, from the listing and the image headers alone.
+
+`segpipe run CONFIG --dry-run` prepares the job as a real run does (listing, model, run identity,
+what earlier attempts or runs of the job hold), then reads each remaining image's header in the read
+tasks (no pixels are decoded), counts pixels and sliding windows, times the model on one batch of
+windows in a task sized like the job's actors, and writes `plan.json` in the run directory. It writes
+no masks, metrics or errors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import JobConfig
+from pipeline.decode import DecodeError, image_size
+from pipeline.plan import ActorPlan, format_seconds, init_ray, plan_actors, prepare_job, ray_lines_to
+from pipeline.rows import SourceUnit
+from pipeline.source import reader_for
+from pipeline.storage import StoreStats, open_fs, scrub, with_retries
+from pipeline.tiling import plan_windows
+
+HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF, a TIFF's first IFD
+
+
+def read_headers(row: dict[str, Any], *, cfg: JobConfig) -> Iterator[dict[str, Any]]:
+    """A read task of the dry run: (image_id, height, width, error) per image of a unit, from headers.
+    Image files are read by their first bytes (the whole file only when the header lies further in);
+    tar and Parquet images come with their shard's bytes, and only their headers are parsed."""
+    unit = SourceUnit.from_record(row)
+    inp = cfg.input
+    if unit.format != "images":
+        for sample in reader_for(inp).read_unit(unit, StoreStats()):
+            if sample.stream is not None:
+                yield {"image_id": sample.image_id, "height": sample.stream.height, "width": sample.stream.width, "error": ""}
+                continue
+            yield _header_row(sample.image_id, lambda s=sample: s.image_bytes or b"", sample.error, cfg)
+        return
+    from pipeline.tiff import probe_stream
+
+    fs, _ = open_fs(inp.uri, inp.storage_options)
+    for uri, image_id, label_uri in zip(unit.uris, unit.image_ids, unit.label_uris or [None] * len(unit.uris)):
+        try:
+            stream = probe_stream(uri, label_uri, inp)
+        except Exception as exc:  # a bomb or a damaged TIFF header: the real run's error row
+            yield {"image_id": image_id, "height": 0, "width": 0, "error": scrub(str(exc), inp.storage_options)}
+            continue
+        if stream is not None:
+            yield {"image_id": image_id, "height": stream.height, "width": stream.width, "error": ""}
+            continue
+
+        def prefix(uri: str = uri) -> bytes:
+            return with_retries(lambda: fs.cat_file(uri, start=0, end=HEADER_BYTES), what="read", uri=uri)
+
+        def whole(uri: str = uri) -> bytes:
+            return with_retries(lambda: fs.cat_file(uri), what="read", uri=uri)
+
+        yield _header_row(image_id, prefix, None, cfg, whole)
+
+
+def _header_row(image_id: str, first_bytes, error: str | None, cfg: JobConfig, all_bytes=None) -> dict[str, Any]:
+    if error:
+        return {"image_id": image_id, "height": 0, "width": 0, "error": error}
+    inp = cfg.input
+    try:
+        try:
+            height, width = image_size(first_bytes(), inp.max_pixels, exif_transpose=inp.exif_transpose)
+        except DecodeError:
+            if all_bytes is None:
+                raise
+            height, width = image_size(all_bytes(), inp.max_pixels, exif_transpose=inp.exif_transpose)
+    except Exception as exc:  # unreadable: the real run makes it an error row
+        return {"image_id": image_id, "height": 0, "width": 0, "error": scrub(f"{type(exc).__name__}: {exc}", inp.storage_options)}
+    return {"image_id": image_id, "height": height, "width": width, "error": ""}
+
+
+def windows_of(height: int, width: int, cfg: JobConfig) -> int:
+    """Model inputs one image takes: its sliding windows (slide mode) or one pass (whole mode), times
+    the test-time augmentation views."""
+    inference = cfg.inference
+    views = len(inference.tta.scales) * (2 if inference.tta.flip else 1)
+    if inference.mode == "whole":
+        return views
+    return len(plan_windows(height, width, tuple(inference.window), tuple(inference.stride))) * views
+
+
+def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:
+    """Seconds for one forward pass of `inference.batch_size` windows, measured in a Ray task with an
+    actor's resources (its GPU where the job's actors get one), the median of `repeats` after a warm-up."""
+    import ray
+
+    @ray.remote(num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
+    def timed_batch(cfg: JobConfig, threads: int) -> dict[str, Any]:
+        import torch
+
+        from pipeline.predictor import ModelScorer, load_job_model
+
+        torch.set_num_threads(threads)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        scorer = ModelScorer(load_job_model(cfg.model).to(device), device, cfg.inference.precision)
+        h, w = cfg.inference.window
+        windows = torch.randint(0, 256, (cfg.inference.batch_size, 3, h, w), dtype=torch.uint8).float()
+        scorer(windows)  # warm-up: allocations, kernel selection
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            scorer(windows)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds.append(time.perf_counter() - start)
+        return {"seconds": float(np.median(seconds)), "device": str(device), "threads": threads}
+
+    return ray.get(timed_batch.remote(cfg, actors.threads))
+
+
+def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False) -> dict[str, Any]:
+    """plan.json of the job: what it would segment, and an estimate of how long it would take."""
+    import ray
+
+    started = time.time()
+    job = prepare_job(cfg, incremental=incremental)
+    listing_seconds = time.time() - started
+    cfg = job.cfg
+    with ray_lines_to(None if verbose else job.log_path):
+        init_ray(verbose)
+        actors = plan_actors(cfg, ray.cluster_resources())
+        header_start = time.time()
+        rows: list[dict] = []
+        if job.units:
+            ds = ray.data.from_items([u.to_record() for u in job.units], override_num_blocks=len(job.units))
+            rows = ds.flat_map(read_headers, fn_kwargs={"cfg": cfg}).take_all()
+        header_seconds = time.time() - header_start
+        timing = time_one_batch(cfg, actors)
+    ok = [r for r in rows if not r["error"]]
+    windows = [windows_of(r["height"], r["width"], cfg) for r in ok]
+    total_windows = int(sum(windows))
+    batches = math.ceil(total_windows / cfg.inference.batch_size)
+    estimate = batches * timing["seconds"] / max(actors.actors, 1)
+    plan = {
+        "run_id": cfg.run_id,
+        "job": cfg.job,
+        "images_listed": job.listed,
+        "images_done_earlier": job.done,
+        "images": len(rows),
+        "images_unreadable": len(rows) - len(ok),
+        "unreadable": [{"image_id": r["image_id"], "error": r["error"]} for r in rows if r["error"]][:20],
+        "pixels": int(sum(r["height"] * r["width"] for r in ok)),
+        "windows": total_windows,
+        "windows_per_image": {
+            "min": int(min(windows)) if windows else 0,
+            "median": float(np.median(windows)) if windows else 0.0,
+            "max": int(max(windows)) if windows else 0,
+        },
+        "window": list(cfg.inference.window) if cfg.inference.mode == "slide" else None,
+        "batch_size": cfg.inference.batch_size,
+        "listing_seconds": round(listing_seconds, 3),
+        "header_seconds": round(header_seconds, 3),
+        "batch_seconds": round(timing["seconds"], 4),
+        "timed_on": timing["device"],
+        "actors": vars(actors),
+        "estimated_seconds": round(estimate, 1),
+        "estimate_basis": "ceil(windows / batch_size) batches x the timed batch / actors; decoding, reading and writing "
+        "run beside the model and are not counted",
+        "incremental": job.record.incremental,
+    }
+    job.store.write_json("plan.json", plan)
+    job.store.save_log("dry-run", job.log_path, cfg.input.storage_options, cfg.output.storage_options)
+    plan["path"] = f"{job.store.uri}/plan.json"
+    return plan
+
+
+def format_plan(plan: dict) -> str:
+    lines = [
+        f"dry run {plan['run_id']}: {plan['images']} of {plan['images_listed']} images to segment"
+        + (f" ({plan['images_done_earlier']} done earlier)" if plan["images_done_earlier"] else ""),
+        f"  pixels {plan['pixels']:,}   windows {plan['windows']:,} (per image {plan['windows_per_image']['min']}"
+        f"..{plan['windows_per_image']['max']})   unreadable {plan['images_unreadable']}",
+        f"  one batch of {plan['batch_size']} windows: {plan['batch_seconds']:.3f} s on {plan['timed_on']}, "
+        f"{plan['actors']['actors']} actors: about {format_seconds(plan['estimated_seconds'])}",
+        f"  listing {plan['listing_seconds']:.1f} s, headers {plan['header_seconds']:.1f} s",
+        f"plan: {plan['path']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Scheduled jobs: incremental runs of a job, its rollup, the dry run, and a quiet terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from helpers import job_config, labeled_folder, read_run_table, strict_json_load, tiny_checkpoint, write_yaml
+
+from jobs.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 3
+# what Ray's loggers and its core worker print: `2026-01-01 10:00:00,123\tINFO file.py:12 -- ...`,
+# `[2026-01-01 10:00:00,123 E 123 123] core_worker.cc:...`, and its notices
+RAY_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d|core_worker|streaming_executor|Token authentication|ray\.data|raylet")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", NUM_CLASSES)
+
+
+def nightly_config(tmp_path: Path, data: Path, checkpoint: Path, **extra) -> Path:
+    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id=None, input={"images_per_unit": 2}, **extra)
+    cfg.pop("run_id")
+    return write_yaml(tmp_path / "nightly.yaml", cfg)  # the job is named after the file: nightly
+
+
+def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_session, tmp_path, checkpoint, capsys):
+    data = labeled_folder(tmp_path / "data", [(30, 40)] * 3, NUM_CLASSES, names=["n1/a", "n1/b", "n1/c"])
+    config = nightly_config(tmp_path, data, checkpoint)
+    assert main(["run", str(config), "--incremental"]) == 0
+    labeled_folder(tmp_path / "data", [(20, 50)] * 2, NUM_CLASSES, seed=1, names=["n2/d", "n2/e"])  # the next night's
+    assert main(["run", str(config), "--incremental"]) == 0
+    assert main(["run", str(config), "--incremental"]) == 0  # nothing new: nothing to do, still exit 0
+
+    runs = sorted((tmp_path / "runs").iterdir(), key=lambda p: json.loads((p / "run.json").read_text())["started"])
+    infos = [json.loads((r / "run.json").read_text()) for r in runs]
+    assert len(runs) == 3 and all(i["job"] == "nightly" and i["run_id"].startswith("nightly-") for i in infos)
+    segmented = [sorted(read_run_table(r, "masks").column("image_id").to_pylist()) if (r / "masks").exists() else [] for r in runs]
+    assert segmented == [["n1/a.png", "n1/b.png", "n1/c.png"], ["n2/d.png", "n2/e.png"], []]
+    assert infos[1]["attempts"][0]["incremental"]["runs_consulted"] == [infos[0]["run_id"]]
+    assert infos[1]["attempts"][0]["incremental"]["skipped"] == 3 and infos[2]["attempts"][0]["incremental"]["skipped"] == 5
+    assert strict_json_load(runs[1] / "summary.json")["images"] == 2  # each run's summary covers its own images
+
+    capsys.readouterr()
+    assert main(["summary", str(tmp_path / "runs"), "--job", "nightly"]) == 0
+    assert "3 runs" in capsys.readouterr().out
+    rollup = strict_json_load(tmp_path / "runs" / "nightly.summary.json")
+    # one run over everything gives the same summary, to the last pixel
+    once = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="all-at-once")
+    assert main(["run", str(write_yaml(tmp_path / "once.yaml", once))]) == 0
+    single = strict_json_load(tmp_path / "runs" / "all-at-once" / "summary.json")
+    for key in ("images", "errors", "labeled_images", "aAcc", "mIoU", "mAcc", "mDice", "IoU", "Acc", "Dice"):
+        assert rollup[key] == single[key], key
+    areas = pq.read_table(tmp_path / "runs" / "all-at-once" / "metrics").column("label_area").to_pylist()
+    rolled = [t for r in runs if (r / "metrics").exists() for t in read_run_table(r, "metrics").column("label_area").to_pylist()]
+    assert sorted(map(tuple, rolled)) == sorted(map(tuple, areas))
+
+
+def test_a_dry_run_writes_plan_json_only_and_counts_what_the_run_then_does(ray_session, tmp_path, checkpoint, capsys):
+    data = labeled_folder(tmp_path / "data", [(30, 40), (64, 20), (50, 50)], NUM_CLASSES)
+    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="planned")
+    (data / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    config = write_yaml(tmp_path / "job.yaml", {**cfg, "max_error_fraction": 0.5})
+    assert main(["run", str(config), "--dry-run"]) == 0
+    assert "about" in capsys.readouterr().out
+    run = tmp_path / "runs" / "planned"
+    plan = strict_json_load(run / "plan.json")
+    assert not any((run / kind).exists() for kind in ("masks", "metrics", "errors"))
+    assert plan["images"] == 4 and plan["images_unreadable"] == 1 and plan["pixels"] == 30 * 40 + 64 * 20 + 50 * 50
+    # 32-px windows, stride 24, the last at the edge: 30x40 -> 1x2, 64x20 -> 3x1 (0, 24, 32), 50x50 -> 2x2
+    assert plan["windows"] == 2 + 3 + 4 and plan["estimated_seconds"] >= 0 and plan["batch_seconds"] > 0
+
+    assert main(["run", str(config)]) == 0
+    info = strict_json_load(run / "run.json")
+    masks = read_run_table(run, "masks")
+    assert info["attempts"][-1]["counts"]["processed"] == plan["images"]
+    assert sum(h * w for h, w in zip(masks.column("height").to_pylist(), masks.column("width").to_pylist())) == plan["pixels"]
+    assert read_run_table(run, "errors").num_rows == plan["images_unreadable"]
+
+
+def test_the_demo_prints_our_lines_and_none_of_rays(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SEGPIPE_VERBOSE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "demo", "--out", str(tmp_path / "demo")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert any(line.startswith("aAcc") and "mIoU" in line for line in lines)
+    assert [line for line in lines if RAY_LINE.search(line)] == []
+    log = (tmp_path / "demo" / "runs" / "demo" / "logs" / "attempt-0001.log").read_text()
+    assert "streaming_executor" in log or "ray" in log.lower()  # Ray's lines went to the run's log
