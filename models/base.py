@@ -33,6 +33,9 @@ class SegmentationModel(nn.Module):
     """
 
     family: ClassVar[str] = ""
+    # what forward's scores are: "logits" (softmax gives probabilities), or "probabilities" already
+    # (query models sum softmax x sigmoid over queries: a class's share is scores[c] / scores.sum())
+    score_kind: ClassVar[str] = "logits"
 
     def __init__(
         self,

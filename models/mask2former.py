@@ -248,6 +248,7 @@ class MaskedAttentionDecoderLayer(nn.Module):
 
 class Mask2Former(SegmentationModel):
     family = "mask2former"
+    score_kind = "probabilities"  # softmax over classes x sigmoid masks, summed over queries
 
     def __init__(
         self,

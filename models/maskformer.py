@@ -101,6 +101,7 @@ class DetrDecoderLayer(nn.Module):
 
 class MaskFormer(SegmentationModel):
     family = "maskformer"
+    score_kind = "probabilities"  # softmax over classes x sigmoid masks, summed over queries
 
     def __init__(
         self,

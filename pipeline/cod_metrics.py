@@ -88,6 +88,20 @@ class CodImageStats:
         record.update({name: [float(v) for v in getattr(self, name)] for name in self.CURVES})
         return record
 
+    def to_flat(self) -> list[float]:
+        """One flat list (the scalars, then the two curves): how the stats travel between stages."""
+        return [float(getattr(self, name)) for name in self.SCALARS] + [float(v) for name in self.CURVES for v in getattr(self, name)]
+
+    @classmethod
+    def from_flat(cls, values: Any) -> CodImageStats:
+        values = np.asarray(values, dtype=np.float64)
+        n = len(cls.SCALARS)
+        if values.shape != (n + LEVELS * len(cls.CURVES),):
+            raise ValueError(f"expected {n + LEVELS * len(cls.CURVES)} values, got {values.shape}")
+        scalars = {name: float(values[i]) for i, name in enumerate(cls.SCALARS)}
+        curves = {name: values[n + LEVELS * j : n + LEVELS * (j + 1)].copy() for j, name in enumerate(cls.CURVES)}
+        return cls(**scalars, **curves)
+
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> CodImageStats:
         """The inverse of `to_record`; curves may come back as lists, tuples or arrays."""

@@ -150,6 +150,10 @@ class OutputConfig(_Strict):
 
 class MetricsConfig(_Strict):
     ignore_index: Int = 255
+    # binary: one foreground class against the rest (camouflaged objects): the probability map is
+    # written, and summary.json gains the camouflaged-object measures (pipeline.cod_metrics)
+    task: Literal["semantic", "binary"] = "semantic"
+    positive_class: Int = Field(1, ge=0, description="the foreground class of a binary task")
 
 
 class JobConfig(_Strict):

@@ -222,11 +222,15 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     except OSError as exc:  # FileNotFoundError names the field; a store that refuses is scrubbed
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
-    class_names = model.class_names or [str(i) for i in range(model.num_classes)]
+    one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
+    class_names = (model.class_names if not one_logit else None) or (
+        ["background", "foreground"] if one_logit else [str(i) for i in range(model.num_classes)]
+    )
     model_info = {
         "name": model.name,
         "family": model.family,
         "num_classes": model.num_classes,
+        "mask_classes": 2 if one_logit else model.num_classes,  # the classes of the masks and the metrics
         "class_names": class_names,
         "checkpoint": cfg.model.checkpoint,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -329,7 +333,12 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     try:
         if job.units:
             ds = build_dataset(
-                cfg, job.units, actor_plan, attempt=job.record.attempt, binary=job.model_info["num_classes"] == 2, monitor=monitor
+                cfg,
+                job.units,
+                actor_plan,
+                attempt=job.record.attempt,
+                binary=cfg.metrics.task == "binary" or job.model_info["mask_classes"] == 2,
+                monitor=monitor,
             )
             last = time.time()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -373,7 +382,7 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     job.store.save_log(f"attempt-{job.record.attempt:04d}", job.log_path, cfg.input.storage_options, cfg.output.storage_options)
     outcomes = job.store.outcomes()
     job.store.write_index(outcomes)  # one read for a later --incremental run of the job
-    summary = job.store.summarize(job.model_info["num_classes"], job.model_info["class_names"], outcomes)
+    summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
     summary.update(job.record.throughput(outcome.processed, outcome.seconds))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":

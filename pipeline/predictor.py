@@ -23,8 +23,9 @@ import torch
 
 from models import build_model, load_model
 from models.base import CheckpointError, SegmentationModel
+from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
-from pipeline.masks import ChunkedMaskWriter
+from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, class_areas
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
@@ -140,7 +141,11 @@ class Predictor:
         inference = cfg.inference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_job_model(cfg.model).to(self.device)
-        self.num_classes = model.num_classes
+        binary = cfg.metrics.task == "binary" or model.num_classes == 2
+        # a one-logit head of a binary task writes masks of two classes: background and foreground
+        self.num_classes = 2 if binary and model.num_classes == 1 else model.num_classes
+        self.positive_class = cfg.metrics.positive_class if model.num_classes > 1 else 1
+        self.cod = cfg.metrics.task == "binary"  # camouflaged-object stats per labeled image
         self.ignore_index = cfg.metrics.ignore_index
         self.chunk_size = cfg.output.chunk_size
         self.input_storage_options = cfg.input.storage_options
@@ -152,7 +157,9 @@ class Predictor:
             stride=tuple(inference.stride),
             blend=inference.blend,
             batch_size=inference.batch_size,
-            binary=self.num_classes == 2,
+            binary=binary,
+            positive_class=self.positive_class,
+            score_kind=model.score_kind,
         )
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
@@ -180,6 +187,8 @@ class Predictor:
             label = images[i].label
             label_rows = (lambda y, n, label=label: label[y : y + n]) if label is not None else None
             out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
+            if self.cod and label is not None and not out[i].error:
+                out[i] = self._guard(out[i], "metrics", self._cod_stats, out[i], seg.probability, label)
         return to_columns([p.to_record() for p in out])
 
     def _finish(
@@ -197,6 +206,13 @@ class Predictor:
             on_rows=on_rows,
         )
         row.chunks, row.areas = chunks, areas
+        return row
+
+    def _cod_stats(self, row: Prediction, probability: np.ndarray, label: np.ndarray) -> Prediction:
+        """The camouflaged-object stats of one image from its stored 8-bit probability map, as the
+        dataset values are defined on it (labels: the positive class is 255, ignored pixels 0)."""
+        foreground = ((label == self.positive_class) & (label != self.ignore_index)).astype(np.uint8) * 255
+        row.cod = cod_image_stats(quantize_probability(probability), foreground).to_flat()
         return row
 
     def _guard(self, row: Prediction, stage: str, work: Callable[..., Prediction], *args) -> Prediction:

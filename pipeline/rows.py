@@ -193,7 +193,7 @@ class MaskChunk:
 
 
 # one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs
-LIST_COLUMNS = ("chunks", "mask", "probability")
+LIST_COLUMNS = ("chunks", "mask", "probability", "cod")
 
 
 @dataclass
@@ -206,6 +206,7 @@ class Prediction(_StageRow):
     width: int = 0
     chunks: list[MaskChunk] = field(default_factory=list)
     areas: ClassAreas | None = None  # set when the image had a label
+    cod: list[float] | None = None  # a binary task's camouflaged-object stats (pipeline.cod_metrics, flat)
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -213,7 +214,7 @@ class Prediction(_StageRow):
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None)
+        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None)
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -227,6 +228,7 @@ class Prediction(_StageRow):
             "probability": [c.probability for c in self.chunks if c.probability is not None],
             "labeled": a is not None,
             **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
+            "cod": list(self.cod) if self.cod is not None else [],
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -249,6 +251,7 @@ class Prediction(_StageRow):
             width=int(batch["width"][i]),
             chunks=chunks,
             areas=areas,
+            cod=[float(v) for v in batch["cod"][i]] if len(batch["cod"][i]) else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

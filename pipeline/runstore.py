@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.cod_metrics import CONVENTIONS as COD_CONVENTIONS
+from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.rows import IdSet, SourceUnit
@@ -67,6 +69,16 @@ def masks_schema(binary: bool) -> pa.Schema:
 
 
 METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
+# a binary task's metrics rows also hold what its camouflaged-object measures need (pipeline.cod_metrics)
+COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + [
+    pa.field(name, pa.list_(pa.float64())) for name in CodImageStats.CURVES
+]
+
+
+def metrics_schema(cod: bool) -> pa.Schema:
+    return pa.schema([*METRICS_SCHEMA, *COD_FIELDS]) if cod else METRICS_SCHEMA
+
+
 ERRORS_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string()), pa.field("attempt", pa.int32())]
 )
@@ -247,17 +259,24 @@ class RunStore:
         return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names)
 
 
-def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAreas, int]:
-    """Class areas summed over metrics tables, each image once (its last row wins: a later run or
-    part supersedes an earlier one); and how many images that is. Vectorised: one row per image
-    in int64 arrays, never a Python loop over images."""
-    tables = [t.select(["image_id", *AREAS]) for t in metrics if t is not None and t.num_rows]
+def latest_metrics(metrics: list[pa.Table | None]) -> pa.Table | None:
+    """Metrics tables as one, each image once: its last row wins (a later run or part supersedes an
+    earlier one). Vectorised, never a Python loop over images."""
+    tables = [t for t in metrics if t is not None and t.num_rows]
     if not tables:
-        return ClassAreas.zeros(num_classes), 0
-    table = pa.concat_tables(tables).combine_chunks()
+        return None
+    table = pa.concat_tables(tables, promote_options="default").combine_chunks()
     table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
     last = table.group_by("image_id").aggregate([("_row", "max")]).column("_row_max")
-    table = table.take(last)
+    return table.take(last).drop_columns(["_row"])
+
+
+def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAreas, int]:
+    """Class areas summed over metrics tables, each image once (see `latest_metrics`); and how many
+    images that is. One row per image in int64 arrays."""
+    table = latest_metrics(metrics)
+    if table is None:
+        return ClassAreas.zeros(num_classes), 0
     areas = [
         np.asarray(table.column(a).combine_chunks().flatten(), dtype=np.int64).reshape(table.num_rows, num_classes).sum(axis=0)
         for a in AREAS
@@ -269,13 +288,30 @@ def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: 
     """Counts and dataset metrics (mmseg conventions: sums of areas, then ratios) of a run, or of
     several runs of a job (metrics recomputed from the summed areas, never averaged over runs)."""
     total, labeled = sum_areas(metrics, num_classes)
-    return {
+    summary = {
         "images": len(outcomes.segmented),
         "errors": len(outcomes.failed),
         "labeled_images": labeled,
         "class_names": class_names,
         **summarize(total),
     }
+    summary.update(cod_summary(latest_metrics(metrics)))
+    return summary
+
+
+def cod_summary(metrics: pa.Table | None) -> dict:
+    """A binary task's camouflaged-object measures (Sm, Em_*, wFm, Fm_*, MAE) from the metrics rows
+    that hold their stats; {} when none does (a semantic task, or no labeled image)."""
+    if metrics is None or CodImageStats.SCALARS[0] not in metrics.column_names:
+        return {}
+    rows = metrics.filter(pc.is_valid(metrics.column(CodImageStats.SCALARS[0])))
+    if not rows.num_rows:
+        return {}
+    accumulator = CodAccumulator()
+    columns = {name: rows.column(name).to_pylist() for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES)}
+    for i in range(rows.num_rows):
+        accumulator.add(CodImageStats.from_record({name: values[i] for name, values in columns.items()}))
+    return {**accumulator.result(), "cod_images": rows.num_rows}
 
 
 # --------------------------------------------------------------------------- run.json
@@ -339,6 +375,24 @@ def labels_report(cfg: JobConfig, units: list[SourceUnit]) -> dict:
     elif with_label < listed:
         report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
     return report
+
+
+def metrics_record(cfg: JobConfig) -> dict:
+    """run.json's account of how metrics are computed."""
+    out: dict[str, Any] = {
+        "task": cfg.metrics.task,
+        "ignore_index": cfg.metrics.ignore_index,
+        "semantic": "mmsegmentation: per-class IoU = the dataset's summed intersections / summed unions; "
+        "a class absent from labels and predictions is null and left out of the means",
+    }
+    if cfg.metrics.task == "binary":
+        out["positive_class"] = cfg.metrics.positive_class
+        out["camouflaged_object"] = {
+            **COD_CONVENTIONS,
+            "label": f"the positive class ({cfg.metrics.positive_class}) is 255, every other pixel 0 (ignore_index included)",
+            "images": "images read whole; a TIFF streamed window by window gets no camouflaged-object stats",
+        }
+    return out
 
 
 def package_versions() -> dict[str, str]:
@@ -439,6 +493,7 @@ class RunRecord:
                 "config": first_config,
                 "model": job.model_info,
                 "labels": job.labels,
+                "metrics": metrics_record(self.cfg),
                 "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
                 "started": self.previous.get("started", record["started"]),
                 "ended": record["ended"],
@@ -476,7 +531,7 @@ def job_summary(output_uri: str, storage_options: dict, job: str) -> dict:
     merged = Outcomes(segmented, IdSet.union(*(o.failed for o in outcomes)).minus(segmented))
     infos = [s.read_json("run.json") or {} for s in stores]
     model = infos[-1].get("model", {})
-    num_classes = int(model.get("num_classes", 0))
+    num_classes = int(model.get("mask_classes", model.get("num_classes", 0)))
     summary = summary_of([s.read_table(METRICS) for s in stores], merged, num_classes, model.get("class_names") or [])
     summary["job"] = job
     summary["runs"] = [

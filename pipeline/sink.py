@@ -13,14 +13,15 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cod_metrics import CodImageStats
 from pipeline.config import JobConfig
 from pipeline.rows import Prediction, batch_length
-from pipeline.runstore import CHUNK_FIELDS, ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema, part_name
+from pipeline.runstore import CHUNK_FIELDS, ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema, metrics_schema, part_name
 
 # --------------------------------------------------------------------------- writing parts
 
 
-def part_tables(rows: list[Prediction], binary: bool, attempt: int) -> tuple[pa.Table, pa.Table, pa.Table]:
+def part_tables(rows: list[Prediction], binary: bool, attempt: int, cod: bool = False) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
@@ -40,6 +41,10 @@ def part_tables(rows: list[Prediction], binary: bool, attempt: int) -> tuple[pa.
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
         metrics[area] = [getattr(r.areas, area).tolist() for r in labeled]
+    if cod:  # a binary task: the camouflaged-object stats beside the areas (null for a streamed image)
+        stats = [CodImageStats.from_flat(r.cod).to_record() if r.cod else None for r in labeled]
+        for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES):
+            metrics[name] = [s[name] if s else None for s in stats]
     failed = [r for r in rows if r.error]
     errors = {
         "image_id": [r.image_id for r in failed],
@@ -49,7 +54,7 @@ def part_tables(rows: list[Prediction], binary: bool, attempt: int) -> tuple[pa.
     }
     return (
         pa.Table.from_pydict(masks, schema=masks_schema(binary)),
-        pa.Table.from_pydict(metrics, schema=METRICS_SCHEMA),
+        pa.Table.from_pydict(metrics, schema=metrics_schema(cod)),
         pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
 
@@ -66,6 +71,7 @@ class PartWriter:
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool) -> None:
         self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
+        self.cod = cfg.metrics.task == "binary"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -104,5 +110,5 @@ class PartWriter:
     def _commit(self, unit: int, rows: list[Prediction]) -> None:
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
-        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt))
+        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod))
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)

@@ -22,8 +22,10 @@ results can be checked against them:
 - Blending is a weighted mean: sum(w * scores) / sum(w) over the windows covering a pixel, with w = 1
   (`mean`) or MONAI's gaussian importance map (`gaussian`).
 - Labels are the argmax over classes of the blended scores (ties go to the lower class index).
-  For binary tasks (`settings.binary`, which needs C == 2) `probability` is softmax(blended)[1], the
-  foreground probability, assuming the blended scores are logits.
+  For binary tasks (`settings.binary`) `probability` is the foreground probability (`Foreground`):
+  softmax(blended)[positive] for logits; blended[positive] / blended.sum() for scores that are
+  probabilities already (the query models' semantic map); sigmoid(blended) for a one-logit head,
+  whose labels are then probability > 0.5.
 
 Stitching resolution: the stitchers blend at the image's full resolution, after each window's scores
 are resized to the window. Windows at an image's edge start at offsets that are not multiples of the
@@ -95,7 +97,13 @@ class TilingSettings:
     stride: tuple[int, int] = (341, 341)
     blend: str = "mean"  # "mean" | "gaussian"
     batch_size: int = 8  # windows per forward pass
-    binary: bool = False  # also return the foreground probability (2-class tasks)
+    binary: bool = False  # also return the foreground probability (2-class or one-logit heads)
+    positive_class: int = 1  # the foreground class of a binary task
+    score_kind: str = "logits"  # "logits" | "probabilities": what the model's scores are (model.score_kind)
+
+    @property
+    def foreground(self) -> Foreground | None:
+        return Foreground(self.positive_class, self.score_kind) if self.binary else None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -149,16 +157,38 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def labels_and_probability(scores: torch.Tensor, binary: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Blended scores C x h x w -> labels (argmax over classes) and, for binary tasks, softmax(.)[1]."""
+@dataclass(frozen=True)
+class Foreground:
+    """How a binary task's foreground probability comes from blended scores (see the module doc)."""
+
+    positive: int = 1  # the foreground class
+    scores: str = "logits"  # "logits" | "probabilities"
+
+
+def _foreground(binary: bool | Foreground | None) -> Foreground | None:
+    if binary is True:
+        return Foreground()
+    return binary or None
+
+
+def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blended scores C x h x w -> labels (argmax over classes) and, for binary tasks, the foreground
+    probability; a one-logit head (C == 1) gives labels probability > 0.5 (0 background, 1 foreground)."""
+    foreground = _foreground(binary)
     num_classes = scores.shape[0]
+    if foreground is not None and num_classes == 1:
+        probability = torch.sigmoid(scores[0])
+        return (probability > 0.5).numpy().astype(np.uint8), probability.numpy().astype(np.float32, copy=False)
     labels = argmax_classes(scores).numpy().astype(label_dtype(num_classes), copy=False)
-    if not binary:
+    if foreground is None:
         return labels, None
     if num_classes != 2:
-        raise ValueError(f"binary output needs 2 classes (background, foreground), the model gives {num_classes}")
-    probability = torch.softmax(scores, dim=0)[1].numpy().astype(np.float32, copy=False)
-    return labels, probability
+        raise ValueError(f"binary output needs 2 classes (background, foreground) or one logit, the model gives {num_classes}")
+    if foreground.scores == "probabilities":
+        probability = scores[foreground.positive] / scores.sum(dim=0).clamp_min(torch.finfo(scores.dtype).tiny)
+    else:
+        probability = torch.softmax(scores, dim=0)[foreground.positive]
+    return labels, probability.numpy().astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- the window planner
@@ -286,9 +316,9 @@ class StreamingStitcher:
     of the emitted rows: it grows with the image's width, never with its height.
     """
 
-    def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool = False, keep_scores: bool = False):
+    def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | None = False, keep_scores: bool = False):
         self.plan = plan
-        self.binary = binary
+        self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
         self.weights = importance_map(plan.window, blend)
         self._uniform = blend == "mean"  # weights of 1: skip the multiplication
@@ -464,7 +494,7 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
                 yield index, band
 
 
-def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: bool) -> Segmentation:
+def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | None) -> Segmentation:
     height, width = image.shape[:2]
     scores = score_fn(_to_pixels([image]))
     if scores.ndim != 4 or scores.shape[0] != 1:
@@ -488,11 +518,11 @@ def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: Tiling
     for image in images:
         _check_image(image)
     if settings.mode == "whole":
-        return [_segment_whole(score_fn, image, settings.binary) for image in images]
+        return [_segment_whole(score_fn, image, settings.foreground) for image in images]
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
-        stitcher = StreamingStitcher(plan, settings.blend, settings.binary)
+        stitcher = StreamingStitcher(plan, settings.blend, settings.foreground)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: list[Segmentation | None] = [None] * len(images)
@@ -523,10 +553,10 @@ def segment_streaming(
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)
         _check_image(image)
-        result = _segment_whole(score_fn, image, settings.binary)
+        result = _segment_whole(score_fn, image, settings.foreground)
         yield 0, result.labels, result.probability
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
-    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.binary))
+    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground))
     for _, band in _run_windows(score_fn, [job], settings.batch_size):
         yield band.y0, band.labels, band.probability

@@ -157,8 +157,16 @@ def tiled_tiff(path: Path, shape: tuple[int, int], tile: int, pixels, **kwargs) 
                 yield padded
 
     channels = (3,) if kwargs.get("photometric") == "rgb" else ()
-    tifffile.imwrite(path, tiles(), shape=(height, width, *channels), dtype=np.uint8, tile=(tile, tile),
-                     compression="zlib", compressionargs={"level": 1}, **kwargs)
+    tifffile.imwrite(
+        path,
+        tiles(),
+        shape=(height, width, *channels),
+        dtype=np.uint8,
+        tile=(tile, tile),
+        compression="zlib",
+        compressionargs={"level": 1},
+        **kwargs,
+    )
     return path
 
 
@@ -234,3 +242,31 @@ def tiny_hf_checkpoint(model_type: str, path: Path, seed: int = 0, perturb: bool
     }
     model_class, config = models[model_type]()
     return saved_hf_model(model_class, config, path, seed=seed, perturb=perturb)
+
+
+def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """PySODMetrics (the reference implementation) fed (8-bit prediction, 0-255 label) image by image:
+    the camouflaged-object dataset values under segpipe's key names."""
+    import warnings
+
+    import py_sod_metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Fmeasure: "will be removed in the future"
+        fm = py_sod_metrics.Fmeasure()
+    sm, em, wfm, mae = py_sod_metrics.Smeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE()
+    for prediction, label in images:
+        for metric in (sm, em, wfm, fm, mae):
+            metric.step(pred=prediction, gt=label)
+    e, f = em.get_results()["em"], fm.get_results()["fm"]
+    return {
+        "Sm": sm.get_results()["sm"],
+        "Em_mean": e["curve"].mean(),
+        "Em_max": e["curve"].max(),
+        "Em_adp": e["adp"],
+        "wFm": wfm.get_results()["wfm"],
+        "Fm_mean": f["curve"].mean(),
+        "Fm_max": f["curve"].max(),
+        "Fm_adp": f["adp"],
+        "MAE": mae.get_results()["mae"],
+    }

@@ -1,0 +1,97 @@
+"""Binary tasks (camouflaged objects) through `segpipe run`: probabilities and PySODMetrics' measures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_SEGFORMER, job_config, pysodmetrics_reference, read_run_table, strict_json_load, write_png, write_yaml
+from PIL import Image
+
+from jobs.cli import main
+from models import build_model, save_native
+from pipeline.masks import read_mask
+from pipeline.tiling import Foreground, TilingSettings, labels_and_probability, segment_images
+
+KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
+
+
+def blobs(root: Path, sizes: list[tuple[int, int]], positive: int = 1) -> Path:
+    """Images with a brighter disc, labels with the disc as `positive` (and one all-background label)."""
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[:h, :w]
+        disc = (yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (min(h, w) / 4) ** 2
+        if i == len(sizes) - 1:
+            disc[:] = False
+        image = rng.integers(0, 120, (h, w, 3)).astype(np.uint8)
+        image[disc] += 100
+        write_png(root / "images" / f"b{i}.png", image)
+        write_png(root / "labels" / f"b{i}.png", np.where(disc, positive, 1 - positive if positive in (0, 1) else 0).astype(np.uint8))
+    return root
+
+
+def checkpoint(path: Path, num_classes: int) -> Path:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        save_native(build_model("segformer-b0", num_classes=num_classes, **TINY_SEGFORMER), path)
+    return path
+
+
+@pytest.mark.parametrize("num_classes", [2, 1], ids=["two-class-head", "one-logit-head"])
+def test_binary_run_reports_the_camouflaged_object_measures_of_pysodmetrics(ray_session, tmp_path, num_classes):
+    data = blobs(tmp_path / "data", [(40, 52), (33, 61), (48, 48)])
+    cfg = job_config(
+        tmp_path,
+        data / "images",
+        checkpoint(tmp_path / "m.safetensors", num_classes),
+        labels=data / "labels",
+        run_id="cod",
+        metrics={"task": "binary"},
+    )
+    assert main(["run", str(write_yaml(tmp_path / "job.yaml", cfg))]) == 0
+    run = tmp_path / "runs" / "cod"
+    summary = strict_json_load(run / "summary.json")
+    # the reference: PySODMetrics over the written 8-bit probability maps and the labels on 0-255
+    images = []
+    for image_id in sorted(read_run_table(run, "masks").column("image_id").to_pylist()):
+        label = np.asarray(Image.open(data / "labels" / image_id))
+        images.append((read_mask(str(run), image_id, "probability"), (label == 1).astype(np.uint8) * 255))
+        mask = read_mask(str(run), image_id)
+        assert set(np.unique(mask)) <= {0, 1}
+    expected = pysodmetrics_reference(images)
+    for key in KEYS:
+        assert summary[key] == pytest.approx(expected[key], abs=1e-6, nan_ok=True), key
+    assert summary["cod_images"] == 3 and len(summary["IoU"]) == 2
+    info = strict_json_load(run / "run.json")
+    assert info["metrics"]["task"] == "binary" and set(KEYS) <= set(info["metrics"]["camouflaged_object"])
+    metrics = read_run_table(run, "metrics")
+    assert {"sm", "wfm", "mae", "em_curve", "fm_curve"} <= set(metrics.column_names)
+
+
+def test_query_models_foreground_probability_is_their_share_not_a_softmax():
+    from models.mask2former import Mask2Former
+    from models.maskformer import MaskFormer
+
+    assert MaskFormer.score_kind == Mask2Former.score_kind == "probabilities"
+    scores = torch.tensor([[[0.2, 0.6]], [[0.6, 0.2]]])  # probability-like: background, foreground
+    _, share = labels_and_probability(scores, Foreground(1, "probabilities"))
+    _, softmax = labels_and_probability(scores, Foreground(1, "logits"))
+    np.testing.assert_allclose(share, [[0.75, 0.25]], rtol=1e-6)
+    assert not np.allclose(softmax, share)
+    # and through the tiler, windows blended: still the share of the blended scores
+    image = np.zeros((20, 30, 3), np.uint8)
+    probs = lambda x: torch.stack([torch.full(x.shape[2:], 0.3), torch.full(x.shape[2:], 0.1)])[None].expand(x.shape[0], -1, -1, -1)
+    settings = TilingSettings(mode="slide", window=(16, 16), stride=(8, 8), binary=True, score_kind="probabilities")
+    [seg] = segment_images(probs, [image], settings)
+    np.testing.assert_allclose(seg.probability, 0.25, rtol=1e-6)
+
+
+def test_the_positive_class_picks_the_foreground():
+    scores = torch.tensor([[[2.0]], [[0.0]]])
+    _, p1 = labels_and_probability(scores, Foreground(1))
+    _, p0 = labels_and_probability(scores, Foreground(0))
+    np.testing.assert_allclose(p0 + p1, 1.0, rtol=1e-6)
+    assert p1[0, 0] < 0.5 < p0[0, 0]
