@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
     demo.add_argument("--verbose", action="store_true", help="show Ray's own log lines too")
+    demo.add_argument(
+        "--task",
+        choices=["semantic", "camouflage"],
+        default="semantic",
+        help="semantic: shapes of four classes; camouflage: objects whose texture matches the background, a binary "
+        "model, and the camouflaged-object measures",
+    )
 
     convert = sub.add_parser(
         "convert",
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from jobs.demo import demo_config
 
-            return _run(demo_config(Path(args.out)), verbose=args.verbose)
+            return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
     except (ConfigError, ModelError) as exc:
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo-segformer.safetensors
 HELDOUT_IMAGES = 16
 
 
-def demo_config(out: Path) -> JobConfig:
+def demo_config(out: Path, task: str = "semantic") -> JobConfig:
     """The demo's job config; a previous demo run in `out` is removed so the demo always runs."""
     archive = out / "archive"
     shutil.rmtree(out / "runs" / "demo", ignore_errors=True)
