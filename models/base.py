@@ -91,12 +91,20 @@ def building_from(origin: str, settings: str) -> Iterator[None]:
     """Settings read from a checkpoint (config.json, native metadata) that the model's constructor
     refuses (a head count that does not divide the width, a string where a number goes...) are a
     bad checkpoint, not a bug: one CheckpointError line naming the checkpoint and the settings."""
+    with checkpoint_fault(f"{origin}: {settings} describes a model that cannot be built"):
+        yield
+
+
+@contextmanager
+def checkpoint_fault(message: str) -> Iterator[None]:
+    """What fails inside here (a constructor refusing settings, torch refusing tensors) is the
+    checkpoint's fault, not a bug: one CheckpointError line, `message: the reason`."""
     try:
         yield
     except ModelError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError) as exc:
-        raise CheckpointError(f"{origin}: {settings} describes a model that cannot be built: {brief(exc)}") from exc
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ZeroDivisionError, RuntimeError) as exc:
+        raise CheckpointError(f"{message}: {brief(exc)}") from exc
 
 
 def _shape(value: Any) -> str:

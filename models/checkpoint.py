@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,11 @@ from safetensors.torch import save_file
 
 from models.base import (
     CheckpointError,
-    ModelError,
     SegmentationModel,
     UnknownModelError,
     brief,
     building_from,
+    checkpoint_fault,
     describe_misfit,
     load_weights,
 )
@@ -262,16 +260,10 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
     return model
 
 
-@contextmanager
-def _weights_fault(source: str, what: str) -> Iterator[None]:
+def _weights_fault(source: str, what: str):
     """The loaders check what they read; tensors stranger still (a q/k/v of unequal rows, a number
     where a tensor goes) fail inside torch or a rename: still the checkpoint's fault, still one line."""
-    try:
-        yield
-    except ModelError:
-        raise
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as exc:
-        raise CheckpointError(f"{source}: these weights do not make {what}: {brief(exc)}") from exc
+    return checkpoint_fault(f"{source}: these weights do not make {what}")
 
 
 def _check_is(model: SegmentationModel, name: str, source: str) -> None:

@@ -56,9 +56,10 @@ from models.mask_classification import (
     num_labels,
     semantic_scores,
     sine_position_embedding,
+    swin_variants,
     weights_from_hf,
 )
-from models.swin import SWIN_SIZES, SwinBackbone, swin_arch
+from models.swin import SwinBackbone, swin_arch
 
 NUM_LEVELS = 3  # the deformable encoder and the decoder read the 1/32, 1/16 and 1/8 maps
 
@@ -438,17 +439,7 @@ def _split_in_proj(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _builder(size: str):
-    def build(num_classes: int = 150, **overrides) -> Mask2Former:
-        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
-        kwargs.update(overrides)
-        return Mask2Former(num_classes=num_classes, **kwargs)
-
-    build.__doc__ = f"Mask2Former with a Swin-{size[0].upper()} backbone, random weights."
-    return build
-
-
-VARIANTS = {f"mask2former-swin-{size}": _builder(size) for size in SWIN_SIZES}
+VARIANTS = swin_variants(Mask2Former, "mask2former")
 
 
 def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "mask2former checkpoint") -> Mask2Former:

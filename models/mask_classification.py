@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import CheckpointError, Rule, rename_keys
-from models.swin import fuse_swin_qkv, swin_arch_from_hf, swin_hf_rules
+from models.swin import SWIN_SIZES, fuse_swin_qkv, swin_arch, swin_arch_from_hf, swin_hf_rules
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -177,3 +177,17 @@ def weights_from_hf(state_dict: dict[str, torch.Tensor], rules: list[Rule], swin
     swin_rules, swin_ignored = swin_hf_rules(HF_BACKBONE, swin_body)
     weights = rename_keys(state_dict, [*swin_rules, *rules], ignored=[*swin_ignored, *HF_IGNORED], keep_unknown=True, origin=origin)
     return fuse_swin_qkv(weights)
+
+
+def swin_variants(model_class: type, prefix: str) -> dict:
+    """`<prefix>-swin-{tiny,small,base,large}` -> builder(num_classes, **overrides) of `model_class`
+    with that Swin backbone and random weights: the named variants of both mask-classification families."""
+
+    def builder(size: str):
+        def build(num_classes: int = 150, **overrides):
+            return model_class(num_classes=num_classes, **{"swin": swin_arch(size), **overrides})
+
+        build.__doc__ = f"{model_class.__name__} with a Swin-{size[0].upper()} backbone, random weights."
+        return build
+
+    return {f"{prefix}-swin-{size}": builder(size) for size in SWIN_SIZES}

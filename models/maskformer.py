@@ -46,9 +46,10 @@ from models.mask_classification import (
     num_labels,
     semantic_scores,
     sine_position_embedding,
+    swin_variants,
     weights_from_hf,
 )
-from models.swin import SWIN_SIZES, SwinBackbone, swin_arch
+from models.swin import SwinBackbone, swin_arch
 
 # ---------------------------------------------------------------------------------------------
 # MaskFormer's parts
@@ -219,17 +220,7 @@ _HF_RULES: list[tuple[str, str]] = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _builder(size: str):
-    def build(num_classes: int = 150, **overrides) -> MaskFormer:
-        kwargs: dict[str, Any] = dict(swin=swin_arch(size))
-        kwargs.update(overrides)
-        return MaskFormer(num_classes=num_classes, **kwargs)
-
-    build.__doc__ = f"MaskFormer with a Swin-{size[0].upper()} backbone, random weights."
-    return build
-
-
-VARIANTS = {f"maskformer-swin-{size}": _builder(size) for size in SWIN_SIZES}
+VARIANTS = swin_variants(MaskFormer, "maskformer")
 
 
 def from_hf(config: dict, state_dict: dict[str, torch.Tensor], origin: str = "maskformer checkpoint") -> MaskFormer:
