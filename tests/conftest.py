@@ -1,4 +1,6 @@
-"""One local Ray for the whole test session, with hangs turned into errors."""
+"""What the tests share as fixtures: one local Ray and one S3 endpoint for the whole session, and
+the small checkpoint every job test segments with. Plain functions are in tests/helpers.py."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +11,7 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest
+from s3_server import S3Server, s3_endpoint  # importing it registers flaky://
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +28,22 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3Server:
+    """An S3 endpoint on 127.0.0.1 (moto) for the session: `s3.storage_options` point s3fs at it,
+    `s3.bucket(stem)` makes a fresh bucket, `s3.requests()` counts the calls made from then on."""
+    with s3_endpoint() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A native .safetensors of a tiny random SegFormer (helpers.TINY_SEGFORMER) with the 3 classes of
+    helpers.CLASS_NAMES: the model of the job tests, built once. Seed 2: its labels mix all three
+    classes on noise images (seed 0 labels them all one class, which would hide a wrong mask)."""
+    from helpers import CLASS_NAMES, tiny_checkpoint  # here: helpers imports torch and models
+
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
+    return tiny_checkpoint(path, len(CLASS_NAMES), seed=2, class_names=CLASS_NAMES)

@@ -16,8 +16,10 @@ Requests are matched by operation ("get": GetObject, "list": ListObjectsV2 / Lis
 "put"), bucket, and a substring of the key. The endpoint is addressed path-style
 (`http://127.0.0.1:PORT/bucket/key`), which is what botocore does for an IP endpoint.
 """
+
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -29,8 +31,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 # Headers that belong to one connection, not to the request: never forwarded. Expect is answered
 # by the proxy itself (BaseHTTPRequestHandler sends "100 Continue"), so moto never sees it.
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-               "te", "trailer", "trailers", "transfer-encoding", "upgrade", "expect"}
+_HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+}
 
 _ERROR_XML = (
     '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -59,8 +72,13 @@ class Fault:
             raise ValueError(f"fault kind {self.kind!r}: expected one of {KINDS}")
 
     def matches(self, op: str, bucket: str, key: str, range_start: int) -> bool:
-        return (self.injected < self.times and op == self.op and bucket == self.bucket and self.key in key
-                and (not self.past_start or range_start > 0))
+        return (
+            self.injected < self.times
+            and op == self.op
+            and bucket == self.bucket
+            and self.key in key
+            and (not self.past_start or range_start > 0)
+        )
 
 
 def _operation(method: str, key: str, query: dict[str, list[str]]) -> str:
@@ -73,7 +91,7 @@ def _range_start(header: str | None) -> int:
     """'bytes=100-199' -> 100; no Range header (or a suffix range) -> 0."""
     if not header or not header.startswith("bytes="):
         return 0
-    first = header[len("bytes="):].split(",")[0].split("-")[0].strip()
+    first = header[len("bytes=") :].split(",")[0].split("-")[0].strip()
     return int(first) if first.isdigit() else 0
 
 
@@ -109,7 +127,7 @@ class FaultProxy:
                     return fault
         return None
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         self._thread.start()
         return self
 
@@ -117,7 +135,7 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -176,10 +194,8 @@ def _handler_class(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
         def _handle(self) -> None:
             parts = urlsplit(self.path)
@@ -189,8 +205,9 @@ def _handler_class(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             fault = proxy.claim(op, bucket, key, _range_start(self.headers.get("Range")))
             if fault is not None and fault.kind in _ERRORS:
                 status, code, message = _ERRORS[fault.kind]
-                xml = _ERROR_XML.format(code=code, message=message, resource=f"/{bucket}/{key}",
-                                        request_id=uuid.uuid4().hex[:16].upper()).encode()
+                xml = _ERROR_XML.format(
+                    code=code, message=message, resource=f"/{bucket}/{key}", request_id=uuid.uuid4().hex[:16].upper()
+                ).encode()
                 headers = [("Content-Type", "application/xml"), ("x-amz-request-id", "FAULTPROXY")]
                 if fault.kind == "slowdown":
                     headers.append(("Retry-After", "1"))

@@ -1,17 +1,20 @@
 """Stores for tests: a real S3 endpoint on loopback (moto's server, s3fs pointed at it) and a flaky
 filesystem that fails the first reads of chosen objects with transient errors.
 
-Tests import the fixture by name (`from s3_server import s3`); the server starts once per session.
+Tests request the `s3` fixture (tests/conftest.py, one server per session, started by
+`s3_endpoint` here); the flaky filesystem is registered as `flaky://` when this module is imported.
 """
+
 from __future__ import annotations
 
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import fsspec
-import pytest
 from fsspec.spec import AbstractFileSystem
 
 # Credentials the fake endpoint accepts (moto takes any): distinctive strings, so tests can scan
@@ -50,9 +53,9 @@ class S3Server:
         return counts
 
 
-@pytest.fixture(scope="session")
-def s3():
-    """An S3 endpoint on 127.0.0.1 (moto), with storage options that point s3fs at it."""
+@contextmanager
+def s3_endpoint() -> Iterator[S3Server]:
+    """An S3 endpoint on 127.0.0.1 (moto), with storage options that point s3fs at it; stopped on exit."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
@@ -89,8 +92,10 @@ def transient_error(kind: str) -> Exception:
         from s3fs.errors import translate_boto_error
 
         cause = ClientError(
-            {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate. (injected)"},
-             "ResponseMetadata": {"HTTPStatusCode": 503}},
+            {
+                "Error": {"Code": "SlowDown", "Message": "Please reduce your request rate. (injected)"},
+                "ResponseMetadata": {"HTTPStatusCode": 503},
+            },
             "GetObject",
         )
         return translate_boto_error(cause)
@@ -110,9 +115,19 @@ class FlakyFileSystem(AbstractFileSystem):
 
     protocol = "flaky"
 
-    def __init__(self, target_protocol: str = "file", target_options: dict | None = None, match: str = "",
-                 fail_opens: int = 0, fail_reads: int = 0, fail_lists: int = 0, error: str = "reset",
-                 deny: str = "", run: str = "", **kwargs):
+    def __init__(
+        self,
+        target_protocol: str = "file",
+        target_options: dict | None = None,
+        match: str = "",
+        fail_opens: int = 0,
+        fail_reads: int = 0,
+        fail_lists: int = 0,
+        error: str = "reset",
+        deny: str = "",
+        run: str = "",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.target = fsspec.filesystem(target_protocol, **(target_options or {}))
         self.match, self.error, self.deny = match, error, deny

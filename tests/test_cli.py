@@ -1,7 +1,12 @@
+"""jobs.cli, `segpipe`: its commands (models, convert) and its exit codes (README "Exit codes")."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
 
 import torch
+from helpers import TINY_HF_SEGFORMER, job_config, saved_hf_model, segpipe_run
 
 from jobs.cli import main
 from models import load_model
@@ -13,13 +18,11 @@ def test_models_lists_the_registry(capsys):
     assert {f"segformer-b{i}" for i in range(6)} <= set(names)
 
 
-def test_convert_hf_directory_to_native(tmp_path, capsys):
+def test_convert_turns_an_hf_directory_into_a_native_checkpoint_with_the_same_outputs_and_classes(tmp_path, capsys):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
-    torch.manual_seed(0)
-    config = SegformerConfig(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], num_attention_heads=[1, 1, 2, 2],
-                             decoder_hidden_size=16, num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
-    SegformerForSemanticSegmentation(config).eval().save_pretrained(tmp_path / "hf")
+    config = SegformerConfig(**{**TINY_HF_SEGFORMER, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}})
+    saved_hf_model(SegformerForSemanticSegmentation, config, tmp_path / "hf", perturb=False)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors")]) == 0
     assert "3 classes" in capsys.readouterr().out
     a, b = load_model(tmp_path / "hf"), load_model(tmp_path / "m.safetensors")
@@ -29,7 +32,16 @@ def test_convert_hf_directory_to_native(tmp_path, capsys):
     assert b.class_names == ["a", "b", "c"]
 
 
-def test_bad_usage_exits_2():
+def test_an_unknown_command_and_an_unreadable_checkpoint_exit_2_without_traceback():
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert main(["convert", "/nonexistent/dir", "/tmp/x.safetensors"]) == 2  # a checkpoint problem: usage
+
+
+def test_a_missing_input_uri_exits_2_with_one_line_naming_it_and_writes_nothing(tmp_path, checkpoint, capsys):
+    cfg = job_config(tmp_path, tmp_path / "nowhere", checkpoint, run_id="none")
+    capsys.readouterr()
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2  # found before the first image: usage, one line
+    err = capsys.readouterr().err
+    assert "input.uri" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs" / "none").exists()

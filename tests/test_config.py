@@ -1,14 +1,20 @@
+"""pipeline.config: the job's YAML validated once; overrides, defaults, errors that name the field,
+credentials never shown."""
+
+from __future__ import annotations
+
 import subprocess
 import sys
 
 import pytest
+from helpers import segpipe_run
 
 from pipeline.config import ConfigError, load_config, public_config
 
 BASE = {"input": {"uri": "/data"}, "model": {"name": "segformer-b0", "num_classes": 3}}
 
 
-def test_defaults_and_override():
+def test_set_overrides_are_read_as_yaml_and_run_id_defaults_to_a_timestamped_one():
     cfg = load_config(BASE, ["inference.window=[256, 128]", "inference.stride=[128,64]", "resources.actors=3", "run_id=abc"])
     assert cfg.inference.window == (256, 128)
     assert cfg.inference.stride == (128, 64)
@@ -41,18 +47,34 @@ def test_model_needs_name_or_checkpoint():
 
 
 def test_storage_options_secrets_are_redacted():
-    cfg = load_config({**BASE, "input": {"uri": "s3://b/", "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}}})
+    cfg = load_config(
+        {
+            **BASE,
+            "input": {"uri": "s3://b/", "storage_options": {"key": "AKIA123", "secret": "s3cr3t", "endpoint_url": "http://127.0.0.1:9"}},
+        }
+    )
     text = str(public_config(cfg))
     assert "AKIA123" not in text and "s3cr3t" not in text
     assert "127.0.0.1:9" in text
 
 
-def test_invalid_config_exits_2_without_traceback(tmp_path):
+def test_an_invalid_value_or_unknown_field_exits_2_naming_it_without_traceback(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("input:\n  uri: /data\nmodel:\n  name: segformer-b0\ninference:\n  blend: median\n")
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "inference.blend" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(path), "--set", "inference.blend=mean", "--set", "bogus=1"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "run", str(path), "--set", "inference.blend=mean", "--set", "bogus=1"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "bogus: unknown field" in proc.stderr
+
+
+def test_a_tta_scale_that_is_not_positive_exits_2_naming_the_field(tmp_path, capsys):
+    cfg = {"input": {"uri": str(tmp_path)}, "model": {"name": "segformer-b0"}, "inference": {"tta": {"scales": [1.0, -2]}}}
+    capsys.readouterr()
+    assert segpipe_run(tmp_path / "bad.yaml", cfg) == 2
+    assert "inference.tta.scales" in capsys.readouterr().err

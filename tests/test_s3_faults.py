@@ -1,80 +1,45 @@
 """Store faults seen by a whole job through real Ray: every worker process talks to S3 (moto on
 loopback) through a fault-injecting proxy (tests/fault_proxy.py), and objects vanish after listing."""
+
 from __future__ import annotations
 
 import copy
-import io
 import json
-import tarfile
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
-import pytest
 from fault_proxy import Fault, FaultProxy
-from PIL import Image
-from s3_server import s3  # noqa: F401  (the fixture)
+from helpers import image_bytes, job_config, store_rows, tar_bytes
 
-from pipeline.source import ImageFolderReader
-from models import build_model, save_native
 from pipeline.config import load_config
 from pipeline.plan import run_job
+from pipeline.source import ImageFolderReader
 
 NUM_CLASSES = 3
 SHARDS, PER_SHARD = 4, 3
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _sample(rng, h=48, w=40):
-    return _png(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), _png(rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8))
+    return image_bytes(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), image_bytes(rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8))
 
 
-def _tar(members: list[tuple[str, bytes]]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def _job(input_uri: str, output_uri: str, checkpoint, options: dict, fmt: str, output_options: dict | None = None, **extra) -> dict:
+    """A whole-image job; the output gets the input's storage options unless given its own."""
+    return job_config(
+        Path(),
+        input_uri,
+        checkpoint,
+        run_id="faults",
+        input={"format": fmt, "storage_options": options},
+        inference={"mode": "whole"},
+        output={"uri": output_uri, "storage_options": options if output_options is None else output_options},
+        **extra,
+    )
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "m.safetensors"
-    save_native(build_model("segformer-b0", num_classes=NUM_CLASSES, hidden_sizes=[16, 32, 64, 128],
-                            num_heads=[1, 1, 2, 4], decoder_dim=32), path)
-    return path
-
-
-def _job(input_uri: str, output_uri: str, checkpoint, options: dict, fmt: str, output_options: dict | None = None,
-         **extra) -> dict:
-    cfg = {
-        "run_id": "faults",
-        "input": {"uri": input_uri, "format": fmt, "storage_options": options},
-        "model": {"checkpoint": str(checkpoint)},
-        "inference": {"mode": "whole", "window": [32, 32], "stride": [32, 32]},
-        "output": {"uri": output_uri, "storage_options": options if output_options is None else output_options},
-    }
-    cfg.update(extra)
-    return cfg
-
-
-def _table(fs, run: str, kind: str) -> list[dict]:
-    rows = []
-    for path in sorted(fs.glob(f"{run}/{kind}/*.parquet")):
-        with fs.open(path, "rb") as f:
-            rows += pq.read_table(f).to_pylist()
-    return rows
-
-
-def test_tar_job_over_a_faulty_endpoint_reads_every_image_once(ray_session, s3, checkpoint):  # noqa: F811
+def test_a_tar_job_over_a_faulty_endpoint_retries_and_reads_every_image_once(ray_session, s3, checkpoint):
     rng = np.random.default_rng(3)
     src, dst = s3.bucket("faulty-archive"), s3.bucket("faulty-runs")
     expected = []
@@ -85,7 +50,7 @@ def test_tar_job_over_a_faulty_endpoint_reads_every_image_once(ray_session, s3, 
             image, label = _sample(rng)
             members += [(f"{key}.png", image), (f"{key}.label.png", label)]
             expected.append(f"shard-{s:05d}.tar/{key}")
-        s3.fs.pipe(f"{src[5:]}/shards/shard-{s:05d}.tar", _tar(members))
+        s3.fs.pipe(f"{src[5:]}/shards/shard-{s:05d}.tar", tar_bytes(members))
     bucket = src[5:]
     faults = [
         # s3fs retries a throttled call 5 times itself; the 6th failure reaches our retry layer
@@ -110,10 +75,10 @@ def test_tar_job_over_a_faulty_endpoint_reads_every_image_once(ray_session, s3, 
     assert proxy.requests["get", bucket] > SHARDS * 3  # ranged reads through the proxy, retries included
 
     run = f"{dst[5:]}/faults"
-    masks = [r["image_id"] for r in _table(s3.fs, run, "masks")]
+    masks = [r["image_id"] for r in store_rows(s3.fs, run, "masks")]
     assert sorted(masks) == expected  # every image, none twice, none missing
-    assert len(_table(s3.fs, run, "metrics")) == len(expected)
-    assert _table(s3.fs, run, "errors") == []
+    assert len(store_rows(s3.fs, run, "metrics")) == len(expected)
+    assert store_rows(s3.fs, run, "errors") == []
     run_json = json.loads(s3.fs.cat_file(run + "/run.json"))
     store = run_json["attempts"][-1]["store"]
     assert 0 < store["retries"] <= proxy.injected
@@ -122,7 +87,7 @@ def test_tar_job_over_a_faulty_endpoint_reads_every_image_once(ray_session, s3, 
     assert run_json["config"]["input"]["storage_options"]["config_kwargs"] == {"retries": {"total_max_attempts": 1}}
 
 
-def test_objects_gone_after_listing_are_error_rows(ray_session, s3, checkpoint, monkeypatch):  # noqa: F811
+def test_objects_gone_after_listing_are_not_found_error_rows_never_retried(ray_session, s3, checkpoint, monkeypatch):
     rng = np.random.default_rng(4)
     bucket = s3.bucket("vanishing")[5:]
     names = ["a", "b", "c", "d"]
@@ -141,26 +106,25 @@ def test_objects_gone_after_listing_are_error_rows(ray_session, s3, checkpoint, 
 
     original = ImageFolderReader.list_units
     monkeypatch.setattr(ImageFolderReader, "list_units", list_then_delete)
-    cfg = _job(f"s3://{bucket}/images", f"s3://{bucket}/runs", checkpoint, s3.storage_options, "images",
-               max_error_fraction=0.6)
+    cfg = _job(f"s3://{bucket}/images", f"s3://{bucket}/runs", checkpoint, s3.storage_options, "images", max_error_fraction=0.6)
     cfg["input"]["labels"] = {"uri": f"s3://{bucket}/labels"}
     result = run_job(load_config(cfg), progress=lambda _: None)
 
     assert len(listed) == 4 and gone["c.png"] in listed
     assert result.status == "succeeded", result.message
     run = f"{bucket}/runs/faults"
-    errors = {r["image_id"]: r for r in _table(s3.fs, run, "errors")}
+    errors = {r["image_id"]: r for r in store_rows(s3.fs, run, "errors")}
     assert sorted(errors) == sorted(gone)
     for image_id, uri in gone.items():
         assert errors[image_id]["stage"] == "read"
         assert f"{uri}: not found" in errors[image_id]["error"], errors[image_id]["error"]
-    assert sorted(r["image_id"] for r in _table(s3.fs, run, "masks")) == ["a.png", "d.png"]
-    assert sorted(r["image_id"] for r in _table(s3.fs, run, "metrics")) == ["a.png", "d.png"]
+    assert sorted(r["image_id"] for r in store_rows(s3.fs, run, "masks")) == ["a.png", "d.png"]
+    assert sorted(r["image_id"] for r in store_rows(s3.fs, run, "metrics")) == ["a.png", "d.png"]
     store = json.loads(s3.fs.cat_file(run + "/run.json"))["attempts"][-1]["store"]
     assert store["retries"] == 0 and store["failures"] == 2  # not found is never retried
 
 
-def test_listing_keeps_names_not_info_dicts(s3):  # noqa: F811
+def test_the_listing_keeps_names_not_info_dicts_in_one_paged_call(s3):
     """The driver's listing of an S3 prefix leaves no listing cache behind (s3fs's find keeps an info
     dict per object for the filesystem's life: hundreds of MB for a million keys) and is still one
     paged ListObjectsV2, nothing per object."""
@@ -174,7 +138,7 @@ def test_listing_keeps_names_not_info_dicts(s3):  # noqa: F811
     requests = Counter()
     counted.s3.meta.events.register("before-call.s3", lambda event_name, **_: requests.update([event_name.rsplit(".", 1)[-1]]))
     stats = StoreStats()
-    fs, root, keys = list_files(f"s3://{bucket}/p", options, stats=stats)
+    fs, _root, keys = list_files(f"s3://{bucket}/p", options, stats=stats)
     assert fs is counted
     assert keys == [f"{d}/{i}.png" for d in ("a", "b") for i in range(3)]
     assert dict(requests) == {"ListObjectsV2": 1} and stats.listed_keys == 6

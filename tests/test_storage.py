@@ -1,10 +1,12 @@
 """pipeline.storage: which errors are retried, backoff, resumable reads, one listing per prefix, redaction."""
+
 from __future__ import annotations
 
 import json
 
 import fsspec
 import pytest
+from s3_server import transient_error
 
 from pipeline.storage import (
     REDACTED,
@@ -19,7 +21,6 @@ from pipeline.storage import (
     scrub,
     with_retries,
 )
-from s3_server import s3, transient_error  # noqa: F401 - the fixture is used by name
 
 
 def client_error(code: str, status: int):
@@ -27,7 +28,9 @@ def client_error(code: str, status: int):
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
-    return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+    return translate_boto_error(
+        ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    )
 
 
 @pytest.mark.parametrize(
@@ -48,7 +51,7 @@ def client_error(code: str, status: int):
         (client_error("InvalidRange", 416), "permanent"),
     ],
 )
-def test_classify(exc, kind):
+def test_classify_sorts_errors_into_missing_denied_transient_and_permanent(exc, kind):
     assert classify(exc) == kind
 
 
@@ -135,14 +138,13 @@ def test_one_listing_per_prefix_and_a_failed_listing_is_retried(tmp_path):
     options = {"target_protocol": "file", "fail_lists": 1, "run": "listing"}
     fs = fsspec.filesystem("flaky", **options)
     stats = StoreStats()
-    _, root, keys = list_files(f"flaky://{tmp_path}", options, suffixes=(".tar",),
-                               policy=RetryPolicy(initial_delay=0.0), stats=stats)
+    _, root, keys = list_files(f"flaky://{tmp_path}", options, suffixes=(".tar",), policy=RetryPolicy(initial_delay=0.0), stats=stats)
     assert root == str(tmp_path) and keys == ["a/1.tar", "a/deep/3.TAR", "b/2.tar"]
     assert fs.calls == {"find": 2}  # one listing, tried twice: no per-object info/ls/open calls
     assert (stats.list_calls, stats.listed_keys, stats.retries) == (1, 4, 1)
 
 
-def test_listing_on_s3_is_paged_list_calls_only(s3):  # noqa: F811
+def test_listing_on_s3_is_paged_list_calls_only(s3):
     bucket = s3.bucket("listing")
     for i in range(12):
         s3.fs.pipe(f"{bucket[5:]}/p/{i % 3}/{i:02d}.tar", b"x")
@@ -180,9 +182,22 @@ CREDENTIALS = {
     "use_ssl": True,
 }
 SECRET_VALUES = [
-    "AKIAREDACTME00000001", "s3cr3t-value-0001", "session-token-0001", "hunter2-0001", "AKIAREDACTME00000002",
-    "s3cr3t-value-0002", "session-token-0002", "minio-pass-0003", "proxy-pass-0004", "bearer-0005",
-    "account-key-0006", "sas-0007", "conn-0008", "client-secret-0009", "0010", "kms-key-id-0011",
+    "AKIAREDACTME00000001",
+    "s3cr3t-value-0001",
+    "session-token-0001",
+    "hunter2-0001",
+    "AKIAREDACTME00000002",
+    "s3cr3t-value-0002",
+    "session-token-0002",
+    "minio-pass-0003",
+    "proxy-pass-0004",
+    "bearer-0005",
+    "account-key-0006",
+    "sas-0007",
+    "conn-0008",
+    "client-secret-0009",
+    "0010",
+    "kms-key-id-0011",
 ]
 
 

@@ -1,7 +1,11 @@
-"""Tiling and stitching: the window planner, the streaming stitcher against the full-image reference,
-and segment_images / segment_streaming with small deterministic conv nets."""
+"""pipeline.tiling: the window planner, the streaming stitcher against the full-image reference,
+segment_images / segment_streaming with small deterministic conv nets, and test-time augmentation
+(TTAScoreFn: flips and scales averaged in score space, in whole and slide mode). The reference
+against MONAI's sliding window is tests/test_tiling_monai.py."""
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -14,6 +18,7 @@ from pipeline.tiling import (
     Segmentation,
     StreamingStitcher,
     TilingSettings,
+    TTAScoreFn,
     _read_padded,
     importance_map,
     plan_windows,
@@ -21,6 +26,7 @@ from pipeline.tiling import (
     segment_streaming,
     stitch_windows,
     window_starts,
+    with_tta,
 )
 
 # --------------------------------------------------------------------------- helpers
@@ -30,9 +36,7 @@ def conv_score_fn(num_classes: int = 5, seed: int = 0, stride4: bool = True):
     """A small random conv net as score_fn: 0-255 windows -> scores at output stride 4 (or 1, 1x1 convs)."""
     torch.manual_seed(seed)
     if stride4:
-        net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 3, stride=2, padding=1)
-        )
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, num_classes, 3, stride=2, padding=1))
     else:  # pointwise: each pixel's scores depend on that pixel only
         net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, num_classes, 1))
     net.eval()
@@ -78,8 +82,8 @@ def test_window_starts_cover_the_axis_and_end_at_the_edge(window, stride):
         starts = window_starts(size, window, stride)
         assert starts[0] == 0
         assert starts[-1] + window == size  # the last window ends at the edge
-        assert all(b > a for a, b in zip(starts, starts[1:]))
-        assert all(b - a <= stride for a, b in zip(starts, starts[1:]))
+        assert all(b > a for a, b in itertools.pairwise(starts))
+        assert all(b - a <= stride for a, b in itertools.pairwise(starts))
         covered = np.zeros(size, bool)
         for s in starts:
             covered[s : s + window] = True
@@ -112,7 +116,7 @@ def test_read_padded_places_the_image_and_zeros():
         np.testing.assert_array_equal(window, padded[y0 : y0 + 16, x0 : x0 + 10])
 
 
-def test_settings_validate_and_normalise():
+def test_settings_normalise_sizes_and_refuse_a_stride_over_the_window_and_unknown_blend_or_mode():
     settings = TilingSettings(window=[64, 48], stride=32)
     assert settings.window == (64, 48) and settings.stride == (32, 32)
     with pytest.raises(ValueError, match="stride"):
@@ -126,7 +130,7 @@ def test_settings_validate_and_normalise():
 # --------------------------------------------------------------------------- blending and stitching
 
 
-def test_gaussian_importance_map_shape():
+def test_gaussian_importance_map_is_symmetric_peaked_at_the_centre_and_floored():
     weights = importance_map((16, 9), "gaussian")
     assert weights.shape == (16, 9)
     # symmetric about (size - 1) / 2, largest at the centre, floored at 1e-3
@@ -160,7 +164,7 @@ def test_streaming_stitcher_equals_full_image_stitch(blend, height, width, windo
     streamed, ranges = stream_all(plan, window_scores, blend)
     # the bands cover every row once, top to bottom
     assert ranges[0][0] == 0 and ranges[-1][1] == height
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     torch.testing.assert_close(streamed, reference, atol=1e-5, rtol=0)
 
 
@@ -228,7 +232,7 @@ def test_segment_images_slide_matches_plain_reference(blend):
         assert len(np.unique(result.labels)) > 1  # the test image is not trivially one class
 
 
-def test_segment_images_whole_mode():
+def test_whole_mode_scores_the_image_once_and_resizes_the_scores_to_it():
     score_fn = conv_score_fn(num_classes=4)
     images = [random_image(45, 61, 3), random_image(8, 5, 4)]
     results = segment_images(score_fn, images, TilingSettings(mode="whole"))
@@ -299,15 +303,121 @@ def test_segment_streaming_yields_rows_in_order_and_matches_segment_images():
 
     def read_window(y, x, h, w):
         reads.append((y, x, h, w))
-        assert 0 <= y and 0 <= x and y + h <= 150 and x + w <= 70
+        assert y >= 0 and x >= 0 and y + h <= 150 and x + w <= 70
         return image[y : y + h, x : x + w]
 
     bands = list(segment_streaming(score_fn, read_window, 150, 70, settings))
     assert len(bands) > 1 and bands[0][0] == 0
-    assert all(a[0] + a[1].shape[0] == b[0] for a, b in zip(bands, bands[1:]))
+    assert all(a[0] + a[1].shape[0] == b[0] for a, b in itertools.pairwise(bands))
     labels = np.concatenate([b[1] for b in bands])
     probability = np.concatenate([b[2] for b in bands])
     expected = segment_images(score_fn, [image], settings)[0]
     np.testing.assert_array_equal(labels, expected.labels)
     np.testing.assert_array_equal(probability, expected.probability)
     assert all((h, w) == (32, 32) for _, _, h, w in reads)  # only windows were read, never the whole image
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+def pointwise_score_fn(num_classes: int = 3, seed: int = 0):
+    """A 1 x 1 conv: every pixel scored alone, so the model commutes with flips exactly, and with
+    bilinear resizing too (an affine map of the pixel values)."""
+    conv = torch.nn.Conv2d(3, num_classes, 1)
+    torch.manual_seed(seed)
+    torch.nn.init.normal_(conv.weight, std=0.05)
+    torch.nn.init.normal_(conv.bias, std=1.0)
+
+    def score_fn(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return conv(pixels / 255.0)
+
+    return score_fn
+
+
+def blocks_image(height: int, width: int, block: int, seed: int = 0) -> np.ndarray:
+    """Constant-colour blocks: bilinear resizing changes nothing inside a block."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (height // block + 1, width // block + 1, 3), dtype=np.uint8)
+    return np.ascontiguousarray(np.repeat(np.repeat(colours, block, 0), block, 1)[:height, :width])
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_flip_tta_of_a_flip_equivariant_model_changes_nothing(mode):
+    image = np.random.default_rng(1).integers(0, 256, (45, 70, 3), dtype=np.uint8)
+    score_fn = pointwise_score_fn(2)
+    settings = TilingSettings(mode=mode, window=(32, 32), stride=(20, 20), blend="gaussian", binary=True)
+    plain = segment_images(score_fn, [image], settings)[0]
+    flipped = segment_images(TTAScoreFn(score_fn, flip=True), [image], settings)[0]
+    np.testing.assert_array_equal(flipped.labels, plain.labels)
+    np.testing.assert_allclose(flipped.probability, plain.probability, atol=1e-6)
+
+
+def test_tta_flipped_view_is_mirrored_back_before_averaging():
+    """A model that ignores its input and scores by column: with flip, the two views' ramps run in
+    opposite directions once mirrored back, so their mean is flat. Without the mirror it would
+    still be the ramp."""
+
+    def column_ramp(pixels: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = pixels.shape
+        ramp = torch.arange(w, dtype=torch.float32).expand(n, 1, h, w)
+        return torch.cat([torch.zeros_like(ramp), ramp], dim=1)
+
+    scores = TTAScoreFn(column_ramp, flip=True)(torch.zeros(2, 3, 5, 8))
+    torch.testing.assert_close(scores[:, 1], torch.full((2, 5, 8), 3.5))
+    torch.testing.assert_close(scores[:, 0], torch.zeros(2, 5, 8))
+
+
+def test_tta_scales_run_each_view_at_its_size_and_average_them():
+    """Scores that report the height each view was run at: scales 0.5, 1 and 2 of a 32-row window
+    average to (16 + 32 + 64) / 3, at the output size of the largest view (a quarter of 64 x 96)."""
+
+    def height_at_stride_4(pixels: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = pixels.shape
+        return torch.full((n, 2, (h + 3) // 4, (w + 3) // 4), float(h))
+
+    scores = TTAScoreFn(height_at_stride_4, scales=[0.5, 1.0, 2.0])(torch.zeros(3, 3, 32, 48))
+    assert scores.shape == (3, 2, 16, 24)
+    torch.testing.assert_close(scores, torch.full((3, 2, 16, 24), 112 / 3))
+    # with flip too, each scale counts twice and the mean is the same
+    torch.testing.assert_close(
+        TTAScoreFn(height_at_stride_4, flip=True, scales=[0.5, 1.0, 2.0])(torch.zeros(1, 3, 32, 48)), torch.full((1, 2, 16, 24), 112 / 3)
+    )
+    # the output never exceeds the window: a model at full resolution with an upscaled view
+    full = TTAScoreFn(lambda x: torch.zeros(x.shape[0], 2, *x.shape[-2:]), scales=[1.5, 1.0])(torch.zeros(1, 3, 20, 30))
+    assert full.shape == (1, 2, 20, 30)
+
+
+def test_tta_scales_change_nothing_for_a_scale_invariant_model_inside_blocks():
+    image = blocks_image(96, 128, block=16)
+    score_fn = pointwise_score_fn(3)
+    settings = TilingSettings(window=(64, 64), stride=(32, 32))
+    plain = segment_images(score_fn, [image], settings)[0].labels
+    tta = TTAScoreFn(score_fn, flip=True, scales=[0.75, 1.0, 1.5])
+    multi = segment_images(tta, [image], settings)[0].labels
+    # resampling only blurs the blocks' edges: 3 pixels in from every edge the labels are the same
+    inside = np.zeros(image.shape[:2], bool)
+    for y in range(0, 96, 16):
+        for x in range(0, 128, 16):
+            inside[y + 3 : y + 13, x + 3 : x + 13] = True
+    np.testing.assert_array_equal(multi[inside], plain[inside])
+    assert (multi == plain).mean() > 0.9
+
+
+def test_streamed_and_in_memory_images_get_the_same_tta():
+    image = np.random.default_rng(2).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    tta = TTAScoreFn(pointwise_score_fn(3, seed=3), flip=True, scales=[1.0, 0.5])
+    settings = TilingSettings(window=(32, 32), stride=(24, 24), blend="gaussian")
+    expected = segment_images(tta, [image], settings)[0].labels
+    streamed = np.concatenate(
+        [labels for _, labels, _ in segment_streaming(tta, lambda y, x, h, w: image[y : y + h, x : x + w], 70, 90, settings)]
+    )
+    np.testing.assert_array_equal(streamed, expected)
+
+
+def test_with_tta_is_the_plain_score_fn_when_there_is_nothing_to_augment():
+    score_fn = pointwise_score_fn()
+    assert with_tta(score_fn, flip=False, scales=[1.0]) is score_fn
+    assert isinstance(with_tta(score_fn, flip=False, scales=[1.0, 1.25]), TTAScoreFn)
+    with pytest.raises(ValueError, match="positive"):
+        TTAScoreFn(score_fn, scales=[1.0, 0.0])

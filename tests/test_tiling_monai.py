@@ -5,6 +5,7 @@ before), same blending (constant = our mean, gaussian = MONAI's importance map).
 predictor returns at its resolution, so its predictor resizes the model's stride-4 scores to the
 window, which is what our tiler does itself.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,10 +29,16 @@ class SmallSegNet(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=2, dilation=2), nn.ReLU(),
+            nn.Conv2d(3, 16, 3, stride=2, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=2, dilation=2),
+            nn.ReLU(),
         )
         self.head = nn.Conv2d(32, num_classes, 1)
 
@@ -81,9 +88,7 @@ def monai_scores(model, image, window, stride, mode, batch_size=4):
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()  # 0-255, padded with cval 0 like ours
     overlap = [1 - s / w for s, w in zip(stride, window)]
     with torch.no_grad():
-        return sliding_window_inference(
-            pixels, window, batch_size, monai_predictor(model, window), overlap=overlap, mode=mode, cval=0.0
-        )[0]
+        return sliding_window_inference(pixels, window, batch_size, monai_predictor(model, window), overlap=overlap, mode=mode, cval=0.0)[0]
 
 
 CASES = [

@@ -1,19 +1,19 @@
+"""pipeline.decode: bytes to arrays. Images in any common mode to RGB uint8, labels to class ids, EXIF
+orientation applied to both, failures as DecodeErrors, and `decode_sample`: the read stage's
+sample to the predictor's row (pixels, or the error, or a TIFF to stream)."""
+
+from __future__ import annotations
+
 import io
 import struct
 
 import numpy as np
 import pytest
+from helpers import image_bytes
 from PIL import Image, ImageOps
 
-from pipeline.decode import DecodeError, decode_image, decode_label, image_size
-from pipeline.masks import decode_png, encode_chunks
-from pipeline.metrics import ClassAreas, class_areas, summarize
-
-
-def _png(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
+from pipeline.decode import DecodeError, decode_image, decode_label, decode_sample, image_size
+from pipeline.rows import RawSample, StreamSource
 
 
 def test_every_common_mode_decodes_to_rgb_uint8():
@@ -24,27 +24,27 @@ def test_every_common_mode_decodes_to_rgb_uint8():
         "RGBA": Image.fromarray(np.dstack([rgb, np.full((7, 5), 9, np.uint8)])),
         "L": Image.fromarray(rgb[..., 0]),
         "P": Image.fromarray(rgb).convert("P"),
-        "I;16": Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)),
+        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
         "CMYK": Image.fromarray(rgb).convert("CMYK"),
     }
     for mode, img in cases.items():
         assert img.mode == mode
-        out = decode_image(_png(img, "TIFF" if mode == "CMYK" else "PNG"))
+        out = decode_image(image_bytes(img, "TIFF" if mode == "CMYK" else "PNG"))
         assert out.shape == (7, 5, 3) and out.dtype == np.uint8, mode
-    np.testing.assert_array_equal(decode_image(_png(cases["RGBA"])), rgb)
-    np.testing.assert_array_equal(decode_image(_png(cases["L"]))[..., 1], rgb[..., 0])
+    np.testing.assert_array_equal(decode_image(image_bytes(cases["RGBA"])), rgb)
+    np.testing.assert_array_equal(decode_image(image_bytes(cases["L"]))[..., 1], rgb[..., 0])
     # 16-bit: the full range maps onto 0..255
-    np.testing.assert_array_equal(decode_image(_png(cases["I;16"]))[..., 0], rgb[..., 0])
-    np.testing.assert_array_equal(decode_image(_png(cases["P"])), np.asarray(cases["P"].convert("RGB")))
+    np.testing.assert_array_equal(decode_image(image_bytes(cases["I;16"]))[..., 0], rgb[..., 0])
+    np.testing.assert_array_equal(decode_image(image_bytes(cases["P"])), np.asarray(cases["P"].convert("RGB")))
 
 
-def test_bad_images_raise_clear_errors():
+def test_empty_garbage_truncated_oversized_images_and_rgb_labels_raise_decode_errors():
     with pytest.raises(DecodeError, match="empty"):
         decode_image(b"")
     with pytest.raises(DecodeError, match="not a readable image"):
         decode_image(b"this is not an image at all")
-    good = _png(Image.fromarray(np.zeros((64, 64, 3), np.uint8)))
-    with pytest.raises(DecodeError, match="corrupt|not a readable"):
+    good = image_bytes(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(DecodeError, match=r"corrupt|not a readable"):
         decode_image(good[: len(good) // 2])
     with pytest.raises(DecodeError, match="over the limit"):
         decode_image(good, max_pixels=64 * 64 - 1)
@@ -52,14 +52,16 @@ def test_bad_images_raise_clear_errors():
         decode_label(good)
 
 
-def test_label_modes():
+def test_labels_decode_to_class_ids_from_gray_palette_indices_and_16_bit():
     lab = np.array([[0, 1], [2, 255]], np.uint8)
-    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(lab))), lab)
+    np.testing.assert_array_equal(decode_label(image_bytes(lab)), lab)
     p = Image.fromarray(lab, mode="L").convert("P")
     p.putpalette([0] * 768)
-    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(lab).convert("P"))), np.asarray(Image.fromarray(lab).convert("P")))
+    np.testing.assert_array_equal(
+        decode_label(image_bytes(Image.fromarray(lab).convert("P"))), np.asarray(Image.fromarray(lab).convert("P"))
+    )
     big = np.array([[0, 300], [1000, 2]], np.uint16)
-    np.testing.assert_array_equal(decode_label(_png(Image.fromarray(big))), big)
+    np.testing.assert_array_equal(decode_label(image_bytes(big)), big)
 
 
 def _oriented(img: Image.Image, fmt: str, orientation: int) -> bytes:
@@ -112,7 +114,7 @@ def test_exif_orientation_turns_images_upright(fmt, orientation):
         decode_image(data, max_pixels=59)
 
 
-def test_exif_orientation_after_the_pixel_data_of_a_png():
+def test_exif_orientation_stored_after_the_pixel_data_of_a_png_is_found_and_applied():
     data = _exif_after_pixels(_oriented(Image.fromarray(np.arange(60, dtype=np.uint8).reshape(6, 10)), "PNG", 6))
     assert "exif" not in Image.open(io.BytesIO(data)).info  # Pillow's header does not see it
     upright = decode_label(data)
@@ -146,44 +148,29 @@ def test_exif_orientation_moves_label_ids_and_keeps_them():
     np.testing.assert_array_equal(label == 1, image[..., 0] > 127)
 
 
-def test_mask_png_round_trip_8_and_16_bit():
-    lab = np.random.default_rng(1).integers(0, 200, (9, 11))
-    [chunk] = encode_chunks(lab, None, None, 200)
-    assert Image.open(io.BytesIO(chunk.mask)).mode == "L"
-    np.testing.assert_array_equal(decode_png(chunk.mask), lab)
-    lab16 = np.random.default_rng(1).integers(0, 300, (9, 11))
-    np.testing.assert_array_equal(decode_png(encode_chunks(lab16, None, None, 300)[0].mask), lab16)
+def test_decode_sample_makes_empty_bytes_a_decode_error_and_keeps_read_errors_at_read():
+    row = decode_sample(RawSample(3, 0, "x.png", b"", None), max_pixels=100)
+    assert row.stage == "decode" and "empty" in row.error and row.unit == 3
+    row = decode_sample(RawSample(3, 1, "y.png", None, None, error="read: boom"), max_pixels=100)
+    assert row.stage == "read" and row.error == "read: boom" and not row.is_unit_end
 
 
-def _reference_metrics(preds, labels, num_classes, ignore):
-    """mmseg's definition written out directly: dataset-wide sums, then ratios."""
-    inter = np.zeros(num_classes); union = np.zeros(num_classes); parea = np.zeros(num_classes); larea = np.zeros(num_classes)
-    for p, t in zip(preds, labels):
-        for c in range(num_classes):
-            valid = t != ignore
-            pc, tc = (p == c) & valid, (t == c) & valid
-            inter[c] += (pc & tc).sum(); union[c] += (pc | tc).sum(); parea[c] += pc.sum(); larea[c] += tc.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou, acc, dice = inter / union, inter / larea, 2 * inter / (parea + larea)
-    return inter.sum() / larea.sum(), iou, acc, dice
+def test_decode_sample_decodes_image_and_label_and_refuses_a_label_of_another_size():
+    rgb = np.random.default_rng(2).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    label = np.arange(54, dtype=np.uint8).reshape(6, 9) % 3
+    row = decode_sample(RawSample(1, 0, "a.png", image_bytes(rgb), image_bytes(label), has_label=True), max_pixels=100)
+    assert not row.error and (row.height, row.width) == (6, 9) and row.unit == 1 and row.image_id == "a.png"
+    np.testing.assert_array_equal(row.image, rgb)
+    np.testing.assert_array_equal(row.label, label)
+    assert row.label.dtype == np.int64
+    row = decode_sample(RawSample(1, 1, "b.png", image_bytes(rgb), image_bytes(label[:5])), max_pixels=100)
+    assert row.stage == "decode" and row.error == "label is 9 x 5 but the image is 9 x 6" and row.label is None
+    row = decode_sample(RawSample(1, 2, "c.png", image_bytes(rgb), image_bytes(rgb)), max_pixels=100)
+    assert row.stage == "decode" and row.error.startswith("label: ") and "single-channel" in row.error
 
 
-def test_metrics_match_the_definition():
-    rng = np.random.default_rng(3)
-    C, ignore = 5, 255
-    preds = [rng.integers(0, 4, (13, 17)) for _ in range(4)]  # class 4 never predicted
-    labels = [np.where(rng.random((13, 17)) < 0.1, ignore, rng.integers(0, 3, (13, 17))) for _ in range(4)]  # classes 3, 4 never labeled
-    total = ClassAreas.zeros(C)
-    for p, t in zip(preds, labels):
-        total += class_areas(p, t, C, ignore)
-    s = summarize(total)
-    aacc, iou, acc, dice = _reference_metrics(preds, labels, C, ignore)
-    assert s["aAcc"] == pytest.approx(aacc)
-    np.testing.assert_allclose(s["IoU"], iou, equal_nan=True)
-    np.testing.assert_allclose(s["Acc"], acc, equal_nan=True)
-    np.testing.assert_allclose(s["Dice"], dice, equal_nan=True)
-    assert np.isnan(s["IoU"][4]) and not np.isnan(s["IoU"][3])  # 3 predicted but never labeled: IoU 0
-    assert s["IoU"][3] == 0.0 and np.isnan(s["Acc"][3])
-    assert s["mIoU"] == pytest.approx(np.nanmean(iou))
-    assert s["mAcc"] == pytest.approx(np.nanmean(acc))
-    assert s["mDice"] == pytest.approx(np.nanmean(dice))
+def test_decode_sample_passes_a_tiff_to_stream_on_without_pixels():
+    stream = StreamSource("/data/big.tif", "/labels/big.tif", 30_000, 20_000)
+    row = decode_sample(RawSample(0, 0, "big.tif", None, None, has_label=True, stream=stream), max_pixels=100)
+    assert row.stream == stream and (row.height, row.width) == (30_000, 20_000)
+    assert not row.error and row.image.size == 0 and row.has_label

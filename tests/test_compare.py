@@ -1,0 +1,237 @@
+"""`segpipe compare`: real runs of tiny models on a small labeled folder, compared through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import job_config, labeled_folder, read_run_table, tiny_checkpoint, write_yaml
+from PIL import Image
+
+from jobs.cli import main
+from models import load_model, save_native
+from pipeline.compare import (
+    batch_metrics,
+    bootstrap_metric_samples,
+    interval,
+    open_run,
+    point_metrics,
+    read_image_table,
+    resample_counts,
+)
+from pipeline.masks import decode_png
+from pipeline.runstore import AREAS
+
+CLASSES = ["sky", "road", "tree"]
+SIZES = [(40, 50)] * 4
+SECTIONS = ("comparison-table", "per-class-iou", "pairs", "confusion", "speed-accuracy", "disagreements")
+
+
+def constant_checkpoint(source: Path, path: Path, cls: int) -> Path:
+    """`source` with its classifier made to predict class `cls` everywhere (weights 0, a large bias)."""
+    model = load_model(str(source))
+    with torch.no_grad():
+        model.head.classifier.weight.zero_()
+        model.head.classifier.bias.fill_(-10.0)
+        model.head.classifier.bias[cls] = 10.0
+    save_native(model, path)
+    return path
+
+
+def segpipe_run(root: Path, name: str, images: Path, checkpoint: Path, labels: Path, **sections) -> Path:
+    cfg = job_config(root, images, checkpoint, labels=labels, run_id=name, **sections)
+    assert main(["run", str(write_yaml(root / f"{name}.yaml", cfg))]) == 0
+    return root / "runs" / name
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
+    """Four runs over one labeled folder of 4 images (3 classes): model a, model b (another seed), a
+    model that predicts class 2 everywhere; and model a over a folder holding 2 of the 4 images."""
+    root = tmp_path_factory.mktemp("compare")
+    data = labeled_folder(root / "data", SIZES, len(CLASSES), seed=0)
+    subset = labeled_folder(root / "subset", SIZES[:2], len(CLASSES), seed=0)  # the same first two images
+    a = tiny_checkpoint(root / "a.safetensors", len(CLASSES), seed=2, class_names=CLASSES)
+    b = tiny_checkpoint(root / "b.safetensors", len(CLASSES), seed=7, class_names=CLASSES)
+    const = constant_checkpoint(a, root / "const.safetensors", 2)
+    return {
+        "a": segpipe_run(root, "model-a", data / "images", a, data / "labels"),
+        "b": segpipe_run(root, "model-b", data / "images", b, data / "labels"),
+        "const": segpipe_run(root, "constant", data / "images", const, data / "labels"),
+        "subset": segpipe_run(root, "subset-a", subset / "images", a, subset / "labels"),
+    }
+
+
+@pytest.fixture(scope="module")
+def compared(runs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compared") / "out"
+    assert main(["compare", str(runs["a"]), str(runs["b"]), str(runs["const"]), "--out", str(out)]) == 0
+    return out
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_comparison_holds_each_runs_summary_and_per_image_rows_join(runs, compared):
+    rows = {r["run_id"]: r for r in pq.read_table(compared / "comparison.parquet").to_pylist()}
+    assert list(rows) == ["model-a", "model-b", "constant"]
+    for name, key in (("model-a", "a"), ("model-b", "b"), ("constant", "const")):
+        s, row = summary(runs[key]), rows[name]
+        for field in ("images", "errors", "labeled_images", "aAcc", "mIoU", "mAcc", "mDice"):
+            assert row[field] == s[field], (name, field)
+        assert row["IoU"] == s["IoU"] and row["class_names"] == s["class_names"] == CLASSES
+        assert row["images_per_second"] == s["throughput"]["images_per_second"]
+        assert row["model"] == "segformer-b0" and row["parameters"] > 0 and row["checkpoint"].endswith(".safetensors")
+
+    per_image = pq.read_table(compared / "per_image.parquet").to_pylist()
+    ids = {name: sorted(r["image_id"] for r in per_image if r["run_id"] == name) for name in rows}
+    assert ids["model-a"] == ids["model-b"] == ids["constant"] == [f"img{i:03d}.png" for i in range(4)]
+    # each row's IoU is its own image's intersection / union (NaN where the union is 0)
+    metrics = {r["image_id"]: r for r in read_run_table(runs["a"], "metrics").to_pylist()}
+    for r in (r for r in per_image if r["run_id"] == "model-a"):
+        m = metrics[r["image_id"]]
+        expected = [i / u if u else math.nan for i, u in zip(m["intersection"], m["union"])]
+        np.testing.assert_array_equal(r["IoU"], expected)
+
+    pairs = pq.read_table(compared / "pairs.parquet").to_pylist()
+    assert len(pairs) == 3 * 2 * 3  # ordered pairs x (mIoU, mDice, aAcc)
+    by = {(p["run_a"], p["run_b"], p["metric"]): p for p in pairs}
+    for (a, b, metric), p in by.items():
+        back = by[(b, a, metric)]
+        assert p["difference"] == -back["difference"] and p["ci_low"] == -back["ci_high"] and p["resamples"] == 1000
+        assert p["ci_low"] <= p["ci_high"]
+    ab = by[("model-a", "model-b", "mIoU")]
+    assert ab["value_a"] == summary(runs["a"])["mIoU"] and ab["value_b"] == summary(runs["b"])["mIoU"]
+
+
+def test_runs_over_different_images_are_refused_unless_intersect(runs, tmp_path, capsys):
+    out = tmp_path / "refused"
+    capsys.readouterr()
+    assert main(["compare", str(runs["a"]), str(runs["subset"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 of 4 images" in err and "--intersect" in err and "Traceback" not in err
+    assert not out.exists()
+
+    out = tmp_path / "common"
+    assert main(["compare", str(runs["a"]), str(runs["subset"]), "--out", str(out), "--intersect"]) == 0
+    assert "report:" in capsys.readouterr().out
+    rows = {r["run_id"]: r for r in pq.read_table(out / "comparison.parquet").to_pylist()}
+    assert rows["model-a"]["images"] == rows["subset-a"]["images"] == 2
+    assert rows["model-a"]["scope"] == "common images"
+    # the same model on the same two images: model-a's numbers over them are subset-a's own summary
+    for field in ("aAcc", "mIoU", "mAcc", "mDice", "IoU"):
+        assert rows["model-a"][field] == summary(runs["subset"])[field]
+    per_image = pq.read_table(out / "per_image.parquet")
+    assert sorted(set(per_image.column("image_id").to_pylist())) == ["img000.png", "img001.png"]
+    pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    assert {p["difference"] for p in pairs} == {0.0} and {(p["ci_low"], p["ci_high"]) for p in pairs} == {(0.0, 0.0)}
+    assert "--intersect: 2 images every run segmented are compared" in (out / "report.html").read_text()
+
+
+def test_bootstrap_of_a_run_against_itself_is_exactly_zero(runs):
+    table = read_image_table(open_run(str(runs["a"])))
+    samples = bootstrap_metric_samples([table, table], resamples=500, seed=3)
+    for metric in ("mIoU", "mDice", "aAcc"):
+        assert samples[0][metric].shape == (500,)
+        assert interval(samples[0][metric] - samples[1][metric]) == (0.0, 0.0)
+    # every resample draws n images; with every image once, the batch is summarize() exactly
+    counts = resample_counts(len(table.ids), 200, np.random.default_rng(0))
+    assert counts.shape == (200, 4) and set(counts.sum(axis=1)) == {4}
+    once = batch_metrics(*(table.areas[a].sum(axis=0, keepdims=True).astype(np.float64) for a in AREAS))
+    point = point_metrics(table)
+    assert all(once[m][0] == point[m] == summary(runs["a"])[m] for m in ("mIoU", "mDice", "aAcc"))
+    # seeded: the same draws give the same interval
+    again = bootstrap_metric_samples([table, table], resamples=500, seed=3)
+    np.testing.assert_array_equal(again[0]["mIoU"], samples[0]["mIoU"])
+
+
+def test_model_against_a_constant_class_differs_on_every_image_and_its_interval_excludes_zero(runs, compared):
+    for row in read_run_table(runs["const"], "masks").to_pylist():
+        assert set(np.unique(decode_png(row["mask"]))) == {2}
+    per_image = pq.read_table(compared / "per_image.parquet").to_pylist()
+    const_masks = {r["image_id"]: decode_png(r["mask"]) for r in read_run_table(runs["const"], "masks").to_pylist()}
+    for row in read_run_table(runs["a"], "masks").to_pylist():
+        assert (decode_png(row["mask"]) != const_masks[row["image_id"]]).any(), row["image_id"]
+    assert all(r["disagreement"] > 0 for r in per_image)
+    pairs = {(p["run_a"], p["run_b"], p["metric"]): p for p in pq.read_table(compared / "pairs.parquet").to_pylist()}
+    p = pairs[("model-a", "constant", "mIoU")]
+    assert p["difference"] > 0 and 0 < p["ci_low"] <= p["difference"] <= p["ci_high"]
+
+
+def test_binary_runs_compare_their_camouflaged_object_measures(ray_session, tmp_path):
+    data = labeled_folder(tmp_path / "data", [(40, 50)] * 3, 2, seed=1)
+    made = {}
+    for name, seed in (("bin-a", 2), ("bin-b", 3)):
+        checkpoint = tiny_checkpoint(tmp_path / f"{name}.safetensors", 2, seed=seed)
+        made[name] = segpipe_run(tmp_path, name, data / "images", checkpoint, data / "labels", metrics={"task": "binary"})
+    if "Sm" not in summary(made["bin-a"]):
+        pytest.skip("this checkout's binary task writes no camouflaged-object measures")
+    out = tmp_path / "out"
+    assert main(["compare", str(made["bin-a"]), str(made["bin-b"]), "--out", str(out), "--resamples", "200"]) == 0
+    rows = {r["run_id"]: r for r in pq.read_table(out / "comparison.parquet").to_pylist()}
+    for name, run in made.items():
+        for key in ("Sm", "Em_mean", "Em_max", "wFm", "Fm_mean", "MAE", "mIoU"):
+            assert rows[name][key] == summary(run)[key], (name, key)
+    pairs = {(p["run_a"], p["run_b"], p["metric"]): p for p in pq.read_table(out / "pairs.parquet").to_pylist()}
+    for metric in ("mIoU", "mDice", "aAcc", "Sm", "Em_mean", "wFm", "MAE"):
+        p = pairs[("bin-a", "bin-b", metric)]
+        assert p["resamples"] == 200 and p["ci_low"] <= p["ci_high"]
+        assert p["value_a"] == pytest.approx(summary(made["bin-a"])[metric], abs=1e-12)
+    per_image = pq.read_table(out / "per_image.parquet")
+    assert {"sm", "wfm", "mae", "em_adp", "fm_adp"} <= set(per_image.column_names)
+    # a binary run against itself: every interval is [0, 0]
+    table = read_image_table(open_run(str(made["bin-a"])))
+    cod_rows = ~np.isnan(table.cod[:, 0])
+    samples = bootstrap_metric_samples([table, table], resamples=100, cod_rows=cod_rows)
+    for metric in ("Sm", "Em_mean", "wFm", "MAE"):
+        assert interval(samples[0][metric] - samples[1][metric]) == (0.0, 0.0)
+        # the resamples are means over images: their mean is near the dataset's value
+        assert abs(samples[0][metric].mean() - summary(made["bin-a"])[metric]) < 0.05
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(compared, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium): the report is not rendered")
+    report = compared / "report.html"
+    page = report.read_text()
+    assert "<script" not in page and "<link" not in page and "http://" not in page and "https://" not in page
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--disable-dev-shm-usage"]
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", "--window-size=1280,2400", report.as_uri()],
+        check=True, capture_output=True, timeout=90, cwd=tmp_path,
+    )  # fmt: skip
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", report.as_uri()], check=True, capture_output=True, text=True, timeout=90, cwd=tmp_path
+    ).stdout
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (2400, 1280)
+    assert pixels.astype(np.float64).var() > 500  # not a blank page
+    assert len(np.unique(pixels.reshape(-1, 3)[::7], axis=0)) > 50  # charts and overlays, not text alone
+
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom, section
+    table = dom.split('id="comparison-table"', 1)[1].split("</section>", 1)[0]
+    assert table.count("<tr>") == 1 + 3 and all(name in table for name in ("model-a", "model-b", "constant"))
+    for section in ("per-class-iou", "pairs", "confusion", "speed-accuracy"):
+        body = dom.split(f'id="{section}"', 1)[1].split("</section>", 1)[0]
+        assert 'class="chart"' in body and 'src="data:image/png;base64,' in body, section
+    cases = dom.split('id="disagreements"', 1)[1].split("</section>", 1)[0]
+    assert cases.count('class="case"') == 4  # every image: fewer than 6 in all
+    # per image: the label and each run's mask as coloured overlays, and where they differ
+    assert cases.count('class="overlay mask"') == 4 * 3 and cases.count('class="overlay label"') == 4
+    assert cases.count('src="data:image/png;base64,') == 4 * (1 + 1 + 3 + 1)

@@ -1,0 +1,72 @@
+"""`segpipe demo`: the semantic and camouflage demos through the CLI, and their synthetic archives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import file_bytes, strict_json_load
+from PIL import Image
+
+from jobs import camouflage_archive
+from jobs.cli import main
+from jobs.demo import CAMOUFLAGE_CHECKPOINT
+
+COD_KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
+
+
+def test_camouflage_demo_prints_the_camouflaged_object_measures_the_training_script_recorded(ray_session, tmp_path, capsys):
+    assert main(["demo", "--task", "camouflage", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    cod_lines = [line for line in lines if line.startswith("Sm ")]
+    assert len(cod_lines) == 1 and all(f" {key} " in cod_lines[0] for key in ("Em", "wFm", "Fm", "MAE")), lines
+
+    run = tmp_path / "runs" / "camouflage"
+    summary = strict_json_load(run / "summary.json")
+    assert summary["images"] == summary["cod_images"] == 16 and summary["errors"] == 0
+    assert summary["class_names"] == ["background", "object"]
+    assert cod_lines[0].startswith(f"Sm {summary['Sm']:.3f}   Em {summary['Em_mean']:.3f} (max {summary['Em_max']:.3f}")
+    # the bundled model is clearly better than chance on the held-out split, and the run measures
+    # what jobs/train_camouflage_model.py recorded for it (same split, windows, 8-bit maps)
+    recorded = json.loads(CAMOUFLAGE_CHECKPOINT.with_suffix(".json").read_text())["heldout"]
+    assert summary["Sm"] > 0.6 and summary["MAE"] < 0.2
+    for key in COD_KEYS:
+        assert summary[key] == pytest.approx(recorded[key], abs=2e-3), key
+    assert strict_json_load(run / "run.json")["metrics"]["task"] == "binary"
+
+
+def test_semantic_demo_still_prints_miou_and_no_camouflage_line(ray_session, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("aAcc") and "mIoU" in line for line in lines), lines
+    assert not any(line.startswith("Sm ") for line in lines)
+    assert not (tmp_path / "camouflage-archive").exists()
+
+
+def test_camouflage_archive_is_deterministic(tmp_path):
+    first = camouflage_archive.write_archive(tmp_path / "a", "heldout", 16)
+    second = camouflage_archive.write_archive(tmp_path / "b", "heldout", 16)
+    files = file_bytes(first)
+    assert len(files) == 32 and files == file_bytes(second)
+
+
+def test_camouflage_archive_has_objects_empty_images_and_images_larger_than_the_window(tmp_path):
+    root = camouflage_archive.write_archive(tmp_path, "heldout", 16)
+    labels = [np.asarray(Image.open(p)) for p in sorted((root / "labels").glob("*.png"))]
+    images = [np.asarray(Image.open(p)) for p in sorted((root / "images").glob("*.png"))]
+    assert all(set(np.unique(label)) <= {0, 1} for label in labels)
+    empty = [label for label in labels if not label.any()]
+    assert 0 < len(empty) < len(labels) // 2
+    lo, hi = camouflage_archive.SIZE_RANGE
+    assert all(lo <= side <= hi for image in images for side in image.shape[:2])
+    assert any(min(image.shape[:2]) > camouflage_archive.WINDOW for image in images)
+    assert any(max(image.shape[:2]) <= camouflage_archive.WINDOW for image in images)
+    # camouflage: inside and outside an object the pixels have about the same statistics
+    image, label = images[0].astype(np.float32), labels[0].astype(bool)
+    assert label.any()
+    assert np.abs(image[label].mean(axis=0) - image[~label].mean(axis=0)).max() < 12
+    assert abs(image[label].std() - image[~label].std()) < 8
+    # and the held-out split is not the train split
+    train_image, _ = camouflage_archive.make_sample("train", 0)
+    assert not np.array_equal(train_image, images[0][: train_image.shape[0], : train_image.shape[1]])

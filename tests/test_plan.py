@@ -1,0 +1,154 @@
+"""pipeline.plan: the actors sized so that read and write tasks keep a CPU, and `run_job` (through
+`segpipe run`, on local Ray, real files in and out): masks, metrics, summary and run.json written,
+a rerun that writes only what is missing, bad images as error rows within the error budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, write_png
+from PIL import Image
+
+from pipeline.config import load_config
+from pipeline.masks import decode_png
+from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.plan import plan_actors
+
+NUM_CLASSES = len(CLASS_NAMES)
+SIZES = [(40, 56), (64, 64), (97, 75), (33, 130), (70, 41)]
+
+
+@pytest.mark.parametrize(
+    "cluster, resources, expect",
+    [
+        ({"CPU": 2}, {"actors": 1}, (1, 1.0, 0.0)),
+        ({"CPU": 2}, {"actors": 2}, (2, 0.5, 0.0)),
+        ({"CPU": 2}, {"actors": 1, "cpus_per_actor": 2}, (1, 1.0, 0.0)),  # lowered: tasks keep a CPU
+        ({"CPU": 2}, {"actors": 8}, (4, 0.25, 0.0)),
+        ({"CPU": 2}, {"actors": 2, "gpus_per_actor": 1}, (2, 0.5, 0.0)),  # no GPU: CPU actors
+        ({"CPU": 16, "GPU": 2}, {"actors": 4, "gpus_per_actor": 1}, (2, 1.0, 1.0)),
+    ],
+)
+def test_actor_sizing_leaves_a_cpu_to_tasks(cluster, resources, expect):
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "resources": resources})
+    plan = plan_actors(cfg, cluster)
+    assert (plan.actors, plan.num_cpus, plan.num_gpus) == expect
+    if not plan.num_gpus:
+        assert plan.actors * plan.num_cpus <= cluster["CPU"] - 1 + 1e-9
+        assert plan.threads == max(1, int(cluster["CPU"] // plan.actors))  # torch threads: the machine's share
+
+
+# --------------------------------------------------------------------------- run_job through `segpipe run`
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory) -> Path:
+    """images/{a,b}/img<i>.png (img1 a .jpg whose label is a .png) with labels (3 ignored rows each),
+    and images/unlabeled.png."""
+    root = tmp_path_factory.mktemp("archive")
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(SIZES):
+        sub = "a" if i % 2 else "b"
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
+        label[:3] = 255  # ignored rows
+        ext = ".jpg" if i == 1 else ".png"  # a .jpg image whose label is a .png
+        write_png(root / "images" / sub / f"img{i}{ext}", image)
+        write_png(root / "labels" / sub / f"img{i}.png", label)
+    write_png(root / "images" / "unlabeled.png", rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    return root
+
+
+def archive_job(tmp_path: Path, archive: Path, checkpoint: Path, *, labels: bool = True, **sections) -> dict:
+    """A job over `archive` in units of 2 images, slide windows of 48."""
+    defaults = {
+        "input": {"images_per_unit": 2},
+        "inference": {"window": [48, 48], "stride": [32, 32], "batch_size": 4},
+        "metrics": {"ignore_index": 255},
+    }
+    for key, value in sections.items():
+        defaults[key] = {**defaults[key], **value} if isinstance(value, dict) and key in defaults else value
+    return job_config(tmp_path, archive / "images", checkpoint, labels=archive / "labels" if labels else None, **defaults)
+
+
+def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_missing(ray_session, tmp_path, archive, checkpoint, capsys):
+    job = tmp_path / "job.yaml"
+    cfg = archive_job(tmp_path, archive, checkpoint)
+    assert segpipe_run(job, cfg) == 0
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "images/s" in out
+    run = tmp_path / "runs" / "t1"
+    masks = read_run_table(run, "masks").to_pylist()
+    ids = sorted(m["image_id"] for m in masks)
+    expected_ids = sorted([f"{'a' if i % 2 else 'b'}/img{i}{'.jpg' if i == 1 else '.png'}" for i in range(len(SIZES))] + ["unlabeled.png"])
+    assert ids == expected_ids  # one mask per image, ids relative to input.uri with the extension
+    total = ClassAreas.zeros(NUM_CLASSES)
+    for row in masks:
+        mask = decode_png(row["mask"])
+        assert mask.shape == (row["height"], row["width"])
+        image = Image.open(archive / "images" / row["image_id"])
+        assert mask.shape == (image.height, image.width)
+        assert mask.max() < NUM_CLASSES
+        if row["image_id"] != "unlabeled.png":
+            label = np.asarray(Image.open(archive / "labels" / (row["image_id"].rsplit(".", 1)[0] + ".png")))
+            total += class_areas(mask, label, NUM_CLASSES, 255)
+    expected = summarize(total)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == 6 and summary["errors"] == 0 and summary["labeled_images"] == 5
+    for key in ("aAcc", "mIoU", "mAcc", "mDice"):
+        assert summary[key] == pytest.approx(expected[key])
+    np.testing.assert_allclose(summary["IoU"], expected["IoU"])
+    assert summary["class_names"] == CLASS_NAMES
+    metrics = read_run_table(run, "metrics")
+    assert metrics.num_rows == 5 and set(metrics.column_names) == {"image_id", "intersection", "union", "pred_area", "label_area"}
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "succeeded" and info["counts"]["segmented"] == 6
+    assert info["model"]["num_classes"] == NUM_CLASSES and "torch" in info["versions"]
+
+    # resume: the same run_id again writes nothing new and counts every image once
+    parts = sorted(p.name for p in (run / "masks").iterdir())
+    assert segpipe_run(job, cfg) == 0
+    assert sorted(p.name for p in (run / "masks").iterdir()) == parts
+    # lose one part: the rerun segments just its images
+    lost = run / "masks" / parts[0]
+    lost_ids = pq.read_table(lost).column("image_id").to_pylist()
+    lost.unlink()
+    assert segpipe_run(job, cfg) == 0
+    again = read_run_table(run, "masks").column("image_id").to_pylist()
+    assert sorted(again) == expected_ids and set(lost_ids) <= set(again)
+    summary2 = json.loads((run / "summary.json").read_text())
+    assert summary2["mIoU"] == pytest.approx(summary["mIoU"]) and summary2["images"] == 6
+
+
+def test_bad_images_become_error_rows_and_over_the_error_budget_the_run_fails_with_1(ray_session, tmp_path, archive, checkpoint):
+    bad = tmp_path / "bad"
+    (bad / "images").mkdir(parents=True)
+    for f in (archive / "images").rglob("*.png"):
+        (bad / "images" / f.name).write_bytes(f.read_bytes())
+    (bad / "images" / "empty.png").write_bytes(b"")
+    good = (archive / "images" / "b" / "img0.png").read_bytes()
+    (bad / "images" / "corrupt.png").write_bytes(good[: len(good) // 3])
+    cfg = archive_job(tmp_path, bad, checkpoint, labels=False, run_id="bad", max_error_fraction=0.5)
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    run = tmp_path / "runs" / "bad"
+    errors = {r["image_id"]: r for r in read_run_table(run, "errors").to_pylist()}
+    assert set(errors) == {"empty.png", "corrupt.png"}
+    assert all(r["stage"] == "decode" for r in errors.values())
+    assert "empty" in errors["empty.png"]["error"]
+    masks = read_run_table(run, "masks").column("image_id").to_pylist()
+    assert len(masks) == len(list((bad / "images").glob("*.png"))) - 2
+    # the same run with a tighter error budget fails with exit code 1
+    cfg = archive_job(tmp_path, bad, checkpoint, labels=False, run_id="bad2", max_error_fraction=0.1)
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 1
+    assert json.loads((tmp_path / "runs" / "bad2" / "run.json").read_text())["status"] == "failed"
+
+
+def test_whole_mode_writes_one_mask_per_image(ray_session, tmp_path, archive, checkpoint):
+    cfg = archive_job(tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    masks = read_run_table(tmp_path / "runs" / "whole", "masks")
+    assert masks.num_rows == 6

@@ -1,0 +1,417 @@
+"""pipeline.predictor: the one loop every image takes (`finish_image`), TIFFs segmented window by
+window (`segment_tiff`), the actor's settings through `segpipe run` (streamed images, test-time
+augmentation), and a 12000 x 12000 TIFF through the job in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+import time
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import tifffile
+import torch
+from helpers import job_config, read_run_table, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
+
+from models import load_model
+from pipeline.masks import assemble_mask, decode_png, quantize_probability, read_mask
+from pipeline.metrics import class_areas
+from pipeline.predictor import AREA_ROWS, ModelScorer, finish_image, limit_heap_growth, segment_tiff
+from pipeline.rows import StreamSource
+from pipeline.tiff import StreamError
+from pipeline.tiling import TilingSettings, TTAScoreFn, segment_images, with_tta
+
+ROOT = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, (301, 517, 3), dtype=np.uint8)
+BINARY_LABEL = RNG.integers(0, 2, (301, 517)).astype(np.uint8)
+
+
+def cpu_scorer(checkpoint: Path) -> ModelScorer:
+    return ModelScorer(load_model(str(checkpoint)).eval(), torch.device("cpu"))
+
+
+# --------------------------------------------------------------------------- finish_image
+
+
+def test_finish_image_gives_the_same_chunks_and_areas_whatever_the_bands():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, (150, 70)).astype(np.uint8)
+    label = rng.integers(0, 3, (150, 70))
+    label[:4] = 255  # ignored rows
+    reads, progress = [], []
+
+    def label_rows(y, n):
+        reads.append((y, n))
+        return label[y : y + n]
+
+    bands = [(0, labels[:37], None), (37, labels[37:100], None), (100, labels[100:], None)]
+    chunks, areas = finish_image(
+        iter(bands),
+        150,
+        70,
+        label_rows,
+        num_classes=3,
+        chunk_size=64,
+        binary=False,
+        ignore_index=255,
+        on_rows=lambda done, total: progress.append((done, total)),
+    )
+    assert progress == [(37, 150), (100, 150), (150, 150)]  # after each band, the rows finished so far
+    assert [(c.y, c.x, c.height, c.width) for c in chunks] == [
+        (0, 0, 64, 64),
+        (0, 64, 64, 6),
+        (64, 0, 64, 64),
+        (64, 64, 64, 6),
+        (128, 0, 22, 64),
+        (128, 64, 22, 6),
+    ]
+    mask = np.zeros_like(labels)
+    for c in chunks:
+        mask[c.y : c.y + c.height, c.x : c.x + c.width] = decode_png(c.mask)
+        assert c.probability is None
+    np.testing.assert_array_equal(mask, labels)
+    # areas counted on every label row once, at most AREA_ROWS rows at a time
+    assert sum(n for _, n in reads) == 150 and max(n for _, n in reads) <= AREA_ROWS
+    whole = class_areas(labels, label, 3, 255)
+    for name in ("intersection", "union", "pred_area", "label_area"):
+        np.testing.assert_array_equal(getattr(areas, name), getattr(whole, name))
+    # an unlabeled image has no areas
+    assert finish_image(iter(bands), 150, 70, None, num_classes=3, chunk_size=None, binary=False, ignore_index=255)[1] is None
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_limit_heap_growth_sets_the_mmap_threshold_under_glibc():
+    assert limit_heap_growth() is True
+
+
+# --------------------------------------------------------------------------- segment_tiff
+
+
+def test_segment_tiff_reports_rows_as_bands_finish_and_refuses_a_label_of_another_size(tmp_path):
+    tifffile.imwrite(tmp_path / "scene.tif", RGB, tile=(64, 64), compression="zlib")
+    tifffile.imwrite(tmp_path / "label.tif", BINARY_LABEL, rowsperstrip=32)
+    seen = []
+    chunks, areas = segment_tiff(
+        lambda pixels: pixels[:, :2].float(),
+        StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
+        TilingSettings(window=(64, 64), stride=(48, 48), batch_size=4),
+        num_classes=2,
+        chunk_size=128,
+        on_rows=lambda done, total: seen.append((done, total)),
+    )
+    assert len(seen) > 2 and seen[-1] == (301, 301) and {total for _, total in seen} == {301}
+    assert all(a < b for (a, _), (b, _) in pairwise(seen))
+    assert areas is not None and len(chunks) == 3 * 5
+    # a label replaced by one of another size since the probe is refused, not misread
+    tifffile.imwrite(tmp_path / "label.tif", np.zeros((300, 517), np.uint8))
+    with pytest.raises(StreamError, match=r"label .* is 517 x 300 but the image is 517 x 301"):
+        segment_tiff(
+            lambda pixels: pixels[:, :2].float(),
+            StreamSource(str(tmp_path / "scene.tif"), str(tmp_path / "label.tif"), 301, 517),
+            TilingSettings(window=(64, 64), stride=(48, 48)),
+            num_classes=2,
+            chunk_size=None,
+        )
+
+
+def test_streamed_images_need_slide_mode(tmp_path):
+    path = tmp_path / "scene.tif"
+    tifffile.imwrite(path, RGB, tile=(64, 64))
+    with pytest.raises(StreamError, match=r"inference.mode must be 'slide'"):
+        segment_tiff(
+            lambda x: x[:, :2], StreamSource(str(path), None, 301, 517), TilingSettings(mode="whole"), num_classes=2, chunk_size=None
+        )
+
+
+# --------------------------------------------------------------------------- through `segpipe run`
+
+
+def test_streamed_tiff_through_segpipe_run_equals_the_in_memory_computation(ray_session, tmp_path):
+    """A tiled TIFF over input.max_pixels is streamed (decoding it whole would be an error row),
+    with TTA, a striped TIFF label and chunked mask rows; it equals the in-memory computation."""
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 256, (333, 517, 3), dtype=np.uint8)
+    label = rng.integers(0, 2, (333, 517)).astype(np.uint8)
+    label[:5] = 255
+    tifffile.imwrite(images / "scene.tif", image, tile=(64, 64), compression="zlib", photometric="rgb")
+    tifffile.imwrite(labels / "scene.tif", label, rowsperstrip=10, compression="zlib")
+    small = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    write_png(images / "small.png", small)
+    tifffile.imwrite(images / "float.tif", np.zeros((400, 400), np.float32), tile=(64, 64))  # cannot be streamed
+    checkpoint = tiny_checkpoint(tmp_path / "binary.safetensors", 2)
+    inference = {
+        "mode": "slide",
+        "window": [64, 64],
+        "stride": [48, 48],
+        "blend": "gaussian",
+        "batch_size": 4,
+        "tta": {"flip": True, "scales": [1.0, 0.75]},
+    }
+    cfg = job_config(
+        tmp_path,
+        images,
+        checkpoint,
+        labels=labels,
+        run_id="streamed",
+        inference=inference,
+        input={"stream_above_pixels": 100_000, "max_pixels": 150_000},
+        output={"chunk_size": 128},
+        max_error_fraction=0.5,
+    )
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    run = tmp_path / "runs" / "streamed"
+    ids = read_run_table(run, "masks").column("image_id").to_pylist()
+    assert ids.count("scene.tif") == 3 * 5 and ids.count("small.png") == 1
+    errors = read_run_table(run, "errors").to_pylist()
+    assert [e["image_id"] for e in errors] == ["float.tif"] and "cannot be read window by window" in errors[0]["error"]
+    assert json.loads((run / "summary.json").read_text())["images"] == 2  # images, not chunk rows
+
+    score_fn = with_tta(cpu_scorer(checkpoint), flip=True, scales=[1.0, 0.75])
+    settings = TilingSettings(window=(64, 64), stride=(48, 48), blend="gaussian", batch_size=4, binary=True)
+    expected = segment_images(score_fn, [image, small], settings)
+    streamed = read_mask(str(run), "scene.tif")
+    assert streamed.shape == (333, 517)
+    assert (streamed == expected[0].labels).mean() >= 0.999
+    probability = read_mask(str(run), "scene.tif", "probability").astype(int)
+    assert (np.abs(probability - quantize_probability(expected[0].probability)) <= 1).mean() >= 0.999
+    assert (read_mask(str(run), "small.png") == expected[1].labels).mean() >= 0.999
+    # class areas summed band by band equal those of the whole written mask against the whole label
+    metrics = {r["image_id"]: r for r in read_run_table(run, "metrics").to_pylist()}
+    areas = class_areas(streamed, label.astype(np.int64), 2, 255)
+    for name in ("intersection", "union", "pred_area", "label_area"):
+        assert metrics["scene.tif"][name] == getattr(areas, name).tolist()
+
+
+def test_config_tta_reaches_every_image_through_segpipe_run(ray_session, tmp_path, checkpoint):
+    images = tmp_path / "images"
+    rng = np.random.default_rng(5)
+    arrays = {f"img{i}.png": rng.integers(0, 256, size, dtype=np.uint8) for i, size in enumerate([(60, 90, 3), (41, 33, 3)])}
+    for name, array in arrays.items():
+        write_png(images / name, array)
+    tta = {"flip": True, "scales": [1.0, 1.5]}
+    cfg = job_config(
+        tmp_path, images, checkpoint, run_id="tta", inference={"window": [48, 48], "stride": [32, 32], "batch_size": 4, "tta": tta}
+    )
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    run = tmp_path / "runs" / "tta"
+    assert read_run_table(run, "masks").num_rows == 2
+
+    scorer = cpu_scorer(checkpoint)
+    settings = TilingSettings(window=(48, 48), stride=(32, 32), batch_size=4)
+    with_aug = segment_images(TTAScoreFn(scorer, **tta), list(arrays.values()), settings)
+    without = segment_images(scorer, list(arrays.values()), settings)
+    assert len(np.unique(without[0].labels)) > 1  # a model whose labels could change
+    changed = 0
+    for (name, _), expected, plain in zip(arrays.items(), with_aug, without):
+        written = read_mask(str(run), name)
+        assert (written == expected.labels).mean() >= 0.999
+        changed += int((written != plain.labels).sum())
+    assert changed > 0  # the run used the augmented views: without them some labels differ
+
+
+# --------------------------------------------------------------------------- 12000 x 12000 in bounded memory
+
+# The short image comes first in the same job: the actor's peak when it opens the huge one is the
+# peak of a 500-row image; whatever the remaining 11500 rows add shows as growth beyond it.
+HUGE, SHORT = (12000, 12000), (500, 12000)  # (height, width): the same width, 24x the rows
+CLASSES = 4
+WINDOW = 500  # divides 12000: windows do not overlap, so a crop on the window grid is computed alone
+IGNORED_ROWS = 7
+
+
+def scene_tile(y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """Pixels of the synthetic scene at any region: bands and checks that deflate well, no noise.
+    Each channel is an outer sum (or xor) of a row and a column pattern, in uint8 (wrapping mod 256)."""
+    ys, xs = np.arange(y0, y0 + height), np.arange(x0, x0 + width)
+    out = np.empty((height, width, 3), np.uint8)
+    np.add.outer((ys // 37 * 53 % 256).astype(np.uint8), (xs // 29 * 17 % 256).astype(np.uint8), out=out[..., 0])
+    np.add.outer((ys // 11 * 3 % 256).astype(np.uint8), (xs // 13 % 256).astype(np.uint8), out=out[..., 1])
+    np.bitwise_xor.outer((ys // 200 % 2 * 200).astype(np.uint8), (xs // 300 % 2 * 200).astype(np.uint8), out=out[..., 2])
+    out[..., 2] += (xs % 50).astype(np.uint8)
+    return out
+
+
+def scene_label(y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    yy = np.arange(y0, y0 + height)[:, None]
+    xx = np.arange(x0, x0 + width)[None, :]
+    label = (((yy // 400) + (xx // 700)) % 2).astype(np.uint8)
+    label[yy[:, 0] < IGNORED_ROWS] = 255
+    return label
+
+
+MEASURE = textwrap.dedent('''
+    """Run one job in a local Ray, watching the peak RSS (VmHWM) of every process it starts, and the
+    predictor actor's peak at the moment it opens the file named by argv[2]."""
+    import json, os, resource, sys, threading, time
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, object_store_memory=256 * 2**20)
+    from pipeline.config import load_config
+    from pipeline.plan import run_job
+
+    config, marker = json.loads(sys.argv[1]), sys.argv[2]
+
+    def status(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            return int(fields["PPid"]), int(fields.get("VmHWM", "0 kB").split()[0]) * 1024
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def name(pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                return f.read().split(b"\\0")[0].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def descendants():
+        parents = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (found := status(int(entry))):
+                parents[int(entry)] = found[0]
+        mine, todo = set(), [os.getpid()]
+        while todo:
+            parent = todo.pop()
+            children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in mine]
+            mine.update(children)
+            todo.extend(children)
+        return mine
+
+    def has_open(pid, path):
+        try:
+            return any(os.readlink(f"/proc/{pid}/fd/{fd}") == path for fd in os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            return False
+
+    peaks, names, at_marker, stop = {}, {}, {}, threading.Event()
+
+    def watch():
+        # VmHWM is the kernel's own peak of each process: polling only has to see every process
+        # (a tree scan every 0.5 s) and notice the actor opening the marker file (every 0.1 s)
+        tick = 0
+        while not stop.is_set():
+            if tick % 5 == 0:
+                for pid in descendants() - names.keys():
+                    names[pid] = name(pid)
+            for pid in list(names):
+                found = status(pid)
+                if found:
+                    peaks[pid] = max(peaks.get(pid, 0), found[1])
+                    if "Predictor" not in names[pid]:
+                        names[pid] = name(pid) or names[pid]  # workers are renamed as they start tasks and actors
+                if "Predictor" in names[pid] and pid not in at_marker and has_open(pid, marker):
+                    at_marker[pid] = peaks[pid]
+            tick += 1
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    started = time.time()
+    result = run_job(load_config(config), progress=lambda line: None)
+    elapsed = time.time() - started
+    stop.set()
+    watcher.join()
+    workers = {pid: peak for pid, peak in peaks.items() if names[pid].startswith("ray::")}
+    actors = [pid for pid in workers if "Predictor" in names[pid]]
+    print("RESULTS " + json.dumps({
+        "status": result.status, "message": result.message, "seconds": round(elapsed, 1),
+        "worker_peak": max(workers.values()), "actor_peak": max(workers[pid] for pid in actors) if actors else 0,
+        "actor_peak_at_marker": max(at_marker.values()) if at_marker else 0,
+        "other_workers_peak": max([peak for pid, peak in workers.items() if pid not in actors] or [0]),
+        "driver_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+''')
+
+
+def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
+    """A 12000 x 12000 RGB TIFF (432 MB decoded, 2.3 GB of float32 scores for 4 classes) with its
+    label, through `run_job` in a subprocess: the predictor actor's peak barely moves between a
+    500-row image of the same width and the 11500 rows more of the huge one, and the chunked mask
+    reassembles and matches a direct computation on a crop."""
+    started = time.time()
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    for shape, name in ((SHORT, "0-short.tif"), (HUGE, "1-huge.tif")):  # listed, and segmented, in this order
+        tiled_tiff(images / name, shape, 256, scene_tile, photometric="rgb")
+        tiled_tiff(labels / name, shape, 512, scene_label, photometric="minisblack")
+    checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors", CLASSES)
+    config = job_config(
+        tmp_path,
+        images,
+        checkpoint,
+        labels=labels,
+        run_id="huge",
+        input={"stream_above_pixels": 4_000_000},
+        inference={"window": [WINDOW, WINDOW], "stride": [WINDOW, WINDOW], "batch_size": 8},
+        output={"chunk_size": 4096},
+    )
+    script = tmp_path / "measure.py"
+    script.write_text(MEASURE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    written = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(config), str(images / "1-huge.tif")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    measured_at = time.time()
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    measured = json.loads(lines[-1][len("RESULTS ") :])
+    print("\nmeasured:", {k: f"{v / 2**20:.0f} MB" if k.endswith("peak") or k.endswith("marker") else v for k, v in measured.items()})
+    assert measured["status"] == "succeeded", measured["message"]
+
+    decoded_image = HUGE[0] * HUGE[1] * 3  # 432 MB
+    scores = HUGE[0] * HUGE[1] * CLASSES * 4  # 2.3 GB of float32 scores
+    # 11500 more rows cost little: what grows is mostly the compressed mask the actor hands on;
+    # decoding the image whole would add 414 MB for those rows, holding its scores 2.2 GB more
+    assert measured["actor_peak_at_marker"] > 0, "the watcher never saw the actor open the huge image"
+    growth = measured["actor_peak"] - measured["actor_peak_at_marker"]
+    assert growth < decoded_image // 4, f"the actor's peak grew by {growth / 2**20:.0f} MB with the image's height"
+    # the whole actor process, Ray, torch and the model included, stays well under the scores alone;
+    # the read tasks only read headers
+    assert measured["actor_peak"] < scores // 2
+    assert measured["other_workers_peak"] < measured["actor_peak"]
+
+    run = tmp_path / "runs" / "huge"
+    table = read_run_table(run, "masks")
+    huge_rows = table.filter(pa.compute.equal(table.column("image_id"), "1-huge.tif"))
+    assert huge_rows.num_rows == 9  # 3 x 3 chunks of at most 4096 x 4096
+    assert max(len(cell) for cell in huge_rows.column("mask").to_pylist()) < 64 * 2**20
+    mask = assemble_mask(huge_rows, "mask")
+    assert mask.shape == HUGE
+
+    # a crop on the window grid, computed directly with the same model and windows
+    y0, x0, size = 5000, 11000, 1000
+    settings = TilingSettings(window=(WINDOW, WINDOW), stride=(WINDOW, WINDOW), batch_size=8)
+    direct = segment_images(cpu_scorer(checkpoint), [scene_tile(y0, x0, size, size)], settings)[0]
+    assert (mask[y0 : y0 + size, x0 : x0 + size] == direct.labels).mean() >= 0.999
+
+    # class areas summed band by band in the actor: predicted areas are the written mask's, labeled
+    # ones the label's (all but the ignored rows); exact intersections are checked on the small
+    # streamed image above
+    metrics = {m["image_id"]: m for m in read_run_table(run, "metrics").to_pylist()}
+    assert sorted(metrics) == ["0-short.tif", "1-huge.tif"]
+    areas = metrics["1-huge.tif"]
+    assert areas["pred_area"] == np.bincount(mask[IGNORED_ROWS:].ravel(), minlength=CLASSES).tolist()
+    assert sum(areas["label_area"]) == (HUGE[0] - IGNORED_ROWS) * HUGE[1]
+    assert all(i <= min(p, q) for i, p, q in zip(areas["intersection"], areas["pred_area"], areas["label_area"]))
+    print(f"seconds: write {written - started:.1f}, job {measured_at - written:.1f}, checks {time.time() - measured_at:.1f}")
