@@ -56,7 +56,7 @@ class PngRows:
     4096 x 4096 maps): label maps use Up (each byte minus the byte above: the inside of a region
     becomes zeros) with run-length deflate, about 4x smaller than Pillow's PNG of the same map;
     probabilities use Sub (minus the pixel to the left: slopes become runs of small values).
-    Deflate level 1, as `encode_mask`.
+    Deflate level 1: masks compress well already, and level 1 is fast.
     """
 
     SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -109,7 +109,7 @@ class PngRows:
 
 
 def quantize_probability(probability: np.ndarray) -> np.ndarray:
-    """Foreground probability in [0, 1] -> uint8 round(255 p), as `encode_probability` stores it."""
+    """Foreground probability in [0, 1] -> uint8 round(255 p), as the probability column stores it."""
     scaled = np.multiply(probability, np.float32(255.0), dtype=np.float32)  # one temporary, worked in place
     np.rint(scaled, out=scaled)
     np.clip(scaled, 0, 255, out=scaled)

@@ -9,6 +9,19 @@ def _pct(v: float) -> str:
     return "   nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.2f}"
 
 
+def _cod(v: float | None) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _cod_line(s: dict) -> str:
+    """A binary task's camouflaged-object measures (pipeline.cod_metrics) on one line."""
+    return (
+        f"Sm {_cod(s['Sm'])}   Em {_cod(s.get('Em_mean'))} (max {_cod(s.get('Em_max'))}, adp {_cod(s.get('Em_adp'))})"
+        f"   wFm {_cod(s.get('wFm'))}   Fm {_cod(s.get('Fm_mean'))} (max {_cod(s.get('Fm_max'))}, adp {_cod(s.get('Fm_adp'))})"
+        f"   MAE {_cod(s.get('MAE'))}"
+    )
+
+
 def format_summary(summary: dict, run_dir: str = "") -> str:
     names = summary.get("class_names") or [str(i) for i in range(len(summary.get("IoU", [])))]
     width = max([len("class")] + [len(n) for n in names])
@@ -21,6 +34,8 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         lines.append(
             f"aAcc {_pct(summary['aAcc']).strip()}   mIoU {_pct(summary['mIoU']).strip()}   mAcc {_pct(summary['mAcc']).strip()}   mDice {_pct(summary['mDice']).strip()}"
         )
+    if "Sm" in summary:
+        lines.append(_cod_line(summary))
     counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}"
     now = summary.get("this_attempt") or summary.get("throughput")
     if now:

@@ -61,11 +61,6 @@ def _strip_ext(key: str) -> str:
     return str(p.with_suffix("")) if p.suffix else key
 
 
-def _strip_ext(key: str) -> str:
-    p = PurePosixPath(key)
-    return str(p.with_suffix("")) if p.suffix else key
-
-
 class ImageFolderReader:
     """Image files under input.uri matching `pattern`, paired with label files of the same relative
     key under labels.uri (the extension may differ, .png preferred), in blocks of images_per_unit."""

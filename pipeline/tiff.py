@@ -34,7 +34,7 @@ What is held, and why it is bounded by the window height and the image width, ne
 - A batch of windows, their scores, one band of finished rows (labels, probabilities, label rows).
 - The mask as compressed chunk PNGs (the output itself), one deflate state per chunk column.
 For a 12000 x 12000 RGB image and 512-pixel windows that is tens of MB where the decoded image
-alone is 432 MB and its float32 scores 576 MB per class (see tests/test_huge_images.py).
+alone is 432 MB and its float32 scores 576 MB per class (see tests/test_predictor.py).
 
 Resolution: the stitcher works at the image's full resolution (each window's scores are resized
 to the window before blending; see pipeline.tiling), so the labels of a streamed image are the

@@ -1,0 +1,144 @@
+"""Train the camouflage demo's bundled checkpoint: a reduced-width binary SegFormer.
+
+    python -m jobs.train_camouflage_model --out jobs/assets/camouflage-segformer.safetensors
+
+Seeds are fixed (torch, the archive's own per-image seeds), so a rerun on the same torch build
+gives the same weights. Training images come from the camouflage archive's "train" split, which
+never overlaps the held-out split that `segpipe demo --task camouflage` segments. The loss is
+cross-entropy plus a soft Dice term on the object class (objects cover a small share of the
+pixels, and some images have none). The run time and the held-out camouflaged-object measures
+(pipeline.cod_metrics, over the 8-bit probability maps as a binary run stores them) of the last
+training run are written to jobs/assets/camouflage-segformer.json beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.camouflage_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
+from models import build_model, save_native
+from pipeline.cod_metrics import CodAccumulator, cod_image_stats
+from pipeline.masks import quantize_probability
+from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.tiling import TilingSettings, segment_images
+
+# a reduced-width MiT-B0, as the semantic demo's: the same four stages, narrower
+CAMOUFLAGE_ARCH = dict(hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=64)
+CROP = 96  # training crops; images are 128 to 200 pixels a side
+DICE_WEIGHT = 0.5
+
+
+def training_batch(rng: np.random.Generator, batch: int, pool: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crops, flipped and turned by quarter turns (the object's cue is its texture relative
+    to the background's, which none of these changes)."""
+    images, labels = [], []
+    for _ in range(batch):
+        image, label = pool[int(rng.integers(len(pool)))]
+        h, w = label.shape
+        y, x = int(rng.integers(0, h - CROP + 1)), int(rng.integers(0, w - CROP + 1))
+        image, label = image[y : y + CROP, x : x + CROP], label[y : y + CROP, x : x + CROP]
+        if rng.random() < 0.5:
+            image, label = image[:, ::-1], label[:, ::-1]
+        turns = int(rng.integers(4))
+        image, label = np.rot90(image, turns), np.rot90(label, turns)
+        images.append(np.ascontiguousarray(image))
+        labels.append(np.ascontiguousarray(label))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(labels)).long()
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy + DICE_WEIGHT * (1 - soft Dice of the object class over the batch)."""
+    probability = torch.softmax(logits, dim=1)[:, 1]
+    target = (labels == 1).float()
+    dice = (2 * (probability * target).sum() + 1) / (probability.sum() + target.sum() + 1)
+    return F.cross_entropy(logits, labels) + DICE_WEIGHT * (1 - dice)
+
+
+def evaluate(model, count: int = 16) -> dict:
+    """Held-out measures with the demo's own sliding-window settings: the camouflaged-object
+    measures from the 8-bit probability maps (as a binary run computes them), and IoU."""
+    settings = TilingSettings(mode="slide", window=(WINDOW, WINDOW), stride=(WINDOW * 2 // 3,) * 2, batch_size=8, binary=True)
+
+    def score_fn(windows: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(model.normalize(windows)).float()
+
+    total = ClassAreas.zeros(len(CLASS_NAMES))
+    cod = CodAccumulator()
+    samples = [make_sample("heldout", i, size) for i, size in enumerate(heldout_sizes(count))]
+    for (_image, label), seg in zip(samples, segment_images(score_fn, [s[0] for s in samples], settings)):
+        total += class_areas(seg.labels, label, len(CLASS_NAMES), 255)
+        cod.add(cod_image_stats(quantize_probability(seg.probability), (label == 1).astype(np.uint8) * 255))
+    return {**cod.result(), **summarize(total)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "assets" / "camouflage-segformer.safetensors"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--images", type=int, default=256, help="training images drawn from the train split")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    started = time.time()
+    pool = [make_sample("train", i) for i in range(args.images)]
+    model = build_model("segformer-b0", num_classes=len(CLASS_NAMES), **CAMOUFLAGE_ARCH)
+    model.class_names = list(CLASS_NAMES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    model.train()
+    for step in range(1, args.steps + 1):
+        images, labels = training_batch(rng, args.batch, pool)
+        logits = model(model.normalize(images))
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 25 == 0 or step == 1:
+            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - started:.0f} s", flush=True)
+    model.eval()
+    train_seconds = time.time() - started
+    metrics = evaluate(model)
+    print(
+        f"held-out Sm {metrics['Sm']:.4f}  Em_mean {metrics['Em_mean']:.4f}  wFm {metrics['wFm']:.4f}  MAE {metrics['MAE']:.4f}"
+        f"  IoU {[round(v, 4) for v in metrics['IoU']]}"
+    )
+    save_native(model, args.out, source="jobs/train_camouflage_model.py")
+    info = {
+        "arch": CAMOUFLAGE_ARCH,
+        "steps": args.steps,
+        "batch": args.batch,
+        "crop": CROP,
+        "lr": args.lr,
+        "loss": f"cross-entropy + {DICE_WEIGHT} * (1 - soft Dice of the object class)",
+        "train_images": args.images,
+        "threads": args.threads,
+        "train_seconds": round(train_seconds, 1),
+        "torch": torch.__version__,
+        "heldout_images": 16,
+        "heldout": {key: metrics[key] for key in ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")},
+        "heldout_mIoU": metrics["mIoU"],
+        "heldout_IoU": metrics["IoU"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": Path(args.out).stat().st_size,
+    }
+    Path(args.out).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
+
+
+if __name__ == "__main__":
+    main()
