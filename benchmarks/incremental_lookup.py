@@ -67,8 +67,12 @@ def worker(root: Path, ids: int, method: str) -> dict:
 
     listed = int(ids * 1.1)
     units = [
-        SourceUnit(index=u, format="images", uris=tuple(image_id(i) for i in range(s, min(s + 64, listed))),
-                   image_ids=tuple(image_id(i) for i in range(s, min(s + 64, listed))))
+        SourceUnit(
+            index=u,
+            format="images",
+            uris=tuple(image_id(i) for i in range(s, min(s + 64, listed))),
+            image_ids=tuple(image_id(i) for i in range(s, min(s + 64, listed))),
+        )
         for u, s in enumerate(range(0, listed, 64))
     ]
     import tracemalloc
@@ -118,7 +122,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(Path(args.worker[0]), int(args.worker[1]), args.worker[2])))
         return
-    print(f"| {'ids held':>9} | {'method':<10} | {'seconds':>7} | {'held MiB':>8} | {'peak MiB':>8} | {'rss MiB':>8} | {'bytes/id':>8} | {'ratio':>5} |")
+    print(
+        f"| {'ids held':>9} | {'method':<10} | {'seconds':>7} | {'held MiB':>8} | {'peak MiB':>8} | {'rss MiB':>8} | {'bytes/id':>8} | {'ratio':>5} |"
+    )
     print(f"|{'-' * 11}|{'-' * 12}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 7}|")
     for ids in args.ids:
         root = Path(tempfile.mkdtemp(prefix="segpipe-incremental-"))
@@ -126,13 +132,17 @@ def main() -> None:
             setup(root, ids, args.runs)
             rows = {}
             for method in ("segpipe", "python set"):
-                out = subprocess.run([sys.executable, __file__, "--worker", str(root), str(ids), method], capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--worker", str(root), str(ids), method], capture_output=True, text=True, check=True
+                )
                 rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
             for method, r in rows.items():
                 per_id = r["held_kib"] * 1024 / r["ids"]
                 ratio = r["held_kib"] / max(rows["python set"]["held_kib"], 1)
-                print(f"| {r['ids']:>9,} | {method:<10} | {r['seconds']:7.2f} | {r['held_kib'] / 1024:8.1f} | "
-                      f"{r['peak_kib'] / 1024:8.1f} | {r['rss_kib'] / 1024:8.1f} | {per_id:8.1f} | {ratio:5.2f} |")
+                print(
+                    f"| {r['ids']:>9,} | {method:<10} | {r['seconds']:7.2f} | {r['held_kib'] / 1024:8.1f} | "
+                    f"{r['peak_kib'] / 1024:8.1f} | {r['rss_kib'] / 1024:8.1f} | {per_id:8.1f} | {ratio:5.2f} |"
+                )
         finally:
             shutil.rmtree(root, ignore_errors=True)
     print("held: Python objects + Arrow buffers the lookup added, its result still referenced (the listing is built before)")

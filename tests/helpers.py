@@ -1,4 +1,5 @@
 """What several test files need: small images, tiny checkpoints, job configs, run-directory readers."""
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,14 @@ from PIL import Image
 from models import build_model, save_native
 
 # a SegFormer small enough to push hundreds of windows through on one CPU thread in seconds
-TINY_SEGFORMER = dict(hidden_sizes=[8, 16, 32, 64], num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1], decoder_dim=16,
-                      strides=[8, 2, 2, 2], patch_sizes=[8, 3, 3, 3])
+TINY_SEGFORMER = dict(
+    hidden_sizes=[8, 16, 32, 64],
+    num_heads=[1, 1, 1, 1],
+    depths=[1, 1, 1, 1],
+    decoder_dim=16,
+    strides=[8, 2, 2, 2],
+    patch_sizes=[8, 3, 3, 3],
+)
 # the classes of the job tests' checkpoint (the `checkpoint` fixture of tests/conftest.py)
 CLASS_NAMES = ["zero", "one", "two"]
 
@@ -86,6 +93,7 @@ def read_run_table(run: Path, kind: str):
 
 def strict_json_load(path: Path):
     """json.loads that refuses NaN and Infinity, as JavaScript's JSON.parse and jq do."""
+
     def refuse(constant: str):
         raise ValueError(f"{path.name}: {constant} is not JSON")
 
@@ -182,8 +190,9 @@ def segpipe_run(path: Path, cfg: dict, *args: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 # a SegFormer of four narrow one-block stages
-TINY_HF_SEGFORMER = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 3, 4],
-                         decoder_hidden_size=16, num_labels=3)
+TINY_HF_SEGFORMER = dict(
+    hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 2, 3, 4], decoder_hidden_size=16, num_labels=3
+)
 
 
 def tiny_swin_config(depths=(1, 2, 2, 1)):
@@ -191,18 +200,30 @@ def tiny_swin_config(depths=(1, 2, 2, 1)):
     Mask2Former below."""
     from transformers import SwinConfig
 
-    return SwinConfig(embed_dim=32, depths=list(depths), num_heads=[1, 2, 4, 8], window_size=4, image_size=64,
-                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    return SwinConfig(
+        embed_dim=32,
+        depths=list(depths),
+        num_heads=[1, 2, 4, 8],
+        window_size=4,
+        image_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
 
 
 def tiny_maskformer_config(num_labels: int = 7, swin_depths=(1, 2, 2, 1), **overrides):
     """A MaskFormerConfig 32 wide, with a 2-layer DETR decoder over 5 queries."""
     from transformers import MaskFormerConfig
 
-    decoder = dict(model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-                   num_queries=5, encoder_layers=1)
-    kwargs = dict(backbone_config=tiny_swin_config(swin_depths), decoder_config=decoder, fpn_feature_size=32,
-                  mask_feature_size=32, num_labels=num_labels)
+    decoder = dict(
+        model_type="detr", d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=5, encoder_layers=1
+    )
+    kwargs = dict(
+        backbone_config=tiny_swin_config(swin_depths),
+        decoder_config=decoder,
+        fpn_feature_size=32,
+        mask_feature_size=32,
+        num_labels=num_labels,
+    )
     return MaskFormerConfig(**{**kwargs, **overrides})
 
 
@@ -210,9 +231,19 @@ def tiny_mask2former_config(num_labels: int = 7, swin_depths=(1, 2, 2, 1), **ove
     """A Mask2FormerConfig 32 wide: 2 deformable encoder layers, decoder_layers=5 (4 built), 6 queries."""
     from transformers import Mask2FormerConfig
 
-    kwargs = dict(backbone_config=tiny_swin_config(swin_depths), feature_size=32, mask_feature_size=32, hidden_dim=32,
-                  encoder_feedforward_dim=64, encoder_layers=2, decoder_layers=5, num_attention_heads=4,
-                  dim_feedforward=64, num_queries=6, num_labels=num_labels)
+    kwargs = dict(
+        backbone_config=tiny_swin_config(swin_depths),
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=64,
+        encoder_layers=2,
+        decoder_layers=5,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        num_queries=6,
+        num_labels=num_labels,
+    )
     return Mask2FormerConfig(**{**kwargs, **overrides})
 
 

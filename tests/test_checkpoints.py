@@ -6,6 +6,7 @@ load_model raises a ModelError whose message is one line, short, and names the f
 does not fit. The expected counts of keys that do not fit come from our own models' state
 dicts, built with the architecture the broken file describes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -182,6 +183,7 @@ def test_hf_dir_under_the_name_of_another_variant_is_refused(hf_segformer):
 # Checkpoints that do not fit, one per family
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf_segformer(tmp_path_factory):
     path = tmp_path_factory.mktemp("segformer-hf")
@@ -230,11 +232,19 @@ def test_segformer_native_checkpoint_of_another_width(native_b0, tmp_path):
 
 # mmseg's names for our SETR-Naive keys (models/vit.py MMSEG_RULES, models/setr.py MMSEG_UP_HEAD_RULES)
 _TO_MMSEG = [
-    ("encoder.patch_embed.proj.", "backbone.patch_embed.projection."), ("encoder.blocks.", "backbone.layers."),
-    ("encoder.", "backbone."), (".norm1.", ".ln1."), (".norm2.", ".ln2."), (".attn.qkv.", ".attn.attn.in_proj_"),
-    (".attn.proj.", ".attn.attn.out_proj."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1."),
-    ("decoder.norm.", "decode_head.norm."), ("decoder.stages.", "decode_head.up_convs."),
-    ("decode_head.up_convs.0.", "decode_head.up_convs.0.0."), ("decoder.classifier.", "decode_head.conv_seg."),
+    ("encoder.patch_embed.proj.", "backbone.patch_embed.projection."),
+    ("encoder.blocks.", "backbone.layers."),
+    ("encoder.", "backbone."),
+    (".norm1.", ".ln1."),
+    (".norm2.", ".ln2."),
+    (".attn.qkv.", ".attn.attn.in_proj_"),
+    (".attn.proj.", ".attn.attn.out_proj."),
+    (".mlp.fc1.", ".ffn.layers.0.0."),
+    (".mlp.fc2.", ".ffn.layers.1."),
+    ("decoder.norm.", "decode_head.norm."),
+    ("decoder.stages.", "decode_head.up_convs."),
+    ("decode_head.up_convs.0.", "decode_head.up_convs.0.0."),
+    ("decoder.classifier.", "decode_head.conv_seg."),
 ]
 
 

@@ -1,5 +1,6 @@
 """Mask2Former with a Swin backbone: parity with transformers' Mask2FormerForUniversalSegmentation,
 its masked attention and deformable sampling, and the named variants."""
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,7 @@ def test_matches_transformers(hf_checkpoint, size):
         out = reference(pixel_values=pixels)
         class_logits, mask_logits = model.forward_queries(pixels)
         scores = model(pixels)
-    expected = torch.einsum(
-        "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
-    )
+    expected = torch.einsum("nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid())
     assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
     assert rel_error(scores, expected) <= 1e-4
     # transformers' outputs are the last layer's predictions

@@ -1,5 +1,6 @@
 """What MaskFormer and Mask2Former share (models/mask_classification.py): the position embedding and
 attention against their references, the semantic combination, and the HF key handling both use."""
+
 from __future__ import annotations
 
 import pytest
@@ -86,7 +87,9 @@ def test_hf_weights_fuse_swin_qkv_drop_the_loss_weights_and_keep_uncovered_keys_
     block = HF_BACKBONE + "encoder.layers.0.blocks.1.attention.self."
     q, k, v = torch.full((2, 2), 1.0), torch.full((2, 2), 2.0), torch.full((2, 2), 3.0)
     state_dict = {
-        block + "query.weight": q, block + "key.weight": k, block + "value.weight": v,
+        block + "query.weight": q,
+        block + "key.weight": k,
+        block + "value.weight": v,
         HF_BACKBONE + "hidden_states_norms.stage2.bias": torch.zeros(2),  # Swin counts stages from 1
         "class_predictor.weight": torch.ones(3, 2),
         "criterion.empty_weight": torch.ones(3),
@@ -94,7 +97,10 @@ def test_hf_weights_fuse_swin_qkv_drop_the_loss_weights_and_keep_uncovered_keys_
     }
     weights = weights_from_hf(state_dict, [(r"class_predictor\.(.+)", r"class_head.\1")], HF_BACKBONE, "ckpt")
     assert sorted(weights) == [
-        "backbone.out_norms.1.bias", "backbone.stages.0.blocks.1.attn.qkv.weight", "class_head.weight", "something.else",
+        "backbone.out_norms.1.bias",
+        "backbone.stages.0.blocks.1.attn.qkv.weight",
+        "class_head.weight",
+        "something.else",
     ]
     assert torch.equal(weights["backbone.stages.0.blocks.1.attn.qkv.weight"], torch.cat([q, k, v]))
     del state_dict[block + "key.weight"]

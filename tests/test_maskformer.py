@@ -1,5 +1,6 @@
 """MaskFormer with a Swin backbone: parity with transformers' MaskFormerForInstanceSegmentation, and
 the named variants."""
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,7 @@ def test_matches_transformers(hf_checkpoint, size):
         out = reference(pixel_values=pixels)
         class_logits, mask_logits = model.forward_queries(pixels)
         scores = model(pixels)
-    expected = torch.einsum(
-        "nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid()
-    )
+    expected = torch.einsum("nqc,nqhw->nchw", out.class_queries_logits.softmax(-1)[..., :-1], out.masks_queries_logits.sigmoid())
     assert scores.shape == (2, 7, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
     assert rel_error(scores, expected) <= 1e-4
     assert class_logits.shape == out.class_queries_logits.shape == (2, 5, 8)

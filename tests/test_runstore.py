@@ -66,7 +66,7 @@ def test_a_committed_part_is_never_written_again(tmp_path):
 def test_leftovers_of_an_interrupted_attempt_are_discarded_and_committed_parts_kept(tmp_path):
     store = RunStore(str(tmp_path), {}, "r")
     store.write_part("part-committed", *tables(["a.png"]))
-    masks, metrics, errors = tables(["b.png"], failed=["c.png"])
+    _masks, metrics, errors = tables(["b.png"], failed=["c.png"])
     pq.write_table(metrics, tmp_path / "r" / "metrics" / "part-half.parquet")  # the masks file never came
     pq.write_table(errors, tmp_path / "r" / "errors" / "part-half.parquet")
     (tmp_path / "r" / "masks" / ".tmp-123-part-y.parquet").write_bytes(b"half a file")

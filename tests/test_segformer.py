@@ -1,4 +1,5 @@
 """SegFormer: parity with transformers, mmsegmentation's layout, the named variants."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def _randomize(module: nn.Module, seed: int) -> None:
     """Perturb every parameter and BN statistic, so that a swapped or dropped weight shows."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for p in module.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
         for name, b in module.named_buffers():
             if name.endswith("running_mean"):
@@ -42,14 +43,47 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 HF_CONFIGS = [
     # (config kwargs, input H x W, weights file)
-    (dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 2, 1, 1], num_attention_heads=[1, 2, 3, 4],
-          decoder_hidden_size=16, id2label={0: "sky", 1: "road", 2: "car"}), (45, 70), "safetensors"),
-    (dict(hidden_sizes=[16, 16, 32, 32], depths=[2, 1, 1, 1], num_attention_heads=[2, 2, 4, 4],
-          sr_ratios=[4, 2, 1, 1], mlp_ratios=[2, 2, 4, 4], decoder_hidden_size=24,
-          id2label={i: f"class{i}" for i in range(5)}), (37, 50), "bin"),
-    (dict(num_encoder_blocks=3, hidden_sizes=[8, 16, 32], depths=[1, 1, 2], num_attention_heads=[1, 2, 4],
-          sr_ratios=[4, 2, 1], patch_sizes=[7, 3, 3], strides=[4, 2, 2], mlp_ratios=[4, 4, 4],
-          hidden_act="gelu_new", decoder_hidden_size=8, id2label={0: "object"}), (61, 33), "safetensors"),
+    (
+        dict(
+            hidden_sizes=[8, 16, 24, 32],
+            depths=[1, 2, 1, 1],
+            num_attention_heads=[1, 2, 3, 4],
+            decoder_hidden_size=16,
+            id2label={0: "sky", 1: "road", 2: "car"},
+        ),
+        (45, 70),
+        "safetensors",
+    ),
+    (
+        dict(
+            hidden_sizes=[16, 16, 32, 32],
+            depths=[2, 1, 1, 1],
+            num_attention_heads=[2, 2, 4, 4],
+            sr_ratios=[4, 2, 1, 1],
+            mlp_ratios=[2, 2, 4, 4],
+            decoder_hidden_size=24,
+            id2label={i: f"class{i}" for i in range(5)},
+        ),
+        (37, 50),
+        "bin",
+    ),
+    (
+        dict(
+            num_encoder_blocks=3,
+            hidden_sizes=[8, 16, 32],
+            depths=[1, 1, 2],
+            num_attention_heads=[1, 2, 4],
+            sr_ratios=[4, 2, 1],
+            patch_sizes=[7, 3, 3],
+            strides=[4, 2, 2],
+            mlp_ratios=[4, 4, 4],
+            hidden_act="gelu_new",
+            decoder_hidden_size=8,
+            id2label={0: "object"},
+        ),
+        (61, 33),
+        "safetensors",
+    ),
 ]
 
 
@@ -185,7 +219,9 @@ def _mmseg_reference(sd: dict[str, torch.Tensor], pixels: torch.Tensor, arch: di
 
     def conv_bn_relu(t, key):
         t = F.conv2d(t, sd[key + ".conv.weight"])
-        t = F.batch_norm(t, sd[key + ".bn.running_mean"], sd[key + ".bn.running_var"], sd[key + ".bn.weight"], sd[key + ".bn.bias"], eps=1e-5)
+        t = F.batch_norm(
+            t, sd[key + ".bn.running_mean"], sd[key + ".bn.running_var"], sd[key + ".bn.weight"], sd[key + ".bn.bias"], eps=1e-5
+        )
         return F.relu(t)
 
     for i, depth in enumerate(arch["depths"]):
@@ -203,7 +239,7 @@ def _mmseg_reference(sd: dict[str, torch.Tensor], pixels: torch.Tensor, arch: di
                 kv = F.conv2d(y.transpose(1, 2).reshape(n, c, h, w), sd[b + "attn.sr.weight"], sd[b + "attn.sr.bias"], stride=sr)
                 kv = ln(kv.flatten(2).transpose(1, 2), b + "attn.norm")
             mha = nn.MultiheadAttention(c, arch["num_heads"][i], batch_first=True)
-            mha.load_state_dict({k[len(b + "attn.attn."):]: v for k, v in sd.items() if k.startswith(b + "attn.attn.")})
+            mha.load_state_dict({k[len(b + "attn.attn.") :]: v for k, v in sd.items() if k.startswith(b + "attn.attn.")})
             t = t + mha.eval()(y, kv, kv, need_weights=False)[0]
             y = ln(t, b + "norm2").transpose(1, 2).reshape(n, c, h, w)
             y = F.conv2d(y, sd[b + "ffn.layers.0.weight"], sd[b + "ffn.layers.0.bias"])
@@ -213,8 +249,10 @@ def _mmseg_reference(sd: dict[str, torch.Tensor], pixels: torch.Tensor, arch: di
         x = ln(t, m + "2").transpose(1, 2).reshape(n, c, h, w)
         features.append(x)
     size = features[0].shape[-2:]
-    outs = [F.interpolate(conv_bn_relu(f, f"decode_head.convs.{i}"), size=size, mode="bilinear", align_corners=False)
-            for i, f in enumerate(features)]
+    outs = [
+        F.interpolate(conv_bn_relu(f, f"decode_head.convs.{i}"), size=size, mode="bilinear", align_corners=False)
+        for i, f in enumerate(features)
+    ]
     fused = conv_bn_relu(torch.cat(outs, dim=1), "decode_head.fusion_conv")
     return F.conv2d(fused, sd["decode_head.conv_seg.weight"], sd["decode_head.conv_seg.bias"])
 
@@ -290,8 +328,14 @@ def test_pth_with_pickled_code_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 # SegFormer parameter counts (millions) with a 150-class head: Xie et al. 2021, Table 1/2.
-PUBLISHED_PARAMS = {"segformer-b0": 3.8, "segformer-b1": 13.7, "segformer-b2": 27.5,
-                    "segformer-b3": 47.3, "segformer-b4": 64.1, "segformer-b5": 84.7}
+PUBLISHED_PARAMS = {
+    "segformer-b0": 3.8,
+    "segformer-b1": 13.7,
+    "segformer-b2": 27.5,
+    "segformer-b3": 47.3,
+    "segformer-b4": 64.1,
+    "segformer-b5": 84.7,
+}
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -312,8 +356,9 @@ def test_variants_build_with_published_sizes(name):
 
 
 def test_reduced_width_override_and_any_input_size():
-    model = build_model("segformer-b0", num_classes=2, hidden_sizes=[16, 32, 64, 128], num_heads=[1, 2, 4, 8],
-                        depths=[1, 1, 1, 1], decoder_dim=32).eval()
+    model = build_model(
+        "segformer-b0", num_classes=2, hidden_sizes=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1], decoder_dim=32
+    ).eval()
     assert model.arch["hidden_sizes"] == [16, 32, 64, 128] and model.arch["decoder_dim"] == 32
     with torch.no_grad():
         for height, width in [(33, 47), (20, 13), (1, 1), (100, 31)]:

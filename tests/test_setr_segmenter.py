@@ -8,6 +8,7 @@ and computes what mmseg computes from those tensors with a few lines of function
 reference, and again after save_native -> load_model, exactly. The original Segmenter layout is
 checked the same way, and one model of each family runs through `segpipe run`.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ weights are loaded directly (transformers layout), or first rewritten by this fi
 in mmsegmentation's key names (written down from timm/models/vision_transformer.py and
 mmseg/models/backbones/vit.py). Our features must match its hidden states in every case.
 """
+
 from __future__ import annotations
 
 import json
