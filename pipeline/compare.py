@@ -53,7 +53,8 @@ from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.rows import IdSet
 from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore
-from pipeline.storage import list_files, open_fs, read_bytes, with_retries
+from pipeline.source import _strip_ext  # the label pairing rule of ImageFolderReader
+from pipeline.storage import full_uri, list_files, open_fs, read_bytes, with_retries
 
 HEADLINE = ("mIoU", "mDice", "aAcc")
 COD_HEADLINE = ("Sm", "Em_mean", "wFm", "MAE")
@@ -334,21 +335,23 @@ def bootstrap_metric_samples(
     rng = np.random.default_rng(seed)
     block = max(1, min(resamples, RESAMPLE_BLOCK // max(n, 1)))
     has_cod = cod_rows is not None and cod_rows.any() and all(t.cod is not None for t in tables)
+    # counts and areas as float64: exact (integers below 2**53), and the products go through BLAS
+    areas = [[t.areas[a].astype(np.float64) for a in AREAS] for t in tables]
     cod_index = np.flatnonzero(cod_rows) if has_cod else None
-    cod_rng = np.random.default_rng([seed, 1])  # the binary images' own draws (a subset of images)
+    cods = [np.nan_to_num(t.cod[cod_index]) for t in tables] if has_cod else []
+    # the binary measures use the same draws when every image has them, else draws of their own
+    cod_rng = None if not has_cod or len(cod_index) == n else np.random.default_rng([seed, 1])
     done = 0
     while done < resamples:
         b = min(block, resamples - done)
-        weights = resample_counts(n, b, rng).astype(np.float64)  # counts are exact in float64; BLAS does the sums
-        cod_weights = resample_counts(len(cod_index), b, cod_rng).astype(np.float64) if has_cod else None
-        for t, acc in zip(tables, out):
-            sums = [weights @ t.areas[a].astype(np.float64) for a in AREAS]
-            for name, values in batch_metrics(*sums).items():
+        weights = resample_counts(n, b, rng).astype(np.float64)
+        for k, acc in enumerate(out):
+            for name, values in batch_metrics(*(weights @ area for area in areas[k])).items():
                 acc.setdefault(name, []).append(values)
-            if has_cod:
-                cod = t.cod[cod_index]
-                m = len(cod_index)
-                means = (cod_weights @ np.nan_to_num(cod)) / m
+        if has_cod:
+            cod_weights = weights if cod_rng is None else resample_counts(len(cod_index), b, cod_rng).astype(np.float64)
+            for k, acc in enumerate(out):
+                means = (cod_weights @ cods[k]) / len(cod_index)
                 for key, column in (("Sm", "sm"), ("Em_mean", "em_mean"), ("wFm", "wfm"), ("MAE", "mae")):
                     acc.setdefault(key, []).append(means[:, COD_PER_IMAGE.index(column)])
         done += b
@@ -451,24 +454,13 @@ def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sourc
         if stem not in best or rank < best[stem][0]:
             best[stem] = (rank, key)
     if not best:
-        src.notes.append(f"no label files under {labels_uri}: no confusion matrices")
+        src.notes.append(f"no label files under {labels_uri} (missing or empty): no confusion matrices")
         return src
     for image_id in image_ids:
         hit = best.get(_strip_ext(image_id))
         if hit is not None:
-            src.labels[image_id] = _join(lfs, lroot, hit[1])
+            src.labels[image_id] = full_uri(lfs, f"{lroot.rstrip('/')}/{hit[1]}")
     return src
-
-
-def _strip_ext(key: str) -> str:
-    p = PurePosixPath(key)
-    return str(p.with_suffix("")) if p.suffix else key
-
-
-def _join(fs, root: str, key: str) -> str:
-    path = f"{root.rstrip('/')}/{key}"
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    return path if "file" in protocols else fs.unstrip_protocol(path)
 
 
 def read_label(src: Sources, image_id: str, storage_options: dict) -> np.ndarray | None:
@@ -633,19 +625,18 @@ def compare_runs(
         runs, out_uri, len(image_ids), len(labeled_ids), intersect and differ > 0, resamples, seed, comparison, pairs, per_image,
         notes, mask_pass, src, binary,
     )  # fmt: skip
+    # everything is made before the first byte is written: a comparison that fails writes nothing
+    written = {"comparison.parquet": comparison, "per_image.parquet": per_image, "pairs.parquet": pairs}
+    result.files = {name: f"{out_uri.rstrip('/')}/{name}" for name in written}
+    outputs = {name: _parquet_bytes(table) for name, table in written.items()}
+    outputs["report.html"] = render_report(result, storage_options).encode()
+    result.files["report.html"] = f"{out_uri.rstrip('/')}/report.html"
     fs, root = open_fs(out_uri, storage_options)
     with_retries(lambda: fs.makedirs(root, exist_ok=True), what="write", uri=out_uri)
-    for name, table in (("comparison.parquet", comparison), ("per_image.parquet", per_image), ("pairs.parquet", pairs)):
-        result.files[name] = _write(fs, root, out_uri, name, _parquet_bytes(table))
-    page = render_report(result, storage_options)
-    result.files["report.html"] = _write(fs, root, out_uri, "report.html", page.encode())
+    for name, data in outputs.items():
+        path = f"{root.rstrip('/')}/{name}"
+        with_retries(lambda path=path, data=data: fs.pipe_file(path, data), what="write", uri=path)
     return result
-
-
-def _write(fs, root: str, out_uri: str, name: str, data: bytes) -> str:
-    path = f"{root.rstrip('/')}/{name}"
-    with_retries(lambda: fs.pipe_file(path, data), what="write", uri=path)
-    return f"{out_uri.rstrip('/')}/{name}"
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -875,7 +866,7 @@ THUMB = 240  # the longer side of each picture in the disagreement section, in p
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif; color: #1d232b;
-       margin: 0 auto; max-width: 1180px; padding: 24px 32px 48px; line-height: 1.45; background: #fff; }
+       margin: 0 auto; max-width: 1216px; padding: 24px 32px 48px; line-height: 1.45; background: #fff; }
 h1 { font-size: 1.7em; margin: 0 0 4px; }
 h2 { font-size: 1.25em; margin: 36px 0 8px; padding-bottom: 4px; border-bottom: 2px solid #e3e7ec; }
 h3 { font-size: 1.02em; margin: 18px 0 6px; }
@@ -884,8 +875,9 @@ nav a { margin-right: 14px; color: #0b62c4; text-decoration: none; font-size: .9
 ul.notes { background: #fff8e1; border-left: 4px solid #f0b400; padding: 8px 12px 8px 30px; margin: 12px 0; }
 p.note { background: #f4f6f8; border-left: 4px solid #9aa5b1; padding: 8px 12px; }
 p.caption, figcaption { color: #57606a; font-size: .88em; }
-table { border-collapse: collapse; margin: 8px 0 12px; font-size: .9em; }
-th, td { padding: 5px 10px; border-bottom: 1px solid #e3e7ec; text-align: right; white-space: nowrap; }
+div.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: 8px 0 12px; font-size: .86em; }
+th, td { padding: 4px 8px; border-bottom: 1px solid #e3e7ec; text-align: right; white-space: nowrap; }
 th { background: #f4f6f8; font-weight: 600; }
 th:first-child, td:first-child, td.text, th.text { text-align: left; }
 td.best { font-weight: 700; }
@@ -1020,18 +1012,24 @@ TEXT_COLUMNS = {"Run", "Model", "Checkpoint", "Status"}
 _TEXT = " class='text'"
 
 
-def _section_table(result: Comparison, colors: dict[str, str]) -> str:
-    rows = result.comparison.to_pylist()
-    metrics = [m for m in (*SUMMARY_SCALARS, *COD_KEYS) if m in result.comparison.column_names]
+def _metric_cells(rows: list[dict], metrics: list[str]) -> list[list[str]]:
+    """One list of <td> per row: each metric formatted, the best of each column bold."""
     best = {}
     for m in metrics:
         values = [r[m] for r in rows if _isnum(r[m])]
         if values and len(rows) > 1:
             best[m] = min(values) if m in LOWER_IS_BETTER else max(values)
+    return [[f"<td{' class=best' if m in best and r[m] == best[m] else ''}>{_fmt(m, r[m])}</td>" for m in metrics] for r in rows]
+
+
+def _section_table(result: Comparison, colors: dict[str, str]) -> str:
+    rows = result.comparison.to_pylist()
+    metrics = [m for m in SUMMARY_SCALARS if m in result.comparison.column_names]
+    cod = [m for m in COD_KEYS if m in result.comparison.column_names]
     head = ["Run", "Model", "Checkpoint", "Parameters", "Status", "Images", "Errors", "Labeled", "Images/s"]
-    head += [f"{m} (%)" if m not in COD_KEYS else m for m in metrics]
+    head += [f"{m} (%)" for m in metrics]
     body = []
-    for r in rows:
+    for r, scores in zip(rows, _metric_cells(rows, metrics)):
         ckpt = r["checkpoint"] or ""
         cells = [
             f"<td class='text'>{_swatch(colors[r['run_id']])}{_esc(r['run_id'])}</td>",
@@ -1044,22 +1042,30 @@ def _section_table(result: Comparison, colors: dict[str, str]) -> str:
             f"<td>{_esc(r['labeled_images'])}</td>",
             f"<td>{r['images_per_second']:.2f}</td>" if _isnum(r["images_per_second"]) else "<td>–</td>",
         ]
-        for m in metrics:
-            mark = " class='best'" if m in best and r[m] == best[m] else ""
-            cells.append(f"<td{mark}>{_fmt(m, r[m])}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        body.append("<tr>" + "".join(cells + scores) + "</tr>")
     header = "".join(f"<th{_TEXT if h in TEXT_COLUMNS else ''}>{h}</th>" for h in head)
     scope = (
         "Metrics over the images every run segmented (--intersect)."
         if result.intersect
         else "Every number is the run's own summary.json (all its images)."
     )
-    lower = " MAE: lower is better." if "MAE" in metrics else ""
-    return (
-        "<section id='comparison-table'><h2>Runs</h2>\n"
-        f"<table><thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table>\n"
+    parts = [
+        "<section id='comparison-table'><h2>Runs</h2>",
+        f"<div class='scroll'><table><thead><tr>{header}</tr></thead><tbody>{''.join(body)}</tbody></table></div>",
+    ]
+    if cod:
+        cod_head = "<th>Run</th>" + "".join(f"<th>{m}</th>" for m in cod)
+        cod_body = "".join(
+            f"<tr><td class='text'>{_swatch(colors[r['run_id']])}{_esc(r['run_id'])}</td>{''.join(scores)}</tr>"
+            for r, scores in zip(rows, _metric_cells(rows, cod))
+        )
+        parts.append("<h3>Camouflaged-object measures (binary task)</h3>")
+        parts.append(f"<div class='scroll'><table><thead><tr>{cod_head}</tr></thead><tbody>{cod_body}</tbody></table></div>")
+    lower = " MAE: lower is better." if cod else ""
+    parts.append(
         f"<p class='caption'>{scope} The best value of each metric is bold.{lower} Images/s: over all attempts of the run.</p></section>"
     )
+    return "\n".join(parts)
 
 
 def _section_per_class(result: Comparison, colors: dict[str, str], plt) -> str:
@@ -1115,7 +1121,9 @@ def _section_pairs(result: Comparison, plt) -> str:
                 if not all(_isnum(p[k]) for k in ("difference", "ci_low", "ci_high")):
                     continue
                 d, lo, hi = (scale * p[k] for k in ("difference", "ci_low", "ci_high"))
-                color = "#1a7f37" if p["ci_low"] > 0 else "#c62828" if p["ci_high"] < 0 else "#6e7781"
+                color = "#6e7781"  # the interval holds 0
+                if _excludes_zero(p):
+                    color = "#1a7f37" if (p["ci_low"] > 0) != (metric in LOWER_IS_BETTER) else "#c62828"
                 ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4, markersize=6, lw=2)
             ax.axvline(0, color="#1d232b", lw=0.8, ls="--")
             ax.set_yticks(range(len(rows)), [f"{p['run_a']} − {p['run_b']}" for p in rows])
@@ -1132,10 +1140,10 @@ def _section_pairs(result: Comparison, plt) -> str:
         fig.tight_layout()
         parts.append(f"<img class='chart' alt='forest plot of the differences between runs' src='{_figure_uri(plt, fig)}'>")
         parts.append(
-            "<ul class='legend'><li>" + _swatch("#1a7f37") + "A better: the interval is above 0</li><li>" + _swatch("#c62828")
-            + "A worse: below 0</li><li>" + _swatch("#6e7781") + "the interval holds 0</li></ul>"
+            "<ul class='legend'><li>" + _swatch("#1a7f37") + "A better: the interval excludes 0</li><li>" + _swatch("#c62828")
+            + "A worse: the interval excludes 0</li><li>" + _swatch("#6e7781") + "the interval holds 0: no clear difference</li></ul>"
         )  # fmt: skip
-    head = "".join(f"<th>{h}</th>" for h in ("A − B", "Metric", "A", "B", "A − B", "95% interval", "Images"))
+    head = "".join(f"<th>{h}</th>" for h in ("Pair (A − B)", "Metric", "A", "B", "A − B", "95% interval", "Images"))
     body = []
     for p in pairs:
         m = p["metric"]
@@ -1254,7 +1262,7 @@ def _thumb(array: np.ndarray, target: int = THUMB) -> np.ndarray:
 def _colour(mask: np.ndarray, palette: np.ndarray, photo: np.ndarray | None, ignore: np.ndarray | None = None) -> np.ndarray:
     colours = palette[np.clip(mask.astype(np.int64), 0, len(palette) - 1)]
     if photo is not None:
-        out = (0.45 * photo.astype(np.float32) + 0.55 * colours.astype(np.float32)).astype(np.uint8)
+        out = (0.35 * photo.astype(np.float32) + 0.65 * colours.astype(np.float32)).astype(np.uint8)
     else:
         out = colours
     if ignore is not None and ignore.any():
@@ -1297,23 +1305,25 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
             label = None
         if label is not None and label.shape != shape:
             label = None
-        photo_t = _thumb(photo) if photo is not None else None
+        tiles_n = (photo is not None) + (label is not None) + len(masks) + 1
+        target = max(120, min(THUMB, (1150 - 12 * (tiles_n - 1)) // tiles_n))
+        photo_t = _thumb(photo, target) if photo is not None else None
         tiles = []
         if photo_t is not None:
             tiles.append(("image", _png_uri(photo_t), "photo"))
         if label is not None:
-            lab = _thumb(label)
+            lab = _thumb(label, target)
             ignore = (lab == src.ignore_index) | (lab < 0) | (lab >= len(palette))
             tiles.append(("label", _png_uri(_colour(np.where(ignore, 0, lab), palette, photo_t, ignore)), "overlay label"))
         for run, mask in zip(result.runs, masks):
-            m = _thumb(mask)
+            m = _thumb(mask, target)
             score = per_image.get((run.label, image_id))
             caption = f"{run.label}" + (f" · mIoU {100 * score:.1f}%" if _isnum(score) else "")
             tiles.append((caption, _png_uri(_colour(m, palette, photo_t)), "overlay mask"))
         differ = np.zeros(shape, bool)
         for m in masks[1:]:
             differ |= m != masks[0]
-        d = _thumb(differ)
+        d = _thumb(differ, target)
         base = (photo_t.mean(axis=2) if photo_t is not None else np.full(d.shape, 200.0)) * 0.5 + 60
         diff_img = np.repeat(base[:, :, None], 3, axis=2).astype(np.uint8)
         diff_img[d] = (255, 0, 255)
@@ -1331,7 +1341,7 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
         "all the same; per_image.parquet has the fraction of every image (column disagreement)."
     )
     if missing_photo:
-        explain += " Photos are shown for image-folder inputs only; otherwise the masks are drawn on white."
+        explain += " Where the image could not be read (or the input is not an image folder) the masks are drawn without it."
     parts.append(f"<p class='caption'>{explain}</p></section>")
     return "\n".join(parts)
 

@@ -167,7 +167,7 @@ def test_model_against_a_constant_class_differs_on_every_image_and_its_interval_
 
 
 def test_binary_runs_compare_their_camouflaged_object_measures(ray_session, tmp_path):
-    data = labeled_folder(tmp_path / "data", [(40, 50)] * 3, 2, seed=1)
+    data = labeled_folder(tmp_path / "data", [(40, 50)] * 2, 2, seed=1)
     made = {}
     for name, seed in (("bin-a", 2), ("bin-b", 3)):
         checkpoint = tiny_checkpoint(tmp_path / f"{name}.safetensors", 2, seed=seed)
