@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--intersect", action="store_true", help="runs over different image sets: compare the images they share")
     compare.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     compare.add_argument("--seed", type=int, default=0, help="seed of the bootstrap's draws (default 0)")
+    compare.add_argument(
+        "--receptive-field",
+        type=int,
+        nargs="?",
+        const=8,
+        default=0,
+        metavar="IMAGES",
+        help="also each model's effective receptive field on IMAGES of the compared images (default 8)",
+    )
 
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
@@ -209,7 +218,9 @@ def _compare(args) -> int:
     from pipeline.compare import CompareError, compare_runs, format_comparison
 
     try:
-        result = compare_runs(args.runs, args.out, intersect=args.intersect, resamples=args.resamples, seed=args.seed)
+        result = compare_runs(
+            args.runs, args.out, intersect=args.intersect, resamples=args.resamples, seed=args.seed, receptive_field=args.receptive_field
+        )
     except CompareError as exc:
         return _fail(exc, EXIT_USAGE)
     print(format_comparison(result))

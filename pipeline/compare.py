@@ -546,6 +546,7 @@ class Comparison:
     sources: Sources
     binary: bool
     files: dict[str, str] = field(default_factory=dict)
+    receptive_fields: list[dict] = field(default_factory=list)  # per run: label, ErfResult, figure
 
 
 def compare_runs(
@@ -557,6 +558,7 @@ def compare_runs(
     seed: int = 0,
     storage_options: dict | None = None,
     top: int = 6,
+    receptive_field: int = 0,
 ) -> Comparison:
     """Compare the runs at `run_uris` and write comparison.parquet, per_image.parquet, pairs.parquet
     and report.html under `out_uri`. CompareError for runs that cannot be compared."""
@@ -625,6 +627,8 @@ def compare_runs(
         runs, out_uri, len(image_ids), len(labeled_ids), intersect and differ > 0, resamples, seed, comparison, pairs, per_image,
         notes, mask_pass, src, binary,
     )  # fmt: skip
+    if receptive_field:
+        result.receptive_fields = receptive_fields(runs, image_ids[:receptive_field], src, storage_options, notes)
     # everything is made before the first byte is written: a comparison that fails writes nothing
     written = {"comparison.parquet": comparison, "per_image.parquet": per_image, "pairs.parquet": pairs}
     result.files = {name: f"{out_uri.rstrip('/')}/{name}" for name in written}
@@ -981,6 +985,7 @@ def render_report(result: Comparison, storage_options: dict | None = None) -> st
         _section_confusion(result, plt),
         _section_speed(result, colors, plt),
         _section_disagreements(result, storage_options),
+        *([_section_receptive_field(result)] if result.receptive_fields else []),
         _section_method(result),
     ]
     runs = ", ".join(_esc(r.label) for r in result.runs)
@@ -994,6 +999,7 @@ def render_report(result: Comparison, storage_options: dict | None = None) -> st
             ("confusion", "Confusion"),
             ("speed-accuracy", "Speed"),
             ("disagreements", "Disagreements"),
+            *([("receptive-field", "Receptive field")] if result.receptive_fields else []),
             ("method", "Method"),
         )
     )
@@ -1363,3 +1369,61 @@ def _section_method(result: Comparison) -> str:
         f"resample's summed areas (a resample matrix times the per-image area matrix).{binary}</p>"
         f"<p>Files written:</p><ul>{files}<li><code>report.html</code> (this page)</li></ul></section>"
     )
+
+
+# --------------------------------------------------------------------------- receptive fields
+
+
+def receptive_fields(runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, notes: list[str]) -> list[dict]:
+    """Each run's model's effective receptive field (pipeline.receptive_field) on a sample of the
+    compared images: the same images for every model, at the size of the run's sliding window (at
+    most 256 pixels, so that the field fits the crop and the gradient stays cheap)."""
+    from pipeline.config import ModelConfig
+    from pipeline.predictor import load_job_model
+    from pipeline.receptive_field import effective_receptive_field, erf_figure_png
+
+    photos = [p for p in (read_photo(src, i, storage_options) for i in image_ids) if p is not None]
+    if not photos:
+        notes.append("receptive fields need the run's images (an image folder): none was readable")
+        return []
+    out = []
+    for run in runs:
+        model_cfg = dict((run.config.get("model") or {}))
+        model_cfg["storage_options"] = storage_options  # run.json holds them redacted
+        try:
+            model = load_job_model(ModelConfig.model_validate(model_cfg))
+        except Exception as exc:  # a checkpoint moved or gone: the report says so, the rest stands
+            notes.append(f"receptive field of {run.label}: its model cannot be loaded ({' '.join(str(exc).split())[:200]})")
+            continue
+        window = (run.config.get("inference") or {}).get("window") or [256, 256]
+        size = int(min(256, *window))
+        try:
+            result = effective_receptive_field(model, photos, size=size)
+        except ValueError as exc:  # e.g. a model whose centre score ignores its input: nothing to draw
+            notes.append(f"receptive field of {run.label}: {exc}")
+            continue
+        figure = erf_figure_png(result, f"{run.label} ({run.model_name})")
+        out.append({"label": run.label, "result": result, "figure": "data:image/png;base64," + base64.b64encode(figure).decode()})
+    return out
+
+
+def _section_receptive_field(result: Comparison) -> str:
+    parts = [
+        "<section id='receptive-field'><h2>Effective receptive fields</h2>",
+        "<p class='lead'>Where each model looks: the gradient of the centre output pixel's score with respect to the input "
+        "(Luo et al. 2016), averaged over the same sample of these images. The theoretical field of an attention model is the "
+        "whole input; the effective one is where the mass actually sits.</p>",
+        "<table><tr><th class='text'>Run</th><th>images</th><th>crop</th><th>theoretical</th><th>50% within</th><th>90% within</th></tr>",
+    ]
+    for erf in result.receptive_fields:
+        r = erf["result"]
+        theoretical = f"{r.theoretical} px" if r.theoretical else "whole input"
+        parts.append(
+            f"<tr><td class='text'>{_esc(erf['label'])}</td><td>{r.images}</td><td>{r.size} px</td><td>{theoretical}</td>"
+            f"<td>{r.effective_radius(0.5)} px</td><td>{r.effective_radius(0.9)} px</td></tr>"
+        )
+    parts.append("</table><div class='figures'>")
+    for erf in result.receptive_fields:
+        parts.append(f"<figure><img src='{erf['figure']}' alt='receptive field of {_esc(erf['label'])}'></figure>")
+    parts.append("</div></section>")
+    return "".join(parts)

@@ -72,8 +72,18 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def compared(runs, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("compared") / "out"
-    assert main(["compare", str(runs["a"]), str(runs["b"]), str(runs["const"]), "--out", str(out)]) == 0
+    assert main(["compare", str(runs["a"]), str(runs["b"]), str(runs["const"]), "--out", str(out), "--receptive-field", "2"]) == 0
     return out
+
+
+def test_the_report_holds_each_models_effective_receptive_field(compared):
+    page = (compared / "report.html").read_text()
+    section = page[page.index("id='receptive-field'") :]
+    section = section[: section.index("</section>")]
+    # a row and a figure per model; attention models have no finite theoretical field; the constant
+    # model's output does not depend on its input: a note says so instead of a figure
+    assert section.count("<tr><td class='text'>") == 2 and section.count("<img src='data:image/png;base64,") == 2
+    assert "whole input" in section and "receptive field of constant: the gradient is zero everywhere" in page
 
 
 def summary(run: Path) -> dict:
