@@ -1388,7 +1388,7 @@ def receptive_fields(runs: list[Run], image_ids: list[str], src: Sources, storag
         return []
     out = []
     for run in runs:
-        model_cfg = dict((run.config.get("model") or {}))
+        model_cfg = dict(run.config.get("model") or {})
         model_cfg["storage_options"] = storage_options  # run.json holds them redacted
         try:
             model = load_job_model(ModelConfig.model_validate(model_cfg))
