@@ -6,10 +6,12 @@ all-background label).
 
 How an object hides: background and object are painted by the same texture generator (a grating
 whose phase is warped by smooth noise, over smooth blotches) in the same colour family, with the
-same contrast and the same pixel noise. What gives the object away is subtle, as on a camouflaged
-animal: its grating is slightly finer (0.7-0.85 of the background's period) and turned a little
-(15-40 degrees either way), its colour is a few levels off, and a faint dark rim (a few grey
-levels, under the pixel noise) follows its irregular outline (an ellipse with a noisy radius).
+same contrast and the same pixel noise, so that their pixel statistics match. What gives the
+object away is subtle, as on a camouflaged animal: its grating is slightly finer (0.66-0.8 of the
+background's period) and turned a little (20-45 degrees either way), its colour is a few levels
+off (up to 5 per channel), and a faint dark rim (5-9 grey levels, 2 pixels either side, under
+pixel noise of sigma 6) follows its irregular outline (an ellipse whose radius wanders with the
+angle).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from PIL import Image
 
 CLASS_NAMES = ["background", "object"]
 SPLIT_SEEDS = {"train": 3000, "heldout": 4000}
-WINDOW = 160  # the camouflage demo's sliding window: some held-out images are larger than it
+WINDOW = 128  # the camouflage demo's sliding window: no image is smaller, most are larger
 SIZE_RANGE = (128, 200)  # image sides, inclusive
 EMPTY_FRACTION = 0.2  # images without an object
 
@@ -90,12 +92,12 @@ def make_sample(split: str, index: int, size: tuple[int, int] | None = None) -> 
     label = np.zeros((h, w), np.uint8)
     if rng.random() >= EMPTY_FRACTION:
         mask = _blob_mask(rng, h, w)
-        finer = rng.uniform(0.7, 0.85)
-        turned = angle + rng.choice([-1, 1]) * rng.uniform(np.radians(15), np.radians(40))
+        finer = rng.uniform(0.66, 0.8)
+        turned = angle + rng.choice([-1, 1]) * rng.uniform(np.radians(20), np.radians(45))
         shade = base + rng.uniform(-5, 5, size=3)
         obj = shade + contrast * _texture(rng, h, w, period * finer, turned)[..., None] * tone
         image[mask] = obj[mask]
-        image[_rim(mask)] -= rng.uniform(4, 8)
+        image[_rim(mask)] -= rng.uniform(5, 9)
         label[mask] = 1
     image += rng.normal(0, 6, size=image.shape)
     return np.clip(image, 0, 255).astype(np.uint8), label
@@ -103,7 +105,7 @@ def make_sample(split: str, index: int, size: tuple[int, int] | None = None) -> 
 
 def heldout_sizes(count: int) -> list[tuple[int, int] | None]:
     """Held-out images: the first one at the largest size (larger than the window on both sides), the
-    others drawn from SIZE_RANGE (some fit in one window, some do not)."""
+    others drawn from SIZE_RANGE."""
     return [(SIZE_RANGE[1], SIZE_RANGE[1] - 13)] + [None] * (count - 1)
 
 
