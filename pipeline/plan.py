@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -341,14 +342,19 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
                 monitor=monitor,
             )
             last = time.time()
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                images = batch["unit_done"] < 0
-                result.processed += int(images.sum())
-                result.failed += int((~batch["ok"].astype(bool) & images).sum())
-                result.units_done += int((~images).sum())
-                if time.time() - last > PROGRESS_SECONDS or result.processed == todo:
-                    progress(progress_line(result.processed, result.failed, todo, time.time() - started, cfg.input.format == "images"))
-                    last = time.time()
+            with ctrl_c_stops() as interrupted:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
+                    images = batch["unit_done"] < 0
+                    result.processed += int(images.sum())
+                    result.failed += int((~batch["ok"].astype(bool) & images).sum())
+                    result.units_done += int((~images).sum())
+                    if time.time() - last > PROGRESS_SECONDS or result.processed == todo:
+                        progress(progress_line(result.processed, result.failed, todo, time.time() - started, cfg.input.format == "images"))
+                        last = time.time()
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
     finally:
         stop_watch.set()
         result.seconds = time.time() - started
@@ -362,6 +368,27 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
         result.status = "failed"
         result.message = f"{len(job.units) - result.units_done} of {len(job.units)} input units were not committed: rerun to finish them"
     return result
+
+
+@contextlib.contextmanager
+def ctrl_c_stops() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) while the plan runs: remembered, and raised as KeyboardInterrupt. Remembered
+    because Ray Data's iterator can catch the exception in one of its own threads' waits and carry
+    on; the loop then stops at its next batch all the same."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted  # signals reach the main thread only
+        return
+
+    def on_sigint(signum, frame) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], None]) -> None:
