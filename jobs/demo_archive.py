@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jobs.training import write_split
+
 CLASS_NAMES = ["background", "disc", "box", "triangle"]
 SPLIT_SEEDS = {"train": 1000, "heldout": 2000}
 WINDOW = 128  # the demo's sliding window: one held-out image is larger than it on both sides
@@ -83,12 +85,4 @@ def heldout_sizes(count: int) -> list[tuple[int, int] | None]:
 
 def write_archive(root: str | Path, split: str = "heldout", count: int = 16) -> Path:
     """Write `count` images of a split as PNGs: <root>/images/NNNN.png and <root>/labels/NNNN.png."""
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    sizes = heldout_sizes(count) if split == "heldout" else [None] * count
-    for i, size in enumerate(sizes):
-        image, label = make_sample(split, i, size)
-        Image.fromarray(image).save(root / "images" / f"{i:04d}.png")
-        Image.fromarray(label).save(root / "labels" / f"{i:04d}.png")
-    return root
+    return write_split(root, make_sample, split, heldout_sizes(count) if split == "heldout" else [None] * count)

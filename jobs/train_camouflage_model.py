@@ -23,35 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from jobs.camouflage_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
+from jobs.training import fit, random_crops, segment_heldout
 from models import build_model, save_native
 from pipeline.cod_metrics import CodAccumulator, cod_image_stats
 from pipeline.masks import quantize_probability
 from pipeline.metrics import ClassAreas, class_areas, summarize
-from pipeline.tiling import TilingSettings, segment_images
 
 # a reduced-width MiT-B0, as the semantic demo's: the same four stages, narrower
 CAMOUFLAGE_ARCH = dict(hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=64)
 CROP = 96  # training crops; images are 128 to 200 pixels a side
 DICE_WEIGHT = 0.5
 HELDOUT_IMAGES = 16  # as many as `segpipe demo --task camouflage` segments
-
-
-def training_batch(rng: np.random.Generator, batch: int, pool: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random crops, flipped and turned by quarter turns (the object's cue is its texture relative
-    to the background's, which none of these changes)."""
-    images, labels = [], []
-    for _ in range(batch):
-        image, label = pool[int(rng.integers(len(pool)))]
-        h, w = label.shape
-        y, x = int(rng.integers(0, h - CROP + 1)), int(rng.integers(0, w - CROP + 1))
-        image, label = image[y : y + CROP, x : x + CROP], label[y : y + CROP, x : x + CROP]
-        if rng.random() < 0.5:
-            image, label = image[:, ::-1], label[:, ::-1]
-        turns = int(rng.integers(4))
-        image, label = np.rot90(image, turns), np.rot90(label, turns)
-        images.append(np.ascontiguousarray(image))
-        labels.append(np.ascontiguousarray(label))
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2), torch.from_numpy(np.stack(labels)).long()
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,16 +47,10 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def evaluate(model, count: int = HELDOUT_IMAGES) -> dict:
     """Held-out measures with the demo's own sliding-window settings: the camouflaged-object
     measures from the 8-bit probability maps (as a binary run computes them), and IoU."""
-    settings = TilingSettings(mode="slide", window=(WINDOW, WINDOW), stride=(WINDOW * 2 // 3,) * 2, batch_size=8, binary=True)
-
-    def score_fn(windows: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(model.normalize(windows)).float()
-
     total = ClassAreas.zeros(len(CLASS_NAMES))
     cod = CodAccumulator()
     samples = [make_sample("heldout", i, size) for i, size in enumerate(heldout_sizes(count))]
-    for (_image, label), seg in zip(samples, segment_images(score_fn, [s[0] for s in samples], settings)):
+    for (_image, label), seg in zip(samples, segment_heldout(model, samples, WINDOW, binary=True)):
         total += class_areas(seg.labels, label, len(CLASS_NAMES), 255)
         cod.add(cod_image_stats(quantize_probability(seg.probability), (label == 1).astype(np.uint8) * 255))
     return {**cod.result(), **summarize(total)}
@@ -97,21 +73,17 @@ def main() -> None:
     pool = [make_sample("train", i) for i in range(args.images)]
     model = build_model("segformer-b0", num_classes=len(CLASS_NAMES), **CAMOUFLAGE_ARCH)
     model.class_names = list(CLASS_NAMES)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    model.train()
-    for step in range(1, args.steps + 1):
-        images, labels = training_batch(rng, args.batch, pool)
-        logits = model(model.normalize(images))
-        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 25 == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.4f}  {time.time() - started:.0f} s", flush=True)
-    model.eval()
+    # random crops flipped and turned by quarter turns: the object's cue is its texture relative to
+    # the background's, which none of these changes
+    fit(
+        model,
+        lambda: random_crops(rng, args.batch, pool, CROP, quarter_turns=True),
+        steps=args.steps,
+        lr=args.lr,
+        started=started,
+        loss_fn=loss_fn,
+        log_every=25,
+    )
     train_seconds = time.time() - started
     metrics = evaluate(model)
     print(
