@@ -185,7 +185,7 @@ def prepare_image(image: np.ndarray, size: int) -> torch.Tensor:
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"images must be H x W x 3 arrays, got shape {array.shape}")
-    pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float()
+    pixels = torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float()
     height, width = pixels.shape[1:]
     short = min(height, width)
     if short < size:
