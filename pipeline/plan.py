@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.predictor import Predictor, load_job_model, weights_sha256
+from pipeline.predictor import DIE_ON, Predictor, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity, runs_of_job
 from pipeline.sink import PartWriter
@@ -444,6 +444,11 @@ def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, *,
         compute=ray.data.ActorPoolStrategy(size=actors.actors),
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
+        # a dead actor is replaced and its batch redone (Ray Data's defaults, stated): the writer takes
+        # every image once; the test hook that kills one reaches the actors through their environment
+        max_restarts=-1,
+        max_task_retries=-1,
+        **({"runtime_env": {"env_vars": {DIE_ON: os.environ[DIE_ON]}}} if os.environ.get(DIE_ON) else {}),
     )
     # one writer, holding no CPU: every row of a unit must meet in one place to commit it as parts
     return ds.map_batches(

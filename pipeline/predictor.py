@@ -165,6 +165,7 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
+        die_once_on([image.image_id for image in images])
         out = [Prediction.of(image) for image in images]
         in_memory = [i for i, image in enumerate(images) if not image.error and not image.is_unit_end and image.stream is None]
         for i, image in enumerate(images):
@@ -286,6 +287,23 @@ def segment_tiff(
         finally:
             if label is not None:
                 label.close()
+
+
+DIE_ON = "SEGPIPE_TEST_DIE_ON"  # a test hook, off by default: see die_once_on
+
+
+def die_once_on(image_ids: list[str]) -> None:
+    """Test hook for dead actors: with SEGPIPE_TEST_DIE_ON=<image id>:<marker file>, the actor process
+    that gets that image dies (os._exit) the first time, leaving the marker so that the replacement
+    actor goes on. Off unless the variable is set."""
+    hook = os.environ.get(DIE_ON)
+    if not hook:
+        return
+    image_id, _, marker = hook.rpartition(":")
+    if image_id in image_ids and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os._exit(1)
 
 
 MMAP_THRESHOLD_BYTES = 16 * 2**20

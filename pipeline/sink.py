@@ -65,7 +65,8 @@ class PartWriter:
     Each call takes Predictions; it returns one progress row per image (`image_id`, `ok`) and one
     row per finished unit (`unit_done` = its index, `image_id` empty), never the masks. A unit is
     finished when its end row (the number of image rows its read task sent) has arrived and as many
-    image rows have been committed.
+    image rows have been committed. An image that arrives twice (a predictor batch retried after its
+    actor died) is taken once: every image of a unit is committed once.
     """
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool) -> None:
@@ -76,6 +77,7 @@ class PartWriter:
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
         self.next_seq: dict[int, int] = {}
+        self.seen: dict[int, set[str]] = {}  # unit -> image ids taken (units in flight only)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         progress: dict[str, list] = {"image_id": [], "ok": [], "unit_done": []}
@@ -86,6 +88,9 @@ class PartWriter:
             if row.is_unit_end:
                 self.expected[row.unit] = row.unit_rows
                 continue
+            if row.image_id in self.seen.setdefault(row.unit, set()):
+                continue  # a retried batch's duplicate
+            self.seen[row.unit].add(row.image_id)
             self.pending.setdefault(row.unit, []).append(row)
             progress["image_id"].append(row.image_id)
             progress["ok"].append(not row.error)
@@ -105,6 +110,7 @@ class PartWriter:
                 progress["ok"].append(True)
                 progress["unit_done"].append(unit)
                 del self.pending[unit], self.expected[unit]
+                self.seen.pop(unit, None)
         return progress
 
     def _commit(self, unit: int, rows: list[Prediction]) -> None:

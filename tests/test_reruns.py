@@ -227,3 +227,20 @@ def test_ctrl_c_ends_cleanly_and_the_rerun_completes_every_image_once(ray_sessio
     assert main(["run", str(config)]) == 0
     ids = read_run_table(tmp_path / "runs" / "sigint", "masks").column("image_id").to_pylist()
     assert sorted(ids) == sorted(f"img{i:03d}.png" for i in range(24))  # every image once
+
+
+def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, checkpoint, monkeypatch):
+    from pipeline.predictor import DIE_ON
+
+    data = labeled_folder(tmp_path / "data", [(40, 50)] * 8, NUM_CLASSES)
+    marker = tmp_path / "died"
+    monkeypatch.setenv(DIE_ON, f"img005.png:{marker}")  # the actor that gets img005 dies, once
+    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="dies", input={"images_per_unit": 2})
+    assert run(tmp_path, cfg) == 0
+    assert marker.exists() and int(marker.read_text()) > 0  # it did die
+    ids = read_run_table(tmp_path / "runs" / "dies", "masks").column("image_id").to_pylist()
+    assert sorted(ids) == [f"img{i:03d}.png" for i in range(8)]  # every image once
+    monkeypatch.delenv(DIE_ON)
+    assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="lives")) == 0
+    died, lived = (strict_json_load(tmp_path / "runs" / r / "summary.json") for r in ("dies", "lives"))
+    assert died["IoU"] == lived["IoU"] and died["images"] == lived["images"] == 8

@@ -69,3 +69,10 @@ def test_part_tables_hold_masks_metrics_and_errors_with_their_attempt():
     assert masks.column("image_id").to_pylist() == ["a", "b"]
     assert metrics.column("image_id").to_pylist() == ["b"] and metrics.column("union").to_pylist() == [[0, 1]]
     assert errors.to_pylist() == [{"image_id": "z", "stage": "decode", "error": "bad", "attempt": 4}]
+
+
+def test_an_image_that_arrives_twice_is_committed_once(tmp_path):
+    w = writer(tmp_path, images_per_unit=10)
+    w(batch(prediction(0, "a"), prediction(0, "b")))
+    out = w(batch(prediction(0, "a"), Prediction(0, "", unit_rows=2)))  # a retried batch sends "a" again
+    assert 0 in out["unit_done"] and part_ids(tmp_path) == [["a", "b"]]
