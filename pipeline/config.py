@@ -49,6 +49,8 @@ class InputConfig(_Strict):
     # and within this many pixels, checked on its header before any pixel is read
     max_stream_pixels: Int = Field(10_000_000_000, ge=1, description="largest streamed TIFF (10 gigapixels)")
     exif_transpose: Bool = Field(True, description="turn images and labels upright by their EXIF orientation")
+    # a local path on a cluster of several nodes is refused unless it is a mount every node shares
+    shared_filesystem: Bool = Field(False, description="a local input.uri is the same mount on every node")
     image_column: str = "image"
     id_column: str = "image_id"
     label_column: str | None = None
@@ -146,6 +148,7 @@ class OutputConfig(_Strict):
     # masks of images larger than this on either side are written as chunk_size x chunk_size chunk
     # rows (pipeline.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
+    shared_filesystem: Bool = Field(False, description="a local output.uri is the same mount on every node")
 
 
 class MetricsConfig(_Strict):

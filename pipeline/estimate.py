@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import JobConfig
 from pipeline.decode import DecodeError, image_size
-from pipeline.plan import ActorPlan, format_seconds, init_ray, plan_actors, prepare_job, ray_lines_to
+from pipeline.plan import ActorPlan, format_seconds, init_ray, prepare_job, ray_lines_to, size_actors
 from pipeline.rows import SourceUnit
 from pipeline.source import reader_for
 from pipeline.storage import StoreStats, open_fs, scrub, with_retries
@@ -127,7 +127,7 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
     cfg = job.cfg
     with ray_lines_to(None if verbose else job.log_path):
         init_ray(verbose)
-        actors = plan_actors(cfg, ray.cluster_resources())
+        actors = size_actors(cfg)
         header_start = time.time()
         rows: list[dict] = []
         if job.units:

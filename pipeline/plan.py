@@ -31,7 +31,7 @@ from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity, runs_of_job
 from pipeline.sink import PartWriter
 from pipeline.source import read_and_decode, reader_for
-from pipeline.storage import StoreStats, scrub
+from pipeline.storage import StoreStats, is_local, scrub
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +91,21 @@ class ActorPlan:
     num_gpus: float
     threads: int
     note: str = ""
+    task_cpus: float = 1.0  # what each read task asks for
 
 
-def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
+def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float] | None = None) -> ActorPlan:
     """Size the actor pool from what the cluster has.
 
     Read and write tasks need CPUs too: actors that hold every CPU starve them and the job hangs
-    (seen with Ray 2.60 on 2 cores), so CPU actors together leave at least one CPU free.
+    (seen with Ray 2.60 on 2 cores), so CPU actors together leave at least one CPU free. On a
+    cluster of several nodes every node must keep room for a read task wherever the actors land
+    (two actors of 0.5 CPU on two 1-CPU nodes left neither a whole CPU: the read task never ran), so
+    where a node has under 2 CPUs read tasks ask for half a CPU and each node keeps that half.
     """
     cpus = float(cluster.get("CPU", 1))
+    nodes = [c for c in (node_cpus or [cpus]) if c > 0]
+    task_cpus = 1.0 if min(nodes) >= 2 else 0.5
     gpus = float(cluster.get("GPU", 0))
     want = cfg.resources
     notes = []
@@ -111,7 +117,8 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
     if num_gpus > 0 and actors * num_gpus > gpus:
         actors = max(1, int(gpus // num_gpus))
         notes.append(f"{actors} actors fit on {gpus:g} GPUs")
-    free = max(cpus - 1.0, 0.5)  # one CPU stays with the read and write tasks
+    # room for the read and write tasks: one CPU on one node; on several nodes, a task's worth on each
+    free = max(cpus - (1.0 if len(nodes) == 1 else task_cpus * len(nodes)), 0.5)
     if num_gpus > 0:
         num_cpus = want.cpus_per_actor or 1.0
     else:
@@ -128,7 +135,20 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float]) -> ActorPlan:
     # for read and write tasks is mostly idle (decoding is cheap next to the model), and a 1-thread
     # actor on 2 cores ran at 0.38x a plain 2-thread loop (benchmarks/pipeline_throughput.py).
     threads = max(1, math.ceil(num_cpus)) if num_gpus > 0 else max(1, int(cpus // actors))
-    return ActorPlan(actors, num_cpus, num_gpus, threads=threads, note="; ".join(notes))
+    return ActorPlan(actors, num_cpus, num_gpus, threads=threads, note="; ".join(notes), task_cpus=task_cpus)
+
+
+def alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def size_actors(cfg: JobConfig) -> ActorPlan:
+    """`plan_actors` for the cluster Ray is connected to: its totals and each node's CPUs."""
+    import ray
+
+    return plan_actors(cfg, ray.cluster_resources(), [float(n.get("Resources", {}).get("CPU", 0)) for n in alive_nodes()])
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -183,6 +203,8 @@ def run_job(
     try:
         with ray_lines_to(None if verbose else job.log_path):
             outcome = execute_job(job, progress, verbose=verbose)
+    except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
+        raise
     except KeyboardInterrupt:
         outcome = Execution(status="interrupted", message="interrupted (Ctrl-C): rerun the same config to finish")
     except Exception as exc:
@@ -316,8 +338,9 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     cfg = job.cfg
     todo = sum(len(u.uris) for u in job.units)
     init_ray(verbose)
+    refuse_local_paths_on_a_cluster(cfg, alive_nodes())
     monitor = _run_monitor_class().remote()
-    actor_plan = plan_actors(cfg, ray.cluster_resources())
+    actor_plan = size_actors(cfg)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
     result = Execution(actors=vars(actor_plan))
@@ -391,6 +414,23 @@ def ctrl_c_stops() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+def refuse_local_paths_on_a_cluster(cfg: JobConfig, nodes: list) -> None:
+    """On a cluster of several nodes a local input or output path names a different disk on each
+    node: the read tasks would miss images and the writer's parts would land on one node. ConfigError
+    (exit 2, before anything is written) unless the config says the path is a shared mount."""
+    if len(nodes) < 2:
+        return
+    for field, uri, shared in (
+        ("input", cfg.input.uri, cfg.input.shared_filesystem),
+        ("output", cfg.output.uri, cfg.output.shared_filesystem),
+    ):
+        if not shared and is_local(uri):
+            raise ConfigError(
+                f"{field}.uri: {uri} is a local path on a cluster of {len(nodes)} nodes, where each node has its own disk: "
+                f"use an object store (s3://, gs://, ...) or set {field}.shared_filesystem: true for a mount every node shares"
+            )
+
+
 def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], None]) -> None:
     """While the job runs: a line for each streamed image in progress (they take minutes each)."""
     import ray
@@ -435,7 +475,7 @@ def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, *,
     # segpipe prints its own progress line; Ray's bars only when asked for
     ctx.enable_progress_bars = os.environ.get("SEGPIPE_RAY_PROGRESS", "0") == "1"
     ds = ray.data.from_items([u.to_record() for u in units], override_num_blocks=len(units))
-    ds = ds.flat_map(read_and_decode, fn_kwargs={"cfg": cfg, "monitor": monitor})
+    ds = ds.flat_map(read_and_decode, fn_kwargs={"cfg": cfg, "monitor": monitor}, num_cpus=actors.task_cpus)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "num_threads": actors.threads, "monitor": monitor},

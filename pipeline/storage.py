@@ -65,6 +65,11 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def is_local(uri: str) -> bool:
+    """A path on this machine's own file system (a plain path or file://)."""
+    return "file" in _protocols(fsspec.core.url_to_fs(uri)[0])
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
 

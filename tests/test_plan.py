@@ -152,3 +152,20 @@ def test_whole_mode_writes_one_mask_per_image(ray_session, tmp_path, archive, ch
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     masks = read_run_table(tmp_path / "runs" / "whole", "masks")
     assert masks.num_rows == 6
+
+
+@pytest.mark.parametrize(
+    "nodes, actors, expect",
+    [
+        ([1, 1], 2, (2, 0.5, 0.5)),  # two 1-CPU nodes: half a CPU for each actor, half for a read task on each node
+        ([1, 1], 1, (1, 1.0, 0.5)),  # one actor fills a node; the other node runs the tasks
+        ([4, 4], 2, (2, 3.0, 1.0)),  # big nodes: whole CPUs for tasks on each node
+        ([2], 1, (1, 1.0, 1.0)),  # one node as before
+    ],
+)
+def test_actors_on_several_nodes_leave_every_node_room_for_a_read_task(nodes, actors, expect):
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "resources": {"actors": actors}})
+    plan = plan_actors(cfg, {"CPU": float(sum(nodes))}, [float(n) for n in nodes])
+    assert (plan.actors, plan.num_cpus, plan.task_cpus) == expect
+    # an actor fits a node, and the actors leave at least a read task's CPUs on every node but those they fill
+    assert plan.num_cpus <= max(nodes) and sum(nodes) - plan.actors * plan.num_cpus >= plan.task_cpus
