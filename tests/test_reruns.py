@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -227,6 +228,44 @@ def test_ctrl_c_ends_cleanly_and_the_rerun_completes_every_image_once(ray_sessio
     assert main(["run", str(config)]) == 0
     ids = read_run_table(tmp_path / "runs" / "sigint", "masks").column("image_id").to_pylist()
     assert sorted(ids) == sorted(f"img{i:03d}.png" for i in range(24))  # every image once
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the session `sid` (the run and the local Ray it started): what a
+    lost machine does to a run, and nothing else on the machine."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout.split()
+    for pid, session in zip(listing[::2], listing[1::2]):
+        if int(session) == sid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tmp_path, checkpoint):
+    data = labeled_folder(tmp_path / "data", [(96, 96)] * 16, NUM_CLASSES)
+    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="killed", input={"images_per_unit": 2},
+                     inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4})  # fmt: skip
+    config = write_yaml(tmp_path / "job.yaml", cfg)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    masks = tmp_path / "runs" / "killed" / "masks"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not any(masks.glob("part-*.parquet")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its first part was committed: make the job longer"
+    kill_session(proc.pid)  # the driver, its local Ray, its actors: no goodbye, no run.json update
+    proc.wait(timeout=30)
+    committed = read_run_table(tmp_path / "runs" / "killed", "masks").column("image_id").to_pylist()
+    assert 0 < len(committed) < 16 and strict_json_load(tmp_path / "runs" / "killed" / "run.json")["status"] == "running"
+
+    assert main(["run", str(config)]) == 0
+    ids = read_run_table(tmp_path / "runs" / "killed", "masks").column("image_id").to_pylist()
+    assert sorted(ids) == [f"img{i:03d}.png" for i in range(16)]  # every image once
+    summary = strict_json_load(tmp_path / "runs" / "killed" / "summary.json")
+    assert summary["images"] == 16 and summary["labeled_images"] == 16
+    # the same as a run that was never killed
+    assert main(["run", str(write_yaml(tmp_path / "whole.yaml", {**cfg, "run_id": "whole"}))]) == 0
+    assert strict_json_load(tmp_path / "runs" / "whole" / "summary.json")["IoU"] == summary["IoU"]
 
 
 def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, checkpoint, monkeypatch):
