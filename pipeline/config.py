@@ -49,6 +49,10 @@ class InputConfig(_Strict):
     # and within this many pixels, checked on its header before any pixel is read
     max_stream_pixels: Int = Field(10_000_000_000, ge=1, description="largest streamed TIFF (10 gigapixels)")
     exif_transpose: Bool = Field(True, description="turn images and labels upright by their EXIF orientation")
+    # a list of the archive's keys (a Parquet or CSV file, such as an S3 Inventory report) read
+    # instead of listing input.uri: keys relative to input.uri, or to its bucket (Inventory's keys)
+    manifest: str | None = None
+    manifest_column: str = "key"
     # a local path on a cluster of several nodes is refused unless it is a mount every node shares
     shared_filesystem: Bool = Field(False, description="a local input.uri is the same mount on every node")
     image_column: str = "image"

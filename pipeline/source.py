@@ -24,7 +24,7 @@ from pipeline.config import InputConfig, JobConfig
 from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
-from pipeline.storage import StoreStats, full_uri, list_files, open_fs, read_bytes, scrub
+from pipeline.storage import StoreStats, full_uri, list_files, list_manifest, open_fs, read_bytes, scrub
 from pipeline.tiff import probe_stream
 
 
@@ -72,8 +72,12 @@ class ImageFolderReader:
         """One recursive listing of the images prefix and one of the labels prefix, never a call per key."""
         cfg = self.cfg
         regex = glob_regex(cfg.pattern)
-        fs, root, keys = list_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
-        if not keys and not fs.exists(root):
+        if cfg.manifest:  # the archive's keys from a list (an S3 Inventory report): no listing of the prefix
+            fs, root, keys = list_manifest(cfg.manifest, cfg.uri, cfg.storage_options, column=cfg.manifest_column,
+                                           suffixes=IMAGE_EXTENSIONS, stats=stats)  # fmt: skip
+        else:
+            fs, root, keys = list_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
+        if not keys and not cfg.manifest and not fs.exists(root):
             raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
         keys = [k for k in keys if regex.match(k)]
         labels: dict[str, str] = {}

@@ -122,6 +122,50 @@ def list_files(
     return fs, root, sorted(keys)
 
 
+def list_manifest(
+    manifest_uri: str,
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    column: str = "key",
+    suffixes: tuple[str, ...] | None = None,
+    stats: StoreStats | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
+    """`list_files` from a manifest instead of a listing: the keys in `column` of a Parquet or CSV
+    file (an S3 Inventory report, say). A key is relative to `uri`, or to its bucket when it starts
+    with `uri`'s path (Inventory's keys do); keys outside `uri` are left out. Read with retries."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    fs, root = open_fs(uri, storage_options)
+    mfs, mpath = open_fs(manifest_uri, storage_options)
+    data = with_retries(lambda: mfs.cat_file(mpath), what="read", uri=manifest_uri, stats=stats)
+    reader = pq.read_table if mpath.lower().endswith((".parquet", ".pq")) else pa_csv.read_csv
+    try:
+        table = reader(io.BytesIO(data), **({"columns": [column]} if reader is pq.read_table else {}))
+    except Exception as exc:
+        raise StoreError(manifest_uri, f"not a readable manifest ({type(exc).__name__}: {exc})") from None
+    if column not in table.column_names:
+        raise StoreError(manifest_uri, f"no column {column!r} (input.manifest_column); columns: {', '.join(table.column_names)}")
+    # Inventory-style keys are relative to the bucket: they start with the prefix's own path, and
+    # then every key that does not is outside the prefix. Otherwise keys are relative to `uri`.
+    bare = root.strip("/")
+    prefix = (bare if "file" in _protocols(fs) else bare.split("/", 1)[-1] if "/" in bare else "") + "/"
+    values = [str(k).lstrip("/") for k in table.column(column).to_pylist() if k]
+    bucket_relative = prefix != "/" and any(k.startswith(prefix) for k in values)
+    keys = []
+    for key in values:
+        if bucket_relative:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix) :]
+        if suffixes is None or key.lower().endswith(suffixes):
+            keys.append(key)
+    if stats is not None:
+        stats.listed_keys += len(keys)
+    return fs, root, sorted(set(keys))
+
+
 def _find_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     """The path of every object under `root`: one recursive listing, names only.
 

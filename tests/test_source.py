@@ -52,3 +52,30 @@ def test_input_format_auto_is_resolved_once_by_the_config_and_picks_the_reader(u
     cfg = load_config({"input": {"uri": uri}, "model": {"name": "segformer-b0"}})
     readers = {"tar": "TarReader", "parquet": "ParquetReader", "images": "ImageFolderReader"}
     assert cfg.input.format == fmt and type(reader_for(cfg.input)).__name__ == readers[fmt]
+
+
+@pytest.mark.parametrize("layout", ["inventory-parquet", "relative-csv"])
+def test_listing_from_a_manifest_equals_listing_the_prefix(layout, tmp_path):
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    fs = fsspec.filesystem("memory")
+    fs.rm("/inv", recursive=True) if fs.exists("/inv") else None
+    for key in ("cam-1/a.png", "cam-1/b.jpg", "cam-2/c.png", "cam-2/notes.txt"):
+        fs.pipe(f"/inv/archive/{key}", b"x")
+    fs.pipe("/inv/other/d.png", b"x")  # outside the prefix
+    keys = ["archive/cam-2/c.png", "archive/cam-1/a.png", "archive/cam-1/b.jpg", "archive/cam-2/notes.txt", "other/d.png"]
+    if layout == "inventory-parquet":  # S3 Inventory: bucket-relative keys, a "key" column
+        manifest = tmp_path / "inventory.parquet"
+        pq.write_table(pa.table({"bucket": ["inv"] * len(keys), "key": keys, "size": [1] * len(keys)}), manifest)
+        column = "key"
+    else:  # a CSV of keys relative to input.uri
+        manifest = tmp_path / "keys.csv"
+        pa_csv.write_csv(pa.table({"path": [k.removeprefix("archive/") for k in keys[:4]]}), manifest)
+        column = "path"
+    base = {"uri": "memory://inv/archive", "pattern": "**/*", "images_per_unit": 2}
+    listed = reader_for(load_config({"input": base, "model": {"name": "segformer-b0"}}).input).list_units()
+    from_manifest = reader_for(
+        load_config({"input": {**base, "manifest": str(manifest), "manifest_column": column}, "model": {"name": "segformer-b0"}}).input
+    ).list_units()
+    assert from_manifest == listed and [u.image_ids for u in listed] == [("cam-1/a.png", "cam-1/b.jpg"), ("cam-2/c.png",)]
