@@ -22,7 +22,7 @@ from pipeline.plan import ActorPlan, format_seconds, init_ray, prepare_job, ray_
 from pipeline.rows import SourceUnit
 from pipeline.source import reader_for
 from pipeline.storage import StoreStats, open_fs, scrub, with_retries
-from pipeline.tiling import plan_windows
+from pipeline.tiling import TilingSettings, model_inputs
 
 HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF, a TIFF's first IFD
 
@@ -82,10 +82,8 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
     """Model inputs one image takes: its sliding windows (slide mode) or one pass (whole mode), times
     the test-time augmentation views."""
     inference = cfg.inference
-    views = len(inference.tta.scales) * (2 if inference.tta.flip else 1)
-    if inference.mode == "whole":
-        return views
-    return len(plan_windows(height, width, tuple(inference.window), tuple(inference.stride))) * views
+    settings = TilingSettings(mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride))
+    return model_inputs(height, width, settings, views=len(inference.tta.scales) * (2 if inference.tta.flip else 1))
 
 
 def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:

@@ -29,8 +29,9 @@ from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, class_areas
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
+from pipeline.telemetry import RunMetrics
 from pipeline.tiff import StreamError, TiffWindows
-from pipeline.tiling import TilingSettings, segment_images, segment_streaming, with_tta
+from pipeline.tiling import TilingSettings, model_inputs, segment_images, segment_streaming, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,8 @@ class Predictor:
         self.chunk_size = cfg.output.chunk_size
         self.input_storage_options = cfg.input.storage_options
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
+        self.metrics = RunMetrics(cfg.run_id or "")
+        self.views = len(inference.tta.scales) * (2 if inference.tta.flip else 1)
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
             mode=inference.mode,
@@ -164,6 +167,7 @@ class Predictor:
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        started = time.perf_counter()
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
         die_once_on([image.image_id for image in images])
         out = [Prediction.of(image) for image in images]
@@ -190,7 +194,14 @@ class Predictor:
             out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
             if self.cod and label is not None and not out[i].error:
                 out[i] = self._guard(out[i], "metrics", self._cod_stats, out[i], seg.probability, label)
+        self._record_metrics(images, out, time.perf_counter() - started)
         return to_columns([p.to_record() for p in out])
+
+    def _record_metrics(self, images: list[DecodedImage], out: list[Prediction], seconds: float) -> None:
+        real = [(image, p) for image, p in zip(images, out) if not image.is_unit_end]
+        for image, p in real:
+            windows = model_inputs(image.height, image.width, self.settings, self.views) if image.height and image.width else 0
+            self.metrics.image(not p.error, seconds / max(len(real), 1), windows)
 
     def _finish(
         self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None

@@ -25,6 +25,7 @@ from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
 from pipeline.storage import StoreStats, full_uri, list_files, list_manifest, open_fs, read_bytes, scrub
+from pipeline.telemetry import RunMetrics
 from pipeline.tiff import probe_stream
 
 
@@ -165,9 +166,11 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None) -> Ite
     (retries, failures) goes to the run monitor (pipeline.plan) when the unit ends."""
     unit = SourceUnit.from_record(row)
     stats = StoreStats()
+    metrics = RunMetrics(cfg.run_id or "")
     sent = 0
     try:
         for sample in reader_for(cfg.input).read_unit(unit, stats):
+            metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))
             yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose).to_record()
             sent += 1
         yield DecodedImage.unit_end(unit.index, sent).to_record()

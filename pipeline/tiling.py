@@ -247,6 +247,14 @@ def plan_windows(height: int, width: int, window: tuple[int, int], stride: tuple
     )
 
 
+def model_inputs(height: int, width: int, settings: TilingSettings, views: int = 1) -> int:
+    """How many model inputs one image takes: its sliding windows (slide mode) or one pass (whole
+    mode), times the test-time augmentation views."""
+    if settings.mode == "whole":
+        return views
+    return len(plan_windows(height, width, settings.window, settings.stride)) * views
+
+
 # --------------------------------------------------------------------------- blending weights
 
 

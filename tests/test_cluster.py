@@ -61,3 +61,51 @@ def test_local_paths_are_refused_on_two_nodes_unless_shared_and_two_actors_commi
     assert result == {"code": 0, "nodes": 2}
     ids = read_run_table(tmp_path / "runs" / "two-nodes", "masks").column("image_id").to_pylist()
     assert sorted(ids) == [f"img{i:03d}.png" for i in range(6)]
+
+
+METRICS_DRIVER = textwrap.dedent(
+    """
+    import json, socket, sys, time, urllib.request
+    import ray
+
+    sock = socket.socket(); sock.bind(("127.0.0.1", 0)); port = sock.getsockname()[1]; sock.close()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=port)
+    try:
+        from jobs.cli import main
+
+        code = main(["run", sys.argv[1]])
+        lines, deadline = [], time.time() + 90  # Ray exports every few seconds
+        while time.time() < deadline:
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+                lines = [l for l in text.splitlines() if l.startswith("ray_segpipe_") and 'run_id="metrics"' in l]
+                if any(l.startswith("ray_segpipe_images_total") for l in lines) and any(l.startswith("ray_segpipe_read_bytes") for l in lines):
+                    break
+            except OSError:
+                pass
+            time.sleep(2)
+        print(json.dumps({"code": code, "lines": lines}))
+    finally:
+        ray.shutdown()
+    """
+)
+
+
+def test_a_runs_metrics_appear_on_rays_prometheus_endpoint(tmp_path):
+    data = labeled_folder(tmp_path / "data", [(40, 50)] * 3, 3)
+    checkpoint = tiny_checkpoint(tmp_path / "m.safetensors", 3)
+    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="metrics")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", METRICS_DRIVER, str(write_yaml(tmp_path / "job.yaml", cfg))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    values = {line.split("{")[0] + ("" if "outcome" not in line else "/" + line.split('outcome="')[1].split('"')[0]): float(line.rsplit(" ", 1)[1])
+              for line in result["lines"] if not line.startswith("#")}  # fmt: skip
+    assert values["ray_segpipe_images_total/ok"] == 3
+    assert values["ray_segpipe_windows_total"] == 3 * 2 * 2  # 40 x 50 in 32-px windows, stride 24: 2 x 2 each
+    assert values["ray_segpipe_read_bytes_total"] == sum(p.stat().st_size for p in (data / "images").iterdir()) + sum(
+        p.stat().st_size for p in (data / "labels").iterdir()
+    )
+    assert values["ray_segpipe_image_seconds_count"] == 3

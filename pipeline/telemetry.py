@@ -1,0 +1,43 @@
+"""A run's metrics on Ray's metrics API (`ray.util.metrics`): Ray exports them on each node's
+Prometheus endpoint, beside Ray's own, as it does for every Ray application (with `ray[default]`,
+the `monitoring` extra). Names get Ray's `ray_` prefix there:
+
+    segpipe_images_total{run_id, outcome}    images segmented (outcome "ok") or failed ("error")
+    segpipe_windows_total{run_id}            model inputs: sliding windows (or whole images) x TTA views
+    segpipe_image_seconds{run_id}            seconds per image in the predictor (a histogram)
+    segpipe_read_bytes_total{run_id}         image and label bytes read by the read tasks
+"""
+
+from __future__ import annotations
+
+SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]
+
+
+class RunMetrics:
+    """The metrics of one run, created in the process that records them (a task or an actor)."""
+
+    def __init__(self, run_id: str) -> None:
+        self.tags = {"run_id": run_id}
+        try:
+            from ray.util.metrics import Counter, Histogram
+        except ImportError:  # metrics are a nicety: a Ray without them runs the job all the same
+            self._images = self._windows = self._seconds = self._bytes = None
+            return
+        self._images = Counter("segpipe_images_total", description="images segmented or failed", tag_keys=("run_id", "outcome"))
+        self._windows = Counter("segpipe_windows_total", description="model inputs (windows x TTA views)", tag_keys=("run_id",))
+        self._seconds = Histogram(
+            "segpipe_image_seconds", description="seconds per image in the predictor", boundaries=SECONDS_BUCKETS, tag_keys=("run_id",)
+        )
+        self._bytes = Counter("segpipe_read_bytes_total", description="image and label bytes read", tag_keys=("run_id",))
+
+    def image(self, ok: bool, seconds: float, windows: int) -> None:
+        if self._images is None:
+            return
+        self._images.inc(1, tags={**self.tags, "outcome": "ok" if ok else "error"})
+        if ok:
+            self._windows.inc(windows, tags=self.tags)
+            self._seconds.observe(seconds, tags=self.tags)
+
+    def bytes_read(self, count: int) -> None:
+        if self._bytes is not None and count:
+            self._bytes.inc(count, tags=self.tags)
