@@ -33,16 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny SegFormer and the synthetic scene of the tests
 
 METHODS = ("streamed", "decoded")
-TINY_SEGFORMER = dict(
-    hidden_sizes=[8, 16, 32, 64],
-    num_heads=[1, 1, 1, 1],
-    depths=[1, 1, 1, 1],
-    decoder_dim=16,
-    strides=[8, 2, 2, 2],
-    patch_sizes=[8, 3, 3, 3],
-)
 
 
 def rss_kib(field: str) -> int:
@@ -52,29 +45,17 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def scene(y0: int, x0: int, height: int, width: int):
-    """Bands and checks (uint8 outer sums of row and column patterns): deflates well, no noise."""
-    import numpy as np
-
-    ys, xs = np.arange(y0, y0 + height), np.arange(x0, x0 + width)
-    out = np.empty((height, width, 3), np.uint8)
-    np.add.outer((ys // 37 * 53 % 256).astype(np.uint8), (xs // 29 * 17 % 256).astype(np.uint8), out=out[..., 0])
-    np.add.outer((ys // 11 * 3 % 256).astype(np.uint8), (xs // 13 % 256).astype(np.uint8), out=out[..., 1])
-    np.bitwise_xor.outer((ys // 200 % 2 * 200).astype(np.uint8), (xs // 300 % 2 * 200).astype(np.uint8), out=out[..., 2])
-    out[..., 2] += (xs % 50).astype(np.uint8)
-    return out
-
-
 def write_tiff(path: str, height: int, width: int, tile: int = 256) -> None:
     """A tiled RGB TIFF written tile by tile (one tile in memory at a time)."""
     import numpy as np
     import tifffile
+    from helpers import scene_pixels
 
     def tiles():
         for y in range(0, height, tile):
             for x in range(0, width, tile):
                 padded = np.zeros((tile, tile, 3), np.uint8)
-                region = scene(y, x, min(tile, height - y), min(tile, width - x))
+                region = scene_pixels(y, x, min(tile, height - y), min(tile, width - x))
                 padded[: region.shape[0], : region.shape[1]] = region
                 yield padded
 
@@ -94,6 +75,7 @@ def worker(args: argparse.Namespace) -> None:
     """Run one method in this process; print a JSON line with time and memory."""
     import tifffile
     import torch
+    from helpers import TINY_SEGFORMER
 
     from models import build_model
     from pipeline.masks import encode_chunks

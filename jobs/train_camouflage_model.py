@@ -14,7 +14,6 @@ training run are written to jobs/assets/camouflage-segformer.json beside the che
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from jobs.camouflage_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
-from jobs.training import fit, random_crops, segment_heldout
-from models import build_model, save_native
+from jobs.training import fit, random_crops, save_with_record, segment_heldout
+from models import build_model
 from pipeline.cod_metrics import CodAccumulator, cod_image_stats
 from pipeline.masks import quantize_probability
 from pipeline.metrics import ClassAreas, class_areas, summarize
@@ -90,27 +89,26 @@ def main() -> None:
         f"held-out Sm {metrics['Sm']:.4f}  Em_mean {metrics['Em_mean']:.4f}  wFm {metrics['wFm']:.4f}  MAE {metrics['MAE']:.4f}"
         f"  IoU {[round(v, 4) for v in metrics['IoU']]}"
     )
-    save_native(model, args.out, source="jobs/train_camouflage_model.py")
-    info = {
-        "arch": CAMOUFLAGE_ARCH,
-        "steps": args.steps,
-        "batch": args.batch,
-        "crop": CROP,
-        "lr": args.lr,
-        "loss": f"cross-entropy + {DICE_WEIGHT} * (1 - soft Dice of the object class)",
-        "train_images": args.images,
-        "threads": args.threads,
-        "train_seconds": round(train_seconds, 1),
-        "torch": torch.__version__,
-        "heldout_images": HELDOUT_IMAGES,
-        "heldout": {key: metrics[key] for key in ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")},
-        "heldout_mIoU": metrics["mIoU"],
-        "heldout_IoU": metrics["IoU"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "bytes": Path(args.out).stat().st_size,
-    }
-    Path(args.out).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps(info, indent=2))
+    save_with_record(
+        model,
+        args.out,
+        "jobs/train_camouflage_model.py",
+        {
+            "arch": CAMOUFLAGE_ARCH,
+            "steps": args.steps,
+            "batch": args.batch,
+            "crop": CROP,
+            "lr": args.lr,
+            "loss": f"cross-entropy + {DICE_WEIGHT} * (1 - soft Dice of the object class)",
+            "train_images": args.images,
+            "threads": args.threads,
+            "train_seconds": round(train_seconds, 1),
+            "heldout_images": HELDOUT_IMAGES,
+            "heldout": {key: metrics[key] for key in ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")},
+            "heldout_mIoU": metrics["mIoU"],
+            "heldout_IoU": metrics["IoU"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the last training run are written to jobs/assets/demo-segformer.json beside the 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import numpy as np
 import torch
 
 from jobs.demo_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
-from jobs.training import fit, random_crops, segment_heldout
-from models import build_model, save_native
+from jobs.training import fit, random_crops, save_with_record, segment_heldout
+from models import build_model
 from pipeline.metrics import ClassAreas, class_areas, summarize
 
 # a reduced-width MiT-B0: the same four stages, narrower, so the checkpoint stays small
@@ -57,23 +56,22 @@ def main() -> None:
     train_seconds = time.time() - started
     metrics = evaluate(model)
     print(f"held-out mIoU {metrics['mIoU']:.4f}  aAcc {metrics['aAcc']:.4f}  IoU {[round(v, 4) for v in metrics['IoU']]}")
-    save_native(model, args.out, source="jobs/train_demo_model.py")
-    info = {
-        "arch": DEMO_ARCH,
-        "steps": args.steps,
-        "batch": args.batch,
-        "crop": CROP,
-        "train_images": args.images,
-        "threads": args.threads,
-        "train_seconds": round(train_seconds, 1),
-        "torch": torch.__version__,
-        "heldout_mIoU": metrics["mIoU"],
-        "heldout_IoU": metrics["IoU"],
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "bytes": Path(args.out).stat().st_size,
-    }
-    Path(args.out).with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    print(json.dumps(info, indent=2))
+    save_with_record(
+        model,
+        args.out,
+        "jobs/train_demo_model.py",
+        {
+            "arch": DEMO_ARCH,
+            "steps": args.steps,
+            "batch": args.batch,
+            "crop": CROP,
+            "train_images": args.images,
+            "threads": args.threads,
+            "train_seconds": round(train_seconds, 1),
+            "heldout_mIoU": metrics["mIoU"],
+            "heldout_IoU": metrics["IoU"],
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -90,3 +90,22 @@ def segment_heldout(model, samples: list[Sample], window: int, binary: bool = Fa
             return model(model.normalize(windows)).float()
 
     return segment_images(score_fn, [s[0] for s in samples], settings)
+
+
+def save_with_record(model, out: str | Path, source: str, record: dict) -> dict:
+    """The checkpoint (native .safetensors) and, beside it, its training record as JSON (what was
+    trained how, how long it took, how it does on the held-out split), also printed."""
+    import json
+
+    import models
+
+    models.save_native(model, out, source=source)
+    record = {
+        **record,
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "bytes": Path(out).stat().st_size,
+    }
+    Path(out).with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return record

@@ -301,3 +301,15 @@ def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> dict[
         "Fm_adp": f["adp"],
         "MAE": mae.get_results()["mae"],
     }
+
+
+def scene_pixels(y0: int, x0: int, height: int, width: int) -> np.ndarray:
+    """Pixels of the synthetic scene at any region: bands and checks that deflate well, no noise.
+    Each channel is an outer sum (or xor) of a row and a column pattern, in uint8 (wrapping mod 256)."""
+    ys, xs = np.arange(y0, y0 + height), np.arange(x0, x0 + width)
+    out = np.empty((height, width, 3), np.uint8)
+    np.add.outer((ys // 37 * 53 % 256).astype(np.uint8), (xs // 29 * 17 % 256).astype(np.uint8), out=out[..., 0])
+    np.add.outer((ys // 11 * 3 % 256).astype(np.uint8), (xs // 13 % 256).astype(np.uint8), out=out[..., 1])
+    np.bitwise_xor.outer((ys // 200 % 2 * 200).astype(np.uint8), (xs // 300 % 2 * 200).astype(np.uint8), out=out[..., 2])
+    out[..., 2] += (xs % 50).astype(np.uint8)
+    return out

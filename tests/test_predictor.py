@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import tifffile
 import torch
-from helpers import job_config, read_run_table, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
+from helpers import job_config, read_run_table, scene_pixels, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
 
 from models import load_model
 from pipeline.masks import assemble_mask, decode_png, quantize_probability, read_mask
@@ -231,18 +231,6 @@ WINDOW = 500  # divides 12000: windows do not overlap, so a crop on the window g
 IGNORED_ROWS = 7
 
 
-def scene_tile(y0: int, x0: int, height: int, width: int) -> np.ndarray:
-    """Pixels of the synthetic scene at any region: bands and checks that deflate well, no noise.
-    Each channel is an outer sum (or xor) of a row and a column pattern, in uint8 (wrapping mod 256)."""
-    ys, xs = np.arange(y0, y0 + height), np.arange(x0, x0 + width)
-    out = np.empty((height, width, 3), np.uint8)
-    np.add.outer((ys // 37 * 53 % 256).astype(np.uint8), (xs // 29 * 17 % 256).astype(np.uint8), out=out[..., 0])
-    np.add.outer((ys // 11 * 3 % 256).astype(np.uint8), (xs // 13 % 256).astype(np.uint8), out=out[..., 1])
-    np.bitwise_xor.outer((ys // 200 % 2 * 200).astype(np.uint8), (xs // 300 % 2 * 200).astype(np.uint8), out=out[..., 2])
-    out[..., 2] += (xs % 50).astype(np.uint8)
-    return out
-
-
 def scene_label(y0: int, x0: int, height: int, width: int) -> np.ndarray:
     yy = np.arange(y0, y0 + height)[:, None]
     xx = np.arange(x0, x0 + width)[None, :]
@@ -347,7 +335,7 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     images.mkdir()
     labels.mkdir()
     for shape, name in ((SHORT, "0-short.tif"), (HUGE, "1-huge.tif")):  # listed, and segmented, in this order
-        tiled_tiff(images / name, shape, 256, scene_tile, photometric="rgb")
+        tiled_tiff(images / name, shape, 256, scene_pixels, photometric="rgb")
         tiled_tiff(labels / name, shape, 512, scene_label, photometric="minisblack")
     checkpoint = tiny_checkpoint(tmp_path / "tiny.safetensors", CLASSES)
     config = job_config(
@@ -402,7 +390,7 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     # a crop on the window grid, computed directly with the same model and windows
     y0, x0, size = 5000, 11000, 1000
     settings = TilingSettings(window=(WINDOW, WINDOW), stride=(WINDOW, WINDOW), batch_size=8)
-    direct = segment_images(cpu_scorer(checkpoint), [scene_tile(y0, x0, size, size)], settings)[0]
+    direct = segment_images(cpu_scorer(checkpoint), [scene_pixels(y0, x0, size, size)], settings)[0]
     assert (mask[y0 : y0 + size, x0 : x0 + size] == direct.labels).mean() >= 0.999
 
     # class areas summed band by band in the actor: predicted areas are the written mask's, labeled
