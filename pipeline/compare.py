@@ -49,18 +49,18 @@ import pyarrow.parquet as pq
 
 from pipeline.cod_metrics import KEYS as COD_KEYS
 from pipeline.cod_metrics import CodAccumulator, CodImageStats
+from pipeline.config import LabelsConfig
 from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.rows import IdSet
 from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore
-from pipeline.source import _strip_ext  # the label pairing rule of ImageFolderReader
-from pipeline.storage import full_uri, list_files, open_fs, read_bytes, with_retries
+from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
+from pipeline.storage import open_fs, read_bytes, with_retries
 
 HEADLINE = ("mIoU", "mDice", "aAcc")
 COD_HEADLINE = ("Sm", "Em_mean", "wFm", "MAE")
 LOWER_IS_BETTER = {"MAE"}
 SUMMARY_SCALARS = ("aAcc", "mIoU", "mAcc", "mDice")
-DEFAULT_LABEL_EXTENSIONS = [".png", ".tif", ".tiff", ".bmp", ".jpg", ".jpeg"]
 # per image: the binary scalars, then the mean of each curve (what the bootstrap of Em_mean / Fm_mean needs)
 COD_PER_IMAGE = (*CodImageStats.SCALARS, "em_mean", "fm_mean")
 RESAMPLE_BLOCK = 4_000_000  # counts of W held at once (R_block x n)
@@ -441,25 +441,19 @@ def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sourc
     if not labels_uri:
         src.notes.append(f"run {run.label} has no labels configured: no confusion matrices")
         return src
-    extensions = [e.lower() for e in labels_cfg.get("extensions") or DEFAULT_LABEL_EXTENSIONS]
-    ranks = {ext: i for i, ext in enumerate(extensions)}
+    extensions = labels_cfg.get("extensions") or LabelsConfig().extensions
     try:
-        lfs, lroot, keys = list_files(labels_uri, storage_options, suffixes=tuple(ranks))
+        labels = list_labels(labels_uri, extensions, storage_options)
     except OSError as exc:
         src.notes.append(f"labels {labels_uri} are not reachable ({' '.join(str(exc).split())[:200]}): no confusion matrices")
         return src
-    best: dict[str, tuple[int, str]] = {}
-    for key in keys:
-        rank, stem = ranks[PurePosixPath(key).suffix.lower()], _strip_ext(key)
-        if stem not in best or rank < best[stem][0]:
-            best[stem] = (rank, key)
-    if not best:
+    if not labels:
         src.notes.append(f"no label files under {labels_uri} (missing or empty): no confusion matrices")
         return src
     for image_id in image_ids:
-        hit = best.get(_strip_ext(image_id))
+        hit = labels.get(key_stem(image_id))
         if hit is not None:
-            src.labels[image_id] = full_uri(lfs, f"{lroot.rstrip('/')}/{hit[1]}")
+            src.labels[image_id] = hit
     return src
 
 

@@ -109,6 +109,11 @@ class TTAConfig(_Strict):
     flip: Bool = False
     scales: list[Float] = Field(default_factory=lambda: [1.0], min_length=1)
 
+    @property
+    def views(self) -> int:
+        """Model inputs per window: one per scale, twice that with flip."""
+        return len(self.scales) * (2 if self.flip else 1)
+
     @field_validator("scales")
     @classmethod
     def _positive_scales(cls, v: list[float]) -> list[float]:

@@ -83,7 +83,7 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
     the test-time augmentation views."""
     inference = cfg.inference
     settings = TilingSettings(mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride))
-    return model_inputs(height, width, settings, views=len(inference.tta.scales) * (2 if inference.tta.flip else 1))
+    return model_inputs(height, width, settings, views=inference.tta.views)
 
 
 def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:

@@ -144,11 +144,12 @@ def alive_nodes() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def size_actors(cfg: JobConfig) -> ActorPlan:
-    """`plan_actors` for the cluster Ray is connected to: its totals and each node's CPUs."""
+def size_actors(cfg: JobConfig, nodes: list[dict] | None = None) -> ActorPlan:
+    """`plan_actors` for the cluster Ray is connected to: its totals and each (alive) node's CPUs."""
     import ray
 
-    return plan_actors(cfg, ray.cluster_resources(), [float(n.get("Resources", {}).get("CPU", 0)) for n in alive_nodes()])
+    nodes = alive_nodes() if nodes is None else nodes
+    return plan_actors(cfg, ray.cluster_resources(), [float(n.get("Resources", {}).get("CPU", 0)) for n in nodes])
 
 
 # ---- the job --------------------------------------------------------------------------------------
@@ -338,9 +339,10 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     cfg = job.cfg
     todo = sum(len(u.uris) for u in job.units)
     init_ray(verbose)
-    refuse_local_paths_on_a_cluster(cfg, alive_nodes())
+    nodes = alive_nodes()
+    refuse_local_paths_on_a_cluster(cfg, nodes)
     monitor = _run_monitor_class().remote()
-    actor_plan = size_actors(cfg)
+    actor_plan = size_actors(cfg, nodes)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
     result = Execution(actors=vars(actor_plan))

@@ -152,7 +152,7 @@ class Predictor:
         self.input_storage_options = cfg.input.storage_options
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.metrics = RunMetrics(cfg.run_id or "")
-        self.views = len(inference.tta.scales) * (2 if inference.tta.flip else 1)
+        self.views = inference.tta.views
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
         self.settings = TilingSettings(
             mode=inference.mode,

@@ -57,9 +57,25 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _strip_ext(key: str) -> str:
+def key_stem(key: str) -> str:
+    """A relative key without its extension: what pairs an image with its label."""
     p = PurePosixPath(key)
     return str(p.with_suffix("")) if p.suffix else key
+
+
+def list_labels(uri: str, extensions: list[str], storage_options: dict, stats: StoreStats | None = None) -> dict[str, str]:
+    """The label files under `uri` by key stem (`key_stem`) -> URI, from one recursive listing; where
+    a stem has several, the earliest of `extensions` wins. FileNotFoundError when `uri` does not exist."""
+    ranks = {ext.lower(): i for i, ext in enumerate(extensions)}
+    fs, root, keys = list_files(uri, storage_options, suffixes=tuple(ranks), stats=stats)
+    if not keys and not fs.exists(root):
+        raise FileNotFoundError(f"labels {uri} do not exist (input.labels.uri)")
+    best: dict[str, tuple[int, str]] = {}
+    for key in keys:
+        rank, stem = ranks[PurePosixPath(key).suffix.lower()], key_stem(key)
+        if stem not in best or rank < best[stem][0]:
+            best[stem] = (rank, key)
+    return {stem: full_uri(fs, root + "/" + key) for stem, (_, key) in best.items()}
 
 
 class ImageFolderReader:
@@ -83,24 +99,14 @@ class ImageFolderReader:
         keys = [k for k in keys if regex.match(k)]
         labels: dict[str, str] = {}
         if cfg.labels is not None:
-            ranks = {ext: i for i, ext in enumerate(cfg.labels.extensions)}
-            lfs, lroot, label_keys = list_files(cfg.labels.uri, cfg.storage_options, suffixes=tuple(ranks), stats=stats)
-            if not label_keys and not lfs.exists(lroot):
-                raise FileNotFoundError(f"labels {cfg.labels.uri} do not exist (input.labels.uri)")
-            best: dict[str, tuple[int, str]] = {}
-            for key in label_keys:
-                rank = ranks[PurePosixPath(key).suffix.lower()]
-                stem = _strip_ext(key)
-                if stem not in best or rank < best[stem][0]:
-                    best[stem] = (rank, key)
-            labels = {stem: full_uri(lfs, lroot + "/" + key) for stem, (_, key) in best.items()}
+            labels = list_labels(cfg.labels.uri, cfg.labels.extensions, cfg.storage_options, stats)
         step = cfg.images_per_unit
         return [
             SourceUnit(
                 index=index,
                 format="images",
                 uris=tuple(full_uri(fs, root + "/" + k) for k in keys[start : start + step]),
-                label_uris=tuple(labels.get(_strip_ext(k)) for k in keys[start : start + step]) if cfg.labels else (),
+                label_uris=tuple(labels.get(key_stem(k)) for k in keys[start : start + step]) if cfg.labels else (),
                 image_ids=tuple(keys[start : start + step]),
             )
             for index, start in enumerate(range(0, len(keys), step))

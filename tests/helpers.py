@@ -275,9 +275,9 @@ def tiny_hf_checkpoint(model_type: str, path: Path, seed: int = 0, perturb: bool
     return saved_hf_model(model_class, config, path, seed=seed, perturb=perturb)
 
 
-def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, float], dict[str, list]]:
     """PySODMetrics (the reference implementation) fed (8-bit prediction, 0-255 label) image by image:
-    the camouflaged-object dataset values under segpipe's key names."""
+    the camouflaged-object dataset values under segpipe's key names, and its per-image lists."""
     import warnings
 
     import py_sod_metrics
@@ -290,7 +290,7 @@ def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> dict[
         for metric in (sm, em, wfm, fm, mae):
             metric.step(pred=prediction, gt=label)
     e, f = em.get_results()["em"], fm.get_results()["fm"]
-    return {
+    dataset = {
         "Sm": sm.get_results()["sm"],
         "Em_mean": e["curve"].mean(),
         "Em_max": e["curve"].max(),
@@ -301,6 +301,16 @@ def pysodmetrics_reference(images: list[tuple[np.ndarray, np.ndarray]]) -> dict[
         "Fm_adp": f["adp"],
         "MAE": mae.get_results()["mae"],
     }
+    per_image = {
+        "sm": sm.sms,
+        "wfm": wfm.weighted_fms,
+        "mae": mae.maes,
+        "em_adp": em.adaptive_ems,
+        "fm_adp": fm.adaptive_fms,
+        "em_curve": em.changeable_ems,
+        "fm_curve": fm.changeable_fms,
+    }
+    return dataset, per_image
 
 
 def scene_pixels(y0: int, x0: int, height: int, width: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import pysodmetrics_reference
 from scipy.ndimage import gaussian_filter
 
 from pipeline.cod_metrics import CONVENTIONS, KEYS, CodAccumulator, CodImageStats, cod_image_stats
@@ -62,42 +63,9 @@ def _images() -> list[tuple[np.ndarray, np.ndarray]]:
     return images
 
 
-def _pysodmetrics(images) -> tuple[dict[str, float], dict[str, list]]:
-    """PySODMetrics fed image by image: the dataset values and its per-image lists."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Fmeasure: "will be removed in the future"
-        fm = py_sod_metrics.Fmeasure()
-    sm, em, wfm, mae = py_sod_metrics.Smeasure(), py_sod_metrics.Emeasure(), py_sod_metrics.WeightedFmeasure(), py_sod_metrics.MAE()
-    for prediction, label in images:
-        for metric in (sm, em, wfm, fm, mae):
-            metric.step(pred=prediction, gt=label)
-    e, f = em.get_results()["em"], fm.get_results()["fm"]
-    dataset = {
-        "Sm": sm.get_results()["sm"],
-        "Em_mean": e["curve"].mean(),
-        "Em_max": e["curve"].max(),
-        "Em_adp": e["adp"],
-        "wFm": wfm.get_results()["wfm"],
-        "Fm_mean": f["curve"].mean(),
-        "Fm_max": f["curve"].max(),
-        "Fm_adp": f["adp"],
-        "MAE": mae.get_results()["mae"],
-    }
-    per_image = {
-        "sm": sm.sms,
-        "wfm": wfm.weighted_fms,
-        "mae": mae.maes,
-        "em_adp": em.adaptive_ems,
-        "fm_adp": fm.adaptive_fms,
-        "em_curve": em.changeable_ems,
-        "fm_curve": fm.changeable_fms,
-    }
-    return dataset, per_image
-
-
 def test_dataset_values_equal_pysodmetrics_on_every_key_image_by_image():
     images = _images()
-    reference, _ = _pysodmetrics(images)
+    reference, _ = pysodmetrics_reference(images)
     acc = CodAccumulator()
     for prediction, label in images:
         acc.add(cod_image_stats(prediction, label))
@@ -111,7 +79,7 @@ def test_dataset_values_equal_pysodmetrics_on_every_key_image_by_image():
 
 def test_each_images_values_and_curves_equal_pysodmetrics_including_empty_and_full_labels():
     images = _images()
-    _, reference = _pysodmetrics(images)
+    _, reference = pysodmetrics_reference(images)
     for i, (prediction, label) in enumerate(images):
         stats = cod_image_stats(prediction, label)
         for name in CodImageStats.SCALARS:
