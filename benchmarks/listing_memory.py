@@ -1,6 +1,6 @@
 """Driver memory of listing an S3 prefix of up to 1 000 000 images: keys, not bytes.
 
-    .venv/bin/python benchmarks/listing_memory.py [--keys 100000 1000000] [--sizes 1024 5368709120]
+    .venv/bin/python benchmarks/listing_memory.py [--keys 100000 1000000] [--sizes 1024 5368709120] [--batch 250000]
 
 The listing is s3fs's own code (find -> paged ListObjectsV2 -> info dicts -> names, its listings
 cache included) over generated pages: `GeneratedS3` answers `list_objects_v2` with pages of 1000
@@ -24,6 +24,7 @@ import gc
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,32 +84,70 @@ def generated_s3_class():
     return GeneratedS3
 
 
-def worker(keys: int, size: int, method: str) -> None:
+def write_manifest(keys: int, path: Path) -> None:
+    """An S3 Inventory-style Parquet manifest of the generated keys (bucket, key, size), written in
+    row groups so that writing it holds no more than one of them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("bucket", pa.string()), ("key", pa.string()), ("size", pa.int64())])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, keys, 100_000):
+            n = min(100_000, keys - start)
+            writer.write_table(
+                pa.table({"bucket": [BUCKET] * n, "key": [key_of(i) for i in range(start, start + n)], "size": [1] * n}, schema)
+            )
+
+
+def worker(keys: int, size: int, method: str, batch: int, manifest: str) -> None:
     """List `keys` generated keys in this process; print one JSON line."""
     import fsspec
 
-    from pipeline.config import InputConfig
+    from pipeline.config import load_config
+    from pipeline.plan import Listing
     from pipeline.source import reader_for
     from pipeline.storage import StoreStats
 
     fsspec.register_implementation("s3", generated_s3_class(), clobber=True)
-    cfg = InputConfig(uri=f"s3://{BUCKET}/{PREFIX}", format="images", pattern="**/*.png", storage_options={"keys": keys, "size": size})
-    # warm up outside the measurement: imports that s3fs and botocore make lazily, the event loop thread
-    reader_for(cfg.model_copy(update={"storage_options": {"keys": 10, "size": size}})).list_units()
+
+    def config(n: int):
+        source = {"manifest": manifest} if method == "manifest" else {}
+        return load_config(
+            {
+                "input": {"uri": f"s3://{BUCKET}/{PREFIX}", "format": "images", "pattern": "**/*.png", "listing_batch": batch,
+                          "storage_options": {"keys": n, "size": size}, **source},
+                "model": {"name": "segformer-b0"},
+            }
+        )  # fmt: skip
+
+    # warm up outside the measurement: imports that s3fs, botocore and pyarrow make lazily, the event loop thread
+    reader_for(config(10).input.model_copy(update={"manifest": None})).list_units()
+    import pyarrow.csv  # noqa: F401  (the manifest readers' imports)
+    import pyarrow.parquet  # noqa: F401
+    cfg = config(keys)
     gc.collect()
     before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
     stats = StoreStats()
     start = time.perf_counter()
-    if method == "segpipe":
-        units = reader_for(cfg).list_units(stats)
-        images = sum(len(u.uris) for u in units)
-    else:  # what list_files did before: s3fs's find, names kept, its listings cache left as it is
-        units = fsspec.filesystem("s3", keys=keys, size=size).find(f"{BUCKET}/{PREFIX}")
-        images = len(units)
+    units = 0
+    if method in ("segpipe", "manifest"):  # the driver's listing: a batch at a time, as pipeline.plan runs them
+        listing = Listing(cfg, stats)
+        images = 0
+        while (batch_units := listing.list_batch()) is not None:
+            images += sum(len(u.uris) for u in batch_units)
+            units += len(batch_units)
+            held = None
+        batch_units = None
+    elif method == "held":  # the whole listing held: what the driver did before batches
+        held = reader_for(cfg.input).list_units(stats)
+        images, units = sum(len(u.uris) for u in held), len(held)
+    else:  # s3fs's find, names kept, its listings cache left as it is
+        held = fsspec.filesystem("s3", keys=keys, size=size).find(f"{BUCKET}/{PREFIX}")
+        images = units = len(held)
     seconds = time.perf_counter() - start
     gc.collect()
-    peak, held = rss_kib("VmHWM") - before, rss_kib("VmRSS") - before
+    peak, after = rss_kib("VmHWM") - before, rss_kib("VmRSS") - before
     fs = fsspec.filesystem("s3", keys=keys, size=size)  # the cached instance the listing used
     print(
         json.dumps(
@@ -116,60 +155,72 @@ def worker(keys: int, size: int, method: str) -> None:
                 "method": method,
                 "keys": keys,
                 "size": size,
+                "batch": batch if method in ("segpipe", "manifest") else None,
                 "images": images,
-                "units": len(units),
+                "units": units,
                 "seconds": seconds,
                 "peak_mib": peak / 1024,
-                "held_mib": held / 1024,
+                "held_mib": after / 1024,
                 "pages": fs.list_calls,
-                "listings": stats.list_calls,
-                "cached_dirs": len(fs.dircache),
                 "cached_entries": sum(len(v) for v in fs.dircache.values()),
             }
         )
     )
 
 
+def measure(keys: int, size: int, method: str, batch: int, manifest: str = "") -> dict:
+    """One case in a fresh subprocess (its own peak RSS)."""
+    command = [sys.executable, __file__, "--worker", str(keys), str(size), method, str(batch), manifest]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"worker {method} {keys} keys failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keys", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 5 * 2**30], help="claimed bytes per object")
-    parser.add_argument("--no-find", action="store_true", help="leave out the row of s3fs's plain find")
-    parser.add_argument("--worker", nargs=3, metavar=("KEYS", "SIZE", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, default=250_000, help="input.listing_batch (the default)")
+    parser.add_argument("--no-baselines", action="store_true", help="leave out the held listing and s3fs's find")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2])
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], int(args.worker[3]), args.worker[4])
         return
 
     most = max(args.keys)
     cases = [(k, args.sizes[0], "segpipe") for k in args.keys] + [(most, s, "segpipe") for s in args.sizes[1:]]
-    if not args.no_find:
-        cases.append((most, args.sizes[0], "s3fs-find"))
+    cases.append((most, args.sizes[0], "manifest"))
+    if not args.no_baselines:
+        cases += [(most, args.sizes[0], "held"), (most, args.sizes[0], "s3fs-find")]
     rows = []
-    for keys, size, method in cases:
-        command = [sys.executable, __file__, "--worker", str(keys), str(size), method]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode != 0:
-            sys.exit(f"worker {keys} keys x {size} B failed:\n{done.stderr}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = Path(tmp) / "inventory.parquet"
+        write_manifest(most, manifest)
+        for keys, size, method in cases:
+            rows.append(measure(keys, size, method, args.batch, str(manifest)))
 
-    print(
-        "| listing | keys | bytes per object (claimed) | bytes listed (claimed) | LIST pages | listing s | peak MiB | held MiB | held bytes per key | info dicts cached |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| listing | keys | batch | bytes per object (claimed) | LIST pages | listing s | peak MiB | peak bytes per key |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         assert r["images"] == r["keys"], r
         print(
-            f"| {r['method']} | {r['keys']:,} | {_human(r['size'])} | {_human(r['size'] * r['keys'])} | {r['pages']:,} "
-            f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['held_mib']:.0f} | {r['held_mib'] * 2**20 / r['keys']:.0f} "
-            f"| {r['cached_entries']:,} |"
+            f"| {r['method']} | {r['keys']:,} | {r['batch'] or '-'} | {_human(r['size'])} | {r['pages']:,} "
+            f"| {r['seconds']:.1f} | {r['peak_mib']:.0f} | {r['peak_mib'] * 2**20 / r['keys']:.0f} |"
         )
+    ours = next(r for r in rows if r["method"] == "segpipe" and r["keys"] == most)
+    per_key_listed = ours["seconds"] / most
     print()
-    print("segpipe: pipeline.source reader_for(cfg).list_units() (one recursive listing, then units of 64 images, all kept).")
-    print("s3fs-find: s3fs's find() on the same pages, names kept (what the driver's listing did before).")
-    print("Every case: paged ListObjectsV2, 1000 keys a page, no HEAD.")
-    print("peak / held: RSS above the RSS before the listing, at its highest / once it returned (units alive);")
-    print("each case in a fresh subprocess.")
+    print(f"Projection to 100M keys (segpipe, batch {args.batch:,}): driver peak about {ours['peak_mib']:.0f} MiB (bounded by two batches,")
+    print(f"not by the archive), listing time about {per_key_listed * 1e8 / 60:.0f} min of LIST pages, overlapped with segmentation.")
+    print()
+    print("segpipe: pipeline.plan Listing, batch after batch (each dropped once listed, as the plan drops it once run).")
+    print("manifest: the same from an S3 Inventory-style Parquet file of the keys (local file), read a record batch at a time.")
+    print("held: the whole listing as units kept alive (what the driver did before batches).")
+    print("s3fs-find: s3fs's find() on the same pages, names kept.")
+    print("Every case: paged ListObjectsV2 answered in process (GeneratedS3), 1000 keys a page, no HEAD;")
+    print("peak: RSS above the RSS before the listing, at its highest; each case in a fresh subprocess.")
 
 
 def _human(n: float) -> str:

@@ -41,6 +41,9 @@ class InputConfig(_Strict):
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
     images_per_unit: Int = Field(64, ge=1, description="image files per read task (and per output part)")
+    # an archive larger than this runs as consecutive batches of it, each listed while the one
+    # before runs: the driver holds a batch or two of keys (about 200 bytes a key), never them all
+    listing_batch: Int = Field(250_000, ge=1, description="images listed into one batch of the plan")
     max_pixels: Int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
     # tiled or striped TIFF image files above this many pixels are never decoded whole: the predictor
     # reads them window by window (pipeline.tiff); null turns streaming off.

@@ -142,6 +142,8 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
         "run_id": cfg.run_id,
         "job": cfg.job,
         "images_listed": job.listed,
+        # an archive larger than input.listing_batch: the estimate covers the first batch only
+        "listing_complete": job.listing.exhausted,
         "images_done_earlier": job.done,
         "images": len(rows),
         "images_unreadable": len(rows) - len(ok),

@@ -217,6 +217,60 @@ def run_job(
     return finish_job(job, outcome)
 
 
+class Listing:
+    """The input's units in batches of at most input.listing_batch images, each without what earlier
+    attempts (and, with --incremental, the job's other runs) hold, and the counts so far.
+
+    A batch is what one Ray Data plan runs; the next one is listed while it runs (`list_ahead`), so
+    the driver holds a batch or two of keys, whatever the archive's size. An input that fits one
+    batch is listed whole before anything starts, and its counts are known up front."""
+
+    def __init__(self, cfg: JobConfig, stats: StoreStats) -> None:
+        self.cfg = cfg
+        self.reader = reader_for(cfg.input)
+        self.done, self.held = IdSet(), None  # set by prepare_job once the run's outcomes are read
+        self.units = self.reader.iter_units(stats)
+        self.listed = 0  # images (shards: files) listed so far
+        self.done_earlier = 0  # of them, held by earlier attempts or runs (image folders)
+        self.skipped = 0  # of them, held by the job's other runs (--incremental, image folders)
+        self.with_label = 0
+        self.to_do = 0
+        self.exhausted = False
+
+    def next_batch(self) -> list[SourceUnit] | None:
+        """The next batch's units to do (maybe none: all done), or None once the listing is over."""
+        batch = self.list_batch()
+        return None if batch is None else self.drop_done(batch)
+
+    def list_batch(self) -> list[SourceUnit] | None:
+        """The next batch as listed, or None once the listing is over (the first batch is a list, maybe empty)."""
+        if self.exhausted:
+            return None
+        batch, images = [], 0
+        for unit in self.units:
+            batch.append(unit)
+            images += len(unit.uris)
+            if images >= self.cfg.input.listing_batch:
+                break
+        else:
+            self.exhausted = True
+        if not batch and self.listed:
+            return None
+        self.listed += images
+        self.with_label += sum(1 for u in batch for uri in u.label_uris if uri is not None)
+        return batch
+
+    def drop_done(self, batch: list[SourceUnit]) -> list[SourceUnit]:
+        images = sum(len(u.uris) for u in batch)
+        if self.held is not None and self.cfg.input.format == "images":
+            self.skipped += int(self.held.contains([i for u in batch for i in u.image_ids]).sum())
+        todo = self.reader.drop_done(batch, self.done)
+        if self.cfg.input.format == "images":
+            self.done_earlier += images - sum(len(u.uris) for u in todo)
+        self.to_do += sum(len(u.uris) for u in todo)
+        return todo
+
+
 @dataclass
 class PreparedJob:
     """What `prepare_job` found: nothing of it has been written yet."""
@@ -224,14 +278,31 @@ class PreparedJob:
     cfg: JobConfig
     store: RunStore
     record: RunRecord  # run.json: earlier attempts, this attempt's number
-    units: list[SourceUnit]  # what is left to do
-    listed: int
-    done: int  # images segmented (or failed and not retried) by earlier attempts
+    units: list[SourceUnit]  # the first batch's units left to do (all of them unless the listing goes on)
+    listing: Listing  # the batches after the first, and the counts so far
+    done_set: IdSet  # ids that earlier attempts (or the job's runs) hold
     retried: int  # images that failed earlier and are tried again
-    labels: dict
     model_info: dict
     list_stats: StoreStats
     log_path: str  # a local file for Ray's lines; copied into the run directory at the end
+
+    @property
+    def listed(self) -> int:
+        return self.listing.listed
+
+    @property
+    def done(self) -> int:
+        """Images segmented (or failed and not retried) by earlier attempts: image folders know it
+        as they are listed; shards learn it as they are read."""
+        return self.listing.done_earlier if self.cfg.input.format == "images" else len(self.done_set)
+
+    @property
+    def to_do(self) -> int:
+        return self.listing.to_do
+
+    @property
+    def labels(self) -> dict:
+        return labels_report(self.cfg, self.listing.listed, self.listing.with_label)
 
 
 def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool = False) -> PreparedJob:
@@ -239,10 +310,10 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
     store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
-    reader = reader_for(cfg.input)
     list_stats = StoreStats()
+    listing = Listing(cfg, list_stats)
     try:
-        units = reader.list_units(list_stats)
+        first = listing.list_batch() or []
     except OSError as exc:  # FileNotFoundError names the field; a store that refuses is scrubbed
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
@@ -268,25 +339,22 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
             "job": cfg.job,
             "runs_consulted": [r for r in runs_of_job(cfg.output.uri, cfg.output.storage_options, cfg.job) if r != cfg.run_id],
         }
-        held = IdSet.union(
+        listing.held = IdSet.union(
             *(RunStore(cfg.output.uri, cfg.output.storage_options, r).outcomes().segmented for r in record.incremental["runs_consulted"])
         )
-        record.incremental["skipped"] = (
-            int(held.contains([i for u in units for i in u.image_ids]).sum()) if cfg.input.format == "images" else None
-        )
-        done = IdSet.union(done, held)
-    listed = sum(len(u.uris) for u in units)
-    todo = reader.drop_done(units, done)
+        done = IdSet.union(done, listing.held)
+    listing.done = done.sorted_for_lookup()  # shipped to every shard's read task: sorted once, here
+    units = listing.drop_done(first)
+    if incremental:
+        record.incremental["skipped"] = listing.skipped if cfg.input.format == "images" else None
     return PreparedJob(
         cfg=cfg,
         store=store,
         record=record,
-        units=todo,
-        listed=listed,
-        # image folders know now what is done; shards learn it as they are read
-        done=listed - sum(len(u.uris) for u in todo) if cfg.input.format == "images" else len(done),
+        units=units,
+        listing=listing,
+        done_set=done,
         retried=len(outcomes.failed) if retry_errors else 0,
-        labels=labels_report(cfg, units),
         model_info=model_info,
         list_stats=list_stats,
         log_path=_local_log_path(cfg.run_id),
@@ -334,10 +402,11 @@ class Execution:
 
 
 def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False) -> Execution:
+    """The plan over each batch of the listing in turn (one batch unless the archive is larger than
+    input.listing_batch), the next batch listed while one runs."""
     import ray
 
     cfg = job.cfg
-    todo = sum(len(u.uris) for u in job.units)
     init_ray(verbose)
     nodes = alive_nodes()
     refuse_local_paths_on_a_cluster(cfg, nodes)
@@ -347,39 +416,39 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
         progress(f"resources: {actor_plan.note}")
     result = Execution(actors=vars(actor_plan))
     job.record.write(job, "running")
+    listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
-    what = f"{todo} of {job.listed} images" if cfg.input.format == "images" else f"{len(job.units)} {cfg.input.format} files"
+    if cfg.input.format != "images":
+        what = f"{len(job.units)} {cfg.input.format} files"
+    elif listing.exhausted:
+        what = f"{job.to_do} of {job.listed} images"
+    else:
+        what = f"{job.to_do} of the first {job.listed} images (listed in batches of {cfg.input.listing_batch})"
     progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {what} to segment{earlier} -> {job.store.uri}")
-    if job.labels.get("note"):
+    if job.labels.get("note") and listing.exhausted:
         progress(f"labels: {job.labels['note']}")
 
     started = time.time()
     stop_watch = threading.Event()
     threading.Thread(target=_report_streams, args=(monitor, stop_watch, progress), daemon=True).start()
+    units_sent = 0
     try:
-        if job.units:
-            ds = build_dataset(
-                cfg,
-                job.units,
-                actor_plan,
-                attempt=job.record.attempt,
-                binary=cfg.metrics.task == "binary" or job.model_info["mask_classes"] == 2,
-                monitor=monitor,
-            )
-            last = time.time()
-            with ctrl_c_stops() as interrupted:
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                    if interrupted.is_set():
-                        raise KeyboardInterrupt
-                    images = batch["unit_done"] < 0
-                    result.processed += int(images.sum())
-                    result.failed += int((~batch["ok"].astype(bool) & images).sum())
-                    result.units_done += int((~images).sum())
-                    if time.time() - last > PROGRESS_SECONDS or result.processed == todo:
-                        progress(progress_line(result.processed, result.failed, todo, time.time() - started, cfg.input.format == "images"))
-                        last = time.time()
-                if interrupted.is_set():
-                    raise KeyboardInterrupt
+        batch: list[SourceUnit] | None = job.units
+        while batch is not None:
+            following = list_ahead(listing)
+            if batch:
+                units_sent += len(batch)
+                ds = build_dataset(
+                    cfg,
+                    batch,
+                    actor_plan,
+                    attempt=job.record.attempt,
+                    binary=cfg.metrics.task == "binary" or job.model_info["mask_classes"] == 2,
+                    monitor=monitor,
+                    done=listing.done if cfg.input.format != "images" and len(listing.done) else None,
+                )
+                run_batch(ds, result, progress, listing, started, known_total=cfg.input.format == "images" and listing.exhausted)
+            batch = following()
     finally:
         stop_watch.set()
         result.seconds = time.time() - started
@@ -388,11 +457,54 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
             ray.kill(monitor)
         except Exception:
             result.store = None
-    if result.units_done < len(job.units):
+    if result.units_done < units_sent:
         # a unit whose rows did not all reach the writer: say so, never skip it silently
         result.status = "failed"
-        result.message = f"{len(job.units) - result.units_done} of {len(job.units)} input units were not committed: rerun to finish them"
+        result.message = f"{units_sent - result.units_done} of {units_sent} input units were not committed: rerun to finish them"
     return result
+
+
+def list_ahead(listing: Listing) -> Callable[[], list[SourceUnit] | None]:
+    """Start listing the next batch in a thread (the store's listing overlaps the plan that runs);
+    the function returned waits for it. A listing error is raised there, in the driver's thread."""
+    if listing.exhausted:
+        return lambda: None
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            out["batch"] = listing.next_batch()
+        except BaseException as exc:  # raised again by the caller
+            out["error"] = exc
+
+    thread = threading.Thread(target=work, name="segpipe-listing", daemon=True)
+    thread.start()
+
+    def wait() -> list[SourceUnit] | None:
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["batch"]
+
+    return wait
+
+
+def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: Listing, started: float, known_total: bool) -> None:
+    """Drain one batch's plan: count the rows the writer returns, a progress line every few seconds."""
+    last = time.time()
+    with ctrl_c_stops() as interrupted:
+        for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+            images = rows["unit_done"] < 0
+            result.processed += int(images.sum())
+            result.failed += int((~rows["ok"].astype(bool) & images).sum())
+            result.units_done += int((~images).sum())
+            if time.time() - last > PROGRESS_SECONDS or result.processed == listing.to_do:
+                progress(progress_line(result.processed, result.failed, listing.to_do, time.time() - started, known_total))
+                last = time.time()
+        if interrupted.is_set():
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -468,16 +580,18 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     return RunResult(cfg.run_id, job.store.uri, outcome.status, summary, outcome.message)
 
 
-def build_dataset(cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, *, attempt: int, binary: bool, monitor=None):
+def build_dataset(
+    cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, *, attempt: int, binary: bool, monitor=None, done: IdSet | None = None
+):
     """The Ray Data plan. The validated config crosses into Ray as it is (a frozen object): no stage
-    validates it again."""
+    validates it again. `done`: ids the read tasks drop (shards: known once read)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
     # segpipe prints its own progress line; Ray's bars only when asked for
     ctx.enable_progress_bars = os.environ.get("SEGPIPE_RAY_PROGRESS", "0") == "1"
     ds = ray.data.from_items([u.to_record() for u in units], override_num_blocks=len(units))
-    ds = ds.flat_map(read_and_decode, fn_kwargs={"cfg": cfg, "monitor": monitor}, num_cpus=actors.task_cpus)
+    ds = ds.flat_map(read_and_decode, fn_kwargs={"cfg": cfg, "monitor": monitor, "done": done}, num_cpus=actors.task_cpus)
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "num_threads": actors.threads, "monitor": monitor},

@@ -35,6 +35,7 @@ class IdSet:
         if isinstance(ids, pa.ChunkedArray):
             ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
         self.ids: pa.Array = pc.unique(ids.cast(pa.string()))
+        self._sorted: pa.Array | None = None  # for one-id lookups (`in`), made on first use
 
     @classmethod
     def union(cls, *sets: IdSet) -> IdSet:
@@ -48,6 +49,27 @@ class IdSet:
         if not len(ids):
             return np.zeros(0, bool)
         return pc.is_in(pa.array(ids, pa.string()), value_set=self.ids).to_numpy(zero_copy_only=False)
+
+    def __contains__(self, image_id: str) -> bool:
+        """One id at a time (a read task's check per sample): a binary search of the ids sorted once,
+        so that no task ever builds a Python set (or an Arrow hash table per call) of millions of ids."""
+        if not len(self.ids):
+            return False
+        ids = self.sorted_for_lookup()._sorted
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ids[mid].as_py() < image_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo < len(ids) and ids[lo].as_py() == image_id
+
+    def sorted_for_lookup(self) -> IdSet:
+        """This set, its lookup order made now (before it is shipped to every read task)."""
+        if self._sorted is None:
+            self._sorted = self.ids.take(pc.sort_indices(self.ids))
+        return self
 
     def minus(self, other: IdSet) -> IdSet:
         return IdSet(self.ids.filter(pc.invert(pc.is_in(self.ids, value_set=other.ids))))
@@ -68,14 +90,13 @@ class SourceUnit:
     uris: tuple[str, ...]
     label_uris: tuple[str | None, ...] = ()
     image_ids: tuple[str, ...] = ()  # images: each uri's id; tar/parquet: the file's path relative to input.uri
-    skip_ids: tuple[str, ...] = ()  # tar/parquet: ids committed by earlier attempts, dropped as they are read
 
     def to_record(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> SourceUnit:
-        tuples = ("uris", "label_uris", "image_ids", "skip_ids")
+        tuples = ("uris", "label_uris", "image_ids")
         return cls(
             index=int(data["index"]),
             format=str(data["format"]),

@@ -43,7 +43,7 @@ from pipeline.cod_metrics import CONVENTIONS as COD_CONVENTIONS
 from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import ClassAreas, summarize
-from pipeline.rows import IdSet, SourceUnit
+from pipeline.rows import IdSet
 from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
@@ -352,15 +352,13 @@ def config_changes(first: dict, now: dict, prefix: str = "") -> dict[str, list]:
     return out
 
 
-def labels_report(cfg: JobConfig, units: list[SourceUnit]) -> dict:
+def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
     """How many listed images have a label: said on the terminal and in run.json (image folders;
     shards carry labels inside and are counted as they are read: summary.json's labeled_images)."""
     if cfg.input.labels is None:
         return {"configured": False}
     if cfg.input.format != "images":
         return {"configured": True}
-    listed = sum(len(u.uris) for u in units)
-    with_label = sum(1 for u in units for uri in u.label_uris if uri is not None)
     report: dict[str, Any] = {
         "configured": True,
         "uri": cfg.input.labels.uri,
@@ -469,7 +467,7 @@ class RunRecord:
                 "listed": job.listed,
                 "done_earlier": job.done,
                 "retried": job.retried,
-                "to_do": sum(len(u.uris) for u in job.units),
+                "to_do": job.to_do,
                 "processed": outcome.processed if outcome else 0,
                 "failed": outcome.failed if outcome else 0,
             },

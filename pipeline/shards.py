@@ -34,8 +34,7 @@ import itertools
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -348,19 +347,18 @@ def read_parquet_unit(
 # The two readers (see pipeline.source.Reader)
 
 
-def _drop_skipped(samples: Iterable[RawSample], unit: SourceUnit) -> Iterator[RawSample]:
-    skip = set(unit.skip_ids)
-    return (s for s in samples if s.image_id not in skip) if skip else iter(samples)
-
-
 class TarReader:
-    """WebDataset-style tar shards: one unit per shard; committed ids are dropped as the shard is read."""
+    """WebDataset-style tar shards: one unit per shard; committed ids are dropped as the shard is read
+    (pipeline.source.read_and_decode)."""
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
 
     def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]:
         return list_tar_units(self.cfg.uri, self.cfg.storage_options, stats=stats)
+
+    def iter_units(self, stats: StoreStats | None = None) -> Iterator[SourceUnit]:
+        return iter(self.list_units(stats))  # a shard per unit: thousands, not millions
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         labels = self.cfg.labels
@@ -371,21 +369,23 @@ class TarReader:
             labels_required=bool(labels and labels.required),
             stats=stats,
         )
-        return _drop_skipped(samples, unit)
+        return samples
 
     def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
-        # a shard's ids are <shard path>/<key>: each read task drops the committed ids of its shard
-        return [replace(u, skip_ids=tuple(done.starting_with(u.image_ids[0] + "/"))) for u in units] if len(done) else units
+        return units  # what a shard holds is known once it is read: the read task drops the ids done
 
 
 class ParquetReader:
-    """Parquet image tables: one unit per file; ids are free-form, so each unit drops every committed id."""
+    """Parquet image tables: one unit per file; committed ids are dropped as the file is read."""
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
 
     def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]:
         return list_parquet_units(self.cfg.uri, self.cfg.storage_options, stats=stats)
+
+    def iter_units(self, stats: StoreStats | None = None) -> Iterator[SourceUnit]:
+        return iter(self.list_units(stats))
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         cfg = self.cfg
@@ -398,8 +398,7 @@ class ParquetReader:
             labels_required=bool(cfg.labels and cfg.labels.required),
             stats=stats,
         )
-        return _drop_skipped(samples, unit)
+        return samples
 
     def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
-        # ids are free-form: every read task gets every committed id
-        return [replace(u, skip_ids=tuple(done.to_pylist())) for u in units] if len(done) else units
+        return units  # ids are free-form and known once read: the read task drops the ids done

@@ -12,8 +12,9 @@ Parquet tables in pipeline.shards. A unit is one read task's worth of input: a b
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import PurePosixPath
 from typing import Any, Protocol
@@ -24,13 +25,14 @@ from pipeline.config import InputConfig, JobConfig
 from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
-from pipeline.storage import StoreStats, full_uri, list_files, list_manifest, open_fs, read_bytes, scrub
+from pipeline.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
 from pipeline.telemetry import RunMetrics
 from pipeline.tiff import probe_stream
 
 
 class Reader(Protocol):
     def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]: ...
+    def iter_units(self, stats: StoreStats | None = None) -> Iterator[SourceUnit]: ...
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]: ...
     def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]: ...
 
@@ -78,6 +80,45 @@ def list_labels(uri: str, extensions: list[str], storage_options: dict, stats: S
     return {stem: full_uri(fs, root + "/" + key) for stem, (_, key) in best.items()}
 
 
+def batched(items: Iterable, size: int) -> Iterator[tuple]:
+    """Consecutive tuples of `size` items (the last may be shorter): itertools.batched before 3.12."""
+    it = iter(items)
+    while block := tuple(itertools.islice(it, size)):
+        yield block
+
+
+def _suffixes(extensions: list[str]) -> tuple[str, ...]:
+    return tuple(ext.lower() for ext in extensions)
+
+
+def pair_labels(keys: Iterable[str], label_keys: Iterable[str], extensions: list[str]) -> Iterator[tuple[str, str | None]]:
+    """Each image key with the key of its label (the same stem, `key_stem`; where a stem has
+    several labels, the earliest of `extensions`), from two listings in key order, holding only
+    the labels between where the two listings are.
+
+    Why it works: every key of a stem s lies in [s + ".", s + "/") ("." and "/" are adjacent code
+    points), so once the label listing has passed s + "/" every label of s has been read, and once
+    the image listing has passed it no image of s is left. Stems are not in key order themselves
+    ("b-1.png" lists before "b.png"), hence the small dict of labels read ahead.
+    """
+    ranks = {ext.lower(): i for i, ext in enumerate(extensions)}
+    labels = iter(label_keys)
+    ahead: dict[str, tuple[int, str]] = {}  # stem -> (rank, key) of labels read, not yet passed by the images
+    next_label = next(labels, None)
+    for count, key in enumerate(keys):
+        stem = key_stem(key)
+        bound = stem + "/"
+        while next_label is not None and next_label < bound:
+            label_stem, rank = key_stem(next_label), ranks.get(PurePosixPath(next_label).suffix.lower(), len(ranks))
+            if label_stem not in ahead or rank < ahead[label_stem][0]:
+                ahead[label_stem] = (rank, next_label)
+            next_label = next(labels, None)
+        found = ahead.get(stem)
+        yield key, (found[1] if found else None)
+        if count % 1024 == 1023:  # forget the labels of stems the images are past (kept small, amortised)
+            ahead = {s: v for s, v in ahead.items() if s + "/" > key}
+
+
 class ImageFolderReader:
     """Image files under input.uri matching `pattern`, paired with label files of the same relative
     key under labels.uri (the extension may differ, .png preferred), in blocks of images_per_unit."""
@@ -86,31 +127,45 @@ class ImageFolderReader:
         self.cfg = cfg
 
     def list_units(self, stats: StoreStats | None = None) -> list[SourceUnit]:
-        """One recursive listing of the images prefix and one of the labels prefix, never a call per key."""
+        return list(self.iter_units(stats))
+
+    def iter_units(self, stats: StoreStats | None = None) -> Iterator[SourceUnit]:
+        """Units as the listing goes: one recursive listing of the images prefix and one of the
+        labels prefix, streamed side by side (`pair_labels`), never a call per key and never the
+        whole listing held. Raises FileNotFoundError before the first unit when input.uri does not exist."""
         cfg = self.cfg
         regex = glob_regex(cfg.pattern)
         if cfg.manifest:  # the archive's keys from a list (an S3 Inventory report): no listing of the prefix
-            fs, root, keys = list_manifest(cfg.manifest, cfg.uri, cfg.storage_options, column=cfg.manifest_column,
+            fs, root, keys = iter_manifest(cfg.manifest, cfg.uri, cfg.storage_options, column=cfg.manifest_column,
                                            suffixes=IMAGE_EXTENSIONS, stats=stats)  # fmt: skip
         else:
-            fs, root, keys = list_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
-        if not keys and not cfg.manifest and not fs.exists(root):
+            fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
+        keys = (k for k in keys if regex.match(k))
+        first = next(keys, None)
+        if first is None and not cfg.manifest and not fs.exists(root):
             raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
-        keys = [k for k in keys if regex.match(k)]
-        labels: dict[str, str] = {}
-        if cfg.labels is not None:
+        keys = itertools.chain([first] if first is not None else [], keys)
+        if cfg.labels is None:
+            pairs = ((k, None) for k in keys)
+        elif cfg.manifest:  # a manifest's keys are sorted chunk by chunk only: its labels are held by stem
             labels = list_labels(cfg.labels.uri, cfg.labels.extensions, cfg.storage_options, stats)
-        step = cfg.images_per_unit
-        return [
-            SourceUnit(
+            pairs = ((k, labels.get(key_stem(k))) for k in keys)
+        else:
+            lfs, lroot, label_keys = iter_files(cfg.labels.uri, cfg.storage_options, suffixes=_suffixes(cfg.labels.extensions), stats=stats)
+            label_keys = iter(label_keys)
+            head = next(label_keys, None)
+            if head is None and not lfs.exists(lroot):
+                raise FileNotFoundError(f"labels {cfg.labels.uri} do not exist (input.labels.uri)")
+            ranked = pair_labels(keys, itertools.chain([head] if head is not None else [], label_keys), cfg.labels.extensions)
+            pairs = ((k, full_uri(lfs, lroot + "/" + label) if label else None) for k, label in ranked)
+        for index, block in enumerate(batched(pairs, cfg.images_per_unit)):
+            yield SourceUnit(
                 index=index,
                 format="images",
-                uris=tuple(full_uri(fs, root + "/" + k) for k in keys[start : start + step]),
-                label_uris=tuple(labels.get(key_stem(k)) for k in keys[start : start + step]) if cfg.labels else (),
-                image_ids=tuple(keys[start : start + step]),
+                uris=tuple(full_uri(fs, root + "/" + k) for k, _ in block),
+                label_uris=tuple(label for _, label in block) if cfg.labels else (),
+                image_ids=tuple(k for k, _ in block),
             )
-            for index, start in enumerate(range(0, len(keys), step))
-        ]
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         """The bytes of each image (and label) of a unit; a read failure is an error sample."""
@@ -166,16 +221,19 @@ def reader_for(cfg: InputConfig) -> Reader:
     return READERS[cfg.format](cfg)
 
 
-def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None) -> Iterator[dict[str, Any]]:
+def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: IdSet | None = None) -> Iterator[dict[str, Any]]:
     """The read stage (a Ray task per unit): one DecodedImage per image, then the unit's end (how
     many image rows came before it). A failure is a row with its error set. What the store did
-    (retries, failures) goes to the run monitor (pipeline.plan) when the unit ends."""
+    (retries, failures) goes to the run monitor (pipeline.plan) when the unit ends. `done`: ids
+    that earlier attempts committed, dropped as a shard is read (image folders drop them when listed)."""
     unit = SourceUnit.from_record(row)
     stats = StoreStats()
     metrics = RunMetrics(cfg.run_id or "")
     sent = 0
     try:
         for sample in reader_for(cfg.input).read_unit(unit, stats):
+            if done is not None and sample.image_id in done:
+                continue
             metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))
             yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose).to_record()
             sent += 1

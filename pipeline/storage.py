@@ -100,29 +100,50 @@ def list_files(
     policy: RetryPolicy | None = None,
     stats: StoreStats | None = None,
 ) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """Every file under the prefix `uri` as (fs, root, sorted paths relative to root).
+    """Every file under the prefix `uri` as (fs, root, sorted paths relative to root): `iter_files`, held."""
+    fs, root, keys = iter_files(uri, storage_options, suffixes=suffixes, policy=policy, stats=stats)
+    return fs, root, list(keys)
 
-    One recursive listing (retried when the store fails transiently); `suffixes` filters by
-    lower-cased name ending. A prefix with nothing under it gives an empty list.
+
+def iter_files(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    suffixes: tuple[str, ...] | None = None,
+    policy: RetryPolicy | None = None,
+    stats: StoreStats | None = None,
+) -> tuple[fsspec.AbstractFileSystem, str, Iterator[str]]:
+    """Every file under the prefix `uri` as (fs, root, paths relative to root in sorted order),
+    streamed: one recursive listing whose keys arrive as it goes, never held whole.
+
+    S3 is read page by page (ListObjectsV2, 1000 keys a page, each page retried when the store fails
+    transiently) and a local folder directory by directory, both already in key order; other stores
+    go through `find` and are sorted (held). `suffixes` filters by lower-cased name ending. A prefix
+    with nothing under it gives nothing. The order is the one S3 lists in (code points), which lets
+    `pipeline.source` pair images with labels from two such streams.
     """
     fs, root = open_fs(uri, storage_options)
     stats = stats if stats is not None else StoreStats()
-    paths = with_retries(lambda: _find_paths(fs, root), what="list", uri=uri, policy=policy, stats=stats)
     stats.list_calls += 1
-    stats.listed_keys += len(paths)
     prefix = root.lstrip("/") + "/"
-    keys = []
-    for path in paths:
-        bare = path.rstrip("/").lstrip("/")
-        if not bare.startswith(prefix):
-            continue  # the root itself when it is a file, or a store that echoes something odd
-        key = bare[len(prefix) :]
-        if suffixes is None or key.lower().endswith(suffixes):
-            keys.append(key)
-    return fs, root, sorted(keys)
+
+    def keys() -> Iterator[str]:
+        for path in _iter_paths(fs, root, uri, policy, stats):
+            bare = path.rstrip("/").lstrip("/")
+            if not bare.startswith(prefix):
+                continue  # the root itself when it is a file, or a store that echoes something odd
+            stats.listed_keys += 1
+            key = bare[len(prefix) :]
+            if suffixes is None or key.lower().endswith(suffixes):
+                yield key
+
+    return fs, root, keys()
 
 
-def list_manifest(
+MANIFEST_CHUNK = 65_536  # keys read from a manifest at a time (a Parquet record batch, a CSV block)
+
+
+def iter_manifest(
     manifest_uri: str,
     uri: str,
     storage_options: dict[str, Any] | None = None,
@@ -130,68 +151,114 @@ def list_manifest(
     column: str = "key",
     suffixes: tuple[str, ...] | None = None,
     stats: StoreStats | None = None,
-) -> tuple[fsspec.AbstractFileSystem, str, list[str]]:
-    """`list_files` from a manifest instead of a listing: the keys in `column` of a Parquet or CSV
-    file (an S3 Inventory report, say). A key is relative to `uri`, or to its bucket when it starts
-    with `uri`'s path (Inventory's keys do); keys outside `uri` are left out. Read with retries."""
+    chunk: int = MANIFEST_CHUNK,
+) -> tuple[fsspec.AbstractFileSystem, str, Iterator[str]]:
+    """`iter_files` from a manifest instead of a listing: the keys in `column` of a Parquet or CSV
+    file (an S3 Inventory report, say), streamed `chunk` keys at a time through a retrying reader.
+
+    A key is relative to `uri`, or to its bucket when the manifest is an inventory: it has a
+    `bucket` column, or its first keys start with `uri`'s own path (Inventory's keys do); then keys
+    outside `uri` are left out. Each chunk comes sorted and without repeats (an inventory lists a
+    key once; its order is the store's, not sorted)."""
     import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     fs, root = open_fs(uri, storage_options)
     mfs, mpath = open_fs(manifest_uri, storage_options)
-    data = with_retries(lambda: mfs.cat_file(mpath), what="read", uri=manifest_uri, stats=stats)
-    reader = pq.read_table if mpath.lower().endswith((".parquet", ".pq")) else pa_csv.read_csv
+    stats = stats if stats is not None else StoreStats()
+    source = RetryingFile(mfs, mpath, uri=manifest_uri, stats=stats)
     try:
-        table = reader(io.BytesIO(data), **({"columns": [column]} if reader is pq.read_table else {}))
+        if mpath.lower().endswith((".parquet", ".pq")):
+            parquet = pq.ParquetFile(source)
+            names = parquet.schema_arrow.names
+            batches = parquet.iter_batches(batch_size=chunk, columns=[column]) if column in names else iter(())
+        else:
+            csv = pa_csv.open_csv(source, read_options=pa_csv.ReadOptions(block_size=max(chunk * 64, 1 << 20)))
+            names = csv.schema.names
+            batches = iter(csv)
+    except StoreError:
+        raise
     except Exception as exc:
         raise StoreError(manifest_uri, f"not a readable manifest ({type(exc).__name__}: {exc})") from None
-    if column not in table.column_names:
-        raise StoreError(manifest_uri, f"no column {column!r} (input.manifest_column); columns: {', '.join(table.column_names)}")
-    # Inventory-style keys are relative to the bucket: they start with the prefix's own path, and
-    # then every key that does not is outside the prefix. Otherwise keys are relative to `uri`.
+    if column not in names:
+        raise StoreError(manifest_uri, f"no column {column!r} (input.manifest_column); columns: {', '.join(names)}")
     bare = root.strip("/")
     prefix = (bare if "file" in _protocols(fs) else bare.split("/", 1)[-1] if "/" in bare else "") + "/"
-    values = [str(k).lstrip("/") for k in table.column(column).to_pylist() if k]
-    bucket_relative = prefix != "/" and any(k.startswith(prefix) for k in values)
-    keys = []
-    for key in values:
-        if bucket_relative:
-            if not key.startswith(prefix):
-                continue
-            key = key[len(prefix) :]
-        if suffixes is None or key.lower().endswith(suffixes):
-            keys.append(key)
-    if stats is not None:
-        stats.listed_keys += len(keys)
-    return fs, root, sorted(set(keys))
+
+    def keys() -> Iterator[str]:
+        bucket_relative: bool | None = True if "bucket" in names and prefix != "/" else None
+        try:
+            for batch in batches:
+                values = [str(k).lstrip("/") for k in batch.column(column).to_pylist() if k]
+                if bucket_relative is None and values:
+                    bucket_relative = prefix != "/" and any(k.startswith(prefix) for k in values)
+                out = set()
+                for key in values:
+                    if bucket_relative:
+                        if not key.startswith(prefix):
+                            continue
+                        key = key[len(prefix) :]
+                    if suffixes is None or key.lower().endswith(suffixes):
+                        out.add(key)
+                stats.listed_keys += len(out)
+                yield from sorted(out)
+        finally:
+            source.close()
+
+    return fs, root, keys()
 
 
-def _find_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """The path of every object under `root`: one recursive listing, names only.
+def _iter_paths(fs: fsspec.AbstractFileSystem, root: str, uri: str, policy: RetryPolicy | None, stats: StoreStats) -> Iterator[str]:
+    """The path of every object under `root` in key order: one recursive listing, names only.
 
     s3fs's `find` builds an info dict (about 700 bytes) for every object before it returns the
     names, and keeps them all in its listings cache for as long as the filesystem lives (fsspec
     caches instances, so: the driver's life): a million keys held about 700 MB. For s3fs we read
-    the pages of the same listing (ListObjectsV2 without a delimiter, 1000 keys a page) and keep
-    the names; other stores go through `find`, and their listings cache is dropped afterwards.
+    the pages of the same listing (ListObjectsV2 without a delimiter, 1000 keys a page) and pass on
+    the names of each page as it comes; a local folder is walked in the same order; other stores go
+    through `find` (retried whole), and their listings cache is dropped afterwards.
     benchmarks/listing_memory.py measures it.
     """
-    if "s3" in _protocols(fs) and isinstance(fs, fsspec.asyn.AsyncFileSystem) and hasattr(fs, "_iterdir"):
-        bucket, key, _ = fs.split_path(root)
-        prefix = key.strip("/") + "/" if key.strip("/") else ""
+    if "s3" in _protocols(fs) and isinstance(fs, fsspec.asyn.AsyncFileSystem) and hasattr(fs, "_call_s3"):
+        yield from _s3_pages(fs, root, uri, policy, stats)
+    elif type(fs).__name__ == "LocalFileSystem":
+        if os.path.isdir(root):
+            yield from _walk_sorted(root)
+    else:
 
-        async def names() -> list[str]:
-            return [info["name"] async for info in fs._iterdir(bucket, delimiter="", prefix=prefix) if info.get("type") != "directory"]
+        def find() -> list[str]:
+            try:
+                return fs.find(root)
+            finally:
+                fs.invalidate_cache()
 
-        return fsspec.asyn.sync(fs.loop, names)
-    try:
-        return fs.find(root)
-    finally:
-        fs.invalidate_cache()
+        yield from sorted(p.rstrip("/") for p in with_retries(find, what="list", uri=uri, policy=policy, stats=stats))
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors and retries
+def _s3_pages(fs: fsspec.AbstractFileSystem, root: str, uri: str, policy: RetryPolicy | None, stats: StoreStats) -> Iterator[str]:
+    bucket, key, _ = fs.split_path(root)
+    request = {"Bucket": bucket, "Prefix": key.strip("/") + "/" if key.strip("/") else "", **getattr(fs, "req_kw", {})}
+    while True:
+        page = with_retries(
+            lambda: fsspec.asyn.sync(fs.loop, fs._call_s3, "list_objects_v2", **request), what="list", uri=uri, policy=policy, stats=stats
+        )
+        for item in page.get("Contents", []):
+            yield f"{bucket}/{item['Key']}"
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _walk_sorted(directory: str) -> Iterator[str]:
+    """Files under a local directory in the order S3 would list their keys: a directory `d` sorts
+    as `d/`, so `d.png` comes before `d/x.png` and `d-1.png` before both."""
+    with os.scandir(directory) as scan:
+        entries = sorted(((e.name + "/" if e.is_dir() else e.name), e.path) for e in scan)
+    for name, path in entries:
+        if name.endswith("/"):
+            yield from _walk_sorted(path)
+        else:
+            yield path
 
 
 class StoreError(OSError):

@@ -124,6 +124,29 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     assert summary2["mIoU"] == pytest.approx(summary["mIoU"]) and summary2["images"] == 6
 
 
+def test_an_archive_larger_than_a_listing_batch_runs_batch_by_batch_every_image_once(ray_session, tmp_path, archive, checkpoint, capsys):
+    """input.listing_batch: 2 of 6 images -> three plans, each batch listed while the one before
+    runs; the run's counts and labels cover every batch, and a rerun finds everything done."""
+    job = tmp_path / "job.yaml"
+    cfg = archive_job(tmp_path, archive, checkpoint, input={"images_per_unit": 1, "listing_batch": 2})
+    assert segpipe_run(job, cfg) == 0
+    out = capsys.readouterr().out
+    assert "2 of the first 2 images (listed in batches of 2) to segment" in out
+    run = tmp_path / "runs" / "t1"
+    ids = read_run_table(run, "masks").column("image_id").to_pylist()
+    assert len(ids) == 6 and len(set(ids)) == 6
+    info = json.loads((run / "run.json").read_text())
+    assert info["counts"]["listed"] == 6 and info["attempts"][0]["counts"]["to_do"] == 6
+    assert info["labels"]["images_with_label"] == 5 and info["labels"]["images_without_label"] == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["images"] == 6 and summary["labeled_images"] == 5
+    parts = sorted(p.name for p in (run / "masks").iterdir())
+    assert segpipe_run(job, cfg) == 0
+    assert "0 of the first 2 images (listed in batches of 2) to segment, 2 done earlier" in capsys.readouterr().out
+    assert sorted(p.name for p in (run / "masks").iterdir()) == parts
+    assert json.loads((run / "run.json").read_text())["attempts"][1]["counts"]["done_earlier"] == 6
+
+
 def test_bad_images_become_error_rows_and_over_the_error_budget_the_run_fails_with_1(ray_session, tmp_path, archive, checkpoint):
     bad = tmp_path / "bad"
     (bad / "images").mkdir(parents=True)

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.metrics import ClassAreas
-from pipeline.rows import NOT_AN_END, DecodedImage, MaskChunk, Prediction, SourceUnit, StreamSource, batch_length, to_columns
+from pipeline.rows import NOT_AN_END, DecodedImage, IdSet, MaskChunk, Prediction, SourceUnit, StreamSource, batch_length, to_columns
 
 
 def through_a_batch(rows: list) -> list:
@@ -47,7 +48,7 @@ def assert_same_prediction(got: Prediction, want: Prediction) -> None:
 def test_source_units_round_trip_through_records():
     unit = SourceUnit(3, "images", ("/d/a.png", "/d/b.png"), ("/l/a.png", None), ("a.png", "b.png"))
     assert SourceUnit.from_record(unit.to_record()) == unit
-    shard = SourceUnit(0, "tar", ("s3://b/x.tar",), image_ids=("x.tar",), skip_ids=("x.tar/k",))
+    shard = SourceUnit(0, "tar", ("s3://b/x.tar",), image_ids=("x.tar",))
     assert SourceUnit.from_record(shard.to_record()) == shard
     assert SourceUnit.from_record({**shard.to_record(), "label_uris": None}).label_uris == ()
 
@@ -112,3 +113,14 @@ def test_to_columns_keeps_each_rows_mask_lists_in_one_cell_even_when_their_lengt
         assert batch[column].dtype == object and batch[column].shape == (3,)  # never a 3 x 2 (x 4) array
     assert batch["chunks"][0] == [[0, 0, 2, 2], [0, 2, 2, 2]] and batch["mask"][2] == [b"a", b"b"]
     assert to_columns([]) == {}
+
+
+def test_idset_answers_one_id_at_a_time_by_binary_search_like_a_set():
+    import random
+
+    rng = random.Random(0)
+    ids = [f"s/{rng.randrange(10_000):05d}/k" for _ in range(2_000)]
+    held = IdSet(pa.array(ids)).sorted_for_lookup()
+    probes = ids[:50] + [f"s/{i:05d}/k" for i in range(0, 10_000, 97)] + ["", "s/", "zzz", "s/00000/k "]
+    assert [p in held for p in probes] == [p in set(ids) for p in probes]
+    assert "x" not in IdSet() and ("b" in IdSet(pa.array(["c", "b", "a"])))

@@ -99,13 +99,13 @@ def test_objects_gone_after_listing_are_not_found_error_rows_never_retried(ray_s
     listed = []
 
     def list_then_delete(self, stats=None):  # the driver lists; then the objects disappear
-        units = original(self, stats)
+        units = list(original(self, stats))
         listed.extend(u for unit in units for u in unit.uris)
         s3.fs.rm([uri[5:] for uri in gone.values()])
-        return units
+        return iter(units)
 
-    original = ImageFolderReader.list_units
-    monkeypatch.setattr(ImageFolderReader, "list_units", list_then_delete)
+    original = ImageFolderReader.iter_units
+    monkeypatch.setattr(ImageFolderReader, "iter_units", list_then_delete)
     cfg = _job(f"s3://{bucket}/images", f"s3://{bucket}/runs", checkpoint, s3.storage_options, "images", max_error_fraction=0.6)
     cfg["input"]["labels"] = {"uri": f"s3://{bucket}/labels"}
     result = run_job(load_config(cfg), progress=lambda _: None)

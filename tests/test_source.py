@@ -79,3 +79,87 @@ def test_listing_from_a_manifest_equals_listing_the_prefix(layout, tmp_path):
         load_config({"input": {**base, "manifest": str(manifest), "manifest_column": column}, "model": {"name": "segformer-b0"}}).input
     ).list_units()
     assert from_manifest == listed and [u.image_ids for u in listed] == [("cam-1/a.png", "cam-1/b.jpg"), ("cam-2/c.png",)]
+
+
+def _pair_by_stem(image_keys: list[str], label_keys: list[str], extensions: list[str]) -> list[tuple[str, str | None]]:
+    """The pairing by a held dict of every label (what the driver did before it streamed)."""
+    from pathlib import PurePosixPath
+
+    from pipeline.source import key_stem
+
+    ranks = {e: i for i, e in enumerate(extensions)}
+    best: dict[str, tuple[int, str]] = {}
+    for key in label_keys:
+        rank, stem = ranks[PurePosixPath(key).suffix], key_stem(key)
+        if stem not in best or rank < best[stem][0]:
+            best[stem] = (rank, key)
+    return [(k, best[key_stem(k)][1] if key_stem(k) in best else None) for k in image_keys]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_streamed_label_pairing_equals_pairing_by_stem_on_names_that_sort_apart(seed):
+    """`pair_labels` reads two sorted listings side by side; stems do not sort like keys ("b-1.png"
+    lists before "b.png", "b.png" before "b/x.png"), which is what these names are made of."""
+    import random
+
+    from pipeline.source import pair_labels
+
+    rng = random.Random(seed)
+    parts = ["b", "b-1", "b.c", "b_", "a", "c/d", "b/x", "b.c/y", "-"]
+    stems = {"/".join(rng.choice(parts) for _ in range(rng.randint(1, 3))) for _ in range(60)}
+    extensions = [".png", ".tif", ".jpg"]
+    images = sorted(s + rng.choice([".png", ".jpg"]) for s in stems)
+    labels = sorted({s + ext for s in stems for ext in extensions if rng.random() < 0.4} | {"zz-orphan.png", "b-0.tif"})
+    expected = _pair_by_stem(images, labels, extensions)
+    assert any(label for _, label in expected) and any(label is None for _, label in expected)
+    assert list(pair_labels(images, labels, extensions)) == expected
+
+
+def test_a_local_folder_is_walked_in_the_order_s3_lists_keys(tmp_path):
+    from pipeline.storage import iter_files
+
+    keys = ["b.png", "b-1.png", "b/x.png", "b/a/y.png", "b.c/z.png", "a.png", "B.png", "c/d/e/f.png"]
+    for key in keys:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(b"x")
+    _, _, listed = iter_files(str(tmp_path))
+    assert list(listed) == sorted(keys)  # code-point order of the whole key, as ListObjectsV2 returns it
+
+
+def test_the_listing_streams_units_and_pairs_labels_like_the_held_listing(tmp_path):
+    """Through the reader on a local folder: streamed units equal units built from the held,
+    sorted listing and a dict of labels by stem."""
+    from pipeline.storage import list_files
+
+    names = ["x/b.png", "x/b-1.png", "x/b/c.png", "y.jpg", "x/b.c.png"]
+    for name in names:
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "images" / name).write_bytes(b"x")
+    for name in ["x/b.tif", "x/b.png", "x/b-1.png", "x/b/c.jpg", "y.png"]:
+        (tmp_path / "labels" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "labels" / name).write_bytes(b"y")
+    cfg = load_config(
+        {
+            "input": {"uri": str(tmp_path / "images"), "labels": {"uri": str(tmp_path / "labels")}, "images_per_unit": 2},
+            "model": {"name": "segformer-b0"},
+        }
+    ).input
+    units = list(reader_for(cfg).iter_units())
+    _, _, keys = list_files(str(tmp_path / "images"))
+    _, _, label_keys = list_files(str(tmp_path / "labels"))
+    expected = _pair_by_stem(keys, label_keys, cfg.labels.extensions)
+    got = [(i, label and label.split("/labels/")[1]) for u in units for i, label in zip(u.image_ids, u.label_uris)]
+    assert got == expected and [u.index for u in units] == [0, 1, 2]
+    assert dict(got)["x/b.png"] == "x/b.png" and dict(got)["x/b.c.png"] is None
+
+
+def test_a_manifest_is_read_in_chunks_each_sorted(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.storage import iter_manifest
+
+    keys = [f"k/{i:03d}.png" for i in range(10)][::-1] + ["k/003.png"]  # unsorted, one repeated
+    pq.write_table(pa.table({"key": keys}), tmp_path / "m.parquet")
+    _, _, listed = iter_manifest(str(tmp_path / "m.parquet"), str(tmp_path / "data"), {}, chunk=4)
+    chunks = [sorted(set(keys[i : i + 4])) for i in range(0, len(keys), 4)]
+    assert list(listed) == [k for chunk in chunks for k in chunk]
