@@ -192,3 +192,25 @@ def test_actors_on_several_nodes_leave_every_node_room_for_a_read_task(nodes, ac
     assert (plan.actors, plan.num_cpus, plan.task_cpus) == expect
     # an actor fits a node, and the actors leave at least a read task's CPUs on every node but those they fill
     assert plan.num_cpus <= max(nodes) and sum(nodes) - plan.actors * plan.num_cpus >= plan.task_cpus
+
+
+# benchmarks/listing_memory.py: listing 1M keys in batches of 50 000 peaks at about 60 MiB above the
+# driver's starting RSS (two batches of about 200 bytes a key, plus the listing's pages); holding the
+# whole listing peaks at about 190 MiB. The bound sits between the two.
+LISTING_PEAK_BOUND_MIB = 110
+
+
+def test_driver_memory_listing_a_million_keys_stays_under_the_bound_of_two_batches():
+    """The driver's listing of 1M keys (s3fs's own paging code over generated pages: no store holds
+    a million objects here) in batches of 50 000, in a fresh process: its peak RSS stays under the
+    bound that holds for any archive size, well under what holding the listing takes."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "listing_memory.py"), "--worker", "1000000", "1024", "segpipe", "50000", ""]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["images"] == 1_000_000 and result["pages"] == 1000
+    assert result["peak_mib"] < LISTING_PEAK_BOUND_MIB, result
