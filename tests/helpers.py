@@ -270,6 +270,7 @@ def tiny_hf_checkpoint(model_type: str, path: Path, seed: int = 0, perturb: bool
         "segformer": lambda: (transformers.SegformerForSemanticSegmentation, transformers.SegformerConfig(**TINY_HF_SEGFORMER)),
         "maskformer": lambda: (transformers.MaskFormerForInstanceSegmentation, tiny_maskformer_config()),
         "mask2former": lambda: (transformers.Mask2FormerForUniversalSegmentation, tiny_mask2former_config()),
+        "detr": lambda: (transformers.DetrForSegmentation, tiny_detr_config()),
     }
     model_class, config = models[model_type]()
     return saved_hf_model(model_class, config, path, seed=seed, perturb=perturb)
@@ -323,3 +324,33 @@ def scene_pixels(y0: int, x0: int, height: int, width: int) -> np.ndarray:
     np.bitwise_xor.outer((ys // 200 % 2 * 200).astype(np.uint8), (xs // 300 % 2 * 200).astype(np.uint8), out=out[..., 2])
     out[..., 2] += (xs % 50).astype(np.uint8)
     return out
+
+
+def tiny_detr_config(num_labels: int = 6, **overrides):
+    """A DetrConfig (transformers' ResNet, no timm) 32 wide: a bottleneck ResNet of widths 32..96 with
+    every stage out (the mask head needs C2..C4), 2 + 2 layers, 8 encoder heads (the mask head's
+    input, 32 + 8, must be a multiple of 8) and 4 decoder heads, 5 queries."""
+    from transformers import DetrConfig, ResNetConfig
+
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[32, 48, 64, 96],
+        depths=[1, 2, 1, 1],
+        layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    kwargs = dict(
+        use_timm_backbone=False,
+        use_pretrained_backbone=False,
+        backbone_config=backbone,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=8,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_queries=5,
+        num_labels=num_labels,
+    )
+    return DetrConfig(**{**kwargs, **overrides})
