@@ -122,8 +122,6 @@ def worker(keys: int, size: int, method: str, batch: int, manifest: str) -> None
 
     # warm up outside the measurement: imports that s3fs, botocore and pyarrow make lazily, the event loop thread
     reader_for(config(10).input.model_copy(update={"manifest": None})).list_units()
-    import pyarrow.csv  # noqa: F401  (the manifest readers' imports)
-    import pyarrow.parquet  # noqa: F401
     cfg = config(keys)
     gc.collect()
     before = rss_kib("VmRSS")

@@ -92,6 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="also each model's effective receptive field on IMAGES of the compared images (default 8)",
     )
 
+    export = sub.add_parser(
+        "export",
+        help="write a run's results as PNG label maps, tiled TIFFs or COCO JSON",
+        description="Export a run directory's committed results to DIR: png (one label map per image, up to 50 "
+        "megapixels), tiff (one tiled, deflate-compressed TIFF per image, any size) or coco (COCO JSON: semantic "
+        "annotations, instance results or panoptic PNGs and JSON, by the run's task).",
+    )
+    export.add_argument("run", metavar="RUN", help="a run directory, <output.uri>/<run_id> (local path or URI)")
+    export.add_argument("--to", required=True, metavar="DIR", help="where the files go (local path or URI)")
+    export.add_argument("--format", required=True, choices=["png", "tiff", "coco"], help="png | tiff | coco")
+    export.add_argument(
+        "--storage-option",
+        dest="storage_options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for RUN and DIR (repeatable; the value is read as YAML, KEY.SUB nests)",
+    )
+
     demo = sub.add_parser("demo", help="segment a small synthetic archive with the bundled model")
     demo.add_argument("--out", default="./demo-out", help="where the archive and the run go")
     demo.add_argument("--verbose", action="store_true", help="show Ray's own log lines too")
@@ -140,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "export":
+            return _export(args)
         if args.command == "summary":
             return _summary(args.output_uri, args.job)
         if args.command == "demo":
@@ -224,6 +245,33 @@ def _compare(args) -> int:
     except CompareError as exc:
         return _fail(exc, EXIT_USAGE)
     print(format_comparison(result))
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    import yaml
+
+    from pipeline.export import ExportError, export_run
+
+    options: dict = {}
+    for item in args.storage_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _fail(ValueError(f"--storage-option {item!r}: expected KEY=VALUE"), EXIT_USAGE)
+        *parents, leaf = key.split(".")
+        node = options
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = yaml.safe_load(value)
+    try:
+        result = export_run(args.run, args.to, args.format, options)
+    except ExportError as exc:
+        return _fail(exc, EXIT_USAGE)
+    except ValueError as exc:  # a mask whose chunks do not fit together: the run directory is damaged
+        return _fail(exc, EXIT_FAILED)
+    for line in result.skipped:
+        print(f"segpipe: skipped {line}", file=sys.stderr)
+    print(f"{result.out}: {len(result.written)} files ({result.format}), {len(result.skipped)} images skipped")
     return EXIT_OK
 
 

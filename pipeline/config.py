@@ -125,7 +125,21 @@ class TTAConfig(_Strict):
         return v
 
 
+class ObjectsConfig(_Strict):
+    """The instance and panoptic tasks' post-processing (pipeline.objects, pipeline.object_windows)."""
+
+    threshold: Float | None = Field(None, ge=0, le=1, description="instance: 0.5 on the score; panoptic: 0.8 on the class probability")
+    mask_threshold: Float = Field(0.5, ge=0, le=1)
+    overlap_threshold: Float = Field(0.8, ge=0, le=1, description="panoptic: the share of its mask a segment must keep")
+    top_k: Int = Field(100, ge=1, description="instance: (query, class) candidates per window")
+    stuff_classes: list[Int] = Field(default_factory=list, description="panoptic: one segment per class (not things)")
+    merge_iou: Float = Field(0.5, gt=0, le=1, description="an object seen by two windows: mask IoU over their overlap")
+
+
 class InferenceConfig(_Strict):
+    # semantic: a label map per image; instance / panoptic (query models): objects, see pipeline.object_windows
+    task: Literal["semantic", "instance", "panoptic"] = "semantic"
+    objects: ObjectsConfig = Field(default_factory=ObjectsConfig)
     mode: Literal["whole", "slide"] = "slide"
     window: tuple[Int, Int] = (512, 512)
     stride: tuple[Int, Int] = (341, 341)
@@ -145,6 +159,8 @@ class InferenceConfig(_Strict):
     def _stride_fits(self) -> InferenceConfig:
         if any(s > w for s, w in zip(self.stride, self.window)):
             raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
+        if self.task != "semantic" and self.tta.views > 1:
+            raise ValueError(f"tta: test-time augmentation averages class scores; the {self.task} task's objects take one view")
         return self
 
 
@@ -190,6 +206,12 @@ class JobConfig(_Strict):
         if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' only")
         return v
+
+    @model_validator(mode="after")
+    def _objects_are_not_binary(self) -> JobConfig:
+        if self.inference.task != "semantic" and self.metrics.task == "binary":
+            raise ValueError(f"inference.task {self.inference.task} writes objects; metrics.task binary needs the semantic task")
+        return self
 
     def with_run_id(self, prefix: str = "run") -> JobConfig:
         """This config with a run_id: `<prefix>-<UTC time>` when absent."""

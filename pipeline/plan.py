@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from pipeline.config import ConfigError, JobConfig
-from pipeline.predictor import DIE_ON, Predictor, load_job_model, weights_sha256
+from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity, runs_of_job
 from pipeline.sink import PartWriter
@@ -317,6 +317,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     except OSError as exc:  # FileNotFoundError names the field; a store that refuses is scrubbed
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
+    check_task(cfg.inference.task, model)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (
         ["background", "foreground"] if one_logit else [str(i) for i in range(model.num_classes)]
@@ -564,6 +565,8 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     outcomes = job.store.outcomes()
     job.store.write_index(outcomes)  # one read for a later --incremental run of the job
     summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
+    if cfg.inference.task != "semantic":
+        summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
     summary.update(job.record.throughput(outcome.processed, outcome.seconds))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":

@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from models import build_model, load_model
-from models.base import CheckpointError, SegmentationModel
+from models.base import CheckpointError, ModelError, SegmentationModel
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, class_areas
+from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
+from pipeline.objects import ImageObject, PanopticSegments, encode_rle
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
 from pipeline.telemetry import RunMetrics
@@ -93,6 +95,77 @@ class ModelScorer:
         return scores.float().cpu()
 
 
+@dataclass
+class QueryScorer:
+    """query_fn for the object tasks: raw 0-255 windows in, a query model's float32 CPU class and
+    mask logits out (pipeline.object_windows)."""
+
+    model: SegmentationModel
+    device: torch.device
+    precision: str = "fp32"
+
+    def __call__(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.model.normalize(windows.to(self.device, non_blocking=True))
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+            class_logits, mask_logits = self.model.forward_queries(x)
+        return class_logits.float().cpu(), mask_logits.float().cpu()
+
+
+def check_task(task: str, model: SegmentationModel) -> None:
+    """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries."""
+    if task != "semantic" and not hasattr(model, "forward_queries"):
+        raise ModelError(
+            f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {model.name or model.family} predicts class maps only"
+        )
+
+
+def object_settings(cfg: JobConfig) -> ObjectSettings | None:
+    task, objects = cfg.inference.task, cfg.inference.objects
+    if task == "semantic":
+        return None
+    return ObjectSettings(
+        task=task,
+        threshold=objects.threshold if objects.threshold is not None else TASK_THRESHOLDS[task],
+        mask_threshold=objects.mask_threshold,
+        overlap_threshold=objects.overlap_threshold,
+        top_k=objects.top_k,
+        stuff_classes=tuple(objects.stuff_classes),
+        merge_iou=objects.merge_iou,
+    )
+
+
+def instance_records(found: list[ImageObject], height: int, width: int) -> list[dict]:
+    """The instances table's rows of one image (its id left out), ids 1.. by score."""
+    return [
+        {
+            "instance_id": k,
+            "class_id": obj.class_id,
+            "score": obj.score,
+            "bbox": [float(v) for v in obj.bbox],
+            "area": obj.area,
+            "height": height,
+            "width": width,
+            "rle": encode_rle(obj.mask, size=(height, width), offset=(obj.bbox[1], obj.bbox[0]))["counts"],
+        }
+        for k, obj in enumerate(found, 1)
+    ]
+
+
+def segment_records(segments: PanopticSegments) -> list[dict]:
+    """The segments table's rows of one image (its id left out)."""
+    return [
+        {
+            "segment_id": int(segments.segment_id[k]),
+            "class_id": int(segments.class_id[k]),
+            "is_thing": bool(segments.is_thing[k]),
+            "score": float(segments.score[k]),
+            "area": int(segments.area[k]),
+            "bbox": [float(v) for v in segments.bbox[k]],
+        }
+        for k in range(len(segments))
+    ]
+
+
 AREA_ROWS = 64  # class areas of a band are counted this many rows at a time (int64: 8 bytes a pixel)
 Band = tuple[int, np.ndarray, "np.ndarray | None"]  # (first row, label rows, probability rows)
 LabelRows = Callable[[int, int], np.ndarray]  # (first row, rows) -> those rows of the label
@@ -154,6 +227,9 @@ class Predictor:
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
         self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
+        check_task(inference.task, model)
+        self.objects = object_settings(cfg)  # None: the semantic task
+        self.query_fn = QueryScorer(model, self.device, inference.precision) if self.objects else None
         self.settings = TilingSettings(
             mode=inference.mode,
             window=tuple(inference.window),
@@ -175,6 +251,11 @@ class Predictor:
         for i, image in enumerate(images):
             if image.stream is not None and not image.error:
                 out[i] = self._guard(out[i], "predict", self._predict_streamed, image, out[i])
+        if self.objects is not None:  # objects: image by image, through pipeline.object_windows
+            for i in in_memory:
+                out[i] = self._guard(out[i], "predict", self._predict_objects, images[i], out[i])
+            self._record_metrics(images, out, time.perf_counter() - started)
+            return to_columns([p.to_record() for p in out])
         try:
             segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
         except Exception:
@@ -235,12 +316,42 @@ class Predictor:
             log.debug("%s failed at %s", row.image_id, stage, exc_info=True)
             return row.failed(stage, f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}")
 
+    def _predict_objects(self, image: DecodedImage, row: Prediction) -> Prediction:
+        """The instance task: its objects, and the label map of the same passes as the mask; the
+        panoptic task: the segment-id map as the mask, its segments beside it."""
+        pixels, label = image.image, image.label
+        if self.objects.task == "panoptic":
+            segments = find_segments(self.query_fn, pixels, self.settings, self.objects)
+            ids = segments.segment_map
+            row.chunks, _ = finish_image(
+                iter([(0, ids.astype(np.uint8 if ids.max(initial=0) < 256 else np.uint16), None)]),
+                row.height,
+                row.width,
+                None,
+                num_classes=int(ids.max(initial=0)) + 1,
+                chunk_size=self.chunk_size,
+                binary=False,
+                ignore_index=self.ignore_index,
+            )
+            row.objects = segment_records(segments)
+            return row
+        found: list[ImageObject] = []
+        read = lambda y, x, h, w: pixels[y : y + h, x : x + w]
+        bands = find_objects(self.query_fn, read, row.height, row.width, self.settings, self.objects, found)
+        label_rows = (lambda y, n: label[y : y + n]) if label is not None else None
+        row = self._finish(row, bands, label_rows)
+        row.objects = instance_records(found, row.height, row.width)
+        return row
+
     def _predict_streamed(self, image: DecodedImage, row: Prediction) -> Prediction:
         def on_rows(done: int, total: int) -> None:
             if self.monitor is not None:
                 self.monitor.stream_rows.remote(image.image_id, done, total)  # fire and forget
 
         started = time.time()
+        if self.objects is not None and self.objects.task == "panoptic":
+            raise StreamError(f"a {image.width} x {image.height} image is read window by window: the panoptic task needs it whole")
+        found: list[ImageObject] = []
         row.chunks, row.areas = segment_tiff(
             self.score_fn,
             image.stream,
@@ -250,7 +361,10 @@ class Predictor:
             ignore_index=self.ignore_index,
             storage_options=self.input_storage_options,
             on_rows=on_rows,
+            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
         )
+        if self.objects is not None:
+            row.objects = instance_records(found, row.height, row.width)
         log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
         return row
 
@@ -265,9 +379,11 @@ def segment_tiff(
     ignore_index: int = 255,
     storage_options: dict | None = None,
     on_rows: Callable[[int, int], None] | None = None,
+    objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """A TIFF read window by window (pipeline.tiff): the stitcher's bands through `finish_image`, the
-    label's rows read the same way. on_rows(rows finished, total) reports progress inside the image."""
+    label's rows read the same way. on_rows(rows finished, total) reports progress inside the image.
+    `objects` (query_fn, settings, found): the instance task, its objects found band by band into `found`."""
     if settings.mode != "slide":
         raise StreamError(
             f"a {source.width} x {source.height} image is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}"
@@ -283,7 +399,11 @@ def segment_tiff(
                 raise StreamError(
                     f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
                 )
-            bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
+            if objects is None:
+                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
+            else:
+                query_fn, object_config, found = objects
+                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found)
             return finish_image(
                 bands,
                 source.height,

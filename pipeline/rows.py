@@ -13,6 +13,7 @@ An error row is made in one place: `.failed(stage, error)`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -228,6 +229,8 @@ class Prediction(_StageRow):
     chunks: list[MaskChunk] = field(default_factory=list)
     areas: ClassAreas | None = None  # set when the image had a label
     cod: list[float] | None = None  # a binary task's camouflaged-object stats (pipeline.cod_metrics, flat)
+    # instance / panoptic tasks: the image's instances or segments table rows, image_id left out
+    objects: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -235,7 +238,7 @@ class Prediction(_StageRow):
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None)
+        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None)
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -250,6 +253,7 @@ class Prediction(_StageRow):
             "labeled": a is not None,
             **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
             "cod": list(self.cod) if self.cod is not None else [],
+            "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -273,6 +277,7 @@ class Prediction(_StageRow):
             chunks=chunks,
             areas=areas,
             cod=[float(v) for v in batch["cod"][i]] if len(batch["cod"][i]) else None,
+            objects=json.loads(batch["objects"][i]) if "objects" in batch and batch["objects"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

@@ -47,7 +47,8 @@ from pipeline.rows import IdSet
 from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
-TABLES = (MASKS, METRICS, ERRORS)
+INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
+TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS)
 AREAS = ClassAreas.FIELDS
 CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
 TMP_PREFIX = ".tmp-"
@@ -82,6 +83,35 @@ def metrics_schema(cod: bool) -> pa.Schema:
 ERRORS_SCHEMA = pa.schema(
     [pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string()), pa.field("attempt", pa.int32())]
 )
+
+
+# one row per object: its mask as COCO run-length encoding (compressed counts) at the image's size
+INSTANCES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("instance_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("bbox", pa.list_(pa.float64())),  # COCO: x, y, width, height
+        pa.field("area", pa.int64()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("rle", pa.string()),
+    ]
+)
+# one row per panoptic segment; the masks table holds the image's segment-id map (0: void)
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("segment_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("is_thing", pa.bool_()),
+        pa.field("score", pa.float32()),
+        pa.field("area", pa.int64()),
+        pa.field("bbox", pa.list_(pa.float64())),
+    ]
+)
+OBJECT_SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, SEGMENTS: SEGMENTS_SCHEMA}
 
 
 def part_name(attempt: int, unit: int, seq: int) -> str:
@@ -223,12 +253,15 @@ class RunStore:
         with_retries(write_tmp, what="write", uri=path)
         with_retries(lambda: self.fs.mv(tmp, path), what="commit", uri=path)
 
-    def write_part(self, name: str, masks: pa.Table, metrics: pa.Table, errors: pa.Table) -> bool:
+    def write_part(
+        self, name: str, masks: pa.Table, metrics: pa.Table, errors: pa.Table, objects: dict[str, pa.Table] | None = None
+    ) -> bool:
         """Commit one part; False (and nothing written) when a part of that name is committed already,
-        as when Ray retries a write that had finished."""
+        as when Ray retries a write that had finished. `objects`: the instances or segments table."""
         if self.fs.exists(self.path(MASKS, name + ".parquet")):
             return False
-        for kind, table in ((METRICS, metrics), (ERRORS, errors), (MASKS, masks)):  # masks last: commits
+        tables = [(METRICS, metrics), (ERRORS, errors), *(objects or {}).items(), (MASKS, masks)]
+        for kind, table in tables:  # masks last: it commits the part
             self._write_atomic(self.path(kind, name + ".parquet"), lambda f, t=table: pq.write_table(t, f))
         return True
 
@@ -252,6 +285,20 @@ class RunStore:
             return None
         with self.fs.open(self.path(name), "rb") as f:
             return json.loads(f.read())
+
+    def object_summary(self, task: str, class_names: list[str]) -> dict:
+        """summary.json's account of the instance or panoptic task: objects written, per class."""
+        kind = INSTANCES if task == "instance" else SEGMENTS
+        table = self.read_table(kind, ["image_id", "class_id"])
+        counts = pc.value_counts(table.column("class_id")).to_pylist() if table is not None and table.num_rows else []
+        per_class = {class_names[c["values"]] if 0 <= c["values"] < len(class_names) else str(c["values"]): c["counts"] for c in counts}
+        return {
+            "task": task,
+            "table": kind,
+            "rows": table.num_rows if table is not None else 0,
+            "images_with_objects": len(pc.unique(table.column("image_id"))) if table is not None else 0,
+            "per_class": dict(sorted(per_class.items())),
+        }
 
     def summarize(self, num_classes: int, class_names: list[str], outcomes: Outcomes | None = None) -> dict:
         """summary.json's counts and metrics, from what the run directory holds (every attempt)."""

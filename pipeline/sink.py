@@ -16,9 +16,25 @@ import pyarrow as pa
 from pipeline.cod_metrics import CodImageStats
 from pipeline.config import JobConfig
 from pipeline.rows import Prediction, batch_length
-from pipeline.runstore import CHUNK_FIELDS, ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema, metrics_schema, part_name
+from pipeline.runstore import (
+    CHUNK_FIELDS,
+    ERRORS_SCHEMA,
+    METRICS_SCHEMA,
+    OBJECT_SCHEMAS,
+    RunStore,
+    masks_schema,
+    metrics_schema,
+    part_name,
+)
 
 # --------------------------------------------------------------------------- writing parts
+
+
+def object_table(rows: list[Prediction], kind: str) -> pa.Table:
+    """The instances or segments table of one part: each image's object rows, its id in front."""
+    schema = OBJECT_SCHEMAS[kind]
+    records = [{"image_id": r.image_id, **obj} for r in sorted(rows, key=lambda r: r.image_id) if not r.error for obj in r.objects or ()]
+    return pa.Table.from_pylist(records, schema=schema)
 
 
 def part_tables(rows: list[Prediction], binary: bool, attempt: int, cod: bool = False) -> tuple[pa.Table, pa.Table, pa.Table]:
@@ -71,6 +87,7 @@ class PartWriter:
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool) -> None:
         self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+        self.objects = {"instance": "instances", "panoptic": "segments"}.get(cfg.inference.task)  # the object table
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
@@ -116,5 +133,6 @@ class PartWriter:
     def _commit(self, unit: int, rows: list[Prediction]) -> None:
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
-        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod))
+        objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
+        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod), objects=objects)
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)

@@ -450,13 +450,13 @@ def with_tta(score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1
 # --------------------------------------------------------------------------- entry points
 
 
-def _to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
+def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
     """h x w x 3 uint8 arrays -> N x 3 x h x w float32 on the 0-255 scale."""
     batch = torch.from_numpy(np.stack(windows))
     return batch.permute(0, 3, 1, 2).to(torch.float32).contiguous()
 
 
-def _read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> np.ndarray:
+def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> np.ndarray:
     """The window at padded coordinates (y0, x0): read what lies inside the image, zeros elsewhere."""
     wh, ww = plan.window
     top, left = max(y0 - plan.pad_top, 0), max(x0 - plan.pad_left, 0)
@@ -470,7 +470,7 @@ def _read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) ->
     return window
 
 
-def _resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """C x h' x w' -> C x size, bilinear with align_corners=False, only where the size differs."""
     scores = scores.to("cpu", torch.float32)
     if tuple(scores.shape[-2:]) == tuple(size):
@@ -493,21 +493,21 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
     while batch := list(islice(windows, batch_size)):
-        pixels = _to_pixels([_read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
+        pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
         scores = score_fn(pixels)
         if scores.ndim != 4 or scores.shape[0] != len(batch):
             raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
         for (index, job, _, _), window_scores in zip(batch, scores):
-            for band in job.stitcher.add(_resize_scores(window_scores, job.plan.window)):
+            for band in job.stitcher.add(resize_scores(window_scores, job.plan.window)):
                 yield index, band
 
 
 def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | None) -> Segmentation:
     height, width = image.shape[:2]
-    scores = score_fn(_to_pixels([image]))
+    scores = score_fn(to_pixels([image]))
     if scores.ndim != 4 or scores.shape[0] != 1:
         raise ValueError(f"score_fn must return 1 x C x h x w for one image, got {tuple(scores.shape)}")
-    labels, probability = labels_and_probability(_resize_scores(scores[0], (height, width)), binary)
+    labels, probability = labels_and_probability(resize_scores(scores[0], (height, width)), binary)
     return Segmentation(labels, probability)
 
 

@@ -214,3 +214,52 @@ def test_driver_memory_listing_a_million_keys_stays_under_the_bound_of_two_batch
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["images"] == 1_000_000 and result["pages"] == 1000
     assert result["peak_mib"] < LISTING_PEAK_BOUND_MIB, result
+
+
+def test_instance_and_panoptic_tasks_write_object_tables_that_coco_tools_read(ray_session, tmp_path, archive, checkpoint, capsys):
+    """A random MaskFormer checkpoint through `segpipe run`: the instance task's rows decode with
+    pycocotools to their area and box; the panoptic task's segment-id masks hold exactly the
+    segments of its table with their areas; a class-map model is refused with one line."""
+    from helpers import tiny_hf_checkpoint
+    from pycocotools import mask as coco_mask
+
+    from pipeline.masks import read_mask
+
+    maskformer = tmp_path / "maskformer"
+    tiny_hf_checkpoint("maskformer", maskformer, seed=3)  # seed 3: its queries name classes, not "no object"
+    objects = {"threshold": 0.0, "top_k": 4}
+    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="inst", inference={"task": "instance", "objects": objects})
+    assert segpipe_run(tmp_path / "inst.yaml", cfg) == 0
+    run = tmp_path / "runs" / "inst"
+    instances = read_run_table(run, "instances").to_pylist()
+    assert instances and {r["image_id"] for r in instances} == set(read_run_table(run, "masks").column("image_id").to_pylist())
+    for r in instances:
+        rle = {"size": [r["height"], r["width"]], "counts": r["rle"]}
+        assert int(coco_mask.area(rle)) == r["area"] > 0
+        assert coco_mask.toBbox(rle).tolist() == r["bbox"]
+    by_image: dict[str, list[int]] = {}
+    for r in instances:
+        by_image.setdefault(r["image_id"], []).append(r["instance_id"])
+    assert all(sorted(ids) == list(range(1, len(ids) + 1)) for ids in by_image.values())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["objects"]["rows"] == len(instances) and summary["objects"]["table"] == "instances"
+
+    panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}}
+    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)
+    assert segpipe_run(tmp_path / "pan.yaml", cfg) == 0
+    run = tmp_path / "runs" / "pan"
+    segments = read_run_table(run, "segments").to_pylist()
+    assert segments
+    for image_id in set(read_run_table(run, "masks").column("image_id").to_pylist()):
+        ids = read_mask(str(run), image_id)
+        rows = {r["segment_id"]: r for r in segments if r["image_id"] == image_id}
+        present = np.unique(ids[ids > 0])
+        assert sorted(rows) == present.tolist()
+        assert all(int((ids == s).sum()) == rows[s]["area"] for s in present)
+
+    capsys.readouterr()
+    cfg = archive_job(tmp_path, archive, checkpoint, labels=False, run_id="refused", inference={"task": "instance"})
+    assert segpipe_run(tmp_path / "refused.yaml", cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "query-based model" in err[0]
+    assert not (tmp_path / "runs" / "refused").exists()

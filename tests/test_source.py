@@ -158,7 +158,7 @@ def test_a_manifest_is_read_in_chunks_each_sorted(tmp_path):
 
     from pipeline.storage import iter_manifest
 
-    keys = [f"k/{i:03d}.png" for i in range(10)][::-1] + ["k/003.png"]  # unsorted, one repeated
+    keys = [*[f"k/{i:03d}.png" for i in range(10)][::-1], "k/003.png"]  # unsorted, one repeated
     pq.write_table(pa.table({"key": keys}), tmp_path / "m.parquet")
     _, _, listed = iter_manifest(str(tmp_path / "m.parquet"), str(tmp_path / "data"), {}, chunk=4)
     chunks = [sorted(set(keys[i : i + 4])) for i in range(0, len(keys), 4)]

@@ -19,9 +19,9 @@ from pipeline.tiling import (
     StreamingStitcher,
     TilingSettings,
     TTAScoreFn,
-    _read_padded,
     importance_map,
     plan_windows,
+    read_padded,
     segment_images,
     segment_streaming,
     stitch_windows,
@@ -112,7 +112,7 @@ def test_read_padded_places_the_image_and_zeros():
     padded = np.zeros((plan.padded_height, plan.padded_width, 3), np.uint8)
     padded[plan.pad_top : plan.pad_top + 9, plan.pad_left : plan.pad_left + 23] = image
     for y0, x0 in plan.windows:
-        window = _read_padded(lambda y, x, h, w: image[y : y + h, x : x + w], plan, y0, x0)
+        window = read_padded(lambda y, x, h, w: image[y : y + h, x : x + w], plan, y0, x0)
         np.testing.assert_array_equal(window, padded[y0 : y0 + 16, x0 : x0 + 10])
 
 

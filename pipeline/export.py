@@ -1,0 +1,544 @@
+"""`segpipe export RUN --to DIR --format png|tiff|coco`: a run's results in formats other tools read.
+
+RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or an fsspec URI
+(s3://...); both are opened with the same storage options. What is read is what the run committed
+(pipeline.runstore: a part counts once its masks file exists), and an image that several committed
+parts hold (a rerun's later attempt) is taken from the latest of them, as `latest_metrics` does.
+
+Formats, one function each, read top to bottom:
+  png    `export_png`: one PNG label map per image, `<DIR>/<image id with .png for its extension>`,
+         8-bit (16-bit for masks of more than 256 classes: the masks table's own bit depth).
+         Chunked masks are assembled in memory, so only images of at most `max_pixels`
+         (50 megapixels) are exported; a larger one is skipped with a line saying to use tiff.
+  tiff   `export_tiff`: one tiled TIFF per image (512 x 512 tiles, deflate), same names with .tif.
+         Any size: the mask is never held whole. Tiles are cut from one band of chunks at a time
+         (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
+         generator, so memory is one band of chunks and one row of tiles, whatever the height.
+  coco   `export_coco`, by the run's task (run.json: config.inference.task; semantic by default):
+         semantic   `<DIR>/coco.json`: images, categories (model.class_names) and one annotation
+                    per image and class present: the class's pixels as COCO RLE, bbox, area.
+         instance   `<DIR>/coco.json` (images, categories, no annotations) and
+                    `<DIR>/coco_results.json`: the `instances/` table as COCO results, as
+                    pycocotools' `COCO(coco.json).loadRes(coco_results.json)` reads them.
+         panoptic   `<DIR>/panoptic.json` and `<DIR>/panoptic/<name>.png`: COCO panoptic, the
+                    segment-id map as RGB (id = R + 256 G + 256^2 B, ids as the run wrote them) and
+                    the `segments/` table as each annotation's segments_info.
+         COCO ids: images are numbered 1..N in image_id order (file_name is the run's image_id);
+         a category's id is its class index, the value the label maps hold.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.masks import PngRows, decode_png
+from pipeline.objects import encode_rle
+from pipeline.runstore import CHUNK_FIELDS, MASKS, TMP_PREFIX, RunStore, strict_json
+from pipeline.storage import open_fs, with_retries
+
+FORMATS = ("png", "tiff", "coco")
+PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8
+TIFF_TILE = 512
+INSTANCES, SEGMENTS = "instances", "segments"  # the part tables of instance and panoptic runs
+
+
+class ExportError(Exception):
+    """Something wrong with what was asked (not a run directory, an unknown format): one line."""
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: str
+    written: list[str] = field(default_factory=list)  # paths relative to the destination
+    skipped: list[str] = field(default_factory=list)  # one line per image left out, saying why
+    names: set[str] = field(default_factory=set, repr=False)  # the per-image file names taken
+
+
+def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | None = None, max_pixels: int = PNG_MAX_PIXELS) -> ExportResult:
+    """Export run `run_uri` to `out_uri` as `fmt` (see the module's docstring)."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    run = open_run(run_uri, storage_options or {})
+    dest = Destination(out_uri, storage_options or {})
+    result = ExportResult(fmt, out_uri)
+    if fmt == "png":
+        export_png(run, dest, result, max_pixels)
+    elif fmt == "tiff":
+        export_tiff(run, dest, result)
+    else:
+        export_coco(run, dest, result, max_pixels)
+    return result
+
+
+# --------------------------------------------------------------------------- the run, as committed
+
+
+@dataclass
+class Run:
+    uri: str
+    store: RunStore
+    info: dict  # run.json
+    task: str  # semantic | instance | panoptic
+    class_names: list[str]
+
+
+def open_run(uri: str, storage_options: dict) -> Run:
+    """The run directory at `uri`; ExportError when it is none (no run.json)."""
+    output_uri, run_id = _split_run_uri(uri)
+    store = RunStore(output_uri, storage_options, run_id)
+    info = store.read_json("run.json")
+    if not isinstance(info, dict):
+        raise ExportError(f"{uri}: not a run directory (no run.json)")
+    model = info.get("model") or {}
+    task = ((info.get("config") or {}).get("inference") or {}).get("task") or "semantic"
+    num_classes = int(model.get("mask_classes") or model.get("num_classes") or len(model.get("class_names") or []))
+    names = [str(n) for n in model.get("class_names") or []]
+    if len(names) != num_classes:
+        names = [str(i) for i in range(num_classes)]
+    return Run(uri.rstrip("/"), store, info, str(task), names)
+
+
+def _split_run_uri(uri: str) -> tuple[str, str]:
+    """`<output.uri>/<run_id>` -> (output.uri, run_id), as RunStore takes them."""
+    uri = uri.rstrip("/")
+    if "/" not in uri:
+        return ".", uri
+    head, run_id = uri.rsplit("/", 1)
+    if head.endswith(":/"):  # memory://run: the run sits at the store's root
+        head += "/"
+    return head or "/", run_id
+
+
+def committed_parts(store: RunStore, kind: str) -> list[str]:
+    """The committed parts that hold a `kind` table, in the order they were written (the part name
+    starts with its attempt); a file of a part without a masks file is an interrupted write."""
+
+    def listing() -> list[str]:
+        try:
+            return store.fs.ls(store.path(kind), detail=False)
+        except FileNotFoundError:  # no part of this table
+            return []
+
+    paths = with_retries(listing, what="list", uri=f"{store.uri}/{kind}")
+    names = {p.rsplit("/", 1)[-1] for p in paths}
+    parts = {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)}
+    return sorted(parts & store.committed_parts())
+
+
+def read_part(store: RunStore, kind: str, part: str, columns: list[str] | None = None) -> pa.Table:
+    path = store.path(kind, part + ".parquet")
+
+    def read() -> pa.Table:
+        with store.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return with_retries(read, what="read", uri=f"{store.uri}/{kind}/{part}.parquet")
+
+
+def latest_rows(store: RunStore, kind: str, columns: list[str] | None = None) -> pa.Table | None:
+    """The rows of table `kind`, each image's from the latest committed part that holds it (an
+    image has several rows there: its instances, segments or chunks); sorted by image_id, then in
+    part order. None when no committed part has the table."""
+    tables = []
+    for i, part in enumerate(committed_parts(store, kind)):
+        table = read_part(store, kind, part, columns)
+        tables.append(table.append_column("_part", pa.array(np.full(table.num_rows, i, np.int32))))
+    if not tables:
+        return None
+    table = pa.concat_tables(tables, promote_options="default")
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    last = table.group_by("image_id").aggregate([("_part", "max")])
+    # each row's image's latest part (no join: Arrow joins refuse list columns such as bbox)
+    latest = last.column("_part_max").take(pc.index_in(table.column("image_id"), value_set=last.column("image_id")))
+    table = table.filter(pc.equal(table.column("_part"), latest))
+    return table.sort_by([("image_id", "ascending"), ("_row", "ascending")]).drop_columns(["_part", "_row"])
+
+
+@dataclass
+class ImageMask:
+    """One image's masks rows (PNG bytes, chunked or not), not decoded yet."""
+
+    image_id: str
+    height: int
+    width: int
+    rows: list[dict]  # image_id, height, width, chunk_y, chunk_x, chunk_height, chunk_width, mask
+
+    @property
+    def pixels(self) -> int:
+        return self.height * self.width
+
+
+def image_masks(store: RunStore) -> Iterator[ImageMask]:
+    """Every committed image's mask rows, one image at a time, reading one masks part at a time
+    (each image from the latest part that holds it)."""
+    parts = committed_parts(store, MASKS)
+    latest: dict[str, int] = {}  # image_id -> index of its latest part
+    for i, part in enumerate(parts):
+        for image_id in read_part(store, MASKS, part, ["image_id"]).column("image_id").to_pylist():
+            latest[image_id] = i
+    wanted: dict[int, list[str]] = {}
+    for image_id, i in latest.items():
+        wanted.setdefault(i, []).append(image_id)
+    for i, part in enumerate(parts):
+        if i not in wanted:
+            continue
+        table = read_part(store, MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
+        rows_of: dict[str, list[int]] = {}
+        for row, image_id in enumerate(table.column("image_id").to_pylist()):
+            rows_of.setdefault(image_id, []).append(row)
+        for image_id in sorted(wanted[i]):
+            rows = table.take(pa.array(rows_of[image_id], pa.int64())).to_pylist()
+            yield ImageMask(image_id, int(rows[0]["height"]), int(rows[0]["width"]), rows)
+
+
+def assemble(image: ImageMask) -> np.ndarray:
+    """The whole mask of an image (for images of at most `max_pixels`): its bands stacked."""
+    out = np.empty((image.height, image.width), mask_dtype(image))
+    y = 0
+    for band in mask_bands(image):
+        rows = band[0][1].shape[0]
+        for x, chunk in band:
+            out[y : y + rows, x : x + chunk.shape[1]] = chunk
+        y += rows
+    return out
+
+
+def mask_dtype(image: ImageMask) -> np.dtype:
+    """uint8 or uint16: the bit depth of the image's PNGs (byte 24, in the IHDR chunk), as the run
+    wrote them (16-bit for more than 256 classes)."""
+    return np.dtype(np.uint16 if image.rows[0]["mask"][24] == 16 else np.uint8)
+
+
+def mask_bands(image: ImageMask) -> Iterator[list[tuple[int, np.ndarray]]]:
+    """The image's mask one band of chunks at a time, top to bottom: a band is one row of chunks,
+    [(x, decoded chunk), ...] left to right, all of the band's height. Only one band is decoded at a
+    time; a gap or an overlap among the chunks is a ValueError naming the image."""
+    bands: dict[int, list[dict]] = {}
+    for row in image.rows:
+        bands.setdefault(int(row["chunk_y"]), []).append(row)
+    y = 0
+    for band_y in sorted(bands):
+        chunks = sorted(bands[band_y], key=lambda r: int(r["chunk_x"]))
+        height = int(chunks[0]["chunk_height"])
+        x, decoded = 0, []
+        for chunk in chunks:
+            box = (int(chunk["chunk_y"]), int(chunk["chunk_x"]), int(chunk["chunk_height"]), int(chunk["chunk_width"]))
+            if band_y != y or box[1] != x or box[2] != height:
+                raise ValueError(f"{image.image_id}: chunk {box} does not continue the chunks before it")
+            array = decode_png(chunk["mask"])
+            if array.shape != (box[2], box[3]):
+                raise ValueError(f"{image.image_id}: chunk {box} holds a {array.shape} PNG")
+            decoded.append((x, array))
+            x += box[3]
+        if x != image.width:
+            raise ValueError(f"{image.image_id}: the chunks at row {band_y} cover {x} of {image.width} columns")
+        yield decoded
+        del decoded
+        y += height
+    if y != image.height:
+        raise ValueError(f"{image.image_id}: the chunks cover {y} of {image.height} rows")
+
+
+# --------------------------------------------------------------------------- the destination
+
+
+class Destination:
+    """Where files go: a local directory or any fsspec location."""
+
+    def __init__(self, uri: str, storage_options: dict) -> None:
+        self.fs, self.root = open_fs(uri, storage_options)
+        self.uri = uri.rstrip("/")
+        self.local = "file" in ((self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol))
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        path = self.path(name)
+
+        def write() -> None:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+        with_retries(write, what="write", uri=f"{self.uri}/{name}")
+
+    def write_with(self, name: str, write: Callable[[str], None]) -> None:
+        """`write(local_path)` writes the file (tifffile seeks back to fill in its offsets, which a
+        store's file object cannot do): straight into a local destination, else into a temporary
+        file that is uploaded."""
+        if self.local:
+            path = self.path(name)
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            write(path)
+            return
+        with tempfile.TemporaryDirectory(prefix="segpipe-export-") as tmp:
+            local = os.path.join(tmp, "file")
+            write(local)
+            with_retries(lambda: self.fs.put_file(local, self.path(name)), what="write", uri=f"{self.uri}/{name}")
+
+
+def output_name(image_id: str, suffix: str) -> str:
+    """The file an image's export goes to: its id with `suffix` for its extension ("a/b.jpg" ->
+    "a/b.png"; a key without extension gets the suffix added)."""
+    path = PurePosixPath(image_id.lstrip("/"))
+    if ".." in path.parts:
+        raise ExportError(f"image id {image_id!r} would leave the destination")
+    return str(path.with_suffix(suffix)) if path.suffix else str(path) + suffix
+
+
+def _unique_name(image_id: str, suffix: str, result: ExportResult) -> str:
+    """`output_name`, or the whole id plus `suffix` where another image took that name ("a.jpg"
+    beside "a.png": "a.png" and "a.jpg.png"), so no export overwrites another."""
+    name = output_name(image_id, suffix)
+    if name in result.names:
+        name = output_name(image_id + suffix, suffix)
+    result.names.add(name)
+    return name
+
+
+def _too_large(image: ImageMask, max_pixels: int, what: str) -> str | None:
+    if image.pixels <= max_pixels:
+        return None
+    return (
+        f"{image.image_id}: {image.height} x {image.width} = {image.pixels / 1e6:.1f} megapixels, over the "
+        f"{max_pixels / 1e6:g} that {what} assembles in memory: use --format tiff"
+    )
+
+
+def _png(array: np.ndarray) -> bytes:
+    """A grayscale PNG of an 8- or 16-bit label map (the masks codec's encoder)."""
+    writer = PngRows(array.shape[0], array.shape[1], 16 if array.dtype == np.uint16 else 8)
+    writer.add(array)
+    return writer.finish()
+
+
+# --------------------------------------------------------------------------- png
+
+
+def export_png(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
+    """One PNG label map per image (`output_name(image_id, ".png")`); images over `max_pixels` are skipped."""
+    for image in image_masks(run.store):
+        skip = _too_large(image, max_pixels, "--format png")
+        if skip:
+            result.skipped.append(skip)
+            continue
+        name = _unique_name(image.image_id, ".png", result)
+        dest.write_bytes(name, _png(assemble(image)))
+        result.written.append(name)
+
+
+# --------------------------------------------------------------------------- tiff
+
+
+def export_tiff(run: Run, dest: Destination, result: ExportResult) -> None:
+    """One tiled, deflate-compressed TIFF per image (`output_name(image_id, ".tif")`), any size."""
+    for image in image_masks(run.store):
+        name = _unique_name(image.image_id, ".tif", result)
+        dest.write_with(name, lambda path, image=image: write_tiff(image, path))
+        result.written.append(name)
+
+
+def write_tiff(image: ImageMask, path: str, tile: int = TIFF_TILE) -> None:
+    """The image's mask as a tiled TIFF at local `path`, tile by tile from `mask_tiles`: tifffile
+    compresses each tile as it comes, holding at most one row of tiles for its threads."""
+    try:
+        import tifffile  # the `tiff` extra
+    except ImportError:
+        raise ExportError("--format tiff needs tifffile: pip install 'segpipe[tiff]'") from None
+    dtype = mask_dtype(image)
+    tifffile.imwrite(
+        path,
+        mask_tiles(image, tile),
+        shape=(image.height, image.width),
+        dtype=dtype,
+        tile=(tile, tile),
+        photometric="minisblack",
+        compression="zlib",
+        compressionargs={"level": 6},
+        buffersize=tile * image.width * dtype.itemsize,  # tiles queued for compression: one row of them
+        bigtiff=image.pixels * dtype.itemsize > 2**32 - 2**25,  # classic TIFF offsets end at 4 GB
+        metadata=None,
+    )
+
+
+def mask_tiles(image: ImageMask, tile: int = TIFF_TILE) -> Iterator[np.ndarray]:
+    """tile x tile arrays in TIFF order (row-major, zeros past the image's edges), cut from one band
+    of chunks at a time (`mask_bands`) through a strip of `tile` rows of the image's width (tile
+    rows need not line up with the chunks)."""
+    strip = np.zeros((tile, image.width), mask_dtype(image))
+    filled = 0
+    for band in mask_bands(image):
+        rows, start = band[0][1].shape[0], 0
+        while start < rows:
+            take = min(tile - filled, rows - start)
+            for x, chunk in band:
+                strip[filled : filled + take, x : x + chunk.shape[1]] = chunk[start : start + take]
+            filled, start = filled + take, start + take
+            if filled == tile:
+                yield from _cut_strip(strip, tile)
+                filled = 0
+        del band  # before the next band is decoded: one band at a time
+    if filled:
+        strip[filled:] = 0
+        yield from _cut_strip(strip, tile)
+
+
+def _cut_strip(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    for x in range(0, strip.shape[1], tile):
+        out = np.zeros((tile, tile), strip.dtype)  # a copy: the strip is refilled while tiles wait
+        piece = strip[:, x : x + tile]
+        out[:, : piece.shape[1]] = piece
+        yield out
+
+
+# --------------------------------------------------------------------------- coco
+
+
+def export_coco(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
+    if run.task == "instance":
+        _coco_instances(run, dest, result)
+    elif run.task == "panoptic":
+        _coco_panoptic(run, dest, result, max_pixels)
+    else:
+        _coco_semantic(run, dest, result, max_pixels)
+
+
+def _coco_images(image_sizes: dict[str, tuple[int, int]]) -> tuple[list[dict], dict[str, int]]:
+    """COCO `images` (ids 1..N in image_id order) and image_id -> COCO id."""
+    ids = {image_id: i + 1 for i, image_id in enumerate(sorted(image_sizes))}
+    images = [{"id": ids[k], "file_name": k, "height": h, "width": w} for k, (h, w) in sorted(image_sizes.items())]
+    return images, ids
+
+
+def _categories(run: Run, is_thing: dict[int, bool] | None = None) -> list[dict]:
+    out = []
+    for i, name in enumerate(run.class_names):
+        category: dict[str, Any] = {"id": i, "name": name, "supercategory": name}
+        if is_thing is not None:
+            category["isthing"] = int(is_thing.get(i, False))
+        out.append(category)
+    return out
+
+
+def _write_json(dest: Destination, name: str, obj: Any, result: ExportResult) -> None:
+    dest.write_bytes(name, json.dumps(strict_json(obj), allow_nan=False).encode())
+    result.written.append(name)
+
+
+def _coco_semantic(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
+    """coco.json: per image and class present, the class's pixels as one annotation (COCO RLE)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    annotations = []
+    for image in image_masks(run.store):
+        sizes[image.image_id] = (image.height, image.width)
+        skip = _too_large(image, max_pixels, "--format coco")
+        if skip:  # the image is listed, without annotations
+            result.skipped.append(skip)
+            continue
+        mask = assemble(image)
+        areas = np.bincount(mask.ravel(), minlength=len(run.class_names))
+        for class_id in np.flatnonzero(areas[: len(run.class_names)]):
+            pixels = mask == class_id
+            rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+            bbox = [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+            annotations.append(
+                {
+                    "image_id": image.image_id,
+                    "category_id": int(class_id),
+                    "segmentation": encode_rle(pixels),
+                    "area": int(areas[class_id]),
+                    "bbox": bbox,
+                    "iscrowd": 0,
+                }
+            )
+    images, ids = _coco_images(sizes)
+    for n, ann in enumerate(annotations):
+        ann["id"] = n + 1
+        ann["image_id"] = ids[ann["image_id"]]
+    _write_json(dest, "coco.json", {"images": images, "categories": _categories(run), "annotations": annotations}, result)
+
+
+def _coco_instances(run: Run, dest: Destination, result: ExportResult) -> None:
+    """coco.json (images, categories) and coco_results.json: one result per row of `instances/`."""
+    sizes = {image.image_id: (image.height, image.width) for image in _mask_sizes(run.store)}
+    table = latest_rows(run.store, INSTANCES)
+    rows = table.to_pylist() if table is not None else []
+    for r in rows:
+        sizes.setdefault(r["image_id"], (int(r["height"]), int(r["width"])))
+    images, ids = _coco_images(sizes)
+    results = [
+        {
+            "image_id": ids[r["image_id"]],
+            "category_id": int(r["class_id"]),
+            "segmentation": {"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]},
+            "score": float(r["score"]),
+            "bbox": [float(v) for v in r["bbox"]],
+            "area": int(r["area"]),
+        }
+        for r in rows
+    ]
+    _write_json(dest, "coco.json", {"images": images, "categories": _categories(run), "annotations": []}, result)
+    _write_json(dest, "coco_results.json", results, result)
+
+
+def _mask_sizes(store: RunStore) -> list[ImageMask]:
+    """Every committed image with its size, without its mask bytes."""
+    table = latest_rows(store, MASKS, ["image_id", "height", "width"])
+    if table is None:
+        return []
+    table = table.group_by("image_id").aggregate([("height", "max"), ("width", "max")])
+    return [ImageMask(k, int(h), int(w), []) for k, h, w in zip(*(table.column(c).to_pylist() for c in table.column_names))]
+
+
+def _coco_panoptic(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
+    """panoptic.json and panoptic/<name>.png: the segment-id maps as RGB, `segments/` as segments_info."""
+    from PIL import Image
+
+    table = latest_rows(run.store, SEGMENTS)
+    segments: dict[str, list[dict]] = {}
+    for r in table.to_pylist() if table is not None else []:
+        segments.setdefault(r["image_id"], []).append(r)
+    is_thing = {int(r["class_id"]): bool(r["is_thing"]) for rows in segments.values() for r in rows if r["is_thing"]}
+    sizes: dict[str, tuple[int, int]] = {}
+    annotations = []
+    for image in image_masks(run.store):
+        sizes[image.image_id] = (image.height, image.width)
+        skip = _too_large(image, max_pixels, "--format coco")
+        if skip:
+            result.skipped.append(skip)
+            continue
+        ids = assemble(image).astype(np.uint32)
+        rgb = np.stack([ids & 0xFF, (ids >> 8) & 0xFF, (ids >> 16) & 0xFF], axis=-1).astype(np.uint8)
+        name = _unique_name(image.image_id, ".png", result)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb, "RGB").save(buffer, format="PNG")
+        dest.write_bytes(f"panoptic/{name}", buffer.getvalue())
+        result.written.append(f"panoptic/{name}")
+        info = [
+            {
+                "id": int(s["segment_id"]),
+                "category_id": int(s["class_id"]),
+                "area": int(s["area"]),
+                "bbox": [float(v) for v in s["bbox"]],
+                "iscrowd": 0,
+            }
+            for s in sorted(segments.get(image.image_id, []), key=lambda s: s["segment_id"])
+        ]
+        annotations.append({"image_id": image.image_id, "file_name": name, "segments_info": info})
+    images, coco_ids = _coco_images(sizes)
+    for ann in annotations:
+        ann["image_id"] = coco_ids[ann["image_id"]]
+    _write_json(dest, "panoptic.json", {"images": images, "annotations": annotations, "categories": _categories(run, is_thing)}, result)

@@ -1,0 +1,183 @@
+"""The predict step of the instance and panoptic tasks: objects of an image from a query model,
+window by window (or in one pass in whole mode).
+
+    windows (pipeline.tiling's plan, row by row) -> query_fn: class and mask logits of each window
+      -> the window's objects (pipeline.objects: instances, or panoptic segments as instances),
+         cropped to the image and merged across windows (`WindowInstanceMerger`, band by band)
+      -> semantic rows of the same passes (instance task: the masks table's label map), blended
+         by the streaming stitcher
+    panoptic: the merged objects painted into one segment-id map (`paint_segments`)
+
+Whole mode runs the image in one pass; its panoptic result is transformers' post-processing of that
+pass exactly. In slide mode a panoptic segment is a window's segment merged with its pieces in
+other windows (same class, mask IoU over the overlap: pipeline.objects' rule), stuff classes fused
+per class, then painted highest score first: a pixel claimed by two merged objects goes to the
+higher-scoring one. Memory: a batch of windows, the stitcher's band, and the open objects of the
+last rows of windows; a panoptic map is the image's size (in-memory images only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+
+import numpy as np
+import torch
+
+from models.mask_classification import semantic_scores
+from pipeline.objects import (
+    ImageObject,
+    Instances,
+    PanopticSegments,
+    WindowInstanceMerger,
+    instances_from_queries,
+    panoptic_from_queries,
+)
+from pipeline.tiling import ReadWindow, StreamingStitcher, TilingSettings, WindowPlan, plan_windows, read_padded, resize_scores, to_pixels
+
+# N x 3 x h x w windows on the 0-255 scale -> (class logits N x Q x (C+1), mask logits N x Q x h' x w'), CPU float32
+QueryFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+SemanticBand = tuple[int, np.ndarray, None]  # (first row, label rows, no probability): pipeline.predictor's Band
+
+TASK_THRESHOLDS = {"instance": 0.5, "panoptic": 0.8}  # transformers' defaults of each post-processing
+
+
+@dataclass(frozen=True)
+class ObjectSettings:
+    task: str  # "instance" | "panoptic"
+    threshold: float  # instance: score; panoptic: class probability (inference.objects.threshold)
+    mask_threshold: float = 0.5
+    overlap_threshold: float = 0.8  # panoptic: the share of its mask a segment must keep
+    top_k: int | None = 100  # instance: candidates per window (query, class pairs)
+    stuff_classes: tuple[int, ...] = ()  # panoptic: one segment per class (label_ids_to_fuse); not things
+    merge_iou: float = 0.5  # an object in two windows: IoU of its masks over the windows' overlap
+
+
+def window_objects(class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int], settings: ObjectSettings) -> Instances:
+    """One view's objects at `size`: instances, or panoptic segments as non-overlapping instances."""
+    if settings.task == "instance":
+        return instances_from_queries(class_logits, mask_logits, size, settings.threshold, settings.mask_threshold, top_k=settings.top_k)
+    segments = segments_of_view(class_logits, mask_logits, size, settings)
+    masks = segments.segment_map[None] == segments.segment_id[:, None, None]
+    return Instances(class_id=segments.class_id, score=segments.score, masks=masks)
+
+
+def segments_of_view(
+    class_logits: torch.Tensor, mask_logits: torch.Tensor, size: tuple[int, int], settings: ObjectSettings
+) -> PanopticSegments:
+    return panoptic_from_queries(
+        class_logits,
+        mask_logits,
+        size,
+        settings.threshold,
+        settings.mask_threshold,
+        settings.overlap_threshold,
+        label_ids_to_fuse=settings.stuff_classes,
+    )
+
+
+def _inside(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int, int, int]:
+    """The part of the window at padded (y0, x0) inside the image: its top-left in the image, its
+    top-left in the window, its height and width."""
+    top, left = max(y0 - plan.pad_top, 0), max(x0 - plan.pad_left, 0)
+    bottom = min(y0 + plan.window[0] - plan.pad_top, plan.height)
+    right = min(x0 + plan.window[1] - plan.pad_left, plan.width)
+    return top, left, top + plan.pad_top - y0, left + plan.pad_left - x0, bottom - top, right - left
+
+
+def find_objects(
+    query_fn: QueryFn,
+    read_window: ReadWindow,
+    height: int,
+    width: int,
+    tiling: TilingSettings,
+    settings: ObjectSettings,
+    found: list[ImageObject],
+) -> Iterator[SemanticBand]:
+    """The objects of one image into `found` (highest score first once the generator is done),
+    and meanwhile its semantic label rows from the same forward passes, top to bottom."""
+    if tiling.mode == "whole":
+        plan = plan_windows(height, width, (height, width), (height, width))  # one window: the image
+    else:
+        plan = plan_windows(height, width, tiling.window, tiling.stride)
+    stitcher = StreamingStitcher(plan, tiling.blend, None)
+    merger = WindowInstanceMerger(settings.merge_iou)
+    windows = iter(plan.windows)
+    while batch := list(islice(windows, tiling.batch_size)):
+        class_logits, mask_logits = query_fn(to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in batch]))
+        for (y0, x0), class_logit, mask_logit in zip(batch, class_logits, mask_logits):
+            top, left, oy, ox, h, w = _inside(plan, y0, x0)
+            view = window_objects(class_logit, mask_logit, plan.window, settings)
+            if (oy, ox, h, w) != (0, 0, *plan.window):  # the window's padding is not the image's
+                view = Instances(view.class_id, view.score, view.masks[:, oy : oy + h, ox : ox + w])
+            found += merger.add((top, left), view)
+            scores = semantic_scores(class_logit[None], mask_logit[None])[0]
+            for band in stitcher.add(resize_scores(scores, plan.window)):
+                yield band.y0, band.labels, None
+    found += merger.finish()
+    found.sort(key=lambda o: -o.score)
+
+
+def find_segments(query_fn: QueryFn, image: np.ndarray, tiling: TilingSettings, settings: ObjectSettings) -> PanopticSegments:
+    """The panoptic segmentation of an image held in memory: one pass in whole mode (transformers'
+    post-processing of it, exactly), else merged window segments painted by `paint_segments`."""
+    height, width = image.shape[:2]
+    if tiling.mode == "whole":
+        class_logits, mask_logits = query_fn(to_pixels([image]))
+        return segments_of_view(class_logits[0], mask_logits[0], (height, width), settings)
+    found: list[ImageObject] = []
+    for _ in find_objects(query_fn, lambda y, x, h, w: image[y : y + h, x : x + w], height, width, tiling, settings, found):
+        pass
+    return paint_segments(found, (height, width), settings.stuff_classes)
+
+
+def paint_segments(objects: list[ImageObject], size: tuple[int, int], stuff_classes: tuple[int, ...] = ()) -> PanopticSegments:
+    """Objects (which may overlap) -> one segment-id map: each stuff class's objects fused into one,
+    then painted highest score first onto the pixels still void; an object left without pixels is
+    no segment. Ids run 1..S in painting order, 0 is void."""
+    stuff = set(stuff_classes)
+    fused: dict[int, list[ImageObject]] = {}
+    things = []
+    for obj in objects:
+        (fused.setdefault(obj.class_id, []) if obj.class_id in stuff else things).append(obj)
+    candidates = things + [_fuse(group) for group in fused.values()]
+    candidates.sort(key=lambda o: -o.score)
+    segment_map = np.zeros(size, np.int32)
+    rows: list[tuple[int, int, float, bool, int, tuple[int, int, int, int]]] = []
+    for obj in candidates:
+        x, y, w, h = obj.bbox
+        region = segment_map[y : y + h, x : x + w]
+        claim = obj.mask & (region == 0)
+        if not claim.any():
+            continue
+        segment_id = len(rows) + 1
+        region[claim] = segment_id
+        ys, xs = claim.any(1), claim.any(0)
+        y0, x0 = int(ys.argmax()), int(xs.argmax())
+        box = (x + x0, y + y0, int(len(xs) - xs[::-1].argmax()) - x0, int(len(ys) - ys[::-1].argmax()) - y0)
+        rows.append((segment_id, obj.class_id, obj.score, obj.class_id not in stuff, int(claim.sum()), box))
+    return PanopticSegments(
+        segment_map=segment_map,
+        segment_id=np.array([r[0] for r in rows], np.int32),
+        class_id=np.array([r[1] for r in rows], np.int64),
+        score=np.array([r[2] for r in rows], np.float32),
+        is_thing=np.array([r[3] for r in rows], bool),
+        area=np.array([r[4] for r in rows], np.int64),
+        bbox=np.array([r[5] for r in rows], np.int64).reshape(-1, 4),
+    )
+
+
+def _fuse(group: list[ImageObject]) -> ImageObject:
+    """One object of a stuff class from all of its pieces: the union, the area-weighted score."""
+    if len(group) == 1:
+        return group[0]
+    x0, y0 = min(o.bbox[0] for o in group), min(o.bbox[1] for o in group)
+    x1, y1 = max(o.bbox[0] + o.bbox[2] for o in group), max(o.bbox[1] + o.bbox[3] for o in group)
+    mask = np.zeros((y1 - y0, x1 - x0), bool)
+    for o in group:
+        x, y, w, h = o.bbox
+        mask[y - y0 : y - y0 + h, x - x0 : x - x0 + w] |= o.mask
+    areas = np.array([o.area for o in group], np.float64)
+    score = float(np.dot(areas, [o.score for o in group]) / areas.sum())
+    return ImageObject(class_id=group[0].class_id, score=score, bbox=(x0, y0, x1 - x0, y1 - y0), mask=mask, area=int(mask.sum()))

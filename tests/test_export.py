@@ -1,0 +1,366 @@
+"""pipeline.export and `segpipe export`: a run's committed results as PNG label maps, tiled TIFFs and
+COCO JSON (semantic annotations, instance results, panoptic PNGs), locally and on S3.
+
+Run directories are built here with RunStore and the mask codec (no Ray): parts committed by their
+masks file, run.json naming the classes and the task."""
+
+from __future__ import annotations
+
+import io
+import json
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from pipeline.export import export_run
+from pipeline.masks import ChunkedMaskWriter, encode_chunks, read_mask
+from pipeline.rows import MaskChunk
+from pipeline.runstore import ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema
+
+# pycocotools' decode under numpy 2 (its own code, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
+
+NAMES = ["sky", "road", "car"]
+INSTANCES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("instance_id", pa.int32()),
+        ("class_id", pa.int32()),
+        ("score", pa.float32()),
+        ("bbox", pa.list_(pa.float64())),
+        ("area", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("rle", pa.string()),
+    ]
+)
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("segment_id", pa.int32()),
+        ("class_id", pa.int32()),
+        ("is_thing", pa.bool_()),
+        ("score", pa.float32()),
+        ("area", pa.int64()),
+        ("bbox", pa.list_(pa.float64())),
+    ]
+)
+
+
+def part(attempt: int, unit: int = 0) -> str:
+    return f"part-a{attempt:04d}-u{unit:06d}-0000"
+
+
+def masks_rows(image_id: str, chunks: list[MaskChunk], height: int, width: int) -> list[dict]:
+    return [
+        {"image_id": image_id, "height": height, "width": width}
+        | {"chunk_y": c.y, "chunk_x": c.x, "chunk_height": c.height, "chunk_width": c.width, "mask": c.mask}
+        for c in chunks
+    ]
+
+
+def new_run(output_uri: str, run_id: str, *, task: str = "semantic", names=NAMES, storage_options=None) -> RunStore:
+    store = RunStore(output_uri, storage_options or {}, run_id)
+    config = {"run_id": run_id, "inference": {"task": task} if task != "semantic" else {}}
+    model = {"name": "tiny", "num_classes": len(names), "mask_classes": len(names), "class_names": list(names)}
+    store.write_json("run.json", {"run_id": run_id, "status": "succeeded", "config": config, "model": model})
+    return store
+
+
+def commit(store: RunStore, name: str, masks: list[dict], **tables: pa.Table) -> None:
+    """One part: its other tables (instances, segments) first, then masks (the commit)."""
+    for kind, table in tables.items():
+        store.fs.makedirs(store.path(kind), exist_ok=True)
+        with store.fs.open(store.path(kind, name + ".parquet"), "wb") as f:
+            pq.write_table(table, f)
+    assert store.write_part(
+        name, pa.Table.from_pylist(masks, masks_schema(False)), METRICS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
+    )
+
+
+def labels(height: int, width: int, classes: int, seed: int) -> np.ndarray:
+    """Blocks of random classes (8 x 8 pixels): regions, as a model's masks have."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, classes, (height // 8 + 1, width // 8 + 1))
+    return np.repeat(np.repeat(blocks, 8, 0), 8, 1)[:height, :width].astype(np.uint16 if classes > 256 else np.uint8)
+
+
+@pytest.fixture
+def semantic_run(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
+    """Three images in two parts: one of them chunked (100 x 70 in chunks of 32)."""
+    store = new_run(str(tmp_path / "runs"), "sem")
+    images = {"a/img0.png": labels(40, 56, 3, 0), "a/img1.jpg": labels(33, 70, 3, 1), "big.tif": labels(100, 70, 3, 2)}
+    rows = {k: masks_rows(k, encode_chunks(v, None, 32 if k == "big.tif" else None, 3), *v.shape) for k, v in images.items()}
+    commit(store, part(1, 0), rows["a/img0.png"] + rows["a/img1.jpg"])
+    commit(store, part(1, 1), rows["big.tif"])
+    return str(tmp_path / "runs" / "sem"), images
+
+
+# --------------------------------------------------------------------------- png
+
+
+def test_png_export_equals_read_mask_for_each_image(semantic_run, tmp_path, capsys):
+    run, images = semantic_run
+    out = tmp_path / "png"
+    assert main(["export", run, "--to", str(out), "--format", "png"]) == 0
+    assert "3 files" in capsys.readouterr().out
+    for image_id, name in (("a/img0.png", "a/img0.png"), ("a/img1.jpg", "a/img1.png"), ("big.tif", "big.png")):
+        exported = np.asarray(Image.open(out / name))
+        assert exported.dtype == np.uint8
+        np.testing.assert_array_equal(exported, read_mask(run, image_id))
+        np.testing.assert_array_equal(exported, images[image_id])
+
+
+def test_png_skips_images_over_the_pixel_limit_and_keeps_16_bit_label_maps(tmp_path):
+    names = [f"c{i}" for i in range(300)]
+    store = new_run(str(tmp_path / "runs"), "wide", names=names)
+    small, large = labels(20, 30, 300, 0), labels(60, 90, 300, 1)
+    assert small.max() > 255
+    commit(store, part(1), masks_rows("small.png", encode_chunks(small, None, None, 300), 20, 30))
+    commit(store, part(1, 1), masks_rows("large.png", encode_chunks(large, None, 32, 300), 60, 90))
+    result = export_run(str(tmp_path / "runs" / "wide"), str(tmp_path / "png"), "png", max_pixels=1000)
+    assert result.written == ["small.png"]
+    assert len(result.skipped) == 1 and result.skipped[0].startswith("large.png") and "--format tiff" in result.skipped[0]
+    exported = np.asarray(Image.open(tmp_path / "png" / "small.png"))
+    assert exported.dtype == np.uint16
+    np.testing.assert_array_equal(exported, small)
+    assert not (tmp_path / "png" / "large.png").exists()
+
+
+def test_images_whose_names_differ_only_by_extension_get_files_of_their_own(tmp_path):
+    store = new_run(str(tmp_path / "runs"), "twins")
+    first, second = labels(16, 16, 3, 0), labels(16, 16, 3, 1)
+    commit(store, part(1), masks_rows("x.jpg", encode_chunks(first, None, None, 3), 16, 16))
+    commit(store, part(1, 1), masks_rows("x.png", encode_chunks(second, None, None, 3), 16, 16))
+    result = export_run(str(tmp_path / "runs" / "twins"), str(tmp_path / "png"), "png")
+    assert result.written == ["x.png", "x.png.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png")), first)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png.png")), second)
+
+
+def test_an_image_in_several_committed_parts_is_exported_from_the_latest(tmp_path):
+    store = new_run(str(tmp_path / "runs"), "rerun")
+    first, second = labels(16, 16, 3, 0), labels(16, 16, 3, 1)
+    commit(store, part(1), masks_rows("x.png", encode_chunks(first, None, None, 3), 16, 16))
+    commit(store, part(2), masks_rows("x.png", encode_chunks(second, None, None, 3), 16, 16))
+    export_run(str(tmp_path / "runs" / "rerun"), str(tmp_path / "png"), "png")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png")), second)
+
+
+# --------------------------------------------------------------------------- tiff
+
+
+def test_tiled_tiff_of_a_chunked_12000_square_mask_equals_read_mask_in_bounded_memory(tmp_path):
+    import tifffile
+
+    size, chunk = 12000, 2048
+
+    def pattern(y0: int, rows: int) -> np.ndarray:  # stripes and diagonals of 3 classes, band by band
+        y, x = np.arange(y0, y0 + rows)[:, None], np.arange(size)[None]
+        return ((y // 97 + x // 131 + (x + y) // 512) % 3).astype(np.uint8)
+
+    writer = ChunkedMaskWriter(size, size, chunk, 3, binary=False)
+    for y0 in range(0, size, 1000):  # never the whole mask: 1000-row bands through the codec
+        writer.add(y0, pattern(y0, min(1000, size - y0)))
+    store = new_run(str(tmp_path / "runs"), "huge")
+    commit(store, part(1), masks_rows("scene.tif", writer.finish(), size, size))
+    run = str(tmp_path / "runs" / "huge")
+    small = new_run(str(tmp_path / "runs"), "small")
+    commit(small, part(1), masks_rows("warm.png", encode_chunks(labels(8, 8, 3, 0), None, None, 3), 8, 8))
+    export_run(str(tmp_path / "runs" / "small"), str(tmp_path / "warm"), "tiff")  # modules imported on first use are not the mask's
+
+    tracemalloc.start()
+    try:
+        export_run(run, str(tmp_path / "tiff"), "tiff")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The whole uint8 mask is 12000 x 12000 = 144 MB. A band of chunks is 2048 x 12000 = 24.6 MB;
+    # decoding adds Pillow's transient copy of one 2048 x 2048 chunk (4.2 MB), and the tiles a strip
+    # of 512 x 12000 (6.1 MB) and that strip's tiles waiting for compression (6.1 MB): about 41 MB.
+    # Bound: two bands of chunks, 49 MB, a third of the whole mask.
+    print(f"peak of traced memory while exporting: {peak / 1e6:.1f} MB")
+    assert peak < 2 * chunk * size, f"peak {peak / 1e6:.1f} MB"
+
+    path = tmp_path / "tiff" / "scene.tif"
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (512, 512)
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert page.dtype == np.uint8 and page.shape == (size, size)
+    assert path.stat().st_size < size * size / 20  # compressed
+    exported, expected = tifffile.imread(path), read_mask(run, "scene.tif")
+    for y in range(0, size, 1000):  # compared band by band: no 144 MB temporary of booleans
+        np.testing.assert_array_equal(exported[y : y + 1000], expected[y : y + 1000])
+
+
+# --------------------------------------------------------------------------- coco
+
+
+def test_semantic_coco_has_one_rle_annotation_per_image_and_class_present(semantic_run, tmp_path):
+    from pycocotools.coco import COCO
+
+    run, images = semantic_run
+    assert main(["export", run, "--to", str(tmp_path / "coco"), "--format", "coco"]) == 0
+    coco = COCO(str(tmp_path / "coco" / "coco.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == NAMES
+    for image in coco.loadImgs(coco.getImgIds()):
+        mask = images[image["file_name"]]
+        assert (image["height"], image["width"]) == mask.shape
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image["id"]))
+        assert sorted(a["category_id"] for a in anns) == sorted(np.unique(mask).tolist())
+        for ann in anns:
+            np.testing.assert_array_equal(coco.annToMask(ann), mask == ann["category_id"])
+            assert ann["area"] == int((mask == ann["category_id"]).sum()) and ann["iscrowd"] == 0
+
+
+def instance_masks(height: int, width: int, boxes: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    out = []
+    for y, x, h, w in boxes:
+        m = np.zeros((height, width), bool)
+        m[y : y + h, x : x + w] = True
+        m[y + h // 2, x : x + w // 2] = False  # not a plain box
+        out.append(m)
+    return out
+
+
+def instances_table(image_id: str, masks: list[np.ndarray], classes: list[int], scores: list[float]) -> pa.Table:
+    from pycocotools import mask as mask_utils
+
+    rows = []
+    for i, (m, c, s) in enumerate(zip(masks, classes, scores)):
+        rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+        rows.append(
+            {"image_id": image_id, "instance_id": i, "class_id": c, "score": s}
+            | {"bbox": mask_utils.toBbox(rle).tolist(), "area": int(m.sum()), "height": m.shape[0], "width": m.shape[1]}
+            | {"rle": rle["counts"].decode()}
+        )
+    return pa.Table.from_pylist(rows, INSTANCES_SCHEMA)
+
+
+def test_instance_coco_results_load_in_pycocotools_and_decode_to_the_instance_masks(tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    store = new_run(str(tmp_path / "runs"), "inst", task="instance")
+    m1 = instance_masks(30, 40, [(2, 3, 10, 12), (15, 20, 12, 18)])
+    m2 = instance_masks(25, 25, [(5, 5, 10, 10)])
+
+    def rows(image_id: str, height: int, width: int) -> list[dict]:  # an instance run's masks rows: a label map each
+        return masks_rows(image_id, encode_chunks(np.zeros((height, width), np.uint8), None, None, 3), height, width)
+
+    # attempt 1 found one instance in p.png; attempt 2 redid p.png (the latest wins); an uncommitted part is ignored
+    commit(store, part(1), rows("p.png", 30, 40), instances=instances_table("p.png", m1[:1], [0], [0.3]))
+    commit(
+        store,
+        part(2),
+        rows("p.png", 30, 40) + rows("q.png", 25, 25),
+        instances=pa.concat_tables([instances_table("p.png", m1, [1, 2], [0.9, 0.8]), instances_table("q.png", m2, [2], [0.7])]),
+    )
+    stray = instances_table("q.png", instance_masks(25, 25, [(0, 0, 5, 5)]), [0], [0.99])
+    with store.fs.open(store.path("instances", part(3) + ".parquet"), "wb") as f:
+        pq.write_table(stray, f)
+
+    assert main(["export", str(tmp_path / "runs" / "inst"), "--to", str(tmp_path / "coco"), "--format", "coco"]) == 0
+    coco = COCO(str(tmp_path / "coco" / "coco.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == NAMES
+    image_ids = {img["file_name"]: img["id"] for img in coco.loadImgs(coco.getImgIds())}
+    assert sorted(image_ids) == ["p.png", "q.png"]
+    results = coco.loadRes(str(tmp_path / "coco" / "coco_results.json"))
+    expected = {("p.png", 1): m1[0], ("p.png", 2): m1[1], ("q.png", 2): m2[0]}
+    anns = results.loadAnns(results.getAnnIds())
+    assert len(anns) == len(expected)
+    by_file = {v: k for k, v in image_ids.items()}
+    for ann in anns:
+        truth = expected[(by_file[ann["image_id"]], ann["category_id"])]
+        np.testing.assert_array_equal(mask_utils.decode(ann["segmentation"]).astype(bool), truth)
+    # loadRes recomputes areas from the boxes; the file holds the masks' own
+    written = json.loads((tmp_path / "coco" / "coco_results.json").read_text())
+    assert sorted(r["area"] for r in written) == sorted(int(m.sum()) for m in expected.values())
+    scores = {(by_file[a["image_id"]], a["category_id"]): round(a["score"], 5) for a in anns}
+    assert scores == {("p.png", 1): 0.9, ("p.png", 2): 0.8, ("q.png", 2): 0.7}
+
+
+def test_panoptic_png_ids_decode_to_the_segment_map_and_segments_info_matches_the_table(tmp_path):
+    store = new_run(str(tmp_path / "runs"), "pan", task="panoptic")
+    segment_map = np.zeros((48, 64), np.uint16)
+    segment_map[:24] = 3
+    segment_map[24:, :32] = 300  # past 255: the G channel counts
+    segment_map[30:40, 40:60] = 7
+    infos = [(3, 0, False, 0.9), (7, 2, True, 0.8), (300, 1, False, 0.7)]
+    segments = pa.Table.from_pylist(
+        [
+            {"image_id": "s/pan.jpg", "segment_id": sid, "class_id": cls, "is_thing": thing, "score": score}
+            | {"area": int((segment_map == sid).sum()), "bbox": [float(v) for v in _bbox(segment_map == sid)]}
+            for sid, cls, thing, score in infos
+        ],
+        SEGMENTS_SCHEMA,
+    )
+    chunks = encode_chunks(segment_map, None, 32, 1000)  # 16-bit segment ids, chunked
+    commit(store, part(1), masks_rows("s/pan.jpg", chunks, 48, 64), segments=segments)
+
+    result = export_run(str(tmp_path / "runs" / "pan"), str(tmp_path / "coco"), "coco")
+    assert sorted(result.written) == ["panoptic.json", "panoptic/s/pan.png"]
+    rgb = np.asarray(Image.open(tmp_path / "coco" / "panoptic" / "s" / "pan.png")).astype(np.int64)
+    np.testing.assert_array_equal(rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2], segment_map)
+    panoptic = json.loads((tmp_path / "coco" / "panoptic.json").read_text())
+    assert panoptic["images"] == [{"id": 1, "file_name": "s/pan.jpg", "height": 48, "width": 64}]
+    [ann] = panoptic["annotations"]
+    assert (ann["image_id"], ann["file_name"]) == (1, "s/pan.png")
+    table = segments.to_pylist()
+    assert ann["segments_info"] == [
+        {"id": r["segment_id"], "category_id": r["class_id"], "area": r["area"], "bbox": r["bbox"], "iscrowd": 0} for r in table
+    ]
+    assert [(c["id"], c["name"], c["isthing"]) for c in panoptic["categories"]] == [(0, "sky", 0), (1, "road", 0), (2, "car", 1)]
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return [int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)]
+
+
+# --------------------------------------------------------------------------- stores and errors
+
+
+def test_export_from_s3_to_s3_with_storage_options(s3):
+    bucket = s3.bucket("export")
+    store = new_run(f"{bucket}/runs", "s3run", storage_options=s3.storage_options)
+    mask = labels(50, 40, 3, 5)
+    commit(store, part(1), masks_rows("k/one.png", encode_chunks(mask, None, 32, 3), 50, 40))
+    options = [
+        f"endpoint_url={s3.storage_options['endpoint_url']}",
+        f"key={s3.storage_options['key']}",
+        f"secret={s3.storage_options['secret']}",
+        "client_kwargs.region_name=us-west-2",
+        "use_listings_cache=false",
+    ]
+    argv = ["export", f"{bucket}/runs/s3run", "--to", f"{bucket}/exported", "--format", "tiff"]
+    assert main(argv + [a for o in options for a in ("--storage-option", o)]) == 0
+    import tifffile
+
+    data = s3.fs.cat_file(f"{bucket.removeprefix('s3://')}/exported/k/one.tif")
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(data)), mask)
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_directory_that_is_not_a_run_exits_2_with_one_line(tmp_path, capsys, where):
+    run = tmp_path / where
+    if where == "empty":
+        run.mkdir()
+    assert main(["export", str(run), "--to", str(tmp_path / "out"), "--format", "png"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a run directory" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_format_exits_2(semantic_run, tmp_path, capsys):
+    run, _ = semantic_run
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", run, "--to", str(tmp_path / "out"), "--format", "jpeg"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'jpeg'" in capsys.readouterr().err
