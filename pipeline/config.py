@@ -185,6 +185,10 @@ class MetricsConfig(_Strict):
     # written, and summary.json gains the camouflaged-object measures (pipeline.cod_metrics)
     task: Literal["semantic", "binary"] = "semantic"
     positive_class: Int = Field(1, ge=0, description="the foreground class of a binary task")
+    # the object tasks' ground truth (pipeline.coco_labels): a COCO panoptic JSON, its PNGs under
+    # input.labels.uri (PQ, SQ, RQ); a COCO instances JSON (mask AP)
+    panoptic_labels: str | None = None
+    instance_labels: str | None = None
 
 
 class JobConfig(_Strict):
@@ -209,8 +213,13 @@ class JobConfig(_Strict):
 
     @model_validator(mode="after")
     def _objects_are_not_binary(self) -> JobConfig:
-        if self.inference.task != "semantic" and self.metrics.task == "binary":
-            raise ValueError(f"inference.task {self.inference.task} writes objects; metrics.task binary needs the semantic task")
+        task = self.inference.task
+        if task != "semantic" and self.metrics.task == "binary":
+            raise ValueError(f"inference.task {task} writes objects; metrics.task binary needs the semantic task")
+        if self.metrics.panoptic_labels and (task != "panoptic" or self.input.labels is None):
+            raise ValueError("metrics.panoptic_labels needs inference.task panoptic and input.labels (the folder of its PNGs)")
+        if self.metrics.instance_labels and task != "instance":
+            raise ValueError("metrics.instance_labels needs inference.task instance")
         return self
 
     def with_run_id(self, prefix: str = "run") -> JobConfig:

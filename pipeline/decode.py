@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image
 
+from pipeline.panoptic_metrics import rgb_to_id
 from pipeline.rows import DecodedImage, RawSample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
@@ -148,6 +149,14 @@ def decode_label(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: 
     return np.asarray(img).astype(np.int64)
 
 
+def decode_panoptic_label(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> np.ndarray:
+    """A COCO panoptic label PNG -> H x W int64 segment ids (R + 256 G + 256^2 B)."""
+    img = _load_oriented(_open(data, max_pixels, "label"), data, "label", exif_transpose)
+    if img.mode != "RGB":
+        raise DecodeError(f"a panoptic label must be an RGB PNG (COCO panoptic), not mode {img.mode}")
+    return rgb_to_id(np.asarray(img))
+
+
 def image_size(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> tuple[int, int]:
     """(height, width) from the header alone: the upright size when `exif_transpose`, as decode_image
     returns it."""
@@ -158,10 +167,10 @@ def image_size(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bo
     return h, w
 
 
-def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = True) -> DecodedImage:
+def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = True, panoptic: bool = False) -> DecodedImage:
     """The read stage's sample as the predictor's input: pixels and label decoded, or the error. A
     sample the read stage marked for streaming (a TIFF too large to decode whole) keeps its stream:
-    the predictor reads it window by window."""
+    the predictor reads it window by window. `panoptic`: labels are COCO panoptic PNGs (segment ids)."""
     out = DecodedImage(unit=sample.unit, image_id=sample.image_id)
     if sample.error:
         return out.failed("read", sample.error)
@@ -175,7 +184,8 @@ def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = 
     out.image, out.height, out.width = image, image.shape[0], image.shape[1]
     if sample.label_bytes is not None:
         try:
-            label = decode_label(sample.label_bytes, max_pixels, exif_transpose=exif_transpose)
+            read_label = decode_panoptic_label if panoptic else decode_label
+            label = read_label(sample.label_bytes, max_pixels, exif_transpose=exif_transpose)
         except DecodeError as exc:
             return out.failed("decode", f"label: {exc}")
         if label.shape != image.shape[:2]:

@@ -42,18 +42,26 @@ def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_in
     if pred.shape != label.shape:
         raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
     keep = label != ignore_index
-    p = pred[keep].astype(np.int64)
-    t = label[keep].astype(np.int64)
-
-    def count(values: np.ndarray) -> np.ndarray:
-        values = values[(values >= 0) & (values < num_classes)]
-        return np.bincount(values, minlength=num_classes)
-
-    pred_area = count(p)
-    label_area = count(t)
-    intersection = count(p[p == t])
+    t, p = label[keep], pred[keep]
+    # One confusion matrix (label rows, prediction columns) from one bincount; values outside the
+    # classes go to an extra row and column C, so they still count on the other side (a pixel
+    # labeled c and predicted 7 of 3 classes adds to c's label area and to no pred area).
+    n = num_classes + 1
+    rows = _class_or_outside(t, num_classes).astype(np.intp) * n
+    rows += _class_or_outside(p, num_classes)
+    confusion = np.bincount(rows, minlength=n * n).reshape(n, n)
+    intersection = confusion.diagonal()[:num_classes].copy()
+    label_area = confusion[:num_classes].sum(axis=1)
+    pred_area = confusion[:, :num_classes].sum(axis=0)
     union = pred_area + label_area - intersection
     return ClassAreas(intersection, union, pred_area, label_area)
+
+
+def _class_or_outside(values: np.ndarray, num_classes: int) -> np.ndarray:
+    """values with those outside [0, num_classes) replaced by num_classes; as they are when all are classes."""
+    if values.size and (values.min() < 0 or values.max() >= num_classes):
+        return np.where((values >= 0) & (values < num_classes), values.astype(np.intp), num_classes)
+    return values
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:

@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
-from pipeline.runstore import RunRecord, RunStore, labels_report, run_identity, runs_of_job
+from pipeline.runstore import INSTANCES, RunRecord, RunStore, labels_report, run_identity, runs_of_job
 from pipeline.sink import PartWriter
 from pipeline.source import read_and_decode, reader_for
 from pipeline.storage import StoreStats, is_local, scrub
@@ -318,6 +319,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
+    check_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (
         ["background", "foreground"] if one_logit else [str(i) for i in range(model.num_classes)]
@@ -360,6 +362,21 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         list_stats=list_stats,
         log_path=_local_log_path(cfg.run_id),
     )
+
+
+def check_object_labels(cfg: JobConfig, num_classes: int) -> None:
+    """The object tasks' label files read and fitted to the model before anything runs: ConfigError."""
+    try:
+        if cfg.metrics.panoptic_labels:
+            PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options).categories.check_classes(
+                num_classes, "metrics.panoptic_labels"
+            )
+        if cfg.metrics.instance_labels:
+            InstanceLabels.load(cfg.metrics.instance_labels, cfg.input.storage_options).categories.check_classes(
+                num_classes, "metrics.instance_labels"
+            )
+    except LabelsError as exc:
+        raise ConfigError(scrub(str(exc), cfg.input.storage_options)) from None
 
 
 def _local_log_path(run_id: str) -> str:
@@ -567,6 +584,12 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
+    if cfg.metrics.panoptic_labels:
+        categories = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options).categories
+        summary["panoptic"] = job.store.panoptic_summary(categories.names, categories.ids, categories.is_thing)
+    if cfg.metrics.instance_labels:
+        labels = InstanceLabels.load(cfg.metrics.instance_labels, cfg.input.storage_options)
+        summary["mask_ap"] = mask_ap_of(job.store.read_table(INSTANCES), outcomes.segmented.to_pylist(), labels)
     summary.update(job.record.throughput(outcome.processed, outcome.seconds))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":

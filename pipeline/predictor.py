@@ -23,12 +23,14 @@ import torch
 
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel
+from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, class_areas
 from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.objects import ImageObject, PanopticSegments, encode_rle
+from pipeline.panoptic_metrics import PanopticQuality, Segment
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
 from pipeline.telemetry import RunMetrics
@@ -230,6 +232,9 @@ class Predictor:
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
         self.query_fn = QueryScorer(model, self.device, inference.precision) if self.objects else None
+        self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
+        if cfg.metrics.panoptic_labels:
+            self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
         self.settings = TilingSettings(
             mode=inference.mode,
             window=tuple(inference.window),
@@ -334,6 +339,8 @@ class Predictor:
                 ignore_index=self.ignore_index,
             )
             row.objects = segment_records(segments)
+            if label is not None and self.panoptic_labels is not None:
+                row.panoptic, row.areas = self._panoptic_counts(image.image_id, segments, label), ClassAreas.zeros(self.num_classes)
             return row
         found: list[ImageObject] = []
         read = lambda y, x, h, w: pixels[y : y + h, x : x + w]
@@ -342,6 +349,17 @@ class Predictor:
         row = self._finish(row, bands, label_rows)
         row.objects = instance_records(found, row.height, row.width)
         return row
+
+    def _panoptic_counts(self, image_id: str, segments: PanopticSegments, label: np.ndarray) -> list[list[float]]:
+        """panopticapi's counts of one image against its label, per category of the labels' JSON."""
+        categories = self.panoptic_labels.categories
+        truth = self.panoptic_labels.segments.get(image_key(image_id))
+        if truth is None:
+            raise ValueError(f"no annotation for {image_key(image_id)} in metrics.panoptic_labels")
+        quality = PanopticQuality(dict(zip(categories.ids, categories.is_thing)))
+        predicted = [Segment(int(i), categories.ids[int(c)]) for i, c in zip(segments.segment_id, segments.class_id)]
+        quality.update(segments.segment_map, predicted, label, truth)
+        return [[c.iou, c.tp, c.fp, c.fn] for c in quality.counts.values()]
 
     def _predict_streamed(self, image: DecodedImage, row: Prediction) -> Prediction:
         def on_rows(done: int, total: int) -> None:

@@ -231,6 +231,8 @@ class Prediction(_StageRow):
     cod: list[float] | None = None  # a binary task's camouflaged-object stats (pipeline.cod_metrics, flat)
     # instance / panoptic tasks: the image's instances or segments table rows, image_id left out
     objects: list[dict[str, Any]] | None = None
+    # the panoptic task against a panoptic label: per category of its JSON, [summed IoU, TP, FP, FN]
+    panoptic: list[list[float]] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -238,7 +240,7 @@ class Prediction(_StageRow):
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None)
+        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None)
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -254,6 +256,7 @@ class Prediction(_StageRow):
             **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
             "cod": list(self.cod) if self.cod is not None else [],
             "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
+            "panoptic": json.dumps(self.panoptic) if self.panoptic is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -278,6 +281,7 @@ class Prediction(_StageRow):
             areas=areas,
             cod=[float(v) for v in batch["cod"][i]] if len(batch["cod"][i]) else None,
             objects=json.loads(batch["objects"][i]) if "objects" in batch and batch["objects"][i] else None,
+            panoptic=json.loads(batch["panoptic"][i]) if "panoptic" in batch and batch["panoptic"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

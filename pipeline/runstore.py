@@ -43,6 +43,7 @@ from pipeline.cod_metrics import CONVENTIONS as COD_CONVENTIONS
 from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import ClassAreas, summarize
+from pipeline.panoptic_metrics import CategoryCounts, PanopticQuality
 from pipeline.rows import IdSet
 from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
 
@@ -76,8 +77,12 @@ COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + 
 ]
 
 
-def metrics_schema(cod: bool) -> pa.Schema:
-    return pa.schema([*METRICS_SCHEMA, *COD_FIELDS]) if cod else METRICS_SCHEMA
+# the panoptic task's metrics rows: per category of the labels' JSON, panopticapi's counts
+PANOPTIC_FIELDS = [pa.field("pq_iou", pa.list_(pa.float64()))] + [pa.field(f"pq_{k}", pa.list_(pa.int64())) for k in ("tp", "fp", "fn")]
+
+
+def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
+    return pa.schema([*METRICS_SCHEMA, *(COD_FIELDS if cod else []), *(PANOPTIC_FIELDS if panoptic else [])])
 
 
 ERRORS_SCHEMA = pa.schema(
@@ -298,6 +303,26 @@ class RunStore:
             "rows": table.num_rows if table is not None else 0,
             "images_with_objects": len(pc.unique(table.column("image_id"))) if table is not None else 0,
             "per_class": dict(sorted(per_class.items())),
+        }
+
+    def panoptic_summary(self, names: list[str], category_ids: list[int], is_thing: list[bool]) -> dict:
+        """PQ, SQ, RQ (All, Things, Stuff, per class) from the metrics rows' counts, panopticapi's
+        averages over the categories present; {} when no image had a panoptic label."""
+        metrics = latest_metrics([self.read_table(METRICS)])
+        if metrics is None or "pq_tp" not in metrics.column_names:
+            return {}
+        rows = metrics.filter(pc.is_valid(metrics.column("pq_tp")))
+        if not rows.num_rows:
+            return {}
+        quality = PanopticQuality(dict(zip(category_ids, is_thing)))
+        sums = {k: np.asarray(rows.column(k).to_pylist()).sum(axis=0) for k in ("pq_iou", "pq_tp", "pq_fp", "pq_fn")}
+        for k, counts in enumerate(quality.counts.values()):
+            counts += CategoryCounts(float(sums["pq_iou"][k]), int(sums["pq_tp"][k]), int(sums["pq_fp"][k]), int(sums["pq_fn"][k]))
+        result = quality.summary()
+        return {
+            **result.to_record(),
+            "panoptic_images": rows.num_rows,
+            "per_class": {name: {"PQ": q.pq, "SQ": q.sq, "RQ": q.rq} for name, q in zip(names, result.per_class.values())},
         }
 
     def summarize(self, num_classes: int, class_names: list[str], outcomes: Outcomes | None = None) -> dict:

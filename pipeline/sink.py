@@ -37,7 +37,9 @@ def object_table(rows: list[Prediction], kind: str) -> pa.Table:
     return pa.Table.from_pylist(records, schema=schema)
 
 
-def part_tables(rows: list[Prediction], binary: bool, attempt: int, cod: bool = False) -> tuple[pa.Table, pa.Table, pa.Table]:
+def part_tables(
+    rows: list[Prediction], binary: bool, attempt: int, cod: bool = False, panoptic: bool = False
+) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
@@ -61,6 +63,9 @@ def part_tables(rows: list[Prediction], binary: bool, attempt: int, cod: bool = 
         stats = [CodImageStats.from_flat(r.cod).to_record() if r.cod else None for r in labeled]
         for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES):
             metrics[name] = [s[name] if s else None for s in stats]
+    if panoptic:  # panopticapi's counts per category, where the image had a panoptic label
+        for k, name in enumerate(("pq_iou", "pq_tp", "pq_fp", "pq_fn")):
+            metrics[name] = [[c[k] for c in r.panoptic] if r.panoptic is not None else None for r in labeled]
     failed = [r for r in rows if r.error]
     errors = {
         "image_id": [r.image_id for r in failed],
@@ -70,7 +75,7 @@ def part_tables(rows: list[Prediction], binary: bool, attempt: int, cod: bool = 
     }
     return (
         pa.Table.from_pydict(masks, schema=masks_schema(binary)),
-        pa.Table.from_pydict(metrics, schema=metrics_schema(cod)),
+        pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic)),
         pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
 
@@ -90,6 +95,7 @@ class PartWriter:
         self.objects = {"instance": "instances", "panoptic": "segments"}.get(cfg.inference.task)  # the object table
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"
+        self.panoptic = cfg.metrics.panoptic_labels is not None
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -134,5 +140,7 @@ class PartWriter:
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
         objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
-        self.store.write_part(part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod), objects=objects)
+        self.store.write_part(
+            part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic), objects=objects
+        )
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)

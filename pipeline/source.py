@@ -235,7 +235,8 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
             if done is not None and sample.image_id in done:
                 continue
             metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))
-            yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose).to_record()
+            panoptic = cfg.metrics.panoptic_labels is not None
+            yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose, panoptic=panoptic).to_record()
             sent += 1
         yield DecodedImage.unit_end(unit.index, sent).to_record()
     finally:

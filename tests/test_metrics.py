@@ -55,3 +55,22 @@ def test_class_areas_drop_ignored_pixels_and_values_outside_the_classes():
     assert areas.union.tolist() == [1, 3, 2]
     with pytest.raises(ValueError, match="differ in size"):
         class_areas(pred, label[:, :2], 3)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64])
+def test_class_areas_equal_the_per_class_definition_with_stray_values_on_both_sides(dtype):
+    rng = np.random.default_rng(5)
+    C, ignore = 6, 255 if dtype is not np.int16 else -1
+    low = 0 if dtype is np.uint8 else -3
+    pred = rng.integers(low, C + 3, (31, 29)).astype(dtype)  # stray values: below 0 and above C - 1
+    label = rng.integers(low, C + 3, (31, 29)).astype(dtype)
+    label[rng.random(label.shape) < 0.15] = ignore
+    areas = class_areas(pred, label, C, ignore)
+    valid = label != ignore
+    for c in range(C):
+        pc, tc = (pred == c) & valid, (label == c) & valid
+        assert areas.intersection[c] == (pc & tc).sum()
+        assert areas.union[c] == (pc | tc).sum()
+        assert areas.pred_area[c] == pc.sum()
+        assert areas.label_area[c] == tc.sum()
+    assert all(getattr(areas, k).dtype == np.int64 and getattr(areas, k).shape == (C,) for k in ClassAreas.FIELDS)

@@ -216,17 +216,28 @@ def test_driver_memory_listing_a_million_keys_stays_under_the_bound_of_two_batch
     assert result["peak_mib"] < LISTING_PEAK_BOUND_MIB, result
 
 
-def test_instance_and_panoptic_tasks_write_object_tables_that_coco_tools_read(ray_session, tmp_path, archive, checkpoint, capsys):
-    """A random MaskFormer checkpoint through `segpipe run`: the instance task's rows decode with
-    pycocotools to their area and box; the panoptic task's segment-id masks hold exactly the
-    segments of its table with their areas; a class-map model is refused with one line."""
+@pytest.fixture(scope="module")
+def maskformer(tmp_path_factory) -> Path:
     from helpers import tiny_hf_checkpoint
+
+    path = tmp_path_factory.mktemp("maskformer") / "maskformer"
+    tiny_hf_checkpoint("maskformer", path, seed=3)  # seed 3: its queries name classes, not "no object"
+    return path
+
+
+CATEGORY_IDS = [11, 12, 13, 14, 15, 16, 17]  # the tiny MaskFormer's 7 classes, as a COCO file numbers them
+
+
+def test_instance_task_writes_rows_coco_tools_read_and_its_mask_ap_equals_cocoeval(
+    ray_session, tmp_path, archive, maskformer, checkpoint, capsys
+):
+    """The instance task through `segpipe run`: rows decode with pycocotools to their area and box;
+    against a COCO instances file (made from a first run's objects, every other one kept), summary.json's
+    mask AP equals pycocotools' COCOeval of the run's rows; a class-map model is refused with one line."""
     from pycocotools import mask as coco_mask
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
 
-    from pipeline.masks import read_mask
-
-    maskformer = tmp_path / "maskformer"
-    tiny_hf_checkpoint("maskformer", maskformer, seed=3)  # seed 3: its queries name classes, not "no object"
     objects = {"threshold": 0.0, "top_k": 4}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="inst", inference={"task": "instance", "objects": objects})
     assert segpipe_run(tmp_path / "inst.yaml", cfg) == 0
@@ -244,18 +255,43 @@ def test_instance_and_panoptic_tasks_write_object_tables_that_coco_tools_read(ra
     summary = json.loads((run / "summary.json").read_text())
     assert summary["objects"]["rows"] == len(instances) and summary["objects"]["table"] == "instances"
 
-    panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}}
-    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)
-    assert segpipe_run(tmp_path / "pan.yaml", cfg) == 0
-    run = tmp_path / "runs" / "pan"
-    segments = read_run_table(run, "segments").to_pylist()
-    assert segments
-    for image_id in set(read_run_table(run, "masks").column("image_id").to_pylist()):
-        ids = read_mask(str(run), image_id)
-        rows = {r["segment_id"]: r for r in segments if r["image_id"] == image_id}
-        present = np.unique(ids[ids > 0])
-        assert sorted(rows) == present.tolist()
-        assert all(int((ids == s).sum()) == rows[s]["area"] for s in present)
+    # ground truth: every other object of the first run, as a COCO instances file
+    names = sorted(by_image)
+    images = [{"id": k + 1, "file_name": Path(n).name, "height": 0, "width": 0} for k, n in enumerate(names)]
+    annotations = []
+    for r in instances[::2]:
+        image = images[names.index(r["image_id"])]
+        image["height"], image["width"] = r["height"], r["width"]
+        segmentation = {"size": [r["height"], r["width"]], "counts": r["rle"]}
+        annotations.append(
+            {"id": len(annotations) + 1, "image_id": image["id"], "category_id": CATEGORY_IDS[r["class_id"]], "segmentation": segmentation,
+             "area": r["area"], "bbox": r["bbox"], "iscrowd": 0}
+        )  # fmt: skip
+    for image in images:  # an image left without ground truth still has its size
+        image["height"] = image["height"] or next(r["height"] for r in instances if r["image_id"] == names[image["id"] - 1])
+        image["width"] = image["width"] or next(r["width"] for r in instances if r["image_id"] == names[image["id"] - 1])
+    truth = {"images": images, "annotations": annotations, "categories": [{"id": c, "name": f"c{c}"} for c in CATEGORY_IDS]}
+    (tmp_path / "instances.json").write_text(json.dumps(truth))
+    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="inst2", inference={"task": "instance", "objects": objects})
+    cfg["metrics"]["instance_labels"] = str(tmp_path / "instances.json")
+    assert segpipe_run(tmp_path / "inst2.yaml", cfg) == 0
+    ours = json.loads((tmp_path / "runs" / "inst2" / "summary.json").read_text())["mask_ap"]
+    rows = read_run_table(tmp_path / "runs" / "inst2", "instances").to_pylist()
+    results = [
+        {"image_id": names.index(r["image_id"]) + 1, "category_id": CATEGORY_IDS[r["class_id"]], "score": r["score"],
+         "segmentation": {"size": [r["height"], r["width"]], "counts": r["rle"]}}
+        for r in rows
+    ]  # fmt: skip
+    gt = COCO()
+    gt.dataset = truth
+    gt.createIndex()
+    evaluation = COCOeval(gt, gt.loadRes(results), "segm")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert 0 < ours["AP"] < 1 and ours["images"] == len(names)
+    for k, key in enumerate(("AP", "AP50", "AP75")):
+        assert ours[key] == pytest.approx(evaluation.stats[k], abs=1e-9)
 
     capsys.readouterr()
     cfg = archive_job(tmp_path, archive, checkpoint, labels=False, run_id="refused", inference={"task": "instance"})
@@ -263,3 +299,41 @@ def test_instance_and_panoptic_tasks_write_object_tables_that_coco_tools_read(ra
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "query-based model" in err[0]
     assert not (tmp_path / "runs" / "refused").exists()
+
+
+def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_segments(ray_session, tmp_path, archive, maskformer):
+    """The panoptic task through `segpipe run`: the segment-id masks hold exactly the segments of
+    its table with their areas; a second run scored against the first run's output written as COCO
+    panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
+    from pipeline.masks import read_mask
+    from pipeline.panoptic_metrics import id_to_rgb
+
+    panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}}
+    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)
+    assert segpipe_run(tmp_path / "pan.yaml", cfg) == 0
+    run = tmp_path / "runs" / "pan"
+    segments = read_run_table(run, "segments").to_pylist()
+    assert segments
+    annotations = []
+    for image_id in sorted(set(read_run_table(run, "masks").column("image_id").to_pylist())):
+        ids = read_mask(str(run), image_id)
+        rows = {r["segment_id"]: r for r in segments if r["image_id"] == image_id}
+        present = np.unique(ids[ids > 0])
+        assert sorted(rows) == present.tolist()
+        assert all(int((ids == s).sum()) == rows[s]["area"] for s in present)
+        label = tmp_path / "panoptic" / (image_id.rsplit(".", 1)[0] + ".png")
+        label.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(id_to_rgb(ids)).save(label)
+        info = [{"id": s, "category_id": CATEGORY_IDS[r["class_id"]], "iscrowd": 0} for s, r in rows.items()]
+        annotations.append({"file_name": label.name, "segments_info": info})
+    categories = [{"id": c, "name": f"c{c}", "isthing": int(k < 4)} for k, c in enumerate(CATEGORY_IDS)]
+    (tmp_path / "panoptic.json").write_text(json.dumps({"annotations": annotations, "categories": categories}))
+
+    cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan2", inference=panoptic)
+    cfg["input"]["labels"] = {"uri": str(tmp_path / "panoptic")}
+    cfg["metrics"]["panoptic_labels"] = str(tmp_path / "panoptic.json")
+    assert segpipe_run(tmp_path / "pan2.yaml", cfg) == 0
+    summary = json.loads((tmp_path / "runs" / "pan2" / "summary.json").read_text())["panoptic"]
+    assert summary["PQ"] == summary["SQ"] == summary["RQ"] == 1.0 and summary["panoptic_images"] == len(annotations)
+    seen = {CATEGORY_IDS.index(s["category_id"]) for a in annotations for s in a["segments_info"]}
+    assert {k for k, c in enumerate(CATEGORY_IDS) if summary["per_class"][f"c{c}"]["PQ"] == 1.0} == seen

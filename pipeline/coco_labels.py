@@ -1,0 +1,163 @@
+"""COCO label files for the object tasks' metrics: a panoptic JSON (with its PNGs as the run's labels)
+and an instances JSON, read once, matched to images by file name.
+
+Classes: class k of the model is the k-th category of the JSON's `categories` list (the dataset's
+order, as detectron2's contiguous ids and transformers' id2label of COCO models are made), whatever
+its `id`; a model with more classes than the JSON has categories is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipeline.objects import decode_rle
+from pipeline.panoptic_metrics import Segment, segments_from_coco
+from pipeline.storage import open_fs, read_bytes
+
+
+class LabelsError(ValueError):
+    """A COCO label file segpipe cannot use; one line."""
+
+
+def _read_json(uri: str, storage_options: dict, field: str) -> dict:
+    fs, path = open_fs(uri, storage_options)
+    try:
+        return json.loads(read_bytes(fs, path, uri=uri))
+    except (OSError, ValueError) as exc:
+        raise LabelsError(f"{field}: {uri}: {exc}") from None
+
+
+def image_key(name: str) -> str:
+    """What pairs an image with its annotation: the file name without folders and extension."""
+    return PurePosixPath(name).stem
+
+
+@dataclass
+class CocoCategories:
+    ids: list[int]  # dataset category id of each model class
+    names: list[str]
+    is_thing: list[bool]
+
+    @classmethod
+    def from_json(cls, data: dict, field: str) -> CocoCategories:
+        categories = data.get("categories")
+        if not categories:
+            raise LabelsError(f"{field}: no categories")
+        return cls(
+            [int(c["id"]) for c in categories],
+            [str(c.get("name", c["id"])) for c in categories],
+            [bool(c.get("isthing", 1)) for c in categories],
+        )
+
+    def check_classes(self, num_classes: int, field: str) -> None:
+        if num_classes > len(self.ids):
+            raise LabelsError(f"{field}: the model has {num_classes} classes but the file {len(self.ids)} categories")
+
+
+@dataclass
+class PanopticLabels:
+    """A COCO panoptic JSON: its categories and each annotation's segments, by image key."""
+
+    categories: CocoCategories
+    segments: dict[str, list[Segment]]
+
+    @classmethod
+    def load(cls, uri: str, storage_options: dict) -> PanopticLabels:
+        field = "metrics.panoptic_labels"
+        data = _read_json(uri, storage_options, field)
+        try:
+            segments = {image_key(a["file_name"]): segments_from_coco(a.get("segments_info", [])) for a in data["annotations"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LabelsError(f"{field}: {uri}: not a COCO panoptic file ({type(exc).__name__}: {exc})") from None
+        return cls(CocoCategories.from_json(data, field), segments)
+
+
+@dataclass
+class InstanceTruthRows:
+    category_id: int
+    mask: np.ndarray
+    iscrowd: bool
+    area: float | None
+
+
+@dataclass
+class InstanceLabels:
+    """A COCO instances JSON: categories, and the annotations of each image key."""
+
+    categories: CocoCategories
+    images: dict[str, dict]  # key -> the image entry (id, height, width)
+    annotations: dict[int, list[dict]]  # COCO image id -> its annotations
+
+    @classmethod
+    def load(cls, uri: str, storage_options: dict) -> InstanceLabels:
+        field = "metrics.instance_labels"
+        data = _read_json(uri, storage_options, field)
+        try:
+            images = {image_key(i["file_name"]): {k: int(i[k]) for k in ("id", "height", "width")} for i in data["images"]}
+            annotations: dict[int, list[dict]] = {}
+            for a in data.get("annotations", []):
+                annotations.setdefault(int(a["image_id"]), []).append(a)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LabelsError(f"{field}: {uri}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
+        return cls(CocoCategories.from_json(data, field), images, annotations)
+
+    def truths(self, key: str) -> list[InstanceTruthRows] | None:
+        """The ground truth of one image (masks at its size), None when the file does not list it."""
+        image = self.images.get(key)
+        if image is None:
+            return None
+        size = (int(image["height"]), int(image["width"]))
+        return [
+            InstanceTruthRows(int(a["category_id"]), annotation_mask(a["segmentation"], size), bool(a.get("iscrowd", 0)), a.get("area"))
+            for a in self.annotations.get(int(image["id"]), [])
+        ]
+
+
+def annotation_mask(segmentation: dict | list, size: tuple[int, int]) -> np.ndarray:
+    """A COCO segmentation as a boolean mask: RLE (compressed or not) exactly, polygons by PIL's
+    polygon fill (pycocotools rasterises polygons with its own rule: edge pixels may differ)."""
+    if isinstance(segmentation, dict):
+        return decode_rle(segmentation).astype(bool)
+    canvas = Image.new("1", (size[1], size[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    for polygon in segmentation:
+        if len(polygon) >= 6:
+            draw.polygon([float(v) for v in polygon], fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:
+    """COCO mask AP (pipeline.panoptic_metrics.MaskAP, COCOeval's definitions) of a run's instances
+    table (pyarrow) against an instances JSON, over the images the run segmented (`segmented`: their
+    ids, with or without instances) that the JSON lists; {} when there are none."""
+    from pipeline.panoptic_metrics import InstanceDetection, InstanceTruth, MaskAP
+
+    ap = MaskAP(labels.categories.ids)
+    rows_by_key: dict[str, list[dict]] = {}
+    for row in instances.to_pylist() if instances is not None else []:
+        rows_by_key.setdefault(image_key(row["image_id"]), []).append(row)
+    evaluated = 0
+    done = {image_key(i) for i in segmented}
+    for key, image in labels.images.items():
+        if key not in done:
+            continue
+        truths = [InstanceTruth(t.category_id, t.mask, t.iscrowd, t.area) for t in labels.truths(key) or []]
+        detections = [
+            InstanceDetection(
+                labels.categories.ids[r["class_id"]],
+                r["score"],
+                decode_rle({"size": [r["height"], r["width"]], "counts": r["rle"]}).astype(bool),
+            )
+            for r in rows_by_key.get(key, [])
+        ]
+        ap.update(int(image["id"]), detections, truths)
+        evaluated += 1
+    if not evaluated:
+        return {}
+    summary = ap.summary()
+    return {**summary.to_record(), "images": evaluated}
