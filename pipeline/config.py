@@ -129,7 +129,7 @@ class ObjectsConfig(_Strict):
     """The instance and panoptic tasks' post-processing (pipeline.objects, pipeline.object_windows)."""
 
     threshold: Float | None = Field(None, ge=0, le=1, description="instance: 0.5 on the score; panoptic: 0.8 on the class probability")
-    mask_threshold: Float = Field(0.5, ge=0, le=1)
+    mask_threshold: Float = Field(0.5, gt=0, lt=1)
     overlap_threshold: Float = Field(0.8, ge=0, le=1, description="panoptic: the share of its mask a segment must keep")
     top_k: Int = Field(100, ge=1, description="instance: (query, class) candidates per window")
     stuff_classes: list[Int] = Field(default_factory=list, description="panoptic: one segment per class (not things)")

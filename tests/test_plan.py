@@ -308,7 +308,7 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     from pipeline.masks import read_mask
     from pipeline.panoptic_metrics import id_to_rgb
 
-    panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.0, "overlap_threshold": 0.0}}
+    panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0}}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)
     assert segpipe_run(tmp_path / "pan.yaml", cfg) == 0
     run = tmp_path / "runs" / "pan"

@@ -403,3 +403,33 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     assert sum(areas["label_area"]) == (HUGE[0] - IGNORED_ROWS) * HUGE[1]
     assert all(i <= min(p, q) for i, p, q in zip(areas["intersection"], areas["pred_area"], areas["label_area"]))
     print(f"seconds: write {written - started:.1f}, job {measured_at - written:.1f}, checks {time.time() - measured_at:.1f}")
+
+
+@pytest.mark.parametrize("model_type", ["mask2former", "detr"])
+def test_every_query_family_gives_instances_and_panoptic_segments_through_the_actor(tmp_path, model_type):
+    """Mask2Former and DETR checkpoints (MaskFormer runs through `segpipe run` in test_plan.py) in
+    the predictor actor: the instance task's rows decode to their areas, the panoptic task's segment
+    map holds exactly its segments."""
+    from helpers import tiny_hf_checkpoint
+
+    from pipeline.config import load_config
+    from pipeline.objects import decode_rle
+    from pipeline.predictor import Predictor
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    tiny_hf_checkpoint(model_type, tmp_path / "model", seed=1)  # seed 1: its queries name classes, not "no object"
+    image = DecodedImage(unit=0, image_id="a.png", image=np.ascontiguousarray(RGB[:64, :80]), height=64, width=80)
+    loose = {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0, "top_k": 3}
+    for task in ("instance", "panoptic"):
+        inference = {"task": task, "objects": loose, "window": [48, 48], "stride": [32, 32]}
+        cfg = load_config(job_config(tmp_path, tmp_path, tmp_path / "model", inference=inference))
+        row = Prediction.from_batch(Predictor(cfg)(to_columns([image.to_record()])), 0)
+        assert not row.error and row.objects, (task, row.error)
+        mask = decode_png(row.chunks[0].mask)
+        if task == "instance":
+            for obj in row.objects:
+                assert decode_rle({"size": [64, 80], "counts": obj["rle"]}).sum() == obj["area"] > 0
+            assert mask.shape == (64, 80)  # the label map of the same passes
+        else:
+            assert sorted(o["segment_id"] for o in row.objects) == np.unique(mask[mask > 0]).tolist()
+            assert all(int((mask == o["segment_id"]).sum()) == o["area"] for o in row.objects)
