@@ -12,6 +12,7 @@ computes metrics. Pipeline time includes Ray start-up and model load, reported s
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -37,9 +38,10 @@ def main() -> None:
     parser.add_argument("--model", default="segformer-b0")
     parser.add_argument("--window", type=int, default=360)
     parser.add_argument("--stride", type=int, default=240)
+    parser.add_argument("--split", default="val", help="val (101 images) or train (367)")
     args = parser.parse_args()
 
-    images = sorted((Path(args.data) / "val").glob("*.png"))[: args.limit]
+    images = sorted((Path(args.data) / args.split).glob("*.png"))[: args.limit]
     work = Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     subset = work / "val"
     labels = work / "valannot"
@@ -47,7 +49,7 @@ def main() -> None:
     labels.mkdir()
     for p in images:
         (subset / p.name).symlink_to(p.resolve())
-        (labels / p.name).symlink_to((Path(args.data) / "valannot" / p.name).resolve())
+        (labels / p.name).symlink_to((Path(args.data) / f"{args.split}annot" / p.name).resolve())
     torch.manual_seed(0)
     model = build_model(args.model, num_classes=11).eval()
     ckpt = work / "model.safetensors"
@@ -87,6 +89,16 @@ def main() -> None:
     print(
         f"(pipeline wall time includes Ray start-up and two model loads; run_job's own figure: {steady['images_per_second']:.2f} images/s)"
     )
+    # where the time went: run.json's stage seconds, summed over the tasks and actors of the attempt
+    attempt = json.loads((Path(result.run_dir) / "run.json").read_text())["attempts"][-1]
+    stages, wall = attempt["stages"], attempt["seconds"]
+    actor = stages["forward"] + stages["stitch"] + stages["encode"]
+    print()
+    print(f"| stage (attempt wall {wall:.1f} s) | seconds | share of wall |")
+    print("|---|---:|---:|")
+    for stage, seconds in stages.items():
+        print(f"| {stage} | {seconds:.1f} | {seconds / wall:.0%} |")
+    print(f"| actor idle (wall - forward - stitch - encode) | {wall - actor:.1f} | {(wall - actor) / wall:.0%} |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pipeline.runstore import INSTANCES, RunRecord, RunStore, labels_report, run
 from pipeline.sink import PartWriter
 from pipeline.source import read_and_decode, reader_for
 from pipeline.storage import StoreStats, is_local, scrub
+from pipeline.telemetry import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,17 @@ def _run_monitor_class():
         def __init__(self) -> None:
             self.total = StoreStats()
             self.streams: dict[str, tuple[int, int]] = {}
+            self.stages = dict.fromkeys(STAGES, 0.0)
 
         def add_store_stats(self, stats: dict) -> None:
             self.total.add(StoreStats(**stats))
+
+        def add_stage_seconds(self, seconds: dict) -> None:
+            for stage, value in seconds.items():
+                self.stages[stage] = self.stages.get(stage, 0.0) + value
+
+        def stage_seconds(self) -> dict:
+            return {stage: round(value, 3) for stage, value in self.stages.items()}
 
         def store_stats(self) -> dict:
             return self.total.as_dict()
@@ -417,6 +426,7 @@ class Execution:
     seconds: float = 0.0
     store: dict | None = None
     actors: dict | None = None
+    stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
 
 
 def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False) -> Execution:
@@ -472,6 +482,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
         result.seconds = time.time() - started
         try:
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
+            result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
             ray.kill(monitor)
         except Exception:
             result.store = None
@@ -635,7 +646,7 @@ def build_dataset(
     # one writer, holding no CPU: every row of a unit must meet in one place to commit it as parts
     return ds.map_batches(
         PartWriter,
-        fn_constructor_kwargs={"cfg": cfg, "attempt": attempt, "binary": binary},
+        fn_constructor_kwargs={"cfg": cfg, "attempt": attempt, "binary": binary, "monitor": monitor},
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),

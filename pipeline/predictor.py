@@ -33,7 +33,7 @@ from pipeline.objects import ImageObject, PanopticSegments, encode_rle
 from pipeline.panoptic_metrics import PanopticQuality, Segment
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
-from pipeline.telemetry import RunMetrics
+from pipeline.telemetry import RunMetrics, StageClock
 from pipeline.tiff import StreamError, TiffWindows
 from pipeline.tiling import TilingSettings, model_inputs, segment_images, segment_streaming, with_tta
 
@@ -228,10 +228,12 @@ class Predictor:
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
-        self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
+        self.clock = StageClock()  # seconds per stage, sent to the run monitor after each batch
+        scorer = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
+        self.score_fn = self.clock.timed("forward", scorer)
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
-        self.query_fn = QueryScorer(model, self.device, inference.precision) if self.objects else None
+        self.query_fn = self.clock.timed("forward", QueryScorer(model, self.device, inference.precision)) if self.objects else None
         self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
@@ -249,6 +251,16 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.perf_counter()
+        before = dict(self.clock.seconds)
+        try:
+            return self._predict_batch(batch, started)
+        finally:
+            # what is neither the model nor the encoding: windows in and out, blending, post-processing
+            inside = sum(self.clock.seconds[k] - before[k] for k in ("forward", "encode"))
+            self.clock.add("stitch", max(time.perf_counter() - started - inside, 0.0))
+            self.clock.send(self.monitor)
+
+    def _predict_batch(self, batch: dict[str, np.ndarray], started: float) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
         die_once_on([image.image_id for image in images])
         out = [Prediction.of(image) for image in images]
@@ -292,6 +304,7 @@ class Predictor:
     def _finish(
         self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None
     ) -> Prediction:
+        started, forward = time.perf_counter(), self.clock.seconds["forward"]
         chunks, areas = finish_image(
             bands,
             row.height,
@@ -304,6 +317,8 @@ class Predictor:
             on_rows=on_rows,
         )
         row.chunks, row.areas = chunks, areas
+        # bands may come from a generator that runs the model (streamed images, the instance task)
+        self.clock.add("encode", time.perf_counter() - started - (self.clock.seconds["forward"] - forward))
         return row
 
     def _cod_stats(self, row: Prediction, probability: np.ndarray, label: np.ndarray) -> Prediction:

@@ -546,6 +546,8 @@ class RunRecord:
             "config_changes": config_changes(first_config, config),
             "incremental": self.incremental,
             "actors": outcome.actors if outcome else None,
+            # seconds in each stage summed over the processes that ran it, beside the attempt's wall time
+            "stages": outcome.stages if outcome else None,
             "store": stats.as_dict(),
             "versions": package_versions(),
         }

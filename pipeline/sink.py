@@ -10,6 +10,8 @@ the actor pool.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 
@@ -26,6 +28,7 @@ from pipeline.runstore import (
     metrics_schema,
     part_name,
 )
+from pipeline.telemetry import StageClock
 
 # --------------------------------------------------------------------------- writing parts
 
@@ -90,7 +93,8 @@ class PartWriter:
     actor died) is taken once: every image of a unit is committed once.
     """
 
-    def __init__(self, cfg: JobConfig, attempt: int, binary: bool) -> None:
+    def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None) -> None:
+        self.monitor, self.clock = monitor, StageClock()
         self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
         self.objects = {"instance": "instances", "panoptic": "segments"}.get(cfg.inference.task)  # the object table
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
@@ -137,6 +141,7 @@ class PartWriter:
         return progress
 
     def _commit(self, unit: int, rows: list[Prediction]) -> None:
+        started = time.perf_counter()
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
         objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
@@ -144,3 +149,5 @@ class PartWriter:
             part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic), objects=objects
         )
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)
+        self.clock.add("write", time.perf_counter() - started)
+        self.clock.send(self.monitor)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import PurePosixPath
@@ -26,7 +27,7 @@ from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.shards import ParquetReader, TarReader
 from pipeline.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
-from pipeline.telemetry import RunMetrics
+from pipeline.telemetry import RunMetrics, StageClock
 from pipeline.tiff import probe_stream
 
 
@@ -229,18 +230,29 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
     unit = SourceUnit.from_record(row)
     stats = StoreStats()
     metrics = RunMetrics(cfg.run_id or "")
+    clock = StageClock()
+    panoptic = cfg.metrics.panoptic_labels is not None
     sent = 0
     try:
-        for sample in reader_for(cfg.input).read_unit(unit, stats):
+        samples = iter(reader_for(cfg.input).read_unit(unit, stats))
+        while True:
+            started = time.perf_counter()
+            sample = next(samples, None)
+            clock.add("read", time.perf_counter() - started)
+            if sample is None:
+                break
             if done is not None and sample.image_id in done:
                 continue
             metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))
-            panoptic = cfg.metrics.panoptic_labels is not None
-            yield decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose, panoptic=panoptic).to_record()
+            started = time.perf_counter()
+            decoded = decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose, panoptic=panoptic)
+            clock.add("decode", time.perf_counter() - started)
+            yield decoded.to_record()
             sent += 1
         yield DecodedImage.unit_end(unit.index, sent).to_record()
     finally:
         if monitor is not None:
             import ray
 
+            clock.send(monitor)
             ray.get(monitor.add_store_stats.remote(stats.as_dict()))  # before the task ends, so the driver sees it

@@ -41,3 +41,38 @@ class RunMetrics:
     def bytes_read(self, count: int) -> None:
         if self._bytes is not None and count:
             self._bytes.inc(count, tags=self.tags)
+
+
+STAGES = ("read", "decode", "forward", "stitch", "encode", "write")
+
+
+class StageClock:
+    """Seconds spent in each stage of the path of an image, summed in one process (a read task, a
+    predictor, the writer) and sent to the run monitor, which sums them for run.json's `stages`:
+    read (store), decode, forward (the model, transfers included), stitch (windows in and out, the
+    blend, the objects' post-processing), encode (PNG chunks, class areas), write (Parquet parts)."""
+
+    def __init__(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+
+    def timed(self, stage: str, fn):
+        """fn, its calls' time counted under `stage` (the model's score_fn, say)."""
+        import time
+
+        def call(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - started
+
+        return call
+
+    def send(self, monitor) -> None:
+        """Fire and forget to the run monitor (pipeline.plan's RunMonitor), then start again."""
+        if monitor is not None and any(self.seconds.values()):
+            monitor.add_stage_seconds.remote(dict(self.seconds))
+        self.seconds = dict.fromkeys(STAGES, 0.0)

@@ -108,6 +108,8 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "succeeded" and info["counts"]["segmented"] == 6
     assert info["model"]["num_classes"] == NUM_CLASSES and "torch" in info["versions"]
+    stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
+    assert all(stages[k] > 0 for k in ("read", "decode", "forward", "stitch", "encode", "write")), stages
 
     # resume: the same run_id again writes nothing new and counts every image once
     parts = sorted(p.name for p in (run / "masks").iterdir())
