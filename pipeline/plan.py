@@ -102,6 +102,7 @@ class ActorPlan:
     threads: int
     note: str = ""
     task_cpus: float = 1.0  # what each read task asks for
+    read_tasks: int = 1  # read and decode tasks that fit beside the actors at once (run.json says it)
 
 
 def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float] | None = None) -> ActorPlan:
@@ -145,7 +146,8 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float
     # for read and write tasks is mostly idle (decoding is cheap next to the model), and a 1-thread
     # actor on 2 cores ran at 0.38x a plain 2-thread loop (benchmarks/pipeline_throughput.py).
     threads = max(1, math.ceil(num_cpus)) if num_gpus > 0 else max(1, int(cpus // actors))
-    return ActorPlan(actors, num_cpus, num_gpus, threads=threads, note="; ".join(notes), task_cpus=task_cpus)
+    read_tasks = max(1, int((cpus - actors * num_cpus) // task_cpus))
+    return ActorPlan(actors, num_cpus, num_gpus, threads=threads, note="; ".join(notes), task_cpus=task_cpus, read_tasks=read_tasks)
 
 
 def alive_nodes() -> list[dict]:

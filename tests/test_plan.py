@@ -40,6 +40,9 @@ def test_actor_sizing_leaves_a_cpu_to_tasks(cluster, resources, expect):
     if not plan.num_gpus:
         assert plan.actors * plan.num_cpus <= cluster["CPU"] - 1 + 1e-9
         assert plan.threads == max(1, int(cluster["CPU"] // plan.actors))  # torch threads: the machine's share
+    # the read tasks that fit beside the actors: the GPU case keeps 14 CPUs of 16 for decoding
+    assert plan.read_tasks == max(1, int((cluster["CPU"] - plan.actors * plan.num_cpus) // plan.task_cpus))
+    assert plan.read_tasks >= (14 if cluster.get("GPU") else 1)
 
 
 # --------------------------------------------------------------------------- run_job through `segpipe run`
