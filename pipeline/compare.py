@@ -53,7 +53,7 @@ from pipeline.config import LabelsConfig
 from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.rows import IdSet
-from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore
+from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore, split_run_uri
 from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
 from pipeline.storage import open_fs, read_bytes, with_retries
 
@@ -100,17 +100,6 @@ class Run:
     def images_per_second(self) -> float | None:
         value = (self.summary.get("throughput") or {}).get("images_per_second")
         return float(value) if value is not None else None
-
-
-def split_run_uri(uri: str) -> tuple[str, str]:
-    """`<output.uri>/<run_id>` -> (output.uri, run_id)."""
-    uri = uri.rstrip("/")
-    if "/" not in uri:
-        return ".", uri
-    head, run_id = uri.rsplit("/", 1)
-    if head.endswith(":/"):  # memory://run: the run sits at the store's root
-        head += "/"
-    return head or "/", run_id
 
 
 def open_run(uri: str, storage_options: dict | None = None) -> Run:

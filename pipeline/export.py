@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.masks import PngRows, decode_png
 from pipeline.objects import encode_rle
-from pipeline.runstore import CHUNK_FIELDS, MASKS, TMP_PREFIX, RunStore, strict_json
+from pipeline.runstore import CHUNK_FIELDS, MASKS, RunStore, split_run_uri, strict_json
 from pipeline.storage import open_fs, with_retries
 
 FORMATS = ("png", "tiff", "coco")
@@ -97,7 +97,7 @@ class Run:
 
 def open_run(uri: str, storage_options: dict) -> Run:
     """The run directory at `uri`; ExportError when it is none (no run.json)."""
-    output_uri, run_id = _split_run_uri(uri)
+    output_uri, run_id = split_run_uri(uri)
     store = RunStore(output_uri, storage_options, run_id)
     info = store.read_json("run.json")
     if not isinstance(info, dict):
@@ -109,33 +109,6 @@ def open_run(uri: str, storage_options: dict) -> Run:
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
     return Run(uri.rstrip("/"), store, info, str(task), names)
-
-
-def _split_run_uri(uri: str) -> tuple[str, str]:
-    """`<output.uri>/<run_id>` -> (output.uri, run_id), as RunStore takes them."""
-    uri = uri.rstrip("/")
-    if "/" not in uri:
-        return ".", uri
-    head, run_id = uri.rsplit("/", 1)
-    if head.endswith(":/"):  # memory://run: the run sits at the store's root
-        head += "/"
-    return head or "/", run_id
-
-
-def committed_parts(store: RunStore, kind: str) -> list[str]:
-    """The committed parts that hold a `kind` table, in the order they were written (the part name
-    starts with its attempt); a file of a part without a masks file is an interrupted write."""
-
-    def listing() -> list[str]:
-        try:
-            return store.fs.ls(store.path(kind), detail=False)
-        except FileNotFoundError:  # no part of this table
-            return []
-
-    paths = with_retries(listing, what="list", uri=f"{store.uri}/{kind}")
-    names = {p.rsplit("/", 1)[-1] for p in paths}
-    parts = {n[: -len(".parquet")] for n in names if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)}
-    return sorted(parts & store.committed_parts())
 
 
 def read_part(store: RunStore, kind: str, part: str, columns: list[str] | None = None) -> pa.Table:
@@ -153,7 +126,7 @@ def latest_rows(store: RunStore, kind: str, columns: list[str] | None = None) ->
     image has several rows there: its instances, segments or chunks); sorted by image_id, then in
     part order. None when no committed part has the table."""
     tables = []
-    for i, part in enumerate(committed_parts(store, kind)):
+    for i, part in enumerate(store.parts_of(kind)):
         table = read_part(store, kind, part, columns)
         tables.append(table.append_column("_part", pa.array(np.full(table.num_rows, i, np.int32))))
     if not tables:
@@ -184,7 +157,7 @@ class ImageMask:
 def image_masks(store: RunStore) -> Iterator[ImageMask]:
     """Every committed image's mask rows, one image at a time, reading one masks part at a time
     (each image from the latest part that holds it)."""
-    parts = committed_parts(store, MASKS)
+    parts = store.parts_of(MASKS)
     latest: dict[str, int] = {}  # image_id -> index of its latest part
     for i, part in enumerate(parts):
         for image_id in read_part(store, MASKS, part, ["image_id"]).column("image_id").to_pylist():

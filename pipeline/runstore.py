@@ -119,6 +119,17 @@ SEGMENTS_SCHEMA = pa.schema(
 OBJECT_SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, SEGMENTS: SEGMENTS_SCHEMA}
 
 
+def split_run_uri(uri: str) -> tuple[str, str]:
+    """`<output.uri>/<run_id>` -> (output.uri, run_id), as RunStore takes them."""
+    uri = uri.rstrip("/")
+    if "/" not in uri:
+        return ".", uri
+    head, run_id = uri.rsplit("/", 1)
+    if head.endswith(":/"):  # memory://run: the run sits at the store's root
+        head += "/"
+    return head or "/", run_id
+
+
 def part_name(attempt: int, unit: int, seq: int) -> str:
     return f"part-a{attempt:04d}-u{unit:06d}-{seq:04d}"
 
@@ -157,16 +168,24 @@ class RunStore:
         return "/".join([self.root, *parts])
 
     def _names(self, kind: str) -> list[str]:
-        try:
-            return [n.rsplit("/", 1)[-1] for n in self.fs.ls(self.path(kind), detail=False)]
-        except FileNotFoundError:
-            return []
+        def listing() -> list[str]:
+            try:
+                return self.fs.ls(self.path(kind), detail=False)
+            except FileNotFoundError:  # no part of this table
+                return []
+
+        return [n.rsplit("/", 1)[-1] for n in with_retries(listing, what="list", uri=f"{self.uri}/{kind}")]
 
     def _parts(self, kind: str) -> set[str]:
         return {n[: -len(".parquet")] for n in self._names(kind) if n.endswith(".parquet") and not n.startswith(TMP_PREFIX)}
 
     def committed_parts(self) -> set[str]:
         return self._parts(MASKS)
+
+    def parts_of(self, kind: str) -> list[str]:
+        """The committed parts that hold a `kind` table, in the order they were written (a part's
+        name starts with its attempt); a file of a part without a masks file is an interrupted write."""
+        return sorted(self._parts(kind) & self.committed_parts())
 
     def discard_uncommitted(self) -> None:
         """Remove what an interrupted attempt left: parts without a masks file, temporary files."""
@@ -223,7 +242,7 @@ class RunStore:
     def read_table(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
         """All committed parts of one table, in part order; None when there are none. Error rows of
         runs written before errors carried an attempt read as attempt 1."""
-        parts = sorted(self._parts(kind) & self.committed_parts())
+        parts = self.parts_of(kind)
         tables = []
         for p in parts:
             # errors are read whole: an old part may lack the attempt column that `columns` names
