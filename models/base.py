@@ -5,11 +5,12 @@ A model keeps the few facts the pipeline and the checkpoint writer need beside i
 normalization, and optionally the class names. `family` names the model file it comes from.
 
 Also here: what every family file uses to state its contract (`FamilyContract`) and to map a
-checkpoint's key names to its own (`rename_keys`).
+checkpoint's key names to its own (`rename_keys`), and `compile_for_inference`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -256,3 +257,58 @@ class FamilyContract:
     @property
     def name(self) -> str:
         return self.model.family
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile for inference
+# ---------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+
+def compile_for_inference(model: M, backend: str | Callable = "inductor", options: dict[str, Any] | None = None) -> M:
+    """`model` itself, its forward compiled with torch.compile; the eager forward where it cannot be.
+
+    Compilation happens at the first call (and again for a new input shape). If compiling or
+    running the compiled forward fails (no C++ compiler, an operator inductor does not know, a
+    backend error...), one warning line says why and the model falls back to its eager forward
+    for good, retrying that call eagerly: an error of the call itself then surfaces as in eager
+    mode. The model stays the same object (its class, attributes and state dict unchanged), so
+    callers keep using it as before; call it under torch.inference_mode() or torch.no_grad().
+    By default inductor runs with `freezing` (weights taken as constants: layouts pre-packed,
+    folded into the graph), which is for inference only and keeps the weights as they were at the
+    first call.
+    """
+    eager_forward = model.forward
+    own_forward = "forward" in vars(model)  # an instance attribute already (compiled before?)
+    name = getattr(model, "name", "") or type(model).__name__
+    try:
+        if backend == "inductor" and options is None:
+            options = {"freezing": True}
+        compiled_forward = torch.compile(eager_forward, backend=backend, options=options)
+    except Exception as exc:  # torch.compile itself refused (an unsupported Python, a bad option)
+        log.warning("torch.compile of %s is not available, running eagerly: %s", name, brief(exc))
+        return model
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled_forward(*args, **kwargs)
+        except Exception as exc:  # whatever compiling or the compiled code raised
+            log.warning("torch.compile of %s failed, running eagerly from now on: %s", name, _root_cause(exc))
+            if own_forward:
+                model.forward = eager_forward
+            else:
+                del model.forward  # the class's forward again
+            return eager_forward(*args, **kwargs)
+
+    model.forward = forward
+    return model
+
+
+def _root_cause(exc: BaseException) -> str:
+    """dynamo wraps what failed ("BackendCompilerFailed: backend=... raised:" on a line of its
+    own): name the wrapper and the first line of the innermost cause."""
+    root = exc
+    while root.__cause__ is not None or getattr(root, "inner_exception", None) is not None:
+        root = root.__cause__ or root.inner_exception
+    return brief(exc) if root is exc else f"{type(exc).__name__}: {brief(root)}"

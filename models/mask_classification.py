@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import CheckpointError, Rule, rename_keys
-from models.swin import SWIN_SIZES, fuse_swin_qkv, swin_arch, swin_arch_from_hf, swin_hf_rules
+from models.swin import SWIN_SIZES, channels_last_conv, fuse_swin_qkv, in_row_blocks, swin_arch, swin_arch_from_hf, swin_hf_rules
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -63,7 +63,8 @@ class ConvNorm(nn.Module):
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.conv(x))
+        # the maps here are channels-last (the Swin stages' outputs, and what convs make of them)
+        x = self.norm(channels_last_conv(self.conv, x))
         return F.relu(x) if self.relu else x
 
 
@@ -103,7 +104,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
+        # the deformable encoder's thousands of tokens: in cache-sized blocks on CPU (models/swin.py)
+        return in_row_blocks(lambda rows: self.fc2(F.relu(self.fc1(rows))), x)
 
 
 class MLPHead(nn.Module):

@@ -49,7 +49,7 @@ from models.mask_classification import (
     swin_variants,
     weights_from_hf,
 )
-from models.swin import SwinBackbone, swin_arch
+from models.swin import SwinBackbone, channels_last_conv, swin_arch
 
 # ---------------------------------------------------------------------------------------------
 # MaskFormer's parts
@@ -68,11 +68,13 @@ class FPNPixelDecoder(nn.Module):
         self.mask_projection = nn.Conv2d(dim, mask_dim, kernel_size=3, padding=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """-> the FPN's stride-4 map, before `mask_projection` (which MaskFormer.predict_masks
+        applies, folded into the mask embeddings)."""
         x = self.stem(features[-1])
         for lateral, output, feature in zip(self.laterals, self.outputs, reversed(features[:-1])):
             skip = lateral(feature)
             x = output(skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
-        return self.mask_projection(x)
+        return x
 
 
 class DetrDecoderLayer(nn.Module):
@@ -144,10 +146,34 @@ class MaskFormer(SegmentationModel):
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # + the no-object class
         self.mask_embed = MLPHead(hidden_dim, hidden_dim, mask_dim)
 
+    def predict_masks(self, mask_embeddings: torch.Tensor, fpn_map: torch.Tensor) -> torch.Tensor:
+        """mask logits N x Q x h x w: <mask embedding, mask_projection(fpn_map)> at every pixel.
+
+        The 3x3 projection and the dot product are both linear: per image they are one 3x3 conv
+        with Q outputs, weights mask_embedding @ projection weights (computed in fp32). That conv
+        does Q/mask_dim of the projection's work and leaves out its mask_dim x h x w map.
+        """
+        projection = self.pixel_decoder.mask_projection
+        with torch.autocast(fpn_map.device.type, enabled=False):
+            embeddings = mask_embeddings.float()
+            weights = torch.einsum("nqc,cikl->nqikl", embeddings, projection.weight.float())
+            biases = embeddings @ projection.bias.float()
+        # channels-last weights for the channels-last map (see models/swin.py channels_last_conv)
+        masks = [
+            F.conv2d(
+                fpn_map[i : i + 1],
+                weight.to(fpn_map.dtype).contiguous(memory_format=torch.channels_last),
+                bias.to(fpn_map.dtype),
+                padding=projection.padding,
+            )
+            for i, (weight, bias) in enumerate(zip(weights, biases))
+        ]
+        return torch.cat(masks)
+
     def forward_queries(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(pixels)
-        mask_features = self.pixel_decoder(features)
-        memory = self.input_projection(features[-1])
+        fpn_map = self.pixel_decoder(features)
+        memory = features[-1] if isinstance(self.input_projection, nn.Identity) else channels_last_conv(self.input_projection, features[-1])
         n, dim, height, width = memory.shape
         memory_pos = sine_position_embedding(height, width, dim, memory.device, memory.dtype).flatten(1).T[None]
         memory = memory.flatten(2).transpose(1, 2)
@@ -156,8 +182,7 @@ class MaskFormer(SegmentationModel):
         for layer in self.decoder_layers:
             x = layer(x, query_pos, memory, memory_pos)
         x = self.decoder_norm(x)
-        mask_logits = torch.einsum("nqc,nchw->nqhw", self.mask_embed(x), mask_features)
-        return self.class_head(x), mask_logits
+        return self.class_head(x), self.predict_masks(self.mask_embed(x), fpn_map)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return semantic_scores(*self.forward_queries(pixels))

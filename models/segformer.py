@@ -61,6 +61,16 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` with the weights channels-last: the strided convs (patch embeddings, spatial
+    reductions) read maps that are channels-last views of tokens, which oneDNN then takes as they
+    are (NCHW weights cost a copy of the input), and return channels-last maps, which are tokens
+    again for free. (Not the depth-wise convs: those are fastest on NCHW, see MixFFN.) The copy of
+    the small weights is made per call, so that parameters and state dicts keep torch's layout."""
+    weight = conv.weight.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class OverlapPatchEmbed(nn.Module):
     """A strided conv whose kernel is larger than its stride (so patches overlap), then LayerNorm.
 
@@ -73,7 +83,7 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        x = self.proj(x)
+        x = channels_last_conv(self.proj, x)
         height, width = x.shape[-2:]
         return self.norm(x.flatten(2).transpose(1, 2)), height, width
 
@@ -100,7 +110,7 @@ class EfficientSelfAttention(nn.Module):
         kv = x
         if self.sr_ratio > 1:
             kv = x.transpose(1, 2).reshape(batch, dim, height, width)
-            kv = self.sr_norm(self.sr(kv).flatten(2).transpose(1, 2))
+            kv = self.sr_norm(channels_last_conv(self.sr, kv).flatten(2).transpose(1, 2))
         q = self.q(x).view(batch, length, self.num_heads, -1).transpose(1, 2)
         k = self.k(kv).view(batch, kv.shape[1], self.num_heads, -1).transpose(1, 2)
         v = self.v(kv).view(batch, kv.shape[1], self.num_heads, -1).transpose(1, 2)
@@ -109,7 +119,12 @@ class EfficientSelfAttention(nn.Module):
 
 
 class MixFFN(nn.Module):
-    """fc1 -> 3x3 depth-wise conv -> activation -> fc2; the conv carries the positional information."""
+    """fc1 -> 3x3 depth-wise conv -> activation -> fc2; the conv carries the positional information.
+
+    fc1 writes its output as N x hidden x (h*w), the NCHW layout the depth-wise conv runs fastest
+    on (a channels-last map costs the conv a copy in and a layout change out), and fc2 reads that
+    map transposed, which the matrix product does without a copy.
+    """
 
     def __init__(self, dim: int, hidden: int, act: str) -> None:
         super().__init__()
@@ -119,10 +134,10 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = self.fc1(x)
-        batch, _, hidden = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(batch, hidden, height, width))
-        return self.fc2(self.act(x.flatten(2).transpose(1, 2)))
+        batch = x.shape[0]
+        x = torch.baddbmm(self.fc1.bias[:, None], self.fc1.weight.expand(batch, -1, -1), x.transpose(1, 2))
+        x = self.act(self.dwconv(x.unflatten(2, (height, width))))
+        return torch.baddbmm(self.fc2.bias, x.flatten(2).transpose(1, 2), self.fc2.weight.T.expand(batch, -1, -1))
 
 
 class Block(nn.Module):
@@ -185,6 +200,15 @@ class ConvBNReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x)))
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight out x in, bias) of the conv with the eval-mode BatchNorm folded in: the layer
+        before its ReLU as one affine map, computed in fp32 (also under autocast)."""
+        with torch.autocast(self.conv.weight.device.type, enabled=False):
+            bn = self.bn
+            scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+            weight = self.conv.weight.float().flatten(1) * scale[:, None]
+            return weight, bn.bias.float() - bn.running_mean.float() * scale
+
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
@@ -192,8 +216,46 @@ def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """N x C x h x w -> N x (h*w) x C; free for the channels-last maps the stages return."""
+    return x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _as_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """N x (h*w) x C -> N x C x h x w, a channels-last view (no copy)."""
+    return tokens.unflatten(1, (height, width)).permute(0, 3, 1, 2)
+
+
+def _fused_levels(features: list[torch.Tensor], weights: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """sum_i upsample(weights[i] @ features[i]) at `size`, N x D x H x W channels-last.
+
+    Both decoders end in a 1x1 conv over the concatenation of upsampled levels. Bilinear
+    resizing (weights summing to 1) commutes with a per-pixel affine map, so the fuse conv's
+    slice for each level is applied at that level's own resolution, before upsampling: 1/4 of
+    the fuse conv's work at 1/4 scale, none of the concatenation.
+    """
+    out = None
+    for x, weight in zip(features, weights):
+        y = _upsample(_as_map(F.linear(_tokens(x), weight.to(x.dtype)), *x.shape[-2:]), size)
+        out = y if out is None else out.add_(y)
+    return out
+
+
+def _classify(classifier: nn.Conv2d, fused: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """ReLU(fused + bias), then the 1x1 classifier, on the channels-last map as a linear layer
+    (a 1x1 conv on a channels-last map takes a slow path)."""
+    x = fused.permute(0, 2, 3, 1)  # N x H x W x D, contiguous
+    x = F.relu_(x.add_(bias.to(x.dtype)))
+    return F.linear(x, classifier.weight.flatten(1), classifier.bias).permute(0, 3, 1, 2)
+
+
 class MLPDecoder(nn.Module):
-    """The paper's all-MLP decoder (transformers' SegformerDecodeHead)."""
+    """The paper's all-MLP decoder (transformers' SegformerDecodeHead).
+
+    In eval mode the per-level linear layers, the fuse conv and its BatchNorm are one affine map
+    per level (`_fused_levels`), applied before upsampling; in training the graph is the
+    reference's, so that BatchNorm sees its batch statistics.
+    """
 
     def __init__(self, in_channels: Sequence[int], dim: int, num_classes: int) -> None:
         super().__init__()
@@ -203,19 +265,34 @@ class MLPDecoder(nn.Module):
         self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.training:
+            return self.forward_reference(features)
+        fuse_weight, fuse_bias = self.fuse.folded()
+        # the fuse conv's input slices, one per level: deepest level first in the concatenation
+        slices = fuse_weight.split(fuse_weight.shape[1] // len(self.proj), dim=1)[::-1]
+        with torch.autocast(fuse_weight.device.type, enabled=False):
+            weights = [part @ proj.weight.float() for part, proj in zip(slices, self.proj)]
+            bias = fuse_bias + sum(part @ proj.bias.float() for part, proj in zip(slices, self.proj))
+        x = _fused_levels(features, weights, features[0].shape[-2:])
+        return _classify(self.classifier, x, bias)
+
+    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The reference graph: project, upsample, concatenate, fuse, classify."""
         size = features[0].shape[-2:]
         levels = []
         for x, proj in zip(features, self.proj):
-            batch, _, height, width = x.shape
-            x = proj(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(batch, -1, height, width)
-            levels.append(_upsample(x, size))
+            levels.append(_upsample(_as_map(proj(_tokens(x)), *x.shape[-2:]), size))
         # deepest level first, as in the paper's code and transformers
         x = self.fuse(torch.cat(levels[::-1], dim=1))
         return self.classifier(self.dropout(x))
 
 
 class MMSegDecoder(nn.Module):
-    """mmsegmentation's SegformerHead: per-level conv + BN + ReLU before upsampling."""
+    """mmsegmentation's SegformerHead: per-level conv + BN + ReLU before upsampling.
+
+    In eval mode the fuse conv (and its BatchNorm) is applied to each level before upsampling
+    (`_fused_levels`); in training the graph is the reference's.
+    """
 
     def __init__(self, in_channels: Sequence[int], dim: int, num_classes: int) -> None:
         super().__init__()
@@ -225,6 +302,19 @@ class MMSegDecoder(nn.Module):
         self.classifier = nn.Conv2d(dim, num_classes, kernel_size=1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.training:
+            return self.forward_reference(features)
+        fuse_weight, fuse_bias = self.fuse.folded()
+        # the fuse conv's input slices, one per level: shallowest level first in the concatenation
+        slices = fuse_weight.split(fuse_weight.shape[1] // len(self.levels), dim=1)
+        levels = []
+        for x, level in zip(features, self.levels):
+            weight, bias = level.folded()
+            levels.append(F.relu(_as_map(F.linear(_tokens(x), weight.to(x.dtype), bias.to(x.dtype)), *x.shape[-2:])))
+        x = _fused_levels(levels, list(slices), features[0].shape[-2:])
+        return _classify(self.classifier, x, fuse_bias)
+
+    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
         size = features[0].shape[-2:]
         levels = [_upsample(conv(x), size) for x, conv in zip(features, self.levels)]
         # shallowest level first (mmseg's torch.cat(outs) in input order)
@@ -326,6 +416,13 @@ class SegFormer(SegmentationModel):
         return features
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not self.training and pixels.shape[0] > 1 and pixels.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Inference on CPU, one image at a time: an image's largest maps (Mix-FFN's hidden
+            # layer, the decoder's 1/4-scale levels: 8-16 MB for B0 at 512x512) stay in cache, a
+            # batch's do not, and a core gains nothing from a batch. Measured on one core, B0 at
+            # 512x512: a batch of 8 takes 1.7x as long in one piece as image by image. (Training
+            # keeps the batch: BatchNorm's statistics are the batch's.)
+            return torch.cat([self(image[None]) for image in pixels])
         height, width = pixels.shape[-2:]
         out_h, out_w = self._output_side(height), self._output_side(width)
         # Only inputs too small for the reduction convs are padded (bottom/right, zeros = the mean

@@ -74,7 +74,19 @@ class ConvBNReLU(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(conv(self.conv, x)))
+
+
+def conv(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` for the channels-last maps of the decoders (the encoder's maps are channels-last
+    views of its tokens): with the weights channels-last oneDNN takes them as they are (NCHW
+    weights cost a copy of the input), rearranged per call so that state dicts keep torch's layout.
+    A 1x1 conv runs as a linear layer over the channels: on one CPU thread torch sends a
+    small-batch 1x1 conv to a slow path (a copy to NCHW, then a GEMM)."""
+    if layer.kernel_size == (1, 1):
+        return F.linear(x.permute(0, 2, 3, 1), layer.weight.flatten(1), layer.bias).permute(0, 3, 1, 2)
+    weight = layer.weight.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 def channel_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +111,16 @@ class UpsamplingDecoder(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = channel_layer_norm(self.norm, features[-1])
+        for stage in self.stages[:-1]:
+            x = upsample(stage(x), self.up_scale)
+        # The 1x1 classifier and the last bilinear upsampling commute (a per-pixel affine map;
+        # interpolation weights sum to 1): classifying first works on 1/up_scale^2 of the pixels
+        # and upsamples num_classes maps instead of `channels`.
+        return upsample(conv(self.classifier, self.stages[-1](x)), self.up_scale)
+
+    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """mmseg's order: upsample, then classify (the same scores, more work)."""
         x = channel_layer_norm(self.norm, features[-1])
         for stage in self.stages:
             x = upsample(stage(x), self.up_scale)
@@ -129,13 +151,21 @@ class MLADecoder(nn.Module):
         self.classifier = nn.Conv2d(levels * head_channels, num_classes, 1)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        # As in UpsamplingDecoder: the 1x1 classifier goes before the (common) x4 upsampling of
+        # the concatenated heads, which commutes with it.
+        return upsample(conv(self.classifier, torch.cat(self.head_outputs(features), dim=1)), self.up_scale)
+
+    def forward_reference(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """mmseg's order: upsample each head, concatenate, then classify (the same scores, more work)."""
+        return self.classifier(torch.cat([upsample(out, self.up_scale) for out in self.head_outputs(features)], dim=1))
+
+    def head_outputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         projected = [lateral(channel_layer_norm(norm, x)) for x, norm, lateral in zip(features, self.norms, self.lateral)]
         running, sums = None, []
         for x in reversed(projected):  # deepest first
             running = x if running is None else running + x
             sums.append(running)
-        outs = [upsample(head(smooth(s)), self.up_scale) for s, smooth, head in zip(sums, self.smooth, self.heads)]
-        return self.classifier(torch.cat(outs, dim=1))
+        return [head(smooth(s)) for s, smooth, head in zip(sums, self.smooth, self.heads)]
 
 
 # --------------------------------------------------------------------------------------------

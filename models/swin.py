@@ -37,6 +37,39 @@ SWIN_SIZES: dict[str, dict[str, Any]] = {
 # The shifted-window mask value: large and negative, not -inf, as the reference implementations use.
 _SHIFT_MASK_VALUE = -100.0
 
+# On CPU the widest intermediates (a stage-1 MLP's 4x hidden layer, the windows' q/k/v) are tens
+# of megabytes at 512x512: computed for a block of rows (windows) at a time they stay in cache,
+# which makes those layers up to 2x faster on one core (measured: stage-1 MLP 55 -> 29 ms). Each
+# row's arithmetic is the same, so results agree to float rounding; GPUs and torch.compile get the
+# whole tensor.
+ROW_BLOCK = 512
+WINDOW_BLOCK = 16
+
+
+def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """`conv(x)` with the weights channels-last, for maps that are channels-last (views of tokens,
+    like the stages' outputs): oneDNN takes those as they are (NCHW weights cost a copy of the
+    input) and returns channels-last maps. A 1x1 conv runs as a linear layer over the channels:
+    on one CPU thread torch sends a small-batch 1x1 conv to a slow path (a copy to NCHW and a
+    GEMM). The weights are rearranged per call, so that parameters and state dicts keep torch's
+    layout."""
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1:
+        return F.linear(x.permute(0, 2, 3, 1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+    weight = conv.weight.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def blockwise_on_cpu(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def in_row_blocks(fn, x: torch.Tensor, rows: int = ROW_BLOCK) -> torch.Tensor:
+    """fn(x) for a row-wise fn (a feed-forward block), on CPU computed `rows` rows at a time."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not blockwise_on_cpu(x) or flat.shape[0] <= 2 * rows:
+        return fn(x)
+    return torch.cat([fn(flat[i : i + rows]) for i in range(0, flat.shape[0], rows)]).view(*x.shape[:-1], -1)
+
 
 # ---------------------------------------------------------------------------------------------
 # Windows
@@ -107,6 +140,19 @@ class WindowAttention(nn.Module):
 
     def forward(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         """windows: (N * nW) x L x C; shift_mask: nW x L x L or None."""
+        num_windows = windows.shape[0] if shift_mask is None else shift_mask.shape[0]
+        if not blockwise_on_cpu(windows) or num_windows <= 2 * WINDOW_BLOCK:
+            return self.attend(windows, shift_mask)
+        # WINDOW_BLOCK windows of every image at a time (their slice of the shift mask with them)
+        per_image = windows.view(-1, num_windows, *windows.shape[1:])
+        out = torch.empty_like(per_image)
+        for start in range(0, num_windows, WINDOW_BLOCK):
+            part = per_image[:, start : start + WINDOW_BLOCK]
+            mask = None if shift_mask is None else shift_mask[start : start + WINDOW_BLOCK]
+            out[:, start : start + WINDOW_BLOCK] = self.attend(part.reshape(-1, *part.shape[2:]), mask).view(part.shape)
+        return out.view(windows.shape)
+
+    def attend(self, windows: torch.Tensor, shift_mask: torch.Tensor | None) -> torch.Tensor:
         batch_windows, length, dim = windows.shape
         q, k, v = self.qkv(windows).view(batch_windows, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         bias = self.position_bias().to(q.dtype)  # heads x L x L
@@ -130,7 +176,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return in_row_blocks(lambda rows: self.fc2(self.act(self.fc1(rows))), x)
 
 
 class SwinBlock(nn.Module):
@@ -229,7 +275,7 @@ class PatchEmbed(nn.Module):
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         p = self.patch_size
         pixels = F.pad(pixels, (0, -pixels.shape[-1] % p, 0, -pixels.shape[-2] % p))
-        x = self.proj(pixels)
+        x = channels_last_conv(self.proj, pixels)  # channels-last out: tokens without a copy
         size = (x.shape[-2], x.shape[-1])
         return self.norm(x.flatten(2).transpose(1, 2)), size
 

@@ -146,6 +146,9 @@ class InferenceConfig(_Strict):
     blend: Literal["mean", "gaussian"] = "mean"
     batch_size: Int = Field(8, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # torch.compile the model's forward in each actor (models.base.compile_for_inference): the first
+    # batch of each window size compiles; where it cannot, one warning and the eager model
+    compile: Bool = False
     tta: TTAConfig = Field(default_factory=TTAConfig)
 
     @field_validator("window", "stride")

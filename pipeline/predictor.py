@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from models import build_model, load_model
-from models.base import CheckpointError, ModelError, SegmentationModel
+from models.base import CheckpointError, ModelError, SegmentationModel, compile_for_inference
 from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
@@ -217,6 +217,8 @@ class Predictor:
         inference = cfg.inference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_job_model(cfg.model).to(self.device)
+        if inference.compile:  # the semantic forward; the object tasks' forward_queries stay eager
+            model = compile_for_inference(model)
         binary = cfg.metrics.task == "binary" or model.num_classes == 2
         # a one-logit head of a binary task writes masks of two classes: background and foreground
         self.num_classes = 2 if binary and model.num_classes == 1 else model.num_classes

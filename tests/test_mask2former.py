@@ -94,6 +94,26 @@ def test_deformable_sample_at_token_centres_reads_the_values():
     assert torch.allclose(out[0, 1], level1[2, 0], atol=1e-6)
 
 
+def test_deformable_sample_equals_grid_sample_everywhere_on_and_off_the_maps():
+    """The embedding_bag sampling against the reference computation: grid_sample (bilinear, zero
+    padding, align_corners=False) per level, weighted and summed; points inside, on the border
+    and outside the maps, two images, two heads."""
+    shapes = [(3, 5), (6, 4), (7, 7)]
+    n, q, heads, d, points = 2, 11, 2, 4, 3
+    gen = torch.Generator().manual_seed(3)
+    value = torch.randn(n, sum(h * w for h, w in shapes), heads, d, generator=gen)
+    locations = torch.rand(n, q, heads, len(shapes), points, 2, generator=gen) * 1.6 - 0.3
+    weights = torch.rand(n, q, heads, len(shapes), points, generator=gen)
+    expected = torch.zeros(n * heads, d, q)
+    for level, (values, (h, w)) in enumerate(zip(value.split([h * w for h, w in shapes], dim=1), shapes)):
+        maps = values.permute(0, 2, 3, 1).reshape(n * heads, d, h, w)
+        grid = (2 * locations[:, :, :, level] - 1).transpose(1, 2).reshape(n * heads, q, points, 2)
+        sampled = torch.nn.functional.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        expected += (sampled * weights[:, :, :, level].transpose(1, 2).reshape(n * heads, 1, q, points)).sum(-1)
+    expected = expected.view(n, heads * d, q).transpose(1, 2)
+    assert (deformable_sample(value, shapes, locations, weights) - expected).abs().max().item() <= 1e-5
+
+
 def test_native_checkpoint_round_trip(hf_checkpoint, tmp_path):
     _, path = hf_checkpoint
     model = load_model(path)

@@ -27,7 +27,9 @@ def hf_checkpoint(tmp_path_factory):
     return saved_hf_model(MaskFormerForInstanceSegmentation, tiny_maskformer_config(), path), path
 
 
-@pytest.mark.parametrize("size", [(64, 96), (70, 90)])  # the second: not a multiple of 32 (nor of 4)
+# the second: not a multiple of 32 (nor of 4); the third: enough windows and tokens for the Swin's
+# CPU block-wise paths (models/swin.py WINDOW_BLOCK, ROW_BLOCK)
+@pytest.mark.parametrize("size", [(64, 96), (70, 90), (140, 132)])
 def test_matches_transformers(hf_checkpoint, size):
     reference, path = hf_checkpoint
     model = load_model(path)

@@ -367,3 +367,22 @@ def test_reduced_width_override_and_any_input_size():
         build_model("segformer-b0", num_classes=2, hidden_sizes=[16, 32, 64, 128])  # 64 heads-of-5 do not divide
     with pytest.raises(TypeError, match="unknown overrides"):
         build_model("segformer-b0", num_classes=2, hidden_size=[16, 32, 64, 128])
+
+
+@pytest.mark.parametrize("head", ["mlp", "mmseg"])
+def test_eval_decoder_folds_to_the_reference_graph_and_training_runs_it(head):
+    """In eval mode the decoders fold the fuse conv and BatchNorm into per-level maps applied before
+    upsampling; training runs the reference graph (BatchNorm on batch statistics) and backpropagates."""
+    model = build_model(
+        "segformer-b0", num_classes=3, head=head, hidden_sizes=[8, 16, 24, 32], num_heads=[1, 2, 3, 4], depths=[1, 1, 1, 1], decoder_dim=16
+    )
+    _randomize(model, seed=5)
+    model.eval()
+    features = model.forward_features(torch.randn(2, 3, 45, 61))
+    with torch.no_grad():
+        assert _rel_diff(model.head.forward_reference(features), model.head(features)) <= 1e-5
+    model.train()
+    pixels = torch.randn(2, 3, 32, 32)
+    model(pixels).square().mean().backward()
+    assert model.head.fuse.bn.num_batches_tracked.item() == 1
+    assert all(p.grad is not None for p in model.parameters())

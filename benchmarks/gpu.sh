@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The GPU check in one command: writes ONE Markdown table (default benchmarks/gpu-results.md).
+#
+#   bash benchmarks/gpu.sh [OUT.md]         # a CUDA machine, under 8 minutes
+#   bash benchmarks/gpu.sh --cpu [OUT.md]   # the same table from tiny models on CPU, under a minute
+#
+# Rows: every family's forward (SegFormer-B0/B2, MaskFormer and Mask2Former Swin-T against
+# transformers' with the same weights; SETR and Segmenter against our reference decoder / eager),
+# batch 8 at 512x512, in fp32, bf16 and fp16 (autocast, as the pipeline runs them), eager and, in
+# bf16, through torch.compile (compile time in the cell); the achieved TFLOP/s of SegFormer-B2 and
+# Mask2Former (torch.utils.flop_counter) next to a timed 8192^3 matmul of each dtype; and the
+# pipeline against the bare loop, which is left for the lead: benchmarks/pipeline_throughput.py
+# has no device flag. The table is rewritten after every model, so a run cut short keeps its rows.
+# Python: $PYTHON, else .venv/bin/python where there is one, else python.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cpu=0
+out=benchmarks/gpu-results.md
+for arg in "$@"; do
+    case "$arg" in
+        --cpu) cpu=1 ;;
+        -h | --help) sed -n '2,16p' "$0" && exit 0 ;;
+        *) out=$arg ;;
+    esac
+done
+python=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then python=.venv/bin/python; fi
+
+models=(segformer-b0 segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base setr-pup-vit-base setr-mla-vit-base segmenter-linear-vit-base segmenter-mask-vit-base)
+if [ "$cpu" = 1 ]; then
+    # tiny widths, one CPU thread, fp16 reported as n/a; the compiled row through aot_eager (the
+    # plumbing, not inductor: its C++ builds take minutes on a small CPU)
+    args=(--device cpu --threads 1 --tiny --batches 1 --warmup 1 --repeats 1 --compile --compile-backend aot_eager --compile-models segformer-b0)
+    title="segpipe models: gpu.sh --cpu (tiny models on CPU: checks the table, measures nothing)"
+else
+    args=(--device cuda --threads 0 --sizes 512 --batches 8 --warmup 2 --repeats 5 --compile --compile-dtypes bf16
+        --compile-models segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base segmenter-mask-vit-base)
+    title="segpipe models on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'a CUDA GPU')"
+fi
+
+"$python" benchmarks/models.py "${args[@]}" --models "${models[@]}" --dtypes fp32 bf16 fp16 --flops --markdown "$out" --title "$title"
+
+# the pipeline against the bare loop on the GPU: one more row of the same table
+echo "| pipeline | segformer-b0 | CamVid | 4 | segpipe run against the bare loop | not run: benchmarks/pipeline_throughput.py has no --device flag (left for the lead) | not run | not run |" >>"$out"
+echo "wrote $out"

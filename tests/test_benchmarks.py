@@ -1,0 +1,51 @@
+"""benchmarks/gpu.sh --cpu: the GPU check's table, made from tiny models on CPU (it measures nothing:
+this checks that the one command runs and writes a row for every family and a column per dtype)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ["segformer", "maskformer", "mask2former", "setr", "segmenter"]
+DTYPES = ["fp32", "bf16", "fp16"]
+
+
+def _table(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows' cells) of the one Markdown table in `path`."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    header, _, *body = ([cell.strip() for cell in line.strip("|").split("|")] for line in lines)
+    return header, body
+
+
+def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_path):
+    out = tmp_path / "results.md"
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu", str(out)],
+        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, rows = _table(out)
+    assert header[:5] == ["family", "model", "input", "batch", "measure"] and header[5:] == DTYPES
+    assert all(len(row) == len(header) for row in rows)
+
+    eager = {row[0]: row for row in rows if row[4].startswith("forward eager")}
+    assert sorted(eager) == sorted(FAMILIES)
+    for family, row in eager.items():
+        fp32, bf16, fp16 = row[5:]
+        assert " ms = " in fp32 and "x, diff" in fp32, (family, fp32)
+        assert " ms = " in bf16, (family, bf16)
+        assert fp16 == "n/a on CPU"
+    baselines = {row[0]: row[4] for row in eager.values()}
+    assert all("transformers" in baselines[f] for f in ("segformer", "maskformer", "mask2former"))
+
+    assert any(row[4].startswith("forward compiled") and "compile" in row[5] for row in rows)
+    flops = [row for row in rows if row[4].startswith("achieved TFLOP/s")]
+    assert {row[1] for row in flops} == {"segformer-b2", "mask2former-swin-tiny"}
+    assert all("TFLOP/s" in row[5] for row in flops)
+    assert any(row[1] == "n x n matmul" and "TFLOP/s" in row[5] for row in rows)
+    assert any(row[0] == "pipeline" and "no --device flag" in row[5] for row in rows)
