@@ -49,6 +49,7 @@ from models.base import (
 )
 from models.mask_classification import (
     Attention,
+    DetrDecoderLayer,
     Mlp,
     MLPHead,
     check_activation,
@@ -158,27 +159,6 @@ class EncoderLayer(nn.Module):
         q = x + pos
         x = self.norm1(x + self.self_attn(q, q, x))
         return self.norm2(x + self.mlp(x))
-
-
-class DecoderLayer(nn.Module):
-    """Self-attention over the queries, cross-attention to the encoder memory, feed-forward. Query
-    positions go into the queries (and the self-attention's keys), memory positions into the
-    cross-attention's keys, never into values."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
-        super().__init__()
-        self.self_attn = Attention(dim, num_heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, ffn_dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor) -> torch.Tensor:
-        q = x + query_pos
-        x = self.norm1(x + self.self_attn(q, q, x))
-        x = self.norm2(x + self.cross_attn(x + query_pos, memory + memory_pos, memory))
-        return self.norm3(x + self.mlp(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +295,7 @@ class DETR(SegmentationModel):
         self.input_projection = nn.Conv2d(widths[-1], hidden_dim, 1)
         self.encoder_layers = nn.ModuleList(EncoderLayer(hidden_dim, encoder_heads, encoder_ffn_dim) for _ in range(encoder_layers))
         self.query_embed = nn.Embedding(num_queries, hidden_dim)
-        self.decoder_layers = nn.ModuleList(DecoderLayer(hidden_dim, decoder_heads, decoder_ffn_dim) for _ in range(decoder_layers))
+        self.decoder_layers = nn.ModuleList(DetrDecoderLayer(hidden_dim, decoder_heads, decoder_ffn_dim) for _ in range(decoder_layers))
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.class_head = nn.Linear(hidden_dim, num_classes + 1)  # + the no-object class
         self.box_head = MLPHead(hidden_dim, hidden_dim, 4)

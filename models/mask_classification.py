@@ -124,6 +124,27 @@ class MLPHead(nn.Module):
         return x
 
 
+class DetrDecoderLayer(nn.Module):
+    """Post-norm DETR decoder layer (MaskFormer's and DETR's): self-attention over the queries,
+    cross-attention to the image tokens, feed-forward. Query positions go into the queries (and the
+    self-attention's keys), memory positions into the cross-attention's keys, never into values."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, num_heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.cross_attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, ffn_dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor) -> torch.Tensor:
+        q = x + query_pos
+        x = self.norm1(x + self.self_attn(q, q, x))
+        x = self.norm2(x + self.cross_attn(x + query_pos, memory + memory_pos, memory))
+        return self.norm3(x + self.mlp(x))
+
+
 # ---------------------------------------------------------------------------------------------
 # Semantic inference
 # ---------------------------------------------------------------------------------------------

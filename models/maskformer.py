@@ -37,9 +37,8 @@ from models.base import (
 )
 from models.mask_classification import (
     HF_BACKBONE,
-    Attention,
     ConvNorm,
-    Mlp,
+    DetrDecoderLayer,
     MLPHead,
     check_activation,
     hf_swin_arch,
@@ -75,26 +74,6 @@ class FPNPixelDecoder(nn.Module):
             skip = lateral(feature)
             x = output(skip + F.interpolate(x, size=skip.shape[-2:], mode="nearest"))
         return x
-
-
-class DetrDecoderLayer(nn.Module):
-    """Post-norm DETR decoder layer: self-attention over the queries, cross-attention to the
-    image tokens, feed-forward. Query positions go into queries and keys, never values."""
-
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int) -> None:
-        super().__init__()
-        self.self_attn = Attention(dim, num_heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, ffn_dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor, query_pos: torch.Tensor, memory: torch.Tensor, memory_pos: torch.Tensor) -> torch.Tensor:
-        q = x + query_pos
-        x = self.norm1(x + self.self_attn(q, q, x))
-        x = self.norm2(x + self.cross_attn(x + query_pos, memory + memory_pos, memory))
-        return self.norm3(x + self.mlp(x))
 
 
 # ---------------------------------------------------------------------------------------------
