@@ -2,7 +2,7 @@
 `sliding_window_inference`, with the same model, the same windows and the same blending.
 
     .venv/bin/python benchmarks/sliding_window.py [--size 4000] [--classes 19] [--blend gaussian]
-                                                  [--model conv|segformer-b0|...] [--threads 1]
+                                                  [--model conv|tiny|segformer-b0|...] [--threads 1]
 
 Each method runs in its own fresh subprocess, from the same uint8 H x W x 3 image to an H x W label
 map. Memory is the peak resident set size (VmHWM from /proc/self/status) while the call runs, above
@@ -10,8 +10,9 @@ the RSS just before it: the peak is reset right before the call by writing 5 to 
 so the image, the model and the imports are not counted. Time is the wall time of the call.
 
 Methods:
-  ours              segment_images, slide mode: scores resized to the window per window, blended in a
-                    band of rows (StreamingStitcher).
+  ours              segment_images, slide mode (StreamingStitcher): the windows' scores held as the
+                    model gives them, resized to the window (F.interpolate's numbers, BilinearRows)
+                    and blended a block of rows at a time when rows are final.
   monai             sliding_window_inference with a predictor that resizes the model's scores to the
                     window, as ours does: the same numbers, blended in a C x H x W buffer.
   monai-native      sliding_window_inference blending the model's stride-4 scores (MONAI's zoomed
@@ -60,6 +61,13 @@ def build_model(name: str, num_classes: int):
             nn.ReLU(),
             nn.Conv2d(32, num_classes, 1),
         )
+    elif name == "tiny":  # the tests' tiny SegFormer (stride 8): scores channels-last, as SegFormer's head gives them
+        sys.path.insert(0, str(ROOT / "tests"))
+        from helpers import TINY_SEGFORMER
+
+        from models import build_model as build_registered
+
+        model = build_registered("segformer-b0", num_classes=num_classes, **TINY_SEGFORMER)
     else:
         from models import build_model as build_registered
 
@@ -141,7 +149,9 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=341)
     parser.add_argument("--batch", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--blend", choices=("mean", "gaussian"), default="gaussian")
-    parser.add_argument("--model", default="conv", help="'conv' (a small stride-4 conv net) or a registered name")
+    parser.add_argument(
+        "--model", default="conv", help="'conv' (a small stride-4 conv net), 'tiny' (a tiny SegFormer) or a registered name"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process

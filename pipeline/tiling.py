@@ -31,9 +31,20 @@ Stitching resolution: the stitchers blend at the image's full resolution, after 
 are resized to the window. Windows at an image's edge start at offsets that are not multiples of the
 model's output stride, so blending at the output stride would put those windows up to stride - 1
 pixels off (MONAI truncates `int(start * zoom)`); at full resolution every window lands exactly where
-it was read and the result is the same as mmseg's resize-then-paste. The cost is memory: the band of
-the streaming stitcher is window height x image width x classes float32 at full resolution.
-Huge images (pipeline.tiff, read by pipeline.predictor) are stitched the same way, at full resolution, band by band.
+it was read and the result is the same as mmseg's resize-then-paste. What it costs is kept small by
+never holding the image's scores at full resolution: the streaming stitcher holds the windows'
+scores as the model gave them (at its output stride) and, when rows are final, resizes and blends
+them a few rows at a time (`StreamingStitcher`). Huge images (pipeline.tiff, read by
+pipeline.predictor) are stitched the same way, band by band.
+
+Resizing: `BilinearRows` computes any rows of F.interpolate(bilinear, align_corners=False) of a
+window's scores, the same float32 numbers as F.interpolate, several times faster (ATen's kernel for
+the channels-last scores of the SegFormer head takes 0.17 s a window for 40 classes, 65 x 65 to
+512 x 512, on one thread; these rows 0.02 s). The numbers are the same because each output is computed with
+the same operations in the same order as ATen's compiled kernel, fused multiply-adds included
+(`torch.addcmul`): which of its two kernels F.interpolate runs depends on the scores' layout, and
+`bilinear_formula` finds, once per shape and layout, the formula that reproduces it exactly on
+this machine, or none (then the stitcher resizes with F.interpolate itself, as `resize_scores` does).
 
 Test-time augmentation (`TTAScoreFn`, config `inference.tta: {flip, scales}`) sits inside score_fn:
 each window (each image in whole mode) is scored once per scale (the window resized by the scale,
@@ -51,6 +62,9 @@ window as for any score_fn.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -280,6 +294,188 @@ def importance_map(window: tuple[int, int], blend: str) -> torch.Tensor:
     return weights.clamp(min=floor)
 
 
+# --------------------------------------------------------------------------- resizing window scores
+
+BILINEAR_KINDS = ("separable", "four_point")
+
+
+@dataclass(frozen=True)
+class BilinearFormula:
+    """How ATen's compiled CPU kernel computes each output of a bilinear resize (see `BilinearRows`)."""
+
+    kind: str  # "separable" | "four_point"
+    scalar_from: int = 0  # four_point: the channels from here on are summed in its scalar code's order
+    fused_source: bool = True  # the source coordinate scale * (i + 0.5) - 0.5 as one fused multiply-add
+
+    def __post_init__(self) -> None:
+        if self.kind not in BILINEAR_KINDS:
+            raise ValueError(f"kind must be one of {BILINEAR_KINDS}, got {self.kind!r}")
+
+
+_FORMULAS: dict[tuple, BilinearFormula | None] = {}  # (shape, strides, size, threads) -> what F.interpolate computes
+PROBE_ROWS = 32  # a candidate formula is compared this many rows at a time: a wrong one is turned down early
+
+
+def _axis_taps(in_size: int, out_size: int, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ATen's taps along one axis (bilinear, align_corners=False, sizes given): per output index the
+    source indices i0, i1 (int64) and weights l0, l1 (float32), computed as ATen computes them."""
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    centres = torch.arange(out_size, dtype=torch.float32) + 0.5
+    if fused:  # in float64 the product and the difference are exact: one rounding, as a fused multiply-add
+        source = (scale.double() * centres.double() - 0.5).float().clamp_min(0)
+    else:
+        source = (scale * centres - 0.5).clamp_min(0)
+    i0 = source.floor().to(torch.int64).clamp_max(in_size - 1)
+    l1 = (source - i0).clamp(0, 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, 1 - l1, l1
+
+
+class BilinearRows:
+    """Rows of F.interpolate(scores[None], size, mode="bilinear", align_corners=False)[0] for C x h x w
+    scores, the same float32 numbers, computed a run of output rows at a time (the rows that share
+    their two source rows), so that a window is never resized whole.
+
+    The formula is what ATen's kernel computes for each output, with a the scores at (y0, x0), b at
+    (y0, x1), c at (y1, x0), d at (y1, x1), and fma(p, q, r) = p * q + r rounded once:
+      separable   (its generic kernel: NCHW scores) the width, then the height:
+                  t(y) = fma(s(y, x0), l0x, s(y, x1) * l1x); out = fma(t(y0), l0y, t(y1) * l1y)
+      four_point  (its vectorised kernel: channels-last scores) the four taps with weights
+                  w00 = l0y * l0x, ...: out = fma(a, w00, fma(b, w01, fma(d, w11, c * w10))), and
+                  for the channels past its last whole vector (`scalar_from`), its scalar code's
+                  order: fma(d, w11, fma(c, w10, fma(a, w00, b * w01)))
+    and the source coordinate of an output index i, scale * (i + 0.5) - 0.5, one fused
+    multiply-add where ATen's compiled code makes it one (`fused_source`).
+    """
+
+    def __init__(self, in_size: tuple[int, int], size: tuple[int, int], formula: BilinearFormula) -> None:
+        self.in_size, self.size, self.formula = tuple(in_size), tuple(size), formula
+        self.y0, self.y1, h0, h1 = _axis_taps(in_size[0], size[0], formula.fused_source)
+        self.x0, self.x1, self.l0x, self.l1x = _axis_taps(in_size[1], size[1], formula.fused_source)
+        self.l0y, self.l1y = h0[:, None], h1[:, None]  # columns: one weight per output row
+        # runs of output rows that share their source rows (y0, y1): one set of operations each
+        y0, y1 = self.y0.numpy(), self.y1.numpy()
+        starts = np.flatnonzero(np.r_[True, (y0[1:] != y0[:-1]) | (y1[1:] != y1[:-1])])
+        self.runs = [(int(a), int(b), int(y0[a]), int(y1[a])) for a, b in zip(starts, np.r_[starts[1:], len(y0)])]
+        self._run_starts = [run[0] for run in self.runs]
+
+    def rows(self, scores: torch.Tensor, top: int, bottom: int, out: torch.Tensor) -> torch.Tensor:
+        """Output rows [top, bottom) into out (C x (bottom - top) x W, any strides); returns out.
+        Fastest from contiguous scores (the width gather reads along rows)."""
+        first, last = int(self.y0[top]), int(self.y1[bottom - 1]) + 1  # the source rows these need
+        source = scores[:, first:last]
+        columns = (source.shape[0], last - first, self.size[1])
+        s0 = torch.gather(source, 2, self.x0.expand(columns))  # C x rows x W; 4x faster than index_select
+        s1 = torch.gather(source, 2, self.x1.expand(columns))
+        l0y, l1y = self.l0y[top:bottom], self.l1y[top:bottom]
+        if self.formula.kind == "separable":
+            across = s1.mul_(self.l1x).addcmul_(s0, self.l0x)  # t(y) of every source row
+        else:  # the four taps' weights of these rows: rounded products, as ATen's
+            w00, w01, w10, w11 = l0y * self.l0x, l0y * self.l1x, l1y * self.l0x, l1y * self.l1x
+            vector, scalar = slice(0, self.formula.scalar_from), slice(self.formula.scalar_from, None)
+        for start, end, i0, i1 in self.runs[bisect.bisect_right(self._run_starts, top) - 1 :]:
+            if start >= bottom:
+                break
+            a, b = max(start, top) - top, min(end, bottom) - top  # rows of out
+            i0, i1 = i0 - first, i1 - first
+            if self.formula.kind == "separable":
+                rows = out[:, a:b]
+                torch.mul(across[:, i1 : i1 + 1], l1y[a:b], out=rows)
+                rows.addcmul_(across[:, i0 : i0 + 1], l0y[a:b])
+                continue
+            if vector.stop:
+                rows = out[vector, a:b]
+                torch.mul(s0[vector, i1 : i1 + 1], w10[a:b], out=rows)
+                rows.addcmul_(s1[vector, i1 : i1 + 1], w11[a:b])
+                rows.addcmul_(s1[vector, i0 : i0 + 1], w01[a:b])
+                rows.addcmul_(s0[vector, i0 : i0 + 1], w00[a:b])
+            if vector.stop < out.shape[0]:
+                rows = out[scalar, a:b]
+                torch.mul(s1[scalar, i0 : i0 + 1], w01[a:b], out=rows)
+                rows.addcmul_(s0[scalar, i0 : i0 + 1], w00[a:b])
+                rows.addcmul_(s0[scalar, i1 : i1 + 1], w10[a:b])
+                rows.addcmul_(s1[scalar, i1 : i1 + 1], w11[a:b])
+        return out
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch on one thread meanwhile (its thread count restored after)."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _interpolate(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def bilinear_formula(scores: torch.Tensor, size: tuple[int, int]) -> BilinearFormula | None:
+    """The formula of `BilinearRows` that gives F.interpolate's numbers for float32 scores of this
+    shape and layout resized to `size`, or None where none does.
+
+    ATen picks its kernel by the layout (channels-last or not), the number of channels, the output
+    size and the number of threads; its vectorised kernel leaves the channels past its last whole
+    vector (of 8 or 16 floats, by the CPU) to scalar code; and its compiled code decides where
+    multiply-adds are fused. Rather than restate those rules, each candidate is tried once per
+    shape, layout and thread count on random scores of that layout and kept only if every output is
+    bit for bit the same.
+    """
+    key = (tuple(scores.shape), scores.stride(), tuple(size), torch.get_num_threads())
+    if key not in _FORMULAS:
+        probe = torch.empty_strided(scores.shape, scores.stride(), dtype=torch.float32)
+        probe.copy_(torch.randn(scores.shape, generator=torch.Generator().manual_seed(0)) * 4)
+        expected = _interpolate(probe, size)
+        channels = scores.shape[0]
+        # the channels in whole vectors: all of them, those in vectors of 16, 8 or 4 floats, none
+        vectors = dict.fromkeys([channels] + [channels - channels % width for width in (16, 8, 4)] + [0])
+        candidates = [
+            BilinearFormula(kind, n, fused)
+            for fused in (True, False)
+            for kind, n in [("separable", 0)] + [("four_point", n) for n in vectors]
+        ]
+        out = torch.empty(channels, PROBE_ROWS, size[1])
+        _FORMULAS[key] = None
+        for formula in candidates:
+            if _same_rows(BilinearRows(probe.shape[1:], size, formula), probe, expected, out):
+                _FORMULAS[key] = formula
+                break
+    return _FORMULAS[key]
+
+
+def _same_rows(rows: BilinearRows, scores: torch.Tensor, expected: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `rows` gives `expected` bit for bit, compared a block of rows (out) at a time."""
+    for top in range(0, expected.shape[1], out.shape[1]):
+        bottom = min(top + out.shape[1], expected.shape[1])
+        if not torch.equal(rows.rows(scores, top, bottom, out[:, : bottom - top]), expected[:, top:bottom]):
+            return False
+    return True
+
+
+def bilinear_rows(scores: torch.Tensor, size: tuple[int, int]) -> BilinearRows | None:
+    """A `BilinearRows` that resizes these scores exactly as F.interpolate does, or None."""
+    formula = bilinear_formula(scores, size)
+    return None if formula is None else _bilinear_rows(tuple(scores.shape[1:]), tuple(size), formula)
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_rows(in_size: tuple[int, int], size: tuple[int, int], formula: BilinearFormula) -> BilinearRows:
+    return BilinearRows(in_size, size, formula)
+
+
+def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """C x h' x w' -> C x size, bilinear with align_corners=False, only where the size differs."""
+    scores = scores.to("cpu", torch.float32)
+    if tuple(scores.shape[-2:]) == tuple(size):
+        return scores
+    return _interpolate(scores, size)
+
+
 # --------------------------------------------------------------------------- stitchers
 
 
@@ -306,22 +502,43 @@ def stitch_windows(plan: WindowPlan, window_scores: Iterable[torch.Tensor], blen
     return blended[:, plan.pad_top : plan.pad_top + plan.height, plan.pad_left : plan.pad_left + plan.width]
 
 
+BLOCK_BYTES = 16 * 2**20  # held windows are blended into C x rows x padded W float32 of about this size at a time
+
+
+@dataclass
+class _HeldWindow:
+    y0: int  # its top left corner, in the padded image
+    x0: int
+    scores: torch.Tensor  # C x h' x w', as the model gave them
+    resize: BilinearRows | None  # to the window; None: the scores are at window resolution
+
+
 class StreamingStitcher:
     """Blends the windows of one image, emitting finished rows while it goes.
 
     Windows come in plan order (row-major: all windows of a row of windows, then the next row), one
-    `add` each, with scores C x window_h x window_w at window (= full image) resolution.
+    `add` each, with scores C x h' x w': at window resolution, or smaller (the model's output
+    stride), resized to the window as F.interpolate does (bilinear, align_corners=False).
 
-    What it holds, and why: windows arrive top to bottom, so once every window starting at row y has
-    been added, no later window touches a row above the next window row's start: those rows are final.
-    The stitcher therefore keeps only the band of rows the current window row covers,
-    `scores` C x window_h x padded W (the weighted sum) and `weight_sum` window_h x padded W, both
-    float32 (the gaussian map's clamp makes the weight sum non-separable, so it is a 2-D band too).
-    When a window row is complete, the rows above the next window row are divided by their weight
-    sum, turned into labels (and probabilities) and emitted as a `Band`; the band shifts up and the
-    rows it frees are zeroed for the next window row. Peak memory is about (C + 1) x window height x
-    image width x 4 bytes (rows are divided in place when emitted), plus the labels (and probabilities)
-    of the emitted rows: it grows with the image's width, never with its height.
+    When rows are final: windows arrive top to bottom, so once every window starting at row y has
+    been added, no later window touches a row above the next window row's start. Those rows are
+    divided by their weight sum, turned into labels (and probabilities) and emitted as a `Band`.
+
+    What it holds, one of two ways, chosen at the first window:
+    - held windows (scores smaller than the window, as models give them, wherever `BilinearRows`
+      reproduces F.interpolate for them): the scores of every window whose rows are not all emitted
+      yet, as the model gave them, about (window rows that overlap) x (windows per row) x C x h' x w'
+      float32 (16 MB for 40 classes at output stride 8, windows of 512 on a 4096-wide image, where
+      a band would take 335 MB). Final rows are blended a block at a time (BLOCK_BYTES): the rows of
+      each window that covers them resized and added, in plan order, into a C x block x padded W
+      sum, so that every pixel gets the same additions in the same order as in a band, and the same
+      float32 result. Weights are added the same way into a block x padded W weight sum.
+    - a band (scores at window resolution, or a layout no formula reproduces): `scores` C x window_h
+      x padded W (the weighted sum) and `weight_sum` window_h x padded W, both float32 (the gaussian
+      map's clamp makes the weight sum non-separable, so it is a 2-D band too). Each window is added
+      as it comes; final rows are divided in place and emitted, then the band shifts up and the rows
+      it frees are zeroed. Peak about (C + 1) x window height x image width x 4 bytes.
+    Either way memory grows with the image's width, never with its height.
     """
 
     def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | None = False, keep_scores: bool = False):
@@ -332,9 +549,11 @@ class StreamingStitcher:
         self._uniform = blend == "mean"  # weights of 1: skip the multiplication
         self._windows = plan.windows
         self._next = 0  # index of the next window to add
-        self._band_top = 0  # padded row held in band row 0; every row above it has been emitted
-        self._scores: torch.Tensor | None = None  # allocated at the first window, when C is known
-        self._weight_sum = torch.zeros(plan.window[0], plan.padded_width)
+        self._band_top = 0  # padded row of the first row not emitted yet (band mode: held in band row 0)
+        self._classes: int | None = None  # known at the first window
+        self._held: list[_HeldWindow] | None = None  # held windows, or None: the band
+        self._scores: torch.Tensor | None = None  # the band, allocated at the first window
+        self._weight_sum: torch.Tensor | None = None
 
     @property
     def finished(self) -> bool:
@@ -344,17 +563,34 @@ class StreamingStitcher:
         """Add the next window's scores; returns the bands (0 or 1) that this window finished."""
         if self.finished:
             raise RuntimeError("all windows of this image have been added already")
-        wh, ww = self.plan.window
-        if tuple(scores.shape[1:]) != (wh, ww):
-            raise ValueError(f"window scores must be C x {wh} x {ww} (window resolution), got {tuple(scores.shape)}")
-        if self._scores is None:
-            self._scores = torch.zeros(scores.shape[0], wh, self.plan.padded_width)
-        elif scores.shape[0] != self._scores.shape[0]:
-            raise ValueError(f"windows disagree on the number of classes: {scores.shape[0]} != {self._scores.shape[0]}")
+        if scores.ndim != 3:
+            raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
+        scores = scores.to("cpu", torch.float32)
+        window = self.plan.window
+        at_window = tuple(scores.shape[1:]) == window
+        if self._classes is None:
+            self._classes = scores.shape[0]
+            if not at_window and bilinear_formula(scores, window) is not None:
+                self._held = []
+            else:
+                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width)
+                self._weight_sum = torch.zeros(window[0], self.plan.padded_width)
+        elif scores.shape[0] != self._classes:
+            raise ValueError(f"windows disagree on the number of classes: {scores.shape[0]} != {self._classes}")
         y0, x0 = self._windows[self._next]
-        row = y0 - self._band_top
-        self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
-        self._weight_sum[row : row + wh, x0 : x0 + ww] += self.weights
+        if self._held is not None:
+            # a contiguous copy: rows gather fast from it (the formula is the original layout's), the
+            # batch's scores are freed with its last window, and no buffer of score_fn's is kept
+            resize = None if at_window else bilinear_rows(scores, window)
+            held = scores.clone(memory_format=torch.contiguous_format) if at_window or resize is not None else resize_scores(scores, window)
+            self._held.append(_HeldWindow(y0, x0, held, resize))
+        else:
+            assert self._scores is not None and self._weight_sum is not None
+            scores = resize_scores(scores, window)
+            row = y0 - self._band_top
+            wh, ww = window
+            self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
+            self._weight_sum[row : row + wh, x0 : x0 + ww] += self.weights
         self._next += 1
         # rows above the next window's top can no longer change
         final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
@@ -364,34 +600,94 @@ class StreamingStitcher:
         return [] if band is None else [band]
 
     def _emit(self, until: int) -> Band | None:
-        """Emit padded rows [band_top, until), then shift the band up to start at `until`."""
-        plan, scores, weight_sum = self.plan, self._scores, self._weight_sum
-        assert scores is not None
-        done = until - self._band_top
+        """Emit padded rows [band_top, until) and let go of what only they needed."""
+        plan = self.plan
         # the part of these rows that is image, not padding
         top = max(self._band_top, plan.pad_top)
         bottom = min(until, plan.pad_top + plan.height)
         band = None
         if bottom > top:
-            rows = slice(top - self._band_top, bottom - self._band_top)
-            cols = slice(plan.pad_left, plan.pad_left + plan.width)
-            # divide in place: these rows leave the band anyway, and a copy would be one more band's worth
-            blended = scores[:, rows, cols].div_(weight_sum[rows, cols])
-            labels, probability = labels_and_probability(blended, self.binary)
-            band = Band(top - plan.pad_top, labels, probability, blended.clone() if self.keep_scores else None)
-        if not self.finished:
-            # shift the rows still in use to the top, chunk by chunk so that source and target never overlap
-            keep = scores.shape[1] - done
-            for start in range(0, keep, done):
-                n = min(done, keep - start)
-                scores[:, start : start + n] = scores[:, start + done : start + done + n]
-                weight_sum[start : start + n] = weight_sum[start + done : start + done + n]
-            scores[:, keep:] = 0
-            weight_sum[keep:] = 0
+            band = self._blend_band(top, bottom) if self._held is None else self._blend_held(top, bottom)
+        if self._held is not None:
+            self._held = [held for held in self._held if held.y0 + plan.window[0] > until]
+        elif not self.finished:
+            self._shift_band(until - self._band_top)
         else:
-            self._scores = None  # free the band
+            self._scores = self._weight_sum = None  # free the band
         self._band_top = until
         return band
+
+    def _blend_band(self, top: int, bottom: int) -> Band:
+        plan, scores, weight_sum = self.plan, self._scores, self._weight_sum
+        assert scores is not None and weight_sum is not None
+        rows = slice(top - self._band_top, bottom - self._band_top)
+        cols = slice(plan.pad_left, plan.pad_left + plan.width)
+        # divide in place: these rows leave the band anyway, and a copy would be one more band's worth
+        blended = scores[:, rows, cols].div_(weight_sum[rows, cols])
+        labels, probability = labels_and_probability(blended, self.binary)
+        return Band(top - plan.pad_top, labels, probability, blended.clone() if self.keep_scores else None)
+
+    def _shift_band(self, done: int) -> None:
+        """Move the band's rows still in use to the top, chunk by chunk so that source and target
+        never overlap, and zero the rows it frees."""
+        scores, weight_sum = self._scores, self._weight_sum
+        assert scores is not None and weight_sum is not None
+        keep = scores.shape[1] - done
+        for start in range(0, keep, done):
+            n = min(done, keep - start)
+            scores[:, start : start + n] = scores[:, start + done : start + done + n]
+            weight_sum[start : start + n] = weight_sum[start + done : start + done + n]
+        scores[:, keep:] = 0
+        weight_sum[keep:] = 0
+
+    def _blend_held(self, top: int, bottom: int) -> Band:
+        """Padded rows [top, bottom) from the held windows, a block of rows at a time, on one thread:
+        its operations are many and small (a run of rows of a window: some 100k floats), and with
+        several threads each is an OpenMP region that waits for every thread's core (on 2 cores
+        busy with other work, segment_images of a 4096 x 4096 image with 40 classes took 547 s on
+        2 threads, 7.7 s on one)."""
+        with _one_thread():
+            return self._blend_held_rows(top, bottom)
+
+    def _blend_held_rows(self, top: int, bottom: int) -> Band:
+        plan, held_windows, num_classes = self.plan, self._held, self._classes
+        assert held_windows is not None and num_classes is not None
+        (wh, ww), cols = plan.window, slice(plan.pad_left, plan.pad_left + plan.width)
+        block = max(1, min(wh, BLOCK_BYTES // (4 * num_classes * plan.padded_width)))
+        total = torch.empty(num_classes, block, plan.padded_width)
+        weight_total = torch.empty(block, plan.padded_width)
+        part = torch.empty(num_classes, block, ww)  # one window's rows of the block
+        labels, probability, kept = [], [], []
+        for start in range(top, bottom, block):
+            end = min(start + block, bottom)
+            scores, weight_sum = total[:, : end - start].zero_(), weight_total[: end - start].zero_()
+            for held in held_windows:  # in plan order: the additions of a band, in its order
+                a, b = max(start, held.y0) - held.y0, min(end, held.y0 + wh) - held.y0  # window rows
+                if a >= b:
+                    continue
+                if held.resize is not None:
+                    window_rows = held.resize.rows(held.scores, a, b, part[:, : b - a])
+                    if not self._uniform:
+                        window_rows.mul_(self.weights[a:b])
+                elif self._uniform:
+                    window_rows = held.scores[:, a:b]
+                else:
+                    window_rows = torch.mul(held.scores[:, a:b], self.weights[a:b], out=part[:, : b - a])
+                rows = slice(held.y0 + a - start, held.y0 + b - start)
+                scores[:, rows, held.x0 : held.x0 + ww] += window_rows
+                weight_sum[rows, held.x0 : held.x0 + ww] += self.weights[a:b]
+            blended = scores[:, :, cols].div_(weight_sum[:, cols])
+            block_labels, block_probability = labels_and_probability(blended, self.binary)
+            labels.append(block_labels)
+            probability.append(block_probability)
+            if self.keep_scores:
+                kept.append(blended.clone())
+        return Band(
+            top - plan.pad_top,
+            np.concatenate(labels),
+            None if probability[0] is None else np.concatenate(probability),
+            torch.cat(kept, dim=1) if self.keep_scores else None,
+        )
 
 
 # --------------------------------------------------------------------------- test-time augmentation
@@ -452,8 +748,12 @@ def with_tta(score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1
 
 def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
     """h x w x 3 uint8 arrays -> N x 3 x h x w float32 on the 0-255 scale."""
-    batch = torch.from_numpy(np.stack(windows))
-    return batch.permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    # each window converted and transposed straight into the batch: no stacked or channels-last copy
+    pixels = torch.empty(len(windows), 3, *windows[0].shape[:2])
+    for target, window in zip(pixels, windows):
+        window = window if min(window.strides) >= 0 else window.copy()  # torch takes no negative strides
+        target.copy_(torch.from_numpy(window).permute(2, 0, 1))
+    return pixels
 
 
 def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> np.ndarray:
@@ -468,14 +768,6 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     oy, ox = top + plan.pad_top - y0, left + plan.pad_left - x0
     window[oy : oy + region.shape[0], ox : ox + region.shape[1]] = region
     return window
-
-
-def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """C x h' x w' -> C x size, bilinear with align_corners=False, only where the size differs."""
-    scores = scores.to("cpu", torch.float32)
-    if tuple(scores.shape[-2:]) == tuple(size):
-        return scores
-    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 @dataclass
@@ -498,7 +790,7 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
         if scores.ndim != 4 or scores.shape[0] != len(batch):
             raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
         for (index, job, _, _), window_scores in zip(batch, scores):
-            for band in job.stitcher.add(resize_scores(window_scores, job.plan.window)):
+            for band in job.stitcher.add(window_scores):  # resized to the window by the stitcher
                 yield index, band
 
 

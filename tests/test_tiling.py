@@ -1,5 +1,6 @@
 """pipeline.tiling: the window planner, the streaming stitcher against the full-image reference,
-segment_images / segment_streaming with small deterministic conv nets, and test-time augmentation
+exact bilinear resizing (BilinearRows: F.interpolate's numbers bit for bit) and the stitcher's held
+windows, segment_images / segment_streaming with small deterministic conv nets, and test-time augmentation
 (TTAScoreFn: flips and scales averaged in score space, in whole and slide mode). The reference
 against MONAI's sliding window is tests/test_tiling_monai.py."""
 
@@ -14,17 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import pipeline.tiling as tiling
 from pipeline.tiling import (
+    BilinearFormula,
+    BilinearRows,
     Segmentation,
     StreamingStitcher,
     TilingSettings,
     TTAScoreFn,
+    bilinear_formula,
     importance_map,
     plan_windows,
     read_padded,
     segment_images,
     segment_streaming,
     stitch_windows,
+    to_pixels,
     window_starts,
     with_tta,
 )
@@ -199,6 +205,121 @@ def test_streaming_stitcher_emits_rows_early_and_holds_a_band():
             assert stitcher._scores is None or stitcher._scores.shape == (3, 16, 30)
     # a band after every completed row of windows: rows above the next row's start are final
     assert emitted_after == [per_row * (k + 1) for k in range(len(plan.ys))]
+
+
+# --------------------------------------------------------------------------- exact resizing, held windows
+
+
+def scores_in(layout: str, num_classes: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """Random C x h x w scores, contiguous or channels-last (as the SegFormer head gives them)."""
+    generator = torch.Generator().manual_seed(seed)
+    if layout == "channels_last":
+        return (torch.randn(height, width, num_classes, generator=generator) * 3).permute(2, 0, 1)
+    return torch.randn(num_classes, height, width, generator=generator) * 3
+
+
+def interpolate(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("layout,kind", [("contiguous", "separable"), ("channels_last", "four_point")])
+@pytest.mark.parametrize("channels", [19, 40, 3])  # whole vectors and a tail on AVX2 and AVX-512; 40: none; 3: only a tail
+@pytest.mark.parametrize("in_size,size", [((65, 65), (512, 512)), ((24, 20), (96, 80)), ((13, 31), (100, 77))])
+def test_bilinear_rows_give_f_interpolate_numbers_bit_for_bit(layout, kind, channels, in_size, size):
+    """ATen's generic kernel (contiguous scores) and its vectorised one (channels-last scores, more than 3 channels)."""
+    scores = scores_in(layout, channels, *in_size)
+    formula = bilinear_formula(scores, size)
+    if formula is None:  # another CPU's ATen kernel: the stitcher resizes with F.interpolate (tested below)
+        pytest.skip(f"no formula rounds as this CPU's F.interpolate does for {layout} scores of {channels} channels")
+    assert formula.kind == kind or channels == 3  # 3 channels: by the thread count, either kernel
+    expected = interpolate(scores, size)
+    rows = BilinearRows(in_size, size, formula)
+    assert torch.equal(rows.rows(scores, 0, size[0], torch.empty_like(expected)), expected)
+    # any rows alone, into any strides: each output row depends on its own taps only
+    for top, bottom in [(0, 1), (3, 17), (size[0] - 5, size[0]), (size[0] // 2, size[0] // 2 + 9)]:
+        out = torch.empty(channels, bottom - top, size[1] + 3)[:, :, 1:-2]
+        assert torch.equal(rows.rows(scores, top, bottom, out), expected[:, top:bottom])
+    # another formula rounds differently: bit-for-bit equality is not a given
+    other = BilinearFormula("four_point", channels) if formula.kind == "separable" else BilinearFormula("separable")
+    assert not torch.equal(BilinearRows(in_size, size, other).rows(scores, 0, size[0], torch.empty_like(expected)), expected)
+
+
+HELD_CASES = [
+    # height, width, window, stride, scores' size
+    (150, 230, (96, 80), (40, 50), (24, 20)),  # a stride under half the window: three window rows overlap
+    (50, 230, (96, 80), (96, 60), (24, 20)),  # shorter than the window: padded rows
+    (131, 97, (64, 72), (48, 40), (11, 13)),  # an odd output size, sizes that do not divide
+]
+
+
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("height,width,window,stride,low", HELD_CASES)
+def test_held_windows_blend_the_same_float32_scores_as_the_full_image_stitch(blend, layout, height, width, window, stride, low):
+    plan = plan_windows(height, width, window, stride)
+    window_scores = [scores_in(layout, 5, *low, seed=k) for k in range(len(plan))]
+    reference = stitch_windows(plan, [interpolate(scores, window) for scores in window_scores], blend)
+    stitcher = StreamingStitcher(plan, blend, keep_scores=True)
+    out = torch.full(reference.shape, float("nan"))
+    most_held = 0
+    for scores in window_scores:
+        for band in stitcher.add(scores):
+            out[:, band.y0 : band.y0 + band.labels.shape[0]] = band.scores
+            np.testing.assert_array_equal(band.labels, reference[:, band.y0 : band.y0 + band.labels.shape[0]].argmax(0).numpy())
+        assert stitcher._held is not None and stitcher._scores is None  # windows held at their size, no band
+        most_held = max(most_held, len(stitcher._held))
+    assert stitcher.finished and not stitcher._held
+    assert torch.equal(out, reference)  # the same additions in the same order: the same numbers
+    # what it holds: the windows of the window rows that overlap the rows not emitted yet
+    assert most_held <= (math.ceil(window[0] / stride[0]) + 1) * len(plan.xs)
+
+
+def test_held_windows_do_not_grow_with_the_image_height():
+    most = []
+    for height in (200, 800):
+        plan = plan_windows(height, 120, (64, 64), (48, 48))
+        stitcher = StreamingStitcher(plan, "gaussian")
+        held = 0
+        for k in range(len(plan)):
+            stitcher.add(scores_in("channels_last", 3, 16, 16, seed=k))
+            held = max(held, len(stitcher._held))
+        most.append(held)
+    assert most[0] == most[1] <= 2 * 3  # at most two rows of three windows
+
+
+def test_without_an_exact_formula_the_stitcher_resizes_with_f_interpolate_into_a_band(monkeypatch):
+    monkeypatch.setattr(tiling, "bilinear_formula", lambda scores, size: None)
+    plan = plan_windows(150, 230, (96, 80), (40, 50))
+    window_scores = [scores_in("channels_last", 4, 24, 20, seed=k) for k in range(len(plan))]
+    reference = stitch_windows(plan, [interpolate(scores, (96, 80)) for scores in window_scores], "gaussian")
+    stitcher = StreamingStitcher(plan, "gaussian", keep_scores=True)
+    bands = [band for scores in window_scores for band in stitcher.add(scores)]
+    assert stitcher._held is None  # the band
+    torch.testing.assert_close(torch.cat([band.scores for band in bands], dim=1), reference, atol=1e-5, rtol=0)
+
+
+def channels_last_score_fn(num_classes: int = 6, seed: int = 0):
+    """A conv net at output stride 4 whose scores come channels-last, as the SegFormer head's do."""
+    score_fn = conv_score_fn(num_classes, seed)
+    return lambda windows: score_fn(windows).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_segment_images_with_channels_last_scores_matches_plain_reference(blend):
+    score_fn = channels_last_score_fn()
+    images = [random_image(150, 260, 20), random_image(90, 70, 21)]
+    settings = TilingSettings(window=(96, 128), stride=(64, 80), blend=blend, batch_size=3)
+    for image, result in zip(images, segment_images(score_fn, images, settings)):
+        expected = reference_slide_labels(score_fn, image, settings).argmax(0).numpy()
+        np.testing.assert_array_equal(result.labels, expected)
+        assert len(np.unique(result.labels)) > 1
+
+
+def test_to_pixels_takes_cropped_and_flipped_windows():
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    windows = [image[2:12, 5:25], image[::-1][:10, :20], image[:10, ::-1][:, :20]]
+    expected = torch.from_numpy(np.stack([np.ascontiguousarray(w) for w in windows])).permute(0, 3, 1, 2).float()
+    assert torch.equal(to_pixels(windows), expected)
 
 
 # --------------------------------------------------------------------------- segment_images
