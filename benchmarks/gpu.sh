@@ -39,7 +39,7 @@ else
     title="segpipe models on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'a CUDA GPU')"
 fi
 
-"$python" benchmarks/models.py "${args[@]}" --models "${models[@]}" --dtypes fp32 bf16 fp16 --flops --markdown "$out" --title "$title"
+"$python" benchmarks/model_speed.py "${args[@]}" --models "${models[@]}" --dtypes fp32 bf16 fp16 --flops --markdown "$out" --title "$title"
 
 # the pipeline against the bare loop on the GPU: one more row of the same table
 echo "| pipeline | segformer-b0 | CamVid | 4 | segpipe run against the bare loop | not run: benchmarks/pipeline_throughput.py has no --device flag (left for the lead) | not run | not run |" >>"$out"

@@ -1,8 +1,8 @@
 """Forward time of segpipe's models next to a baseline, in one table.
 
-    python benchmarks/models.py                                   # the default table: CPU, 1 thread
-    python benchmarks/models.py --models segformer-b0 --sizes 512 --batches 1 8 --compile
-    python benchmarks/models.py --device cuda --dtypes fp32 bf16 fp16 --compile --flops --markdown out.md
+    python benchmarks/model_speed.py                                   # the default table: CPU, 1 thread
+    python benchmarks/model_speed.py --models segformer-b0 --sizes 512 --batches 1 8 --compile
+    python benchmarks/model_speed.py --device cuda --dtypes fp32 bf16 fp16 --compile --flops --markdown out.md
 
 The baseline is transformers' model where transformers has the family (SegFormer, MaskFormer,
 Mask2Former): a randomly initialised transformers model is written with `save_pretrained` and
