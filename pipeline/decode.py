@@ -141,20 +141,22 @@ def decode_image(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: 
 
 
 def decode_label(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> np.ndarray:
-    """A single-channel label image -> H x W int64 class map (P: the palette index is the class),
-    upright by its EXIF orientation when `exif_transpose`, so that it fits the upright image."""
+    """A single-channel label image -> H x W class map in its own integer type (uint8 for L and P,
+    where the palette index is the class; uint16 or int32 for 16- and 32-bit labels: not widened, as
+    it travels to the predictor beside the image), upright by its EXIF orientation when `exif_transpose`."""
     img = _load_oriented(_open(data, max_pixels, "label"), data, "label", exif_transpose)
     if img.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I;16N", "I", "1"):
         raise DecodeError(f"label must be a single-channel image (L, P or 16-bit), not mode {img.mode}")
-    return np.asarray(img).astype(np.int64)
+    label = np.asarray(img)
+    return label.astype(np.uint8) if label.dtype == bool else label
 
 
 def decode_panoptic_label(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> np.ndarray:
-    """A COCO panoptic label PNG -> H x W int64 segment ids (R + 256 G + 256^2 B)."""
+    """A COCO panoptic label PNG -> H x W int32 segment ids (R + 256 G + 256^2 B, under 2^24)."""
     img = _load_oriented(_open(data, max_pixels, "label"), data, "label", exif_transpose)
     if img.mode != "RGB":
         raise DecodeError(f"a panoptic label must be an RGB PNG (COCO panoptic), not mode {img.mode}")
-    return rgb_to_id(np.asarray(img))
+    return rgb_to_id(np.asarray(img)).astype(np.int32)
 
 
 def image_size(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: bool = True) -> tuple[int, int]:

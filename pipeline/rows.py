@@ -153,7 +153,7 @@ class DecodedImage(_StageRow):
     unit: int
     image_id: str
     image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))  # H x W x 3 uint8
-    label: np.ndarray | None = None  # H x W int64 class map
+    label: np.ndarray | None = None  # H x W class map, its integer type as decoded (pipeline.decode)
     height: int = 0
     width: int = 0
     stream: StreamSource | None = None

@@ -66,6 +66,7 @@ import bisect
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -752,7 +753,10 @@ def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
     pixels = torch.empty(len(windows), 3, *windows[0].shape[:2])
     for target, window in zip(pixels, windows):
         window = window if min(window.strides) >= 0 else window.copy()  # torch takes no negative strides
-        target.copy_(torch.from_numpy(window).permute(2, 0, 1))
+        with warnings.catch_warnings():  # Ray's arrays are read-only: only read here, never written
+            warnings.simplefilter("ignore", UserWarning)
+            source = torch.from_numpy(window)
+        target.copy_(source.permute(2, 0, 1))
     return pixels
 
 
