@@ -28,6 +28,7 @@ from pipeline.decode import decode_image
 from pipeline.masks import encode_chunks
 from pipeline.plan import run_job
 from pipeline.predictor import ModelScorer
+from pipeline.telemetry import StageClock
 from pipeline.tiling import TilingSettings, segment_images
 
 
@@ -58,12 +59,21 @@ def main() -> None:
 
     # plain loop
     torch.set_num_threads(os.cpu_count() or 1)
-    scorer = ModelScorer(model, torch.device("cpu"))
+    clock = StageClock()  # the plain loop's own stages, for the comparison with the pipeline's
+    scorer = clock.timed("forward", ModelScorer(model, torch.device("cpu")))
     t0 = time.perf_counter()
     for p in images:
-        seg = segment_images(scorer, [decode_image(p.read_bytes())], settings)[0]
+        started = time.perf_counter()
+        image = decode_image(p.read_bytes())
+        clock.add("decode", time.perf_counter() - started)
+        started, forward = time.perf_counter(), clock.seconds["forward"]
+        seg = segment_images(scorer, [image], settings)[0]
+        clock.add("stitch", time.perf_counter() - started - (clock.seconds["forward"] - forward))
+        started = time.perf_counter()
         encode_chunks(seg.labels, None, 4096, 11)
+        clock.add("encode", time.perf_counter() - started)
     plain = time.perf_counter() - t0
+    plain_stages = dict(clock.seconds)
 
     cfg = load_config(
         {
@@ -94,10 +104,10 @@ def main() -> None:
     stages, wall = attempt["stages"], attempt["seconds"]
     actor = stages["forward"] + stages["stitch"] + stages["encode"]
     print()
-    print(f"| stage (attempt wall {wall:.1f} s) | seconds | share of wall |")
-    print("|---|---:|---:|")
+    print(f"| stage | pipeline seconds (attempt wall {wall:.1f} s) | share of wall | plain loop seconds (wall {plain:.1f} s) |")
+    print("|---|---:|---:|---:|")
     for stage, seconds in stages.items():
-        print(f"| {stage} | {seconds:.1f} | {seconds / wall:.0%} |")
+        print(f"| {stage} | {seconds:.1f} | {seconds / wall:.0%} | {plain_stages.get(stage, 0.0):.1f} |")
     print(f"| actor idle (wall - forward - stitch - encode) | {wall - actor:.1f} | {(wall - actor) / wall:.0%} |")
 
 
