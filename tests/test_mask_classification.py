@@ -27,9 +27,14 @@ from models.mask_classification import (
 )
 
 
-def test_both_families_build_from_the_same_blocks():
-    for name in ("Attention", "ConvNorm", "Mlp", "MLPHead", "semantic_scores", "sine_position_embedding"):
+def test_the_query_families_build_from_the_same_blocks():
+    from models import detr
+
+    for name in ("ConvNorm", "MLPHead", "semantic_scores", "sine_position_embedding"):
         assert getattr(maskformer, name) is getattr(mask2former, name), name
+    for name in ("Attention", "Mlp", "MLPHead", "semantic_scores", "sine_position_embedding"):
+        assert getattr(detr, name) is getattr(mask2former, name), name
+    assert maskformer.DetrDecoderLayer is detr.DetrDecoderLayer  # one DETR decoder layer for both
 
 
 @pytest.mark.parametrize("reference", [MaskFormerSinePositionEmbedding, Mask2FormerSinePositionEmbedding])
