@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.objects import decode_rle
-from pipeline.panoptic_metrics import Segment, segments_from_coco
+from pipeline.panoptic_metrics import InstanceTruth, Segment, segments_from_coco
 from pipeline.storage import open_fs, read_bytes
 
 
@@ -78,14 +78,6 @@ class PanopticLabels:
 
 
 @dataclass
-class InstanceTruthRows:
-    category_id: int
-    mask: np.ndarray
-    iscrowd: bool
-    area: float | None
-
-
-@dataclass
 class InstanceLabels:
     """A COCO instances JSON: categories, and the annotations of each image key."""
 
@@ -106,14 +98,14 @@ class InstanceLabels:
             raise LabelsError(f"{field}: {uri}: not a COCO instances file ({type(exc).__name__}: {exc})") from None
         return cls(CocoCategories.from_json(data, field), images, annotations)
 
-    def truths(self, key: str) -> list[InstanceTruthRows] | None:
+    def truths(self, key: str) -> list[InstanceTruth] | None:
         """The ground truth of one image (masks at its size), None when the file does not list it."""
         image = self.images.get(key)
         if image is None:
             return None
         size = (int(image["height"]), int(image["width"]))
         return [
-            InstanceTruthRows(int(a["category_id"]), annotation_mask(a["segmentation"], size), bool(a.get("iscrowd", 0)), a.get("area"))
+            InstanceTruth(int(a["category_id"]), annotation_mask(a["segmentation"], size), bool(a.get("iscrowd", 0)), a.get("area"))
             for a in self.annotations.get(int(image["id"]), [])
         ]
 
@@ -135,7 +127,7 @@ def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:
     """COCO mask AP (pipeline.panoptic_metrics.MaskAP, COCOeval's definitions) of a run's instances
     table (pyarrow) against an instances JSON, over the images the run segmented (`segmented`: their
     ids, with or without instances) that the JSON lists; {} when there are none."""
-    from pipeline.panoptic_metrics import InstanceDetection, InstanceTruth, MaskAP
+    from pipeline.panoptic_metrics import InstanceDetection, MaskAP
 
     ap = MaskAP(labels.categories.ids)
     rows_by_key: dict[str, list[dict]] = {}
@@ -146,7 +138,7 @@ def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:
     for key, image in labels.images.items():
         if key not in done:
             continue
-        truths = [InstanceTruth(t.category_id, t.mask, t.iscrowd, t.area) for t in labels.truths(key) or []]
+        truths = labels.truths(key) or []
         detections = [
             InstanceDetection(
                 labels.categories.ids[r["class_id"]],

@@ -32,9 +32,20 @@ from pipeline.objects import (
     PanopticSegments,
     WindowInstanceMerger,
     instances_from_queries,
+    merge_objects,
     panoptic_from_queries,
+    tight_boxes,
 )
-from pipeline.tiling import ReadWindow, StreamingStitcher, TilingSettings, WindowPlan, plan_windows, read_padded, resize_scores, to_pixels
+from pipeline.tiling import (
+    ReadWindow,
+    StreamingStitcher,
+    TilingSettings,
+    plan_windows,
+    read_padded,
+    resize_scores,
+    to_pixels,
+    window_inside,
+)
 
 # N x 3 x h x w windows on the 0-255 scale -> (class logits N x Q x (C+1), mask logits N x Q x h' x w'), CPU float32
 QueryFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -77,15 +88,6 @@ def segments_of_view(
     )
 
 
-def _inside(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int, int, int]:
-    """The part of the window at padded (y0, x0) inside the image: its top-left in the image, its
-    top-left in the window, its height and width."""
-    top, left = max(y0 - plan.pad_top, 0), max(x0 - plan.pad_left, 0)
-    bottom = min(y0 + plan.window[0] - plan.pad_top, plan.height)
-    right = min(x0 + plan.window[1] - plan.pad_left, plan.width)
-    return top, left, top + plan.pad_top - y0, left + plan.pad_left - x0, bottom - top, right - left
-
-
 def find_objects(
     query_fn: QueryFn,
     read_window: ReadWindow,
@@ -107,7 +109,7 @@ def find_objects(
     while batch := list(islice(windows, tiling.batch_size)):
         class_logits, mask_logits = query_fn(to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in batch]))
         for (y0, x0), class_logit, mask_logit in zip(batch, class_logits, mask_logits):
-            top, left, oy, ox, h, w = _inside(plan, y0, x0)
+            top, left, oy, ox, h, w = window_inside(plan, y0, x0)
             view = window_objects(class_logit, mask_logit, plan.window, settings)
             if (oy, ox, h, w) != (0, 0, *plan.window):  # the window's padding is not the image's
                 view = Instances(view.class_id, view.score, view.masks[:, oy : oy + h, ox : ox + w])
@@ -141,7 +143,7 @@ def paint_segments(objects: list[ImageObject], size: tuple[int, int], stuff_clas
     things = []
     for obj in objects:
         (fused.setdefault(obj.class_id, []) if obj.class_id in stuff else things).append(obj)
-    candidates = things + [_fuse(group) for group in fused.values()]
+    candidates = things + [merge_objects(group) for group in fused.values()]
     candidates.sort(key=lambda o: -o.score)
     segment_map = np.zeros(size, np.int32)
     rows: list[tuple[int, int, float, bool, int, tuple[int, int, int, int]]] = []
@@ -153,9 +155,8 @@ def paint_segments(objects: list[ImageObject], size: tuple[int, int], stuff_clas
             continue
         segment_id = len(rows) + 1
         region[claim] = segment_id
-        ys, xs = claim.any(1), claim.any(0)
-        y0, x0 = int(ys.argmax()), int(xs.argmax())
-        box = (x + x0, y + y0, int(len(xs) - xs[::-1].argmax()) - x0, int(len(ys) - ys[::-1].argmax()) - y0)
+        bx, by, bw, bh = (int(v) for v in tight_boxes(claim.any(1)[None], claim.any(0)[None])[0])
+        box = (x + bx, y + by, bw, bh)
         rows.append((segment_id, obj.class_id, obj.score, obj.class_id not in stuff, int(claim.sum()), box))
     return PanopticSegments(
         segment_map=segment_map,
@@ -166,18 +167,3 @@ def paint_segments(objects: list[ImageObject], size: tuple[int, int], stuff_clas
         area=np.array([r[4] for r in rows], np.int64),
         bbox=np.array([r[5] for r in rows], np.int64).reshape(-1, 4),
     )
-
-
-def _fuse(group: list[ImageObject]) -> ImageObject:
-    """One object of a stuff class from all of its pieces: the union, the area-weighted score."""
-    if len(group) == 1:
-        return group[0]
-    x0, y0 = min(o.bbox[0] for o in group), min(o.bbox[1] for o in group)
-    x1, y1 = max(o.bbox[0] + o.bbox[2] for o in group), max(o.bbox[1] + o.bbox[3] for o in group)
-    mask = np.zeros((y1 - y0, x1 - x0), bool)
-    for o in group:
-        x, y, w, h = o.bbox
-        mask[y - y0 : y - y0 + h, x - x0 : x - x0 + w] |= o.mask
-    areas = np.array([o.area for o in group], np.float64)
-    score = float(np.dot(areas, [o.score for o in group]) / areas.sum())
-    return ImageObject(class_id=group[0].class_id, score=score, bbox=(x0, y0, x1 - x0, y1 - y0), mask=mask, area=int(mask.sum()))

@@ -70,7 +70,7 @@ Size = tuple[int, int]  # (height, width)
 # ---------------------------------------------------------------------------------------------
 
 
-def _tight_boxes(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def tight_boxes(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """K x H (does row y hold a pixel of object k) and K x W -> K x 4 int64 COCO boxes x, y, w, h;
     0, 0, 0, 0 for an object without pixels (as pycocotools' toBbox)."""
     boxes = np.zeros((rows.shape[0], 4), np.int64)
@@ -95,7 +95,7 @@ class Instances:
     area: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.bbox = _tight_boxes(self.masks.any(2), self.masks.any(1))
+        self.bbox = tight_boxes(self.masks.any(2), self.masks.any(1))
         self.area = self.masks.sum((1, 2), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -300,7 +300,7 @@ def panoptic_from_queries(
         score=np.array([score for _, _, score in segments], np.float32),
         is_thing=np.array([(c in things) if things is not None else (c not in fuse) for c in classes.tolist()], bool),
         area=np.bincount(segment_map.ravel(), minlength=count + 1)[1:].astype(np.int64),
-        bbox=_tight_boxes(rows[1:], cols[1:]),
+        bbox=tight_boxes(rows[1:], cols[1:]),
     )
 
 
@@ -537,15 +537,24 @@ class WindowInstanceMerger:
 
 
 def _merge(pieces: list[_Piece]) -> ImageObject:
-    """One object from its pieces: the union of their masks; the area-weighted mean of their scores."""
-    y0, x0 = min(p.box[0] for p in pieces), min(p.box[1] for p in pieces)
-    y1, x1 = max(p.box[2] for p in pieces), max(p.box[3] for p in pieces)
+    """One object from a window's pieces (`merge_objects`)."""
+    return merge_objects(
+        [ImageObject(p.class_id, p.score, (p.box[1], p.box[0], p.box[3] - p.box[1], p.box[2] - p.box[0]), p.mask, p.area) for p in pieces]
+    )
+
+
+def merge_objects(parts: list[ImageObject]) -> ImageObject:
+    """One object from parts of one class: the union of their masks; the area-weighted mean of their
+    scores (the merge across windows, and the panoptic painter's fusion of a stuff class)."""
+    x0, y0 = min(o.bbox[0] for o in parts), min(o.bbox[1] for o in parts)
+    x1, y1 = max(o.bbox[0] + o.bbox[2] for o in parts), max(o.bbox[1] + o.bbox[3] for o in parts)
     mask = np.zeros((y1 - y0, x1 - x0), bool)
-    for p in pieces:
-        mask[p.box[0] - y0 : p.box[2] - y0, p.box[1] - x0 : p.box[3] - x0] |= p.mask
-    weights = np.array([p.area for p in pieces], np.float64)
-    score = float(np.dot(weights, [p.score for p in pieces]) / weights.sum())
-    return ImageObject(class_id=pieces[0].class_id, score=score, bbox=(x0, y0, x1 - x0, y1 - y0), mask=mask, area=int(mask.sum()))
+    for o in parts:
+        x, y, w, h = o.bbox
+        mask[y - y0 : y - y0 + h, x - x0 : x - x0 + w] |= o.mask
+    weights = np.array([o.area for o in parts], np.float64)
+    score = float(np.dot(weights, [o.score for o in parts]) / weights.sum())
+    return ImageObject(class_id=parts[0].class_id, score=score, bbox=(x0, y0, x1 - x0, y1 - y0), mask=mask, area=int(mask.sum()))
 
 
 def merge_window_instances(windows: Iterable[tuple[Size, Instances]], iou_threshold: float = 0.5) -> list[ImageObject]:

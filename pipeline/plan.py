@@ -292,7 +292,7 @@ class PreparedJob:
     record: RunRecord  # run.json: earlier attempts, this attempt's number
     units: list[SourceUnit]  # the first batch's units left to do (all of them unless the listing goes on)
     listing: Listing  # the batches after the first, and the counts so far
-    done_set: IdSet  # ids that earlier attempts (or the job's runs) hold
+    object_labels: ObjectLabels  # the object tasks' label files, read once (pipeline.coco_labels)
     retried: int  # images that failed earlier and are tried again
     model_info: dict
     list_stats: StoreStats
@@ -306,7 +306,7 @@ class PreparedJob:
     def done(self) -> int:
         """Images segmented (or failed and not retried) by earlier attempts: image folders know it
         as they are listed; shards learn it as they are read."""
-        return self.listing.done_earlier if self.cfg.input.format == "images" else len(self.done_set)
+        return self.listing.done_earlier if self.cfg.input.format == "images" else len(self.listing.done)
 
     @property
     def to_do(self) -> int:
@@ -330,7 +330,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
-    check_object_labels(cfg, model.num_classes)
+    object_labels = read_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (
         ["background", "foreground"] if one_logit else [str(i) for i in range(model.num_classes)]
@@ -367,7 +367,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         record=record,
         units=units,
         listing=listing,
-        done_set=done,
+        object_labels=object_labels,
         retried=len(outcomes.failed) if retry_errors else 0,
         model_info=model_info,
         list_stats=list_stats,
@@ -375,19 +375,26 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     )
 
 
-def check_object_labels(cfg: JobConfig, num_classes: int) -> None:
-    """The object tasks' label files read and fitted to the model before anything runs: ConfigError."""
+@dataclass
+class ObjectLabels:
+    panoptic: PanopticLabels | None = None  # metrics.panoptic_labels
+    instances: InstanceLabels | None = None  # metrics.instance_labels
+
+
+def read_object_labels(cfg: JobConfig, num_classes: int) -> ObjectLabels:
+    """The object tasks' label files, read and fitted to the model before anything runs (ConfigError),
+    and kept for the run's summary."""
+    labels = ObjectLabels()
     try:
         if cfg.metrics.panoptic_labels:
-            PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options).categories.check_classes(
-                num_classes, "metrics.panoptic_labels"
-            )
+            labels.panoptic = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
+            labels.panoptic.categories.check_classes(num_classes, "metrics.panoptic_labels")
         if cfg.metrics.instance_labels:
-            InstanceLabels.load(cfg.metrics.instance_labels, cfg.input.storage_options).categories.check_classes(
-                num_classes, "metrics.instance_labels"
-            )
+            labels.instances = InstanceLabels.load(cfg.metrics.instance_labels, cfg.input.storage_options)
+            labels.instances.categories.check_classes(num_classes, "metrics.instance_labels")
     except LabelsError as exc:
         raise ConfigError(scrub(str(exc), cfg.input.storage_options)) from None
+    return labels
 
 
 def _local_log_path(run_id: str) -> str:
@@ -597,12 +604,11 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
-    if cfg.metrics.panoptic_labels:
-        categories = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options).categories
+    if job.object_labels.panoptic is not None:
+        categories = job.object_labels.panoptic.categories
         summary["panoptic"] = job.store.panoptic_summary(categories.names, categories.ids, categories.is_thing)
-    if cfg.metrics.instance_labels:
-        labels = InstanceLabels.load(cfg.metrics.instance_labels, cfg.input.storage_options)
-        summary["mask_ap"] = mask_ap_of(job.store.read_table(INSTANCES), outcomes.segmented.to_pylist(), labels)
+    if job.object_labels.instances is not None:
+        summary["mask_ap"] = mask_ap_of(job.store.read_table(INSTANCES), outcomes.segmented.to_pylist(), job.object_labels.instances)
     summary.update(job.record.throughput(outcome.processed, outcome.seconds))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":

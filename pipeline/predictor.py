@@ -35,7 +35,7 @@ from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, bat
 from pipeline.storage import local_copy, scrub
 from pipeline.telemetry import RunMetrics, StageClock
 from pipeline.tiff import StreamError, TiffWindows
-from pipeline.tiling import TilingSettings, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,13 @@ class Predictor:
         if self.objects is not None:  # objects: image by image, through pipeline.object_windows
             for i in in_memory:
                 out[i] = self._guard(out[i], "predict", self._predict_objects, images[i], out[i])
-            self._record_metrics(images, out, time.perf_counter() - started)
-            return to_columns([p.to_record() for p in out])
+        else:
+            self._segment_in_memory(images, out, in_memory)
+        self._record_metrics(images, out, time.perf_counter() - started)
+        return to_columns([p.to_record() for p in out])
+
+    def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
+        """The semantic task for the images at `in_memory` (held in memory), batched together, into `out`."""
         try:
             segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
         except Exception:
@@ -294,8 +299,6 @@ class Predictor:
             out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
             if self.cod and label is not None and not out[i].error:
                 out[i] = self._guard(out[i], "metrics", self._cod_stats, out[i], seg.probability, label)
-        self._record_metrics(images, out, time.perf_counter() - started)
-        return to_columns([p.to_record() for p in out])
 
     def _record_metrics(self, images: list[DecodedImage], out: list[Prediction], seconds: float) -> None:
         real = [(image, p) for image, p in zip(images, out) if not image.is_unit_end]
@@ -346,7 +349,7 @@ class Predictor:
             segments = find_segments(self.query_fn, pixels, self.settings, self.objects)
             ids = segments.segment_map
             row.chunks, _ = finish_image(
-                iter([(0, ids.astype(np.uint8 if ids.max(initial=0) < 256 else np.uint16), None)]),
+                iter([(0, ids.astype(label_dtype(int(ids.max(initial=0)) + 1)), None)]),
                 row.height,
                 row.width,
                 None,
@@ -383,11 +386,11 @@ class Predictor:
             if self.monitor is not None:
                 self.monitor.stream_rows.remote(image.image_id, done, total)  # fire and forget
 
+        if self.objects is not None and self.objects.task == "panoptic":
+            raise StreamError(f"a {image.width} x {image.height} image is read window by window: the panoptic task needs it whole")
         if not self.heap_limited:  # band-sized temporaries, band after band, for the actor's life
             self.heap_limited = limit_heap_growth()
         started = time.time()
-        if self.objects is not None and self.objects.task == "panoptic":
-            raise StreamError(f"a {image.width} x {image.height} image is read window by window: the panoptic task needs it whole")
         found: list[ImageObject] = []
         row.chunks, row.areas = segment_tiff(
             self.score_fn,

@@ -75,9 +75,6 @@ class IdSet:
     def minus(self, other: IdSet) -> IdSet:
         return IdSet(self.ids.filter(pc.invert(pc.is_in(self.ids, value_set=other.ids))))
 
-    def starting_with(self, prefix: str) -> list[str]:
-        return self.ids.filter(pc.starts_with(self.ids, prefix)).to_pylist()
-
     def to_pylist(self) -> list[str]:
         return self.ids.to_pylist()
 

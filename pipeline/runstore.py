@@ -49,6 +49,7 @@ from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retrie
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
 INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
+OBJECT_TABLES = {"instance": INSTANCES, "panoptic": SEGMENTS}  # inference.task -> its object table
 TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS)
 AREAS = ClassAreas.FIELDS
 CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
@@ -78,7 +79,8 @@ COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + 
 
 
 # the panoptic task's metrics rows: per category of the labels' JSON, panopticapi's counts
-PANOPTIC_FIELDS = [pa.field("pq_iou", pa.list_(pa.float64()))] + [pa.field(f"pq_{k}", pa.list_(pa.int64())) for k in ("tp", "fp", "fn")]
+PANOPTIC_COUNTS = ("pq_iou", "pq_tp", "pq_fp", "pq_fn")  # in the order of Prediction.panoptic's entries
+PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.field(n, pa.list_(pa.int64())) for n in PANOPTIC_COUNTS[1:]]
 
 
 def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
@@ -312,7 +314,7 @@ class RunStore:
 
     def object_summary(self, task: str, class_names: list[str]) -> dict:
         """summary.json's account of the instance or panoptic task: objects written, per class."""
-        kind = INSTANCES if task == "instance" else SEGMENTS
+        kind = OBJECT_TABLES[task]
         table = self.read_table(kind, ["image_id", "class_id"])
         counts = pc.value_counts(table.column("class_id")).to_pylist() if table is not None and table.num_rows else []
         per_class = {class_names[c["values"]] if 0 <= c["values"] < len(class_names) else str(c["values"]): c["counts"] for c in counts}
@@ -334,9 +336,9 @@ class RunStore:
         if not rows.num_rows:
             return {}
         quality = PanopticQuality(dict(zip(category_ids, is_thing)))
-        sums = {k: np.asarray(rows.column(k).to_pylist()).sum(axis=0) for k in ("pq_iou", "pq_tp", "pq_fp", "pq_fn")}
+        iou, tp, fp, fn = (np.asarray(rows.column(name).to_pylist()).sum(axis=0) for name in PANOPTIC_COUNTS)
         for k, counts in enumerate(quality.counts.values()):
-            counts += CategoryCounts(float(sums["pq_iou"][k]), int(sums["pq_tp"][k]), int(sums["pq_fp"][k]), int(sums["pq_fn"][k]))
+            counts += CategoryCounts(float(iou[k]), int(tp[k]), int(fp[k]), int(fn[k]))
         result = quality.summary()
         return {
             **result.to_record(),

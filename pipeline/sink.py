@@ -23,6 +23,8 @@ from pipeline.runstore import (
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
     OBJECT_SCHEMAS,
+    OBJECT_TABLES,
+    PANOPTIC_COUNTS,
     RunStore,
     masks_schema,
     metrics_schema,
@@ -67,7 +69,7 @@ def part_tables(
         for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES):
             metrics[name] = [s[name] if s else None for s in stats]
     if panoptic:  # panopticapi's counts per category, where the image had a panoptic label
-        for k, name in enumerate(("pq_iou", "pq_tp", "pq_fp", "pq_fn")):
+        for k, name in enumerate(PANOPTIC_COUNTS):
             metrics[name] = [[c[k] for c in r.panoptic] if r.panoptic is not None else None for r in labeled]
     failed = [r for r in rows if r.error]
     errors = {
@@ -96,7 +98,7 @@ class PartWriter:
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None) -> None:
         self.monitor, self.clock = monitor, StageClock()
         self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
-        self.objects = {"instance": "instances", "panoptic": "segments"}.get(cfg.inference.task)  # the object table
+        self.objects = OBJECT_TABLES.get(cfg.inference.task)  # the instances or segments table, if any
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"
         self.panoptic = cfg.metrics.panoptic_labels is not None

@@ -75,10 +75,15 @@ def list_labels(uri: str, extensions: list[str], storage_options: dict, stats: S
         raise FileNotFoundError(f"labels {uri} do not exist (input.labels.uri)")
     best: dict[str, tuple[int, str]] = {}
     for key in keys:
-        rank, stem = ranks[PurePosixPath(key).suffix.lower()], key_stem(key)
-        if stem not in best or rank < best[stem][0]:
-            best[stem] = (rank, key)
+        prefer_label(best, key, ranks)
     return {stem: full_uri(fs, root + "/" + key) for stem, (_, key) in best.items()}
+
+
+def prefer_label(best: dict[str, tuple[int, str]], key: str, ranks: dict[str, int]) -> None:
+    """Keep `key` as its stem's label unless one of an earlier extension (a lower rank) is there."""
+    rank, stem = ranks.get(PurePosixPath(key).suffix.lower(), len(ranks)), key_stem(key)
+    if stem not in best or rank < best[stem][0]:
+        best[stem] = (rank, key)
 
 
 def batched(items: Iterable, size: int) -> Iterator[tuple]:
@@ -110,9 +115,7 @@ def pair_labels(keys: Iterable[str], label_keys: Iterable[str], extensions: list
         stem = key_stem(key)
         bound = stem + "/"
         while next_label is not None and next_label < bound:
-            label_stem, rank = key_stem(next_label), ranks.get(PurePosixPath(next_label).suffix.lower(), len(ranks))
-            if label_stem not in ahead or rank < ahead[label_stem][0]:
-                ahead[label_stem] = (rank, next_label)
+            prefer_label(ahead, next_label, ranks)
             next_label = next(labels, None)
         found = ahead.get(stem)
         yield key, (found[1] if found else None)

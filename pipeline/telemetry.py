@@ -10,6 +10,8 @@ the `monitoring` extra). Names get Ray's `ray_` prefix there:
 
 from __future__ import annotations
 
+import time
+
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]
 
 
@@ -60,7 +62,6 @@ class StageClock:
 
     def timed(self, stage: str, fn):
         """fn, its calls' time counted under `stage` (the model's score_fn, say)."""
-        import time
 
         def call(*args, **kwargs):
             started = time.perf_counter()

@@ -760,16 +760,22 @@ def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
     return pixels
 
 
+def window_inside(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int, int, int]:
+    """The part of the window at padded (y0, x0) that lies inside the image: its top-left in the
+    image, its top-left in the window, its height and width."""
+    top, left = max(y0 - plan.pad_top, 0), max(x0 - plan.pad_left, 0)
+    bottom = min(y0 + plan.window[0] - plan.pad_top, plan.height)
+    right = min(x0 + plan.window[1] - plan.pad_left, plan.width)
+    return top, left, top + plan.pad_top - y0, left + plan.pad_left - x0, bottom - top, right - left
+
+
 def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> np.ndarray:
     """The window at padded coordinates (y0, x0): read what lies inside the image, zeros elsewhere."""
-    wh, ww = plan.window
-    top, left = max(y0 - plan.pad_top, 0), max(x0 - plan.pad_left, 0)
-    bottom, right = min(y0 + wh - plan.pad_top, plan.height), min(x0 + ww - plan.pad_left, plan.width)
-    region = read_window(top, left, bottom - top, right - left)
-    if region.shape[:2] == (wh, ww):
+    top, left, oy, ox, height, width = window_inside(plan, y0, x0)
+    region = read_window(top, left, height, width)
+    if region.shape[:2] == plan.window:
         return region
-    window = np.zeros((wh, ww, 3), dtype=np.uint8)
-    oy, ox = top + plan.pad_top - y0, left + plan.pad_left - x0
+    window = np.zeros((*plan.window, 3), dtype=np.uint8)
     window[oy : oy + region.shape[0], ox : ox + region.shape[1]] = region
     return window
 
