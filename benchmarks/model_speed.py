@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # --tiny: the tests' tiny configs (helpers)
 
 from models import build_model, load_model
 from models.base import compile_for_inference
@@ -59,9 +60,9 @@ def _swin(tiny: bool) -> dict:
     from transformers import SwinConfig
 
     if tiny:
-        return SwinConfig(
-            embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"]
-        )
+        from helpers import tiny_swin_config
+
+        return tiny_swin_config()
     return SwinConfig(
         embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, out_features=["stage1", "stage2", "stage3", "stage4"]
     )
@@ -82,32 +83,22 @@ def hf_segformer(size: str, tiny: bool):
 def hf_maskformer(tiny: bool):
     from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation
 
-    decoder = dict(model_type="detr")
-    extra = {}
     if tiny:
-        decoder.update(d_model=32, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64, num_queries=5, encoder_layers=1)
-        extra = dict(fpn_feature_size=32, mask_feature_size=32)
-    config = MaskFormerConfig(backbone_config=_swin(tiny), decoder_config=decoder, num_labels=150, **extra)
+        from helpers import tiny_maskformer_config
+
+        return MaskFormerForInstanceSegmentation(tiny_maskformer_config(num_labels=150))
+    config = MaskFormerConfig(backbone_config=_swin(tiny), decoder_config=dict(model_type="detr"), num_labels=150)
     return MaskFormerForInstanceSegmentation(config)
 
 
 def hf_mask2former(tiny: bool):
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
-    extra = {}
     if tiny:
-        extra = dict(
-            feature_size=32,
-            mask_feature_size=32,
-            hidden_dim=32,
-            encoder_feedforward_dim=64,
-            encoder_layers=2,
-            decoder_layers=5,
-            num_attention_heads=4,
-            dim_feedforward=64,
-            num_queries=6,
-        )
-    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=_swin(tiny), num_labels=150, **extra))
+        from helpers import tiny_mask2former_config
+
+        return Mask2FormerForUniversalSegmentation(tiny_mask2former_config(num_labels=150))
+    return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=_swin(tiny), num_labels=150))
 
 
 def hf_logits(model, pixels: torch.Tensor) -> torch.Tensor:
