@@ -9,8 +9,9 @@
 # batch 8 at 512x512, in fp32, bf16 and fp16 (autocast, as the pipeline runs them), eager and, in
 # bf16, through torch.compile (compile time in the cell); the achieved TFLOP/s of SegFormer-B2 and
 # Mask2Former (torch.utils.flop_counter) next to a timed 8192^3 matmul of each dtype; and the
-# pipeline against the bare loop, which is left for the lead: benchmarks/pipeline_throughput.py
-# has no device flag. The table is rewritten after every model, so a run cut short keeps its rows.
+# pipeline against the bare loop (benchmarks/pipeline_throughput.py on synthetic images, the GPU
+# actor against a plain loop on the GPU, wall and steady rates). The table is rewritten after every
+# model, so a run cut short keeps its rows.
 # Python: $PYTHON, else .venv/bin/python where there is one, else python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ out=benchmarks/gpu-results.md
 for arg in "$@"; do
     case "$arg" in
         --cpu) cpu=1 ;;
-        -h | --help) sed -n '2,16p' "$0" && exit 0 ;;
+        -h | --help) sed -n '2,15p' "$0" && exit 0 ;;
         *) out=$arg ;;
     esac
 done
@@ -33,14 +34,16 @@ if [ "$cpu" = 1 ]; then
     # plumbing, not inductor: its C++ builds take minutes on a small CPU)
     args=(--device cpu --threads 1 --tiny --batches 1 --warmup 1 --repeats 1 --compile --compile-backend aot_eager --compile-models segformer-b0)
     title="segpipe models: gpu.sh --cpu (tiny models on CPU: checks the table, measures nothing)"
+    pipeline=(--device cpu --synthetic 2 --precisions fp32 --no-fixed-cost)
 else
     args=(--device cuda --threads 0 --sizes 512 --batches 8 --warmup 2 --repeats 5 --compile --compile-dtypes bf16
         --compile-models segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base segmenter-mask-vit-base)
+    pipeline=(--device cuda --synthetic 300 --batch 8 --precisions fp32 bf16 fp16)
     title="segpipe models on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'a CUDA GPU')"
 fi
 
 "$python" benchmarks/model_speed.py "${args[@]}" --models "${models[@]}" --dtypes fp32 bf16 fp16 --flops --markdown "$out" --title "$title"
 
-# the pipeline against the bare loop on the GPU: one more row of the same table
-echo "| pipeline | segformer-b0 | CamVid | 4 | segpipe run against the bare loop | not run: benchmarks/pipeline_throughput.py has no --device flag (left for the lead) | not run | not run |" >>"$out"
+# the pipeline against the bare loop on the GPU: one more row of the same table (a local Ray of its own)
+RAY_ADDRESS=local "$python" benchmarks/pipeline_throughput.py "${pipeline[@]}" --markdown "$out"
 echo "wrote $out"

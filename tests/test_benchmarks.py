@@ -48,4 +48,6 @@ def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_pat
     assert {row[1] for row in flops} == {"segformer-b2", "mask2former-swin-tiny"}
     assert all("TFLOP/s" in row[5] for row in flops)
     assert any(row[1] == "n x n matmul" and "TFLOP/s" in row[5] for row in rows)
-    assert any(row[0] == "pipeline" and "no --device flag" in row[5] for row in rows)
+    pipeline = [row for row in rows if row[0] == "pipeline"]
+    assert len(pipeline) == 1 and "segpipe run / bare loop (cpu" in pipeline[0][4], pipeline
+    assert "plain " in pipeline[0][5] and "img/s wall = " in pipeline[0][5] and "steady " in pipeline[0][5], pipeline[0][5]
