@@ -86,19 +86,17 @@ def prepare_images(args: argparse.Namespace, work: Path) -> tuple[Path, Path, li
 
 def plain_loop(model: torch.nn.Module, images: list[Path], settings: TilingSettings, device: torch.device, precision: str):
     """Seconds of the plain loop over `images`, and its stage seconds."""
+    segment_images(ModelScorer(model, device, precision), [decode_image(images[0].read_bytes())], settings)  # warm-up (CUDA, kernels)
     clock = StageClock()  # the plain loop's own stages, for the comparison with the pipeline's
-    scorer = clock.timed("forward", ModelScorer(model, device, precision))
-    segment_images(scorer, [decode_image(images[0].read_bytes())], settings)  # warm-up (CUDA context, kernels)
-    clock = StageClock()
-    scorer = clock.timed("forward", ModelScorer(model, device, precision))
+    scorer = ModelScorer(model, device, precision, clock)
     started_loop = time.perf_counter()
     for p in images:
         started = time.perf_counter()
         image = decode_image(p.read_bytes())
         clock.add("decode", time.perf_counter() - started)
-        started, forward = time.perf_counter(), clock.seconds["forward"]
+        started, model_seconds = time.perf_counter(), clock.model_seconds()
         seg = segment_images(scorer, [image], settings)[0]
-        clock.add("stitch", time.perf_counter() - started - (clock.seconds["forward"] - forward))
+        clock.add("stitch", time.perf_counter() - started - (clock.model_seconds() - model_seconds))
         started = time.perf_counter()
         encode_chunks(seg.labels, None, 4096, NUM_CLASSES)
         clock.add("encode", time.perf_counter() - started)
@@ -202,7 +200,7 @@ def main() -> None:
     for m in results:
         # where the time went: run.json's stage seconds, summed over the tasks and actors of the attempt
         wall = m.attempt_seconds
-        actor = m.stages["forward"] + m.stages["stitch"] + m.stages["encode"]
+        actor = m.stages["transfer"] + m.stages["forward"] + m.stages["stitch"] + m.stages["encode"]
         print()
         print(
             f"| stage ({m.precision}) | pipeline seconds (attempt wall {wall:.1f} s) | share of wall | plain loop seconds (wall {m.plain_seconds:.1f} s) |"
@@ -210,7 +208,7 @@ def main() -> None:
         print("|---|---:|---:|---:|")
         for stage, seconds in m.stages.items():
             print(f"| {stage} | {seconds:.1f} | {seconds / wall:.0%} | {m.plain_stages.get(stage, 0.0):.1f} |")
-        print(f"| actor idle (wall - forward - stitch - encode) | {wall - actor:.1f} | {(wall - actor) / wall:.0%} |")
+        print(f"| actor idle (wall - transfer - forward - stitch - encode) | {wall - actor:.1f} | {(wall - actor) / wall:.0%} |")
     if args.markdown:
         write_markdown_row(args, results, n, what, fixed)
 

@@ -78,23 +78,42 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def scored_on_device(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], windows: torch.Tensor, device: torch.device, clock: StageClock | None
+) -> tuple[torch.Tensor, ...]:
+    """forward(windows on `device`), its outputs back on the CPU in float32. With a clock, the time
+    goes to two stages: transfer (the copies to and from the device) and forward (the model: on a
+    GPU its kernels are waited for before the copy back, so that the copy's time is the copy's)."""
+    started = time.perf_counter()
+    x = windows.to(device, non_blocking=True)
+    moved = time.perf_counter()
+    outputs = tuple(out.float() for out in forward(x))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    computed = time.perf_counter()
+    outputs = tuple(out.cpu() for out in outputs)
+    if clock is not None:
+        clock.add("transfer", (moved - started) + (time.perf_counter() - computed))
+        clock.add("forward", computed - moved)
+    return outputs
+
+
 @dataclass
 class ModelScorer:
-    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out."""
+    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out; `clock`: where the
+    transfer and forward seconds are counted (the actor's, the benchmark's)."""
 
     model: SegmentationModel
     device: torch.device
     precision: str = "fp32"
+    clock: StageClock | None = None
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
-        x = self.model.normalize(windows.to(self.device, non_blocking=True))
-        with torch.inference_mode():
-            if self.precision == "fp32":
-                scores = self.model(x)
-            else:
-                with torch.autocast(self.device.type, dtype=DTYPES[self.precision]):
-                    scores = self.model(x)
-        return scores.float().cpu()
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor]:
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+                return (self.model(self.model.normalize(x)),)
+
+        return scored_on_device(forward, windows, self.device, self.clock)[0]
 
 
 @dataclass
@@ -105,12 +124,15 @@ class QueryScorer:
     model: SegmentationModel
     device: torch.device
     precision: str = "fp32"
+    clock: StageClock | None = None
 
     def __call__(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.model.normalize(windows.to(self.device, non_blocking=True))
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
-            class_logits, mask_logits = self.model.forward_queries(x)
-        return class_logits.float().cpu(), mask_logits.float().cpu()
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
+                return self.model.forward_queries(self.model.normalize(x))
+
+        class_logits, mask_logits = scored_on_device(forward, windows, self.device, self.clock)
+        return class_logits, mask_logits
 
 
 def check_task(task: str, model: SegmentationModel) -> None:
@@ -231,11 +253,10 @@ class Predictor:
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
         self.clock = StageClock()  # seconds per stage, sent to the run monitor after each batch
-        scorer = with_tta(ModelScorer(model, self.device, inference.precision), inference.tta.flip, inference.tta.scales)
-        self.score_fn = self.clock.timed("forward", scorer)
+        self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision, self.clock), inference.tta.flip, inference.tta.scales)
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
-        self.query_fn = self.clock.timed("forward", QueryScorer(model, self.device, inference.precision)) if self.objects else None
+        self.query_fn = QueryScorer(model, self.device, inference.precision, self.clock) if self.objects else None
         self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
@@ -258,7 +279,7 @@ class Predictor:
             return self._predict_batch(batch, started)
         finally:
             # what is neither the model nor the encoding: windows in and out, blending, post-processing
-            inside = sum(self.clock.seconds[k] - before[k] for k in ("forward", "encode"))
+            inside = sum(self.clock.seconds[k] - before[k] for k in ("transfer", "forward", "encode"))
             self.clock.add("stitch", max(time.perf_counter() - started - inside, 0.0))
             self.clock.send(self.monitor)
 
@@ -309,7 +330,7 @@ class Predictor:
     def _finish(
         self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None
     ) -> Prediction:
-        started, forward = time.perf_counter(), self.clock.seconds["forward"]
+        started, model = time.perf_counter(), self.clock.model_seconds()
         chunks, areas = finish_image(
             bands,
             row.height,
@@ -323,7 +344,7 @@ class Predictor:
         )
         row.chunks, row.areas = chunks, areas
         # bands may come from a generator that runs the model (streamed images, the instance task)
-        self.clock.add("encode", time.perf_counter() - started - (self.clock.seconds["forward"] - forward))
+        self.clock.add("encode", time.perf_counter() - started - (self.clock.model_seconds() - model))
         return row
 
     def _cod_stats(self, row: Prediction, probability: np.ndarray, label: np.ndarray) -> Prediction:

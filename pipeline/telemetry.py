@@ -10,8 +10,6 @@ the `monitoring` extra). Names get Ray's `ray_` prefix there:
 
 from __future__ import annotations
 
-import time
-
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]
 
 
@@ -45,14 +43,15 @@ class RunMetrics:
             self._bytes.inc(count, tags=self.tags)
 
 
-STAGES = ("read", "decode", "forward", "stitch", "encode", "write")
+STAGES = ("read", "decode", "transfer", "forward", "stitch", "encode", "write")
 
 
 class StageClock:
     """Seconds spent in each stage of the path of an image, summed in one process (a read task, a
     predictor, the writer) and sent to the run monitor, which sums them for run.json's `stages`:
-    read (store), decode, forward (the model, transfers included), stitch (windows in and out, the
-    blend, the objects' post-processing), encode (PNG chunks, class areas), write (Parquet parts)."""
+    read (store), decode, transfer (windows to the model's device and scores back: nothing on a
+    CPU), forward (the model), stitch (windows in and out, the blend, the objects'
+    post-processing), encode (PNG chunks, class areas), write (Parquet parts)."""
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
@@ -60,17 +59,9 @@ class StageClock:
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] += seconds
 
-    def timed(self, stage: str, fn):
-        """fn, its calls' time counted under `stage` (the model's score_fn, say)."""
-
-        def call(*args, **kwargs):
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.seconds[stage] += time.perf_counter() - started
-
-        return call
+    def model_seconds(self) -> float:
+        """transfer + forward so far: what a generator that runs the model adds to the stage it is drained in."""
+        return self.seconds["transfer"] + self.seconds["forward"]
 
     def send(self, monitor) -> None:
         """Fire and forget to the run monitor (pipeline.plan's RunMonitor), then start again."""

@@ -17,6 +17,7 @@ from pipeline.config import load_config
 from pipeline.masks import decode_png
 from pipeline.metrics import ClassAreas, class_areas, summarize
 from pipeline.plan import plan_actors
+from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
 SIZES = [(40, 56), (64, 64), (97, 75), (33, 130), (70, 41)]
@@ -113,6 +114,7 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     assert info["model"]["num_classes"] == NUM_CLASSES and "torch" in info["versions"]
     stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
     assert all(stages[k] > 0 for k in ("read", "decode", "forward", "stitch", "encode", "write")), stages
+    assert set(stages) == set(STAGES) and stages["transfer"] < stages["forward"], stages  # no device to copy to on a CPU
 
     # resume: the same run_id again writes nothing new and counts every image once
     parts = sorted(p.name for p in (run / "masks").iterdir())

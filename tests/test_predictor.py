@@ -26,6 +26,7 @@ from pipeline.masks import assemble_mask, decode_png, quantize_probability, read
 from pipeline.metrics import class_areas
 from pipeline.predictor import AREA_ROWS, ModelScorer, finish_image, limit_heap_growth, segment_tiff
 from pipeline.rows import StreamSource
+from pipeline.telemetry import StageClock
 from pipeline.tiff import StreamError
 from pipeline.tiling import TilingSettings, TTAScoreFn, segment_images, with_tta
 
@@ -37,6 +38,17 @@ BINARY_LABEL = RNG.integers(0, 2, (301, 517)).astype(np.uint8)
 
 def cpu_scorer(checkpoint: Path) -> ModelScorer:
     return ModelScorer(load_model(str(checkpoint)).eval(), torch.device("cpu"))
+
+
+def test_model_scorer_counts_its_seconds_as_transfer_and_forward_and_returns_the_models_scores(checkpoint):
+    model = load_model(str(checkpoint)).eval()
+    clock = StageClock()
+    windows = torch.from_numpy(RGB[:64, :64]).permute(2, 0, 1)[None].float().repeat(2, 1, 1, 1)
+    scores = ModelScorer(model, torch.device("cpu"), clock=clock)(windows)
+    with torch.inference_mode():
+        assert torch.equal(scores, model(model.normalize(windows)))
+    assert clock.seconds["forward"] > 0 and 0 <= clock.seconds["transfer"] < clock.seconds["forward"], clock.seconds
+    assert clock.model_seconds() == clock.seconds["forward"] + clock.seconds["transfer"]
 
 
 # --------------------------------------------------------------------------- finish_image
