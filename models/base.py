@@ -294,7 +294,7 @@ def compile_for_inference(model: M, backend: str | Callable = "inductor", option
         try:
             return compiled_forward(*args, **kwargs)
         except Exception as exc:  # whatever compiling or the compiled code raised
-            log.warning("torch.compile of %s failed, running eagerly from now on: %s", name, _root_cause(exc))
+            log.warning("torch.compile of %s failed, running eagerly from now on: %s", name, root_cause(exc))
             if own_forward:
                 model.forward = eager_forward
             else:
@@ -305,7 +305,7 @@ def compile_for_inference(model: M, backend: str | Callable = "inductor", option
     return model
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """dynamo wraps what failed ("BackendCompilerFailed: backend=... raised:" on a line of its
     own): name the wrapper and the first line of the innermost cause."""
     root = exc

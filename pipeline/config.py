@@ -149,6 +149,10 @@ class InferenceConfig(_Strict):
     # torch.compile the model's forward in each actor (models.base.compile_for_inference): the first
     # batch of each window size compiles; where it cannot, one warning and the eager model
     compile: Bool = False
+    # what runs the semantic forward: torch, or the model exported to ONNX (at the first batch of each
+    # window size) and run by ONNX Runtime's CPU provider (models.onnx_backend; the `onnx` extra):
+    # faster on a CPU for most families (benchmarks/onnx_backend.py); fp32, CPU actors, no compile
+    backend: Literal["torch", "onnxruntime"] = "torch"
     tta: TTAConfig = Field(default_factory=TTAConfig)
 
     @field_validator("window", "stride")
@@ -164,6 +168,8 @@ class InferenceConfig(_Strict):
             raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
         if self.task != "semantic" and self.tta.views > 1:
             raise ValueError(f"tta: test-time augmentation averages class scores; the {self.task} task's objects take one view")
+        if self.backend == "onnxruntime" and (self.compile or self.precision != "fp32"):
+            raise ValueError("backend onnxruntime runs the exported fp32 graph: it takes neither compile nor precision bf16 / fp16")
         return self
 
 
@@ -223,6 +229,8 @@ class JobConfig(_Strict):
             raise ValueError("metrics.panoptic_labels needs inference.task panoptic and input.labels (the folder of its PNGs)")
         if self.metrics.instance_labels and task != "instance":
             raise ValueError("metrics.instance_labels needs inference.task instance")
+        if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
+            raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self
 
     def with_run_id(self, prefix: str = "run") -> JobConfig:

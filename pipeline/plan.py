@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
@@ -328,6 +329,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         first = listing.list_batch() or []
     except OSError as exc:  # FileNotFoundError names the field; a store that refuses is scrubbed
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
+    if cfg.inference.backend == "onnxruntime" and not onnxruntime_available():
+        raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
     object_labels = read_object_labels(cfg, model.num_classes)

@@ -23,6 +23,7 @@ import torch
 
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel, compile_for_inference
+from models.onnx_backend import run_with_onnxruntime
 from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
@@ -241,6 +242,8 @@ class Predictor:
         model = load_job_model(cfg.model).to(self.device)
         if inference.compile:  # the semantic forward; the object tasks' forward_queries stay eager
             model = compile_for_inference(model)
+        if inference.backend == "onnxruntime":  # the semantic forward too (exported at its first batch)
+            model = run_with_onnxruntime(model)
         binary = cfg.metrics.task == "binary" or model.num_classes == 2
         # a one-logit head of a binary task writes masks of two classes: background and foreground
         self.num_classes = 2 if binary and model.num_classes == 1 else model.num_classes

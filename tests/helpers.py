@@ -25,6 +25,49 @@ TINY_SEGFORMER = dict(
     strides=[8, 2, 2, 2],
     patch_sizes=[8, 3, 3, 3],
 )
+# every family small (reduced widths, one or two layers): a registered name -> (the name to build, its overrides)
+_TINY_SWIN = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=7)
+_TINY_QUERIES = dict(mask_dim=32, hidden_dim=32, num_queries=10, num_heads=2, ffn_dim=32)  # 32: GroupNorm(32)
+TINY_MODELS: dict[str, tuple[str, dict]] = {
+    "segformer-b0": ("segformer-b0", TINY_SEGFORMER),
+    "segformer-b2": ("segformer-b2", TINY_SEGFORMER),
+    "maskformer-swin-tiny": ("maskformer-swin-tiny", dict(swin=_TINY_SWIN, fpn_dim=32, num_layers=1, **_TINY_QUERIES)),
+    "mask2former-swin-tiny": (
+        "mask2former-swin-tiny",
+        dict(swin=_TINY_SWIN, feature_dim=32, encoder_layers=1, encoder_ffn_dim=32, num_layers=3, **_TINY_QUERIES),
+    ),
+    **{
+        f"setr-{d}-vit-base": (f"setr-{d}-vit-tiny", dict(depth=4, channels=32, mla_neck_channels=32, mla_head_channels=16))
+        for d in ("naive", "pup", "mla")
+    },
+    **{f"segmenter-{d}-vit-base": (f"segmenter-{d}-vit-tiny", dict(depth=2)) for d in ("linear", "mask")},
+    "detr-resnet50-panoptic": (
+        "detr-resnet50-panoptic",
+        dict(
+            stem_width=16,
+            widths=[32, 64, 128, 256],
+            depths=[1, 1, 1, 1],
+            hidden_dim=32,  # + decoder_heads: a multiple of 8 (the mask head's GroupNorm)
+            num_queries=10,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_heads=8,
+            decoder_heads=8,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+        ),
+    ),
+}
+
+
+def tiny_model(name: str, num_classes: int = 150, seed: int = 0):
+    """The registered model `name` made small (TINY_MODELS), random weights from `seed`, in eval mode."""
+    tiny_name, overrides = TINY_MODELS[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(tiny_name, num_classes=num_classes, **overrides).eval()
+
+
 # the classes of the job tests' checkpoint (the `checkpoint` fixture of tests/conftest.py)
 CLASS_NAMES = ["zero", "one", "two"]
 

@@ -33,6 +33,10 @@ def test_set_overrides_are_read_as_yaml_and_run_id_defaults_to_a_timestamped_one
         (["resources.actorz=2"], "resources.actorz"),
         (["max_error_fraction=2"], "max_error_fraction"),
         (["run_id=a/b"], "run_id"),
+        (["inference.backend=tensorrt"], "inference.backend"),
+        (["inference.backend=onnxruntime", "inference.compile=true"], "backend onnxruntime"),
+        (["inference.backend=onnxruntime", "inference.precision=bf16"], "backend onnxruntime"),
+        (["inference.backend=onnxruntime", "resources.gpus_per_actor=1"], "CPU actors"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

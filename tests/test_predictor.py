@@ -445,3 +445,23 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
         else:
             assert sorted(o["segment_id"] for o in row.objects) == np.unique(mask[mask > 0]).tolist()
             assert all(int((mask == o["segment_id"]).sum()) == o["area"] for o in row.objects)
+
+
+def test_the_onnxruntime_backend_gives_the_torch_backends_masks_through_the_actor(tmp_path, checkpoint, caplog):
+    from pipeline.config import load_config
+    from pipeline.predictor import Predictor
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    images = [
+        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(RGB[i * 50 : i * 50 + 70, :90]), height=70, width=90)
+        for i in range(3)
+    ]
+    batch = to_columns([image.to_record() for image in images])
+    masks = {}
+    for backend in ("torch", "onnxruntime"):
+        cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"backend": backend, "batch_size": 5}))
+        with caplog.at_level("WARNING", logger="models.onnx_backend"):
+            out = Predictor(cfg)(batch)
+        masks[backend] = [decode_png(Prediction.from_batch(out, i).chunks[0].mask) for i in range(len(images))]
+    assert all(np.array_equal(a, b) for a, b in zip(masks["torch"], masks["onnxruntime"]))
+    assert not [r for r in caplog.records if r.name == "models.onnx_backend"]  # ONNX Runtime ran: no fallback
