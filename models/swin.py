@@ -158,8 +158,10 @@ class WindowAttention(nn.Module):
         bias = self.position_bias().to(q.dtype)  # heads x L x L
         if shift_mask is None:
             # a 4-D mask: torch's CPU flash kernel takes it (2.4x faster than the math path that a
-            # 3-D one sends the call to, with its all-masked-rows checks)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[None])
+            # 3-D one sends the call to, with its all-masked-rows checks); traced (torch.compile,
+            # ONNX export) the 3-D one: the flash kernel's decomposition fails torch.onnx's export
+            mask = bias if torch.compiler.is_compiling() else bias[None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             # fold windows into the head axis so that one nW x heads mask broadcasts over the batch
             num_windows = shift_mask.shape[0]
