@@ -4,7 +4,7 @@
     python benchmarks/pipeline_throughput.py --device cuda --precisions fp32 bf16 --synthetic 400 --markdown out.md
 
 Both segment the same images with the same SegFormer (random weights: the speed does not depend on
-the weights) and the same sliding window. The plain loop reads, decodes, runs `segment_images` and
+the weights), the same sliding window and the same backend (`--backend`: inference.backend). The plain loop reads, decodes, runs `segment_images` and
 PNG-encodes in one process, with all of this machine's threads (or on the GPU); the pipeline is a
 local Ray job (read/decode tasks, one model actor: on the GPU with --device cuda, a writer actor)
 that also writes Parquet and computes metrics. Images: CamVid's (`--data`, `--split`), or with
@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # --synthetic: the tests' synthetic scene
 
 from models import build_model, save_native
+from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import load_config
 from pipeline.decode import decode_image
 from pipeline.masks import encode_chunks
@@ -115,6 +116,7 @@ def job_config(args: argparse.Namespace, images_dir: Path, labels_dir: Path, che
                 "stride": [args.stride] * 2,
                 "batch_size": args.batch,
                 "precision": precision,
+                "backend": args.backend,
             },
             "resources": {"actors": 1, "gpus_per_actor": 1 if args.device == "cuda" else 0},
             "output": {"uri": str(out)},
@@ -149,6 +151,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32"])
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch", help="inference.backend (the plain loop's too)")
     parser.add_argument("--no-fixed-cost", action="store_true", help="skip the one-image run")
     parser.add_argument("--markdown", help="append a row to the Markdown table in this file (gpu.sh's)")
     args = parser.parse_args()
@@ -163,6 +166,8 @@ def main() -> None:
     checkpoint = work / "model.safetensors"
     save_native(model, checkpoint)
     model.to(device)
+    if args.backend == "onnxruntime":
+        run_with_onnxruntime(model)
     settings = TilingSettings(mode="slide", window=(args.window,) * 2, stride=(args.stride,) * 2, batch_size=args.batch)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
@@ -181,7 +186,7 @@ def main() -> None:
 
     n = len(images)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
-    print(f"{n} images ({what}), {args.model}, window {args.window} stride {args.stride}, batch {args.batch}, {gpu}")
+    print(f"{n} images ({what}), {args.model} ({args.backend}), window {args.window} stride {args.stride}, batch {args.batch}, {gpu}")
     print(f"| {'path':<44} | {'precision':>9} | {'seconds':>8} | {'images/s':>8} | {'ratio to plain':>14} |")
     print(f"|{'-' * 46}|{'-' * 11}|{'-' * 10}|{'-' * 10}|{'-' * 16}|")
     for m in results:
