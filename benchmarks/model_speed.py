@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # --tiny
 
 from models import build_model, load_model
 from models.base import compile_for_inference
+from models.onnx_backend import run_with_onnxruntime
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -203,7 +204,7 @@ class Row:
     input: str
     batch: int
     dtype: str
-    mode: str  # eager | compiled
+    mode: str  # eager | compiled | onnxruntime
     ours_ms: float | None = None
     baseline_ms: float | None = None
     baseline: str = ""
@@ -286,7 +287,8 @@ def run_case(case: Case, args, device: torch.device) -> list[Row]:
             x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
             for dtype in args.dtypes:
                 compiled = args.compile and dtype in args.compile_dtypes and case.name in args.compile_models
-                modes = ["eager"] + (["compiled"] if compiled else [])
+                onnx = args.onnx and dtype == "fp32" and device.type == "cpu" and case.name in args.onnx_models
+                modes = ["eager"] + (["compiled"] if compiled else []) + (["onnxruntime"] if onnx else [])
                 for mode in modes:
                     row = Row(case.name, case.family, f"{size}x{size}", batch, dtype, mode, baseline=baseline)
                     rows.append(row)
@@ -296,10 +298,15 @@ def run_case(case: Case, args, device: torch.device) -> list[Row]:
                     try:
                         if mode == "compiled":
                             compile_for_inference(ours, backend=args.compile_backend)
+                        if mode == "onnxruntime":
+                            run_with_onnxruntime(ours)
                         ours_s, base_s, diff, first = measure(ours_fn, base_fn, x, device, dtype, args.warmup, args.repeats)
+                        if mode == "onnxruntime" and "forward" not in vars(ours):
+                            row.note = "export failed: ran in torch (see the warning)"
+                            continue
                         row.ours_ms, row.baseline_ms, row.max_abs_diff = 1000 * ours_s, 1000 * base_s, diff
-                        if mode == "compiled":
-                            row.compile_s = first
+                        if mode != "eager":
+                            row.compile_s = first  # compiling, or exporting, included
                         if args.flops and mode == "eager":
                             row.tflops = count_flops(ours, x, device, dtype) / ours_s / 1e12
                     except Exception as exc:  # one failing cell (out of memory, an unsupported dtype) leaves the others
@@ -307,6 +314,8 @@ def run_case(case: Case, args, device: torch.device) -> list[Row]:
                     finally:
                         if mode == "compiled":
                             uncompiled(ours)
+                        if mode == "onnxruntime":
+                            ours.__dict__.pop("forward", None)  # the eager forward again
                     print(format_row(row), flush=True)
     del pair, ours, ours_fn, base_fn
     gc.collect()
@@ -416,6 +425,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--compile-dtypes", nargs="*", choices=list(DTYPES), help="dtypes of the compiled rows (default: all of --dtypes)")
     parser.add_argument("--compile-models", nargs="*", help="the models with compiled rows (default: all of --models)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: checks the plumbing quickly)")
+    parser.add_argument("--onnx", action="store_true", help="add onnxruntime rows (ours through models.onnx_backend; fp32, CPU)")
+    parser.add_argument("--onnx-models", nargs="*", help="the models with onnxruntime rows (default: all of --models)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--flops", action="store_true", help="achieved TFLOP/s of ours, and a timed matmul per dtype")
@@ -427,6 +438,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     args.compile_dtypes = args.compile_dtypes or args.dtypes
     args.compile_models = args.compile_models or args.models
+    args.onnx_models = args.onnx_models or args.models
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
