@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu.sh [OUT.md]         # a CUDA machine, under 8 minutes
 #   bash benchmarks/gpu.sh --cpu [OUT.md]   # the same table from tiny models on CPU, under a minute
 #
-# Rows: every family's forward (SegFormer-B0/B2, MaskFormer and Mask2Former Swin-T against
+# Rows: every family's forward (SegFormer-B0/B2, MaskFormer and Mask2Former Swin-T, DETR against
 # transformers' with the same weights; SETR and Segmenter against our reference decoder / eager),
 # batch 8 at 512x512, in fp32, bf16 and fp16 (autocast, as the pipeline runs them), eager and, in
 # bf16, through torch.compile (compile time in the cell); the achieved TFLOP/s of SegFormer-B2 and
@@ -28,7 +28,7 @@ done
 python=${PYTHON:-python}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then python=.venv/bin/python; fi
 
-models=(segformer-b0 segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base setr-pup-vit-base setr-mla-vit-base segmenter-linear-vit-base segmenter-mask-vit-base)
+models=(segformer-b0 segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base setr-pup-vit-base setr-mla-vit-base segmenter-linear-vit-base segmenter-mask-vit-base detr-resnet50-panoptic)
 if [ "$cpu" = 1 ]; then
     # tiny widths, one CPU thread, fp16 reported as n/a; the compiled row through aot_eager (the
     # plumbing, not inductor: its C++ builds take minutes on a small CPU)

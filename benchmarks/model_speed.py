@@ -5,7 +5,7 @@
     python benchmarks/model_speed.py --device cuda --dtypes fp32 bf16 fp16 --compile --flops --markdown out.md
 
 The baseline is transformers' model where transformers has the family (SegFormer, MaskFormer,
-Mask2Former): a randomly initialised transformers model is written with `save_pretrained` and
+Mask2Former, DETR): a randomly initialised transformers model is written with `save_pretrained` and
 loaded through `models.load_model`, so both sides run the same weights. SETR and Segmenter have no
 transformers model: their baseline is our own model with the reference decoder graph
 (`decoder.forward_reference`: mmseg's upsample-then-classify order) where there is one, else our
@@ -102,6 +102,24 @@ def hf_mask2former(tiny: bool):
     return Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=_swin(tiny), num_labels=150))
 
 
+def hf_detr(tiny: bool):
+    """DetrForSegmentation on transformers' own ResNet-50 (no timm): the published panoptic model's shape."""
+    from transformers import DetrConfig, DetrForSegmentation, ResNetConfig
+
+    if tiny:
+        from helpers import tiny_detr_config
+
+        return DetrForSegmentation(tiny_detr_config(num_labels=150))
+    backbone = ResNetConfig(layer_type="bottleneck", depths=[3, 4, 6, 3], out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, num_labels=150)
+    return DetrForSegmentation(config)
+
+
+def hf_detr_semantic(model, pixels: torch.Tensor) -> torch.Tensor:
+    out = model(pixel_values=pixels)
+    return torch.einsum("nqc,nqhw->nchw", out.logits.softmax(-1)[..., :-1], out.pred_masks.sigmoid())
+
+
 def hf_logits(model, pixels: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=pixels).logits
 
@@ -110,10 +128,6 @@ def hf_semantic(model, pixels: torch.Tensor) -> torch.Tensor:
     out = model(pixel_values=pixels)
     probs = out.class_queries_logits.softmax(-1)[..., :-1]
     return torch.einsum("nqc,nqhw->nchw", probs, out.masks_queries_logits.sigmoid())
-
-
-# --tiny: ViT-tiny, shallow, with narrow decoders
-TINY_VIT = {"setr": dict(depth=4, channels=32, mla_neck_channels=32, mla_head_channels=16), "segmenter": dict(depth=2)}
 
 
 @dataclass
@@ -132,6 +146,7 @@ CASES = [
     Case("mask2former-swin-tiny", "mask2former", hf_mask2former, hf_semantic, sizes=(384, 512)),
     *[Case(f"setr-{d}-vit-base", "setr", None) for d in ("naive", "pup", "mla")],
     *[Case(f"segmenter-{d}-vit-base", "segmenter", None) for d in ("linear", "mask")],
+    Case("detr-resnet50-panoptic", "detr", hf_detr, hf_detr_semantic),
 ]
 
 
@@ -159,9 +174,11 @@ def build_pair(case: Case, tiny: bool) -> Pair:
         return Pair(ours, lambda x: case.reference_forward(reference, x), "transformers", reference)
     name, overrides = case.name, {}
     if tiny:
-        name, overrides = name.replace("-base", "-tiny"), TINY_VIT[case.family]
+        from helpers import TINY_MODELS
+
+        name, overrides = TINY_MODELS[case.name]
     ours = build_model(name, num_classes=150, **overrides).eval()
-    decoder = ours.decoder
+    decoder = getattr(ours, "decoder", None)
     if not hasattr(decoder, "forward_reference"):
         return Pair(ours, ours.forward, "ours, eager")
 
@@ -304,6 +321,8 @@ def run_case(case: Case, args, device: torch.device) -> list[Row]:
                         if mode == "onnxruntime" and "forward" not in vars(ours):
                             row.note = "export failed: ran in torch (see the warning)"
                             continue
+                        if mode == "onnxruntime":
+                            row.note = "exporter " + ", ".join(sorted(set(ours.forward.onnx.exporters.values())))
                         row.ours_ms, row.baseline_ms, row.max_abs_diff = 1000 * ours_s, 1000 * base_s, diff
                         if mode != "eager":
                             row.compile_s = first  # compiling, or exporting, included

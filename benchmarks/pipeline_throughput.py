@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +34,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import numpy as np
+import ray
 import torch
+import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,16 +129,19 @@ def job_config(args: argparse.Namespace, images_dir: Path, labels_dir: Path, che
 
 
 def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, work: Path) -> float:
-    """Wall seconds of a run over one image: what every run pays whatever its size."""
+    """Wall seconds of `segpipe run` over one image in a process of its own (imports, Ray's start,
+    the actors' start, the model loads, the run's files): what every run pays whatever its size."""
     one, one_labels = work / "one", work / "one-labels"
     one.mkdir()
     one_labels.mkdir()
     (one / images[0].name).symlink_to(images[0].resolve())
-    labels = work / "labels" / images[0].name
-    (one_labels / images[0].name).symlink_to(labels.resolve())
+    (one_labels / images[0].name).symlink_to((work / "labels" / images[0].name).resolve())
     cfg = job_config(args, one, one_labels, checkpoint, work / "runs-one", "fp32", "one")
+    config = work / "one.yaml"
+    config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(exclude_none=True))))
+    segpipe = str(Path(sys.executable).with_name("segpipe"))
     started = time.perf_counter()
-    run_job(cfg, progress=lambda _: None)
+    subprocess.run([segpipe, "run", str(config)], check=True, capture_output=True, env=dict(os.environ, RAY_ADDRESS="local"))
     return time.perf_counter() - started
 
 
@@ -182,6 +188,7 @@ def main() -> None:
         attempt = json.loads((Path(result.run_dir) / "run.json").read_text())["attempts"][-1]
         steady = result.summary["throughput"]["images_per_second"]
         results.append(Measured(precision, plain, plain_stages, pipe, steady, attempt["seconds"], attempt["stages"]))
+        ray.shutdown()  # each run starts its own Ray, as `segpipe run` does
     fixed = None if args.no_fixed_cost else fixed_cost(args, images, checkpoint, work)
 
     n = len(images)
@@ -201,7 +208,7 @@ def main() -> None:
             f"| {'segpipe run, steady (run_job: from the plan)':<44} | {m.precision:>9} | {m.attempt_seconds:8.1f} | {m.steady_images_per_second:8.2f} | {ratio:14.2f} |"
         )
     if fixed is not None:
-        print(f"fixed cost of a run (`segpipe run` over 1 image, fp32): {fixed:.1f} s")
+        print(f"fixed cost of a run (`segpipe run` over 1 image in a process of its own, fp32): {fixed:.1f} s")
     for m in results:
         # where the time went: run.json's stage seconds, summed over the tasks and actors of the attempt
         wall = m.attempt_seconds

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import tempfile
+import time
 import warnings
 from typing import Any
 
@@ -57,9 +58,10 @@ def _session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def export_session(model: torch.nn.Module, example: torch.Tensor, threads: int):
-    """An ONNX Runtime session of `model` at the shape of `example` (the dynamo exporter first, the
-    TorchScript one where that fails or ONNX Runtime refuses its graph); ExportError if neither."""
+def export_session(model: torch.nn.Module, example: torch.Tensor, threads: int) -> tuple[str, Any]:
+    """(the exporter that worked, an ONNX Runtime session of `model` at the shape of `example`): the
+    dynamo exporter first, the TorchScript one where that fails or ONNX Runtime refuses its graph;
+    ExportError if neither."""
     errors = []
     for name in QUIET_LOGGERS:  # "torchvision is not installed", constant folding notes: every export
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -71,7 +73,7 @@ def export_session(model: torch.nn.Module, example: torch.Tensor, threads: int):
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                     warnings.simplefilter("ignore")
                     torch.onnx.export(model, (example,), path, dynamo=dynamo, input_names=["pixels"], output_names=["scores"])
-                return _session(path, threads)  # loaded whole: the file may go
+                return exporter, _session(path, threads)  # loaded whole: the file may go
             except Exception as exc:  # an op without a translation, a graph ONNX Runtime refuses...
                 errors.append(f"{exporter}: {root_cause(exc)}")
     raise ExportError("; ".join(errors))
@@ -83,20 +85,31 @@ class OnnxForward:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.name = getattr(model, "name", "") or type(model).__name__
         self.sessions: dict[tuple[int, int], tuple[int, Any]] = {}  # (h, w) -> (batch, session)
+        self.exporters: dict[tuple[int, int], str] = {}  # (h, w) -> the exporter whose graph runs
 
     def session_for(self, pixels: torch.Tensor) -> tuple[int, Any]:
         size = (int(pixels.shape[-2]), int(pixels.shape[-1]))
         batch, session = self.sessions.get(size, (0, None))
         if pixels.shape[0] > batch:
             batch = int(pixels.shape[0])
-            session = self.export(batch, size)
+            started = time.perf_counter()
+            self.exporters[size], session = self.export(batch, size)
+            log.info(
+                "%s exported at %d x %d x %d (%s exporter) in %.1f s",
+                self.name,
+                batch,
+                *size,
+                self.exporters[size],
+                time.perf_counter() - started,
+            )
             if len(self.sessions) >= MAX_SESSIONS and size not in self.sessions:
                 self.sessions.pop(next(iter(self.sessions)))  # the oldest size
             self.sessions[size] = (batch, session)
         return batch, session
 
-    def export(self, batch: int, size: tuple[int, int]):
+    def export(self, batch: int, size: tuple[int, int]) -> tuple[str, Any]:
         # traced: the class's forward (not the one set on the model, which calls this), outside
         # inference mode (the caller's), on a plain example tensor of the shape
         own = self.model.__dict__.pop("forward", None)
@@ -123,7 +136,6 @@ def run_with_onnxruntime(model: SegmentationModel) -> SegmentationModel:
     forward for good, after one warning, where the export or the session fails. Inputs that are
     not float32 on the CPU (autocast, a GPU) take the eager forward."""
     backend = OnnxForward(model)
-    name = getattr(model, "name", "") or type(model).__name__
 
     def forward(pixels: torch.Tensor) -> torch.Tensor:
         eager = type(model).forward
@@ -132,7 +144,7 @@ def run_with_onnxruntime(model: SegmentationModel) -> SegmentationModel:
         try:
             return backend(pixels)
         except Exception as exc:
-            log.warning("ONNX Runtime cannot run %s, running it in torch from now on: %s", name, brief(exc, limit=300))
+            log.warning("ONNX Runtime cannot run %s, running it in torch from now on: %s", backend.name, brief(exc, limit=300))
             model.__dict__.pop("forward", None)
             return eager(model, pixels)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ["segformer", "maskformer", "mask2former", "setr", "segmenter"]
+FAMILIES = ["segformer", "maskformer", "mask2former", "setr", "segmenter", "detr"]
 DTYPES = ["fp32", "bf16", "fp16"]
 
 
@@ -41,7 +41,7 @@ def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_pat
         assert " ms = " in bf16, (family, bf16)
         assert fp16 == "n/a on CPU"
     baselines = {row[0]: row[4] for row in eager.values()}
-    assert all("transformers" in baselines[f] for f in ("segformer", "maskformer", "mask2former"))
+    assert all("transformers" in baselines[f] for f in ("segformer", "maskformer", "mask2former", "detr"))
 
     assert any(row[4].startswith("forward compiled") and "compile" in row[5] for row in rows)
     flops = [row for row in rows if row[4].startswith("achieved TFLOP/s")]
@@ -51,3 +51,15 @@ def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_pat
     pipeline = [row for row in rows if row[0] == "pipeline"]
     assert len(pipeline) == 1 and "segpipe run / bare loop (cpu" in pipeline[0][4], pipeline
     assert "plain " in pipeline[0][5] and "img/s wall = " in pipeline[0][5] and "steady " in pipeline[0][5], pipeline[0][5]
+
+
+def test_model_speed_onnx_rows_run_ours_through_onnx_runtime_beside_eager(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import model_speed
+
+    argv = ["--tiny", "--onnx", "--models", "segformer-b0", "--batches", "1", "--warmup", "1", "--repeats", "1"]
+    rows = {row.mode: row for row in model_speed.main(argv)}
+    assert set(rows) == {"eager", "onnxruntime"}
+    onnx = rows["onnxruntime"]
+    assert onnx.ours_ms > 0 and onnx.max_abs_diff <= 1e-4 and onnx.note == "exporter dynamo", onnx
+    assert onnx.compile_s > 0  # the export, timed apart
