@@ -1,6 +1,7 @@
 """inference.backend: onnxruntime. A model's forward exported to ONNX and run by ONNX Runtime's CPU
-provider, where that measures faster than torch on a CPU (benchmarks/onnx_backend.py: SegFormer,
-SETR, Segmenter, MaskFormer and DETR export and run faster; Mask2Former's graph does not load).
+provider, where that measures faster than torch on a CPU (`benchmarks/model_speed.py --onnx`, one
+thread, 512 x 512: SegFormer 1.2-1.3x our eager torch, DETR 2x, SETR, Segmenter and MaskFormer
+1.02-1.13x; Mask2Former only through the TorchScript exporter, at 0.5x: keep torch for it).
 
 `run_with_onnxruntime(model)` mirrors `models.base.compile_for_inference`: the model stays the
 same object, its `forward` now runs an ONNX Runtime session. Sessions are made at the first call

@@ -151,7 +151,7 @@ class InferenceConfig(_Strict):
     compile: Bool = False
     # what runs the semantic forward: torch, or the model exported to ONNX (at the first batch of each
     # window size) and run by ONNX Runtime's CPU provider (models.onnx_backend; the `onnx` extra):
-    # faster on a CPU for most families (benchmarks/onnx_backend.py); fp32, CPU actors, no compile
+    # faster on a CPU for most families (benchmarks/model_speed.py --onnx); fp32, CPU actors, no compile
     backend: Literal["torch", "onnxruntime"] = "torch"
     tta: TTAConfig = Field(default_factory=TTAConfig)
 
