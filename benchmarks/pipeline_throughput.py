@@ -139,9 +139,11 @@ def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, w
     cfg = job_config(args, one, one_labels, checkpoint, work / "runs-one", "fp32", "one")
     config = work / "one.yaml"
     config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(exclude_none=True))))
-    segpipe = str(Path(sys.executable).with_name("segpipe"))
+    # `python -m jobs.cli`: the `segpipe` command, whether or not the package is installed where this runs
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     started = time.perf_counter()
-    subprocess.run([segpipe, "run", str(config)], check=True, capture_output=True, env=dict(os.environ, RAY_ADDRESS="local"))
+    subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(config)], check=True, capture_output=True, env=env)
     return time.perf_counter() - started
 
 
