@@ -107,25 +107,26 @@ def plain_loop(model: torch.nn.Module, images: list[Path], settings: TilingSetti
     return time.perf_counter() - started_loop, dict(clock.seconds)
 
 
-def job_config(args: argparse.Namespace, images_dir: Path, labels_dir: Path, checkpoint: Path, out: Path, precision: str, run_id: str):
-    return load_config(
-        {
-            "run_id": run_id,
-            "input": {"uri": str(images_dir), "pattern": "*.png", "labels": {"uri": str(labels_dir)}},
-            "model": {"checkpoint": str(checkpoint)},
-            "inference": {
-                "mode": "slide",
-                "window": [args.window] * 2,
-                "stride": [args.stride] * 2,
-                "batch_size": args.batch,
-                "precision": precision,
-                "backend": args.backend,
-            },
-            "resources": {"actors": 1, "gpus_per_actor": 1 if args.device == "cuda" else 0},
-            "output": {"uri": str(out)},
-            "metrics": {"ignore_index": NUM_CLASSES},
-        }
-    )
+def job_config(
+    args: argparse.Namespace, images_dir: Path, labels_dir: Path, checkpoint: Path, out: Path, precision: str, run_id: str
+) -> dict:
+    """The job's config as YAML would give it (load_config validates it)."""
+    return {
+        "run_id": run_id,
+        "input": {"uri": str(images_dir), "pattern": "*.png", "labels": {"uri": str(labels_dir)}},
+        "model": {"checkpoint": str(checkpoint)},
+        "inference": {
+            "mode": "slide",
+            "window": [args.window] * 2,
+            "stride": [args.stride] * 2,
+            "batch_size": args.batch,
+            "precision": precision,
+            "backend": args.backend,
+        },
+        "resources": {"actors": 1, "gpus_per_actor": 1 if args.device == "cuda" else 0},
+        "output": {"uri": str(out)},
+        "metrics": {"ignore_index": NUM_CLASSES},
+    }
 
 
 def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, work: Path) -> float:
@@ -136,9 +137,8 @@ def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, w
     one_labels.mkdir()
     (one / images[0].name).symlink_to(images[0].resolve())
     (one_labels / images[0].name).symlink_to((work / "labels" / images[0].name).resolve())
-    cfg = job_config(args, one, one_labels, checkpoint, work / "runs-one", "fp32", "one")
     config = work / "one.yaml"
-    config.write_text(yaml.safe_dump(json.loads(cfg.model_dump_json(exclude_none=True))))
+    config.write_text(yaml.safe_dump(job_config(args, one, one_labels, checkpoint, work / "runs-one", "fp32", "one")))
     # `python -m jobs.cli`: the `segpipe` command, whether or not the package is installed where this runs
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
@@ -183,7 +183,7 @@ def main() -> None:
     results = []
     for precision in args.precisions:
         plain, plain_stages = plain_loop(model, images, settings, device, precision)
-        cfg = job_config(args, images_dir, labels_dir, checkpoint, work / "runs", precision, f"bench-{precision}")
+        cfg = load_config(job_config(args, images_dir, labels_dir, checkpoint, work / "runs", precision, f"bench-{precision}"))
         started = time.perf_counter()
         result = run_job(cfg, progress=lambda _: None)
         pipe = time.perf_counter() - started
