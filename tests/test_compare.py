@@ -99,6 +99,8 @@ def test_comparison_holds_each_runs_summary_and_per_image_rows_join(runs, compar
             assert row[field] == s[field], (name, field)
         assert row["IoU"] == s["IoU"] and row["class_names"] == s["class_names"] == CLASSES
         assert row["images_per_second"] == s["throughput"]["images_per_second"]
+        assert row["wall_seconds"] == s["throughput"]["wall_seconds"] >= row["seconds"] > 0
+        assert row["startup"] == s["throughput"]["startup"] and "Ray's start-up" in row["startup"]
         assert row["model"] == "segformer-b0" and row["parameters"] > 0 and row["checkpoint"].endswith(".safetensors")
 
     per_image = pq.read_table(compared / "per_image.parquet").to_pylist()
@@ -110,6 +112,9 @@ def test_comparison_holds_each_runs_summary_and_per_image_rows_join(runs, compar
         m = metrics[r["image_id"]]
         expected = [i / u if u else math.nan for i, u in zip(m["intersection"], m["union"])]
         np.testing.assert_array_equal(r["IoU"], expected)
+
+    # the report says whether a run's speed includes its start-up
+    assert "the actors&#x27; start-up (loading the model) included, Ray&#x27;s start-up not" in (compared / "report.html").read_text()
 
     pairs = pq.read_table(compared / "pairs.parquet").to_pylist()
     assert len(pairs) == 3 * 2 * 3  # ordered pairs x (mIoU, mDice, aAcc)
