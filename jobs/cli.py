@@ -3,8 +3,8 @@
 Exit codes, one rule (README "Exit codes"): 0 done (per-image errors within max_error_fraction);
 2 anything found wrong before the first image is segmented (usage, config, input and labels
 locations, model name, checkpoint, a rerun that would change a run's results), one line naming the
-field; 1 a run that started and failed, one line; 130 interrupted (Ctrl-C). Never a traceback
-(SEGPIPE_DEBUG=1 shows one).
+field; 1 a run that started and failed, one line; 130 interrupted (Ctrl-C), 143 stopped by SIGTERM
+(Kubernetes, KubeRay), 128 + the signal's number. Never a traceback (SEGPIPE_DEBUG=1 shows one).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -169,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
     except (ConfigError, ModelError) as exc:
         return _fail(exc, EXIT_USAGE)
-    except KeyboardInterrupt:
-        print("segpipe: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # pipeline.plan.Stopped carries the signal: Ctrl-C or SIGTERM
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"segpipe: interrupted ({signal.Signals(signum).name}) before anything was written", file=sys.stderr)
+        return 128 + signum
     except OSError as exc:  # an unreachable store while setting up: nothing was segmented
         return _fail(exc, EXIT_USAGE)
     return EXIT_USAGE
@@ -207,10 +209,13 @@ def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: boo
     from pipeline.report import format_summary
 
     result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
+    if result.status == "nothing_new":
+        print(f"segpipe: run {result.run_id}: {result.message}")
+        return EXIT_OK
     print(format_summary(result.summary, result.run_dir))
     if result.status == "interrupted":
         print(f"segpipe: {result.message}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return 128 + (result.signum or signal.SIGINT)
     if result.status != "succeeded":
         print(f"segpipe: run failed: {result.message}", file=sys.stderr)
         return EXIT_FAILED
@@ -228,11 +233,19 @@ def _summary(output_uri: str, job: str) -> int:
     summary = job_summary(output_uri, {}, job)
     where = write_job_summary(output_uri, {}, job, summary)
     print(f"job {job}: {len(summary['runs'])} runs")
+    if summary.get("identity"):
+        print(f"  each made with {identity_line(summary['identity'])}")
     for r in summary["runs"]:
         print(f"  {r['run_id']:<32} {r['status'] or '?':<12} {r['images']:>8} images {r['errors']:>6} errors")
     print(format_summary(summary))
     print(f"summary: {where}")
     return EXIT_OK
+
+
+def identity_line(identity: dict) -> str:
+    """A run's identity (pipeline.runstore.run_identity) on one line; the weights' hash shortened."""
+    shown = {k: (v[:12] if k == "model.weights_sha256" and isinstance(v, str) else v) for k, v in identity.items()}
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _compare(args) -> int:

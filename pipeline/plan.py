@@ -14,6 +14,7 @@ run's results) is raised by `prepare_job` before anything is written.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -30,7 +31,16 @@ from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, ma
 from pipeline.config import ConfigError, JobConfig
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
-from pipeline.runstore import INSTANCES, RunRecord, RunStore, labels_report, run_identity, runs_of_job
+from pipeline.runstore import (
+    HEARTBEAT_SECONDS,
+    INSTANCES,
+    RunRecord,
+    RunStore,
+    check_job_identity,
+    job_runs,
+    labels_report,
+    run_identity,
+)
 from pipeline.sink import PartWriter
 from pipeline.source import read_and_decode, reader_for
 from pipeline.storage import StoreStats, is_local, scrub
@@ -46,9 +56,22 @@ PROGRESS_SECONDS = 5.0
 class RunResult:
     run_id: str
     run_dir: str
-    status: str  # "succeeded" | "failed" | "interrupted"
+    status: str  # "succeeded" | "failed" | "interrupted" | "nothing_new" (an --incremental night: nothing written)
     summary: dict
     message: str = ""
+    signum: int = 0  # the signal that interrupted it (SIGINT, SIGTERM)
+
+
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM (what Kubernetes and KubeRay send to stop a pod): the attempt stops,
+    what it committed stays, and the run is `interrupted` (exit 128 + the signal's number)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(STOP_SIGNALS.get(signum, str(signum)))
+        self.signum = int(signum)
 
 
 # ---- what tasks and actors report on the side ---------------------------------------------------
@@ -172,6 +195,9 @@ def init_ray(verbose: bool = False) -> None:
     import ray
 
     if not ray.is_initialized():
+        # ray.init makes SIGTERM sys.exit(15): no summary, run.json left `running`. A handler of
+        # ours before it (`stop_signals`, while a run runs) is put back.
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local one starts
         ray.init(
             include_dashboard=False,
@@ -179,6 +205,8 @@ def init_ray(verbose: bool = False) -> None:
             log_to_driver=verbose or os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
             configure_logging=False,
         )
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @contextlib.contextmanager
@@ -212,22 +240,43 @@ def run_job(
 ) -> RunResult:
     """Run (or resume) a job: prepare (raises ConfigError or models.ModelError before anything is
     written) -> execute (the Ray Data plan; Ray's own lines go to the run's log file unless
-    `verbose`) -> finish (summary.json, run.json, logs/attempt-N.log)."""
-    job = prepare_job(cfg, retry_errors=retry_errors, incremental=incremental)
-    try:
-        with ray_lines_to(None if verbose else job.log_path):
-            outcome = execute_job(job, progress, verbose=verbose)
-    except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
-        raise
-    except KeyboardInterrupt:
-        outcome = Execution(status="interrupted", message="interrupted (Ctrl-C): rerun the same config to finish")
-    except Exception as exc:
-        log.debug("run failed", exc_info=True)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        outcome = Execution(
-            status="failed", message=scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options)
-        )
-    return finish_job(job, outcome)
+    `verbose`) -> finish (summary.json, run.json, logs/attempt-N.log). Ctrl-C or SIGTERM: Stopped
+    before anything is written, an `interrupted` run after. An --incremental night with nothing new
+    writes nothing (status `nothing_new`)."""
+    with stop_signals() as stop:
+        job = prepare_job(cfg, retry_errors=retry_errors, incremental=incremental)
+        if incremental and job.record.attempt == 1 and nothing_to_do(job):
+            os.remove(job.log_path)
+            cfg = job.cfg
+            return RunResult(
+                cfg.run_id,
+                job.store.uri,
+                "nothing_new",
+                {},
+                f"nothing new: the {job.listed} images under {cfg.input.uri} are held by job {cfg.job}'s runs; nothing written",
+            )
+        outcome = Execution()
+        try:
+            with ray_lines_to(None if verbose else job.log_path):
+                execute_job(job, progress, verbose=verbose, result=outcome)
+        except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
+            raise
+        except KeyboardInterrupt as exc:
+            outcome.signum = getattr(exc, "signum", signal.SIGINT)
+            outcome.status = "interrupted"
+            outcome.message = f"interrupted ({STOP_SIGNALS.get(outcome.signum, outcome.signum)}): rerun the same config to finish"
+        except Exception as exc:
+            log.debug("run failed", exc_info=True)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            outcome.status = "failed"
+            outcome.message = scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options)
+        stop.finishing = True  # a signal now is remembered, never raised half way through run.json
+        return finish_job(job, outcome)
+
+
+def nothing_to_do(job: PreparedJob) -> bool:
+    """Every image listed is held already (image folders listed whole; shards learn it as they are read)."""
+    return job.cfg.input.format == "images" and job.listing.exhausted and not job.units
 
 
 class Listing:
@@ -329,6 +378,11 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         first = listing.list_batch() or []
     except OSError as exc:  # FileNotFoundError names the field; a store that refuses is scrubbed
         raise ConfigError(scrub(f"input: {exc}", cfg.input.storage_options)) from None
+    if not first:  # before Ray starts, writing nothing: a run directory of no image helps nobody
+        where = f"input.pattern: no file under {cfg.input.uri} matches {cfg.input.pattern!r}"
+        raise ConfigError(
+            scrub(where if cfg.input.format == "images" else f"input.uri: nothing to read in {cfg.input.uri}", cfg.input.storage_options)
+        )
     if cfg.inference.backend == "onnxruntime" and not onnxruntime_available():
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
@@ -351,14 +405,11 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     store.discard_uncommitted()
     outcomes = store.outcomes()
     done = IdSet.union(outcomes.segmented, *([] if retry_errors else [outcomes.failed]))
-    if incremental:  # what the job's other runs hold is done too
-        record.incremental = {
-            "job": cfg.job,
-            "runs_consulted": [r for r in runs_of_job(cfg.output.uri, cfg.output.storage_options, cfg.job) if r != cfg.run_id],
-        }
-        listing.held = IdSet.union(
-            *(RunStore(cfg.output.uri, cfg.output.storage_options, r).outcomes().segmented for r in record.incremental["runs_consulted"])
-        )
+    if incremental:  # what the job's other runs hold is done too; the job is bound as a run_id is
+        others = [r for r in job_runs(cfg.output.uri, cfg.output.storage_options, cfg.job) if r.run_id != cfg.run_id]
+        check_job_identity(cfg.job, others, record.identity)
+        record.incremental = {"job": cfg.job, "runs_consulted": [r.run_id for r in others]}
+        listing.held = IdSet.union(*(r.outcomes.segmented for r in others))
         done = IdSet.union(done, listing.held)
     listing.done = done.sorted_for_lookup()  # shipped to every shard's read task: sorted once, here
     units = listing.drop_done(first)
@@ -432,8 +483,9 @@ def format_seconds(seconds: float) -> str:
 class Execution:
     status: str = "succeeded"
     message: str = ""
-    processed: int = 0
+    processed: int = 0  # images committed (segmented or failed): the driver's count while it runs, the parts' at the end
     failed: int = 0
+    signum: int = 0  # the signal that interrupted it
     units_done: int = 0
     seconds: float = 0.0
     store: dict | None = None
@@ -441,12 +493,14 @@ class Execution:
     stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
 
 
-def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False) -> Execution:
+def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False, result: Execution | None = None) -> Execution:
     """The plan over each batch of the listing in turn (one batch unless the archive is larger than
-    input.listing_batch), the next batch listed while one runs."""
+    input.listing_batch), the next batch listed while one runs. `result` is filled as it goes, so
+    that an interrupted attempt keeps its counts and seconds."""
     import ray
 
     cfg = job.cfg
+    result = result if result is not None else Execution()
     init_ray(verbose)
     nodes = alive_nodes()
     refuse_local_paths_on_a_cluster(cfg, nodes)
@@ -454,7 +508,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     actor_plan = size_actors(cfg, nodes)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
-    result = Execution(actors=vars(actor_plan))
+    result.actors = vars(actor_plan)
     job.record.write(job, "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
@@ -470,7 +524,12 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
 
     started = time.time()
     stop_watch = threading.Event()
-    threading.Thread(target=_report_streams, args=(monitor, stop_watch, progress), daemon=True).start()
+
+    def heartbeat() -> None:  # run.json says how far the attempt got, should it be killed outright
+        job.record.write(job, "running", dataclasses.replace(result, seconds=time.time() - started))
+
+    watcher = threading.Thread(target=_report_streams, args=(monitor, stop_watch, progress, heartbeat), daemon=True)
+    watcher.start()
     units_sent = 0
     try:
         batch: list[SourceUnit] | None = job.units
@@ -492,6 +551,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     finally:
         stop_watch.set()
         result.seconds = time.time() - started
+        watcher.join(timeout=10)  # a heartbeat being written ends first (RunRecord drops a later one)
         try:
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
@@ -533,10 +593,10 @@ def list_ahead(listing: Listing) -> Callable[[], list[SourceUnit] | None]:
 def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: Listing, started: float, known_total: bool) -> None:
     """Drain one batch's plan: count the rows the writer returns, a progress line every few seconds."""
     last = time.time()
-    with ctrl_c_stops() as interrupted:
+    with stop_signals() as interrupted:
         for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):
             if interrupted.is_set():
-                raise KeyboardInterrupt
+                raise Stopped(interrupted.signum)
             images = rows["unit_done"] < 0
             result.processed += int(images.sum())
             result.failed += int((~rows["ok"].astype(bool) & images).sum())
@@ -545,28 +605,39 @@ def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: L
                 progress(progress_line(result.processed, result.failed, listing.to_do, time.time() - started, known_total))
                 last = time.time()
         if interrupted.is_set():
-            raise KeyboardInterrupt
+            raise Stopped(interrupted.signum)
+
+
+class StopFlag(threading.Event):
+    """Set by Ctrl-C or SIGTERM; `signum` says which. While `finishing`, a signal is only remembered."""
+
+    signum: int = signal.SIGINT
+    finishing: bool = False
 
 
 @contextlib.contextmanager
-def ctrl_c_stops() -> Iterator[threading.Event]:
-    """Ctrl-C (SIGINT) while the plan runs: remembered, and raised as KeyboardInterrupt. Remembered
-    because Ray Data's iterator can catch the exception in one of its own threads' waits and carry
-    on; the loop then stops at its next batch all the same."""
-    interrupted = threading.Event()
+def stop_signals() -> Iterator[StopFlag]:
+    """Ctrl-C (SIGINT) and SIGTERM (Kubernetes, KubeRay) while a run runs: remembered, and raised as
+    Stopped. Remembered because Ray Data's iterator can catch the exception in one of its own
+    threads' waits and carry on; the plan's loop then stops at its next batch all the same."""
+    stop = StopFlag()
     if threading.current_thread() is not threading.main_thread():
-        yield interrupted  # signals reach the main thread only
+        yield stop  # signals reach the main thread only
         return
 
-    def on_sigint(signum, frame) -> None:
-        interrupted.set()
-        raise KeyboardInterrupt
+    def on_signal(signum, frame) -> None:
+        if not stop.is_set():
+            stop.signum = signum
+        stop.set()
+        if not stop.finishing:
+            raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
     try:
-        yield interrupted
+        yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def refuse_local_paths_on_a_cluster(cfg: JobConfig, nodes: list) -> None:
@@ -586,15 +657,23 @@ def refuse_local_paths_on_a_cluster(cfg: JobConfig, nodes: list) -> None:
             )
 
 
-def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], None]) -> None:
-    """While the job runs: a line for each streamed image in progress (they take minutes each)."""
+def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], None], heartbeat: Callable[[], None]) -> None:
+    """While the job runs: a line for each streamed image in progress (they take minutes each), and
+    the attempt's heartbeat in run.json every HEARTBEAT_SECONDS."""
     import ray
 
+    beat = time.time()
     while not stop.wait(PROGRESS_SECONDS):
+        if time.time() - beat >= HEARTBEAT_SECONDS:
+            beat = time.time()
+            try:
+                heartbeat()
+            except Exception:  # a store that fails now is retried at the next beat; the run goes on
+                log.debug("heartbeat not written", exc_info=True)
         try:
             streams = ray.get(monitor.streaming.remote(), timeout=PROGRESS_SECONDS)
-        except Exception:
-            return
+        except Exception:  # the monitor is slow or gone: no stream lines this time, the heartbeat goes on
+            continue
         for image_id, (done, total) in sorted(streams.items()):
             progress(f"  streaming {image_id}: {done}/{total} rows ({done / max(total, 1):.0%})")
 
@@ -612,20 +691,20 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
         summary["panoptic"] = job.store.panoptic_summary(categories.names, categories.ids, categories.is_thing)
     if job.object_labels.instances is not None:
         summary["mask_ap"] = mask_ap_of(job.store.read_table(INSTANCES), outcomes.segmented.to_pylist(), job.object_labels.instances)
-    summary.update(job.record.throughput(outcome.processed, outcome.seconds))
+    # what this attempt's parts hold: the driver's count misses rows in flight when it is interrupted
+    outcome.processed, outcome.failed = job.store.committed_by(job.record.attempt)
+    summary.update(job.record.throughput(outcome.processed, outcome.seconds, time.time() - job.record.started))
     job.store.write_json("summary.json", summary)
     if outcome.status == "succeeded":
         total = summary["images"] + summary["errors"]
         error_fraction = summary["errors"] / total if total else 0.0
-        if job.listed == 0:
-            outcome.status, outcome.message = "failed", f"no images found under {cfg.input.uri} matching {cfg.input.pattern!r}"
-        elif error_fraction > cfg.max_error_fraction:
+        if error_fraction > cfg.max_error_fraction:
             outcome.status = "failed"
             outcome.message = (
                 f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
             )
     job.record.write(job, outcome.status, outcome, summary)
-    return RunResult(cfg.run_id, job.store.uri, outcome.status, summary, outcome.message)
+    return RunResult(cfg.run_id, job.store.uri, outcome.status, summary, outcome.message, outcome.signum)
 
 
 def build_dataset(

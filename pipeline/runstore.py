@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import math
 import os
 import platform
+import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -136,6 +139,15 @@ def part_name(attempt: int, unit: int, seq: int) -> str:
     return f"part-a{attempt:04d}-u{unit:06d}-{seq:04d}"
 
 
+PART_ATTEMPT = re.compile(r"^part-a(\d+)-")
+
+
+def part_attempt(part: str) -> int | None:
+    """The attempt that wrote a part (None for parts named before names carried it)."""
+    match = PART_ATTEMPT.match(part)
+    return int(match.group(1)) if match else None
+
+
 def strict_json(obj: Any) -> Any:
     """obj with every NaN or infinity replaced by None: JSON has no NaN (JSON.parse and jq reject it)."""
     if isinstance(obj, float):
@@ -188,6 +200,20 @@ class RunStore:
         """The committed parts that hold a `kind` table, in the order they were written (a part's
         name starts with its attempt); a file of a part without a masks file is an interrupted write."""
         return sorted(self._parts(kind) & self.committed_parts())
+
+    def committed_by(self, attempt: int) -> tuple[int, int]:
+        """Images the parts of one attempt hold: (processed, failed), each image once (a mask cut
+        into chunks may span parts). Read from the parts, so it holds for an attempt that was
+        interrupted or killed outright as for one that finished."""
+        parts = [p for p in self.committed_parts() if part_attempt(p) == attempt]
+        masks, errors = [], []
+        for part in parts:
+            masks.append(self._read(self.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id"))
+            if self.fs.exists(self.path(ERRORS, part + ".parquet")):
+                errors.append(self._read(self.path(ERRORS, part + ".parquet"), ["image_id"]).column("image_id"))
+        segmented = IdSet(pa.chunked_array(masks, pa.string()))
+        failed = IdSet(pa.chunked_array(errors, pa.string())).minus(segmented)
+        return len(segmented) + len(failed), len(failed)
 
     def discard_uncommitted(self) -> None:
         """Remove what an interrupted attempt left: parts without a masks file, temporary files."""
@@ -501,9 +527,14 @@ def _iso(t: float) -> str:
 
 
 class RunRecord:
-    """run.json across attempts: the run's identity and first config, and one record per attempt."""
+    """run.json across attempts: the run's identity and first config, and one record per attempt.
 
-    def __init__(self, store: RunStore, cfg: JobConfig, identity: dict, previous: dict) -> None:
+    An attempt's record says `running` while it runs, rewritten every HEARTBEAT_SECONDS with its
+    counts and seconds so far (`heartbeat`). An attempt killed outright (kill -9, a lost node) never
+    says more: the next attempt finds it `running` and records it as `lost`, with the images its
+    parts hold and its seconds up to its last heartbeat."""
+
+    def __init__(self, store: RunStore, cfg: JobConfig, identity: dict, previous: dict, identity_changes: dict | None = None) -> None:
         self.store, self.cfg, self.identity, self.previous = store, cfg, identity, previous
         attempts = previous.get("attempts")
         # run.json of older versions counted attempts as a number: their records are not kept
@@ -511,28 +542,59 @@ class RunRecord:
         self.attempt = len(self.earlier) + 1
         self.started = time.time()
         self.incremental: dict | None = None  # set by an --incremental run: the job, the runs consulted, ids skipped
+        # the identity of a run whose attempts committed nothing, replaced by this one: {field: [was, now]}
+        self.identity_changes = identity_changes or {}
+        self._lock = threading.Lock()  # the heartbeat's thread and the driver both write run.json
+        self._final = False  # a final status is written: a late heartbeat must not say `running` again
+        for record in self.earlier:
+            self._account(record)
+
+    def _account(self, record: dict) -> None:
+        """An earlier attempt's record as the run directory shows it: found `running`, it ended without
+        a word (`lost`); counted by a version that counted only the images its driver saw, its
+        processed images recounted from its parts."""
+        if record.get("status") == "running":
+            record["status"] = "lost"
+            record["message"] = (
+                f"ended without a word (killed, or its machine lost); found running by attempt {self.attempt}: "
+                "its committed parts are kept, its seconds are up to its last heartbeat"
+            )
+        if record.get("counted") != COUNTED_FROM_PARTS and isinstance(record.get("attempt"), int):
+            processed, failed = self.store.committed_by(record["attempt"])
+            record.setdefault("counts", {}).update(processed=processed, failed=failed)
+            record["counted"] = COUNTED_FROM_PARTS
 
     @classmethod
     def load(cls, store: RunStore, cfg: JobConfig, identity: dict) -> RunRecord:
-        """The record of run `cfg.run_id`; ConfigError, naming the fields, when the run exists and this
-        config would change its results."""
+        """The record of run `cfg.run_id`; ConfigError, naming the fields, when the run holds results
+        and this config would change them. A run whose attempts committed nothing holds no result to
+        mix with: its identity is replaced (and the change recorded)."""
         previous = store.read_json("run.json") or {}
         known = previous.get("identity")
-        if known:
-            changed = [k for k in sorted(set(identity) | set(known)) if identity.get(k) != known.get(k)]
-            if changed:
+        changes = identity_changes(known, identity) if known else {}
+        if changes:
+            if store.committed_parts():
                 raise ConfigError(
-                    f"run {cfg.run_id} was made with other {', '.join(changed)}: its results would mix; "
+                    f"run {cfg.run_id} was made with other {', '.join(changes)}: its results would mix; "
                     "use another run_id (or restore the settings to resume it)"
                 )
-        return cls(store, cfg, identity, previous)
+            previous = {k: v for k, v in previous.items() if k != "config"}  # this config becomes the run's first
+        return cls(store, cfg, identity, previous, changes)
 
-    def throughput(self, processed: int, seconds: float) -> dict:
-        """summary.json's throughput: over every attempt, and this attempt's alone."""
+    def throughput(self, processed: int, seconds: float, wall_seconds: float) -> dict:
+        """summary.json's throughput: over every attempt (the images each committed, interrupted and
+        lost ones included), and this attempt's alone."""
         images = sum(a.get("counts", {}).get("processed", 0) for a in self.earlier) + processed
-        total = sum(a.get("seconds", 0.0) for a in self.earlier) + seconds
+        total = sum(a.get("seconds") or 0.0 for a in self.earlier) + seconds
+        wall = sum(a.get("wall_seconds") or a.get("seconds") or 0.0 for a in self.earlier) + wall_seconds
         return {
-            "throughput": {"images": images, "seconds": round(total, 3), "images_per_second": images / total if total > 0 else None},
+            "throughput": {
+                "images": images,
+                "seconds": round(total, 3),
+                "images_per_second": images / total if total > 0 else None,
+                "wall_seconds": round(wall, 3),
+                "startup": THROUGHPUT_STARTUP,
+            },
             "this_attempt": {
                 "attempt": self.attempt,
                 "images": processed,
@@ -543,27 +605,38 @@ class RunRecord:
 
     def write(self, job: Any, status: str, outcome: Any = None, summary: dict | None = None) -> None:
         """run.json with this attempt's record as it stands (job: pipeline.plan's PreparedJob,
-        outcome: its Execution, absent while the attempt runs)."""
+        outcome: its Execution, so far while the attempt runs: a heartbeat)."""
+        with self._lock:
+            if self._final:
+                return
+            self._final = status != "running"
+            self._write(job, status, outcome, summary)
+
+    def _write(self, job: Any, status: str, outcome: Any, summary: dict | None) -> None:
         config = public_config(self.cfg)
         first_config = self.previous.get("config", config)
         stats = StoreStats().add(job.list_stats)
         if outcome is not None and outcome.store:
             stats.add(StoreStats(**outcome.store))
+        now = time.time()
         record = {
             "attempt": self.attempt,
             "started": _iso(self.started),
-            "ended": None if status == "running" else _iso(time.time()),
+            "ended": None if status == "running" else _iso(now),
             "status": status,
             "message": outcome.message if outcome else "",
+            # the plan's seconds: from its start (actors' start-up included) to the attempt's end
             "seconds": round(outcome.seconds, 3) if outcome else 0.0,
+            "wall_seconds": round(now - self.started, 3),  # from the attempt's start: Ray's start-up included
             "counts": {
                 "listed": job.listed,
                 "done_earlier": job.done,
                 "retried": job.retried,
                 "to_do": job.to_do,
-                "processed": outcome.processed if outcome else 0,
+                "processed": outcome.processed if outcome else 0,  # images its committed parts hold
                 "failed": outcome.failed if outcome else 0,
             },
+            "counted": COUNTED_FROM_PARTS if status != "running" else "so far",
             "config_changes": config_changes(first_config, config),
             "incremental": self.incremental,
             "actors": outcome.actors if outcome else None,
@@ -572,6 +645,10 @@ class RunRecord:
             "store": stats.as_dict(),
             "versions": package_versions(),
         }
+        if status == "running":
+            record["heartbeat"] = _iso(now)
+        if self.identity_changes:
+            record["identity_changes"] = self.identity_changes  # of a run that had committed nothing
         counts = {"listed": job.listed}
         if summary:
             counts.update(segmented=summary["images"], errors=summary["errors"], labeled=summary["labeled_images"])
@@ -596,40 +673,131 @@ class RunRecord:
         )
 
 
-def runs_of_job(output_uri: str, storage_options: dict, job: str) -> list[str]:
-    """The run_ids under output_uri whose run.json names `job`, oldest first (by first start)."""
+COUNTED_FROM_PARTS = "committed parts"  # an attempt record whose counts are the images its parts hold
+THROUGHPUT_STARTUP = (
+    "seconds: each attempt's plan, from its start (the actors' start-up, model loading included) to its end; "
+    "Ray's start-up and the driver's checks before it are in wall_seconds only"
+)
+HEARTBEAT_SECONDS = 30.0  # a running attempt rewrites its record this often
+LOST_AFTER_SECONDS = 600.0  # a run whose running attempt has not been heard of for this long is lost
+
+
+def identity_changes(known: dict, identity: dict) -> dict[str, list]:
+    """The identity fields that differ: {field: [known, now]}."""
+    return {k: [known.get(k), identity.get(k)] for k in sorted(set(identity) | set(known)) if identity.get(k) != known.get(k)}
+
+
+def run_status(info: dict, now: float | None = None) -> str | None:
+    """A run's status as run.json says it, except that a run `running` whose attempt has sent no
+    heartbeat for LOST_AFTER_SECONDS is `lost` (killed outright: no later attempt has said so yet)."""
+    status = info.get("status")
+    if status != "running":
+        return status
+    attempts = [a for a in info.get("attempts") or [] if isinstance(a, dict)]
+    last = (attempts[-1].get("heartbeat") or attempts[-1].get("started")) if attempts else info.get("started")
+    try:
+        heard = dt.datetime.fromisoformat(last).timestamp()
+    except (TypeError, ValueError):
+        return "lost"
+    return "lost" if (now or time.time()) - heard > LOST_AFTER_SECONDS else status
+
+
+class JobRun:
+    """One run of a job: its run.json, and what its committed parts hold (read when first asked)."""
+
+    def __init__(self, info: dict, store: RunStore) -> None:
+        self.run_id: str = info["run_id"]
+        self.info, self.store = info, store
+
+    @functools.cached_property
+    def outcomes(self) -> Outcomes:
+        return self.store.outcomes()
+
+    @property
+    def identity(self) -> dict | None:
+        return self.info.get("identity")
+
+
+def job_runs(output_uri: str, storage_options: dict, job: str) -> list[JobRun]:
+    """The runs under output_uri whose run.json names `job`, oldest first (by first start)."""
     fs, root = open_fs(output_uri, storage_options)
     try:
         paths = with_retries(lambda: fs.glob(f"{root.rstrip('/')}/*/run.json"), what="list", uri=output_uri)
     except StoreError:
         return []
-    runs = []
+    infos = []
     for path in paths:
         with fs.open(path, "rb") as f:
             info = json.loads(f.read())
         if info.get("job") == job and info.get("run_id"):
-            runs.append((info.get("started") or "", info["run_id"]))
-    return [run_id for _, run_id in sorted(runs)]
+            infos.append(info)
+    infos.sort(key=lambda i: (i.get("started") or "", i["run_id"]))
+    return [JobRun(info, RunStore(output_uri, storage_options, info["run_id"])) for info in infos]
+
+
+def runs_of_job(output_uri: str, storage_options: dict, job: str) -> list[str]:
+    """The run_ids under output_uri whose run.json names `job`, oldest first (by first start)."""
+    return [r.run_id for r in job_runs(output_uri, storage_options, job)]
+
+
+def job_identity_conflicts(runs: list[JobRun], identity: dict | None = None) -> dict[str, list[str]]:
+    """{field: [run_ids]}: the runs holding results whose identity differs, in that field, from
+    `identity` (default: the first such run's). A run that committed nothing binds nothing."""
+    holding = [r for r in runs if r.outcomes.parts and r.identity]
+    if identity is None:
+        if not holding:
+            return {}
+        identity = holding[0].identity
+    out: dict[str, list[str]] = {}
+    for run in holding:
+        for name in identity_changes(run.identity, identity):
+            out.setdefault(name, []).append(run.run_id)
+    return out
+
+
+def check_job_identity(job: str, runs: list[JobRun], identity: dict) -> None:
+    """ConfigError, naming the fields, when a run of `job` that holds results was made with another
+    identity: the job's roll-up would mix their results (a job is bound as a run_id is)."""
+    conflicts = job_identity_conflicts(runs, identity)
+    if conflicts:
+        fields = ", ".join(conflicts)
+        runs_named = sorted({r for ids in conflicts.values() for r in ids})
+        raise ConfigError(
+            f"job {job} was run with other {fields} (runs {', '.join(runs_named[:3])}{', ...' if len(runs_named) > 3 else ''}): "
+            "its results would mix in `segpipe summary --job`; name a new job (job: ...) or restore the settings"
+        )
 
 
 def job_summary(output_uri: str, storage_options: dict, job: str) -> dict:
     """The runs of `job` rolled up into one summary: every image once (a later run's result wins),
-    metrics recomputed from the areas summed over all runs, never averaged over runs."""
-    run_ids = runs_of_job(output_uri, storage_options, job)
-    if not run_ids:
+    metrics recomputed from the areas summed over all runs, never averaged over runs. ConfigError
+    when its runs were made with different identities (by an older segpipe that let them): one
+    mIoU over two models would be wrong without a word."""
+    runs = job_runs(output_uri, storage_options, job)
+    if not runs:
         raise FileNotFoundError(f"no run of job {job!r} under {output_uri}")
-    stores = [RunStore(output_uri, storage_options, r) for r in run_ids]
-    outcomes = [s.outcomes() for s in stores]
+    conflicts = job_identity_conflicts(runs)
+    if conflicts:
+        detail = "; ".join(f"{name} differs in {', '.join(ids)}" for name, ids in conflicts.items())
+        raise ConfigError(f"job {job}: its runs were made with different settings, their results would mix: {detail}")
+    outcomes = [r.outcomes for r in runs]
     segmented = IdSet.union(*(o.segmented for o in outcomes))
     merged = Outcomes(segmented, IdSet.union(*(o.failed for o in outcomes)).minus(segmented))
-    infos = [s.read_json("run.json") or {} for s in stores]
-    model = infos[-1].get("model", {})
+    model = runs[-1].info.get("model", {})
     num_classes = int(model.get("mask_classes", model.get("num_classes", 0)))
-    summary = summary_of([s.read_table(METRICS) for s in stores], merged, num_classes, model.get("class_names") or [])
+    summary = summary_of([r.store.read_table(METRICS) for r in runs], merged, num_classes, model.get("class_names") or [])
     summary["job"] = job
+    summary["identity"] = next((r.identity for r in runs if r.outcomes.parts and r.identity), None)
     summary["runs"] = [
-        {"run_id": r, "status": i.get("status"), "started": i.get("started"), "images": len(o.segmented), "errors": len(o.failed)}
-        for r, i, o in zip(run_ids, infos, outcomes)
+        {
+            "run_id": r.run_id,
+            "status": run_status(r.info),
+            "started": r.info.get("started"),
+            "images": len(r.outcomes.segmented),
+            "errors": len(r.outcomes.failed),
+            "identity": r.identity,
+        }
+        for r in runs
     ]
     return summary
 

@@ -45,3 +45,19 @@ def test_a_missing_input_uri_exits_2_with_one_line_naming_it_and_writes_nothing(
     err = capsys.readouterr().err
     assert "input.uri" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "none").exists()
+
+
+def test_an_input_with_no_image_exits_2_before_ray_starts_and_writes_nothing(tmp_path, checkpoint, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not read: the pattern does not match it")
+    cases = [
+        (job_config(tmp_path, tmp_path / "empty", checkpoint, run_id="empty"), "'**/*'"),
+        (job_config(tmp_path, tmp_path / "images", checkpoint, run_id="typo", input={"pattern": "**/*.png"}), "'**/*.png'"),
+    ]
+    for cfg, pattern in cases:
+        capsys.readouterr()
+        assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("segpipe: input.pattern: no file under") and pattern in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "runs").exists()

@@ -39,21 +39,36 @@ def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_se
     assert main(["run", str(config), "--incremental"]) == 0
     labeled_folder(tmp_path / "data", [(20, 50)] * 2, NUM_CLASSES, seed=1, names=["n2/d", "n2/e"])  # the next night's
     assert main(["run", str(config), "--incremental"]) == 0
-    assert main(["run", str(config), "--incremental"]) == 0  # nothing new: nothing to do, still exit 0
+    # nothing new: one line, exit 0, and nothing written (no empty run for `summary --job` to list)
+    capsys.readouterr()
+    assert main(["run", str(config), "--incremental"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.strip().splitlines()) == 1 and "nothing new: the 5 images" in out and "nothing written" in out
+    # a night with another checkpoint or window is no run of this job: exit 2 naming the fields, nothing written
+    other = tiny_checkpoint(tmp_path / "other.safetensors", NUM_CLASSES, seed=7)
+    labeled_folder(tmp_path / "data", [(20, 20)], NUM_CLASSES, seed=2, names=["n3/f"])
+    night = ["run", str(config), "--incremental", "--set", f"model.checkpoint={other}", "--set", "inference.window=[48,48]"]
+    assert main(night) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "job nightly was run with other inference.window, model.weights_sha256" in err
+    (data / "images" / "n3" / "f.png").unlink()
 
     runs = sorted((tmp_path / "runs").iterdir(), key=lambda p: json.loads((p / "run.json").read_text())["started"])
     infos = [json.loads((r / "run.json").read_text()) for r in runs]
-    assert len(runs) == 3 and all(i["job"] == "nightly" and i["run_id"].startswith("nightly-") for i in infos)
-    segmented = [sorted(read_run_table(r, "masks").column("image_id").to_pylist()) if (r / "masks").exists() else [] for r in runs]
-    assert segmented == [["n1/a.png", "n1/b.png", "n1/c.png"], ["n2/d.png", "n2/e.png"], []]
+    assert len(runs) == 2 and all(i["job"] == "nightly" and i["run_id"].startswith("nightly-") for i in infos)
+    segmented = [sorted(read_run_table(r, "masks").column("image_id").to_pylist()) for r in runs]
+    assert segmented == [["n1/a.png", "n1/b.png", "n1/c.png"], ["n2/d.png", "n2/e.png"]]
     assert infos[1]["attempts"][0]["incremental"]["runs_consulted"] == [infos[0]["run_id"]]
-    assert infos[1]["attempts"][0]["incremental"]["skipped"] == 3 and infos[2]["attempts"][0]["incremental"]["skipped"] == 5
+    assert infos[1]["attempts"][0]["incremental"]["skipped"] == 3
     assert strict_json_load(runs[1] / "summary.json")["images"] == 2  # each run's summary covers its own images
 
     capsys.readouterr()
     assert main(["summary", str(tmp_path / "runs"), "--job", "nightly"]) == 0
-    assert "3 runs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 runs" in out and f"model.weights_sha256={infos[0]['identity']['model.weights_sha256'][:12]}" in out
     rollup = strict_json_load(tmp_path / "runs" / "nightly.summary.json")
+    # the roll-up lists each run's identity: every run of the job was made the same way
+    assert [r["identity"] for r in rollup["runs"]] == [i["identity"] for i in infos] == [rollup["identity"]] * 2
     # one run over everything gives the same summary, to the last pixel
     once = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="all-at-once")
     assert main(["run", str(write_yaml(tmp_path / "once.yaml", once))]) == 0
@@ -61,7 +76,7 @@ def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_se
     for key in ("images", "errors", "labeled_images", "aAcc", "mIoU", "mAcc", "mDice", "IoU", "Acc", "Dice"):
         assert rollup[key] == single[key], key
     areas = pq.read_table(tmp_path / "runs" / "all-at-once" / "metrics").column("label_area").to_pylist()
-    rolled = [t for r in runs if (r / "metrics").exists() for t in read_run_table(r, "metrics").column("label_area").to_pylist()]
+    rolled = [t for r in runs for t in read_run_table(r, "metrics").column("label_area").to_pylist()]
     assert sorted(map(tuple, rolled)) == sorted(map(tuple, areas))
 
 

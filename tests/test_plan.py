@@ -344,3 +344,23 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     assert summary["PQ"] == summary["SQ"] == summary["RQ"] == 1.0 and summary["panoptic_images"] == len(annotations)
     seen = {CATEGORY_IDS.index(s["category_id"]) for a in annotations for s in a["segments_info"]}
     assert {k for k, c in enumerate(CATEGORY_IDS) if summary["per_class"][f"c{c}"]["PQ"] == 1.0} == seen
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_while_it_finishes_is_only_remembered():
+    import os
+    import signal
+    import time
+
+    from pipeline.plan import Stopped, stop_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with pytest.raises(Stopped) as stopped, stop_signals():
+            os.kill(os.getpid(), signum)  # the handler runs as the call returns
+            time.sleep(1)  # never reached
+        assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
+    with stop_signals() as stop:
+        stop.finishing = True  # summary.json and run.json are being written: never half way
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.is_set() and stop.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before

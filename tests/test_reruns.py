@@ -196,7 +196,36 @@ def test_bad_checkpoints_and_model_names_are_one_line_exit_2(ray_session, tmp_pa
         assert f"{section}.{field}" in capsys.readouterr().err
 
 
-def test_ctrl_c_ends_cleanly_and_the_rerun_completes_every_image_once(ray_session, tmp_path, checkpoint):
+def images_of_attempt(run_dir: Path, attempt: int) -> int:
+    """The images the committed parts of one attempt hold (parts are named part-a<attempt>-...)."""
+    files = sorted((run_dir / "masks").glob(f"part-a{attempt:04d}-*.parquet"))
+    return len(set(read_run_table_file_ids(files)))
+
+
+def read_run_table_file_ids(files: list[Path]) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()]
+
+
+def stop_after_first_part(config: Path, run_dir: Path, attempt: int, signum: int) -> subprocess.CompletedProcess:
+    """`segpipe run config` in a subprocess, sent `signum` once attempt `attempt` has committed a part."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not any((run_dir / "masks").glob(f"part-a{attempt:04d}-*.parquet")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before its first part was committed: make the job longer"
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_ctrl_c_and_sigterm_end_cleanly_count_what_was_committed_and_the_rerun_completes_every_image_once(
+    ray_session, tmp_path, checkpoint
+):
     data = labeled_folder(tmp_path / "data", [(96, 96)] * 24, NUM_CLASSES)
     cfg = job_config(
         tmp_path,
@@ -207,27 +236,40 @@ def test_ctrl_c_ends_cleanly_and_the_rerun_completes_every_image_once(ray_sessio
         inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4},
     )
     config = write_yaml(tmp_path / "job.yaml", cfg)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S": "120"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "run", str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    masks = tmp_path / "runs" / "sigint" / "masks"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None and not any(p.name.startswith("part-") for p in masks.glob("*.parquet")):
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before its first part was committed: make the job longer"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "Traceback" not in out
-    info = json.loads((tmp_path / "runs" / "sigint" / "run.json").read_text())
+    run_dir = tmp_path / "runs" / "sigint"
+    # attempt 1: Ctrl-C
+    proc = stop_after_first_part(config, run_dir, 1, signal.SIGINT)
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted" and info["attempts"][-1]["status"] == "interrupted"
-    committed = read_run_table(tmp_path / "runs" / "sigint", "masks").column("image_id").to_pylist()
+    committed = read_run_table(run_dir, "masks").column("image_id").to_pylist()
     assert 0 < len(committed) < 24
+    # the attempt counts what its parts hold, over the seconds it ran, and says so on the terminal
+    first = info["attempts"][0]
+    assert first["counts"]["processed"] == len(committed) and first["seconds"] > 0 and first["wall_seconds"] >= first["seconds"]
+    assert f"this attempt: {len(committed)} images" in proc.stdout
+
+    # attempt 2: SIGTERM, as Kubernetes and KubeRay stop a pod: the same as Ctrl-C, exit 128 + 15
+    proc = stop_after_first_part(config, run_dir, 2, signal.SIGTERM)
+    assert proc.returncode == 143, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert [line for line in proc.stderr.splitlines() if line.startswith("segpipe:")] == [
+        "segpipe: interrupted (SIGTERM): rerun the same config to finish"
+    ]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "interrupted" and [a["status"] for a in info["attempts"]] == ["interrupted", "interrupted"]
+    assert info["attempts"][1]["counts"]["processed"] == images_of_attempt(run_dir, 2) > 0
+    assert strict_json_load(run_dir / "summary.json")["images"] == len(committed) + images_of_attempt(run_dir, 2)
 
     assert main(["run", str(config)]) == 0
-    ids = read_run_table(tmp_path / "runs" / "sigint", "masks").column("image_id").to_pylist()
+    ids = read_run_table(run_dir, "masks").column("image_id").to_pylist()
     assert sorted(ids) == sorted(f"img{i:03d}.png" for i in range(24))  # every image once
+    # throughput over all attempts counts every image each attempt committed
+    summary = strict_json_load(run_dir / "summary.json")
+    assert summary["images"] == summary["throughput"]["images"] == 24
+    info = strict_json_load(run_dir / "run.json")
+    assert [a["counts"]["processed"] for a in info["attempts"]] == [images_of_attempt(run_dir, a) for a in (1, 2, 3)]
 
 
 def kill_session(sid: int) -> None:
@@ -263,6 +305,12 @@ def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tm
     assert sorted(ids) == [f"img{i:03d}.png" for i in range(16)]  # every image once
     summary = strict_json_load(tmp_path / "runs" / "killed" / "summary.json")
     assert summary["images"] == 16 and summary["labeled_images"] == 16
+    # the killed attempt, found running, is lost, counted by what its parts hold; throughput counts every image
+    info = strict_json_load(tmp_path / "runs" / "killed" / "run.json")
+    assert info["status"] == "succeeded" and [a["status"] for a in info["attempts"]] == ["lost", "succeeded"]
+    assert "found running by attempt 2" in info["attempts"][0]["message"]
+    assert [a["counts"]["processed"] for a in info["attempts"]] == [len(committed), 16 - len(committed)]
+    assert summary["throughput"]["images"] == 16
     # the same as a run that was never killed
     assert main(["run", str(write_yaml(tmp_path / "whole.yaml", {**cfg, "run_id": "whole"}))]) == 0
     assert strict_json_load(tmp_path / "runs" / "whole" / "summary.json")["IoU"] == summary["IoU"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import pyarrow as pa
@@ -13,13 +14,18 @@ from pipeline.config import ConfigError, load_config
 from pipeline.rows import IdSet
 from pipeline.runstore import (
     ERRORS_SCHEMA,
+    LOST_AFTER_SECONDS,
     METRICS_SCHEMA,
     RunRecord,
     RunStore,
+    check_job_identity,
     config_changes,
+    job_runs,
+    job_summary,
     masks_schema,
     part_name,
     run_identity,
+    run_status,
     strict_json,
 )
 
@@ -112,13 +118,85 @@ def test_a_run_record_refuses_a_config_that_changes_the_runs_results(tmp_path):
     )
     store = RunStore(str(tmp_path), {}, "r")
     identity = run_identity(cfg, "segformer-b0", 150, "abc")
-    store.write_json("run.json", {"identity": identity, "attempts": [{"attempt": 1}]})
+    store.write_json("run.json", {"identity": identity, "config": {"was": 1}, "attempts": [{"attempt": 1, "status": "failed"}]})
     assert RunRecord.load(store, cfg, identity).attempt == 2
     other = run_identity(
         cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"stride": (100, 100)})}), "segformer-b0", 150, "def"
     )
+    # an attempt that committed nothing holds no result to mix with: a corrected config takes the run_id
+    replaced = RunRecord.load(store, cfg, other)
+    assert replaced.attempt == 2 and "config" not in replaced.previous
+    assert replaced.identity_changes == {"inference.stride": [[341, 341], [100, 100]], "model.weights_sha256": ["abc", "def"]}
+    store.write_part(part_name(1, 0, 0), *tables(["a.png"]))
     with pytest.raises(ConfigError, match=r"inference\.stride, model\.weights_sha256"):
         RunRecord.load(store, cfg, other)
+
+
+def test_an_attempt_found_running_is_lost_and_counted_by_what_its_parts_hold(tmp_path):
+    cfg = load_config({"run_id": "r", "input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
+    store = RunStore(str(tmp_path), {}, "r")
+    identity = run_identity(cfg, "segformer-b0", 150, "abc")
+    # attempt 1 was interrupted by a version that counted nothing; attempt 2 was killed (its last heartbeat at 12 s)
+    store.write_part(part_name(1, 0, 0), *tables(["a.png", "b.png"], attempt=1))
+    store.write_part(part_name(2, 0, 0), *tables(["c.png", "d.png"], failed=["e.png"], attempt=2))
+    store.write_part(part_name(2, 1, 0), *tables(["f.png"], attempt=2))
+    store.write_json(
+        "run.json",
+        {
+            "identity": identity,
+            "status": "running",
+            "attempts": [
+                {"attempt": 1, "status": "interrupted", "seconds": 0.0, "counts": {"processed": 0}},
+                {"attempt": 2, "status": "running", "seconds": 12.0, "counted": "so far", "counts": {"processed": 1}},
+            ],
+        },
+    )
+    record = RunRecord.load(store, cfg, identity)
+    assert record.attempt == 3
+    assert [a["status"] for a in record.earlier] == ["interrupted", "lost"] and "found running by attempt 3" in record.earlier[1]["message"]
+    assert [(a["counts"]["processed"], a["counts"]["failed"]) for a in record.earlier] == [(2, 0), (4, 1)]
+    throughput = record.throughput(1, 3.0, 5.0)
+    assert throughput["throughput"]["images"] == 7 and throughput["throughput"]["seconds"] == 15.0
+    assert throughput["this_attempt"]["images"] == 1 and "start-up" in throughput["throughput"]["startup"]
+
+
+def test_a_run_running_without_a_heartbeat_for_long_is_lost():
+    beat = "2026-01-01T00:00:00+00:00"
+    info = {"status": "running", "attempts": [{"attempt": 1, "status": "running", "heartbeat": beat}]}
+    t0 = dt.datetime.fromisoformat(beat).timestamp()
+    assert run_status(info, now=t0 + 60) == "running"
+    assert run_status(info, now=t0 + LOST_AFTER_SECONDS + 1) == "lost"
+    assert run_status({"status": "succeeded"}) == "succeeded"
+
+
+def job_run(root: str, run_id: str, identity: dict, images: list[str]) -> None:
+    """A run of job `nightly` as a run directory holds it: run.json, a committed part."""
+    store = RunStore(root, {}, run_id)
+    store.write_json("run.json", {"run_id": run_id, "job": "nightly", "status": "succeeded", "started": run_id, "identity": identity,
+                                  "model": {"num_classes": 2, "class_names": ["bg", "fg"]}})  # fmt: skip
+    if images:
+        store.write_part(part_name(1, 0, 0), *tables(images))
+
+
+def test_runs_of_a_job_with_other_settings_are_refused_by_the_night_and_by_the_rollup(tmp_path):
+    cfg = load_config({"run_id": "r", "input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
+    identity = run_identity(cfg, "segformer-b0", 2, "abc")
+    other = {**identity, "model.weights_sha256": "def", "inference.window": [64, 64]}
+    job_run(str(tmp_path), "n1", identity, ["a.png"])
+    job_run(str(tmp_path), "n2", identity, ["b.png"])
+    job_run(str(tmp_path), "n3", other, [])  # committed nothing: binds nothing
+    runs = job_runs(str(tmp_path), {}, "nightly")
+    assert [r.run_id for r in runs] == ["n1", "n2", "n3"]
+    check_job_identity("nightly", runs, identity)
+    with pytest.raises(ConfigError, match=r"job nightly was run with other inference\.window, model\.weights_sha256 \(runs n1, n2\)"):
+        check_job_identity("nightly", runs, other)
+    summary = job_summary(str(tmp_path), {}, "nightly")
+    assert summary["images"] == 2 and summary["identity"] == identity
+    assert [r["identity"] for r in summary["runs"]] == [identity, identity, other]
+
+    job_run(str(tmp_path), "n4", other, ["c.png"])  # as an older segpipe let a night with another checkpoint in
+    with pytest.raises(ConfigError, match=r"inference\.window differs in n4; model\.weights_sha256 differs in n4"):
+        job_summary(str(tmp_path), {}, "nightly")
 
 
 def test_config_changes_name_the_fields_that_differ():
