@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -18,13 +20,21 @@ def test_models_lists_the_registry(capsys):
     assert {f"segformer-b{i}" for i in range(6)} <= set(names)
 
 
-def test_convert_turns_an_hf_directory_into_a_native_checkpoint_with_the_same_outputs_and_classes(tmp_path, capsys):
+def test_convert_turns_an_hf_directory_into_a_native_checkpoint_with_the_same_outputs_and_classes_says_so_and_is_readable_like_any_new_file(
+    tmp_path, capsys
+):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     config = SegformerConfig(**{**TINY_HF_SEGFORMER, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}})
     saved_hf_model(SegformerForSemanticSegmentation, config, tmp_path / "hf", perturb=False)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors")]) == 0
-    assert "3 classes" in capsys.readouterr().out
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{tmp_path / 'm.safetensors'}: segformer, 3 classes, {sum(p.numel() for p in load_model(tmp_path / 'hf').parameters()):,} parameters"
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask  # as any new file, not 0600
     a, b = load_model(tmp_path / "hf"), load_model(tmp_path / "m.safetensors")
     x = torch.randn(1, 3, 50, 38)
     with torch.no_grad():

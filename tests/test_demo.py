@@ -69,3 +69,34 @@ def test_camouflage_archive_has_objects_empty_images_and_images_larger_than_the_
     # and the held-out split is not the train split
     train_image, _ = camouflage_archive.make_sample("train", 0)
     assert not np.array_equal(train_image, images[0][: train_image.shape[0], : train_image.shape[1]])
+
+
+def test_every_package_directory_is_in_setuptools_packages_so_installing_warns_of_none_and_ships_the_demo_models():
+    """setuptools warns ("Package 'jobs.assets' is absent from the packages configuration", 40 lines
+    in `make demo`) about any directory under a listed package that Python could import and that
+    `packages` leaves out; the demo's bundled models must be package data of a listed package."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(setuptools["packages"])
+    importable = {
+        ".".join(d.relative_to(root).parts)
+        for top in ("pipeline", "models", "jobs")
+        for d in [root / top, *(root / top).rglob("*")]
+        if d.is_dir()
+        and d.name != "__pycache__"
+        and all(p.isidentifier() for p in d.relative_to(root).parts)
+        and any(f.is_file() for f in d.iterdir())
+    }
+    assert importable <= packages, importable - packages
+    shipped = {
+        f.relative_to(root).as_posix()
+        for package, patterns in setuptools["package-data"].items()
+        for f in (root / package.replace(".", "/")).iterdir()
+        if package in packages and any(fnmatch.fnmatch(f.name, p) for p in patterns)
+    }
+    assert {"jobs/assets/demo-segformer.safetensors", "jobs/assets/camouflage-segformer.safetensors"} <= shipped
