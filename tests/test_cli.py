@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import torch
-from helpers import TINY_HF_SEGFORMER, job_config, saved_hf_model, segpipe_run
+from helpers import TINY_HF_SEGFORMER, job_config, saved_hf_model, segpipe_run, write_yaml
 
 from jobs.cli import main
 from models import load_model
@@ -55,3 +55,30 @@ def test_a_missing_input_uri_exits_2_with_one_line_naming_it_and_writes_nothing(
     err = capsys.readouterr().err
     assert "input.uri" in err and "nowhere" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "none").exists()
+
+
+# as where s3fs is not installed: the first `import s3fs` (fsspec's, when it opens s3://) fails
+WITHOUT_S3FS = "import sys; sys.modules['s3fs'] = None; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_s3_without_s3fs_exits_2_with_one_line_for_a_run_and_an_export_and_writes_nothing(tmp_path, checkpoint):
+    cfg = job_config(tmp_path, "s3://archive/images", checkpoint, run_id="s3")
+    write_yaml(tmp_path / "job.yaml", cfg)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    for argv in (["run", str(tmp_path / "job.yaml")], ["export", str(tmp_path / "run"), "--to", "s3://results/x", "--format", "png"]):
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_S3FS, *argv], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"segpipe: {'s3://archive/images' if argv[0] == 'run' else 's3://results/x'}: the store's package is not installed (Install s3fs to access S3)"
+        ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_s3fs_is_a_core_dependency_with_boto3_and_botocore_pinned_as_aiobotocore_needs():
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert {"s3fs==2026.9.0", "boto3==1.43.117", "botocore==1.43.117"} <= set(project["dependencies"])
