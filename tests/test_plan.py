@@ -281,8 +281,12 @@ def test_instance_task_writes_rows_coco_tools_read_and_its_mask_ap_equals_cocoev
     (tmp_path / "instances.json").write_text(json.dumps(truth))
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="inst2", inference={"task": "instance", "objects": objects})
     cfg["metrics"]["instance_labels"] = str(tmp_path / "instances.json")
+    capsys.readouterr()
     assert segpipe_run(tmp_path / "inst2.yaml", cfg) == 0
     ours = json.loads((tmp_path / "runs" / "inst2" / "summary.json").read_text())["mask_ap"]
+    printed = capsys.readouterr().out.splitlines()  # the terminal shows the task's own metric, not `labeled 0`
+    assert any(line.startswith(f"mask AP {100 * ours['AP']:.2f}   AP50 {100 * ours['AP50']:.2f}") for line in printed), printed
+    assert any(line.startswith(f"images {len(names)}   errors 0   labeled {len(names)}   instances ") for line in printed), printed
     rows = read_run_table(tmp_path / "runs" / "inst2", "instances").to_pylist()
     results = [
         {"image_id": names.index(r["image_id"]) + 1, "category_id": CATEGORY_IDS[r["class_id"]], "score": r["score"],
@@ -308,7 +312,7 @@ def test_instance_task_writes_rows_coco_tools_read_and_its_mask_ap_equals_cocoev
     assert not (tmp_path / "runs" / "refused").exists()
 
 
-def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_segments(ray_session, tmp_path, archive, maskformer):
+def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_segments(ray_session, tmp_path, archive, maskformer, capsys):
     """The panoptic task through `segpipe run`: the segment-id masks hold exactly the segments of
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
@@ -339,8 +343,10 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan2", inference=panoptic)
     cfg["input"]["labels"] = {"uri": str(tmp_path / "panoptic")}
     cfg["metrics"]["panoptic_labels"] = str(tmp_path / "panoptic.json")
+    capsys.readouterr()
     assert segpipe_run(tmp_path / "pan2.yaml", cfg) == 0
     summary = json.loads((tmp_path / "runs" / "pan2" / "summary.json").read_text())["panoptic"]
+    assert "PQ 100.00   SQ 100.00   RQ 100.00" in capsys.readouterr().out
     assert summary["PQ"] == summary["SQ"] == summary["RQ"] == 1.0 and summary["panoptic_images"] == len(annotations)
     seen = {CATEGORY_IDS.index(s["category_id"]) for a in annotations for s in a["segments_info"]}
     assert {k for k, c in enumerate(CATEGORY_IDS) if summary["per_class"][f"c{c}"]["PQ"] == 1.0} == seen
