@@ -123,7 +123,7 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
     job = prepare_job(cfg, incremental=incremental)
     listing_seconds = time.time() - started
     cfg = job.cfg
-    with ray_lines_to(None if verbose else job.log_path):
+    with ray_lines_to(job.log_path, echo=verbose):
         init_ray(verbose)
         actors = size_actors(cfg)
         header_start = time.time()

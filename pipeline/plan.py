@@ -181,25 +181,97 @@ def init_ray(verbose: bool = False) -> None:
         )
 
 
-@contextlib.contextmanager
-def ray_lines_to(path: str | None) -> Iterator[None]:
-    """Everything written to this process's stderr (file descriptor 2) goes to `path` meanwhile:
-    Ray's Python loggers, its C++ core worker and its notices all write there, and none of it is
-    for the person at the terminal. Our progress goes to stdout. None: leave stderr alone."""
-    if path is None:
-        yield
+class _RayPrints:
+    """Whether Ray's driver-side prints may reach the terminal: the copies of worker lines
+    (log_to_driver) and the raylet's and GCS's error messages, which Ray prints from its own threads
+    to sys.stdout, beside our progress and past `ray_lines_to`'s hold on stderr (a "(raylet) ... killed
+    by ray.kill" line at Ctrl-C). `route_ray_prints` sends them to stderr (fd 2: the attempt's log
+    while `ray_lines_to` holds it), and drops what comes after a quiet job has let go of fd 2."""
+
+    shown = True  # outside a job: False once a job that was not verbose ran
+
+
+def route_ray_prints() -> None:
+    """Wrap Ray's printer of driver-side lines (ray._private.worker.print_worker_logs, looked up at
+    each call by the error listener and the log-to-driver handler) once, as `_RayPrints` says."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "segpipe_routed", False):
         return
+
+    def to_stderr(data, print_file, ignore_prefix: bool = False):
+        if _RayPrints.shown:  # to fd 2 itself, whatever object sys.stderr is
+            with open(2, "w", closefd=False, encoding="utf-8", errors="replace") as fd2:
+                original(data, fd2, ignore_prefix)
+
+    to_stderr.segpipe_routed = True
+    ray_worker.print_worker_logs = to_stderr
+
+
+@contextlib.contextmanager
+def ray_lines_to(path: str, echo: bool = False) -> Iterator[None]:
+    """Everything written to this process's stderr (file descriptor 2) goes to `path` meanwhile, and
+    with `echo` (--verbose) to the terminal too: Ray's Python loggers, its C++ core worker, its
+    notices and (route_ray_prints) its copies of worker lines and raylet errors all write there. Our
+    progress goes to stdout. Processes started meanwhile (Ray's) keep what fd 2 was."""
+    route_ray_prints()
     sys.stderr.flush()
     saved = os.dup(2)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    tee = _Tee(log_fd, saved) if echo else None
+    os.dup2(tee.write_fd if tee else log_fd, 2)
+    _RayPrints.shown = True
     try:
         yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
+        if tee:
+            tee.detach_log()  # the thread goes on copying late lines (a child's) to the terminal
+        os.close(log_fd)
         os.close(saved)
+        _RayPrints.shown = echo
+
+
+class _Tee:
+    """A pipe whose bytes a daemon thread copies to the log file and to the terminal: fd 2 of a
+    verbose job. Ray's processes started meanwhile inherit the pipe, so it is never closed; once the
+    job lets go, what still comes goes to the terminal only."""
+
+    FLUSHED = b"\0segpipe: the log has it all\0"  # one atomic pipe write: all before it was copied
+
+    def __init__(self, log_fd: int, terminal_fd: int) -> None:
+        self.log_fd, self.terminal_fd = os.dup(log_fd), os.dup(terminal_fd)
+        read_fd, self.write_fd = os.pipe()
+        self.lock = threading.Lock()
+        self.flushed = threading.Event()
+        threading.Thread(target=self._copy, args=(read_fd,), name="segpipe-tee", daemon=True).start()
+
+    def _copy(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 65536):
+            if self.FLUSHED in data:
+                data = data.replace(self.FLUSHED, b"")
+                self._write(data)
+                self.flushed.set()
+            else:
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        with self.lock:
+            for fd in (self.log_fd, self.terminal_fd):
+                if fd >= 0 and data:
+                    with contextlib.suppress(OSError):
+                        os.write(fd, data)
+
+    def detach_log(self) -> None:
+        """After fd 2 is restored: the log gets what the pipe holds, then nothing more."""
+        os.write(self.write_fd, self.FLUSHED)
+        self.flushed.wait(timeout=5)
+        with self.lock:
+            os.close(self.log_fd)
+            self.log_fd = -1
+        os.close(self.write_fd)  # ours; a child's copy may stay open
 
 
 def run_job(
@@ -215,7 +287,7 @@ def run_job(
     `verbose`) -> finish (summary.json, run.json, logs/attempt-N.log)."""
     job = prepare_job(cfg, retry_errors=retry_errors, incremental=incremental)
     try:
-        with ray_lines_to(None if verbose else job.log_path):
+        with ray_lines_to(job.log_path, echo=verbose):
             outcome = execute_job(job, progress, verbose=verbose)
     except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
         raise

@@ -5,6 +5,9 @@ a rerun that writes only what is missing, bad images as error rows within the er
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.masks import decode_png
 from pipeline.metrics import ClassAreas, class_areas, summarize
-from pipeline.plan import plan_actors
+from pipeline.plan import plan_actors, ray_lines_to
 from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -350,3 +353,34 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     assert summary["PQ"] == summary["SQ"] == summary["RQ"] == 1.0 and summary["panoptic_images"] == len(annotations)
     seen = {CATEGORY_IDS.index(s["category_id"]) for a in annotations for s in a["segments_info"]}
     assert {k for k, c in enumerate(CATEGORY_IDS) if summary["per_class"][f"c{c}"]["PQ"] == 1.0} == seen
+
+
+def test_rays_lines_go_to_the_attempt_log_and_with_verbose_to_the_terminal_too_never_to_stdout(tmp_path, capfd):
+    """Ray writes to fd 2 (its C++ core worker, its loggers, the processes it starts) and prints its
+    copies of worker lines and raylet/GCS errors from its own threads to sys.stdout
+    (print_to_stdstream: a "(raylet) ... killed by ray.kill" line at Ctrl-C)."""
+    import ray._private.worker as ray_worker
+
+    def raylet_error(line: str) -> None:  # what Ray's driver thread listen_error_messages does
+        ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+
+    child = [sys.executable, "-c", "import sys; sys.stderr.write('a child process line\\n')"]  # as Ray's processes
+    verbose, quiet = tmp_path / "verbose.log", tmp_path / "quiet.log"
+    capfd.readouterr()
+    with ray_lines_to(str(verbose), echo=True):
+        os.write(2, b"a core worker line\n")
+        subprocess.run(child, check=True)
+        raylet_error("the verbose monitor was killed by ray.kill")
+    out, err = capfd.readouterr()
+    for line in ("a core worker line", "a child process line", "the verbose monitor was killed by ray.kill"):
+        assert line in verbose.read_text() and line in err, (line, err)
+    assert "ray.kill" not in out
+
+    with ray_lines_to(str(quiet)):
+        os.write(2, b"a quiet core worker line\n")
+        subprocess.run(child, check=True)
+        raylet_error("the quiet writer was killed by ray.kill")
+    raylet_error("the late predictor was killed by ray.kill")  # after the job let go of fd 2: the monitor's, at Ctrl-C
+    assert capfd.readouterr() == ("", "")
+    log = quiet.read_text()
+    assert "a quiet core worker line" in log and "a child process line" in log and "the quiet writer was killed by ray.kill" in log
