@@ -478,16 +478,24 @@ def _local_log_path(run_id: str) -> str:
     return path
 
 
-def progress_line(processed: int, failed: int, todo: int, seconds: float, known_total: bool = True) -> str:
-    """`  12/40 images, 0 errors, 2.10 images/s, ETA 13 s` (no ETA while the total is unknown: shards)."""
+def progress_line(
+    processed: int, failed: int, todo: int, seconds: float, known_total: bool = True, steady: tuple[int, float] | None = None
+) -> str:
+    """`  12/40 images, 0 errors, 2.10 images/s, ETA 13 s` (no ETA while the total is unknown: shards).
+
+    `steady`: (images, seconds) since the first images were committed. The rate and the ETA come from
+    it, not from the whole attempt, whose first seconds are the actors' start and model load: from
+    them an early ETA was mostly start-up (1 min 04 s with 2.5 s to go). No ETA before it."""
     rate = processed / max(seconds, 1e-9)
+    steady_rate = steady[0] / steady[1] if steady and steady[0] > 0 and steady[1] > 0 else None
+    shown = rate if steady_rate is None else steady_rate
     line = (
-        f"  {processed}/{todo} images, {failed} errors, {rate:.2f} images/s"
+        f"  {processed}/{todo} images, {failed} errors, {shown:.2f} images/s"
         if known_total
-        else f"  {processed} images, {failed} errors, {rate:.2f} images/s"
+        else f"  {processed} images, {failed} errors, {shown:.2f} images/s"
     )
-    if known_total and 0 < processed < todo and rate > 0:
-        line += f", ETA {format_seconds((todo - processed) / rate)}"
+    if known_total and 0 < processed < todo and steady_rate:
+        line += f", ETA {format_seconds((todo - processed) / steady_rate)}"
     return line
 
 
@@ -511,6 +519,7 @@ class Execution:
     store: dict | None = None
     actors: dict | None = None
     stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
+    first_commit: tuple[float, int] | None = None  # when the first images came back, and how many: the ETA's start
 
 
 def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False) -> Execution:
@@ -613,9 +622,14 @@ def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: L
             result.processed += int(images.sum())
             result.failed += int((~rows["ok"].astype(bool) & images).sum())
             result.units_done += int((~images).sum())
-            if time.time() - last > PROGRESS_SECONDS or result.processed == listing.to_do:
-                progress(progress_line(result.processed, result.failed, listing.to_do, time.time() - started, known_total))
-                last = time.time()
+            now = time.time()
+            if result.first_commit is None and result.processed:
+                result.first_commit = (now, result.processed)  # the rate is counted from here (progress_line)
+            if now - last > PROGRESS_SECONDS or result.processed == listing.to_do:
+                first_at, first_images = result.first_commit or (now, result.processed)
+                steady = (result.processed - first_images, now - first_at)
+                progress(progress_line(result.processed, result.failed, listing.to_do, now - started, known_total, steady))
+                last = now
         if interrupted.is_set():
             raise KeyboardInterrupt
 

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.masks import decode_png
 from pipeline.metrics import ClassAreas, class_areas, summarize
-from pipeline.plan import plan_actors, ray_lines_to
+from pipeline.plan import plan_actors, progress_line, ray_lines_to
 from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -384,3 +384,11 @@ def test_rays_lines_go_to_the_attempt_log_and_with_verbose_to_the_terminal_too_n
     assert capfd.readouterr() == ("", "")
     log = quiet.read_text()
     assert "a quiet core worker line" in log and "a child process line" in log and "the quiet writer was killed by ray.kill" in log
+
+
+def test_the_eta_comes_from_the_rate_since_the_first_committed_images_not_from_the_start_up():
+    # 60 s of actors' start and model load, then the first 10 images, then 8 more in 2 s: 12 left at 4/s
+    assert progress_line(18, 0, 30, 62.0, steady=(8, 2.0)) == "  18/30 images, 0 errors, 4.00 images/s, ETA 3 s"
+    # only the first images so far: no rate to tell the rest by, so no ETA (the whole attempt's would say 2 min)
+    assert "ETA" not in progress_line(10, 0, 30, 60.0, steady=(0, 0.0))
+    assert progress_line(30, 1, 30, 70.0, steady=(20, 5.0)) == "  30/30 images, 1 errors, 4.00 images/s"
