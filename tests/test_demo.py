@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from jobs import camouflage_archive
 from jobs.cli import main
 from jobs.demo import CAMOUFLAGE_CHECKPOINT
 
+ROOT = Path(__file__).resolve().parents[1]
 COD_KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
 
 
@@ -36,12 +40,40 @@ def test_camouflage_demo_prints_the_camouflaged_object_measures_the_training_scr
     assert strict_json_load(run / "run.json")["metrics"]["task"] == "binary"
 
 
-def test_semantic_demo_still_prints_miou_and_no_camouflage_line(ray_session, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `segpipe ...` line in the README's sh blocks (continued lines joined,
+    comments dropped), but those that name an S3 bucket: those need one."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] == "segpipe" and not any("s3://" in a or "s3-" in a for a in argv):
+                commands.append(argv[1:])
+    return commands
+
+
+def test_every_readme_example_runs_as_written_after_make_demo(ray_session, tmp_path, monkeypatch, capsys):
+    """As from a fresh clone: `make demo` (`segpipe demo --out ./demo-out`), then each README line,
+    from the repository root (here a copy of it: configs/ and jobs/ linked)."""
+    for name in ("configs", "jobs"):  # configs/demo.yaml names jobs/assets/demo-segformer.safetensors
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "./demo-out"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("aAcc") and "mIoU" in line for line in lines), lines
-    assert not any(line.startswith("Sm ") for line in lines)
-    assert not (tmp_path / "camouflage-archive").exists()
+    assert not any(line.startswith("Sm ") for line in lines) and not (tmp_path / "demo-out" / "camouflage-archive").exists()
+
+    commands = readme_commands()
+    assert {argv[0] for argv in commands} == {"run", "summary", "compare", "export", "convert", "models"}, commands
+    for argv in commands:
+        code = main(argv)
+        assert code == 0, (argv, capsys.readouterr())
+    out = capsys.readouterr().out
+    runs = tmp_path / "demo-out" / "runs"
+    assert strict_json_load(runs / "try1" / "summary.json")["images"] == 16 and (runs / "try2" / "plan.json").exists()
+    assert len(list((tmp_path / "demo-out" / "png").rglob("*.png"))) == 16
+    assert (tmp_path / "demo-out" / "cmp" / "report.html").exists() and (tmp_path / "demo-out" / "demo.safetensors").exists()
+    assert "job nightly: 1 runs" in out and "job night: 1 runs" in out
 
 
 def test_camouflage_archive_is_deterministic(tmp_path):
