@@ -16,12 +16,16 @@ $(VENV)/.torch:
 	  $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
 	touch $@
 
+# setuptools' "Editable installation" notice (a dozen lines on every editable install, whatever the
+# layout or mode) is information, not a problem: filtered out by its message, every other warning stays
+EDITABLE := PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e
+
 $(VENV)/.core: $(VENV)/.torch pyproject.toml
-	$(PY) -m pip install -q -e .
+	$(EDITABLE) .
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PY) -m pip install -q -e ".[test]"
+	$(EDITABLE) ".[test]"
 	touch $@
 
 venv: $(VENV)/.core

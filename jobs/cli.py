@@ -2,9 +2,10 @@
 
 Exit codes, one rule (README "Exit codes"): 0 done (per-image errors within max_error_fraction);
 2 anything found wrong before the first image is segmented (usage, config, input and labels
-locations, model name, checkpoint, a rerun that would change a run's results), one line naming the
-field; 1 a run that started and failed, one line; 130 interrupted (Ctrl-C), 143 stopped by SIGTERM
-(Kubernetes, KubeRay), 128 + the signal's number. Never a traceback (SEGPIPE_DEBUG=1 shows one).
+locations, model name, checkpoint, a rerun that would change a run's results, an optional package
+not installed: pipeline.extras), one line naming the field or the extra; 1 a run that started and
+failed, one line; 130 interrupted (Ctrl-C), 143 stopped by SIGTERM (Kubernetes, KubeRay), 128 + the
+signal's number. Never a traceback (SEGPIPE_DEBUG=1 shows one).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from models.base import ModelError
 from pipeline.config import ConfigError
+from pipeline.extras import MissingPackageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import demo_config
 
             return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
-    except (ConfigError, ModelError) as exc:
+    except (ConfigError, ModelError, MissingPackageError) as exc:  # an optional package missing: one line naming its extra
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt as exc:  # pipeline.plan.Stopped carries the signal: Ctrl-C or SIGTERM
         signum = getattr(exc, "signum", signal.SIGINT)

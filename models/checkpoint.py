@@ -122,6 +122,11 @@ def save_native(model: SegmentationModel, path: str | os.PathLike, source: str =
     )
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata={NATIVE_KEY: meta.model_dump_json()})
+    # safetensors writes a private temporary file (mode 0600) and renames it into place: give the
+    # file the mode any new file gets here (0666 minus the umask), so others can read the model
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def read_state_dict(path: str | os.PathLike, origin: str | None = None) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from pipeline.cod_metrics import KEYS as COD_KEYS
 from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import LabelsConfig
+from pipeline.extras import require
 from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, summarize
 from pipeline.rows import IdSet
@@ -565,6 +566,7 @@ def compare_runs(
         raise CompareError("compare needs at least one run")
     if resamples < 1:
         raise CompareError(f"--resamples must be at least 1, got {resamples}")
+    require("matplotlib", "report", "segpipe compare's report")  # its charts; before anything is read or written
     runs = [open_run(u, storage_options) for u in run_uris]
     _label_runs(runs)
     classes = {r.num_classes for r in runs}
@@ -978,8 +980,6 @@ def render_report(result: Comparison, storage_options: dict | None = None) -> st
     plt = _pyplot()
     colors = {r.label: RUN_COLORS[i % len(RUN_COLORS)] for i, r in enumerate(result.runs)}
     notes = list(result.notes)
-    if plt is None:
-        notes.append("charts need matplotlib: pip install 'segpipe[report]'")
     sections = [
         _section_table(result, colors),
         _section_per_class(result, colors, plt),

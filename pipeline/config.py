@@ -6,7 +6,9 @@ through `apply_overrides` before validation, so they are checked like the file i
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -286,6 +288,28 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+# the fields that name a file or a folder: a relative local path there is relative to the cwd of
+# `segpipe`, whereas Ray's workers have the cwd of whoever started Ray (`ray start`, a test session)
+PATH_FIELDS = (
+    ("input", "uri"), ("input", "labels", "uri"), ("input", "manifest"), ("model", "checkpoint"), ("output", "uri"),
+    ("metrics", "panoptic_labels"), ("metrics", "instance_labels"),
+)  # fmt: skip
+
+
+def absolute_local_paths(data: dict) -> dict:
+    """`data` with each relative local path of PATH_FIELDS made absolute here, in the driver (URIs
+    with a scheme stay as they are): the workers then read and write where the driver means."""
+    data = copy.deepcopy(data)
+    for *parents, leaf in PATH_FIELDS:
+        node = data
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        value = node.get(leaf) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value):
+            node[leaf] = os.path.abspath(value)
+    return data
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> JobConfig:
     """Read and validate a job config (a YAML path or a dict), with `--set` overrides applied."""
     if isinstance(source, dict):
@@ -301,6 +325,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a mapping")
     data = apply_overrides(data, overrides or [])
+    data = absolute_local_paths(data)
     if not isinstance(source, dict) and not data.get("job"):
         data["job"] = re.sub(r"[^A-Za-z0-9._-]", "-", Path(source).stem) or None
     try:

@@ -3,8 +3,9 @@
 `segpipe run CONFIG --dry-run` prepares the job as a real run does (listing, model, run identity,
 what earlier attempts or runs of the job hold), then reads each remaining image's header in the read
 tasks (no pixels are decoded), counts pixels and sliding windows, times the model on one batch of
-windows in a task sized like the job's actors, and writes `plan.json` in the run directory. It writes
-no masks, metrics or errors.
+windows in an actor sized like the job's, and writes `plan.json` in the run directory. It writes
+no masks, metrics or errors. The estimate is the run's fixed cost (listing, Ray's start, the actors'
+start and model load, the plan's start and end: each measured here) plus the batches' time.
 """
 
 from __future__ import annotations
@@ -28,9 +29,19 @@ HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF
 
 
 def read_headers(row: dict[str, Any], *, cfg: JobConfig) -> Iterator[dict[str, Any]]:
-    """A read task of the dry run: (image_id, height, width, error) per image of a unit, from headers.
-    Image files are read by their first bytes (the whole file only when the header lies further in);
-    tar and Parquet images come with their shard's bytes, and only their headers are parsed."""
+    """A read task of the dry run: (image_id, height, width, error, seconds) per image of a unit, from
+    headers; `seconds`: the time its header took to read (what the plan's own overhead is not)."""
+    last = time.perf_counter()
+    for header in _unit_headers(row, cfg):
+        now = time.perf_counter()
+        yield {**header, "seconds": now - last}
+        last = now
+
+
+def _unit_headers(row: dict[str, Any], cfg: JobConfig) -> Iterator[dict[str, Any]]:
+    """(image_id, height, width, error) per image of a unit. Image files are read by their first
+    bytes (the whole file only when the header lies further in); tar and Parquet images come with
+    their shard's bytes, and only their headers are parsed."""
     unit = SourceUnit.from_record(row)
     inp = cfg.input
     if unit.format != "images":
@@ -87,32 +98,50 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
 
 
 def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:
-    """Seconds for one forward pass of `inference.batch_size` windows, measured in a Ray task with an
-    actor's resources (its GPU where the job's actors get one), the median of `repeats` after a warm-up."""
+    """Seconds for one forward pass of `inference.batch_size` windows, measured in an actor with the
+    job's actors' resources (its GPU where they get one), the median of `repeats` after a warm-up; and
+    how long that actor took to start and load the model (`actor_start_seconds`)."""
     import ray
 
     @ray.remote(num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
-    def timed_batch(cfg: JobConfig, threads: int) -> dict[str, Any]:
-        import torch
+    class TimedBatch:  # an actor, as the job's: a process of its own, started for it
+        def run(self, cfg: JobConfig, threads: int) -> dict[str, Any]:
+            loading = time.perf_counter()
+            import torch
 
-        from pipeline.predictor import ModelScorer, load_job_model
+            from pipeline.predictor import ModelScorer, load_job_model
 
-        torch.set_num_threads(threads)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        scorer = ModelScorer(load_job_model(cfg.model).to(device), device, cfg.inference.precision)
-        h, w = cfg.inference.window
-        windows = torch.randint(0, 256, (cfg.inference.batch_size, 3, h, w), dtype=torch.uint8).float()
-        scorer(windows)  # warm-up: allocations, kernel selection
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scorer(windows)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds.append(time.perf_counter() - start)
-        return {"seconds": float(np.median(seconds)), "device": str(device), "threads": threads}
+            torch.set_num_threads(threads)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            scorer = ModelScorer(load_job_model(cfg.model).to(device), device, cfg.inference.precision)
+            loaded = time.perf_counter()
+            h, w = cfg.inference.window
+            windows = torch.randint(0, 256, (cfg.inference.batch_size, 3, h, w), dtype=torch.uint8).float()
+            scorer(windows)  # warm-up: allocations, kernel selection
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                scorer(windows)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - start)
+            return {
+                "seconds": float(np.median(seconds)),
+                "device": str(device),
+                "threads": threads,
+                "load_seconds": loaded - loading,  # imports and the model's load, as an actor's start does
+                "task_seconds": time.perf_counter() - loading,
+            }
 
-    return ray.get(timed_batch.remote(cfg, actors.threads))
+    submitted = time.perf_counter()
+    timer = TimedBatch.remote()
+    try:
+        timing = ray.get(timer.run.remote(cfg, actors.threads))
+    finally:
+        ray.kill(timer)
+    # the actor process's start (what its own clock misses) plus the imports and the model's load
+    timing["actor_start_seconds"] = time.perf_counter() - submitted - timing["task_seconds"] + timing["load_seconds"]
+    return timing
 
 
 def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -123,8 +152,10 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
     job = prepare_job(cfg, incremental=incremental)
     listing_seconds = time.time() - started
     cfg = job.cfg
-    with ray_lines_to(None if verbose else job.log_path):
+    with ray_lines_to(job.log_path, echo=verbose):
+        ray_start = time.time()
         init_ray(verbose)
+        ray_seconds = time.time() - ray_start
         actors = size_actors(cfg)
         header_start = time.time()
         rows: list[dict] = []
@@ -137,7 +168,16 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
     windows = [windows_of(r["height"], r["width"], cfg) for r in ok]
     total_windows = int(sum(windows))
     batches = math.ceil(total_windows / cfg.inference.batch_size)
-    estimate = batches * timing["seconds"] / max(actors.actors, 1)
+    segmenting = batches * timing["seconds"] / max(actors.actors, 1)
+    # what a run costs whatever its size, each part measured by this dry run but the plan's own
+    fixed = {
+        "listing": round(listing_seconds, 1),
+        "ray_start": round(ray_seconds, 1),  # 0 where Ray was running already (RAY_ADDRESS, a Ray job)
+        "actor_start": round(timing["actor_start_seconds"], 1),  # the actors start side by side
+        # a Ray Data plan's start and end: this dry run's header plan less the reading itself
+        "plan": round(max(0.0, header_seconds - sum(r["seconds"] for r in rows) / max(actors.read_tasks, 1)), 1),
+    }
+    estimate = sum(fixed.values()) + segmenting
     plan = {
         "run_id": cfg.run_id,
         "job": cfg.job,
@@ -163,8 +203,13 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
         "timed_on": timing["device"],
         "actors": vars(actors),
         "estimated_seconds": round(estimate, 1),
-        "estimate_basis": "ceil(windows / batch_size) batches x the timed batch / actors; decoding, reading and writing "
-        "run beside the model and are not counted",
+        "segmenting_seconds": round(segmenting, 1),
+        "fixed_seconds": fixed,
+        "estimate_basis": "fixed_seconds, each measured by this dry run (the listing, Ray's start, an actor's start and "
+        "model load, a Ray Data plan's start and end) + ceil(windows / batch_size) batches x the timed batch / actors; "
+        "decoding, reading and writing run beside the model, and the imports, summary and Ray's shutdown (a few "
+        "seconds) are not counted",
+        "dry_run_seconds": round(time.time() - started, 1),
         "incremental": job.record.incremental,
     }
     job.store.write_json("plan.json", plan)
@@ -173,15 +218,25 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
     return plan
 
 
+def _fixed_words(plan: dict) -> str:
+    f = plan["fixed_seconds"]
+    return (
+        f"start-up {format_seconds(sum(f.values()))} (listing {f['listing']:.1f} s, Ray {f['ray_start']:.1f} s, "
+        f"actors and model load {f['actor_start']:.1f} s, plan {f['plan']:.1f} s)"
+    )
+
+
 def format_plan(plan: dict) -> str:
     lines = [
         f"dry run {plan['run_id']}: {plan['images']} of {plan['images_listed']} images to segment"
         + (f" ({plan['images_done_earlier']} done earlier)" if plan["images_done_earlier"] else ""),
         f"  pixels {plan['pixels']:,}   windows {plan['windows']:,} (per image {plan['windows_per_image']['min']}"
         f"..{plan['windows_per_image']['max']})   unreadable {plan['images_unreadable']}",
-        f"  one batch of {plan['batch_size']} windows: {plan['batch_seconds']:.3f} s on {plan['timed_on']}, "
-        f"{plan['actors']['actors']} actors: about {format_seconds(plan['estimated_seconds'])}",
-        f"  listing {plan['listing_seconds']:.1f} s, headers {plan['header_seconds']:.1f} s",
+        f"  estimate: about {format_seconds(plan['estimated_seconds'])} = {_fixed_words(plan)} + segmenting "
+        f"{format_seconds(plan['segmenting_seconds'])} ({math.ceil(plan['windows'] / plan['batch_size'])} batches of "
+        f"{plan['batch_size']} windows at {plan['batch_seconds']:.3f} s on {plan['timed_on']}, {plan['actors']['actors']} actors)",
+        f"  this dry run took {format_seconds(plan['dry_run_seconds'])}: listing {plan['listing_seconds']:.1f} s, "
+        f"headers {plan['header_seconds']:.1f} s",
         f"plan: {plan['path']}",
     ]
     return "\n".join(lines)

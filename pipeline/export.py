@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.extras import require
 from pipeline.masks import PngRows, decode_png
 from pipeline.objects import encode_rle
 from pipeline.runstore import CHUNK_FIELDS, MASKS, RunStore, split_run_uri, strict_json
@@ -71,6 +72,8 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
     """Export run `run_uri` to `out_uri` as `fmt` (see the module's docstring)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    if fmt == "tiff":  # before anything is written: a missing package is one line, no empty folder
+        require("tifffile", "tiff", "--format tiff")
     run = open_run(run_uri, storage_options or {})
     dest = Destination(out_uri, storage_options or {})
     result = ExportResult(fmt, out_uri)
@@ -327,10 +330,8 @@ def export_tiff(run: Run, dest: Destination, result: ExportResult) -> None:
 def write_tiff(image: ImageMask, path: str, tile: int = TIFF_TILE) -> None:
     """The image's mask as a tiled TIFF at local `path`, tile by tile from `mask_tiles`: tifffile
     compresses each tile as it comes, holding at most one row of tiles for its threads."""
-    try:
-        import tifffile  # the `tiff` extra
-    except ImportError:
-        raise ExportError("--format tiff needs tifffile: pip install 'segpipe[tiff]'") from None
+    import tifffile  # the `tiff` extra, required by export_run
+
     dtype = mask_dtype(image)
     tifffile.imwrite(
         path,

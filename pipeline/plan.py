@@ -209,25 +209,97 @@ def init_ray(verbose: bool = False) -> None:
             signal.signal(signal.SIGTERM, on_sigterm)
 
 
-@contextlib.contextmanager
-def ray_lines_to(path: str | None) -> Iterator[None]:
-    """Everything written to this process's stderr (file descriptor 2) goes to `path` meanwhile:
-    Ray's Python loggers, its C++ core worker and its notices all write there, and none of it is
-    for the person at the terminal. Our progress goes to stdout. None: leave stderr alone."""
-    if path is None:
-        yield
+class _RayPrints:
+    """Whether Ray's driver-side prints may reach the terminal: the copies of worker lines
+    (log_to_driver) and the raylet's and GCS's error messages, which Ray prints from its own threads
+    to sys.stdout, beside our progress and past `ray_lines_to`'s hold on stderr (a "(raylet) ... killed
+    by ray.kill" line at Ctrl-C). `route_ray_prints` sends them to stderr (fd 2: the attempt's log
+    while `ray_lines_to` holds it), and drops what comes after a quiet job has let go of fd 2."""
+
+    shown = True  # outside a job: False once a job that was not verbose ran
+
+
+def route_ray_prints() -> None:
+    """Wrap Ray's printer of driver-side lines (ray._private.worker.print_worker_logs, looked up at
+    each call by the error listener and the log-to-driver handler) once, as `_RayPrints` says."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "segpipe_routed", False):
         return
+
+    def to_stderr(data, print_file, ignore_prefix: bool = False):
+        if _RayPrints.shown:  # to fd 2 itself, whatever object sys.stderr is
+            with open(2, "w", closefd=False, encoding="utf-8", errors="replace") as fd2:
+                original(data, fd2, ignore_prefix)
+
+    to_stderr.segpipe_routed = True
+    ray_worker.print_worker_logs = to_stderr
+
+
+@contextlib.contextmanager
+def ray_lines_to(path: str, echo: bool = False) -> Iterator[None]:
+    """Everything written to this process's stderr (file descriptor 2) goes to `path` meanwhile, and
+    with `echo` (--verbose) to the terminal too: Ray's Python loggers, its C++ core worker, its
+    notices and (route_ray_prints) its copies of worker lines and raylet errors all write there. Our
+    progress goes to stdout. Processes started meanwhile (Ray's) keep what fd 2 was."""
+    route_ray_prints()
     sys.stderr.flush()
     saved = os.dup(2)
     log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    os.dup2(log_fd, 2)
-    os.close(log_fd)
+    tee = _Tee(log_fd, saved) if echo else None
+    os.dup2(tee.write_fd if tee else log_fd, 2)
+    _RayPrints.shown = True
     try:
         yield
     finally:
         sys.stderr.flush()
         os.dup2(saved, 2)
+        if tee:
+            tee.detach_log()  # the thread goes on copying late lines (a child's) to the terminal
+        os.close(log_fd)
         os.close(saved)
+        _RayPrints.shown = echo
+
+
+class _Tee:
+    """A pipe whose bytes a daemon thread copies to the log file and to the terminal: fd 2 of a
+    verbose job. Ray's processes started meanwhile inherit the pipe, so it is never closed; once the
+    job lets go, what still comes goes to the terminal only."""
+
+    FLUSHED = b"\0segpipe: the log has it all\0"  # one atomic pipe write: all before it was copied
+
+    def __init__(self, log_fd: int, terminal_fd: int) -> None:
+        self.log_fd, self.terminal_fd = os.dup(log_fd), os.dup(terminal_fd)
+        read_fd, self.write_fd = os.pipe()
+        self.lock = threading.Lock()
+        self.flushed = threading.Event()
+        threading.Thread(target=self._copy, args=(read_fd,), name="segpipe-tee", daemon=True).start()
+
+    def _copy(self, read_fd: int) -> None:
+        while data := os.read(read_fd, 65536):
+            if self.FLUSHED in data:
+                data = data.replace(self.FLUSHED, b"")
+                self._write(data)
+                self.flushed.set()
+            else:
+                self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        with self.lock:
+            for fd in (self.log_fd, self.terminal_fd):
+                if fd >= 0 and data:
+                    with contextlib.suppress(OSError):
+                        os.write(fd, data)
+
+    def detach_log(self) -> None:
+        """After fd 2 is restored: the log gets what the pipe holds, then nothing more."""
+        os.write(self.write_fd, self.FLUSHED)
+        self.flushed.wait(timeout=5)
+        with self.lock:
+            os.close(self.log_fd)
+            self.log_fd = -1
+        os.close(self.write_fd)  # ours; a child's copy may stay open
 
 
 def run_job(
@@ -257,7 +329,7 @@ def run_job(
             )
         outcome = Execution()
         try:
-            with ray_lines_to(None if verbose else job.log_path):
+            with ray_lines_to(job.log_path, echo=verbose):
                 execute_job(job, progress, verbose=verbose, result=outcome)
         except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
             raise
@@ -457,16 +529,24 @@ def _local_log_path(run_id: str) -> str:
     return path
 
 
-def progress_line(processed: int, failed: int, todo: int, seconds: float, known_total: bool = True) -> str:
-    """`  12/40 images, 0 errors, 2.10 images/s, ETA 13 s` (no ETA while the total is unknown: shards)."""
+def progress_line(
+    processed: int, failed: int, todo: int, seconds: float, known_total: bool = True, steady: tuple[int, float] | None = None
+) -> str:
+    """`  12/40 images, 0 errors, 2.10 images/s, ETA 13 s` (no ETA while the total is unknown: shards).
+
+    `steady`: (images, seconds) since the first images were committed. The rate and the ETA come from
+    it, not from the whole attempt, whose first seconds are the actors' start and model load: from
+    them an early ETA was mostly start-up (1 min 04 s with 2.5 s to go). No ETA before it."""
     rate = processed / max(seconds, 1e-9)
+    steady_rate = steady[0] / steady[1] if steady and steady[0] > 0 and steady[1] > 0 else None
+    shown = rate if steady_rate is None else steady_rate
     line = (
-        f"  {processed}/{todo} images, {failed} errors, {rate:.2f} images/s"
+        f"  {processed}/{todo} images, {failed} errors, {shown:.2f} images/s"
         if known_total
-        else f"  {processed} images, {failed} errors, {rate:.2f} images/s"
+        else f"  {processed} images, {failed} errors, {shown:.2f} images/s"
     )
-    if known_total and 0 < processed < todo and rate > 0:
-        line += f", ETA {format_seconds((todo - processed) / rate)}"
+    if known_total and 0 < processed < todo and steady_rate:
+        line += f", ETA {format_seconds((todo - processed) / steady_rate)}"
     return line
 
 
@@ -491,6 +571,7 @@ class Execution:
     store: dict | None = None
     actors: dict | None = None
     stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
+    first_commit: tuple[float, int] | None = None  # when the first images came back, and how many: the ETA's start
 
 
 def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False, result: Execution | None = None) -> Execution:
@@ -601,9 +682,14 @@ def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: L
             result.processed += int(images.sum())
             result.failed += int((~rows["ok"].astype(bool) & images).sum())
             result.units_done += int((~images).sum())
-            if time.time() - last > PROGRESS_SECONDS or result.processed == listing.to_do:
-                progress(progress_line(result.processed, result.failed, listing.to_do, time.time() - started, known_total))
-                last = time.time()
+            now = time.time()
+            if result.first_commit is None and result.processed:
+                result.first_commit = (now, result.processed)  # the rate is counted from here (progress_line)
+            if now - last > PROGRESS_SECONDS or result.processed == listing.to_do:
+                first_at, first_images = result.first_commit or (now, result.processed)
+                steady = (result.processed - first_images, now - first_at)
+                progress(progress_line(result.processed, result.failed, listing.to_do, now - started, known_total, steady))
+                last = now
         if interrupted.is_set():
             raise Stopped(interrupted.signum)
 

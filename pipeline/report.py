@@ -22,7 +22,23 @@ def _cod_line(s: dict) -> str:
     )
 
 
+def _mask_ap_line(ap: dict) -> str:
+    """An instance task's mask AP (summary.json `mask_ap`, COCOeval's stats) in points, as detectron2 prints it."""
+    values = "   ".join(f"{key} {_pct(ap.get(key)).strip()}" for key in ("AP50", "AP75", "APs", "APm", "APl"))
+    return f"mask AP {_pct(ap.get('AP')).strip()}   {values}   ({ap.get('images', 0)} images)"
+
+
+def _panoptic_line(pq: dict) -> str:
+    """A panoptic task's PQ, SQ, RQ (summary.json `panoptic`, panopticapi's), things and stuff apart."""
+    return (
+        f"PQ {_pct(pq.get('PQ')).strip()}   SQ {_pct(pq.get('SQ')).strip()}   RQ {_pct(pq.get('RQ')).strip()}"
+        f"   (things PQ {_pct(pq.get('PQ_th')).strip()}, stuff PQ {_pct(pq.get('PQ_st')).strip()}; {pq.get('panoptic_images', 0)} images)"
+    )
+
+
 def format_summary(summary: dict, run_dir: str = "") -> str:
+    """The terminal's summary: the task's own metrics (per-class IoU and mIoU; the camouflaged-object
+    measures of a binary task; mask AP of an instance task, PQ of a panoptic one, when labeled), then counts."""
     names = summary.get("class_names") or [str(i) for i in range(len(summary.get("IoU", [])))]
     width = max([len("class")] + [len(n) for n in names])
     lines = []
@@ -36,7 +52,16 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         )
     if "Sm" in summary:
         lines.append(_cod_line(summary))
-    counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}"
+    mask_ap, panoptic = summary.get("mask_ap") or {}, summary.get("panoptic") or {}
+    if mask_ap:
+        lines.append(_mask_ap_line(mask_ap))
+    if panoptic:
+        lines.append(_panoptic_line(panoptic))
+    # labeled: the images scored against any labels (class maps, COCO instances, COCO panoptic)
+    labeled = max(summary.get("labeled_images") or 0, mask_ap.get("images") or 0, panoptic.get("panoptic_images") or 0)
+    counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {labeled}"
+    if summary.get("objects"):
+        counts += f"   {summary['objects'].get('table', 'objects')} {summary['objects'].get('rows', 0)}"
     now = summary.get("this_attempt") or summary.get("throughput")
     if now:
         rate = now.get("images_per_second") or 0.0

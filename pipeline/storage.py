@@ -38,6 +38,8 @@ from typing import Any, TypeVar
 import fsspec
 import fsspec.asyn
 
+from pipeline.extras import store_package_missing
+
 log = logging.getLogger("segpipe.storage")
 
 T = TypeVar("T")
@@ -54,7 +56,10 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     (`max_attempts: 1` becomes `total_max_attempts: 2, mode: legacy`), which would change the
     config that run.json records and the key of fsspec's instance cache.
     """
-    fs, path = fsspec.core.url_to_fs(uri, **copy.deepcopy(storage_options or {}))
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **copy.deepcopy(storage_options or {}))
+    except ImportError as exc:  # gs:// without gcsfs, ...: one line, exit 2 (pipeline.extras)
+        raise store_package_missing(uri, exc) from None
     return fs, path.rstrip("/") or path
 
 
@@ -67,7 +72,10 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def is_local(uri: str) -> bool:
     """A path on this machine's own file system (a plain path or file://)."""
-    return "file" in _protocols(fsspec.core.url_to_fs(uri)[0])
+    try:
+        return "file" in _protocols(fsspec.core.url_to_fs(uri)[0])
+    except ImportError as exc:
+        raise store_package_missing(uri, exc) from None
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
 import torch
-from helpers import TINY_HF_SEGFORMER, job_config, saved_hf_model, segpipe_run
+from helpers import TINY_HF_SEGFORMER, job_config, saved_hf_model, segpipe_run, write_yaml
 
 from jobs.cli import main
 from models import load_model
@@ -18,13 +20,21 @@ def test_models_lists_the_registry(capsys):
     assert {f"segformer-b{i}" for i in range(6)} <= set(names)
 
 
-def test_convert_turns_an_hf_directory_into_a_native_checkpoint_with_the_same_outputs_and_classes(tmp_path, capsys):
+def test_convert_turns_an_hf_directory_into_a_native_checkpoint_with_the_same_outputs_and_classes_says_so_and_is_readable_like_any_new_file(
+    tmp_path, capsys
+):
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     config = SegformerConfig(**{**TINY_HF_SEGFORMER, "id2label": {0: "a", 1: "b", 2: "c"}, "label2id": {"a": 0, "b": 1, "c": 2}})
     saved_hf_model(SegformerForSemanticSegmentation, config, tmp_path / "hf", perturb=False)
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors")]) == 0
-    assert "3 classes" in capsys.readouterr().out
+    assert (
+        capsys.readouterr().out.strip()
+        == f"{tmp_path / 'm.safetensors'}: segformer, 3 classes, {sum(p.numel() for p in load_model(tmp_path / 'hf').parameters()):,} parameters"
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask  # as any new file, not 0600
     a, b = load_model(tmp_path / "hf"), load_model(tmp_path / "m.safetensors")
     x = torch.randn(1, 3, 50, 38)
     with torch.no_grad():
@@ -61,3 +71,30 @@ def test_an_input_with_no_image_exits_2_before_ray_starts_and_writes_nothing(tmp
         err = capsys.readouterr().err
         assert err.startswith("segpipe: input.pattern: no file under") and pattern in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "runs").exists()
+
+
+# as where s3fs is not installed: the first `import s3fs` (fsspec's, when it opens s3://) fails
+WITHOUT_S3FS = "import sys; sys.modules['s3fs'] = None; from jobs.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_s3_without_s3fs_exits_2_with_one_line_for_a_run_and_an_export_and_writes_nothing(tmp_path, checkpoint):
+    cfg = job_config(tmp_path, "s3://archive/images", checkpoint, run_id="s3")
+    write_yaml(tmp_path / "job.yaml", cfg)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    for argv in (["run", str(tmp_path / "job.yaml")], ["export", str(tmp_path / "run"), "--to", "s3://results/x", "--format", "png"]):
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_S3FS, *argv], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"segpipe: {'s3://archive/images' if argv[0] == 'run' else 's3://results/x'}: the store's package is not installed (Install s3fs to access S3)"
+        ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_s3fs_is_a_core_dependency_with_boto3_and_botocore_pinned_as_aiobotocore_needs():
+    from pathlib import Path
+
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    assert {"s3fs==2026.9.0", "boto3==1.43.117", "botocore==1.43.117"} <= set(project["dependencies"])

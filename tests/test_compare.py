@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,13 @@ def test_report_renders_in_headless_chromium(compared, tmp_path):
     # per image: the label and each run's mask as coloured overlays, and where they differ
     assert cases.count('class="overlay mask"') == 4 * 3 and cases.count('class="overlay label"') == 4
     assert cases.count('src="data:image/png;base64,') == 4 * (1 + 1 + 3 + 1)
+
+
+def test_compare_without_matplotlib_exits_2_with_one_line_naming_the_report_extra_and_writes_nothing(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where the `report` extra is not installed: import fails
+    capsys.readouterr()
+    assert main(["compare", str(runs["a"]), str(runs["b"]), "--out", str(tmp_path / "cmp")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "segpipe: segpipe compare's report needs matplotlib: pip install 'segpipe[report]'"
+    ]
+    assert not (tmp_path / "cmp").exists()

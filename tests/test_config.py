@@ -82,3 +82,16 @@ def test_a_tta_scale_that_is_not_positive_exits_2_naming_the_field(tmp_path, cap
     capsys.readouterr()
     assert segpipe_run(tmp_path / "bad.yaml", cfg) == 2
     assert "inference.tta.scales" in capsys.readouterr().err
+
+
+def test_relative_local_paths_are_made_absolute_in_the_driver_and_uris_stay(tmp_path, monkeypatch):
+    """Ray's workers have the cwd of whoever started Ray, not segpipe's: `demo-out/runs` must mean
+    the driver's folder there too."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        {"input": {"uri": "archive/images", "labels": {"uri": "archive/labels"}}, "model": {"checkpoint": "m.safetensors"},
+         "output": {"uri": "s3://bucket/runs"}, "metrics": {"instance_labels": "coco.json"}, "inference": {"task": "instance"}}
+    )  # fmt: skip
+    assert cfg.input.uri == str(tmp_path / "archive" / "images") and cfg.input.labels.uri == str(tmp_path / "archive" / "labels")
+    assert cfg.model.checkpoint == str(tmp_path / "m.safetensors") and cfg.metrics.instance_labels == str(tmp_path / "coco.json")
+    assert cfg.output.uri == "s3://bucket/runs"

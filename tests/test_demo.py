@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from jobs import camouflage_archive
 from jobs.cli import main
 from jobs.demo import CAMOUFLAGE_CHECKPOINT
 
+ROOT = Path(__file__).resolve().parents[1]
 COD_KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
 
 
@@ -36,12 +40,40 @@ def test_camouflage_demo_prints_the_camouflaged_object_measures_the_training_scr
     assert strict_json_load(run / "run.json")["metrics"]["task"] == "binary"
 
 
-def test_semantic_demo_still_prints_miou_and_no_camouflage_line(ray_session, tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `segpipe ...` line in the README's sh blocks (continued lines joined,
+    comments dropped), but those that name an S3 bucket: those need one."""
+    commands = []
+    for block in re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv and argv[0] == "segpipe" and not any("s3://" in a or "s3-" in a for a in argv):
+                commands.append(argv[1:])
+    return commands
+
+
+def test_every_readme_example_runs_as_written_after_make_demo(ray_session, tmp_path, monkeypatch, capsys):
+    """As from a fresh clone: `make demo` (`segpipe demo --out ./demo-out`), then each README line,
+    from the repository root (here a copy of it: configs/ and jobs/ linked)."""
+    for name in ("configs", "jobs"):  # configs/demo.yaml names jobs/assets/demo-segformer.safetensors
+        (tmp_path / name).symlink_to(ROOT / name)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "./demo-out"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("aAcc") and "mIoU" in line for line in lines), lines
-    assert not any(line.startswith("Sm ") for line in lines)
-    assert not (tmp_path / "camouflage-archive").exists()
+    assert not any(line.startswith("Sm ") for line in lines) and not (tmp_path / "demo-out" / "camouflage-archive").exists()
+
+    commands = readme_commands()
+    assert {argv[0] for argv in commands} == {"run", "summary", "compare", "export", "convert", "models"}, commands
+    for argv in commands:
+        code = main(argv)
+        assert code == 0, (argv, capsys.readouterr())
+    out = capsys.readouterr().out
+    runs = tmp_path / "demo-out" / "runs"
+    assert strict_json_load(runs / "try1" / "summary.json")["images"] == 16 and (runs / "try2" / "plan.json").exists()
+    assert len(list((tmp_path / "demo-out" / "png").rglob("*.png"))) == 16
+    assert (tmp_path / "demo-out" / "cmp" / "report.html").exists() and (tmp_path / "demo-out" / "demo.safetensors").exists()
+    assert "job nightly: 1 runs" in out and "job night: 1 runs" in out
 
 
 def test_camouflage_archive_is_deterministic(tmp_path):
@@ -69,3 +101,34 @@ def test_camouflage_archive_has_objects_empty_images_and_images_larger_than_the_
     # and the held-out split is not the train split
     train_image, _ = camouflage_archive.make_sample("train", 0)
     assert not np.array_equal(train_image, images[0][: train_image.shape[0], : train_image.shape[1]])
+
+
+def test_every_package_directory_is_in_setuptools_packages_so_installing_warns_of_none_and_ships_the_demo_models():
+    """setuptools warns ("Package 'jobs.assets' is absent from the packages configuration", 40 lines
+    in `make demo`) about any directory under a listed package that Python could import and that
+    `packages` leaves out; the demo's bundled models must be package data of a listed package."""
+    import fnmatch
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parent.parent
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = set(setuptools["packages"])
+    importable = {
+        ".".join(d.relative_to(root).parts)
+        for top in ("pipeline", "models", "jobs")
+        for d in [root / top, *(root / top).rglob("*")]
+        if d.is_dir()
+        and d.name != "__pycache__"
+        and all(p.isidentifier() for p in d.relative_to(root).parts)
+        and any(f.is_file() for f in d.iterdir())
+    }
+    assert importable <= packages, importable - packages
+    shipped = {
+        f.relative_to(root).as_posix()
+        for package, patterns in setuptools["package-data"].items()
+        for f in (root / package.replace(".", "/")).iterdir()
+        if package in packages and any(fnmatch.fnmatch(f.name, p) for p in patterns)
+    }
+    assert {"jobs/assets/demo-segformer.safetensors", "jobs/assets/camouflage-segformer.safetensors"} <= shipped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import tracemalloc
 
 import numpy as np
@@ -364,3 +365,14 @@ def test_an_unknown_format_exits_2(semantic_run, tmp_path, capsys):
         main(["export", run, "--to", str(tmp_path / "out"), "--format", "jpeg"])
     assert exit_.value.code == 2
     assert "invalid choice: 'jpeg'" in capsys.readouterr().err
+
+
+def test_tiff_without_tifffile_exits_2_with_one_line_naming_the_tiff_extra_and_creates_no_folder(
+    semantic_run, tmp_path, capsys, monkeypatch
+):
+    run, _ = semantic_run
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # as where the `tiff` extra is not installed: import fails
+    assert main(["export", run, "--to", str(tmp_path / "out"), "--format", "tiff"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["segpipe: --format tiff needs tifffile: pip install 'segpipe[tiff]'"]
+    assert not (tmp_path / "out").exists()

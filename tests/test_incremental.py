@@ -14,6 +14,7 @@ import pytest
 from helpers import job_config, labeled_folder, read_run_table, strict_json_load, tiny_checkpoint, write_yaml
 
 from jobs.cli import main
+from pipeline.plan import format_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
@@ -86,13 +87,21 @@ def test_a_dry_run_writes_plan_json_only_and_counts_what_the_run_then_does(ray_s
     (data / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     config = write_yaml(tmp_path / "job.yaml", {**cfg, "max_error_fraction": 0.5})
     assert main(["run", str(config), "--dry-run"]) == 0
-    assert "about" in capsys.readouterr().out
+    printed = capsys.readouterr().out
     run = tmp_path / "runs" / "planned"
     plan = strict_json_load(run / "plan.json")
     assert not any((run / kind).exists() for kind in ("masks", "metrics", "errors"))
     assert plan["images"] == 4 and plan["images_unreadable"] == 1 and plan["pixels"] == 30 * 40 + 64 * 20 + 50 * 50
     # 32-px windows, stride 24, the last at the edge: 30x40 -> 1x2, 64x20 -> 3x1 (0, 24, 32), 50x50 -> 2x2
     assert plan["windows"] == 2 + 3 + 4 and plan["estimated_seconds"] >= 0 and plan["batch_seconds"] > 0
+    # the estimate is the run's fixed cost (each part measured here: an actor's start and model load
+    # take a second at least) plus the batches, and says so
+    fixed = plan["fixed_seconds"]
+    assert set(fixed) == {"listing", "ray_start", "actor_start", "plan"} and fixed["actor_start"] > 0.5
+    assert plan["estimated_seconds"] == pytest.approx(sum(fixed.values()) + plan["segmenting_seconds"], abs=0.11)
+    assert plan["segmenting_seconds"] == pytest.approx(2 * plan["batch_seconds"], abs=0.06)  # 9 windows: 2 batches of 8
+    assert "fixed_seconds" in plan["estimate_basis"] and plan["dry_run_seconds"] > 0
+    assert f"estimate: about {format_seconds(plan['estimated_seconds'])} = start-up " in printed and "this dry run took" in printed
 
     assert main(["run", str(config)]) == 0
     info = strict_json_load(run / "run.json")

@@ -5,6 +5,9 @@ a rerun that writes only what is missing, bad images as error rows within the er
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.masks import decode_png
 from pipeline.metrics import ClassAreas, class_areas, summarize
-from pipeline.plan import plan_actors
+from pipeline.plan import plan_actors, progress_line, ray_lines_to
 from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -281,8 +284,12 @@ def test_instance_task_writes_rows_coco_tools_read_and_its_mask_ap_equals_cocoev
     (tmp_path / "instances.json").write_text(json.dumps(truth))
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="inst2", inference={"task": "instance", "objects": objects})
     cfg["metrics"]["instance_labels"] = str(tmp_path / "instances.json")
+    capsys.readouterr()
     assert segpipe_run(tmp_path / "inst2.yaml", cfg) == 0
     ours = json.loads((tmp_path / "runs" / "inst2" / "summary.json").read_text())["mask_ap"]
+    printed = capsys.readouterr().out.splitlines()  # the terminal shows the task's own metric, not `labeled 0`
+    assert any(line.startswith(f"mask AP {100 * ours['AP']:.2f}   AP50 {100 * ours['AP50']:.2f}") for line in printed), printed
+    assert any(line.startswith(f"images {len(names)}   errors 0   labeled {len(names)}   instances ") for line in printed), printed
     rows = read_run_table(tmp_path / "runs" / "inst2", "instances").to_pylist()
     results = [
         {"image_id": names.index(r["image_id"]) + 1, "category_id": CATEGORY_IDS[r["class_id"]], "score": r["score"],
@@ -308,7 +315,7 @@ def test_instance_task_writes_rows_coco_tools_read_and_its_mask_ap_equals_cocoev
     assert not (tmp_path / "runs" / "refused").exists()
 
 
-def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_segments(ray_session, tmp_path, archive, maskformer):
+def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_segments(ray_session, tmp_path, archive, maskformer, capsys):
     """The panoptic task through `segpipe run`: the segment-id masks hold exactly the segments of
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
@@ -339,8 +346,10 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan2", inference=panoptic)
     cfg["input"]["labels"] = {"uri": str(tmp_path / "panoptic")}
     cfg["metrics"]["panoptic_labels"] = str(tmp_path / "panoptic.json")
+    capsys.readouterr()
     assert segpipe_run(tmp_path / "pan2.yaml", cfg) == 0
     summary = json.loads((tmp_path / "runs" / "pan2" / "summary.json").read_text())["panoptic"]
+    assert "PQ 100.00   SQ 100.00   RQ 100.00" in capsys.readouterr().out
     assert summary["PQ"] == summary["SQ"] == summary["RQ"] == 1.0 and summary["panoptic_images"] == len(annotations)
     seen = {CATEGORY_IDS.index(s["category_id"]) for a in annotations for s in a["segments_info"]}
     assert {k for k, c in enumerate(CATEGORY_IDS) if summary["per_class"][f"c{c}"]["PQ"] == 1.0} == seen
@@ -364,3 +373,42 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_while_it_finishes_is_only_rememb
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.is_set() and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_rays_lines_go_to_the_attempt_log_and_with_verbose_to_the_terminal_too_never_to_stdout(tmp_path, capfd):
+    """Ray writes to fd 2 (its C++ core worker, its loggers, the processes it starts) and prints its
+    copies of worker lines and raylet/GCS errors from its own threads to sys.stdout
+    (print_to_stdstream: a "(raylet) ... killed by ray.kill" line at Ctrl-C)."""
+    import ray._private.worker as ray_worker
+
+    def raylet_error(line: str) -> None:  # what Ray's driver thread listen_error_messages does
+        ray_worker.print_to_stdstream({"lines": [line], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+
+    child = [sys.executable, "-c", "import sys; sys.stderr.write('a child process line\\n')"]  # as Ray's processes
+    verbose, quiet = tmp_path / "verbose.log", tmp_path / "quiet.log"
+    capfd.readouterr()
+    with ray_lines_to(str(verbose), echo=True):
+        os.write(2, b"a core worker line\n")
+        subprocess.run(child, check=True)
+        raylet_error("the verbose monitor was killed by ray.kill")
+    out, err = capfd.readouterr()
+    for line in ("a core worker line", "a child process line", "the verbose monitor was killed by ray.kill"):
+        assert line in verbose.read_text() and line in err, (line, err)
+    assert "ray.kill" not in out
+
+    with ray_lines_to(str(quiet)):
+        os.write(2, b"a quiet core worker line\n")
+        subprocess.run(child, check=True)
+        raylet_error("the quiet writer was killed by ray.kill")
+    raylet_error("the late predictor was killed by ray.kill")  # after the job let go of fd 2: the monitor's, at Ctrl-C
+    assert capfd.readouterr() == ("", "")
+    log = quiet.read_text()
+    assert "a quiet core worker line" in log and "a child process line" in log and "the quiet writer was killed by ray.kill" in log
+
+
+def test_the_eta_comes_from_the_rate_since_the_first_committed_images_not_from_the_start_up():
+    # 60 s of actors' start and model load, then the first 10 images, then 8 more in 2 s: 12 left at 4/s
+    assert progress_line(18, 0, 30, 62.0, steady=(8, 2.0)) == "  18/30 images, 0 errors, 4.00 images/s, ETA 3 s"
+    # only the first images so far: no rate to tell the rest by, so no ETA (the whole attempt's would say 2 min)
+    assert "ETA" not in progress_line(10, 0, 30, 60.0, steady=(0, 0.0))
+    assert progress_line(30, 1, 30, 70.0, steady=(20, 5.0)) == "  30/30 images, 1 errors, 4.00 images/s"
