@@ -22,6 +22,24 @@ def _cod_line(s: dict) -> str:
     )
 
 
+def _label_lines(s: dict, num_classes: int) -> list[str]:
+    """What the labels held beyond the classes, and how a binary task's labels were read."""
+    lines = []
+    readings = s.get("label_readings")
+    if readings and any(readings.values()):
+        described = {"mask": "0/255 masks (foreground > 128)", "class_index": "class indices", "empty": "background only"}
+        lines.append("labels read as " + ", ".join(f"{described[k]}: {n}" for k, n in readings.items() if n))
+    outside = s.get("label_values_outside_classes") or {}
+    if outside.get("pixels"):
+        lines.append(
+            f"labels: {outside['pixels']} pixels in {outside['images']} images hold values outside the model's {num_classes} classes "
+            "(and not ignore_index): counted in no class"
+        )
+    if outside.get("unknown_images"):
+        lines.append(f"labels: {outside['unknown_images']} images were measured before label values outside the classes were counted")
+    return lines
+
+
 def format_summary(summary: dict, run_dir: str = "") -> str:
     names = summary.get("class_names") or [str(i) for i in range(len(summary.get("IoU", [])))]
     width = max([len("class")] + [len(n) for n in names])
@@ -36,6 +54,7 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         )
     if "Sm" in summary:
         lines.append(_cod_line(summary))
+    lines.extend(_label_lines(summary, len(names)))
     counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {summary.get('labeled_images', 0)}"
     now = summary.get("this_attempt") or summary.get("throughput")
     if now:

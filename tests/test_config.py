@@ -82,3 +82,26 @@ def test_a_tta_scale_that_is_not_positive_exits_2_naming_the_field(tmp_path, cap
     capsys.readouterr()
     assert segpipe_run(tmp_path / "bad.yaml", cfg) == 2
     assert "inference.tta.scales" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "metrics, problem",
+    [
+        ({"task": "binary", "ignore_index": 255}, "255 is a foreground value of mask labels"),  # auto: 0/255 masks are read
+        ({"task": "binary", "binary_labels": "mask", "ignore_index": 200}, "foreground value"),
+        ({"task": "binary", "binary_labels": "mask", "ignore_index": 0}, "the background of mask labels"),
+        ({"task": "binary", "binary_labels": "class_index", "ignore_index": 1}, "is metrics.positive_class"),
+    ],
+)
+def test_a_binary_ignore_index_that_is_the_foreground_is_refused_naming_the_field(metrics, problem):
+    with pytest.raises(ConfigError, match=f"metrics.ignore_index: .*{problem}"):
+        load_config({**BASE, "metrics": metrics})
+
+
+def test_binary_labels_default_to_auto_with_no_ignored_value_and_class_indices_keep_255():
+    cfg = load_config({**BASE, "metrics": {"task": "binary"}})
+    assert (cfg.metrics.binary_labels, cfg.metrics.ignore_index) == ("auto", None)
+    # ignore_index 255 is what class-index labels mean by it, and a mask's ignored value may be 1-128
+    assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "class_index", "ignore_index": 255}})
+    assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "mask", "ignore_index": 128}})
+    assert load_config({**BASE, "metrics": {"ignore_index": 255}}).metrics.ignore_index == 255
