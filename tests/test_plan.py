@@ -200,7 +200,7 @@ def test_metrics_that_do_not_fit_the_models_classes_exit_2_before_anything_runs(
     """Before, positive_class 255 passed the config check and every image failed with IndexError.
     The model's classes are known before Ray starts (no ray_session here: nothing of Ray is needed)."""
     model = tiny_checkpoint(tmp_path / "m.safetensors", num_classes)
-    cfg = archive_job(tmp_path, archive, model, run_id="misfit", metrics={"ignore_index": None, **metrics})
+    cfg = archive_job(tmp_path, archive, model, run_id="misfit", metrics={"ignore_index": 100, **metrics})
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
