@@ -140,7 +140,8 @@ def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
     filled column-major by parity (even-odd: a polygon drawn around twice cancels). The same float64
     operations in the same order as the C code, so the mask is equal bit for bit (tested against
     pycocotools: fractional, negative and outside coordinates, edges on pixel centres, several parts).
-    A boundary at y = height runs into the next column's top, as pycocotools' does."""
+    A boundary at y = height runs into the next column's top, as pycocotools' does. (A pycocotools
+    built with fused multiply-adds, as compilers may do on ARM, could round an edge point otherwise.)"""
     xy = np.asarray(polygon, dtype=np.float64)
     k = len(xy) // 2
     out = np.zeros((height, width), dtype=bool)
