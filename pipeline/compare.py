@@ -52,7 +52,7 @@ from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import LabelsConfig
 from pipeline.extras import require
 from pipeline.masks import assemble_mask, read_mask
-from pipeline.metrics import ClassAreas, summarize
+from pipeline.metrics import ClassAreas, LabelReading, LabelReadingError, summarize
 from pipeline.rows import IdSet
 from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore, split_run_uri
 from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
@@ -420,7 +420,7 @@ class Sources:
     images_uri: str | None = None
     labels: dict[str, str] = field(default_factory=dict)  # image_id -> label URI
     exif_transpose: bool = True
-    ignore_index: int = 255
+    reading: LabelReading | None = None  # how the run read its labels (a binary task's masks or class indices)
     notes: list[str] = field(default_factory=list)
 
 
@@ -431,9 +431,16 @@ def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sourc
     cfg = run.config
     inp = cfg.get("input") or {}
     fmt = inp.get("format") or (run.info.get("identity") or {}).get("input.format")
+    metrics = cfg.get("metrics") or {}
     src = Sources(
         exif_transpose=bool(inp.get("exif_transpose", True)),
-        ignore_index=int((cfg.get("metrics") or {}).get("ignore_index", 255)),
+        reading=LabelReading.of(
+            metrics.get("task", "semantic"),
+            metrics.get("binary_labels", "class_index"),  # runs from before binary_labels read class indices
+            metrics.get("ignore_index"),
+            int(metrics.get("positive_class", 1)) if run.num_classes == 2 and (run.info.get("model") or {}).get("num_classes") != 1 else 1,
+            run.num_classes,
+        ),
     )
     if fmt != "images":
         src.notes.append(
@@ -470,6 +477,13 @@ def read_label(src: Sources, image_id: str, storage_options: dict) -> np.ndarray
         return None
     fs, path = open_fs(uri, storage_options)
     return decode_label(read_bytes(fs, path), exif_transpose=src.exif_transpose)
+
+
+def label_classes(src: Sources, label: np.ndarray, num_classes: int) -> tuple[np.ndarray, int | None]:
+    """The label's class map as the run read it (a binary task's mask or class indices), and the
+    value in it that counts nowhere; LabelReadingError where the run's reading refuses it."""
+    reading = src.reading or LabelReading(num_classes)
+    return reading.class_map(label, reading.decide(np.unique(label)))
 
 
 def read_photo(src: Sources, image_id: str, storage_options: dict) -> np.ndarray | None:
@@ -511,7 +525,12 @@ def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_opti
             if label is None or label.shape != masks[0].shape:
                 unreadable += 1
                 continue
-            keep = (label != src.ignore_index) & (label >= 0) & (label < c)
+            try:
+                label, ignore = label_classes(src, label, c)
+            except LabelReadingError:
+                unreadable += 1
+                continue
+            keep = (label >= 0) & (label < c) if ignore is None else (label != ignore) & (label >= 0) & (label < c)
             truth = label[keep].astype(np.int64)
             for k, m in enumerate(masks):
                 pred = m[keep].astype(np.int64)
@@ -1313,6 +1332,12 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
             label = None
         if label is not None and label.shape != shape:
             label = None
+        label_ignore = None
+        if label is not None:
+            try:
+                label, label_ignore = label_classes(src, label, len(palette))
+            except LabelReadingError:
+                label = None
         tiles_n = (photo is not None) + (label is not None) + len(masks) + 1
         target = max(120, min(THUMB, (1150 - 12 * (tiles_n - 1)) // tiles_n))
         photo_t = _thumb(photo, target) if photo is not None else None
@@ -1321,7 +1346,7 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
             tiles.append(("image", _png_uri(photo_t), "photo"))
         if label is not None:
             lab = _thumb(label, target)
-            ignore = (lab == src.ignore_index) | (lab < 0) | (lab >= len(palette))
+            ignore = (lab < 0) | (lab >= len(palette)) | ((lab == label_ignore) if label_ignore is not None else False)
             tiles.append(("label", _png_uri(_colour(np.where(ignore, 0, lab), palette, photo_t, ignore)), "overlay label"))
         for run, mask in zip(result.runs, masks):
             m = _thumb(mask, target)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
+
+from pipeline.metrics import MASK_THRESHOLD
 
 # Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
 # (Lists still become tuples, and an int is a valid float.)
@@ -191,11 +193,35 @@ class OutputConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    ignore_index: Int = 255
     # binary: one foreground class against the rest (camouflaged objects): the probability map is
     # written, and summary.json gains the camouflaged-object measures (pipeline.cod_metrics)
     task: Literal["semantic", "binary"] = "semantic"
     positive_class: Int = Field(1, ge=0, description="the foreground class of a binary task")
+    # a binary task's labels: class-index maps (foreground = positive_class), 8-bit masks
+    # (foreground > 128, as PySODMetrics reads them), or auto: decided per image from its values
+    # (pipeline.metrics.LabelReading.decide)
+    binary_labels: Literal["auto", "mask", "class_index"] = "auto"
+    # null: 255 for class-index labels; masks (and binary auto) have no ignored value
+    ignore_index: Int | None = None
+
+    @field_validator("ignore_index")
+    @classmethod
+    def _not_the_foreground(cls, v: int | None, info: ValidationInfo) -> int | None:
+        """A binary task's ignore_index must not be a foreground value: every foreground pixel would
+        count nowhere (the metrics of nothing, without a word)."""
+        if v is None or info.data.get("task") != "binary":
+            return v
+        reading, positive = info.data.get("binary_labels"), info.data.get("positive_class")
+        if reading == "class_index" and v == positive:
+            raise ValueError(f"{v} is metrics.positive_class, the foreground: every foreground pixel would be ignored")
+        if reading in ("mask", "auto") and (v > MASK_THRESHOLD or v == 0):
+            part = "a foreground value of mask labels (foreground > 128)" if v else "the background of mask labels"
+            raise ValueError(
+                f"{v} is {part}, which metrics.binary_labels {reading} reads: leave ignore_index out (masks have no "
+                "ignored value), or set metrics.binary_labels: class_index to read labels as class indices"
+            )
+        return v
+
     # the object tasks' ground truth (pipeline.coco_labels): a COCO panoptic JSON, its PNGs under
     # input.labels.uri (PQ, SQ, RQ); a COCO instances JSON (mask AP)
     panoptic_labels: str | None = None
@@ -245,6 +271,20 @@ class JobConfig(_Strict):
 
 class ConfigError(ValueError):
     """An invalid config: the message names the field and the problem."""
+
+
+def check_metrics_against_model(metrics: MetricsConfig, num_classes: int, model: str) -> None:
+    """ConfigError (exit 2, before anything runs) where the metrics section does not fit the model's
+    `num_classes` (1: a one-logit head): a binary task needs two classes or one logit, and its
+    positive_class must be one of them (a 2-class model's probability uses it, semantic task too)."""
+    if metrics.task == "binary" and num_classes > 2:
+        raise ConfigError(
+            f"metrics.task: binary needs a model of 2 classes (background, foreground) or one logit; {model} has {num_classes}"
+        )
+    if num_classes == 1 and metrics.task == "binary" and metrics.positive_class != 1:
+        raise ConfigError(f"metrics.positive_class: {metrics.positive_class}, but {model} has one logit: its foreground is class 1")
+    if num_classes == 2 and metrics.positive_class > 1:
+        raise ConfigError(f"metrics.positive_class: {metrics.positive_class} is no class of {model}, which has 2 (0 and 1)")
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -1,9 +1,15 @@
 """Segmentation metrics with mmsegmentation's conventions.
 
 Per image: per-class intersection, union, predicted area and labeled area (pixels equal to
-ignore_index count nowhere). Per dataset: the sums over images, then per class
+ignore_index count nowhere; label values outside the classes count in no label area, and are
+counted apart: `ClassAreas.outside`). Per dataset: the sums over images, then per class
 IoU = I / U, Acc = I / label_area, Dice = 2 I / (pred_area + label_area); a class with a zero
 denominator is NaN and left out of the means (mIoU, mAcc, mDice); aAcc = sum(I) / sum(label_area).
+
+How a label becomes the class map those areas count (`LabelReading`): a semantic task's labels are
+class-index maps; a binary task's are class-index maps (foreground = the positive class) or 8-bit
+masks (foreground = values above 128, as PySODMetrics binarises `gt > 128`), told apart by
+`metrics.binary_labels` (`auto`: per image, from the values the label holds; see `LabelReading.decide`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ class ClassAreas:
     union: np.ndarray
     pred_area: np.ndarray
     label_area: np.ndarray
+    # labeled pixels whose value is no class (and not ignore_index): in no label area, counted here
+    outside: int = 0
+    # how the label was read (`LabelReading`): "class_index", "mask", or "empty" (a binary label of
+    # background only, which both readings read alike)
+    reading: str = "class_index"
 
     @classmethod
     def zeros(cls, num_classes: int) -> ClassAreas:
@@ -33,16 +44,21 @@ class ClassAreas:
         self.union += other.union
         self.pred_area += other.pred_area
         self.label_area += other.label_area
+        self.outside += other.outside
         return self
 
 
-def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int = 255) -> ClassAreas:
+def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int | None = 255) -> ClassAreas:
     """Per-class areas of one image, as mmseg's `intersect_and_union`: pixels whose label is
-    ignore_index are dropped; values outside [0, num_classes) fall outside every class's bin."""
+    ignore_index are dropped (None: no value is ignored); values outside [0, num_classes) fall
+    outside every class's bin, and the labeled ones are counted as `outside`."""
     if pred.shape != label.shape:
         raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
-    keep = label != ignore_index
-    t, p = label[keep], pred[keep]
+    if ignore_index is None:
+        t, p = label.ravel(), pred.ravel()
+    else:
+        keep = label != ignore_index
+        t, p = label[keep], pred[keep]
     # One confusion matrix (label rows, prediction columns) from one bincount; values outside the
     # classes go to an extra row and column C, so they still count on the other side (a pixel
     # labeled c and predicted 7 of 3 classes adds to c's label area and to no pred area).
@@ -54,7 +70,7 @@ def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_in
     label_area = confusion[:num_classes].sum(axis=1)
     pred_area = confusion[:, :num_classes].sum(axis=0)
     union = pred_area + label_area - intersection
-    return ClassAreas(intersection, union, pred_area, label_area)
+    return ClassAreas(intersection, union, pred_area, label_area, outside=int(confusion[num_classes].sum()))
 
 
 def _class_or_outside(values: np.ndarray, num_classes: int) -> np.ndarray:
@@ -88,3 +104,138 @@ def summarize(total: ClassAreas) -> dict:
         "Acc": [float(v) for v in acc],
         "Dice": [float(v) for v in dice],
     }
+
+
+MASK_THRESHOLD = 128  # a mask label's foreground: values above it (PySODMetrics' `gt > 128`)
+BINARY_LABELS = ("auto", "mask", "class_index")
+
+
+class LabelReadingError(ValueError):
+    """A label that the configured reading cannot read without guessing: that image's error."""
+
+
+@dataclass(frozen=True)
+class LabelReading:
+    """How a label becomes the class map its metrics count.
+
+    `binary` None: class-index maps (the semantic task). A binary task (two classes, `positive` the
+    foreground) reads "class_index" maps (foreground = `positive`, other classes background), or
+    "mask"s (8-bit, foreground > 128, the rest background: as PySODMetrics and the COD benchmarks
+    read them), or decides per image ("auto", `decide`). `ignore`: the label value that counts
+    nowhere, None for none (a mask's ignored value, when set, is one of its background values)."""
+
+    num_classes: int
+    ignore: int | None = 255
+    binary: str | None = None
+    positive: int = 1
+
+    @classmethod
+    def of(cls, task: str, binary_labels: str, ignore_index: int | None, positive_class: int, num_classes: int) -> LabelReading:
+        """The reading of a config's metrics section (plain values, so that run.json's config does too):
+        ignore_index null is 255 for class-index maps and none for masks (and for `auto`, where 255
+        is a mask's foreground)."""
+        if task != "binary":
+            return cls(num_classes, 255 if ignore_index is None else ignore_index)
+        if ignore_index is None and binary_labels == "class_index":
+            ignore_index = 255
+        return cls(num_classes, ignore_index, binary_labels, positive_class)
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The readings an image's label may get: both while `auto` has not seen the whole label."""
+        if self.binary is None:
+            return ("class_index",)
+        return ("class_index", "mask") if self.binary == "auto" else (self.binary,)
+
+    def class_map(self, label: np.ndarray, reading: str) -> tuple[np.ndarray, int | None]:
+        """(the class map of `label` under `reading`, the value in it that counts nowhere)."""
+        if reading != "mask":
+            return label, self.ignore
+        classes = np.where(label > MASK_THRESHOLD, self.positive, 1 - self.positive).astype(np.uint8)
+        if self.ignore is None:
+            return classes, None
+        classes[label == self.ignore] = 255  # no class of two
+        return classes, 255
+
+    def foreground(self, label: np.ndarray, reading: str) -> np.ndarray:
+        """The label's foreground (bool) under `reading`; ignored pixels are background."""
+        classes, ignore = self.class_map(label, reading)
+        return (classes == self.positive) & (classes != ignore) if ignore is not None else classes == self.positive
+
+    def decide(self, values: np.ndarray) -> str:
+        """The reading of one image's label from the distinct values it holds (LabelReadingError
+        where it cannot be read without guessing).
+
+        `auto`: a label of 0 and 255 only is a mask; one whose values are all classes (0, 1) is a
+        class-index map; one of 0 only is background either way ("empty"); anything else (0, 1 and
+        255; anti-aliased masks; other values) is refused, naming `metrics.binary_labels`. The
+        ignore_index, when set, may appear in either. `mask`: 8-bit values; a label of 0 and 1 only
+        is refused (a 0/1 file has no foreground above 128: it is a class-index map)."""
+        seen = {int(v) for v in values}
+        if self.binary is None or self.binary == "class_index":
+            return "class_index"
+        rest = seen - {self.ignore}
+        if self.binary == "mask":
+            if max(seen, default=0) > 255:
+                raise LabelReadingError(f"label values up to {max(seen)}: a mask label is 8-bit (metrics.binary_labels: mask)")
+            if rest == {0, 1} or rest == {1}:
+                raise LabelReadingError(
+                    "label values 0/1: no foreground above 128 in a mask; a 0/1 label is a class-index map "
+                    "(metrics.binary_labels: class_index or auto)"
+                )
+            return "mask"
+        classes = set(range(self.num_classes))
+        if rest <= {0}:
+            if self.positive != 0:
+                return "empty"
+            raise LabelReadingError(
+                "a label of 0 only is background as a mask but foreground as class indices with positive_class 0: "
+                "set metrics.binary_labels to mask or class_index"
+            )
+        if rest <= {0, 255} and 255 in rest and 255 not in classes:
+            return "mask"
+        if rest <= classes:
+            return "class_index"
+        raise LabelReadingError(
+            f"label values {_describe(seen)} are neither a 0/255 mask nor class indices {_describe(classes)}"
+            + (f" (ignore_index {self.ignore})" if self.ignore is not None else "")
+            + ": set metrics.binary_labels to mask (foreground > 128) or class_index"
+        )
+
+
+def _describe(values: set[int]) -> str:
+    ordered = sorted(values)
+    return (
+        ", ".join(map(str, ordered))
+        if len(ordered) <= 6
+        else f"{', '.join(map(str, ordered[:4]))}, ... {ordered[-1]} ({len(ordered)} values)"
+    )
+
+
+class LabelAreas:
+    """One image's class areas, added band by band, under every reading it may get (`auto`: both,
+    until `finish` has seen the whole label and decides)."""
+
+    def __init__(self, reading: LabelReading) -> None:
+        self.reading = reading
+        self.areas = {r: ClassAreas.zeros(reading.num_classes) for r in reading.candidates}
+        self.counts = np.zeros(256, np.int64)  # the 8-bit values seen (auto and mask decide on them)
+        self.wide: set[int] = set()  # values of wider labels, seen as they come
+
+    def add(self, pred: np.ndarray, label: np.ndarray) -> None:
+        if self.reading.binary in ("auto", "mask"):
+            if label.dtype == np.uint8:
+                self.counts += np.bincount(label.ravel(), minlength=256)
+            else:
+                self.wide.update(int(v) for v in np.unique(label))
+        for name, areas in self.areas.items():
+            classes, ignore = self.reading.class_map(label, name)
+            areas += class_areas(pred, classes, self.reading.num_classes, ignore)
+
+    def finish(self) -> ClassAreas:
+        """The image's areas under its reading (ClassAreas.reading says which)."""
+        values = np.union1d(np.flatnonzero(self.counts), np.fromiter(self.wide, np.int64, len(self.wide)))
+        reading = self.reading.decide(values)
+        areas = self.areas["class_index" if reading == "empty" else reading]
+        areas.reading = reading
+        return areas

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
-from pipeline.config import ConfigError, JobConfig
+from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import (
@@ -459,6 +459,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
+    check_metrics_against_model(cfg.metrics, model.num_classes, model.name or model.family)
     object_labels = read_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (

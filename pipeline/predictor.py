@@ -28,7 +28,7 @@ from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.masks import ChunkedMaskWriter, quantize_probability
-from pipeline.metrics import ClassAreas, class_areas
+from pipeline.metrics import ClassAreas, LabelAreas, LabelReading
 from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.objects import ImageObject, PanopticSegments, encode_rle
 from pipeline.panoptic_metrics import PanopticQuality, Segment
@@ -205,24 +205,27 @@ def finish_image(
     num_classes: int,
     chunk_size: int | None,
     binary: bool,
-    ignore_index: int,
+    ignore_index: int | None = 255,
+    reading: LabelReading | None = None,
     on_rows: Callable[[int, int], None] | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
-    where the image has a label, class areas against the same rows of it."""
+    where the image has a label, class areas against the same rows of it, read as `reading` says
+    (default: class indices, `ignore_index` ignored). A label that reading refuses is the image's
+    error (pipeline.metrics.LabelReadingError)."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
-    areas = ClassAreas.zeros(num_classes) if label_rows is not None else None
+    areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
     finished = 0
     for y0, labels, probability in bands:
         writer.add(y0, labels, probability)
         if areas is not None:
             for top in range(0, labels.shape[0], AREA_ROWS):
                 rows = labels[top : top + AREA_ROWS]
-                areas += class_areas(rows, label_rows(y0 + top, rows.shape[0]), num_classes, ignore_index)
+                areas.add(rows, label_rows(y0 + top, rows.shape[0]))
         finished += labels.shape[0]  # bands come top to bottom and cover each row once
         if on_rows is not None:
             on_rows(finished, height)
-    return writer.finish(), areas
+    return writer.finish(), areas.finish() if areas is not None else None
 
 
 class Predictor:
@@ -249,7 +252,12 @@ class Predictor:
         self.num_classes = 2 if binary and model.num_classes == 1 else model.num_classes
         self.positive_class = cfg.metrics.positive_class if model.num_classes > 1 else 1
         self.cod = cfg.metrics.task == "binary"  # camouflaged-object stats per labeled image
-        self.ignore_index = cfg.metrics.ignore_index
+        metrics = cfg.metrics
+        # how labels become class maps (a binary task's masks or class indices): pipeline.metrics
+        self.label_reading = LabelReading.of(
+            metrics.task, metrics.binary_labels, metrics.ignore_index, self.positive_class, self.num_classes
+        )
+        self.ignore_index = self.label_reading.ignore
         self.chunk_size = cfg.output.chunk_size
         self.input_storage_options = cfg.input.storage_options
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
@@ -342,7 +350,7 @@ class Predictor:
             num_classes=self.num_classes,
             chunk_size=self.chunk_size,
             binary=self.settings.binary,
-            ignore_index=self.ignore_index,
+            reading=self.label_reading,
             on_rows=on_rows,
         )
         row.chunks, row.areas = chunks, areas
@@ -352,8 +360,10 @@ class Predictor:
 
     def _cod_stats(self, row: Prediction, probability: np.ndarray, label: np.ndarray) -> Prediction:
         """The camouflaged-object stats of one image from its stored 8-bit probability map, as the
-        dataset values are defined on it (labels: the positive class is 255, ignored pixels 0)."""
-        foreground = ((label == self.positive_class) & (label != self.ignore_index)).astype(np.uint8) * 255
+        dataset values are defined on it (labels: the foreground, as the label was read, is 255,
+        every other pixel 0, ignored ones included)."""
+        reading = "class_index" if row.areas.reading == "empty" else row.areas.reading
+        foreground = self.label_reading.foreground(label, reading).astype(np.uint8) * 255
         row.cod = cod_image_stats(quantize_probability(probability), foreground).to_flat()
         return row
 
@@ -422,7 +432,7 @@ class Predictor:
             self.settings,
             num_classes=self.num_classes,
             chunk_size=self.chunk_size,
-            ignore_index=self.ignore_index,
+            reading=self.label_reading,
             storage_options=self.input_storage_options,
             on_rows=on_rows,
             objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
@@ -440,7 +450,8 @@ def segment_tiff(
     *,
     num_classes: int,
     chunk_size: int | None,
-    ignore_index: int = 255,
+    ignore_index: int | None = 255,
+    reading: LabelReading | None = None,
     storage_options: dict | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
@@ -477,6 +488,7 @@ def segment_tiff(
                 chunk_size=chunk_size,
                 binary=settings.binary,
                 ignore_index=ignore_index,
+                reading=reading,
                 on_rows=on_rows,
             )
         finally:

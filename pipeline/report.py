@@ -36,6 +36,24 @@ def _panoptic_line(pq: dict) -> str:
     )
 
 
+def _label_lines(s: dict, num_classes: int) -> list[str]:
+    """What the labels held beyond the classes, and how a binary task's labels were read."""
+    lines = []
+    readings = s.get("label_readings")
+    if readings and any(readings.values()):
+        described = {"mask": "0/255 masks (foreground > 128)", "class_index": "class indices", "empty": "background only"}
+        lines.append("labels read as " + ", ".join(f"{described[k]}: {n}" for k, n in readings.items() if n))
+    outside = s.get("label_values_outside_classes") or {}
+    if outside.get("pixels"):
+        lines.append(
+            f"labels: {outside['pixels']} pixels in {outside['images']} images hold values outside the model's {num_classes} classes "
+            "(and not ignore_index): counted in no class"
+        )
+    if outside.get("unknown_images"):
+        lines.append(f"labels: {outside['unknown_images']} images were measured before label values outside the classes were counted")
+    return lines
+
+
 def format_summary(summary: dict, run_dir: str = "") -> str:
     """The terminal's summary: the task's own metrics (per-class IoU and mIoU; the camouflaged-object
     measures of a binary task; mask AP of an instance task, PQ of a panoptic one, when labeled), then counts."""
@@ -52,6 +70,7 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         )
     if "Sm" in summary:
         lines.append(_cod_line(summary))
+    lines.extend(_label_lines(summary, len(names)))
     mask_ap, panoptic = summary.get("mask_ap") or {}, summary.get("panoptic") or {}
     if mask_ap:
         lines.append(_mask_ap_line(mask_ap))

@@ -251,6 +251,8 @@ class Prediction(_StageRow):
             "probability": [c.probability for c in self.chunks if c.probability is not None],
             "labeled": a is not None,
             **{k: (getattr(a, k).tolist() if a is not None else []) for k in ClassAreas.FIELDS},
+            "outside": a.outside if a is not None else 0,
+            "reading": a.reading if a is not None else "",
             "cod": list(self.cod) if self.cod is not None else [],
             "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
             "panoptic": json.dumps(self.panoptic) if self.panoptic is not None else "",
@@ -268,7 +270,11 @@ class Prediction(_StageRow):
         ]
         areas = None
         if bool(batch["labeled"][i]):
-            areas = ClassAreas(*(np.asarray(batch[k][i], dtype=np.int64) for k in ClassAreas.FIELDS))
+            areas = ClassAreas(
+                *(np.asarray(batch[k][i], dtype=np.int64) for k in ClassAreas.FIELDS),
+                outside=int(batch["outside"][i]),
+                reading=str(batch["reading"][i]),
+            )
         return cls(
             unit=int(batch["unit"][i]),
             image_id=str(batch["image_id"][i]),

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from pipeline.cod_metrics import CONVENTIONS as COD_CONVENTIONS
 from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import ConfigError, JobConfig, public_config
-from pipeline.metrics import ClassAreas, summarize
+from pipeline.metrics import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
 from pipeline.panoptic_metrics import CategoryCounts, PanopticQuality
 from pipeline.rows import IdSet
 from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
@@ -86,8 +86,17 @@ PANOPTIC_COUNTS = ("pq_iou", "pq_tp", "pq_fp", "pq_fn")  # in the order of Predi
 PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.field(n, pa.list_(pa.int64())) for n in PANOPTIC_COUNTS[1:]]
 
 
+# labeled pixels whose value is no class of the model (and not ignore_index): in no class's label
+# area. Metrics parts written before it lack the column: unknown, never 0.
+OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
+# a binary task: how each image's label was read (pipeline.metrics.LabelReading: mask, class_index, empty)
+READING_FIELD = pa.field("label_reading", pa.string())
+
+
 def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
-    return pa.schema([*METRICS_SCHEMA, *(COD_FIELDS if cod else []), *(PANOPTIC_FIELDS if panoptic else [])])
+    return pa.schema(
+        [*METRICS_SCHEMA, OUTSIDE_FIELD, *([READING_FIELD, *COD_FIELDS] if cod else []), *(PANOPTIC_FIELDS if panoptic else [])]
+    )
 
 
 ERRORS_SCHEMA = pa.schema(
@@ -414,8 +423,33 @@ def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: 
         "class_names": class_names,
         **summarize(total),
     }
-    summary.update(cod_summary(latest_metrics(metrics)))
+    latest = latest_metrics(metrics)
+    summary.update(labels_summary(latest))
+    summary.update(cod_summary(latest))
     return summary
+
+
+def labels_summary(metrics: pa.Table | None) -> dict:
+    """What the labels held beyond the classes: `label_values_outside_classes` (pixels whose value
+    is no class and not ignore_index, and the images that had any; images of metrics parts written
+    before they were counted are `unknown_images`), and for a binary task `label_readings`: how
+    many images' labels were read as masks, as class indices, or were background only."""
+    if metrics is None:
+        return {}
+    rows = metrics.num_rows
+    column = metrics.column(OUTSIDE_FIELD.name) if OUTSIDE_FIELD.name in metrics.column_names else pa.nulls(rows, pa.int64())
+    known = column.drop_null()
+    out: dict[str, Any] = {
+        "label_values_outside_classes": {
+            "pixels": int(pc.sum(known).as_py() or 0),
+            "images": int(pc.sum(pc.greater(known, 0).cast(pa.int64())).as_py() or 0),
+            "unknown_images": column.null_count,
+        }
+    }
+    if READING_FIELD.name in metrics.column_names:
+        counts = {c["values"]: c["counts"] for c in pc.value_counts(metrics.column(READING_FIELD.name).drop_null()).to_pylist()}
+        out["label_readings"] = {name: counts.get(name, 0) for name in ("mask", "class_index", "empty")}
+    return out
 
 
 def cod_summary(metrics: pa.Table | None) -> dict:
@@ -494,19 +528,36 @@ def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
     return report
 
 
-def metrics_record(cfg: JobConfig) -> dict:
-    """run.json's account of how metrics are computed."""
+def metrics_record(cfg: JobConfig, summary: dict | None = None) -> dict:
+    """run.json's account of how metrics are computed (and, with the run's summary, what its labels
+    held beyond the classes and how a binary task's labels were read)."""
+    metrics = cfg.metrics
+    reading = LabelReading.of(metrics.task, metrics.binary_labels, metrics.ignore_index, metrics.positive_class, 2)
     out: dict[str, Any] = {
-        "task": cfg.metrics.task,
-        "ignore_index": cfg.metrics.ignore_index,
+        "task": metrics.task,
+        "ignore_index": reading.ignore,
         "semantic": "mmsegmentation: per-class IoU = the dataset's summed intersections / summed unions; "
         "a class absent from labels and predictions is null and left out of the means",
+        "outside_classes": "labeled pixels whose value is no class of the model and not ignore_index count in no class's "
+        "label area (their predictions still count in the predicted areas, as in mmsegmentation)",
     }
-    if cfg.metrics.task == "binary":
-        out["positive_class"] = cfg.metrics.positive_class
+    if summary and "label_values_outside_classes" in summary:
+        out["label_values_outside_classes"] = summary["label_values_outside_classes"]
+    if metrics.task == "binary":
+        out["positive_class"] = metrics.positive_class
+        out["binary_labels"] = {
+            "setting": metrics.binary_labels,
+            "mask": f"8-bit masks: foreground where the value is > {MASK_THRESHOLD} (PySODMetrics' gt > 128), the rest background"
+            + (f", {reading.ignore} ignored" if reading.ignore is not None else "; no value is ignored"),
+            "class_index": f"class-index maps: foreground where the value is the positive class ({metrics.positive_class}), "
+            "other classes background" + (f", {reading.ignore} ignored" if reading.ignore is not None else "; no value is ignored"),
+            "auto": "per image: a label of 0 and 255 only is a mask, one of classes 0 and 1 only class indices, one of 0 only "
+            "background either way (empty); any other label is that image's error, naming metrics.binary_labels",
+            "images": (summary or {}).get("label_readings"),
+        }
         out["camouflaged_object"] = {
             **COD_CONVENTIONS,
-            "label": f"the positive class ({cfg.metrics.positive_class}) is 255, every other pixel 0 (ignore_index included)",
+            "label": "the foreground, as the label was read (binary_labels), is 255, every other pixel 0 (ignored pixels included)",
             "images": "images read whole; a TIFF streamed window by window gets no camouflaged-object stats",
         }
     return out
@@ -663,7 +714,7 @@ class RunRecord:
                 "config": first_config,
                 "model": job.model_info,
                 "labels": job.labels,
-                "metrics": metrics_record(self.cfg),
+                "metrics": metrics_record(self.cfg, summary),
                 "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
                 "started": self.previous.get("started", record["started"]),
                 "ended": record["ended"],

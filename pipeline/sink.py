@@ -24,7 +24,9 @@ from pipeline.runstore import (
     METRICS_SCHEMA,
     OBJECT_SCHEMAS,
     OBJECT_TABLES,
+    OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
+    READING_FIELD,
     RunStore,
     masks_schema,
     metrics_schema,
@@ -64,7 +66,9 @@ def part_tables(
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
         metrics[area] = [getattr(r.areas, area).tolist() for r in labeled]
+    metrics[OUTSIDE_FIELD.name] = [r.areas.outside for r in labeled]
     if cod:  # a binary task: the camouflaged-object stats beside the areas (null for a streamed image)
+        metrics[READING_FIELD.name] = [r.areas.reading for r in labeled]
         stats = [CodImageStats.from_flat(r.cod).to_record() if r.cod else None for r in labeled]
         for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES):
             metrics[name] = [s[name] if s else None for s in stats]

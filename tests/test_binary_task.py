@@ -13,6 +13,7 @@ from PIL import Image
 from jobs.cli import main
 from models import build_model, save_native
 from pipeline.masks import read_mask
+from pipeline.metrics import ClassAreas, class_areas, summarize
 from pipeline.tiling import Foreground, TilingSettings, labels_and_probability, segment_images
 
 KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
@@ -40,9 +41,16 @@ def checkpoint(path: Path, num_classes: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("num_classes", [2, 1], ids=["two-class-head", "one-logit-head"])
-def test_binary_run_reports_the_camouflaged_object_measures_of_pysodmetrics(ray_session, tmp_path, num_classes):
-    data = blobs(tmp_path / "data", [(40, 52), (33, 61), (48, 48)])
+@pytest.mark.parametrize(
+    "num_classes, foreground", [(2, 1), (1, 255)], ids=["two-class-head-0-1-class-labels", "one-logit-head-0-255-mask-labels"]
+)
+def test_binary_run_reports_pysodmetrics_measures_and_the_iou_of_class_index_and_0_255_mask_labels(
+    ray_session, tmp_path, num_classes, foreground, capsys
+):
+    """Labels as class indices (0/1) or as 0/255 masks, the way COD, SOD and vessel data sets ship them,
+    read alike (metrics.binary_labels auto): before, 255 was ignore_index and every foreground pixel
+    counted nowhere (foreground IoU 0, Em max 1.000, wFm 0) without a word."""
+    data = blobs(tmp_path / "data", [(40, 52), (33, 61), (48, 48)], positive=foreground)
     cfg = job_config(
         tmp_path,
         data / "images",
@@ -55,20 +63,30 @@ def test_binary_run_reports_the_camouflaged_object_measures_of_pysodmetrics(ray_
     run = tmp_path / "runs" / "cod"
     summary = strict_json_load(run / "summary.json")
     # the reference: PySODMetrics over the written 8-bit probability maps and the labels on 0-255
-    images = []
+    # (a 0/255 mask file as it is), and mmseg's IoU of the written masks against the foreground
+    images, areas = [], ClassAreas.zeros(2)
     for image_id in sorted(read_run_table(run, "masks").column("image_id").to_pylist()):
         label = np.asarray(Image.open(data / "labels" / image_id))
-        images.append((read_mask(str(run), image_id, "probability"), (label == 1).astype(np.uint8) * 255))
+        truth = label > 128 if foreground == 255 else label == 1
+        images.append((read_mask(str(run), image_id, "probability"), label if foreground == 255 else truth.astype(np.uint8) * 255))
         mask = read_mask(str(run), image_id)
         assert set(np.unique(mask)) <= {0, 1}
+        areas += class_areas(mask, truth.astype(np.uint8), 2, None)
     expected, _ = pysodmetrics_reference(images)
     for key in KEYS:
         assert summary[key] == pytest.approx(expected[key], abs=1e-6, nan_ok=True), key
     assert summary["cod_images"] == 3 and len(summary["IoU"]) == 2
+    np.testing.assert_allclose(summary["IoU"], summarize(areas)["IoU"])
+    assert summary["IoU"][1] > 0  # the foreground is counted (before: 0, its pixels ignored)
+    readings = {"mask" if foreground == 255 else "class_index": 2, "empty": 1}  # the last label is all background
+    assert summary["label_readings"] == {"mask": 0, "class_index": 0, **readings}
     info = strict_json_load(run / "run.json")
     assert info["metrics"]["task"] == "binary" and set(KEYS) <= set(info["metrics"]["camouflaged_object"])
+    assert info["metrics"]["binary_labels"]["setting"] == "auto" and info["metrics"]["binary_labels"]["images"] == summary["label_readings"]
+    described = "0/255 masks (foreground > 128): 2" if foreground == 255 else "class indices: 2"
+    assert capsys.readouterr().out.count(f"labels read as {described}, background only: 1") == 1
     metrics = read_run_table(run, "metrics")
-    assert {"sm", "wfm", "mae", "em_curve", "fm_curve"} <= set(metrics.column_names)
+    assert {"sm", "wfm", "mae", "em_curve", "fm_curve", "label_reading"} <= set(metrics.column_names)
 
 
 def test_query_models_foreground_probability_is_their_share_not_a_softmax():

@@ -95,3 +95,26 @@ def test_relative_local_paths_are_made_absolute_in_the_driver_and_uris_stay(tmp_
     assert cfg.input.uri == str(tmp_path / "archive" / "images") and cfg.input.labels.uri == str(tmp_path / "archive" / "labels")
     assert cfg.model.checkpoint == str(tmp_path / "m.safetensors") and cfg.metrics.instance_labels == str(tmp_path / "coco.json")
     assert cfg.output.uri == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize(
+    "metrics, problem",
+    [
+        ({"task": "binary", "ignore_index": 255}, "255 is a foreground value of mask labels"),  # auto: 0/255 masks are read
+        ({"task": "binary", "binary_labels": "mask", "ignore_index": 200}, "foreground value"),
+        ({"task": "binary", "binary_labels": "mask", "ignore_index": 0}, "the background of mask labels"),
+        ({"task": "binary", "binary_labels": "class_index", "ignore_index": 1}, "is metrics.positive_class"),
+    ],
+)
+def test_a_binary_ignore_index_that_is_the_foreground_is_refused_naming_the_field(metrics, problem):
+    with pytest.raises(ConfigError, match=f"metrics.ignore_index: .*{problem}"):
+        load_config({**BASE, "metrics": metrics})
+
+
+def test_binary_labels_default_to_auto_with_no_ignored_value_and_class_indices_keep_255():
+    cfg = load_config({**BASE, "metrics": {"task": "binary"}})
+    assert (cfg.metrics.binary_labels, cfg.metrics.ignore_index) == ("auto", None)
+    # ignore_index 255 is what class-index labels mean by it, and a mask's ignored value may be 1-128
+    assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "class_index", "ignore_index": 255}})
+    assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "mask", "ignore_index": 128}})
+    assert load_config({**BASE, "metrics": {"ignore_index": 255}}).metrics.ignore_index == 255

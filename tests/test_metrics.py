@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.metrics import ClassAreas, LabelAreas, LabelReading, LabelReadingError, class_areas, summarize
 
 
 def _reference_metrics(preds, labels, num_classes, ignore):
@@ -74,3 +74,85 @@ def test_class_areas_equal_the_per_class_definition_with_stray_values_on_both_si
         assert areas.pred_area[c] == pc.sum()
         assert areas.label_area[c] == tc.sum()
     assert all(getattr(areas, k).dtype == np.int64 and getattr(areas, k).shape == (C,) for k in ClassAreas.FIELDS)
+    assert areas.outside == (valid & ((label < 0) | (label >= C))).sum() > 0  # labeled, no class: counted
+
+
+# --------------------------------------------------------------------------- LabelReading
+
+
+def _blob_labels(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    """A 0/1 prediction and a 0/1 label of the same scene (a disc), some pixels disagreeing."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:37, :45]
+    label = (((yy - 18) ** 2 + (xx - 20) ** 2) < 144).astype(np.uint8)
+    pred = np.where(rng.random(label.shape) < 0.1, 1 - label, label).astype(np.uint8)
+    return pred, label
+
+
+def _areas(reading: LabelReading, pred: np.ndarray, label: np.ndarray, rows: int = 8) -> ClassAreas:
+    """Areas added band by band, as pipeline.predictor.finish_image adds them."""
+    areas = LabelAreas(reading)
+    for top in range(0, label.shape[0], rows):
+        areas.add(pred[top : top + rows], label[top : top + rows])
+    return areas.finish()
+
+
+@pytest.mark.parametrize("binary_labels", ["auto", "mask"])
+def test_binary_masks_of_0_and_255_give_the_metrics_of_the_same_labels_written_0_and_1(binary_labels):
+    pred, label01 = _blob_labels()
+    as_mask = _areas(LabelReading.of("binary", binary_labels, None, 1, 2), pred, label01 * 255)
+    as_classes = _areas(LabelReading.of("binary", "auto", None, 1, 2), pred, label01)
+    assert (as_mask.reading, as_classes.reading) == ("mask", "class_index")
+    for k in ClassAreas.FIELDS:
+        np.testing.assert_array_equal(getattr(as_mask, k), getattr(as_classes, k), err_msg=k)
+    assert summarize(as_mask)["IoU"][1] == summarize(as_classes)["IoU"][1] > 0.5
+    assert as_mask.label_area.sum() == label01.size  # no pixel ignored: before, 255 was ignore_index
+    # a foreground class 0 (positive_class 0): the mask's foreground is class 0
+    flipped = _areas(LabelReading.of("binary", binary_labels, None, 0, 2), 1 - pred, label01 * 255)
+    np.testing.assert_array_equal(flipped.intersection, as_mask.intersection[::-1])
+
+
+def test_a_mask_is_foreground_above_128_as_pysodmetrics_binarises_it():
+    reading = LabelReading.of("binary", "mask", None, 1, 2)
+    label = np.array([[0, 100, 128, 129, 200, 255]], np.uint8)
+    np.testing.assert_array_equal(reading.foreground(label, "mask"), label > 128)
+    areas = _areas(reading, np.ones_like(label), label)
+    assert areas.label_area.tolist() == [3, 3] and areas.intersection.tolist() == [0, 3]
+
+
+@pytest.mark.parametrize(
+    "values, expect",
+    [
+        ([0, 255], "mask"),
+        ([255], "mask"),
+        ([0, 1], "class_index"),
+        ([1], "class_index"),
+        ([0], "empty"),  # background either way
+        ([0, 1, 255], "neither a 0/255 mask nor class indices 0, 1"),  # 255: ignored or foreground? refused
+        (list(range(0, 256, 15)), "neither"),  # an anti-aliased mask: auto refuses, `mask` reads it
+        ([0, 1, 7], "set metrics.binary_labels"),
+    ],
+)
+def test_auto_reads_a_label_as_a_mask_or_class_indices_only_where_its_values_leave_no_doubt(values, expect):
+    reading = LabelReading.of("binary", "auto", None, 1, 2)
+    label = np.array([values], np.uint8)
+    if expect in ("mask", "class_index", "empty"):
+        assert _areas(reading, np.zeros_like(label), label).reading == expect
+    else:
+        with pytest.raises(LabelReadingError, match=expect):
+            _areas(reading, np.zeros_like(label), label)
+
+
+def test_explicit_readings_refuse_what_they_cannot_mean():
+    anti_aliased = np.array([list(range(0, 256, 15))], np.uint8)
+    areas = _areas(LabelReading.of("binary", "mask", None, 1, 2), np.ones_like(anti_aliased), anti_aliased)
+    assert areas.reading == "mask" and areas.intersection.tolist() == [0, (anti_aliased > 128).sum()]
+    with pytest.raises(LabelReadingError, match="0/1 label is a class-index map"):
+        _areas(LabelReading.of("binary", "mask", None, 1, 2), np.zeros((2, 2), np.uint8), np.eye(2, dtype=np.uint8))
+    with pytest.raises(LabelReadingError, match="8-bit"):
+        _areas(LabelReading.of("binary", "mask", None, 1, 2), np.zeros((1, 2), np.uint8), np.array([[0, 65535]], np.uint16))
+    with pytest.raises(LabelReadingError, match="positive_class 0"):  # all 0: background as a mask, foreground as classes
+        _areas(LabelReading.of("binary", "auto", None, 0, 2), np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8))
+    # class_index: 255 is ignore_index by default, as a semantic task's
+    areas = _areas(LabelReading.of("binary", "class_index", None, 1, 2), np.ones((1, 3), np.uint8), np.array([[0, 1, 255]], np.uint8))
+    assert areas.label_area.tolist() == [1, 1] and areas.reading == "class_index"

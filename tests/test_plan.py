@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, write_png
+from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, tiny_checkpoint, write_png
 from PIL import Image
 
 from pipeline.config import load_config
@@ -24,6 +24,7 @@ from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
 SIZES = [(40, 56), (64, 64), (97, 75), (33, 130), (70, 41)]
+OUTSIDE = 5  # label pixels of img0 whose value is no class
 
 
 @pytest.mark.parametrize(
@@ -54,8 +55,8 @@ def test_actor_sizing_leaves_a_cpu_to_tasks(cluster, resources, expect):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory) -> Path:
-    """images/{a,b}/img<i>.png (img1 a .jpg whose label is a .png) with labels (3 ignored rows each),
-    and images/unlabeled.png."""
+    """images/{a,b}/img<i>.png (img1 a .jpg whose label is a .png) with labels (3 ignored rows each;
+    img0's has OUTSIDE pixels of value 7, no class of the model), and images/unlabeled.png."""
     root = tmp_path_factory.mktemp("archive")
     rng = np.random.default_rng(0)
     for i, (h, w) in enumerate(SIZES):
@@ -63,6 +64,8 @@ def archive(tmp_path_factory) -> Path:
         image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         label = rng.integers(0, NUM_CLASSES, (h, w)).astype(np.uint8)
         label[:3] = 255  # ignored rows
+        if i == 0:
+            label[3, :OUTSIDE] = 7  # no class of the model's 3
         ext = ".jpg" if i == 1 else ".png"  # a .jpg image whose label is a .png
         write_png(root / "images" / sub / f"img{i}{ext}", image)
         write_png(root / "labels" / sub / f"img{i}.png", label)
@@ -88,6 +91,8 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     assert segpipe_run(job, cfg) == 0
     out = capsys.readouterr().out
     assert "mIoU" in out and "images/s" in out
+    # label values outside the classes: counted in no class, and said once, with how many pixels
+    assert out.count(f"labels: {OUTSIDE} pixels in 1 images hold values outside the model's 3 classes") == 1
     run = tmp_path / "runs" / "t1"
     masks = read_run_table(run, "masks").to_pylist()
     ids = sorted(m["image_id"] for m in masks)
@@ -111,8 +116,13 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     np.testing.assert_allclose(summary["IoU"], expected["IoU"])
     assert summary["class_names"] == CLASS_NAMES
     metrics = read_run_table(run, "metrics")
-    assert metrics.num_rows == 5 and set(metrics.column_names) == {"image_id", "intersection", "union", "pred_area", "label_area"}
+    assert metrics.num_rows == 5
+    assert set(metrics.column_names) == {"image_id", "intersection", "union", "pred_area", "label_area", "label_outside_pixels"}
+    outside = dict(zip(metrics.column("image_id").to_pylist(), metrics.column("label_outside_pixels").to_pylist()))
+    assert outside == {i: (OUTSIDE if i == "b/img0.png" else 0) for i in outside}
+    assert summary["label_values_outside_classes"] == {"pixels": OUTSIDE, "images": 1, "unknown_images": 0}
     info = json.loads((run / "run.json").read_text())
+    assert info["metrics"]["label_values_outside_classes"] == summary["label_values_outside_classes"]
     assert info["status"] == "succeeded" and info["counts"]["segmented"] == 6
     assert info["model"]["num_classes"] == NUM_CLASSES and "torch" in info["versions"]
     stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
@@ -178,6 +188,26 @@ def test_bad_images_become_error_rows_and_over_the_error_budget_the_run_fails_wi
     cfg = archive_job(tmp_path, bad, checkpoint, labels=False, run_id="bad2", max_error_fraction=0.1)
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 1
     assert json.loads((tmp_path / "runs" / "bad2" / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "metrics, num_classes, message",
+    [
+        ({"task": "binary", "positive_class": 255}, 2, "metrics.positive_class: 255 is no class of segformer-b0, which has 2 (0 and 1)"),
+        ({"positive_class": 2}, 2, "metrics.positive_class: 2 is no class"),  # a 2-class model's probability uses it
+        ({"task": "binary", "positive_class": 0}, 1, "metrics.positive_class: 0, but segformer-b0 has one logit"),
+        ({"task": "binary"}, 3, "metrics.task: binary needs a model of 2 classes (background, foreground) or one logit"),
+    ],
+)
+def test_metrics_that_do_not_fit_the_models_classes_exit_2_before_anything_runs(tmp_path, archive, metrics, num_classes, message, capsys):
+    """Before, positive_class 255 passed the config check and every image failed with IndexError.
+    The model's classes are known before Ray starts (no ray_session here: nothing of Ray is needed)."""
+    model = tiny_checkpoint(tmp_path / "m.safetensors", num_classes)
+    cfg = archive_job(tmp_path, archive, model, run_id="misfit", metrics={"ignore_index": 100, **metrics})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs" / "misfit").exists()
 
 
 def test_whole_mode_writes_one_mask_per_image(ray_session, tmp_path, archive, checkpoint):

@@ -23,6 +23,7 @@ from pipeline.runstore import (
     job_runs,
     job_summary,
     masks_schema,
+    metrics_schema,
     part_name,
     run_identity,
     run_status,
@@ -228,3 +229,18 @@ def test_id_sets_answer_membership_for_a_whole_listing_at_once():
     assert len(held) == 3 and held.contains(["a", "c", "b"]).tolist() == [True, False, True]
     assert held.minus(IdSet(pa.array(["a"]))).to_pylist() == ["b", "s/1/k"]
     assert len(IdSet.union(held, IdSet(pa.array(["z"])), IdSet())) == 4 and IdSet().contains([]).tolist() == []
+
+
+def test_metrics_parts_written_before_outside_pixels_were_counted_still_read_as_unknown_not_zero(tmp_path):
+    """The metrics table gained `label_outside_pixels`: a run's older parts lack it, and are read
+    beside newer ones; their images are `unknown_images`, never counted as 0 pixels."""
+    store = RunStore(str(tmp_path), {}, "r")
+    areas = {k: [[1, 1]] for k in METRICS_SCHEMA.names[1:]}
+    old = pa.Table.from_pydict({"image_id": ["a.png"], **areas}, schema=METRICS_SCHEMA)  # as written before
+    new = pa.Table.from_pydict({"image_id": ["b.png"], **areas, "label_outside_pixels": [4]}, schema=metrics_schema(False))
+    for name, metrics, image_id in ((part_name(1, 0, 0), old, "a.png"), (part_name(2, 0, 0), new, "b.png")):
+        masks, _, errors = tables([image_id])
+        store.write_part(name, masks, metrics, errors)
+    summary = store.summarize(2, ["bg", "fg"])
+    assert summary["labeled_images"] == 2 and summary["IoU"] == [1.0, 1.0]
+    assert summary["label_values_outside_classes"] == {"pixels": 4, "images": 1, "unknown_images": 1}
