@@ -486,7 +486,16 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
         "inference.blend": inference.blend,
         "inference.precision": inference.precision,
         "inference.tta": inference.tta.model_dump(mode="json"),
+        "inference.task": inference.task,
+        # how labels are read decides the metrics rows: a rerun that reads them otherwise would mix them
+        "metrics.task": cfg.metrics.task,
+        "metrics.ignore_index": cfg.metrics.ignore_index,
     }
+    if inference.task != "semantic":
+        identity["inference.objects"] = inference.objects.model_dump(mode="json")
+    if cfg.metrics.task == "binary":
+        identity["metrics.binary_labels"] = cfg.metrics.binary_labels
+        identity["metrics.positive_class"] = cfg.metrics.positive_class
     if cfg.input.format == "images":
         identity["input.pattern"] = cfg.input.pattern
     return identity
@@ -734,8 +743,10 @@ LOST_AFTER_SECONDS = 600.0  # a run whose running attempt has not been heard of 
 
 
 def identity_changes(known: dict, identity: dict) -> dict[str, list]:
-    """The identity fields that differ: {field: [known, now]}."""
-    return {k: [known.get(k), identity.get(k)] for k in sorted(set(identity) | set(known)) if identity.get(k) != known.get(k)}
+    """The identity fields that differ: {field: [known, now]}. A field that only one side states was
+    recorded by another version of segpipe (no field is ever optional within one version for a given
+    format and task, and those two are fields themselves): it is not held against the run."""
+    return {k: [known[k], identity[k]] for k in sorted(set(identity) & set(known)) if identity[k] != known[k]}
 
 
 def run_status(info: dict, now: float | None = None) -> str | None:

@@ -133,6 +133,25 @@ def test_a_run_record_refuses_a_config_that_changes_the_runs_results(tmp_path):
         RunRecord.load(store, cfg, other)
 
 
+def test_how_labels_are_read_is_part_of_a_runs_identity_and_older_identities_still_resume(tmp_path):
+    base = {"run_id": "r", "input": {"uri": "/data/images"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}}
+    binary = {**base, "metrics": {"task": "binary", "binary_labels": "mask"}}
+    cfg = load_config(binary)
+    store = RunStore(str(tmp_path), {}, "r")
+    identity = run_identity(cfg, "segformer-b0", 2, "abc")
+    store.write_json("run.json", {"identity": identity, "attempts": [{"attempt": 1, "status": "interrupted"}]})
+    store.write_part(part_name(1, 0, 0), *tables(["a.png"]))
+    # metrics rows read under another rule would mix with the committed ones
+    for metrics, field in (({"binary_labels": "class_index"}, "metrics.binary_labels"), ({"ignore_index": 7}, "metrics.ignore_index")):
+        other = load_config({**binary, "metrics": {**binary["metrics"], **metrics}})
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            RunRecord.load(store, other, run_identity(other, "segformer-b0", 2, "abc"))
+    # a run whose identity was recorded before these fields existed resumes under the same settings
+    older = {k: v for k, v in identity.items() if not k.startswith("metrics.") and k != "inference.task"}
+    store.write_json("run.json", {"identity": older, "attempts": [{"attempt": 1, "status": "interrupted"}]})
+    assert RunRecord.load(store, cfg, identity).attempt == 2
+
+
 def test_an_attempt_found_running_is_lost_and_counted_by_what_its_parts_hold(tmp_path):
     cfg = load_config({"run_id": "r", "input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
     store = RunStore(str(tmp_path), {}, "r")
