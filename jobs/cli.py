@@ -15,7 +15,6 @@ import os
 import sys
 from pathlib import Path
 
-from models.base import ModelError
 from pipeline.config import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             from jobs.demo import demo_config
 
             return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
-    except (ConfigError, ModelError) as exc:
+    except _usage_errors() as exc:
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt:
         print("segpipe: interrupted", file=sys.stderr)
@@ -175,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an unreachable store while setting up: nothing was segmented
         return _fail(exc, EXIT_USAGE)
     return EXIT_USAGE
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that are exit 2. models.ModelError only where models is imported (whatever raised
+    one did): importing it imports torch, which `segpipe run` imports while its Ray starts."""
+    base = sys.modules.get("models.base")
+    return (ConfigError, base.ModelError) if base is not None else (ConfigError,)
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -203,6 +209,9 @@ def _fail(exc: BaseException, code: int) -> int:
 
 
 def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False) -> int:
+    from pipeline.local_ray import start_in_background
+
+    start_in_background(verbose or _verbose_env())  # a local Ray starts while the driver imports, lists and loads
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig
+from pipeline.local_ray import connect as connect_ray
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import INSTANCES, RunRecord, RunStore, labels_report, run_identity, runs_of_job
@@ -169,16 +170,9 @@ def size_actors(cfg: JobConfig, nodes: list[dict] | None = None) -> ActorPlan:
 
 
 def init_ray(verbose: bool = False) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local one starts
-        ray.init(
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=verbose or os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
-            configure_logging=False,
-        )
+    """Ray for the run: inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local
+    one starts (the CLI starts it early: pipeline.local_ray)."""
+    connect_ray(verbose)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,131 @@
+"""Ray for a run, started early where the run starts it itself.
+
+A `segpipe run` without a cluster (no `RAY_ADDRESS`, or `RAY_ADDRESS=local`, and no `ray start`
+cluster on this machine) starts a local Ray, about 3 s on 2 cores, then Ray Data starts its own
+actors at the plan's first batch. `start_in_background` (the CLI, once the config is valid) does both
+in a thread while the driver imports torch, lists the input and loads the model; `connect`
+(pipeline.plan.init_ray) waits for that thread, or, where nothing was started early (a cluster, a
+test's Ray, a library call), calls `ray.init` as runs always did. A cluster run is exactly as before:
+nothing starts early and `ray.init` gets the same arguments.
+
+This module imports nothing heavy (no torch, no Ray until the thread runs), so the thread starts
+before the driver's imports.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+_lock = threading.Lock()
+_early: dict = {}  # "ready" (an Event), "records" (Ray's log records meanwhile), "error"
+
+
+def ray_init_kwargs(verbose: bool) -> dict:
+    """What `ray.init` gets for a run, cluster or local: the dashboard only where a cluster has it,
+    Ray's worker lines on the driver only when asked for."""
+    return dict(
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=verbose or os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
+        configure_logging=False,
+    )
+
+
+def starts_local_ray() -> bool:
+    """True where `ray.init()` would start a new local Ray rather than join a cluster: Ray's own
+    reading of RAY_ADDRESS and of the address file a `ray start` on this machine leaves."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        return canonicalize_bootstrap_address(os.environ.get("RAY_ADDRESS")) is None
+    except Exception:  # an address Ray cannot read: ray.init says so, as before
+        return False
+
+
+class _Records(logging.Handler):
+    """Ray's log lines while it starts in the thread: kept, and written when `connect` is called
+    (where the run sends Ray's lines to its log file) instead of on the terminal meanwhile. With
+    configure_logging=False Ray's loggers have no handler and Python writes their warnings to
+    stderr through `logging.lastResort`: this handler stands in for it meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def start_in_background(verbose: bool = False) -> bool:
+    """Start a local Ray and Ray Data's actors in a thread, where this run would start a local Ray
+    and none is up yet. Returns whether it did."""
+    with _lock:
+        if _early:
+            return True
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            return False
+        # ray.init sets this handler only from the main thread: set it here, as it would
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        _early.update(records=_Records(), ready=threading.Event())
+        # a daemon that outlives its work: Ray's processes die with the thread that started them
+        # (PR_SET_PDEATHSIG), so it waits, doing nothing, until the driver exits
+        threading.Thread(target=_start, args=(verbose,), name="segpipe-ray-start", daemon=True).start()
+        return True
+
+
+def _start(verbose: bool) -> None:
+    records: _Records = _early["records"]
+    last_resort, logging.lastResort = logging.lastResort, records
+    try:
+        import ray
+
+        if starts_local_ray():  # else a cluster: `connect` calls ray.init as always
+            ray.init(**ray_init_kwargs(verbose))
+            _warm_ray_data()
+    except BaseException as exc:  # raised again by `connect`, in the driver's thread
+        _early["error"] = exc
+    finally:
+        logging.lastResort = last_resort
+        _early["ready"].set()
+    threading.Event().wait()
+
+
+def _warm_ray_data() -> None:
+    """Ray Data's own actors (its stats, its autoscaling coordinator, the actor pools' location
+    tracker) are started by the plan's first batch: start them now, beside the driver's work.
+    Each is a named actor Ray Data gets or creates; where a Ray version has other ones, the plan
+    starts what it needs as before."""
+    import ray.data  # noqa: F401  (the driver's own import of Ray Data, off the critical path)
+
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+        from ray.data._internal.execution.node_trackers import get_or_create_actor_location_tracker
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return
+    for start in (get_or_create_stats_actor, get_or_create_autoscaling_coordinator, get_or_create_actor_location_tracker):
+        try:
+            start()
+        except Exception:
+            logging.getLogger(__name__).debug("warming Ray Data failed", exc_info=True)
+
+
+def connect(verbose: bool = False) -> None:
+    """Ray for the run: the local Ray started early (waited for), else `ray.init` as always."""
+    if "ready" in _early:
+        _early["ready"].wait()
+        records: _Records = _early["records"]
+        for record in records.records:  # now, where the run's Ray lines go
+            (logging.lastResort or logging.StreamHandler()).handle(record)
+        records.records.clear()
+        if "error" in _early:
+            raise _early.pop("error")
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**ray_init_kwargs(verbose))
