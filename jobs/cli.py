@@ -209,21 +209,25 @@ def _fail(exc: BaseException, code: int) -> int:
 
 
 def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False) -> int:
-    from pipeline.local_ray import start_in_background
+    from pipeline import local_ray
 
-    start_in_background(verbose or _verbose_env())  # a local Ray starts while the driver imports, lists and loads
+    local_ray.start_in_background(verbose or _verbose_env())  # a local Ray starts while the driver imports, lists and loads
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 
-    result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
-    print(format_summary(result.summary, result.run_dir))
-    if result.status == "interrupted":
-        print(f"segpipe: {result.message}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if result.status != "succeeded":
-        print(f"segpipe: run failed: {result.message}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    try:
+        result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
+        print(format_summary(result.summary, result.run_dir))
+        if result.status == "interrupted":
+            print(f"segpipe: {result.message}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if result.status != "succeeded":
+            print(f"segpipe: run failed: {result.message}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        sys.stdout.flush()
+        local_ray.stop()
 
 
 def _verbose_env() -> bool:

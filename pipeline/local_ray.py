@@ -129,3 +129,17 @@ def connect(verbose: bool = False) -> None:
 
     if not ray.is_initialized():
         ray.init(**ray_init_kwargs(verbose))
+
+
+def stop() -> None:
+    """Shut down the local Ray that `start_in_background` started, once the run is over: at once,
+    where Ray's own exit hook would first sleep half a second for lines that a run without
+    log_to_driver never prints. Nothing where it started none (a cluster, a test's Ray)."""
+    if "ready" not in _early or _early.get("stopped"):
+        return
+    _early["ready"].wait()
+    _early["stopped"] = True
+    import ray
+
+    if ray.is_initialized() and ray._private.worker._global_node is not None:  # a local Ray of this process
+        ray.shutdown()
