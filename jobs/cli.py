@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `segpipe` program (argv None: sys.argv), or a call with its arguments (a test, a script).
+    Only the program starts its local Ray early and shuts it down at the end (pipeline.local_ray):
+    a call leaves Ray to its process, as runs always did."""
+    program = argv is None
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     try:
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             if args.dry_run:
                 return _dry_run(cfg, incremental=args.incremental, verbose=args.verbose)
-            return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose)
+            return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose, program=program)
         if args.command == "compare":
             return _compare(args)
         if args.command == "export":
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from jobs.demo import demo_config
 
-            return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
+            return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose, program=program)
     except _usage_errors() as exc:
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt:
@@ -208,10 +212,11 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
-def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False) -> int:
+def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False, program: bool = False) -> int:
     from pipeline import local_ray
 
-    local_ray.start_in_background(verbose or _verbose_env())  # a local Ray starts while the driver imports, lists and loads
+    if program:  # a local Ray starts while the driver imports, lists and loads
+        local_ray.start_in_background(verbose or _verbose_env())
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 
