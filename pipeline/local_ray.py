@@ -8,17 +8,27 @@ in a thread while the driver imports torch, lists the input and loads the model;
 test's Ray, a library call), calls `ray.init` as runs always did. A cluster run is exactly as before:
 nothing starts early and `ray.init` gets the same arguments.
 
+The local Ray starts lean (`lean_node`): without the processes a one-machine job never uses, which
+take 2 of the 5 s that a plain local `ray.init` and `ray.shutdown` take on 2 cores: the autoscaler's
+monitor (nothing to scale), the log monitor (it only carries workers' lines to the driver, which
+runs without log_to_driver unless verbose) and the API server (the dashboard's head: segpipe
+starts Ray without the dashboard). Ray's metrics agent stays: it is what exports the run's metrics
+on Prometheus (the `monitoring` extra). SEGPIPE_RAY_LEAN=0 starts every process as ray.init does.
+
 This module imports nothing heavy (no torch, no Ray until the thread runs), so the thread starts
 before the driver's imports.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 _lock = threading.Lock()
 _early: dict = {}  # "ready" (an Event), "records" (Ray's log records meanwhile), "error"
@@ -72,6 +82,10 @@ def start_in_background(verbose: bool = False) -> bool:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
         _early.update(records=_Records(), ready=threading.Event())
+        # Ray imported here, before the driver imports torch: imports in two threads take turns
+        # (one interpreter lock), and Ray's processes start sooner when its import is not shared
+        import ray  # noqa: F401
+
         # a daemon that outlives its work: Ray's processes die with the thread that started them
         # (PR_SET_PDEATHSIG), so it waits, doing nothing, until the driver exits
         threading.Thread(target=_start, args=(verbose,), name="segpipe-ray-start", daemon=True).start()
@@ -85,7 +99,9 @@ def _start(verbose: bool) -> None:
         import ray
 
         if starts_local_ray():  # else a cluster: `connect` calls ray.init as always
-            ray.init(**ray_init_kwargs(verbose))
+            kwargs = ray_init_kwargs(verbose)
+            with lean_node(kwargs["log_to_driver"]):
+                ray.init(**kwargs)
             _warm_ray_data()
     except BaseException as exc:  # raised again by `connect`, in the driver's thread
         _early["error"] = exc
@@ -93,6 +109,42 @@ def _start(verbose: bool) -> None:
         logging.lastResort = last_resort
         _early["ready"].set()
     threading.Event().wait()
+
+
+@contextlib.contextmanager
+def lean_node(log_to_driver: bool) -> Iterator[bool]:
+    """Meanwhile the Ray node that `ray.init` starts here has no autoscaler monitor, no log monitor
+    (unless `log_to_driver`) and no API server: options of Ray's node (`ray start --no-monitor`,
+    `--include-log-monitor`) that ray.init does not pass on. Yields whether it could (a Ray whose
+    node has other names starts as ray.init starts it)."""
+    try:
+        from ray._private.node import Node
+        from ray._private.parameter import RayParams
+
+        known = {"no_monitor", "include_log_monitor"} <= set(
+            inspect.signature(RayParams).parameters
+        ) and "include_dashboard" in inspect.signature(Node.start_api_server).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        known = False
+    if not known or os.environ.get("SEGPIPE_RAY_LEAN", "1") == "0":
+        yield False
+        return
+    node_init, start_api_server = Node.__init__, Node.start_api_server
+
+    def lean_init(self, ray_params, *args, **kwargs) -> None:
+        ray_params.no_monitor = True
+        if not log_to_driver:
+            ray_params.include_log_monitor = False
+        node_init(self, ray_params, *args, **kwargs)
+
+    def no_api_server(self, *args, **kwargs) -> None:
+        self._webui_url = ""  # what a Ray without the dashboard's packages has
+
+    Node.__init__, Node.start_api_server = lean_init, no_api_server
+    try:
+        yield True
+    finally:
+        Node.__init__, Node.start_api_server = node_init, start_api_server
 
 
 def _warm_ray_data() -> None:
