@@ -67,7 +67,8 @@ class _Records(logging.Handler):
         self.records: list[logging.LogRecord] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
+        if not record.getMessage().startswith("SIGTERM handler is not set"):  # it is: start_in_background sets it
+            self.records.append(record)
 
 
 def start_in_background(verbose: bool = False) -> bool:

@@ -51,7 +51,7 @@ def test_a_cluster_address_starts_nothing_early():
 def test_the_early_local_ray_has_ray_datas_actors_holds_its_lines_for_the_log_and_stops():
     proc = python(
         """
-        import json, sys, time
+        import json, os, sys, time
         from pipeline import local_ray
         assert local_ray.start_in_background()
         time.sleep(0.5)
@@ -60,8 +60,15 @@ def test_the_early_local_ray_has_ray_datas_actors_holds_its_lines_for_the_log_an
         import ray
         names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
         up = ray.is_initialized()
+        children = []  # the processes ray.init started here
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid()):
+                    children.append(open(f"/proc/{pid}/cmdline").read().replace("\\0", " "))
+            except OSError:
+                pass
         local_ray.stop()
-        print(json.dumps({"up": up, "names": names, "after_stop": ray.is_initialized()}))
+        print(json.dumps({"up": up, "names": names, "after_stop": ray.is_initialized(), "children": children}))
         """,
         RAY_ADDRESS="local",
     )
@@ -71,4 +78,8 @@ def test_the_early_local_ray_has_ray_datas_actors_holds_its_lines_for_the_log_an
     assert "ActorLocationTracker" in out["names"] and len(out["names"]) >= 3  # and Ray Data's stats and autoscaling actors
     before, _, after = proc.stderr.partition("BEFORE CONNECT")
     assert before.strip() == ""  # nothing of Ray's on the terminal while the driver works
-    assert "SIGTERM handler is not set" in after  # Ray's lines meanwhile, written when the run takes them
+    assert "Token authentication" in after  # Ray's lines meanwhile, written when the run takes them
+    # lean: the GCS, the raylet (whose agents stay) and no autoscaler monitor, log monitor or API server
+    started = " ".join(out["children"])
+    assert "gcs_server" in started and "raylet" in started
+    assert "monitor.py" not in started and "log_monitor.py" not in started and "dashboard.py" not in started
