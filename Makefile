@@ -39,7 +39,7 @@ lint: $(VENV)/.test
 	$(VENV)/bin/ruff format --check .
 
 test: lint
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) demo-out .demo runs

@@ -17,7 +17,6 @@ import signal
 import sys
 from pathlib import Path
 
-from models.base import ModelError
 from pipeline.config import ConfigError
 from pipeline.extras import MissingPackageError
 
@@ -143,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `segpipe` program (argv None: sys.argv), or a call with its arguments (a test, a script).
+    Only the program starts its local Ray early and shuts it down at the end (pipeline.local_ray):
+    a call leaves Ray to its process, as runs always did."""
+    program = argv is None
     args = build_parser().parse_args(argv)
     _log_to_stderr()
     try:
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, args.overrides)
             if args.dry_run:
                 return _dry_run(cfg, incremental=args.incremental, verbose=args.verbose)
-            return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose)
+            return _run(cfg, retry_errors=args.retry_errors, incremental=args.incremental, verbose=args.verbose, program=program)
         if args.command == "compare":
             return _compare(args)
         if args.command == "export":
@@ -169,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from jobs.demo import demo_config
 
-            return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose)
-    except (ConfigError, ModelError, MissingPackageError) as exc:  # an optional package missing: one line naming its extra
+            return _run(demo_config(Path(args.out), task=args.task), verbose=args.verbose, program=program)
+    except _usage_errors() as exc:  # an optional package missing: one line naming its extra
         return _fail(exc, EXIT_USAGE)
     except KeyboardInterrupt as exc:  # pipeline.plan.Stopped carries the signal: Ctrl-C or SIGTERM
         signum = getattr(exc, "signum", signal.SIGINT)
@@ -179,6 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an unreachable store while setting up: nothing was segmented
         return _fail(exc, EXIT_USAGE)
     return EXIT_USAGE
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """The errors that are exit 2. models.ModelError only where models is imported (whatever raised
+    one did): importing it imports torch, which `segpipe run` imports while its Ray starts."""
+    base = sys.modules.get("models.base")
+    return (ConfigError, MissingPackageError, base.ModelError) if base is not None else (ConfigError, MissingPackageError)
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -206,22 +216,30 @@ def _fail(exc: BaseException, code: int) -> int:
     return code
 
 
-def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False) -> int:
+def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: bool = False, program: bool = False) -> int:
+    from pipeline import local_ray
+
+    if program:  # a local Ray starts while the driver imports, lists and loads
+        local_ray.start_in_background(verbose or _verbose_env())
     from pipeline.plan import run_job
     from pipeline.report import format_summary
 
-    result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
-    if result.status == "nothing_new":
-        print(f"segpipe: run {result.run_id}: {result.message}")
+    try:
+        result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
+        if result.status == "nothing_new":
+            print(f"segpipe: run {result.run_id}: {result.message}")
+            return EXIT_OK
+        print(format_summary(result.summary, result.run_dir))
+        if result.status == "interrupted":
+            print(f"segpipe: {result.message}", file=sys.stderr)
+            return 128 + (result.signum or signal.SIGINT)
+        if result.status != "succeeded":
+            print(f"segpipe: run failed: {result.message}", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
-    print(format_summary(result.summary, result.run_dir))
-    if result.status == "interrupted":
-        print(f"segpipe: {result.message}", file=sys.stderr)
-        return 128 + (result.signum or signal.SIGINT)
-    if result.status != "succeeded":
-        print(f"segpipe: run failed: {result.message}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    finally:
+        sys.stdout.flush()
+        local_ray.stop()
 
 
 def _verbose_env() -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
+from pipeline.local_ray import connect as connect_ray
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.runstore import (
@@ -192,21 +193,14 @@ def size_actors(cfg: JobConfig, nodes: list[dict] | None = None) -> ActorPlan:
 
 
 def init_ray(verbose: bool = False) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # ray.init makes SIGTERM sys.exit(15): no summary, run.json left `running`. A handler of
-        # ours before it (`stop_signals`, while a run runs) is put back.
-        on_sigterm = signal.getsignal(signal.SIGTERM)
-        # inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local one starts
-        ray.init(
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            log_to_driver=verbose or os.environ.get("SEGPIPE_RAY_LOGS", "0") == "1",
-            configure_logging=False,
-        )
-        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_sigterm)
+    """Ray for the run: inside `ray job submit` RAY_ADDRESS points at the cluster; otherwise a local
+    one starts (the CLI starts it early: pipeline.local_ray)."""
+    # ray.init makes SIGTERM sys.exit(15): no summary, run.json left `running`. A handler of ours
+    # before it (`stop_signals`, while a run runs) is put back.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    connect_ray(verbose)
+    if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class _RayPrints:

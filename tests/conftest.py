@@ -1,5 +1,6 @@
 """What the tests share as fixtures: one local Ray and one S3 endpoint for the whole session, and
-the small checkpoint every job test segments with. Plain functions are in tests/helpers.py."""
+the small checkpoint every job test segments with. Plain functions are in tests/helpers.py; the
+check that no process outlives the session is tests/process_check.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 import pytest
+from process_check import pytest_sessionfinish  # noqa: F401  (the check that no process outlives the session)
 from s3_server import S3Server, s3_endpoint  # importing it registers flaky://
 
 

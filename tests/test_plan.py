@@ -25,6 +25,17 @@ from pipeline.telemetry import STAGES
 NUM_CLASSES = len(CLASS_NAMES)
 SIZES = [(40, 56), (64, 64), (97, 75), (33, 130), (70, 41)]
 OUTSIDE = 5  # label pixels of img0 whose value is no class
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_processes_that_run_no_model_import_no_torch():
+    """What a read task and the writer import (their stage modules), and the CLI before its Ray
+    starts, in a fresh interpreter: no torch (about 1.2 s of CPU a process on this machine)."""
+    modules = ["pipeline.source", "pipeline.decode", "pipeline.storage", "pipeline.rows", "pipeline.sink", "pipeline.runstore",
+               "pipeline.local_ray", "jobs.cli"]  # fmt: skip
+    code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(
