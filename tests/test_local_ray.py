@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def python(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "PYTHONPATH": str(ROOT), **env}
+    # RAY_AUTH_MODE too: a Ray started in this process sets it, and Ray then warns of nothing at start
+    environment = {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}, "PYTHONPATH": str(ROOT), **env}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=180
     )
