@@ -54,7 +54,8 @@ from pipeline.extras import require
 from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, LabelReading, LabelReadingError, summarize
 from pipeline.rows import IdSet
-from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore, split_run_uri
+from pipeline.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
+from pipeline.runstore import RunStore, split_run_uri
 from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
 from pipeline.storage import open_fs, read_bytes, with_retries
 

@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 from pipeline.extras import require
 from pipeline.masks import PngRows, decode_png
 from pipeline.objects import encode_rle
-from pipeline.runstore import CHUNK_FIELDS, MASKS, RunStore, split_run_uri, strict_json
+from pipeline.run_tables import CHUNK_FIELDS, MASKS
+from pipeline.runstore import RunStore, split_run_uri, strict_json
 from pipeline.storage import open_fs, with_retries
 
 FORMATS = ("png", "tiff", "coco")

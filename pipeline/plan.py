@@ -32,9 +32,9 @@ from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
 from pipeline.local_ray import connect as connect_ray
 from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
 from pipeline.rows import IdSet, SourceUnit
+from pipeline.run_tables import INSTANCES
 from pipeline.runstore import (
     HEARTBEAT_SECONDS,
-    INSTANCES,
     RunRecord,
     RunStore,
     check_job_identity,

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.cod_metrics import CodImageStats
 from pipeline.config import JobConfig
 from pipeline.rows import Prediction, batch_length
-from pipeline.runstore import (
+from pipeline.run_tables import (
     CHUNK_FIELDS,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
@@ -27,11 +27,11 @@ from pipeline.runstore import (
     OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
     READING_FIELD,
-    RunStore,
     masks_schema,
     metrics_schema,
     part_name,
 )
+from pipeline.runstore import RunStore
 from pipeline.telemetry import StageClock
 
 # --------------------------------------------------------------------------- writing parts

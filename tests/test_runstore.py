@@ -12,19 +12,15 @@ from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
 from pipeline.rows import IdSet
+from pipeline.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
 from pipeline.runstore import (
-    ERRORS_SCHEMA,
     LOST_AFTER_SECONDS,
-    METRICS_SCHEMA,
     RunRecord,
     RunStore,
     check_job_identity,
     config_changes,
     job_runs,
     job_summary,
-    masks_schema,
-    metrics_schema,
-    part_name,
     run_identity,
     run_status,
     strict_json,
