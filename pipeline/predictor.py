@@ -24,13 +24,14 @@ import torch
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel, compile_for_inference
 from models.onnx_backend import run_with_onnxruntime
+from pipeline.coco_codec import encode_rle
 from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig, ModelConfig
 from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, LabelAreas, LabelReading
 from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
-from pipeline.objects import ImageObject, PanopticSegments, encode_rle
+from pipeline.objects import ImageObject, PanopticSegments
 from pipeline.panoptic_metrics import PanopticQuality, Segment
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.storage import local_copy, scrub
