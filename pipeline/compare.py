@@ -1407,7 +1407,7 @@ def receptive_fields(runs: list[Run], image_ids: list[str], src: Sources, storag
     compared images: the same images for every model, at the size of the run's sliding window (at
     most 256 pixels, so that the field fits the crop and the gradient stays cheap)."""
     from pipeline.config import ModelConfig
-    from pipeline.predictor import load_job_model
+    from pipeline.job_model import load_job_model
     from pipeline.receptive_field import effective_receptive_field, erf_figure_png
 
     photos = [p for p in (read_photo(src, i, storage_options) for i in image_ids) if p is not None]

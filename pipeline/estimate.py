@@ -109,7 +109,8 @@ def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[
             loading = time.perf_counter()
             import torch
 
-            from pipeline.predictor import ModelScorer, load_job_model
+            from pipeline.job_model import load_job_model
+            from pipeline.predictor import ModelScorer
 
             torch.set_num_threads(threads)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

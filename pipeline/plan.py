@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
+from pipeline.job_model import check_task, load_job_model, weights_sha256
 from pipeline.local_ray import connect as connect_ray
-from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
+from pipeline.predictor import DIE_ON, Predictor
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.run_tables import INSTANCES
 from pipeline.runstore import (
