@@ -55,7 +55,7 @@ from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, LabelReading, LabelReadingError, summarize
 from pipeline.rows import IdSet
 from pipeline.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
-from pipeline.runstore import RunStore, split_run_uri
+from pipeline.runstore import RunStore
 from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
 from pipeline.storage import open_fs, read_bytes, with_retries
 
@@ -120,8 +120,7 @@ def speed_notes(runs: list[Run]) -> list[str]:
 
 
 def open_run(uri: str, storage_options: dict | None = None) -> Run:
-    output_uri, tail = split_run_uri(uri)
-    store = RunStore(output_uri, storage_options or {}, tail)
+    store = RunStore.at(uri, storage_options)
     info = store.read_json("run.json")
     if not info:
         raise CompareError(f"{uri}: not a run directory (no run.json)")
@@ -131,7 +130,7 @@ def open_run(uri: str, storage_options: dict | None = None) -> Run:
     names = list(summary.get("class_names") or model.get("class_names") or [])
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
-    run_id = str(info.get("run_id") or tail)
+    run_id = str(info.get("run_id") or store.run_id)
     return Run(uri.rstrip("/"), run_id, run_id, store, info, summary, store.outcomes().segmented, num_classes, names)
 
 

@@ -93,8 +93,7 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
     """Model inputs one image takes: its sliding windows (slide mode) or one pass (whole mode), times
     the test-time augmentation views."""
     inference = cfg.inference
-    settings = TilingSettings(mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride))
-    return model_inputs(height, width, settings, views=inference.tta.views)
+    return model_inputs(height, width, TilingSettings.from_config(inference), views=inference.tta.views)
 
 
 def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:

@@ -47,7 +47,7 @@ from pipeline.coco_codec import encode_rle, id_to_rgb
 from pipeline.extras import require
 from pipeline.masks import PngRows, decode_png
 from pipeline.run_tables import CHUNK_FIELDS, MASKS
-from pipeline.runstore import RunStore, split_run_uri, strict_json
+from pipeline.runstore import RunStore, strict_json
 from pipeline.storage import open_fs, with_retries
 
 FORMATS = ("png", "tiff", "coco")
@@ -101,8 +101,7 @@ class Run:
 
 def open_run(uri: str, storage_options: dict) -> Run:
     """The run directory at `uri`; ExportError when it is none (no run.json)."""
-    output_uri, run_id = split_run_uri(uri)
-    store = RunStore(output_uri, storage_options, run_id)
+    store = RunStore.at(uri, storage_options)
     info = store.read_json("run.json")
     if not isinstance(info, dict):
         raise ExportError(f"{uri}: not a run directory (no run.json)")

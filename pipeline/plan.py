@@ -438,7 +438,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if incremental and not cfg.job:
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
-    store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+    store = RunStore.of_job(cfg)
     list_stats = StoreStats()
     listing = Listing(cfg, list_stats)
     try:

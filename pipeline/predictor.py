@@ -227,15 +227,8 @@ class Predictor:
         self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
-        self.settings = TilingSettings(
-            mode=inference.mode,
-            window=tuple(inference.window),
-            stride=tuple(inference.stride),
-            blend=inference.blend,
-            batch_size=inference.batch_size,
-            binary=binary,
-            positive_class=self.positive_class,
-            score_kind=model.score_kind,
+        self.settings = TilingSettings.from_config(
+            inference, binary=binary, positive_class=self.positive_class, score_kind=model.score_kind
         )
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 

@@ -107,8 +107,20 @@ class RunStore:
 
     def __init__(self, output_uri: str, storage_options: dict, run_id: str) -> None:
         self.fs, root = open_fs(output_uri, storage_options)
+        self.run_id = run_id
         self.root = f"{root.rstrip('/')}/{run_id}"
         self.uri = f"{output_uri.rstrip('/')}/{run_id}"
+
+    @classmethod
+    def of_job(cls, cfg: JobConfig) -> RunStore:
+        """The run directory a job config writes: `<output.uri>/<run_id>`."""
+        return cls(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+
+    @classmethod
+    def at(cls, run_uri: str, storage_options: dict | None = None) -> RunStore:
+        """The run directory at `<output.uri>/<run_id>`, as `segpipe compare` and `export` take it."""
+        output_uri, run_id = split_run_uri(run_uri)
+        return cls(output_uri, storage_options or {}, run_id)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -101,7 +101,7 @@ class PartWriter:
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None) -> None:
         self.monitor, self.clock = monitor, StageClock()
-        self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+        self.store = RunStore.of_job(cfg)
         self.objects = OBJECT_TABLES.get(cfg.inference.task)  # the instances or segments table, if any
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"
