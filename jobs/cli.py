@@ -319,7 +319,7 @@ def _dry_run(cfg, incremental: bool = False, verbose: bool = False) -> int:
 def _convert(args) -> int:
     from models import save_native
     from pipeline.config import ModelConfig
-    from pipeline.predictor import load_job_model
+    from pipeline.job_model import load_job_model
 
     # as a job loads it: a checkpoint in a store is fetched through pipeline.storage
     model = load_job_model(ModelConfig(checkpoint=str(args.source), name=args.name, num_classes=args.num_classes))

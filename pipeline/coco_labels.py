@@ -12,9 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import numpy as np
-
-from pipeline.objects import decode_rle
+from pipeline.coco_codec import annotation_mask, decode_rle
 from pipeline.panoptic_metrics import InstanceTruth, Segment, segments_from_coco
 from pipeline.storage import open_fs, read_bytes
 
@@ -107,78 +105,6 @@ class InstanceLabels:
             InstanceTruth(int(a["category_id"]), annotation_mask(a["segmentation"], size), bool(a.get("iscrowd", 0)), a.get("area"))
             for a in self.annotations.get(int(image["id"]), [])
         ]
-
-
-def annotation_mask(segmentation: dict | list, size: tuple[int, int]) -> np.ndarray:
-    """A COCO segmentation as a boolean mask, as pycocotools' COCOeval rasterises it (`annToRLE`):
-    RLE (compressed or not) decoded exactly, polygons each by `polygon_mask` (pycocotools'
-    `frPyObjects`, bit for bit), several polygons of one object united (`merge`). An empty list is
-    an empty mask (pycocotools fails on it), a list whose first polygon has 4 values polygons too
-    (pycocotools takes it for a box and fails)."""
-    if isinstance(segmentation, dict):
-        return decode_rle(segmentation).astype(bool)
-    mask = np.zeros(size, dtype=bool)
-    for polygon in segmentation:
-        mask |= polygon_mask(polygon, *size)
-    return mask
-
-
-POLYGON_SCALE = 5  # rleFrPoly walks the edges at 5x the pixel grid
-
-
-def _c_int(values: np.ndarray | float) -> np.ndarray:
-    """C's (int) cast of doubles: truncation toward zero (not floor: coordinates may be negative)."""
-    return np.trunc(values).astype(np.int64)
-
-
-def polygon_mask(polygon: list[float], height: int, width: int) -> np.ndarray:
-    """One COCO polygon [x0, y0, x1, y1, ...] as pycocotools rasterises it (`maskApi.c` rleFrPoly,
-    through `mask.frPyObjects`): the vertices scaled by 5 and rounded, every edge walked point by
-    point on that grid (from its lower end, as the C code walks it, so that an edge rounds alike in
-    both directions), the points where the walk crosses a pixel column's centre kept as that
-    column's boundaries (the y below, rounded up, clamped to [0, height]), and the mask between them
-    filled column-major by parity (even-odd: a polygon drawn around twice cancels). The same float64
-    operations in the same order as the C code, so the mask is equal bit for bit (tested against
-    pycocotools: fractional, negative and outside coordinates, edges on pixel centres, several parts).
-    A boundary at y = height runs into the next column's top, as pycocotools' does. (A pycocotools
-    built with fused multiply-adds, as compilers may do on ARM, could round an edge point otherwise.)"""
-    xy = np.asarray(polygon, dtype=np.float64)
-    k = len(xy) // 2
-    out = np.zeros((height, width), dtype=bool)
-    if k == 0 or height == 0 or width == 0:
-        return out
-    x = _c_int(POLYGON_SCALE * xy[0 : 2 * k : 2] + 0.5)
-    y = _c_int(POLYGON_SCALE * xy[1 : 2 * k : 2] + 0.5)
-    x, y = np.append(x, x[0]), np.append(y, y[0])
-    us, vs = [], []
-    for j in range(k):
-        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
-        dx, dy = abs(xe - xs), abs(ys - ye)
-        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
-        if flip:
-            xs, xe, ys, ye = xe, xs, ye, ys
-        if dx >= dy:
-            t = np.arange(dx + 1)[::-1] if flip else np.arange(dx + 1)
-            # a repeated vertex (dx == dy == 0) divides 0 by 0 in C; its one point's v is never read:
-            # its u equals its neighbours' or is left of the image (see the column test below)
-            slope = (ye - ys) / dx if dx else 0.0
-            us.append(t + xs)
-            vs.append(_c_int(ys + slope * t + 0.5))
-        else:
-            t = np.arange(dy + 1)[::-1] if flip else np.arange(dy + 1)
-            slope = (xe - xs) / dy
-            vs.append(t + ys)
-            us.append(_c_int(xs + slope * t + 0.5))
-    u, v = np.concatenate(us), np.concatenate(vs)
-    moved = u[1:] != u[:-1]  # consecutive points in different columns of the 5x grid
-    u1, u0, v1, v0 = u[1:][moved], u[:-1][moved], v[1:][moved], v[:-1][moved]
-    xd = (np.where(u1 < u0, u1, u1 - 1).astype(np.float64) + 0.5) / POLYGON_SCALE - 0.5
-    column = (np.floor(xd) == xd) & (xd >= 0) & (xd <= width - 1)  # a pixel column's centre, inside the image
-    yd = np.ceil(np.clip((np.minimum(v1, v0)[column].astype(np.float64) + 0.5) / POLYGON_SCALE - 0.5, 0, height))
-    starts = xd[column].astype(np.int64) * height + yd.astype(np.int64)  # column-major, as COCO's RLE
-    toggles = np.bincount(starts, minlength=height * width + 1)[: height * width]
-    inside = (np.cumsum(toggles) & 1).astype(bool)
-    return inside.reshape(width, height).T.copy()
 
 
 def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:

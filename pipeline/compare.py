@@ -54,7 +54,8 @@ from pipeline.extras import require
 from pipeline.masks import assemble_mask, read_mask
 from pipeline.metrics import ClassAreas, LabelReading, LabelReadingError, summarize
 from pipeline.rows import IdSet
-from pipeline.runstore import AREAS, CHUNK_FIELDS, MASKS, METRICS, RunStore, split_run_uri
+from pipeline.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
+from pipeline.runstore import RunStore
 from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
 from pipeline.storage import open_fs, read_bytes, with_retries
 
@@ -119,8 +120,7 @@ def speed_notes(runs: list[Run]) -> list[str]:
 
 
 def open_run(uri: str, storage_options: dict | None = None) -> Run:
-    output_uri, tail = split_run_uri(uri)
-    store = RunStore(output_uri, storage_options or {}, tail)
+    store = RunStore.at(uri, storage_options)
     info = store.read_json("run.json")
     if not info:
         raise CompareError(f"{uri}: not a run directory (no run.json)")
@@ -130,7 +130,7 @@ def open_run(uri: str, storage_options: dict | None = None) -> Run:
     names = list(summary.get("class_names") or model.get("class_names") or [])
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
-    run_id = str(info.get("run_id") or tail)
+    run_id = str(info.get("run_id") or store.run_id)
     return Run(uri.rstrip("/"), run_id, run_id, store, info, summary, store.outcomes().segmented, num_classes, names)
 
 
@@ -1406,7 +1406,7 @@ def receptive_fields(runs: list[Run], image_ids: list[str], src: Sources, storag
     compared images: the same images for every model, at the size of the run's sliding window (at
     most 256 pixels, so that the field fits the crop and the gradient stays cheap)."""
     from pipeline.config import ModelConfig
-    from pipeline.predictor import load_job_model
+    from pipeline.job_model import load_job_model
     from pipeline.receptive_field import effective_receptive_field, erf_figure_png
 
     photos = [p for p in (read_photo(src, i, storage_options) for i in image_ids) if p is not None]

@@ -93,8 +93,7 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
     """Model inputs one image takes: its sliding windows (slide mode) or one pass (whole mode), times
     the test-time augmentation views."""
     inference = cfg.inference
-    settings = TilingSettings(mode=inference.mode, window=tuple(inference.window), stride=tuple(inference.stride))
-    return model_inputs(height, width, settings, views=inference.tta.views)
+    return model_inputs(height, width, TilingSettings.from_config(inference), views=inference.tta.views)
 
 
 def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:
@@ -109,7 +108,8 @@ def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[
             loading = time.perf_counter()
             import torch
 
-            from pipeline.predictor import ModelScorer, load_job_model
+            from pipeline.job_model import load_job_model
+            from pipeline.predictor import ModelScorer
 
             torch.set_num_threads(threads)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,10 +43,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.coco_codec import encode_rle, id_to_rgb
 from pipeline.extras import require
 from pipeline.masks import PngRows, decode_png
-from pipeline.objects import encode_rle
-from pipeline.runstore import CHUNK_FIELDS, MASKS, RunStore, split_run_uri, strict_json
+from pipeline.run_tables import CHUNK_FIELDS, MASKS
+from pipeline.runstore import RunStore, strict_json
 from pipeline.storage import open_fs, with_retries
 
 FORMATS = ("png", "tiff", "coco")
@@ -100,8 +101,7 @@ class Run:
 
 def open_run(uri: str, storage_options: dict) -> Run:
     """The run directory at `uri`; ExportError when it is none (no run.json)."""
-    output_uri, run_id = split_run_uri(uri)
-    store = RunStore(output_uri, storage_options, run_id)
+    store = RunStore.at(uri, storage_options)
     info = store.read_json("run.json")
     if not isinstance(info, dict):
         raise ExportError(f"{uri}: not a run directory (no run.json)")
@@ -494,8 +494,7 @@ def _coco_panoptic(run: Run, dest: Destination, result: ExportResult, max_pixels
         if skip:
             result.skipped.append(skip)
             continue
-        ids = assemble(image).astype(np.uint32)
-        rgb = np.stack([ids & 0xFF, (ids >> 8) & 0xFF, (ids >> 16) & 0xFF], axis=-1).astype(np.uint8)
+        rgb = id_to_rgb(assemble(image))
         name = _unique_name(image.image_id, ".png", result)
         buffer = io.BytesIO()
         Image.fromarray(rgb, "RGB").save(buffer, format="PNG")

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.rows import MaskChunk
-from pipeline.runstore import CHUNK_FIELDS, MASKS
+from pipeline.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.storage import open_fs
 
 # --------------------------------------------------------------------------- chunked masks

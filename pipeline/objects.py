@@ -1,12 +1,11 @@
-"""Objects from query models: instance and panoptic post-processing, COCO run-length encoding, and
-merging the instances of overlapping sliding windows into whole-image objects.
+"""Objects from query models: instance and panoptic post-processing, and merging the instances of
+overlapping sliding windows into whole-image objects (their COCO RLE: pipeline.coco_codec).
 
 Pure torch / numpy: no Ray, no I/O. Read top to bottom:
   results             `Instances` (one image or window), `PanopticSegments`, `ImageObject` (a box
                       and the mask inside it, in full-image pixels)
   instances           `instances_from_queries`
   panoptic            `panoptic_from_queries`
-  COCO RLE            `encode_rle`, `decode_rle`, `rle_area`, `rle_bbox`
   window merging      `WindowInstanceMerger` (incremental) and `merge_window_instances`
 
 Inputs are one image's query outputs, as `forward_queries` gives them for a batch of one:
@@ -126,7 +125,7 @@ class PanopticSegments:
 @dataclass
 class ImageObject:
     """One object in full-image pixels: its box (COCO x, y, w, h) and its mask within the box
-    (h x w bool). `encode_rle(obj.mask, size=(H, W), offset=(y, x))` gives its COCO RLE in the image
+    (h x w bool). `pipeline.coco_codec.encode_rle(obj.mask, size=(H, W), offset=(y, x))` gives its COCO RLE in the image
     without building an image-size bitmap."""
 
     class_id: int
@@ -302,113 +301,6 @@ def panoptic_from_queries(
         area=np.bincount(segment_map.ravel(), minlength=count + 1)[1:].astype(np.int64),
         bbox=tight_boxes(rows[1:], cols[1:]),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# COCO run-length encoding (pycocotools' format, in numpy)
-# ---------------------------------------------------------------------------------------------
-#
-# A mask is read in column-major (Fortran) order; counts alternate runs of 0s and 1s, starting with
-# 0s (a count of 0 when the first pixel is set). The compressed string writes each count (from the
-# fourth on, as the difference to the count two before) in 5-bit groups, low first, each group as
-# chr(48 + bits), bit 0x20 = "more groups follow", the last group's bit 0x10 = the sign.
-
-_GROUPS = np.arange(7)  # counts are uint32, their differences 33-bit signed: 7 groups of 5 bits
-
-
-def _counts_to_string(counts: np.ndarray) -> str:
-    x = counts.astype(np.int64)
-    x[3:] -= counts[1:-2].astype(np.int64)
-    chunk = (x[:, None] >> (5 * _GROUPS)) & 0x1F
-    rest = x[:, None] >> (5 * (_GROUPS + 1))
-    # a number ends at its first group after which only its sign remains
-    last = np.where(chunk & 0x10, rest == -1, rest == 0).argmax(1)
-    used = last[:, None] >= _GROUPS
-    chars = chunk + 48 + 0x20 * (last[:, None] > _GROUPS)
-    return chars[used].astype(np.uint8).tobytes().decode("ascii")
-
-
-def _string_to_counts(text: str | bytes) -> np.ndarray:
-    chars = np.frombuffer(text.encode("ascii") if isinstance(text, str) else bytes(text), np.uint8).astype(np.int64) - 48
-    if not len(chars):
-        return np.zeros(0, np.int64)
-    ends = (chars & 0x20) == 0
-    starts = np.flatnonzero(np.concatenate([[True], ends[:-1]]))
-    group = np.arange(len(chars)) - np.repeat(starts, np.diff(np.append(starts, len(chars))))
-    x = np.add.reduceat((chars & 0x1F) << (5 * group), starts)
-    groups = group[ends] + 1
-    x -= np.where(chars[ends] & 0x10, np.int64(1) << (5 * groups), 0)  # sign-extend negatives
-    # undo the differences: counts[i] = x[i] + counts[i - 2] from i = 3 on
-    counts = x.copy()
-    counts[1::2] = np.cumsum(x[1::2])
-    counts[2::2] = np.cumsum(x[2::2])
-    return counts
-
-
-def _rle_counts(rle: dict) -> np.ndarray:
-    """The counts of a compressed (str or bytes) or uncompressed (list of ints) COCO RLE."""
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        return _string_to_counts(counts)
-    return np.asarray(counts, np.int64)
-
-
-def encode_rle(mask: np.ndarray, size: Size | None = None, offset: Size = (0, 0)) -> dict:
-    """A bool (or 0/1) H x W mask -> {"size": [H, W], "counts": str}: pycocotools' `mask.encode`
-    (with counts as str, not bytes). With `size`, the mask is a crop placed at `offset` (y, x) in an
-    all-zero image of that size, encoded without building the image."""
-    mask = np.asarray(mask).astype(bool, copy=False)
-    h, w = mask.shape
-    height, width = (h, w) if size is None else (int(size[0]), int(size[1]))
-    oy, ox = int(offset[0]), int(offset[1])
-    if oy < 0 or ox < 0 or oy + h > height or ox + w > width:
-        raise ValueError(f"a {h} x {w} mask at {(oy, ox)} does not fit in {height} x {width}")
-    # runs of 1s column by column: a row of 0s above and below keeps runs from crossing columns
-    padded = np.zeros((w, h + 2), np.int8)
-    padded[:, 1:-1] = mask.T
-    edges = np.diff(padded, axis=1)
-    start_col, start_row = np.nonzero(edges == 1)
-    end_col, end_row = np.nonzero(edges == -1)  # row after the run's last
-    # image-wide column-major positions; a run reaching a full-height column's end runs on into the next
-    starts = (ox + start_col) * height + oy + start_row
-    ends = (ox + end_col) * height + oy + end_row
-    joined = np.flatnonzero(ends[:-1] == starts[1:])
-    starts, ends = np.delete(starts, joined + 1), np.delete(ends, joined)
-    counts = np.diff(np.concatenate([[0], np.stack([starts, ends], 1).ravel(), [height * width]]))
-    if len(counts) > 1 and counts[-1] == 0:  # the mask ends in a run of 1s: no empty run of 0s after it
-        counts = counts[:-1]
-    return {"size": [height, width], "counts": _counts_to_string(counts)}
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE (compressed or not) -> H x W bool mask."""
-    height, width = rle["size"]
-    counts = _rle_counts(rle)
-    values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(width, height).T
-
-
-def rle_area(rle: dict) -> int:
-    """The number of set pixels (pycocotools' `mask.area`)."""
-    return int(_rle_counts(rle)[1::2].sum())
-
-
-def rle_bbox(rle: dict) -> list[int]:
-    """The tight box x, y, w, h (pycocotools' `mask.toBbox`; 0, 0, 0, 0 when empty), without decoding."""
-    height = int(rle["size"][0])
-    counts = _rle_counts(rle)
-    bounds = np.cumsum(counts)
-    ones = np.arange(1, len(counts), 2)  # runs of 1s: [bounds[i - 1], bounds[i])
-    starts, ends = bounds[ones - 1], bounds[ones] - 1  # first and last pixel of each run
-    starts, ends = starts[ends >= starts], ends[ends >= starts]
-    if not len(starts):
-        return [0, 0, 0, 0]
-    x0, x1 = int(starts.min() // height), int(ends.max() // height)
-    if (starts // height != ends // height).any():  # a run over a column's end covers its last row and the next's first
-        y0, y1 = 0, height - 1
-    else:
-        y0, y1 = int((starts % height).min()), int((ends % height).max())
-    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
 
 
 # ---------------------------------------------------------------------------------------------

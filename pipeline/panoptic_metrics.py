@@ -22,28 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.coco_codec import OFFSET, VOID, rgb_to_id
+
 # -----------------------------------------------------------------------------------------------
-# COCO panoptic labels: a PNG whose colour is the segment id, and the JSON's segments_info
-
-VOID = 0  # the segment id of unlabeled pixels, in ground truth and prediction alike
-OFFSET = 256**3  # ids fit in three 8-bit channels; gt_id * OFFSET + pred_id names a pixel pair
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """Segment ids of a COCO panoptic PNG decoded to H x W x 3: R + 256 G + 256^2 B (panopticapi's rgb2id)."""
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[-1] != 3:
-        raise ValueError(f"expected an H x W x 3 colour image, got shape {rgb.shape}")
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """The inverse of `rgb_to_id` (panopticapi's id2rgb): uint8 H x W x 3."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
-        raise ValueError(f"segment ids must lie in [0, {OFFSET}), got [{ids.min()}, {ids.max()}]")
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536], axis=-1).astype(np.uint8)
+# COCO panoptic labels: the segment-id map (pipeline.coco_codec decodes the PNG) and the JSON's segments_info
 
 
 @dataclass(frozen=True)

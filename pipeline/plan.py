@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from models.onnx_backend import onnxruntime_available
 from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
+from pipeline.job_model import check_task, load_job_model, weights_sha256
 from pipeline.local_ray import connect as connect_ray
-from pipeline.predictor import DIE_ON, Predictor, check_task, load_job_model, weights_sha256
+from pipeline.predictor import DIE_ON, Predictor
 from pipeline.rows import IdSet, SourceUnit
+from pipeline.run_tables import INSTANCES
 from pipeline.runstore import (
     HEARTBEAT_SECONDS,
-    INSTANCES,
     RunRecord,
     RunStore,
     check_job_identity,
@@ -437,7 +438,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if incremental and not cfg.job:
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
-    store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+    store = RunStore.of_job(cfg)
     list_stats = StoreStats()
     listing = Listing(cfg, list_stats)
     try:

@@ -11,7 +11,6 @@ augmentation (inference.tta) wraps the model's score_fn, so every image gets it 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -21,19 +20,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models import build_model, load_model
-from models.base import CheckpointError, ModelError, SegmentationModel, compile_for_inference
+from models.base import SegmentationModel, compile_for_inference
 from models.onnx_backend import run_with_onnxruntime
+from pipeline.coco_codec import encode_rle
 from pipeline.coco_labels import PanopticLabels, image_key
 from pipeline.cod_metrics import cod_image_stats
-from pipeline.config import JobConfig, ModelConfig
+from pipeline.config import JobConfig
+from pipeline.job_model import check_task, load_job_model
 from pipeline.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.metrics import ClassAreas, LabelAreas, LabelReading
 from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
-from pipeline.objects import ImageObject, PanopticSegments, encode_rle
+from pipeline.objects import ImageObject, PanopticSegments
 from pipeline.panoptic_metrics import PanopticQuality, Segment
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
-from pipeline.storage import local_copy, scrub
+from pipeline.storage import scrub
 from pipeline.telemetry import RunMetrics, StageClock
 from pipeline.tiff import StreamError, TiffWindows
 from pipeline.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
@@ -41,42 +41,6 @@ from pipeline.tiling import TilingSettings, label_dtype, model_inputs, segment_i
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-RANDOM_WEIGHTS_SEED = 0
-
-
-def load_job_model(cfg: ModelConfig) -> SegmentationModel:
-    """The model a job config names: a checkpoint, or a registered name with random weights (seeded,
-    so that every actor and every attempt of a run holds the same ones)."""
-    if cfg.checkpoint:
-        # a checkpoint in a store is copied here through pipeline.storage (retries, scrubbed errors)
-        try:
-            with local_copy(cfg.checkpoint, cfg.storage_options) as path:
-                try:
-                    model = load_model(path, name=cfg.name, num_classes=cfg.num_classes)
-                except CheckpointError as exc:  # name the checkpoint as the config does, not its copy
-                    raise CheckpointError(str(exc).replace(path, cfg.checkpoint)) from None
-        except OSError as exc:
-            raise CheckpointError(f"model.checkpoint: {scrub(str(exc), cfg.storage_options)}") from None
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            model = build_model(cfg.name, num_classes=cfg.num_classes or 150)
-    if cfg.class_names:
-        model.class_names = list(cfg.class_names)
-    return model.eval()
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """A digest of the weights as loaded (names, dtypes, shapes, values): the same for a checkpoint in
-    any of its layouts (HF, mmseg, native), different for any other weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
 
 
 def scored_on_device(
@@ -134,14 +98,6 @@ class QueryScorer:
 
         class_logits, mask_logits = scored_on_device(forward, windows, self.device, self.clock)
         return class_logits, mask_logits
-
-
-def check_task(task: str, model: SegmentationModel) -> None:
-    """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries."""
-    if task != "semantic" and not hasattr(model, "forward_queries"):
-        raise ModelError(
-            f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {model.name or model.family} predicts class maps only"
-        )
 
 
 def object_settings(cfg: JobConfig) -> ObjectSettings | None:
@@ -271,15 +227,8 @@ class Predictor:
         self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
-        self.settings = TilingSettings(
-            mode=inference.mode,
-            window=tuple(inference.window),
-            stride=tuple(inference.stride),
-            blend=inference.blend,
-            batch_size=inference.batch_size,
-            binary=binary,
-            positive_class=self.positive_class,
-            score_kind=model.score_kind,
+        self.settings = TilingSettings.from_config(
+            inference, binary=binary, positive_class=self.positive_class, score_kind=model.score_kind
         )
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 

@@ -18,6 +18,9 @@ image's latest outcome once.
 Records. run.json keeps the run's identity (what decides its results: see `run_identity`), its first
 config and one record per attempt; summary.json counts the whole run. Both are strict JSON (NaN is
 written as null), readable by any JSON parser.
+
+The tables' names, their Parquet schemas and the parts' names are pipeline.run_tables', shared
+with the mask codec, the writer and the readers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import json
 import math
 import os
 import platform
-import re
 import threading
 import time
 import uuid
@@ -48,89 +50,23 @@ from pipeline.config import ConfigError, JobConfig, public_config
 from pipeline.metrics import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
 from pipeline.panoptic_metrics import CategoryCounts, PanopticQuality
 from pipeline.rows import IdSet
+from pipeline.run_tables import (
+    AREAS,
+    ERRORS,
+    ERRORS_SCHEMA,
+    INDEX,
+    INDEX_PARTS_KEY,
+    MASKS,
+    METRICS,
+    OBJECT_TABLES,
+    OUTSIDE_FIELD,
+    PANOPTIC_COUNTS,
+    READING_FIELD,
+    TABLES,
+    TMP_PREFIX,
+    part_attempt,
+)
 from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
-
-MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
-INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
-OBJECT_TABLES = {"instance": INSTANCES, "panoptic": SEGMENTS}  # inference.task -> its object table
-TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS)
-AREAS = ClassAreas.FIELDS
-CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
-TMP_PREFIX = ".tmp-"
-INDEX = "ids.parquet"
-INDEX_PARTS_KEY = b"segpipe_parts"
-
-
-def masks_schema(binary: bool) -> pa.Schema:
-    fields = [
-        pa.field("image_id", pa.string()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        *(pa.field(name, pa.int32()) for name in CHUNK_FIELDS),
-        pa.field("mask", pa.binary()),
-    ]
-    if binary:
-        fields.append(pa.field("probability", pa.binary()))
-    return pa.schema(fields)
-
-
-METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
-# a binary task's metrics rows also hold what its camouflaged-object measures need (pipeline.cod_metrics)
-COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + [
-    pa.field(name, pa.list_(pa.float64())) for name in CodImageStats.CURVES
-]
-
-
-# the panoptic task's metrics rows: per category of the labels' JSON, panopticapi's counts
-PANOPTIC_COUNTS = ("pq_iou", "pq_tp", "pq_fp", "pq_fn")  # in the order of Prediction.panoptic's entries
-PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.field(n, pa.list_(pa.int64())) for n in PANOPTIC_COUNTS[1:]]
-
-
-# labeled pixels whose value is no class of the model (and not ignore_index): in no class's label
-# area. Metrics parts written before it lack the column: unknown, never 0.
-OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
-# a binary task: how each image's label was read (pipeline.metrics.LabelReading: mask, class_index, empty)
-READING_FIELD = pa.field("label_reading", pa.string())
-
-
-def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
-    return pa.schema(
-        [*METRICS_SCHEMA, OUTSIDE_FIELD, *([READING_FIELD, *COD_FIELDS] if cod else []), *(PANOPTIC_FIELDS if panoptic else [])]
-    )
-
-
-ERRORS_SCHEMA = pa.schema(
-    [pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string()), pa.field("attempt", pa.int32())]
-)
-
-
-# one row per object: its mask as COCO run-length encoding (compressed counts) at the image's size
-INSTANCES_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("instance_id", pa.int32()),
-        pa.field("class_id", pa.int32()),
-        pa.field("score", pa.float32()),
-        pa.field("bbox", pa.list_(pa.float64())),  # COCO: x, y, width, height
-        pa.field("area", pa.int64()),
-        pa.field("height", pa.int32()),
-        pa.field("width", pa.int32()),
-        pa.field("rle", pa.string()),
-    ]
-)
-# one row per panoptic segment; the masks table holds the image's segment-id map (0: void)
-SEGMENTS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("segment_id", pa.int32()),
-        pa.field("class_id", pa.int32()),
-        pa.field("is_thing", pa.bool_()),
-        pa.field("score", pa.float32()),
-        pa.field("area", pa.int64()),
-        pa.field("bbox", pa.list_(pa.float64())),
-    ]
-)
-OBJECT_SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, SEGMENTS: SEGMENTS_SCHEMA}
 
 
 def split_run_uri(uri: str) -> tuple[str, str]:
@@ -142,19 +78,6 @@ def split_run_uri(uri: str) -> tuple[str, str]:
     if head.endswith(":/"):  # memory://run: the run sits at the store's root
         head += "/"
     return head or "/", run_id
-
-
-def part_name(attempt: int, unit: int, seq: int) -> str:
-    return f"part-a{attempt:04d}-u{unit:06d}-{seq:04d}"
-
-
-PART_ATTEMPT = re.compile(r"^part-a(\d+)-")
-
-
-def part_attempt(part: str) -> int | None:
-    """The attempt that wrote a part (None for parts named before names carried it)."""
-    match = PART_ATTEMPT.match(part)
-    return int(match.group(1)) if match else None
 
 
 def strict_json(obj: Any) -> Any:
@@ -184,8 +107,20 @@ class RunStore:
 
     def __init__(self, output_uri: str, storage_options: dict, run_id: str) -> None:
         self.fs, root = open_fs(output_uri, storage_options)
+        self.run_id = run_id
         self.root = f"{root.rstrip('/')}/{run_id}"
         self.uri = f"{output_uri.rstrip('/')}/{run_id}"
+
+    @classmethod
+    def of_job(cls, cfg: JobConfig) -> RunStore:
+        """The run directory a job config writes: `<output.uri>/<run_id>`."""
+        return cls(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+
+    @classmethod
+    def at(cls, run_uri: str, storage_options: dict | None = None) -> RunStore:
+        """The run directory at `<output.uri>/<run_id>`, as `segpipe compare` and `export` take it."""
+        output_uri, run_id = split_run_uri(run_uri)
+        return cls(output_uri, storage_options or {}, run_id)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

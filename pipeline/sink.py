@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.cod_metrics import CodImageStats
 from pipeline.config import JobConfig
 from pipeline.rows import Prediction, batch_length
-from pipeline.runstore import (
+from pipeline.run_tables import (
     CHUNK_FIELDS,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
@@ -27,11 +27,11 @@ from pipeline.runstore import (
     OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
     READING_FIELD,
-    RunStore,
     masks_schema,
     metrics_schema,
     part_name,
 )
+from pipeline.runstore import RunStore
 from pipeline.telemetry import StageClock
 
 # --------------------------------------------------------------------------- writing parts
@@ -101,7 +101,7 @@ class PartWriter:
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None) -> None:
         self.monitor, self.clock = monitor, StageClock()
-        self.store = RunStore(cfg.output.uri, cfg.output.storage_options, cfg.run_id)
+        self.store = RunStore.of_job(cfg)
         self.objects = OBJECT_TABLES.get(cfg.inference.task)  # the instances or segments table, if any
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"

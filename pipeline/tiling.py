@@ -75,6 +75,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import InferenceConfig
+
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 # read_window(y0, x0, height, width) -> height x width x 3 uint8, a region inside the image
 ReadWindow = Callable[[int, int, int, int], np.ndarray]
@@ -115,6 +117,23 @@ class TilingSettings:
     binary: bool = False  # also return the foreground probability (2-class or one-logit heads)
     positive_class: int = 1  # the foreground class of a binary task
     score_kind: str = "logits"  # "logits" | "probabilities": what the model's scores are (model.score_kind)
+
+    @classmethod
+    def from_config(
+        cls, inference: InferenceConfig, *, binary: bool = False, positive_class: int = 1, score_kind: str = "logits"
+    ) -> TilingSettings:
+        """The job's tiling (inference: mode, window, stride, blend, batch_size); what the model and the
+        metrics decide (a binary task, its foreground class, the scores' kind) the actor adds."""
+        return cls(
+            mode=inference.mode,
+            window=tuple(inference.window),
+            stride=tuple(inference.stride),
+            blend=inference.blend,
+            batch_size=inference.batch_size,
+            binary=binary,
+            positive_class=positive_class,
+            score_kind=score_kind,
+        )
 
     @property
     def foreground(self) -> Foreground | None:

@@ -8,59 +8,7 @@ import numpy as np
 import pytest
 from helpers import job_config, segpipe_run, write_png
 
-from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, annotation_mask, image_key
-
-
-def _random_polygons(rng: np.random.Generator, h: int, w: int) -> list[list[float]]:
-    """One to three parts of 3-8 vertices: fractional, whole, half-pixel (centres and edges) or
-    tenth-pixel coordinates, some outside the image, some with a repeated vertex."""
-    parts = []
-    for _ in range(int(rng.integers(1, 4))):
-        n, kind, top = int(rng.integers(3, 9)), int(rng.integers(0, 4)), max(h, w)
-        if kind == 0:
-            xy = rng.uniform(-5, top + 5, 2 * n)
-        elif kind == 1:
-            xy = rng.integers(-2, top + 2, 2 * n).astype(float)
-        elif kind == 2:
-            xy = np.round(rng.uniform(-1, top + 1, 2 * n) * 2) / 2
-        else:
-            xy = np.round(rng.uniform(-1, top + 1, 2 * n) * 10) / 10
-            xy[2:4] = xy[0:2]
-        parts.append([float(v) for v in xy])
-    return parts
-
-
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools merge under numpy 2
-def test_polygons_rasterise_bit_for_bit_as_pycocotools_and_rle_decodes_exactly():
-    """Mask AP against polygon labels is COCOeval's only if the polygons are its masks: before, PIL's
-    fill differed from pycocotools' on edge pixels."""
-    from pycocotools import mask as coco_mask
-
-    def reference(parts, h, w):
-        return coco_mask.decode(coco_mask.merge(coco_mask.frPyObjects(parts, h, w))).astype(bool)
-
-    polygon = [[3.0, 4.0, 40.5, 6.0, 35.0, 30.0, 8.0, 27.5]]
-    np.testing.assert_array_equal(annotation_mask(polygon, (36, 48)), reference(polygon, 36, 48))
-    special = [
-        [[1, 1, 8, 1, 8, 8, 1, 8], [2.0, 2.0, 6.0, 6.0]],  # a later part of 4 values
-        [[1, 1, 8, 1, 8, 8, 1, 8, 3.3]],  # an odd number of values: the last one dropped
-        [[0, 0, 12, 0, 12, 10, 0, 10]],  # edges on the image's border
-        [[-0.5, -0.5, 11.5, -0.5, 11.5, 9.5, -0.5, 9.5]],  # edges through the outer pixels' centres
-        [[0, 0, 10, 0, 10, 10, 0, 10, 0, 0, 3, 3, 3, 7, 7, 7, 7, 3, 3, 3]],  # a hole through a bridge: even-odd
-        [[1, 1, 8, 1, 8, 8, 1, 8], [4, 4, 11, 4, 11, 9, 4, 9]],  # overlapping parts: their union
-    ]
-    for parts in special:
-        np.testing.assert_array_equal(annotation_mask(parts, (10, 12)), reference(parts, 10, 12), err_msg=str(parts))
-    assert annotation_mask(special[4], (10, 12)).sum() == 100 - 16
-    rng = np.random.default_rng(0)
-    for _ in range(400):
-        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
-        parts = _random_polygons(rng, h, w)
-        np.testing.assert_array_equal(annotation_mask(parts, (h, w)), reference(parts, h, w), err_msg=f"{h} x {w}: {parts}")
-    mask = rng.random((23, 31)) > 0.6
-    rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode()
-    np.testing.assert_array_equal(annotation_mask(rle, (23, 31)), mask)
+from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, image_key
 
 
 def test_files_are_read_by_image_key_and_bad_ones_are_one_line(tmp_path):

@@ -28,7 +28,7 @@ from pipeline.compare import (
     resample_counts,
 )
 from pipeline.masks import decode_png
-from pipeline.runstore import AREAS
+from pipeline.run_tables import AREAS
 
 CLASSES = ["sky", "road", "tree"]
 SIZES = [(40, 50)] * 4

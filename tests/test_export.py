@@ -21,7 +21,8 @@ from jobs.cli import main
 from pipeline.export import export_run
 from pipeline.masks import ChunkedMaskWriter, encode_chunks, read_mask
 from pipeline.rows import MaskChunk
-from pipeline.runstore import ERRORS_SCHEMA, METRICS_SCHEMA, RunStore, masks_schema
+from pipeline.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema
+from pipeline.runstore import RunStore
 
 # pycocotools' decode under numpy 2 (its own code, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")

@@ -23,7 +23,8 @@ from pipeline.masks import (
     read_mask,
 )
 from pipeline.rows import Prediction
-from pipeline.runstore import RunStore, part_name
+from pipeline.run_tables import part_name
+from pipeline.runstore import RunStore
 from pipeline.sink import part_tables
 
 

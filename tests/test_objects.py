@@ -1,5 +1,5 @@
-"""pipeline.objects: instance and panoptic post-processing equal to transformers' processors, COCO
-RLE equal to pycocotools, and instances merged across sliding windows."""
+"""pipeline.objects: instance and panoptic post-processing equal to transformers' processors, and
+instances merged across sliding windows (COCO RLE: tests/test_coco_codec.py)."""
 
 from __future__ import annotations
 
@@ -21,13 +21,9 @@ from pipeline.objects import (
     ImageObject,
     Instances,
     WindowInstanceMerger,
-    decode_rle,
-    encode_rle,
     instances_from_queries,
     merge_window_instances,
     panoptic_from_queries,
-    rle_area,
-    rle_bbox,
 )
 
 # pycocotools' decode on numpy 2
@@ -214,72 +210,6 @@ def test_wrong_shapes_are_refused():
         instances_from_queries(torch.zeros(1, 3, 4), torch.zeros(1, 3, 8, 8), (8, 8))
     with pytest.raises(ValueError, match="mask_threshold"):
         instances_from_queries(torch.zeros(3, 4), torch.zeros(3, 8, 8), (8, 8), mask_threshold=1.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# COCO RLE
-# ---------------------------------------------------------------------------------------------
-
-
-def rle_cases() -> list[np.ndarray]:
-    rng = np.random.default_rng(0)
-    cases = [
-        np.zeros((5, 7), bool),
-        np.ones((5, 7), bool),
-        np.zeros((1, 1), bool),
-        np.ones((1, 1), bool),
-        np.eye(6, 9, dtype=bool)[::-1],
-        rng.random((37, 53)) < 0.5,  # many short runs
-        rng.random((1, 101)) < 0.3,  # one row: every pixel its own column
-        rng.random((101, 1)) < 0.3,  # one column
-    ]
-    single = np.zeros((13, 11), bool)
-    single[12, 10] = True  # the last pixel
-    cases.append(single)
-    first = np.zeros((13, 11), bool)
-    first[0, 0] = True
-    cases.append(first)
-    blob = np.zeros((300, 257), bool)
-    blob[40:260, 17:200] = rng.random((220, 183)) < 0.97  # long runs: counts of many 5-bit groups
-    cases.append(blob)
-    column_crossing = np.zeros((10, 4), bool)
-    column_crossing[8:, 1] = column_crossing[:3, 2] = True  # a run over a column's end
-    cases.append(column_crossing)
-    return cases
-
-
-@pytest.mark.parametrize("index", range(len(rle_cases())))
-def test_rle_equals_pycocotools(index):
-    mask = rle_cases()[index]
-    reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
-    ours = encode_rle(mask)
-    assert ours == {"size": list(mask.shape), "counts": reference["counts"].decode("ascii")}
-    assert np.array_equal(decode_rle(ours), mask) and decode_rle(ours).dtype == bool
-    assert np.array_equal(decode_rle(reference), coco_mask.decode(reference).astype(bool))  # bytes counts too
-    assert rle_area(ours) == int(coco_mask.area(reference)) == int(mask.sum())
-    assert rle_bbox(ours) == coco_mask.toBbox(reference).astype(int).tolist()
-
-
-def test_rle_of_a_crop_placed_in_a_larger_image():
-    rng = np.random.default_rng(1)
-    for crop_shape, size, offset in [((7, 5), (20, 30), (3, 11)), ((20, 4), (20, 9), (0, 2)), ((6, 6), (6, 6), (0, 0))]:
-        crop = rng.random(crop_shape) < 0.6
-        crop[:, 0] = crop[:, -1] = True  # full columns: runs join across columns when the crop is full height
-        full = np.zeros(size, bool)
-        full[offset[0] : offset[0] + crop_shape[0], offset[1] : offset[1] + crop_shape[1]] = crop
-        assert encode_rle(crop, size=size, offset=offset) == encode_rle(full)
-        assert encode_rle(full)["counts"] == coco_mask.encode(np.asfortranarray(full.astype(np.uint8)))["counts"].decode()
-    with pytest.raises(ValueError, match="does not fit"):
-        encode_rle(np.ones((4, 4), bool), size=(5, 5), offset=(2, 0))
-
-
-def test_uncompressed_rle_decodes():
-    mask = rle_cases()[5]
-    flat = mask.ravel(order="F")
-    runs = np.diff([0, *(np.flatnonzero(flat[1:] != flat[:-1]) + 1), len(flat)])
-    uncompressed = {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + runs.tolist()}
-    assert np.array_equal(decode_rle(uncompressed), mask)
-    assert rle_area(uncompressed) == int(mask.sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pipeline.coco_codec import id_to_rgb, rgb_to_id
 from pipeline.panoptic_metrics import (
     IOU_THRESHOLDS,
     RECALL_THRESHOLDS,
@@ -22,9 +23,7 @@ from pipeline.panoptic_metrics import (
     Quality,
     Segment,
     coco_panoptic_label,
-    id_to_rgb,
     mask_ious,
-    rgb_to_id,
 )
 
 NAN = float("nan")

@@ -424,8 +424,8 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
     map holds exactly its segments."""
     from helpers import tiny_hf_checkpoint
 
+    from pipeline.coco_codec import decode_rle
     from pipeline.config import load_config
-    from pipeline.objects import decode_rle
     from pipeline.predictor import Predictor
     from pipeline.rows import DecodedImage, Prediction, to_columns
 

@@ -12,19 +12,15 @@ from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
 from pipeline.rows import IdSet
+from pipeline.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
 from pipeline.runstore import (
-    ERRORS_SCHEMA,
     LOST_AFTER_SECONDS,
-    METRICS_SCHEMA,
     RunRecord,
     RunStore,
     check_job_identity,
     config_changes,
     job_runs,
     job_summary,
-    masks_schema,
-    metrics_schema,
-    part_name,
     run_identity,
     run_status,
     strict_json,
@@ -263,3 +259,12 @@ def test_metrics_parts_written_before_outside_pixels_were_counted_still_read_as_
     summary = store.summarize(2, ["bg", "fg"])
     assert summary["labeled_images"] == 2 and summary["IoU"] == [1.0, 1.0]
     assert summary["label_values_outside_classes"] == {"pixels": 4, "images": 1, "unknown_images": 1}
+
+
+def test_a_runs_store_opens_alike_from_its_job_config_and_from_its_uri(tmp_path):
+    cfg = load_config(
+        {"run_id": "r7", "input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path / "runs")}}
+    )
+    of_job, at = RunStore.of_job(cfg), RunStore.at(str(tmp_path / "runs" / "r7") + "/")
+    assert (of_job.uri, of_job.root, of_job.run_id) == (at.uri, at.root, at.run_id) == (f"{tmp_path}/runs/r7", f"{tmp_path}/runs/r7", "r7")
+    assert RunStore.at("memory://r8").run_id == "r8"  # a run at the store's root

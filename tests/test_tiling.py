@@ -542,3 +542,23 @@ def test_with_tta_is_the_plain_score_fn_when_there_is_nothing_to_augment():
     assert isinstance(with_tta(score_fn, flip=False, scales=[1.0, 1.25]), TTAScoreFn)
     with pytest.raises(ValueError, match="positive"):
         TTAScoreFn(score_fn, scales=[1.0, 0.0])
+
+
+def test_tiling_settings_from_the_config_carry_every_inference_field_the_tiler_reads():
+    """One TilingSettings.from_config for the actor and the dry run: before, the dry run built its own
+    and dropped blend and batch size."""
+    from pipeline.config import load_config
+
+    inference = {"mode": "slide", "window": [48, 64], "stride": [32, 40], "blend": "gaussian", "batch_size": 3}
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "inference": inference})
+    settings = TilingSettings.from_config(cfg.inference)
+    assert (settings.mode, settings.window, settings.stride, settings.blend, settings.batch_size) == (
+        "slide",
+        (48, 64),
+        (32, 40),
+        "gaussian",
+        3,
+    )
+    assert settings.foreground is None
+    binary = TilingSettings.from_config(cfg.inference, binary=True, positive_class=0, score_kind="probabilities")
+    assert (binary.binary, binary.positive_class, binary.score_kind) == (True, 0, "probabilities")

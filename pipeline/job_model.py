@@ -1,0 +1,61 @@
+"""The job's model: the model a config names, loaded (checkpoint or seeded random weights), the hash
+of its weights (part of a run's identity) and the checks of it against the job's task.
+
+Used alike by the actors (pipeline.predictor), the driver before a run starts (pipeline.plan: fails
+fast on a bad checkpoint, names the classes, hashes the weights), the estimate, compare's receptive
+fields and the CLI's `convert`; none of them needs the actor's module for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from models import build_model, load_model
+from models.base import CheckpointError, ModelError, SegmentationModel
+from pipeline.config import ModelConfig
+from pipeline.storage import local_copy, scrub
+
+RANDOM_WEIGHTS_SEED = 0
+
+
+def load_job_model(cfg: ModelConfig) -> SegmentationModel:
+    """The model a job config names: a checkpoint, or a registered name with random weights (seeded,
+    so that every actor and every attempt of a run holds the same ones)."""
+    if cfg.checkpoint:
+        # a checkpoint in a store is copied here through pipeline.storage (retries, scrubbed errors)
+        try:
+            with local_copy(cfg.checkpoint, cfg.storage_options) as path:
+                try:
+                    model = load_model(path, name=cfg.name, num_classes=cfg.num_classes)
+                except CheckpointError as exc:  # name the checkpoint as the config does, not its copy
+                    raise CheckpointError(str(exc).replace(path, cfg.checkpoint)) from None
+        except OSError as exc:
+            raise CheckpointError(f"model.checkpoint: {scrub(str(exc), cfg.storage_options)}") from None
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            model = build_model(cfg.name, num_classes=cfg.num_classes or 150)
+    if cfg.class_names:
+        model.class_names = list(cfg.class_names)
+    return model.eval()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A digest of the weights as loaded (names, dtypes, shapes, values): the same for a checkpoint in
+    any of its layouts (HF, mmseg, native), different for any other weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_task(task: str, model: SegmentationModel) -> None:
+    """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries."""
+    if task != "semantic" and not hasattr(model, "forward_queries"):
+        raise ModelError(
+            f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {model.name or model.family} predicts class maps only"
+        )

@@ -1,0 +1,110 @@
+"""The run directory's tables: their names, their Parquet schemas and the names of their parts.
+
+A leaf that every writer and reader of a run directory shares (pipeline.masks' codec, pipeline.sink,
+pipeline.runstore, export, compare): the format is stated once, here, and none of them needs
+another's module to know it. The commit protocol (which parts count) is pipeline.runstore's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+
+from pipeline.cod_metrics import CodImageStats
+from pipeline.metrics import ClassAreas
+
+MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
+INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
+OBJECT_TABLES = {"instance": INSTANCES, "panoptic": SEGMENTS}  # inference.task -> its object table
+TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS)
+AREAS = ClassAreas.FIELDS
+CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
+TMP_PREFIX = ".tmp-"
+INDEX = "ids.parquet"
+INDEX_PARTS_KEY = b"segpipe_parts"
+
+
+def masks_schema(binary: bool) -> pa.Schema:
+    fields = [
+        pa.field("image_id", pa.string()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        *(pa.field(name, pa.int32()) for name in CHUNK_FIELDS),
+        pa.field("mask", pa.binary()),
+    ]
+    if binary:
+        fields.append(pa.field("probability", pa.binary()))
+    return pa.schema(fields)
+
+
+METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
+# a binary task's metrics rows also hold what its camouflaged-object measures need (pipeline.cod_metrics)
+COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + [
+    pa.field(name, pa.list_(pa.float64())) for name in CodImageStats.CURVES
+]
+
+
+# the panoptic task's metrics rows: per category of the labels' JSON, panopticapi's counts
+PANOPTIC_COUNTS = ("pq_iou", "pq_tp", "pq_fp", "pq_fn")  # in the order of Prediction.panoptic's entries
+PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.field(n, pa.list_(pa.int64())) for n in PANOPTIC_COUNTS[1:]]
+
+
+# labeled pixels whose value is no class of the model (and not ignore_index): in no class's label
+# area. Metrics parts written before it lack the column: unknown, never 0.
+OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
+# a binary task: how each image's label was read (pipeline.metrics.LabelReading: mask, class_index, empty)
+READING_FIELD = pa.field("label_reading", pa.string())
+
+
+def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
+    return pa.schema(
+        [*METRICS_SCHEMA, OUTSIDE_FIELD, *([READING_FIELD, *COD_FIELDS] if cod else []), *(PANOPTIC_FIELDS if panoptic else [])]
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [pa.field("image_id", pa.string()), pa.field("stage", pa.string()), pa.field("error", pa.string()), pa.field("attempt", pa.int32())]
+)
+
+
+# one row per object: its mask as COCO run-length encoding (compressed counts) at the image's size
+INSTANCES_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("instance_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("bbox", pa.list_(pa.float64())),  # COCO: x, y, width, height
+        pa.field("area", pa.int64()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("rle", pa.string()),
+    ]
+)
+# one row per panoptic segment; the masks table holds the image's segment-id map (0: void)
+SEGMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("segment_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("is_thing", pa.bool_()),
+        pa.field("score", pa.float32()),
+        pa.field("area", pa.int64()),
+        pa.field("bbox", pa.list_(pa.float64())),
+    ]
+)
+OBJECT_SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, SEGMENTS: SEGMENTS_SCHEMA}
+
+
+def part_name(attempt: int, unit: int, seq: int) -> str:
+    return f"part-a{attempt:04d}-u{unit:06d}-{seq:04d}"
+
+
+PART_ATTEMPT = re.compile(r"^part-a(\d+)-")
+
+
+def part_attempt(part: str) -> int | None:
+    """The attempt that wrote a part (None for parts named before names carried it)."""
+    match = PART_ATTEMPT.match(part)
+    return int(match.group(1)) if match else None
