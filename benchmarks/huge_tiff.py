@@ -1,5 +1,5 @@
 """One huge tiled TIFF: time and peak memory of segmenting it streamed (read window by window,
-pipeline.tiff, pipeline.predictor) next to decoding it whole first, and the streamed peak as the image grows taller.
+pipeline.io.tiff, pipeline.predict.predictor) next to decoding it whole first, and the streamed peak as the image grows taller.
 
     .venv/bin/python benchmarks/huge_tiff.py [--height 12000] [--width 12000] [--classes 4]
                                             [--window 500] [--stride 500] [--heights 1000,4000,12000]
@@ -12,7 +12,7 @@ size while the call runs, above the RSS just before it (VmHWM after writing 5 to
 /proc/self/clear_refs), so imports and the model are not counted. Time is the call's wall time.
 
 Methods:
-  streamed   pipeline.predictor.segment_tiff: tiles read as windows need them, scores blended in a band
+  streamed   pipeline.predict.predictor.segment_tiff: tiles read as windows need them, scores blended in a band
              of rows, the mask PNG-encoded in chunks as rows finish (what the job does above
              input.stream_above_pixels).
   decoded    tifffile.imread of the whole image, then segment_images (the same band stitcher) and
@@ -96,10 +96,10 @@ def worker(args: argparse.Namespace) -> None:
     from helpers import TINY_SEGFORMER
 
     from models import build_model
-    from pipeline.masks import encode_chunks
-    from pipeline.predictor import ModelScorer, limit_heap_growth, segment_tiff
+    from pipeline.predict.predictor import ModelScorer, limit_heap_growth, segment_tiff
+    from pipeline.predict.tiling import TilingSettings, segment_images
+    from pipeline.results.masks import encode_chunks
     from pipeline.rows import StreamSource
-    from pipeline.tiling import TilingSettings, segment_images
 
     torch.set_num_threads(args.threads)
     limit_heap_growth()  # as the predictor actor does
@@ -214,7 +214,7 @@ def monai_worker(args: argparse.Namespace) -> None:
     from monai.inferers import sliding_window_inference
 
     from models import load_model
-    from pipeline.predictor import ModelScorer
+    from pipeline.predict.predictor import ModelScorer
 
     torch.set_num_threads(args.threads)
     model = load_model(args.checkpoint).eval()
@@ -244,8 +244,8 @@ def against_monai(args: argparse.Namespace) -> None:
     from helpers import TINY_SEGFORMER
 
     from models import build_model, save_native
-    from pipeline.masks import read_mask
-    from pipeline.tiling import plan_windows
+    from pipeline.predict.tiling import plan_windows
+    from pipeline.results.masks import read_mask
 
     threads = args.threads_monai or os.cpu_count() or 1  # what pipeline.plan gives one actor: every CPU
     plan = plan_windows(args.height, args.width, (args.window, args.window), (args.stride, args.stride))

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/incremental_lookup.py [--ids 100000 1000000] [--runs 4]
 
 Setup (once per size, outside the measurement): a job of `--runs` earlier runs under one output
-directory, each with its `ids.parquet` index (pipeline.runstore.RunStore.write_index), holding `ids`
+directory, each with its `ids.parquet` index (pipeline.results.runstore.RunStore.write_index), holding `ids`
 ids between them, and a listing of `ids` + 10% ids (the earlier ones plus new ones), as the driver
 holds it: units of 64 image ids.
 
@@ -46,8 +46,8 @@ def image_id(i: int) -> str:
 def setup(root: Path, ids: int, runs: int) -> None:
     import pyarrow as pa
 
+    from pipeline.results.runstore import Outcomes, RunStore
     from pipeline.rows import IdSet
-    from pipeline.runstore import Outcomes, RunStore
 
     per_run = ids // runs
     for r in range(runs):
@@ -61,9 +61,9 @@ def worker(root: Path, ids: int, method: str) -> dict:
     import gc
 
     from pipeline.config import InputConfig
+    from pipeline.io.source import ImageFolderReader
+    from pipeline.results.runstore import RunStore, runs_of_job
     from pipeline.rows import IdSet, SourceUnit
-    from pipeline.runstore import RunStore, runs_of_job
-    from pipeline.source import ImageFolderReader
 
     listed = int(ids * 1.1)
     units = [

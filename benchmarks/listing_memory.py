@@ -9,7 +9,7 @@ store, so a million keys need no million objects. Keys look like an archive's:
 `archive/cam-0042/img-000042123.png`, 1000 per "directory". The claimed object sizes are whatever
 `--sizes` says: the driver must not care.
 
-Each case runs in its own fresh subprocess: `pipeline.source` ImageFolderReader.list_units (the driver's whole
+Each case runs in its own fresh subprocess: `pipeline.io.source` ImageFolderReader.list_units (the driver's whole
 listing: one recursive listing, then units of 64 images) with the units kept alive. Memory is the
 resident set size (from /proc/self/status): `peak` is the highest RSS during the listing above the
 RSS before it (VmHWM, reset with /proc/self/clear_refs), `held` is the RSS once the listing returned
@@ -104,9 +104,9 @@ def worker(keys: int, size: int, method: str, batch: int, manifest: str) -> None
     import fsspec
 
     from pipeline.config import load_config
+    from pipeline.io.source import reader_for
+    from pipeline.io.storage import StoreStats
     from pipeline.plan import Listing
-    from pipeline.source import reader_for
-    from pipeline.storage import StoreStats
 
     fsspec.register_implementation("s3", generated_s3_class(), clobber=True)
 

@@ -1,4 +1,4 @@
-"""Per-class IoU over a set of label maps: ours (pipeline.metrics) next to torchmetrics, on the same data.
+"""Per-class IoU over a set of label maps: ours (pipeline.metrics.semantic) next to torchmetrics, on the same data.
 
     .venv/bin/python benchmarks/metrics.py [--height 1024] [--width 2048] [--classes 19 150]
                                            [--images 8] [--repeats 5] [--threads 1]
@@ -37,7 +37,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 
 IGNORE = 255
 

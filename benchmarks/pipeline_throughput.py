@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # --synt
 from models import build_model, save_native
 from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import load_config
-from pipeline.decode import decode_image
-from pipeline.masks import encode_chunks
+from pipeline.io.decode import decode_image
 from pipeline.plan import run_job
-from pipeline.predictor import ModelScorer
+from pipeline.predict.predictor import ModelScorer
+from pipeline.predict.tiling import TilingSettings, segment_images
+from pipeline.results.masks import encode_chunks
 from pipeline.telemetry import StageClock
-from pipeline.tiling import TilingSettings, segment_images
 
 NUM_CLASSES = 11  # CamVid's
 

@@ -103,7 +103,7 @@ def worker(args: argparse.Namespace) -> None:
             return model((pixels - mean) / std).float()
 
     if args.method == "ours":
-        from pipeline.tiling import TilingSettings, segment_images
+        from pipeline.predict.tiling import TilingSettings, segment_images
 
         settings = TilingSettings(window=window, stride=stride, blend=args.blend, batch_size=args.batch)
 
@@ -163,7 +163,7 @@ def main() -> None:
 
     import numpy as np
 
-    from pipeline.tiling import plan_windows
+    from pipeline.predict.tiling import plan_windows
 
     plan = plan_windows(args.size, args.size, (args.window, args.window), (args.stride, args.stride))
     print(

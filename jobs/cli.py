@@ -222,7 +222,7 @@ def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: boo
     if program:  # a local Ray starts while the driver imports, lists and loads
         local_ray.start_in_background(verbose or _verbose_env())
     from pipeline.plan import run_job
-    from pipeline.report import format_summary
+    from pipeline.results.summary_table import format_summary
 
     try:
         result = run_job(cfg, retry_errors=retry_errors, incremental=incremental, verbose=verbose or _verbose_env())
@@ -247,8 +247,8 @@ def _verbose_env() -> bool:
 
 
 def _summary(output_uri: str, job: str) -> int:
-    from pipeline.report import format_summary
-    from pipeline.runstore import job_summary, write_job_summary
+    from pipeline.results.runstore import job_summary, write_job_summary
+    from pipeline.results.summary_table import format_summary
 
     summary = job_summary(output_uri, {}, job)
     where = write_job_summary(output_uri, {}, job, summary)
@@ -263,13 +263,13 @@ def _summary(output_uri: str, job: str) -> int:
 
 
 def identity_line(identity: dict) -> str:
-    """A run's identity (pipeline.runstore.run_identity) on one line; the weights' hash shortened."""
+    """A run's identity (pipeline.results.runstore.run_identity) on one line; the weights' hash shortened."""
     shown = {k: (v[:12] if k == "model.weights_sha256" and isinstance(v, str) else v) for k, v in identity.items()}
     return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _compare(args) -> int:
-    from pipeline.compare import CompareError, compare_runs, format_comparison
+    from pipeline.analysis.compare import CompareError, compare_runs, format_comparison
 
     try:
         result = compare_runs(
@@ -284,7 +284,7 @@ def _compare(args) -> int:
 def _export(args) -> int:
     import yaml
 
-    from pipeline.export import ExportError, export_run
+    from pipeline.analysis.export import ExportError, export_run
 
     options: dict = {}
     for item in args.storage_options:
@@ -319,9 +319,9 @@ def _dry_run(cfg, incremental: bool = False, verbose: bool = False) -> int:
 def _convert(args) -> int:
     from models import save_native
     from pipeline.config import ModelConfig
-    from pipeline.job_model import load_job_model
+    from pipeline.predict.job_model import load_job_model
 
-    # as a job loads it: a checkpoint in a store is fetched through pipeline.storage
+    # as a job loads it: a checkpoint in a store is fetched through pipeline.io.storage
     model = load_job_model(ModelConfig(checkpoint=str(args.source), name=args.name, num_classes=args.num_classes))
     save_native(model, args.dest, source=str(args.source))
     print(

@@ -7,7 +7,7 @@ gives the same weights. Training images come from the camouflage archive's "trai
 never overlaps the held-out split that `segpipe demo --task camouflage` segments. The loss is
 cross-entropy plus a soft Dice term on the object class (objects cover a small share of the
 pixels, and some images have none). The run time and the held-out camouflaged-object measures
-(pipeline.cod_metrics, over the 8-bit probability maps as a binary run stores them) of the last
+(pipeline.metrics.cod, over the 8-bit probability maps as a binary run stores them) of the last
 training run are written to jobs/assets/camouflage-segformer.json beside the checkpoint.
 """
 
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from jobs.camouflage_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
 from jobs.training import fit, random_crops, save_with_record, segment_heldout
 from models import build_model
-from pipeline.cod_metrics import CodAccumulator, cod_image_stats
-from pipeline.masks import quantize_probability
-from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.metrics.cod import CodAccumulator, cod_image_stats
+from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
+from pipeline.results.masks import quantize_probability
 
 # a reduced-width MiT-B0, as the semantic demo's: the same four stages, narrower
 CAMOUFLAGE_ARCH = dict(hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=64)

@@ -20,7 +20,7 @@ import torch
 from jobs.demo_archive import CLASS_NAMES, WINDOW, heldout_sizes, make_sample
 from jobs.training import fit, random_crops, save_with_record, segment_heldout
 from models import build_model
-from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 
 # a reduced-width MiT-B0: the same four stages, narrower, so the checkpoint stays small
 DEMO_ARCH = dict(hidden_sizes=[16, 32, 64, 128], num_heads=[1, 1, 2, 4], decoder_dim=64)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.tiling import Segmentation, TilingSettings, segment_images
+from pipeline.predict.tiling import Segmentation, TilingSettings, segment_images
 
 Sample = tuple[np.ndarray, np.ndarray]  # (H x W x 3 uint8 image, H x W uint8 label)
 

@@ -69,7 +69,7 @@ def load_model(
     """Load a model from a local HF directory, native .safetensors file or mmseg .pth file.
 
     Local paths only: a checkpoint in an object store is fetched by the pipeline
-    (pipeline.storage.local_copy: retries, credentials kept out of messages), as `segpipe run` and
+    (pipeline.io.storage.local_copy: retries, credentials kept out of messages), as `segpipe run` and
     `segpipe convert` do.
 
     `name` (a registered model name) picks the architecture of an mmseg checkpoint; a native or HF
@@ -83,7 +83,7 @@ def load_model(
     path = Path(source)
     try:
         if "://" in source and not source.startswith("file://"):
-            raise CheckpointError(f"{source}: load_model reads local paths; fetch it first (pipeline.storage.local_copy)")
+            raise CheckpointError(f"{source}: load_model reads local paths; fetch it first (pipeline.io.storage.local_copy)")
         path = Path(source.removeprefix("file://"))
         if not path.exists():
             raise CheckpointError(f"{source}: no such checkpoint")

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.metrics import MASK_THRESHOLD
+from pipeline.metrics.semantic import MASK_THRESHOLD
 
 # Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
 # (Lists still become tuples, and an int is a valid float.)
@@ -50,7 +50,7 @@ class InputConfig(_Strict):
     listing_batch: Int = Field(250_000, ge=1, description="images listed into one batch of the plan")
     max_pixels: Int = Field(178_956_970, ge=1, description="decompression-bomb guard: larger images are errors")
     # tiled or striped TIFF image files above this many pixels are never decoded whole: the predictor
-    # reads them window by window (pipeline.tiff); null turns streaming off.
+    # reads them window by window (pipeline.io.tiff); null turns streaming off.
     stream_above_pixels: Int | None = Field(67_108_864, ge=1, description="stream TIFFs larger than this (8192 x 8192)")
     # the bomb guard of streamed images: a TIFF over max_pixels is admitted only when it is streamed
     # and within this many pixels, checked on its header before any pixel is read
@@ -111,7 +111,7 @@ class ModelConfig(_Strict):
 class TTAConfig(_Strict):
     """Test-time augmentation: every window (or whole image) is scored once per scale and, with
     flip, once more mirrored left-right; the views' class scores are averaged (see
-    pipeline.tiling.TTAScoreFn). The defaults are one view: no augmentation."""
+    pipeline.predict.tiling.TTAScoreFn). The defaults are one view: no augmentation."""
 
     flip: Bool = False
     scales: list[Float] = Field(default_factory=lambda: [1.0], min_length=1)
@@ -130,7 +130,7 @@ class TTAConfig(_Strict):
 
 
 class ObjectsConfig(_Strict):
-    """The instance and panoptic tasks' post-processing (pipeline.objects, pipeline.object_windows)."""
+    """The instance and panoptic tasks' post-processing (pipeline.predict.objects, pipeline.predict.object_windows)."""
 
     threshold: Float | None = Field(None, ge=0, le=1, description="instance: 0.5 on the score; panoptic: 0.8 on the class probability")
     mask_threshold: Float = Field(0.5, gt=0, lt=1)
@@ -141,7 +141,7 @@ class ObjectsConfig(_Strict):
 
 
 class InferenceConfig(_Strict):
-    # semantic: a label map per image; instance / panoptic (query models): objects, see pipeline.object_windows
+    # semantic: a label map per image; instance / panoptic (query models): objects, see pipeline.predict.object_windows
     task: Literal["semantic", "instance", "panoptic"] = "semantic"
     objects: ObjectsConfig = Field(default_factory=ObjectsConfig)
     mode: Literal["whole", "slide"] = "slide"
@@ -187,19 +187,19 @@ class OutputConfig(_Strict):
     uri: str = "./runs"
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # masks of images larger than this on either side are written as chunk_size x chunk_size chunk
-    # rows (pipeline.masks); null writes every mask as one row
+    # rows (pipeline.results.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
     shared_filesystem: Bool = Field(False, description="a local output.uri is the same mount on every node")
 
 
 class MetricsConfig(_Strict):
     # binary: one foreground class against the rest (camouflaged objects): the probability map is
-    # written, and summary.json gains the camouflaged-object measures (pipeline.cod_metrics)
+    # written, and summary.json gains the camouflaged-object measures (pipeline.metrics.cod)
     task: Literal["semantic", "binary"] = "semantic"
     positive_class: Int = Field(1, ge=0, description="the foreground class of a binary task")
     # a binary task's labels: class-index maps (foreground = positive_class), 8-bit masks
     # (foreground > 128, as PySODMetrics reads them), or auto: decided per image from its values
-    # (pipeline.metrics.LabelReading.decide)
+    # (pipeline.metrics.semantic.LabelReading.decide)
     binary_labels: Literal["auto", "mask", "class_index"] = "auto"
     # null: 255 for class-index labels; masks (and binary auto) have no ignored value
     ignore_index: Int | None = None
@@ -222,7 +222,7 @@ class MetricsConfig(_Strict):
             )
         return v
 
-    # the object tasks' ground truth (pipeline.coco_labels): a COCO panoptic JSON, its PNGs under
+    # the object tasks' ground truth (pipeline.metrics.coco_labels): a COCO panoptic JSON, its PNGs under
     # input.labels.uri (PQ, SQ, RQ); a COCO instances JSON (mask AP)
     panoptic_labels: str | None = None
     instance_labels: str | None = None
@@ -376,7 +376,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 def public_config(cfg: JobConfig) -> dict:
     """The config as it may be written to run.json and logs: storage options never appear."""
-    from pipeline.storage import redact
+    from pipeline.io.storage import redact
 
     data = cfg.model_dump(mode="json")
     for section in ("input", "output", "model"):

@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import JobConfig
-from pipeline.decode import DecodeError, image_size
+from pipeline.io.decode import DecodeError, image_size
+from pipeline.io.source import reader_for
+from pipeline.io.storage import StoreStats, open_fs, scrub, with_retries
 from pipeline.plan import ActorPlan, format_seconds, init_ray, prepare_job, ray_lines_to, size_actors
+from pipeline.predict.tiling import TilingSettings, model_inputs
 from pipeline.rows import SourceUnit
-from pipeline.source import reader_for
-from pipeline.storage import StoreStats, open_fs, scrub, with_retries
-from pipeline.tiling import TilingSettings, model_inputs
 
 HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF, a TIFF's first IFD
 
@@ -51,7 +51,7 @@ def _unit_headers(row: dict[str, Any], cfg: JobConfig) -> Iterator[dict[str, Any
                 continue
             yield _header_row(sample.image_id, lambda s=sample: s.image_bytes or b"", sample.error, cfg)
         return
-    from pipeline.tiff import probe_stream
+    from pipeline.io.tiff import probe_stream
 
     fs, _ = open_fs(inp.uri, inp.storage_options)
     for uri, image_id, label_uri in zip(unit.uris, unit.image_ids, unit.label_uris or [None] * len(unit.uris)):
@@ -108,8 +108,8 @@ def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[
             loading = time.perf_counter()
             import torch
 
-            from pipeline.job_model import load_job_model
-            from pipeline.predictor import ModelScorer
+            from pipeline.predict.job_model import load_job_model
+            from pipeline.predict.predictor import ModelScorer
 
             torch.set_num_threads(threads)
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -3,7 +3,7 @@
 A command that needs a package an extra brings calls `require(module, extra, what)` first: where the
 package is missing, `MissingPackageError` says in one line what needs it and how to install it, and
 the CLI exits 2 with that line (README "Exit codes"), having written nothing. A store's package
-(`gs://` needs gcsfs, ...) is found missing where the store is opened (`pipeline.storage.open_fs`).
+(`gs://` needs gcsfs, ...) is found missing where the store is opened (`pipeline.io.storage.open_fs`).
 
 The error is an ImportError, so code that falls back where a package is absent (a TIFF decoded whole
 without tifffile) keeps working with it, and a leaf: no other module of segpipe is imported here.

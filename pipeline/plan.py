@@ -1,9 +1,9 @@
 """The Ray Data plan: the one place that wires the stages of a job.
 
-    list units (driver: keys only)           pipeline.source  reader_for(cfg).list_units
-      -> read + decode   (CPU tasks)       pipeline.source  read_and_decode (pipeline.decode)
-      -> predict         (actor pool)      pipeline.predictor  Predictor (tiling, model, stitching, masks, areas)
-      -> write parts     (one actor)       pipeline.sink  PartWriter (commits through pipeline.runstore)
+    list units (driver: keys only)           pipeline.io.source  reader_for(cfg).list_units
+      -> read + decode   (CPU tasks)       pipeline.io.source  read_and_decode (pipeline.io.decode)
+      -> predict         (actor pool)      pipeline.predict.predictor  Predictor (tiling, model, stitching, masks, areas)
+      -> write parts     (one actor)       pipeline.results.sink  PartWriter (commits through pipeline.results.runstore)
     driver: progress from the small rows the writer returns; summary.json from the written parts.
 
 `run_job` is prepare -> execute -> finish. Everything that can be found wrong before the first image
@@ -27,14 +27,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from models.onnx_backend import onnxruntime_available
-from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
-from pipeline.job_model import check_task, load_job_model, weights_sha256
+from pipeline.io.source import read_and_decode, reader_for
+from pipeline.io.storage import StoreStats, is_local, scrub
 from pipeline.local_ray import connect as connect_ray
-from pipeline.predictor import DIE_ON, Predictor
-from pipeline.rows import IdSet, SourceUnit
-from pipeline.run_tables import INSTANCES
-from pipeline.runstore import (
+from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
+from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
+from pipeline.predict.predictor import DIE_ON, Predictor
+from pipeline.results.run_tables import INSTANCES
+from pipeline.results.runstore import (
     HEARTBEAT_SECONDS,
     RunRecord,
     RunStore,
@@ -43,9 +44,8 @@ from pipeline.runstore import (
     labels_report,
     run_identity,
 )
-from pipeline.sink import PartWriter
-from pipeline.source import read_and_decode, reader_for
-from pipeline.storage import StoreStats, is_local, scrub
+from pipeline.results.sink import PartWriter
+from pipeline.rows import IdSet, SourceUnit
 from pipeline.telemetry import STAGES
 
 log = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ class PreparedJob:
     record: RunRecord  # run.json: earlier attempts, this attempt's number
     units: list[SourceUnit]  # the first batch's units left to do (all of them unless the listing goes on)
     listing: Listing  # the batches after the first, and the counts so far
-    object_labels: ObjectLabels  # the object tasks' label files, read once (pipeline.coco_labels)
+    object_labels: ObjectLabels  # the object tasks' label files, read once (pipeline.metrics.coco_labels)
     retried: int  # images that failed earlier and are tried again
     model_info: dict
     list_stats: StoreStats

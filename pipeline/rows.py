@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.metrics import ClassAreas
+from pipeline.metrics.semantic import ClassAreas
 
 NOT_AN_END = -1
 
@@ -150,7 +150,7 @@ class DecodedImage(_StageRow):
     unit: int
     image_id: str
     image: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3), np.uint8))  # H x W x 3 uint8
-    label: np.ndarray | None = None  # H x W class map, its integer type as decoded (pipeline.decode)
+    label: np.ndarray | None = None  # H x W class map, its integer type as decoded (pipeline.io.decode)
     height: int = 0
     width: int = 0
     stream: StreamSource | None = None
@@ -225,7 +225,7 @@ class Prediction(_StageRow):
     width: int = 0
     chunks: list[MaskChunk] = field(default_factory=list)
     areas: ClassAreas | None = None  # set when the image had a label
-    cod: list[float] | None = None  # a binary task's camouflaged-object stats (pipeline.cod_metrics, flat)
+    cod: list[float] | None = None  # a binary task's camouflaged-object stats (pipeline.metrics.cod, flat)
     # instance / panoptic tasks: the image's instances or segments table rows, image_id left out
     objects: list[dict[str, Any]] | None = None
     # the panoptic task against a panoptic label: per category of its JSON, [summed IoU, TP, FP, FN]

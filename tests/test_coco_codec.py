@@ -1,4 +1,4 @@
-"""pipeline.coco_codec: COCO's RLE and polygons against pycocotools, panoptic ids."""
+"""pipeline.io.coco_codec: COCO's RLE and polygons against pycocotools, panoptic ids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from pipeline.coco_codec import annotation_mask, decode_rle, encode_rle, rle_area, rle_bbox
+from pipeline.io.coco_codec import annotation_mask, decode_rle, encode_rle, rle_area, rle_bbox
 
 # pycocotools' decode on numpy 2
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")

@@ -1,4 +1,4 @@
-"""pipeline.coco_labels: COCO panoptic and instances files read for the object tasks' metrics."""
+"""pipeline.metrics.coco_labels: COCO panoptic and instances files read for the object tasks' metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import job_config, segpipe_run, write_png
 
-from pipeline.coco_labels import InstanceLabels, LabelsError, PanopticLabels, image_key
+from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, image_key
 
 
 def test_files_are_read_by_image_key_and_bad_ones_are_one_line(tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from jobs.cli import main
 from models import load_model, save_native
-from pipeline.compare import (
+from pipeline.analysis.compare import (
     batch_metrics,
     bootstrap_metric_samples,
     interval,
@@ -27,8 +27,8 @@ from pipeline.compare import (
     read_image_table,
     resample_counts,
 )
-from pipeline.masks import decode_png
-from pipeline.run_tables import AREAS
+from pipeline.results.masks import decode_png
+from pipeline.results.run_tables import AREAS
 
 CLASSES = ["sky", "road", "tree"]
 SIZES = [(40, 50)] * 4

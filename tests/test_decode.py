@@ -1,4 +1,4 @@
-"""pipeline.decode: bytes to arrays. Images in any common mode to RGB uint8, labels to class ids, EXIF
+"""pipeline.io.decode: bytes to arrays. Images in any common mode to RGB uint8, labels to class ids, EXIF
 orientation applied to both, failures as DecodeErrors, and `decode_sample`: the read stage's
 sample to the predictor's row (pixels, or the error, or a TIFF to stream)."""
 
@@ -12,7 +12,7 @@ import pytest
 from helpers import image_bytes
 from PIL import Image, ImageOps
 
-from pipeline.decode import DecodeError, decode_image, decode_label, decode_sample, image_size
+from pipeline.io.decode import DecodeError, decode_image, decode_label, decode_sample, image_size
 from pipeline.rows import RawSample, StreamSource
 
 

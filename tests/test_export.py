@@ -1,4 +1,4 @@
-"""pipeline.export and `segpipe export`: a run's committed results as PNG label maps, tiled TIFFs and
+"""pipeline.analysis.export and `segpipe export`: a run's committed results as PNG label maps, tiled TIFFs and
 COCO JSON (semantic annotations, instance results, panoptic PNGs), locally and on S3.
 
 Run directories are built here with RunStore and the mask codec (no Ray): parts committed by their
@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 
 from jobs.cli import main
-from pipeline.export import export_run
-from pipeline.masks import ChunkedMaskWriter, encode_chunks, read_mask
+from pipeline.analysis.export import export_run
+from pipeline.results.masks import ChunkedMaskWriter, encode_chunks, read_mask
+from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema
+from pipeline.results.runstore import RunStore
 from pipeline.rows import MaskChunk
-from pipeline.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema
-from pipeline.runstore import RunStore
 
 # pycocotools' decode under numpy 2 (its own code, not ours)
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")

@@ -1,4 +1,4 @@
-"""pipeline.job_model: the model a job names, the hash of its weights, its checks against the task."""
+"""pipeline.predict.job_model: the model a job names, the hash of its weights, its checks against the task."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from helpers import CLASS_NAMES, tiny_checkpoint, tiny_model
 
 from models.base import CheckpointError, ModelError
 from pipeline.config import ModelConfig
-from pipeline.job_model import check_task, load_job_model, weights_sha256
+from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
 
 
 def test_weights_hash_follows_the_weights_not_the_file(tmp_path):

@@ -20,7 +20,7 @@ from jobs.cli import main
 from models import build_model, list_models, load_model, save_native
 from models.base import CheckpointError
 from models.mask2former import Mask2Former, deformable_sample, from_hf
-from pipeline.masks import decode_png as decode_mask
+from pipeline.results.masks import decode_png as decode_mask
 
 NAMES = [f"mask2former-swin-{size}" for size in ("tiny", "small", "base", "large")]
 # the paper's parameter counts (ADE20K, 150 classes), in millions

@@ -1,4 +1,4 @@
-"""pipeline.masks, the mask codec: PNGs written band by band (PngRows), masks cut into chunks as rows
+"""pipeline.results.masks, the mask codec: PNGs written band by band (PngRows), masks cut into chunks as rows
 arrive (ChunkedMaskWriter, chunk_boxes), probabilities quantized, and masks read back whole
 (assemble_mask, read_mask), also from a run directory written by the sink."""
 
@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.masks import (
+from pipeline.results.masks import (
     ChunkedMaskWriter,
     PngRows,
     assemble_mask,
@@ -22,10 +22,10 @@ from pipeline.masks import (
     quantize_probability,
     read_mask,
 )
+from pipeline.results.run_tables import part_name
+from pipeline.results.runstore import RunStore
+from pipeline.results.sink import part_tables
 from pipeline.rows import Prediction
-from pipeline.run_tables import part_name
-from pipeline.runstore import RunStore
-from pipeline.sink import part_tables
 
 
 def test_chunk_boxes_cut_both_axes_at_multiples_of_the_chunk_size_once_either_side_is_over():

@@ -1,4 +1,4 @@
-"""pipeline.object_windows: objects of an image from a query model's windows equal those of one
+"""pipeline.predict.object_windows: objects of an image from a query model's windows equal those of one
 pass over the whole image (the instance task's merge across window edges, the panoptic task's
 painting), with the semantic rows of the same passes.
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.object_windows import ObjectSettings, find_objects, find_segments, paint_segments
-from pipeline.objects import ImageObject
-from pipeline.tiling import TilingSettings
+from pipeline.predict.object_windows import ObjectSettings, find_objects, find_segments, paint_segments
+from pipeline.predict.objects import ImageObject
+from pipeline.predict.tiling import TilingSettings
 
 
 def colour_queries(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

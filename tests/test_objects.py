@@ -1,4 +1,4 @@
-"""pipeline.objects: instance and panoptic post-processing equal to transformers' processors, and
+"""pipeline.predict.objects: instance and panoptic post-processing equal to transformers' processors, and
 instances merged across sliding windows (COCO RLE: tests/test_coco_codec.py)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import (
 from transformers.models.mask2former.modeling_mask2former import Mask2FormerForUniversalSegmentationOutput
 
 from models import load_model
-from pipeline.objects import (
+from pipeline.predict.objects import (
     ImageObject,
     Instances,
     WindowInstanceMerger,

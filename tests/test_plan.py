@@ -17,9 +17,9 @@ from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, tiny_c
 from PIL import Image
 
 from pipeline.config import load_config
-from pipeline.masks import decode_png
-from pipeline.metrics import ClassAreas, class_areas, summarize
+from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 from pipeline.plan import plan_actors, progress_line, ray_lines_to
+from pipeline.results.masks import decode_png
 from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_processes_that_run_no_model_import_no_torch():
     """What a read task and the writer import (their stage modules), and the CLI before its Ray
     starts, in a fresh interpreter: no torch (about 1.2 s of CPU a process on this machine)."""
-    modules = ["pipeline.source", "pipeline.decode", "pipeline.storage", "pipeline.rows", "pipeline.sink", "pipeline.runstore",
-               "pipeline.local_ray", "jobs.cli"]  # fmt: skip
+    modules = ["pipeline.io.source", "pipeline.io.decode", "pipeline.io.storage", "pipeline.rows", "pipeline.results.sink",
+               "pipeline.results.runstore", "pipeline.local_ray", "jobs.cli"]  # fmt: skip
     code = f"import sys; import {', '.join(modules)}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'models')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env={"PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]"
@@ -360,8 +360,8 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     """The panoptic task through `segpipe run`: the segment-id masks hold exactly the segments of
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
-    from pipeline.coco_codec import id_to_rgb
-    from pipeline.masks import read_mask
+    from pipeline.io.coco_codec import id_to_rgb
+    from pipeline.results.masks import read_mask
 
     panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0}}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)

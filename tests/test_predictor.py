@@ -1,4 +1,4 @@
-"""pipeline.predictor: the one loop every image takes (`finish_image`), TIFFs segmented window by
+"""pipeline.predict.predictor: the one loop every image takes (`finish_image`), TIFFs segmented window by
 window (`segment_tiff`), the actor's settings through `segpipe run` (streamed images, test-time
 augmentation), and an 18000 x 2000 TIFF through the job in bounded memory (12000 x 12000: benchmarks/huge_tiff.py)."""
 
@@ -22,13 +22,13 @@ import torch
 from helpers import job_config, read_run_table, scene_pixels, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
 
 from models import load_model
-from pipeline.masks import assemble_mask, decode_png, quantize_probability, read_mask
-from pipeline.metrics import class_areas
-from pipeline.predictor import AREA_ROWS, ModelScorer, finish_image, limit_heap_growth, segment_tiff
+from pipeline.io.tiff import StreamError
+from pipeline.metrics.semantic import class_areas
+from pipeline.predict.predictor import AREA_ROWS, ModelScorer, finish_image, limit_heap_growth, segment_tiff
+from pipeline.predict.tiling import TilingSettings, TTAScoreFn, segment_images, with_tta
+from pipeline.results.masks import assemble_mask, decode_png, quantize_probability, read_mask
 from pipeline.rows import StreamSource
 from pipeline.telemetry import StageClock
-from pipeline.tiff import StreamError
-from pipeline.tiling import TilingSettings, TTAScoreFn, segment_images, with_tta
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(0)
@@ -424,9 +424,9 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
     map holds exactly its segments."""
     from helpers import tiny_hf_checkpoint
 
-    from pipeline.coco_codec import decode_rle
     from pipeline.config import load_config
-    from pipeline.predictor import Predictor
+    from pipeline.io.coco_codec import decode_rle
+    from pipeline.predict.predictor import Predictor
     from pipeline.rows import DecodedImage, Prediction, to_columns
 
     tiny_hf_checkpoint(model_type, tmp_path / "model", seed=1)  # seed 1: its queries name classes, not "no object"
@@ -449,7 +449,7 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
 
 def test_the_onnxruntime_backend_gives_the_torch_backends_masks_through_the_actor(tmp_path, checkpoint, caplog):
     from pipeline.config import load_config
-    from pipeline.predictor import Predictor
+    from pipeline.predict.predictor import Predictor
     from pipeline.rows import DecodedImage, Prediction, to_columns
 
     images = [

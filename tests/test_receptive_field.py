@@ -1,4 +1,4 @@
-"""pipeline/receptive_field.py: the effective receptive field (Luo et al. 2016) of a model."""
+"""pipeline/analysis/receptive_field.py: the effective receptive field (Luo et al. 2016) of a model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from models import build_model
 from models.base import SegmentationModel
-from pipeline.receptive_field import ErfResult, effective_receptive_field, erf_figure_png, prepare_image, theoretical_extent
+from pipeline.analysis.receptive_field import ErfResult, effective_receptive_field, erf_figure_png, prepare_image, theoretical_extent
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

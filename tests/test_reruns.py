@@ -317,7 +317,7 @@ def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tm
 
 
 def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, checkpoint, monkeypatch):
-    from pipeline.predictor import DIE_ON
+    from pipeline.predict.predictor import DIE_ON
 
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 8, NUM_CLASSES)
     marker = tmp_path / "died"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pipeline.metrics import ClassAreas
+from pipeline.metrics.semantic import ClassAreas
 from pipeline.rows import NOT_AN_END, DecodedImage, IdSet, MaskChunk, Prediction, SourceUnit, StreamSource, batch_length, to_columns
 
 

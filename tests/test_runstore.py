@@ -1,4 +1,4 @@
-"""The run directory's commit protocol and records (pipeline.runstore), on local files and memory://."""
+"""The run directory's commit protocol and records (pipeline.results.runstore), on local files and memory://."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
-from pipeline.rows import IdSet
-from pipeline.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
-from pipeline.runstore import (
+from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
+from pipeline.results.runstore import (
     LOST_AFTER_SECONDS,
     RunRecord,
     RunStore,
@@ -25,6 +24,7 @@ from pipeline.runstore import (
     run_status,
     strict_json,
 )
+from pipeline.rows import IdSet
 
 
 def tables(ids: list[str], failed: list[str] = (), attempt: int = 1):

@@ -14,8 +14,8 @@ from fault_proxy import Fault, FaultProxy
 from helpers import image_bytes, job_config, store_rows, tar_bytes
 
 from pipeline.config import load_config
+from pipeline.io.source import ImageFolderReader
 from pipeline.plan import run_job
-from pipeline.source import ImageFolderReader
 
 NUM_CLASSES = 3
 SHARDS, PER_SHARD = 4, 3
@@ -128,7 +128,7 @@ def test_the_listing_keeps_names_not_info_dicts_in_one_paged_call(s3):
     """The driver's listing of an S3 prefix leaves no listing cache behind (s3fs's find keeps an info
     dict per object for the filesystem's life: hundreds of MB for a million keys) and is still one
     paged ListObjectsV2, nothing per object."""
-    from pipeline.storage import StoreStats, list_files
+    from pipeline.io.storage import StoreStats, list_files
 
     bucket = s3.bucket("names-only")[5:]
     s3.fs.pipe({f"{bucket}/p/{d}/{i}.png": b"x" for d in ("a", "b") for i in range(3)} | {f"{bucket}/other.png": b"x"})

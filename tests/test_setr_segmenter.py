@@ -25,7 +25,7 @@ from torch import nn
 from jobs.cli import main
 from models import build_model, list_models, load_model, save_native
 from models.base import CheckpointError
-from pipeline.masks import decode_png as decode_mask
+from pipeline.results.masks import decode_png as decode_mask
 
 D, HEADS, DEPTH, GRID, CLASSES = 192, 3, 4, (4, 4), 5  # ViT-tiny, 4 blocks, 64 x 64 crops
 

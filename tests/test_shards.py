@@ -16,8 +16,8 @@ from helpers import image_bytes, tar_bytes
 from PIL import Image
 from s3_server import SECRET_KEY
 
-from pipeline.shards import list_parquet_units, list_tar_units, read_parquet_unit, read_tar_unit, split_member_name
-from pipeline.storage import RetryPolicy, StoreError, StoreStats
+from pipeline.io.shards import list_parquet_units, list_tar_units, read_parquet_unit, read_tar_unit, split_member_name
+from pipeline.io.storage import RetryPolicy, StoreError, StoreStats
 
 FAST = RetryPolicy(attempts=6, initial_delay=0.001, max_delay=0.005)
 

@@ -1,4 +1,4 @@
-"""The write stage (pipeline.sink): parts follow units, whatever order rows arrive in."""
+"""The write stage (pipeline.results.sink): parts follow units, whatever order rows arrive in."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.config import load_config
-from pipeline.masks import encode_chunks
-from pipeline.metrics import ClassAreas
+from pipeline.metrics.semantic import ClassAreas
+from pipeline.results.masks import encode_chunks
+from pipeline.results.sink import PartWriter, part_tables
 from pipeline.rows import Prediction, to_columns
-from pipeline.sink import PartWriter, part_tables
 
 
 def prediction(unit: int, image_id: str, error: str = "", labeled: bool = False) -> Prediction:

@@ -1,4 +1,4 @@
-"""pipeline.source: image folders listed on the driver in units of keys (labels paired by relative key),
+"""pipeline.io.source: image folders listed on the driver in units of keys (labels paired by relative key),
 read unit by unit, ids already committed dropped; `reader_for` picks the reader of input.format."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import load_config
+from pipeline.io.source import glob_regex, reader_for
 from pipeline.rows import IdSet
-from pipeline.source import glob_regex, reader_for
 
 
 def test_glob_double_star_matches_any_depth_including_none():
@@ -85,7 +85,7 @@ def _pair_by_stem(image_keys: list[str], label_keys: list[str], extensions: list
     """The pairing by a held dict of every label (what the driver did before it streamed)."""
     from pathlib import PurePosixPath
 
-    from pipeline.source import key_stem
+    from pipeline.io.source import key_stem
 
     ranks = {e: i for i, e in enumerate(extensions)}
     best: dict[str, tuple[int, str]] = {}
@@ -102,7 +102,7 @@ def test_streamed_label_pairing_equals_pairing_by_stem_on_names_that_sort_apart(
     lists before "b.png", "b.png" before "b/x.png"), which is what these names are made of."""
     import random
 
-    from pipeline.source import pair_labels
+    from pipeline.io.source import pair_labels
 
     rng = random.Random(seed)
     parts = ["b", "b-1", "b.c", "b_", "a", "c/d", "b/x", "b.c/y", "-"]
@@ -116,7 +116,7 @@ def test_streamed_label_pairing_equals_pairing_by_stem_on_names_that_sort_apart(
 
 
 def test_a_local_folder_is_walked_in_the_order_s3_lists_keys(tmp_path):
-    from pipeline.storage import iter_files
+    from pipeline.io.storage import iter_files
 
     keys = ["b.png", "b-1.png", "b/x.png", "b/a/y.png", "b.c/z.png", "a.png", "B.png", "c/d/e/f.png"]
     for key in keys:
@@ -129,7 +129,7 @@ def test_a_local_folder_is_walked_in_the_order_s3_lists_keys(tmp_path):
 def test_the_listing_streams_units_and_pairs_labels_like_the_held_listing(tmp_path):
     """Through the reader on a local folder: streamed units equal units built from the held,
     sorted listing and a dict of labels by stem."""
-    from pipeline.storage import list_files
+    from pipeline.io.storage import list_files
 
     names = ["x/b.png", "x/b-1.png", "x/b/c.png", "y.jpg", "x/b.c.png"]
     for name in names:
@@ -156,7 +156,7 @@ def test_the_listing_streams_units_and_pairs_labels_like_the_held_listing(tmp_pa
 def test_a_manifest_is_read_in_chunks_each_sorted(tmp_path):
     import pyarrow.parquet as pq
 
-    from pipeline.storage import iter_manifest
+    from pipeline.io.storage import iter_manifest
 
     keys = [*[f"k/{i:03d}.png" for i in range(10)][::-1], "k/003.png"]  # unsorted, one repeated
     pq.write_table(pa.table({"key": keys}), tmp_path / "m.parquet")

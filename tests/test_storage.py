@@ -1,4 +1,4 @@
-"""pipeline.storage: which errors are retried, backoff, resumable reads, one listing per prefix, redaction."""
+"""pipeline.io.storage: which errors are retried, backoff, resumable reads, one listing per prefix, redaction."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import fsspec
 import pytest
 from s3_server import transient_error
 
-from pipeline.storage import (
+from pipeline.io.storage import (
     REDACTED,
     RetryingFile,
     RetryPolicy,

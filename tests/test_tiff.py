@@ -1,4 +1,4 @@
-"""pipeline.tiff: huge TIFFs read window by window (TiffWindows), and `probe_stream`, which decides from
+"""pipeline.io.tiff: huge TIFFs read window by window (TiffWindows), and `probe_stream`, which decides from
 the header alone whether an image is streamed, decoded whole or refused (decompression bombs,
 damaged tile tables, turned images)."""
 
@@ -13,14 +13,14 @@ import pytest
 import tifffile
 from helpers import sparse_tiff, write_png
 
-from pipeline import source as source_module
-from pipeline import tiff as tiff_module
 from pipeline.config import InputConfig
-from pipeline.decode import decode_image
+from pipeline.io import source as source_module
+from pipeline.io import tiff as tiff_module
+from pipeline.io.decode import decode_image
+from pipeline.io.source import ImageFolderReader
+from pipeline.io.tiff import StreamError, TiffWindows, probe_stream
+from pipeline.predict.tiling import TilingSettings
 from pipeline.rows import SourceUnit, StreamSource
-from pipeline.source import ImageFolderReader
-from pipeline.tiff import StreamError, TiffWindows, probe_stream
-from pipeline.tiling import TilingSettings
 
 # --------------------------------------------------------------------------- windowed reads
 

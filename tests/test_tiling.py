@@ -1,4 +1,4 @@
-"""pipeline.tiling: the window planner, the streaming stitcher against the full-image reference,
+"""pipeline.predict.tiling: the window planner, the streaming stitcher against the full-image reference,
 exact bilinear resizing (BilinearRows: F.interpolate's numbers bit for bit) and the stitcher's held
 windows, segment_images / segment_streaming with small deterministic conv nets, and test-time augmentation
 (TTAScoreFn: flips and scales averaged in score space, in whole and slide mode). The reference
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import pipeline.tiling as tiling
-from pipeline.tiling import (
+import pipeline.predict.tiling as tiling
+from pipeline.predict.tiling import (
     BilinearFormula,
     BilinearRows,
     Segmentation,

@@ -18,7 +18,7 @@ monai_data_utils = pytest.importorskip("monai.data.utils")
 from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.inferers.utils import _get_scan_interval  # noqa: E402
 
-from pipeline.tiling import TilingSettings, importance_map, plan_windows, segment_images  # noqa: E402
+from pipeline.predict.tiling import TilingSettings, importance_map, plan_windows, segment_images  # noqa: E402
 
 MEAN, STD = 120.0, 60.0
 

@@ -1,4 +1,4 @@
-"""pipeline.panoptic_metrics: PQ/SQ/RQ against hand-computed panopticapi answers, mask AP against pycocotools."""
+"""pipeline.metrics.panoptic: PQ/SQ/RQ against hand-computed panopticapi answers, mask AP against pycocotools."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pipeline.coco_codec import id_to_rgb, rgb_to_id
-from pipeline.panoptic_metrics import (
+from pipeline.io.coco_codec import id_to_rgb, rgb_to_id
+from pipeline.metrics.panoptic import (
     IOU_THRESHOLDS,
     RECALL_THRESHOLDS,
     InstanceDetection,

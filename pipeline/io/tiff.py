@@ -6,11 +6,11 @@ image is never decoded in one piece:
   read stage    `probe_stream` reads the TIFF's header only (one small ranged read). A tiled or
                 striped TIFF with more than `input.stream_above_pixels` pixels becomes a
                 `StreamSource` (uri, label uri, height, width) instead of bytes.
-  decode stage  `pipeline.decode.decode_sample` turns it into a DecodedImage that says "stream
+  decode stage  `pipeline.io.decode.decode_sample` turns it into a DecodedImage that says "stream
                 this one" (its `stream`), with no pixels.
-  predictor     `pipeline.predictor` opens the file through `TiffWindows` (fsspec, so s3://,
+  predictor     `pipeline.predict.predictor` opens the file through `TiffWindows` (fsspec, so s3://,
                 gs://, ... work as local paths do), hands `TiffWindows.rgb` to
-                `pipeline.tiling.segment_streaming` as its window reader, and feeds the bands of
+                `pipeline.predict.tiling.segment_streaming` as its window reader, and feeds the bands of
                 finished rows to the same mask writer and class areas as every other image, with
                 the label's rows read the same way (`TiffWindows.labels`).
 
@@ -23,7 +23,7 @@ and minutes of windows. A streamed image's label must have the image's size, whi
 same way, and is checked before anything else of the label. A header whose tile (or strip) table
 cannot hold the size it claims (another number of entries than that size needs, segments that end
 past the end of the file) is an error as well, found from the table alone without reading a
-segment. Images decoded whole are bounded by `input.max_pixels` in `pipeline.decode`, on their
+segment. Images decoded whole are bounded by `input.max_pixels` in `pipeline.io.decode`, on their
 header too.
 
 What is held, and why it is bounded by the window height and the image width, never the height:
@@ -37,7 +37,7 @@ For a 12000 x 12000 RGB image and 512-pixel windows that is tens of MB where the
 alone is 432 MB and its float32 scores 576 MB per class (see tests/test_predictor.py).
 
 Resolution: the stitcher works at the image's full resolution (each window's scores are resized
-to the window before blending; see pipeline.tiling), so the labels of a streamed image are the
+to the window before blending; see pipeline.predict.tiling), so the labels of a streamed image are the
 ones an in-memory image would get from the same windows, bit for bit, and the band's cost is paid
 at full resolution: that is what the band size above counts.
 
@@ -62,8 +62,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.io.storage import RetryingFile, StoreStats, open_fs
 from pipeline.rows import StreamSource
-from pipeline.storage import RetryingFile, StoreStats, open_fs
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PROBE_BLOCK_BYTES = 64 * 1024  # fsspec read-ahead for the header probe: one small ranged read
@@ -276,7 +276,7 @@ class TiffWindows:
         return out
 
     def rgb(self, y0: int, x0: int, height: int, width: int) -> np.ndarray:
-        """The region as height x width x 3 uint8 RGB: a `pipeline.tiling.ReadWindow`."""
+        """The region as height x width x 3 uint8 RGB: a `pipeline.predict.tiling.ReadWindow`."""
         region = self.read(y0, x0, height, width)
         if self.dtype.itemsize == 2:  # full range of the type to 0..255, as decode_image does
             region = np.clip(region.astype(np.float32) * np.float32(255.0 / 65535.0), 0, 255).round().astype(np.uint8)
@@ -352,7 +352,7 @@ def probe_stream(uri: str, label_uri: str | None, cfg: Any, stats: StoreStats | 
 
     cfg: the job's InputConfig (stream_above_pixels, max_pixels, max_stream_pixels, exif_transpose,
     storage_options). Returns None for an image to read and decode whole as usual (where
-    `pipeline.decode` holds it to max_pixels): not a TIFF, not larger than stream_above_pixels,
+    `pipeline.io.decode` holds it to max_pixels): not a TIFF, not larger than stream_above_pixels,
     streaming off, or a TIFF within max_pixels that cannot be streamed or is over max_stream_pixels.
     Raises StreamError, before any pixel is read, for one over max_pixels that is not streamed
     (cannot be, or over max_stream_pixels), for a header whose segment table cannot hold the size it

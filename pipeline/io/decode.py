@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image
 
-from pipeline.coco_codec import rgb_to_id
+from pipeline.io.coco_codec import rgb_to_id
 from pipeline.rows import DecodedImage, RawSample
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")

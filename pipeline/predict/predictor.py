@@ -2,9 +2,9 @@
 
 One batch of DecodedImages in, one batch of Predictions out: for each image its mask as PNG chunks
 (and probability for binary tasks) and, where it has a label, its per-class areas. Every image
-takes the same path: bands of finished rows (pipeline.tiling: the whole image at once when it is
+takes the same path: bands of finished rows (pipeline.predict.tiling: the whole image at once when it is
 in memory, the streaming stitcher's bands when a TIFF is read window by window) -> the chunked mask
-writer (pipeline.masks) -> class areas against the same rows of its label (`finish_image`). A
+writer (pipeline.results.masks) -> class areas against the same rows of its label (`finish_image`). A
 failure on one image becomes that image's error; the actor goes on with the rest. Test-time
 augmentation (inference.tta) wraps the model's score_fn, so every image gets it alike.
 """
@@ -22,21 +22,21 @@ import torch
 
 from models.base import SegmentationModel, compile_for_inference
 from models.onnx_backend import run_with_onnxruntime
-from pipeline.coco_codec import encode_rle
-from pipeline.coco_labels import PanopticLabels, image_key
-from pipeline.cod_metrics import cod_image_stats
 from pipeline.config import JobConfig
-from pipeline.job_model import check_task, load_job_model
-from pipeline.masks import ChunkedMaskWriter, quantize_probability
-from pipeline.metrics import ClassAreas, LabelAreas, LabelReading
-from pipeline.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
-from pipeline.objects import ImageObject, PanopticSegments
-from pipeline.panoptic_metrics import PanopticQuality, Segment
+from pipeline.io.coco_codec import encode_rle
+from pipeline.io.storage import scrub
+from pipeline.io.tiff import StreamError, TiffWindows
+from pipeline.metrics.coco_labels import PanopticLabels, image_key
+from pipeline.metrics.cod import cod_image_stats
+from pipeline.metrics.panoptic import PanopticQuality, Segment
+from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
+from pipeline.predict.job_model import check_task, load_job_model
+from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
+from pipeline.predict.objects import ImageObject, PanopticSegments
+from pipeline.predict.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
-from pipeline.storage import scrub
 from pipeline.telemetry import RunMetrics, StageClock
-from pipeline.tiff import StreamError, TiffWindows
-from pipeline.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class ModelScorer:
 @dataclass
 class QueryScorer:
     """query_fn for the object tasks: raw 0-255 windows in, a query model's float32 CPU class and
-    mask logits out (pipeline.object_windows)."""
+    mask logits out (pipeline.predict.object_windows)."""
 
     model: SegmentationModel
     device: torch.device
@@ -168,7 +168,7 @@ def finish_image(
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
     (default: class indices, `ignore_index` ignored). A label that reading refuses is the image's
-    error (pipeline.metrics.LabelReadingError)."""
+    error (pipeline.metrics.semantic.LabelReadingError)."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
     areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
     finished = 0
@@ -188,7 +188,7 @@ class Predictor:
     """Ray actor: constructed once per actor, called once per batch of decoded images.
 
     Decoded images are segmented together (`segment_images` batches windows across them); an image
-    to stream (a TIFF too large to decode, see pipeline.tiff) is read window by window from its store
+    to stream (a TIFF too large to decode, see pipeline.io.tiff) is read window by window from its store
     and segmented alone. Every image's mask leaves as a list of chunks (one for images up to
     `chunk_size` on both sides), all in its one Prediction, so that the writer commits an image whole.
     """
@@ -209,7 +209,7 @@ class Predictor:
         self.positive_class = cfg.metrics.positive_class if model.num_classes > 1 else 1
         self.cod = cfg.metrics.task == "binary"  # camouflaged-object stats per labeled image
         metrics = cfg.metrics
-        # how labels become class maps (a binary task's masks or class indices): pipeline.metrics
+        # how labels become class maps (a binary task's masks or class indices): pipeline.metrics.semantic
         self.label_reading = LabelReading.of(
             metrics.task, metrics.binary_labels, metrics.ignore_index, self.positive_class, self.num_classes
         )
@@ -224,7 +224,7 @@ class Predictor:
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
         self.query_fn = QueryScorer(model, self.device, inference.precision, self.clock) if self.objects else None
-        self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.coco_labels)
+        self.panoptic_labels = None  # the panoptic task's ground truth: segments by image (pipeline.metrics.coco_labels)
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
         self.settings = TilingSettings.from_config(
@@ -251,7 +251,7 @@ class Predictor:
         for i, image in enumerate(images):
             if image.stream is not None and not image.error:
                 out[i] = self._guard(out[i], "predict", self._predict_streamed, image, out[i])
-        if self.objects is not None:  # objects: image by image, through pipeline.object_windows
+        if self.objects is not None:  # objects: image by image, through pipeline.predict.object_windows
             for i in in_memory:
                 out[i] = self._guard(out[i], "predict", self._predict_objects, images[i], out[i])
         else:
@@ -405,7 +405,7 @@ def segment_tiff(
     on_rows: Callable[[int, int], None] | None = None,
     objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
-    """A TIFF read window by window (pipeline.tiff): the stitcher's bands through `finish_image`, the
+    """A TIFF read window by window (pipeline.io.tiff): the stitcher's bands through `finish_image`, the
     label's rows read the same way. on_rows(rows finished, total) reports progress inside the image.
     `objects` (query_fn, settings, found): the instance task, its objects found band by band into `found`."""
     if settings.mode != "slide":

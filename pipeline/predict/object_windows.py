@@ -1,8 +1,8 @@
 """The predict step of the instance and panoptic tasks: objects of an image from a query model,
 window by window (or in one pass in whole mode).
 
-    windows (pipeline.tiling's plan, row by row) -> query_fn: class and mask logits of each window
-      -> the window's objects (pipeline.objects: instances, or panoptic segments as instances),
+    windows (pipeline.predict.tiling's plan, row by row) -> query_fn: class and mask logits of each window
+      -> the window's objects (pipeline.predict.objects: instances, or panoptic segments as instances),
          cropped to the image and merged across windows (`WindowInstanceMerger`, band by band)
       -> semantic rows of the same passes (instance task: the masks table's label map), blended
          by the streaming stitcher
@@ -10,7 +10,7 @@ window by window (or in one pass in whole mode).
 
 Whole mode runs the image in one pass; its panoptic result is transformers' post-processing of that
 pass exactly. In slide mode a panoptic segment is a window's segment merged with its pieces in
-other windows (same class, mask IoU over the overlap: pipeline.objects' rule), stuff classes fused
+other windows (same class, mask IoU over the overlap: pipeline.predict.objects' rule), stuff classes fused
 per class, then painted highest score first: a pixel claimed by two merged objects goes to the
 higher-scoring one. Memory: a batch of windows, the stitcher's band, and the open objects of the
 last rows of windows; a panoptic map is the image's size (in-memory images only).
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from models.mask_classification import semantic_scores
-from pipeline.objects import (
+from pipeline.predict.objects import (
     ImageObject,
     Instances,
     PanopticSegments,
@@ -36,7 +36,7 @@ from pipeline.objects import (
     panoptic_from_queries,
     tight_boxes,
 )
-from pipeline.tiling import (
+from pipeline.predict.tiling import (
     ReadWindow,
     StreamingStitcher,
     TilingSettings,
@@ -49,7 +49,7 @@ from pipeline.tiling import (
 
 # N x 3 x h x w windows on the 0-255 scale -> (class logits N x Q x (C+1), mask logits N x Q x h' x w'), CPU float32
 QueryFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-SemanticBand = tuple[int, np.ndarray, None]  # (first row, label rows, no probability): pipeline.predictor's Band
+SemanticBand = tuple[int, np.ndarray, None]  # (first row, label rows, no probability): pipeline.predict.predictor's Band
 
 TASK_THRESHOLDS = {"instance": 0.5, "panoptic": 0.8}  # transformers' defaults of each post-processing
 

@@ -6,7 +6,7 @@
 
 `reader_for(cfg)` picks the reader from `input.format`, which the config resolves once (auto: tar or
 parquet when the uri names such a file, else image files). Image folders are here; tar shards and
-Parquet tables in pipeline.shards. A unit is one read task's worth of input: a block of
+Parquet tables in pipeline.io.shards. A unit is one read task's worth of input: a block of
 `images_per_unit` image files (with their labels), a tar shard or a Parquet file.
 """
 
@@ -23,12 +23,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import InputConfig, JobConfig
-from pipeline.decode import IMAGE_EXTENSIONS, decode_sample
+from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
+from pipeline.io.shards import ParquetReader, TarReader
+from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
+from pipeline.io.tiff import probe_stream
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
-from pipeline.shards import ParquetReader, TarReader
-from pipeline.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
 from pipeline.telemetry import RunMetrics, StageClock
-from pipeline.tiff import probe_stream
 
 
 class Reader(Protocol):

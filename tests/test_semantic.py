@@ -1,11 +1,11 @@
-"""pipeline.metrics: per-image class areas and dataset metrics, with mmsegmentation's conventions."""
+"""pipeline.metrics.semantic: per-image class areas and dataset metrics, with mmsegmentation's conventions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline.metrics import ClassAreas, LabelAreas, LabelReading, LabelReadingError, class_areas, summarize
+from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading, LabelReadingError, class_areas, summarize
 
 
 def _reference_metrics(preds, labels, num_classes, ignore):
@@ -90,7 +90,7 @@ def _blob_labels(seed: int = 7) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _areas(reading: LabelReading, pred: np.ndarray, label: np.ndarray, rows: int = 8) -> ClassAreas:
-    """Areas added band by band, as pipeline.predictor.finish_image adds them."""
+    """Areas added band by band, as pipeline.predict.predictor.finish_image adds them."""
     areas = LabelAreas(reading)
     for top in range(0, label.shape[0], rows):
         areas.add(pred[top : top + rows], label[top : top + rows])

@@ -1,8 +1,8 @@
 """The run directory's tables: their names, their Parquet schemas and the names of their parts.
 
-A leaf that every writer and reader of a run directory shares (pipeline.masks' codec, pipeline.sink,
-pipeline.runstore, export, compare): the format is stated once, here, and none of them needs
-another's module to know it. The commit protocol (which parts count) is pipeline.runstore's.
+A leaf that every writer and reader of a run directory shares (pipeline.results.masks' codec, pipeline.results.sink,
+pipeline.results.runstore, export, compare): the format is stated once, here, and none of them needs
+another's module to know it. The commit protocol (which parts count) is pipeline.results.runstore's.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import re
 
 import pyarrow as pa
 
-from pipeline.cod_metrics import CodImageStats
-from pipeline.metrics import ClassAreas
+from pipeline.metrics.cod import CodImageStats
+from pipeline.metrics.semantic import ClassAreas
 
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
 INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
@@ -39,7 +39,7 @@ def masks_schema(binary: bool) -> pa.Schema:
 
 
 METRICS_SCHEMA = pa.schema([pa.field("image_id", pa.string())] + [pa.field(a, pa.list_(pa.int64())) for a in AREAS])
-# a binary task's metrics rows also hold what its camouflaged-object measures need (pipeline.cod_metrics)
+# a binary task's metrics rows also hold what its camouflaged-object measures need (pipeline.metrics.cod)
 COD_FIELDS = [pa.field(name, pa.float64()) for name in CodImageStats.SCALARS] + [
     pa.field(name, pa.list_(pa.float64())) for name in CodImageStats.CURVES
 ]
@@ -53,7 +53,7 @@ PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.f
 # labeled pixels whose value is no class of the model (and not ignore_index): in no class's label
 # area. Metrics parts written before it lack the column: unknown, never 0.
 OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
-# a binary task: how each image's label was read (pipeline.metrics.LabelReading: mask, class_index, empty)
+# a binary task: how each image's label was read (pipeline.metrics.semantic.LabelReading: mask, class_index, empty)
 READING_FIELD = pa.field("label_reading", pa.string())
 
 

@@ -25,9 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.io.storage import open_fs
+from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.rows import MaskChunk
-from pipeline.run_tables import CHUNK_FIELDS, MASKS
-from pipeline.storage import open_fs
 
 # --------------------------------------------------------------------------- chunked masks
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.coco_codec import OFFSET, VOID, rgb_to_id
+from pipeline.io.coco_codec import OFFSET, VOID, rgb_to_id
 
 # -----------------------------------------------------------------------------------------------
-# COCO panoptic labels: the segment-id map (pipeline.coco_codec decodes the PNG) and the JSON's segments_info
+# COCO panoptic labels: the segment-id map (pipeline.io.coco_codec decodes the PNG) and the JSON's segments_info
 
 
 @dataclass(frozen=True)

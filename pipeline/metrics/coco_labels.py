@@ -12,9 +12,9 @@ import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-from pipeline.coco_codec import annotation_mask, decode_rle
-from pipeline.panoptic_metrics import InstanceTruth, Segment, segments_from_coco
-from pipeline.storage import open_fs, read_bytes
+from pipeline.io.coco_codec import annotation_mask, decode_rle
+from pipeline.io.storage import open_fs, read_bytes
+from pipeline.metrics.panoptic import InstanceTruth, Segment, segments_from_coco
 
 
 class LabelsError(ValueError):
@@ -108,10 +108,10 @@ class InstanceLabels:
 
 
 def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:
-    """COCO mask AP (pipeline.panoptic_metrics.MaskAP, COCOeval's definitions) of a run's instances
+    """COCO mask AP (pipeline.metrics.panoptic.MaskAP, COCOeval's definitions) of a run's instances
     table (pyarrow) against an instances JSON, over the images the run segmented (`segmented`: their
     ids, with or without instances) that the JSON lists; {} when there are none."""
-    from pipeline.panoptic_metrics import InstanceDetection, MaskAP
+    from pipeline.metrics.panoptic import InstanceDetection, MaskAP
 
     ap = MaskAP(labels.categories.ids)
     rows_by_key: dict[str, list[dict]] = {}

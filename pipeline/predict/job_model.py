@@ -1,7 +1,7 @@
 """The job's model: the model a config names, loaded (checkpoint or seeded random weights), the hash
 of its weights (part of a run's identity) and the checks of it against the job's task.
 
-Used alike by the actors (pipeline.predictor), the driver before a run starts (pipeline.plan: fails
+Used alike by the actors (pipeline.predict.predictor), the driver before a run starts (pipeline.plan: fails
 fast on a bad checkpoint, names the classes, hashes the weights), the estimate, compare's receptive
 fields and the CLI's `convert`; none of them needs the actor's module for it.
 """
@@ -15,7 +15,7 @@ import torch
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel
 from pipeline.config import ModelConfig
-from pipeline.storage import local_copy, scrub
+from pipeline.io.storage import local_copy, scrub
 
 RANDOM_WEIGHTS_SEED = 0
 
@@ -24,7 +24,7 @@ def load_job_model(cfg: ModelConfig) -> SegmentationModel:
     """The model a job config names: a checkpoint, or a registered name with random weights (seeded,
     so that every actor and every attempt of a run holds the same ones)."""
     if cfg.checkpoint:
-        # a checkpoint in a store is copied here through pipeline.storage (retries, scrubbed errors)
+        # a checkpoint in a store is copied here through pipeline.io.storage (retries, scrubbed errors)
         try:
             with local_copy(cfg.checkpoint, cfg.storage_options) as path:
                 try:

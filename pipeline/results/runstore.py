@@ -19,7 +19,7 @@ Records. run.json keeps the run's identity (what decides its results: see `run_i
 config and one record per attempt; summary.json counts the whole run. Both are strict JSON (NaN is
 written as null), readable by any JSON parser.
 
-The tables' names, their Parquet schemas and the parts' names are pipeline.run_tables', shared
+The tables' names, their Parquet schemas and the parts' names are pipeline.results.run_tables', shared
 with the mask codec, the writer and the readers.
 """
 
@@ -44,13 +44,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cod_metrics import CONVENTIONS as COD_CONVENTIONS
-from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import ConfigError, JobConfig, public_config
-from pipeline.metrics import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
-from pipeline.panoptic_metrics import CategoryCounts, PanopticQuality
-from pipeline.rows import IdSet
-from pipeline.run_tables import (
+from pipeline.io.storage import StoreError, StoreStats, open_fs, scrub, with_retries
+from pipeline.metrics.cod import CONVENTIONS as COD_CONVENTIONS
+from pipeline.metrics.cod import CodAccumulator, CodImageStats
+from pipeline.metrics.panoptic import CategoryCounts, PanopticQuality
+from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
+from pipeline.results.run_tables import (
     AREAS,
     ERRORS,
     ERRORS_SCHEMA,
@@ -66,7 +66,7 @@ from pipeline.run_tables import (
     TMP_PREFIX,
     part_attempt,
 )
-from pipeline.storage import StoreError, StoreStats, open_fs, scrub, with_retries
+from pipeline.rows import IdSet
 
 
 def split_run_uri(uri: str) -> tuple[str, str]:
@@ -103,7 +103,7 @@ class Outcomes:
 
 
 class RunStore:
-    """Reads and writes one run directory, on any fsspec store, through pipeline.storage."""
+    """Reads and writes one run directory, on any fsspec store, through pipeline.io.storage."""
 
     def __init__(self, output_uri: str, storage_options: dict, run_id: str) -> None:
         self.fs, root = open_fs(output_uri, storage_options)

@@ -47,17 +47,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cod_metrics import KEYS as COD_KEYS
-from pipeline.cod_metrics import CodAccumulator, CodImageStats
 from pipeline.config import LabelsConfig
 from pipeline.extras import require
-from pipeline.masks import assemble_mask, read_mask
-from pipeline.metrics import ClassAreas, LabelReading, LabelReadingError, summarize
+from pipeline.io.source import key_stem, list_labels  # the label pairing of ImageFolderReader
+from pipeline.io.storage import open_fs, read_bytes, with_retries
+from pipeline.metrics.cod import KEYS as COD_KEYS
+from pipeline.metrics.cod import CodAccumulator, CodImageStats
+from pipeline.metrics.semantic import ClassAreas, LabelReading, LabelReadingError, summarize
+from pipeline.results.masks import assemble_mask, read_mask
+from pipeline.results.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
+from pipeline.results.runstore import RunStore
 from pipeline.rows import IdSet
-from pipeline.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
-from pipeline.runstore import RunStore
-from pipeline.source import key_stem, list_labels  # the label pairing of ImageFolderReader
-from pipeline.storage import open_fs, read_bytes, with_retries
 
 HEADLINE = ("mIoU", "mDice", "aAcc")
 COD_HEADLINE = ("Sm", "Em_mean", "wFm", "MAE")
@@ -237,7 +237,7 @@ def read_image_table(run: Run) -> ImageTable:
     if not ids:
         return ImageTable([], {a: np.zeros((0, c), np.int64) for a in AREAS}, None, {})
     all_ids = np.concatenate(ids)
-    # each image once: its last row wins (as pipeline.runstore.sum_areas)
+    # each image once: its last row wins (as pipeline.results.runstore.sum_areas)
     last: dict[str, int] = {}
     for i, image_id in enumerate(all_ids):
         last[image_id] = i
@@ -263,7 +263,7 @@ def _curve_means(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def cod_values(run: Run, table: ImageTable) -> dict[str, float]:
-    """The binary measures (pipeline.cod_metrics.KEYS) over the images of `table`, reduced by
+    """The binary measures (pipeline.metrics.cod.KEYS) over the images of `table`, reduced by
     CodAccumulator from the metrics rows, read part by part; {} when the run has none."""
     if table.cod is None:
         return {}
@@ -300,7 +300,7 @@ def _row_nanmean(x: np.ndarray) -> np.ndarray:
 
 
 def batch_metrics(intersection: np.ndarray, union: np.ndarray, pred_area: np.ndarray, label_area: np.ndarray) -> dict[str, np.ndarray]:
-    """`pipeline.metrics.summarize`'s mIoU, mDice and aAcc for a batch of summed areas (R x C, one
+    """`pipeline.metrics.semantic.summarize`'s mIoU, mDice and aAcc for a batch of summed areas (R x C, one
     row per resample): the same ratios of sums, NaN classes left out of the means."""
     labeled = label_area.sum(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -425,7 +425,7 @@ class Sources:
 
 
 def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sources:
-    """The images and labels of `run`'s config: labels are paired as pipeline.source's
+    """The images and labels of `run`'s config: labels are paired as pipeline.io.source's
     ImageFolderReader pairs them (the image's relative key, any label extension, the earliest of
     `labels.extensions` preferred), from one listing of the labels prefix."""
     cfg = run.config
@@ -470,7 +470,7 @@ def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sourc
 
 
 def read_label(src: Sources, image_id: str, storage_options: dict) -> np.ndarray | None:
-    from pipeline.decode import decode_label
+    from pipeline.io.decode import decode_label
 
     uri = src.labels.get(image_id)
     if uri is None:
@@ -487,7 +487,7 @@ def label_classes(src: Sources, label: np.ndarray, num_classes: int) -> tuple[np
 
 
 def read_photo(src: Sources, image_id: str, storage_options: dict) -> np.ndarray | None:
-    from pipeline.decode import decode_image
+    from pipeline.io.decode import decode_image
 
     if not src.images_uri:
         return None
@@ -1402,12 +1402,12 @@ def _section_method(result: Comparison) -> str:
 
 
 def receptive_fields(runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, notes: list[str]) -> list[dict]:
-    """Each run's model's effective receptive field (pipeline.receptive_field) on a sample of the
+    """Each run's model's effective receptive field (pipeline.analysis.receptive_field) on a sample of the
     compared images: the same images for every model, at the size of the run's sliding window (at
     most 256 pixels, so that the field fits the crop and the gradient stays cheap)."""
+    from pipeline.analysis.receptive_field import effective_receptive_field, erf_figure_png
     from pipeline.config import ModelConfig
-    from pipeline.job_model import load_job_model
-    from pipeline.receptive_field import effective_receptive_field, erf_figure_png
+    from pipeline.predict.job_model import load_job_model
 
     photos = [p for p in (read_photo(src, i, storage_options) for i in image_ids) if p is not None]
     if not photos:

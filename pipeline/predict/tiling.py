@@ -34,8 +34,8 @@ pixels off (MONAI truncates `int(start * zoom)`); at full resolution every windo
 it was read and the result is the same as mmseg's resize-then-paste. What it costs is kept small by
 never holding the image's scores at full resolution: the streaming stitcher holds the windows'
 scores as the model gave them (at its output stride) and, when rows are final, resizes and blends
-them a few rows at a time (`StreamingStitcher`). Huge images (pipeline.tiff, read by
-pipeline.predictor) are stitched the same way, band by band.
+them a few rows at a time (`StreamingStitcher`). Huge images (pipeline.io.tiff, read by
+pipeline.predict.predictor) are stitched the same way, band by band.
 
 Resizing: `BilinearRows` computes any rows of F.interpolate(bilinear, align_corners=False) of a
 window's scores, the same float32 numbers as F.interpolate, several times faster (ATen's kernel for

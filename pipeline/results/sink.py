@@ -1,7 +1,7 @@
 """The write stage: result rows gathered by unit and committed as parts of the run directory.
 
 `PartWriter`, one Ray actor, gathers the predictor's Predictions by unit and commits a part
-(pipeline.runstore: masks, metrics and errors files; the masks file commits) every
+(pipeline.results.runstore: masks, metrics and errors files; the masks file commits) every
 `images_per_unit` images and at the end of each unit, so parts follow units and the user chooses
 the commit granularity. The read stage ends each unit with a marker row that says how many image
 rows it sent; the writer knows from it when a unit is complete, whatever order rows arrive in from
@@ -15,10 +15,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from pipeline.cod_metrics import CodImageStats
 from pipeline.config import JobConfig
-from pipeline.rows import Prediction, batch_length
-from pipeline.run_tables import (
+from pipeline.metrics.cod import CodImageStats
+from pipeline.results.run_tables import (
     CHUNK_FIELDS,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
@@ -31,7 +30,8 @@ from pipeline.run_tables import (
     metrics_schema,
     part_name,
 )
-from pipeline.runstore import RunStore
+from pipeline.results.runstore import RunStore
+from pipeline.rows import Prediction, batch_length
 from pipeline.telemetry import StageClock
 
 # --------------------------------------------------------------------------- writing parts

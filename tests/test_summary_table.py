@@ -1,8 +1,8 @@
-"""pipeline.report: the summary printed at the end of a run shows each task's own metrics."""
+"""pipeline.results.summary_table: the summary printed at the end of a run shows each task's own metrics."""
 
 from __future__ import annotations
 
-from pipeline.report import format_summary
+from pipeline.results.summary_table import format_summary
 
 # summary.json of an instance run with metrics.instance_labels and of a panoptic run with
 # metrics.panoptic_labels (pipeline.plan.finish_job): no class-map labels, so labeled_images is 0

@@ -1,6 +1,6 @@
 """Packed archives as sources: WebDataset-style tar shards and Parquet image tables.
 
-The driver lists shards (one recursive listing of `input.uri`, see pipeline.storage) and makes
+The driver lists shards (one recursive listing of `input.uri`, see pipeline.io.storage) and makes
 one SourceUnit per shard or Parquet file; a read task streams its unit and yields one RawSample
 per image, bytes undecoded. Nothing is downloaded whole before it is read.
 
@@ -41,9 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
-from pipeline.decode import IMAGE_EXTENSIONS
-from pipeline.rows import IdSet, RawSample, SourceUnit
-from pipeline.storage import (
+from pipeline.io.decode import IMAGE_EXTENSIONS
+from pipeline.io.storage import (
     RetryingFile,
     RetryPolicy,
     StoreError,
@@ -53,6 +52,7 @@ from pipeline.storage import (
     open_fs,
     scrub,
 )
+from pipeline.rows import IdSet, RawSample, SourceUnit
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -344,12 +344,12 @@ def read_parquet_unit(
 
 
 # ---------------------------------------------------------------------------------------------
-# The two readers (see pipeline.source.Reader)
+# The two readers (see pipeline.io.source.Reader)
 
 
 class TarReader:
     """WebDataset-style tar shards: one unit per shard; committed ids are dropped as the shard is read
-    (pipeline.source.read_and_decode)."""
+    (pipeline.io.source.read_and_decode)."""
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg

@@ -6,7 +6,7 @@ pixels. Here, for one model and a sample of images:
 
 1. each image (H x W x 3 uint8) is brought to `size` x `size` by a centre crop. A crop, not a
    resize, because the pipeline feeds the model windows cut from images at their own resolution
-   (pipeline/tiling.py): a resize would change the scale of what the model sees and so the field
+   (pipeline/predict/tiling.py): a resize would change the scale of what the model sees and so the field
    measured in pixels. An image whose short side is under `size` is first scaled up (bilinear,
    aspect kept) until the short side is `size`, then cropped;
 2. the pixels (float, 0-255 scale, requiring grad) go through `model.normalize` and the model

@@ -14,7 +14,7 @@ def _cod(v: float | None) -> str:
 
 
 def _cod_line(s: dict) -> str:
-    """A binary task's camouflaged-object measures (pipeline.cod_metrics) on one line."""
+    """A binary task's camouflaged-object measures (pipeline.metrics.cod) on one line."""
     return (
         f"Sm {_cod(s['Sm'])}   Em {_cod(s.get('Em_mean'))} (max {_cod(s.get('Em_max'))}, adp {_cod(s.get('Em_adp'))})"
         f"   wFm {_cod(s.get('wFm'))}   Fm {_cod(s.get('Fm_mean'))} (max {_cod(s.get('Fm_max'))}, adp {_cod(s.get('Fm_adp'))})"

@@ -2,7 +2,7 @@
 
 RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or an fsspec URI
 (s3://...); both are opened with the same storage options. What is read is what the run committed
-(pipeline.runstore: a part counts once its masks file exists), and an image that several committed
+(pipeline.results.runstore: a part counts once its masks file exists), and an image that several committed
 parts hold (a rerun's later attempt) is taken from the latest of them, as `latest_metrics` does.
 
 Formats, one function each, read top to bottom:
@@ -43,12 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.coco_codec import encode_rle, id_to_rgb
 from pipeline.extras import require
-from pipeline.masks import PngRows, decode_png
-from pipeline.run_tables import CHUNK_FIELDS, MASKS
-from pipeline.runstore import RunStore, strict_json
-from pipeline.storage import open_fs, with_retries
+from pipeline.io.coco_codec import encode_rle, id_to_rgb
+from pipeline.io.storage import open_fs, with_retries
+from pipeline.results.masks import PngRows, decode_png
+from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
+from pipeline.results.runstore import RunStore, strict_json
 
 FORMATS = ("png", "tiff", "coco")
 PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8

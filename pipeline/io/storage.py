@@ -128,7 +128,7 @@ def iter_files(
     transiently) and a local folder directory by directory, both already in key order; other stores
     go through `find` and are sorted (held). `suffixes` filters by lower-cased name ending. A prefix
     with nothing under it gives nothing. The order is the one S3 lists in (code points), which lets
-    `pipeline.source` pair images with labels from two such streams.
+    `pipeline.io.source` pair images with labels from two such streams.
     """
     fs, root = open_fs(uri, storage_options)
     stats = stats if stats is not None else StoreStats()

@@ -1,5 +1,5 @@
 """Objects from query models: instance and panoptic post-processing, and merging the instances of
-overlapping sliding windows into whole-image objects (their COCO RLE: pipeline.coco_codec).
+overlapping sliding windows into whole-image objects (their COCO RLE: pipeline.io.coco_codec).
 
 Pure torch / numpy: no Ray, no I/O. Read top to bottom:
   results             `Instances` (one image or window), `PanopticSegments`, `ImageObject` (a box
@@ -45,7 +45,7 @@ every window it touches, each time cut (or whole, in the windows that contain it
   scores low, and the window that saw most of the object should decide; unlike the max, the mean
   does not rise with the number of windows that happened to see the object.
 Memory: pieces are kept as a box and the mask inside it, never as image-size bitmaps, and windows
-arrive in raster order (all windows of a row of windows, then the next row, as pipeline.tiling
+arrive in raster order (all windows of a row of windows, then the next row, as pipeline.predict.tiling
 plans them): when a window starting at row y arrives, no later window reaches above y, so every
 object whose windows all end at or above y is final and leaves the merger. What it holds is the
 pieces of the last two rows of windows (rows overlap), whatever the image's height; a merged object's
@@ -125,7 +125,7 @@ class PanopticSegments:
 @dataclass
 class ImageObject:
     """One object in full-image pixels: its box (COCO x, y, w, h) and its mask within the box
-    (h x w bool). `pipeline.coco_codec.encode_rle(obj.mask, size=(H, W), offset=(y, x))` gives its COCO RLE in the image
+    (h x w bool). `pipeline.io.coco_codec.encode_rle(obj.mask, size=(H, W), offset=(y, x))` gives its COCO RLE in the image
     without building an image-size bitmap."""
 
     class_id: int

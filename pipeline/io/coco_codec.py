@@ -5,8 +5,8 @@
   RLE            `encode_rle`, `decode_rle`, `rle_area`, `rle_bbox`: pycocotools' run-length encoding
   segmentations  `annotation_mask` (RLE or polygons), `polygon_mask` (pycocotools' rleFrPoly, bit for bit)
 
-A leaf: numpy only, no I/O. The metrics (pipeline.panoptic_metrics), the label files
-(pipeline.coco_labels), the object tasks (pipeline.objects, pipeline.predictor), the decoder and
+A leaf: numpy only, no I/O. The metrics (pipeline.metrics.panoptic), the label files
+(pipeline.metrics.coco_labels), the object tasks (pipeline.predict.objects, pipeline.predict.predictor), the decoder and
 export share it.
 """
 

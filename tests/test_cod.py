@@ -1,4 +1,4 @@
-"""pipeline.cod_metrics: camouflaged-object metrics, per image and streamed, against PySODMetrics."""
+"""pipeline.metrics.cod: camouflaged-object metrics, per image and streamed, against PySODMetrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from helpers import pysodmetrics_reference
 from scipy.ndimage import gaussian_filter
 
-from pipeline.cod_metrics import CONVENTIONS, KEYS, CodAccumulator, CodImageStats, cod_image_stats
+from pipeline.metrics.cod import CONVENTIONS, KEYS, CodAccumulator, CodImageStats, cod_image_stats
 
 py_sod_metrics = pytest.importorskip("py_sod_metrics")
 
