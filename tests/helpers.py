@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
+import os
+import signal
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -397,3 +401,13 @@ def tiny_detr_config(num_labels: int = 6, **overrides):
         num_labels=num_labels,
     )
     return DetrConfig(**{**kwargs, **overrides})
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of the session `sid` (a run or a `ray start`, and all it started: its
+    local Ray, their workers): what a lost machine does, and nothing else on the machine."""
+    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout.split()
+    for pid, session in zip(listing[::2], listing[1::2]):
+        if int(session) == sid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import job_config, labeled_folder, read_run_table, store_rows, tiny_checkpoint, write_yaml
+from helpers import job_config, kill_session, labeled_folder, read_run_table, store_rows, tiny_checkpoint, write_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,16 +28,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of the session `sid`: a `ray start` and all it started (its daemons,
-    their workers), and nothing else on the machine."""
-    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout.split()
-    for pid, session in zip(listing[::2], listing[1::2]):
-        if int(session) == sid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ import pytest
 from helpers import (
     file_bytes,
     job_config,
+    kill_session,
     labeled_folder,
     read_run_table,
     strict_json_load,
@@ -270,16 +270,6 @@ def test_ctrl_c_and_sigterm_end_cleanly_count_what_was_committed_and_the_rerun_c
     assert summary["images"] == summary["throughput"]["images"] == 24
     info = strict_json_load(run_dir / "run.json")
     assert [a["counts"]["processed"] for a in info["attempts"]] == [images_of_attempt(run_dir, a) for a in (1, 2, 3)]
-
-
-def kill_session(sid: int) -> None:
-    """SIGKILL every process of the session `sid` (the run and the local Ray it started): what a
-    lost machine does to a run, and nothing else on the machine."""
-    listing = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout.split()
-    for pid, session in zip(listing[::2], listing[1::2]):
-        if int(session) == sid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tmp_path, checkpoint):
