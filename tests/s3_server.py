@@ -198,6 +198,11 @@ class _FlakyFile:
     def tell(self):
         return self.inner.tell()
 
+    # what pyarrow asks of a Python file it reads Parquet from
+    @property
+    def closed(self):
+        return self.inner.closed
+
     def close(self):
         self.inner.close()
 

@@ -14,7 +14,7 @@ from jobs.cli import main
 from models import build_model, save_native
 from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 from pipeline.predict.tiling import Foreground, TilingSettings, labels_and_probability, segment_images
-from pipeline.results.masks import read_mask
+from pipeline.results.runstore import read_mask
 
 KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
 

@@ -19,9 +19,9 @@ from PIL import Image
 
 from jobs.cli import main
 from pipeline.analysis.export import export_run
-from pipeline.results.masks import ChunkedMaskWriter, encode_chunks, read_mask
+from pipeline.results.masks import ChunkedMaskWriter, encode_chunks
 from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema
-from pipeline.results.runstore import RunStore
+from pipeline.results.runstore import RunStore, read_mask
 from pipeline.rows import MaskChunk
 
 # pycocotools' decode under numpy 2 (its own code, not ours)

@@ -20,10 +20,9 @@ from pipeline.results.masks import (
     decode_png,
     encode_chunks,
     quantize_probability,
-    read_mask,
 )
 from pipeline.results.run_tables import part_name
-from pipeline.results.runstore import RunStore
+from pipeline.results.runstore import RunStore, read_mask
 from pipeline.results.sink import part_tables
 from pipeline.rows import Prediction
 

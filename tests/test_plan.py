@@ -361,7 +361,7 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
     from pipeline.io.coco_codec import id_to_rgb
-    from pipeline.results.masks import read_mask
+    from pipeline.results.runstore import read_mask
 
     panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0}}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)

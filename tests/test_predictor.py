@@ -26,7 +26,8 @@ from pipeline.io.tiff import StreamError
 from pipeline.metrics.semantic import class_areas
 from pipeline.predict.predictor import AREA_ROWS, ModelScorer, finish_image, limit_heap_growth, segment_tiff
 from pipeline.predict.tiling import TilingSettings, TTAScoreFn, segment_images, with_tta
-from pipeline.results.masks import assemble_mask, decode_png, quantize_probability, read_mask
+from pipeline.results.masks import assemble_mask, decode_png, quantize_probability
+from pipeline.results.runstore import read_mask
 from pipeline.rows import StreamSource
 from pipeline.telemetry import StageClock
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
+from pipeline.results.masks import encode_chunks
 from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
 from pipeline.results.runstore import (
     LOST_AFTER_SECONDS,
@@ -20,11 +22,13 @@ from pipeline.results.runstore import (
     config_changes,
     job_runs,
     job_summary,
+    read_mask,
     run_identity,
     run_status,
     strict_json,
 )
-from pipeline.rows import IdSet
+from pipeline.results.sink import part_tables
+from pipeline.rows import IdSet, Prediction
 
 
 def tables(ids: list[str], failed: list[str] = (), attempt: int = 1):
@@ -268,3 +272,28 @@ def test_a_runs_store_opens_alike_from_its_job_config_and_from_its_uri(tmp_path)
     of_job, at = RunStore.of_job(cfg), RunStore.at(str(tmp_path / "runs" / "r7") + "/")
     assert (of_job.uri, of_job.root, of_job.run_id) == (at.uri, at.root, at.run_id) == (f"{tmp_path}/runs/r7", f"{tmp_path}/runs/r7", "r7")
     assert RunStore.at("memory://r8").run_id == "r8"  # a run at the store's root
+
+
+def commit_mask(store: RunStore, name: str, image_id: str, labels: np.ndarray, attempt: int) -> None:
+    rows = [Prediction(0, image_id, *labels.shape, encode_chunks(labels, None, None, num_classes=3))]
+    store.write_part(name, *part_tables(rows, binary=False, attempt=attempt))
+
+
+def test_mask_of_reads_committed_parts_only_an_images_latest_result_through_retries(tmp_path):
+    store = RunStore(str(tmp_path), {}, "r")
+    first, rerun, unfinished = (np.full((4, 5), value, np.uint8) for value in (0, 1, 2))
+    commit_mask(store, part_name(1, 0, 0), "a.png", first, attempt=1)
+    commit_mask(store, part_name(2, 0, 0), "a.png", rerun, attempt=2)  # a later attempt's result for the same image
+    # an interrupted attempt 3: its masks file never moved from its hidden temporary name, so the part is not committed
+    masks, _, _ = part_tables([Prediction(0, "a.png", 4, 5, encode_chunks(unfinished, None, None, num_classes=3))], binary=False, attempt=3)
+    pq.write_table(masks, tmp_path / "r" / "masks" / f".tmp-0123-{part_name(3, 0, 0)}.parquet")
+    np.testing.assert_array_equal(store.mask_of("a.png"), rerun)
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "r"), "a.png"), rerun)
+    with pytest.raises(KeyError, match="b.png"):
+        store.mask_of("b.png")
+    # every open of the latest part fails once (a connection reset): the store retries it
+    flaky = {"target_protocol": "file", "match": f"masks/{part_name(2, 0, 0)}", "fail_opens": 1, "run": str(tmp_path)}
+    flaky_store = RunStore.at(f"flaky://{tmp_path}/r", flaky)
+    np.testing.assert_array_equal(flaky_store.mask_of("a.png"), rerun)
+    assert flaky_store.fs.injected == 1
+    np.testing.assert_array_equal(read_mask(f"flaky://{tmp_path}/r", "a.png", storage_options={**flaky, "run": "again"}), rerun)

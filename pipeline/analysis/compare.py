@@ -54,7 +54,7 @@ from pipeline.io.storage import open_fs, read_bytes, with_retries
 from pipeline.metrics.cod import KEYS as COD_KEYS
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
 from pipeline.metrics.semantic import ClassAreas, LabelReading, LabelReadingError, summarize
-from pipeline.results.masks import assemble_mask, read_mask
+from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import AREAS, CHUNK_FIELDS, MASKS, METRICS
 from pipeline.results.runstore import RunStore
 from pipeline.rows import IdSet
@@ -173,32 +173,6 @@ class ImageTable:
         )
 
 
-def _metric_parts(store: RunStore) -> list[tuple[str, str]]:
-    """(part, path) of each committed metrics file, in part order."""
-    out = []
-    for part in sorted(store.committed_parts()):
-        path = store.path(METRICS, part + ".parquet")
-        if store.fs.exists(path):
-            out.append((part, path))
-    return out
-
-
-def _read_parquet(store: RunStore, path: str, columns: list[str] | None = None) -> pa.Table:
-    def read() -> pa.Table:
-        with store.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    return with_retries(read, what="read", uri=path)
-
-
-def _schema(store: RunStore, path: str) -> pa.Schema:
-    def read() -> pa.Schema:
-        with store.fs.open(path, "rb") as f:
-            return pq.read_schema(f)
-
-    return with_retries(read, what="read", uri=path)
-
-
 def _matrix(column: pa.ChunkedArray | pa.Array, rows: int, width: int) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -214,10 +188,10 @@ def read_image_table(run: Run) -> ImageTable:
     cods: list[np.ndarray] = []
     where: list[tuple[str, int]] = []
     any_cod = False
-    for part, path in _metric_parts(run.store):
-        names = set(_schema(run.store, path).names)
+    for part in run.store.parts_of(METRICS):
+        names = set(run.store.part_schema(METRICS, part).names)
         wanted = ["image_id", *AREAS] + [n for n in (*CodImageStats.SCALARS, *CodImageStats.CURVES) if n in names]
-        table = _read_parquet(run.store, path, wanted)
+        table = run.store.read_part(METRICS, part, wanted)
         n = table.num_rows
         if not n:
             continue
@@ -274,7 +248,7 @@ def cod_values(run: Run, table: ImageTable) -> dict[str, float]:
     accumulator = CodAccumulator()
     columns = [*CodImageStats.SCALARS, *CodImageStats.CURVES]
     for part, rows in sorted(by_part.items()):
-        part_table = _read_parquet(run.store, run.store.path(METRICS, part + ".parquet"), columns).take(pa.array(sorted(rows)))
+        part_table = run.store.read_part(METRICS, part, columns).take(pa.array(sorted(rows)))
         values = {name: part_table.column(name).to_pylist() for name in columns}
         for i in range(part_table.num_rows):
             if values["sm"][i] is None:
@@ -394,8 +368,7 @@ class _PartCache:
 
     def image(self, part: str, image_id: str) -> np.ndarray:
         if part != self.part:
-            path = self.run.store.path(MASKS, part + ".parquet")
-            self.table = _read_parquet(self.run.store, path, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
+            self.table = self.run.store.read_part(MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
             self.rows = {}
             for i, image in enumerate(self.table.column("image_id").to_pylist()):
                 self.rows.setdefault(image, []).append(i)
@@ -404,13 +377,8 @@ class _PartCache:
 
 
 def mask_parts(run: Run) -> dict[str, str]:
-    """image_id -> the committed part holding its mask."""
-    out: dict[str, str] = {}
-    for part in sorted(run.store.committed_parts()):
-        ids = _read_parquet(run.store, run.store.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id").to_pylist()
-        for image_id in ids:
-            out[image_id] = part
-    return out
+    """image_id -> the latest committed part holding its mask (the run store's view)."""
+    return run.store.mask_parts()
 
 
 @dataclass
@@ -1317,7 +1285,7 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
             per_image[(r["run_id"], r["image_id"])] = r["mIoU"]
     missing_photo = False
     for fraction, image_id in mp.top:
-        masks = [read_mask(r.uri, image_id, storage_options=storage_options) for r in result.runs]
+        masks = [r.store.mask_of(image_id) for r in result.runs]
         shape = masks[0].shape
         try:
             photo = read_photo(src, image_id, storage_options)

@@ -40,8 +40,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.extras import require
 from pipeline.io.coco_codec import encode_rle, id_to_rgb
@@ -114,35 +112,6 @@ def open_run(uri: str, storage_options: dict) -> Run:
     return Run(uri.rstrip("/"), store, info, str(task), names)
 
 
-def read_part(store: RunStore, kind: str, part: str, columns: list[str] | None = None) -> pa.Table:
-    path = store.path(kind, part + ".parquet")
-
-    def read() -> pa.Table:
-        with store.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    return with_retries(read, what="read", uri=f"{store.uri}/{kind}/{part}.parquet")
-
-
-def latest_rows(store: RunStore, kind: str, columns: list[str] | None = None) -> pa.Table | None:
-    """The rows of table `kind`, each image's from the latest committed part that holds it (an
-    image has several rows there: its instances, segments or chunks); sorted by image_id, then in
-    part order. None when no committed part has the table."""
-    tables = []
-    for i, part in enumerate(store.parts_of(kind)):
-        table = read_part(store, kind, part, columns)
-        tables.append(table.append_column("_part", pa.array(np.full(table.num_rows, i, np.int32))))
-    if not tables:
-        return None
-    table = pa.concat_tables(tables, promote_options="default")
-    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-    last = table.group_by("image_id").aggregate([("_part", "max")])
-    # each row's image's latest part (no join: Arrow joins refuse list columns such as bbox)
-    latest = last.column("_part_max").take(pc.index_in(table.column("image_id"), value_set=last.column("image_id")))
-    table = table.filter(pc.equal(table.column("_part"), latest))
-    return table.sort_by([("image_id", "ascending"), ("_row", "ascending")]).drop_columns(["_part", "_row"])
-
-
 @dataclass
 class ImageMask:
     """One image's masks rows (PNG bytes, chunked or not), not decoded yet."""
@@ -161,17 +130,14 @@ def image_masks(store: RunStore) -> Iterator[ImageMask]:
     """Every committed image's mask rows, one image at a time, reading one masks part at a time
     (each image from the latest part that holds it)."""
     parts = store.parts_of(MASKS)
-    latest: dict[str, int] = {}  # image_id -> index of its latest part
-    for i, part in enumerate(parts):
-        for image_id in read_part(store, MASKS, part, ["image_id"]).column("image_id").to_pylist():
-            latest[image_id] = i
+    index = {part: i for i, part in enumerate(parts)}
     wanted: dict[int, list[str]] = {}
-    for image_id, i in latest.items():
-        wanted.setdefault(i, []).append(image_id)
+    for image_id, part in store.mask_parts().items():
+        wanted.setdefault(index[part], []).append(image_id)
     for i, part in enumerate(parts):
         if i not in wanted:
             continue
-        table = read_part(store, MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
+        table = store.read_part(MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
         rows_of: dict[str, list[int]] = {}
         for row, image_id in enumerate(table.column("image_id").to_pylist()):
             rows_of.setdefault(image_id, []).append(row)
@@ -448,7 +414,7 @@ def _coco_semantic(run: Run, dest: Destination, result: ExportResult, max_pixels
 def _coco_instances(run: Run, dest: Destination, result: ExportResult) -> None:
     """coco.json (images, categories) and coco_results.json: one result per row of `instances/`."""
     sizes = {image.image_id: (image.height, image.width) for image in _mask_sizes(run.store)}
-    table = latest_rows(run.store, INSTANCES)
+    table = run.store.latest_rows(INSTANCES)
     rows = table.to_pylist() if table is not None else []
     for r in rows:
         sizes.setdefault(r["image_id"], (int(r["height"]), int(r["width"])))
@@ -470,7 +436,7 @@ def _coco_instances(run: Run, dest: Destination, result: ExportResult) -> None:
 
 def _mask_sizes(store: RunStore) -> list[ImageMask]:
     """Every committed image with its size, without its mask bytes."""
-    table = latest_rows(store, MASKS, ["image_id", "height", "width"])
+    table = store.latest_rows(MASKS, ["image_id", "height", "width"])
     if table is None:
         return []
     table = table.group_by("image_id").aggregate([("height", "max"), ("width", "max")])
@@ -481,7 +447,7 @@ def _coco_panoptic(run: Run, dest: Destination, result: ExportResult, max_pixels
     """panoptic.json and panoptic/<name>.png: the segment-id maps as RGB, `segments/` as segments_info."""
     from PIL import Image
 
-    table = latest_rows(run.store, SEGMENTS)
+    table = run.store.latest_rows(SEGMENTS)
     segments: dict[str, list[dict]] = {}
     for r in table.to_pylist() if table is not None else []:
         segments.setdefault(r["image_id"], []).append(r)

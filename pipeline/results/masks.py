@@ -7,8 +7,9 @@ holds a gigapixel PNG. Smaller images have one row with the chunk fields 0, 0, h
 schema for both. `height` and `width` are the full image's size in every row. All chunks of an
 image travel in one Prediction and are written to the same part, so an image is committed whole or
 not at all. `ChunkedMaskWriter` PNG-encodes chunks from row bands as they arrive (a streamed image
-never exists whole, not even as labels); `assemble_mask` / `read_mask` put a mask back together for
-a reader, `decode_png` reads one cell.
+never exists whole, not even as labels); `assemble_mask` puts a mask back together from its rows,
+`decode_png` reads one cell. Reading the rows (committed parts only, an image's latest result) is the
+run store's: pipeline.results.runstore's `RunStore.mask_of` and `read_mask`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.io.storage import open_fs
-from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
+from pipeline.results.run_tables import CHUNK_FIELDS
 from pipeline.rows import MaskChunk
 
 # --------------------------------------------------------------------------- chunked masks
@@ -237,19 +235,3 @@ def assemble_mask(rows: pa.Table | Iterable[dict], column: str = "mask") -> np.n
         raise ValueError(f"{rows[0]['image_id']}: chunks cover {covered} of {height * width} pixels")
     assert out is not None
     return out
-
-
-def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", storage_options: dict | None = None) -> np.ndarray:
-    """One image's mask from a run directory (any fsspec URI) or a masks table; see `assemble_mask`."""
-    if isinstance(run_dir, pa.Table):
-        table = run_dir.filter(pc.equal(run_dir.column("image_id"), image_id))
-    else:
-        fs, root = open_fs(run_dir, storage_options)
-        tables = []
-        for path in sorted(fs.glob(f"{root.rstrip('/')}/{MASKS}/*.parquet")):
-            with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, filters=[("image_id", "=", image_id)]))
-        table = pa.concat_tables(tables) if tables else None
-    if table is None or table.num_rows == 0:
-        raise KeyError(f"no mask for {image_id!r}")
-    return assemble_mask(table, column)

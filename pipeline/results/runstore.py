@@ -19,6 +19,11 @@ Records. run.json keeps the run's identity (what decides its results: see `run_i
 config and one record per attempt; summary.json counts the whole run. Both are strict JSON (NaN is
 written as null), readable by any JSON parser.
 
+Reading. Every reader of results (read_mask, compare, export, summaries, --incremental) reads them
+here, through pipeline.io.storage's retries: the committed rows of a table (`read_table`,
+`latest_rows`: each image's from the latest part that holds it), one part (`read_part`), the mask of
+an image (`mask_of`: its latest committed result, assembled by pipeline.results.masks' codec).
+
 The tables' names, their Parquet schemas and the parts' names are pipeline.results.run_tables', shared
 with the mask codec, the writer and the readers.
 """
@@ -50,6 +55,7 @@ from pipeline.metrics.cod import CONVENTIONS as COD_CONVENTIONS
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
 from pipeline.metrics.panoptic import CategoryCounts, PanopticQuality
 from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
+from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import (
     AREAS,
     ERRORS,
@@ -224,6 +230,69 @@ class RunStore:
             tables.append(table.select(columns) if columns else table)
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
+    def read_part(self, kind: str, part: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+        """One part's file of table `kind` (`columns`, rows matching `filters`), retried on transient errors."""
+        path = self.path(kind, part + ".parquet")
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns, filters=filters)
+
+        return with_retries(read, what="read", uri=f"{self.uri}/{kind}/{part}.parquet")
+
+    def part_schema(self, kind: str, part: str) -> pa.Schema:
+        """The Parquet schema of one part's file of table `kind`, retried on transient errors."""
+        path = self.path(kind, part + ".parquet")
+
+        def read() -> pa.Schema:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_schema(f)
+
+        return with_retries(read, what="read", uri=f"{self.uri}/{kind}/{part}.parquet")
+
+    def latest_rows(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
+        """The committed rows of table `kind`, each image's from the latest committed part that holds
+        it (an image has several rows there: its instances, segments or chunks); sorted by image_id,
+        then in part order. None when no committed part has the table."""
+        tables = []
+        for i, part in enumerate(self.parts_of(kind)):
+            table = self.read_part(kind, part, columns)
+            tables.append(table.append_column("_part", pa.array(np.full(table.num_rows, i, np.int32))))
+        if not tables:
+            return None
+        table = pa.concat_tables(tables, promote_options="default")
+        table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+        last = table.group_by("image_id").aggregate([("_part", "max")])
+        # each row's image's latest part (no join: Arrow joins refuse list columns such as bbox)
+        latest = last.column("_part_max").take(pc.index_in(table.column("image_id"), value_set=last.column("image_id")))
+        table = table.filter(pc.equal(table.column("_part"), latest))
+        return table.sort_by([("image_id", "ascending"), ("_row", "ascending")]).drop_columns(["_part", "_row"])
+
+    def mask_parts(self) -> dict[str, str]:
+        """image_id -> the latest committed part holding its mask (a rerun's result supersedes an earlier one)."""
+        out: dict[str, str] = {}
+        for part in self.parts_of(MASKS):
+            for image_id in self.read_part(MASKS, part, ["image_id"]).column("image_id").to_pylist():
+                out[image_id] = part
+        return out
+
+    def mask_rows(self, image_id: str) -> pa.Table | None:
+        """One image's masks rows (all its chunks) from the latest committed part that holds it; None
+        when no committed part does. Parts are read latest first, each filtered to the image."""
+        for part in reversed(self.parts_of(MASKS)):
+            rows = self.read_part(MASKS, part, filters=[("image_id", "=", image_id)])
+            if rows.num_rows:
+                return rows
+        return None
+
+    def mask_of(self, image_id: str, column: str = "mask") -> np.ndarray:
+        """One image's whole mask (column "mask") or quantized probability ("probability"), from its
+        latest committed part (see `mask_rows`, pipeline.results.masks.assemble_mask); KeyError when none holds it."""
+        rows = self.mask_rows(image_id)
+        if rows is None:
+            raise KeyError(f"no mask for {image_id!r}")
+        return assemble_mask(rows, column)
+
     def latest_errors(self) -> pa.Table | None:
         """One row per failed image: its latest error (highest attempt), images segmented later left out."""
         errors = self.read_table(ERRORS)
@@ -320,6 +389,17 @@ class RunStore:
         """summary.json's counts and metrics, from what the run directory holds (every attempt)."""
         outcomes = outcomes or self.outcomes()
         return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names)
+
+
+def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", storage_options: dict | None = None) -> np.ndarray:
+    """One image's mask from a run directory (any fsspec URI: its latest committed result, see
+    `RunStore.mask_of`) or from a masks table; see pipeline.results.masks.assemble_mask."""
+    if isinstance(run_dir, pa.Table):
+        table = run_dir.filter(pc.equal(run_dir.column("image_id"), image_id))
+        if table.num_rows == 0:
+            raise KeyError(f"no mask for {image_id!r}")
+        return assemble_mask(table, column)
+    return RunStore.at(run_dir, storage_options).mask_of(image_id, column)
 
 
 def latest_metrics(metrics: list[pa.Table | None]) -> pa.Table | None:
