@@ -37,6 +37,7 @@ from pipeline.predict.predictor import DIE_ON, Predictor
 from pipeline.results.run_tables import INSTANCES
 from pipeline.results.runstore import (
     HEARTBEAT_SECONDS,
+    AttemptReport,
     RunRecord,
     RunStore,
     check_job_identity,
@@ -433,6 +434,22 @@ class PreparedJob:
     def labels(self) -> dict:
         return labels_report(self.cfg, self.listing.listed, self.listing.with_label)
 
+    def report(self, outcome: Execution | None = None) -> AttemptReport:
+        """What run.json records of this attempt: the job's counts, and `outcome`'s once the plan runs."""
+        report = AttemptReport(self.listed, self.done, self.retried, self.to_do, self.model_info, self.labels, self.list_stats)
+        if outcome is None:
+            return report
+        return dataclasses.replace(
+            report,
+            message=outcome.message,
+            seconds=outcome.seconds,
+            processed=outcome.processed,
+            failed=outcome.failed,
+            actors=outcome.actors,
+            stages=outcome.stages,
+            store=outcome.store,
+        )
+
 
 def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool = False) -> PreparedJob:
     if incremental and not cfg.job:
@@ -586,7 +603,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
     result.actors = vars(actor_plan)
-    job.record.write(job, "running")
+    job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
     if cfg.input.format != "images":
@@ -603,7 +620,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     stop_watch = threading.Event()
 
     def heartbeat() -> None:  # run.json says how far the attempt got, should it be killed outright
-        job.record.write(job, "running", dataclasses.replace(result, seconds=time.time() - started))
+        job.record.write(job.report(dataclasses.replace(result, seconds=time.time() - started)), "running")
 
     watcher = threading.Thread(target=_report_streams, args=(monitor, stop_watch, progress, heartbeat), daemon=True)
     watcher.start()
@@ -785,7 +802,7 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
             outcome.message = (
                 f"{summary['errors']} of {total} images failed ({error_fraction:.1%} > max_error_fraction {cfg.max_error_fraction:.1%})"
             )
-    job.record.write(job, outcome.status, outcome, summary)
+    job.record.write(job.report(outcome), outcome.status, summary)
     return RunResult(cfg.run_id, job.store.uri, outcome.status, summary, outcome.message, outcome.signum)
 
 

@@ -12,10 +12,12 @@ import pytest
 from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
+from pipeline.io.storage import StoreStats
 from pipeline.results.masks import encode_chunks
 from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
 from pipeline.results.runstore import (
     LOST_AFTER_SECONDS,
+    AttemptReport,
     RunRecord,
     RunStore,
     check_job_identity,
@@ -178,6 +180,27 @@ def test_an_attempt_found_running_is_lost_and_counted_by_what_its_parts_hold(tmp
     throughput = record.throughput(1, 3.0, 5.0)
     assert throughput["throughput"]["images"] == 7 and throughput["throughput"]["seconds"] == 15.0
     assert throughput["this_attempt"]["images"] == 1 and "start-up" in throughput["throughput"]["startup"]
+
+
+def test_an_attempts_record_in_run_json_is_what_the_plan_reports(tmp_path):
+    cfg = load_config({"run_id": "r", "input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "output": {"uri": str(tmp_path)}})
+    store = RunStore(str(tmp_path), {}, "r")
+    record = RunRecord.load(store, cfg, run_identity(cfg, "segformer-b0", 150, "abc"))
+    listing = StoreStats(list_calls=2)
+    record.write(AttemptReport(7, 2, 1, 4, {"name": "segformer-b0"}, {"configured": False}, listing), "running")
+    assert store.read_json("run.json")["attempts"][-1]["counts"]["processed"] == 0  # nothing run yet
+    ran = AttemptReport(
+        7, 2, 1, 4, {"name": "segformer-b0"}, {"configured": False}, listing, "ok", 2.5, 3, 1, {"actors": 1}, None, {"list_calls": 5}
+    )
+    record.write(ran, "succeeded")
+    written = store.read_json("run.json")
+    attempt = written["attempts"][-1]
+    assert attempt["counts"] == {"listed": 7, "done_earlier": 2, "retried": 1, "to_do": 4, "processed": 3, "failed": 1}
+    assert (attempt["status"], attempt["message"], attempt["seconds"], attempt["actors"]) == ("succeeded", "ok", 2.5, {"actors": 1})
+    assert attempt["store"]["list_calls"] == 7  # the listing's requests and the plan's
+    assert (
+        written["model"] == {"name": "segformer-b0"} and written["labels"] == {"configured": False} and written["counts"] == {"listed": 7}
+    )
 
 
 def test_a_run_running_without_a_heartbeat_for_long_is_lost():

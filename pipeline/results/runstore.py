@@ -601,6 +601,28 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclass
+class AttemptReport:
+    """What run.json records of one attempt, as the plan (pipeline.plan) knows it: the listing's
+    counts, the model and the labels found, and once the plan runs, its outcome so far (the
+    defaults: nothing run yet)."""
+
+    listed: int  # images listed (so far, while a listing in batches goes on)
+    done: int  # segmented (or failed and not retried) by earlier attempts
+    retried: int  # failed earlier and tried again
+    to_do: int
+    model_info: dict
+    labels: dict  # see labels_report
+    list_stats: StoreStats  # the listing's store requests
+    message: str = ""
+    seconds: float = 0.0  # the plan's, from its start (actors' start-up included)
+    processed: int = 0  # images committed (segmented or failed)
+    failed: int = 0
+    actors: dict | None = None
+    stages: dict | None = None  # seconds per stage, summed over the processes that ran it
+    store: dict | None = None  # the plan's store requests (StoreStats' fields)
+
+
 class RunRecord:
     """run.json across attempts: the run's identity and first config, and one record per attempt.
 
@@ -678,45 +700,44 @@ class RunRecord:
             },
         }
 
-    def write(self, job: Any, status: str, outcome: Any = None, summary: dict | None = None) -> None:
-        """run.json with this attempt's record as it stands (job: pipeline.plan's PreparedJob,
-        outcome: its Execution, so far while the attempt runs: a heartbeat)."""
+    def write(self, report: AttemptReport, status: str, summary: dict | None = None) -> None:
+        """run.json with this attempt's record as it stands (so far while the attempt runs: a heartbeat)."""
         with self._lock:
             if self._final:
                 return
             self._final = status != "running"
-            self._write(job, status, outcome, summary)
+            self._write(report, status, summary)
 
-    def _write(self, job: Any, status: str, outcome: Any, summary: dict | None) -> None:
+    def _write(self, report: AttemptReport, status: str, summary: dict | None) -> None:
         config = public_config(self.cfg)
         first_config = self.previous.get("config", config)
-        stats = StoreStats().add(job.list_stats)
-        if outcome is not None and outcome.store:
-            stats.add(StoreStats(**outcome.store))
+        stats = StoreStats().add(report.list_stats)
+        if report.store:
+            stats.add(StoreStats(**report.store))
         now = time.time()
         record = {
             "attempt": self.attempt,
             "started": _iso(self.started),
             "ended": None if status == "running" else _iso(now),
             "status": status,
-            "message": outcome.message if outcome else "",
+            "message": report.message,
             # the plan's seconds: from its start (actors' start-up included) to the attempt's end
-            "seconds": round(outcome.seconds, 3) if outcome else 0.0,
+            "seconds": round(report.seconds, 3),
             "wall_seconds": round(now - self.started, 3),  # from the attempt's start: Ray's start-up included
             "counts": {
-                "listed": job.listed,
-                "done_earlier": job.done,
-                "retried": job.retried,
-                "to_do": job.to_do,
-                "processed": outcome.processed if outcome else 0,  # images its committed parts hold
-                "failed": outcome.failed if outcome else 0,
+                "listed": report.listed,
+                "done_earlier": report.done,
+                "retried": report.retried,
+                "to_do": report.to_do,
+                "processed": report.processed,  # images its committed parts hold
+                "failed": report.failed,
             },
             "counted": COUNTED_FROM_PARTS if status != "running" else "so far",
             "config_changes": config_changes(first_config, config),
             "incremental": self.incremental,
-            "actors": outcome.actors if outcome else None,
+            "actors": report.actors,
             # seconds in each stage summed over the processes that ran it, beside the attempt's wall time
-            "stages": outcome.stages if outcome else None,
+            "stages": report.stages,
             "store": stats.as_dict(),
             "versions": package_versions(),
         }
@@ -724,7 +745,7 @@ class RunRecord:
             record["heartbeat"] = _iso(now)
         if self.identity_changes:
             record["identity_changes"] = self.identity_changes  # of a run that had committed nothing
-        counts = {"listed": job.listed}
+        counts = {"listed": report.listed}
         if summary:
             counts.update(segmented=summary["images"], errors=summary["errors"], labeled=summary["labeled_images"])
         self.store.write_json(
@@ -736,8 +757,8 @@ class RunRecord:
                 "message": record["message"],
                 "identity": self.identity,
                 "config": first_config,
-                "model": job.model_info,
-                "labels": job.labels,
+                "model": report.model_info,
+                "labels": report.labels,
                 "metrics": metrics_record(self.cfg, summary),
                 "versions": record["versions"],  # of the latest attempt; each attempt keeps its own
                 "started": self.previous.get("started", record["started"]),
