@@ -1,14 +1,16 @@
 """The Ray Data plan: the one place that wires the stages of a job.
 
-    list units (driver: keys only)           pipeline.io.source  reader_for(cfg).list_units
+    list units (driver: keys only)     pipeline.io.source  reader_for(cfg).iter_units, in batches (Listing)
       -> read + decode   (CPU tasks)       pipeline.io.source  read_and_decode (pipeline.io.decode)
       -> predict         (actor pool)      pipeline.predict.predictor  Predictor (tiling, model, stitching, masks, areas)
       -> write parts     (one actor)       pipeline.results.sink  PartWriter (commits through pipeline.results.runstore)
     driver: progress from the small rows the writer returns; summary.json from the written parts.
 
-`run_job` is prepare -> execute -> finish. Everything that can be found wrong before the first image
-is segmented (config, input and labels locations, model, checkpoint, a rerun that would change the
-run's results) is raised by `prepare_job` before anything is written.
+`run_job` is prepare -> execute -> finish, inside `stop_signals` (Ctrl-C and SIGTERM). Everything
+that can be found wrong before the first image is segmented (config, input and labels locations, an
+input with no image, model, checkpoint, metrics that do not fit the model, a rerun or an
+--incremental night that would change results) is raised by `prepare_job` before anything is
+written. An archive larger than input.listing_batch runs as one Ray Data plan per batch.
 """
 
 from __future__ import annotations

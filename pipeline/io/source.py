@@ -1,8 +1,9 @@
-"""Where images come from: one reader per input format, each with the same three operations.
+"""Where images come from: one reader per input format, each with the same operations.
 
-    list_units(stats)        the driver's listing: units of keys, never bytes
+    iter_units(stats)        the driver's listing, streamed: units of keys, never bytes
+    list_units(stats)        the same, as a list
     read_unit(unit, stats)   a read task's samples: bytes as read (or a TIFF to stream), or an error
-    drop_done(unit, done)    the unit without the ids earlier attempts committed
+    drop_done(units, done)   the units without the ids earlier attempts committed
 
 `reader_for(cfg)` picks the reader from `input.format`, which the config resolves once (auto: tar or
 parquet when the uri names such a file, else image files). Image folders are here; tar shards and
