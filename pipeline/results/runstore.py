@@ -155,15 +155,19 @@ class RunStore:
         """Images the parts of one attempt hold: (processed, failed), each image once (a mask cut
         into chunks may span parts). Read from the parts, so it holds for an attempt that was
         interrupted or killed outright as for one that finished."""
-        parts = [p for p in self.committed_parts() if part_attempt(p) == attempt]
+        masks, errors = self._id_columns(sorted(p for p in self.committed_parts() if part_attempt(p) == attempt))
+        segmented = IdSet(pa.chunked_array(masks, pa.string()))
+        failed = IdSet(pa.chunked_array(errors, pa.string())).minus(segmented)
+        return len(segmented) + len(failed), len(failed)
+
+    def _id_columns(self, parts: list[str]) -> tuple[list[pa.Array], list[pa.Array]]:
+        """The image_id columns of these committed parts: of their masks files, of their errors files."""
         masks, errors = [], []
         for part in parts:
             masks.append(self._read(self.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id"))
             if self.fs.exists(self.path(ERRORS, part + ".parquet")):
                 errors.append(self._read(self.path(ERRORS, part + ".parquet"), ["image_id"]).column("image_id"))
-        segmented = IdSet(pa.chunked_array(masks, pa.string()))
-        failed = IdSet(pa.chunked_array(errors, pa.string())).minus(segmented)
-        return len(segmented) + len(failed), len(failed)
+        return masks, errors
 
     def discard_uncommitted(self) -> None:
         """Remove what an interrupted attempt left: parts without a masks file, temporary files."""
@@ -191,10 +195,9 @@ class RunStore:
                 failed.append(index.column("image_id").filter(pc.invert(is_segmented)))
             else:
                 covered = set()
-        for part in sorted(committed - covered):
-            segmented.append(self._read(self.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id"))
-            if self.fs.exists(self.path(ERRORS, part + ".parquet")):
-                failed.append(self._read(self.path(ERRORS, part + ".parquet"), ["image_id"]).column("image_id"))
+        masks, errors = self._id_columns(sorted(committed - covered))
+        segmented += masks
+        failed += errors
         done = IdSet(pa.chunked_array(segmented, pa.string()))
         return Outcomes(done, IdSet(pa.chunked_array(failed, pa.string())).minus(done), committed)
 
