@@ -49,6 +49,15 @@ T = TypeVar("T")
 # Opening and listing
 
 
+def _url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for `uri`; a store whose package is missing (gs:// without gcsfs,
+    ...) is one line, exit 2 (pipeline.extras)."""
+    try:
+        return fsspec.core.url_to_fs(uri, **copy.deepcopy(storage_options or {}))
+    except ImportError as exc:
+        raise store_package_missing(uri, exc) from None
+
+
 def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem of `uri` and the path of `uri` inside it, without a trailing slash.
 
@@ -56,10 +65,7 @@ def open_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     (`max_attempts: 1` becomes `total_max_attempts: 2, mode: legacy`), which would change the
     config that run.json records and the key of fsspec's instance cache.
     """
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **copy.deepcopy(storage_options or {}))
-    except ImportError as exc:  # gs:// without gcsfs, ...: one line, exit 2 (pipeline.extras)
-        raise store_package_missing(uri, exc) from None
+    fs, path = _url_to_fs(uri, storage_options)
     return fs, path.rstrip("/") or path
 
 
@@ -72,10 +78,7 @@ def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 def is_local(uri: str) -> bool:
     """A path on this machine's own file system (a plain path or file://)."""
-    try:
-        return "file" in _protocols(fsspec.core.url_to_fs(uri)[0])
-    except ImportError as exc:
-        raise store_package_missing(uri, exc) from None
+    return "file" in _protocols(_url_to_fs(uri)[0])
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
