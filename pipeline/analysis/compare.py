@@ -890,14 +890,12 @@ code { background: #f4f6f8; padding: 1px 4px; border-radius: 3px; }
 
 
 def _pyplot():
-    """matplotlib's pyplot on the Agg backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
+    """matplotlib's pyplot on the Agg backend (the `report` extra: compare_runs requires it first)."""
+    import matplotlib
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
     plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100})
     return plt
 
@@ -1067,7 +1065,7 @@ def _section_per_class(result: Comparison, colors: dict[str, str], plt) -> str:
     rows = result.comparison.to_pylist()
     names = rows[0]["class_names"] if rows else []
     parts = ["<section id='per-class-iou'><h2>IoU per class</h2>"]
-    if plt is not None and names:
+    if names:
         c, k = len(names), len(rows)
         fig, ax = plt.subplots(figsize=(min(16, max(7, 0.28 * c * k + 2)), 3.8))
         width = 0.8 / k
@@ -1106,38 +1104,37 @@ def _section_pairs(result: Comparison, plt) -> str:
         parts.append(f"<p class='note'>No pairwise differences: {why}.</p></section>")
         return "\n".join(parts)
     metrics = list(dict.fromkeys(p["metric"] for p in pairs))
-    if plt is not None:
-        labels = list(dict.fromkeys(f"{p['run_a']} − {p['run_b']}" for p in pairs))
-        fig, axes = plt.subplots(len(metrics), 1, figsize=(8.5, sum(0.5 + 0.42 * len(labels) for _ in metrics) + 0.6), squeeze=False)
-        for ax, metric in zip(axes[:, 0], metrics):
-            rows = [p for p in pairs if p["metric"] == metric]
-            scale = 1.0 if metric in COD_KEYS else 100.0
-            for y, p in enumerate(rows):
-                if not all(_isnum(p[k]) for k in ("difference", "ci_low", "ci_high")):
-                    continue
-                d, lo, hi = (scale * p[k] for k in ("difference", "ci_low", "ci_high"))
-                color = "#6e7781"  # the interval holds 0
-                if _excludes_zero(p):
-                    color = "#1a7f37" if (p["ci_low"] > 0) != (metric in LOWER_IS_BETTER) else "#c62828"
-                ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4, markersize=6, lw=2)
-            ax.axvline(0, color="#1d232b", lw=0.8, ls="--")
-            ax.set_yticks(range(len(rows)), [f"{p['run_a']} − {p['run_b']}" for p in rows])
-            ax.set_ylim(-0.6, len(rows) - 0.4)
-            ax.invert_yaxis()
-            ax.set_title(f"{metric}{_unit(metric)}", loc="left", fontsize=10, fontweight="bold")
-            ax.grid(axis="x", color="#e3e7ec")
-            ax.set_axisbelow(True)
-            lo_all = [scale * p["ci_low"] for p in rows if _isnum(p["ci_low"])] + [0.0]
-            hi_all = [scale * p["ci_high"] for p in rows if _isnum(p["ci_high"])] + [0.0]
-            span = max(max(hi_all) - min(lo_all), 1e-3 * scale)
-            ax.set_xlim(min(lo_all) - 0.12 * span, max(hi_all) + 0.12 * span)
-        axes[-1, 0].set_xlabel("difference A − B with its 95% interval")
-        fig.tight_layout()
-        parts.append(f"<img class='chart' alt='forest plot of the differences between runs' src='{_figure_uri(plt, fig)}'>")
-        parts.append(
-            "<ul class='legend'><li>" + _swatch("#1a7f37") + "A better: the interval excludes 0</li><li>" + _swatch("#c62828")
-            + "A worse: the interval excludes 0</li><li>" + _swatch("#6e7781") + "the interval holds 0: no clear difference</li></ul>"
-        )  # fmt: skip
+    labels = list(dict.fromkeys(f"{p['run_a']} − {p['run_b']}" for p in pairs))
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(8.5, sum(0.5 + 0.42 * len(labels) for _ in metrics) + 0.6), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics):
+        rows = [p for p in pairs if p["metric"] == metric]
+        scale = 1.0 if metric in COD_KEYS else 100.0
+        for y, p in enumerate(rows):
+            if not all(_isnum(p[k]) for k in ("difference", "ci_low", "ci_high")):
+                continue
+            d, lo, hi = (scale * p[k] for k in ("difference", "ci_low", "ci_high"))
+            color = "#6e7781"  # the interval holds 0
+            if _excludes_zero(p):
+                color = "#1a7f37" if (p["ci_low"] > 0) != (metric in LOWER_IS_BETTER) else "#c62828"
+            ax.errorbar([d], [y], xerr=[[d - lo], [hi - d]], fmt="o", color=color, capsize=4, markersize=6, lw=2)
+        ax.axvline(0, color="#1d232b", lw=0.8, ls="--")
+        ax.set_yticks(range(len(rows)), [f"{p['run_a']} − {p['run_b']}" for p in rows])
+        ax.set_ylim(-0.6, len(rows) - 0.4)
+        ax.invert_yaxis()
+        ax.set_title(f"{metric}{_unit(metric)}", loc="left", fontsize=10, fontweight="bold")
+        ax.grid(axis="x", color="#e3e7ec")
+        ax.set_axisbelow(True)
+        lo_all = [scale * p["ci_low"] for p in rows if _isnum(p["ci_low"])] + [0.0]
+        hi_all = [scale * p["ci_high"] for p in rows if _isnum(p["ci_high"])] + [0.0]
+        span = max(max(hi_all) - min(lo_all), 1e-3 * scale)
+        ax.set_xlim(min(lo_all) - 0.12 * span, max(hi_all) + 0.12 * span)
+    axes[-1, 0].set_xlabel("difference A − B with its 95% interval")
+    fig.tight_layout()
+    parts.append(f"<img class='chart' alt='forest plot of the differences between runs' src='{_figure_uri(plt, fig)}'>")
+    parts.append(
+        "<ul class='legend'><li>" + _swatch("#1a7f37") + "A better: the interval excludes 0</li><li>" + _swatch("#c62828")
+        + "A worse: the interval excludes 0</li><li>" + _swatch("#6e7781") + "the interval holds 0: no clear difference</li></ul>"
+    )  # fmt: skip
     head = "".join(f"<th>{h}</th>" for h in ("Pair (A − B)", "Metric", "A", "B", "A − B", "95% interval", "Images"))
     body = []
     for p in pairs:
@@ -1170,38 +1167,37 @@ def _section_confusion(result: Comparison, plt) -> str:
         return "\n".join(parts)
     names = result.runs[0].class_names
     c, k = len(names), len(result.runs)
-    if plt is not None:
-        cols = min(k, 3)
-        rows_n = math.ceil(k / cols)
-        side = min(6.0, max(3.4, 0.32 * c + 2.2))
-        fig, axes = plt.subplots(rows_n, cols, figsize=(side * cols + 1.0, side * rows_n), squeeze=False, layout="constrained")
-        image = None
-        for idx, ax in enumerate(axes.ravel()):
-            if idx >= k:
-                ax.axis("off")
-                continue
-            counts = mp.confusion[idx].astype(np.float64)
-            totals = counts.sum(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                share = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
-            image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-            ax.set_title(result.runs[idx].label, fontsize=10, fontweight="bold")
-            ax.set_xticks(range(c), names, rotation=45 if c > 4 else 0, ha="right" if c > 4 else "center", fontsize=8 if c > 12 else 9)
-            ax.set_yticks(range(c), names, fontsize=8 if c > 12 else 9)
-            ax.set_xlabel("predicted")
-            if idx % cols == 0:
-                ax.set_ylabel("label")
-            ax.spines[:].set_visible(False)
-            if c <= 12:
-                for i in range(c):
-                    for j in range(c):
-                        if not np.isnan(share[i, j]):
-                            ax.text(j, i, f"{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=8,
-                                    color="white" if share[i, j] > 0.55 else "#1d232b")  # fmt: skip
-        if image is not None:
-            bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
-            bar.set_label("share of the label's pixels")
-        parts.append(f"<img class='chart' alt='confusion matrices' src='{_figure_uri(plt, fig)}'>")
+    cols = min(k, 3)
+    rows_n = math.ceil(k / cols)
+    side = min(6.0, max(3.4, 0.32 * c + 2.2))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(side * cols + 1.0, side * rows_n), squeeze=False, layout="constrained")
+    image = None
+    for idx, ax in enumerate(axes.ravel()):
+        if idx >= k:
+            ax.axis("off")
+            continue
+        counts = mp.confusion[idx].astype(np.float64)
+        totals = counts.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
+        image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        ax.set_title(result.runs[idx].label, fontsize=10, fontweight="bold")
+        ax.set_xticks(range(c), names, rotation=45 if c > 4 else 0, ha="right" if c > 4 else "center", fontsize=8 if c > 12 else 9)
+        ax.set_yticks(range(c), names, fontsize=8 if c > 12 else 9)
+        ax.set_xlabel("predicted")
+        if idx % cols == 0:
+            ax.set_ylabel("label")
+        ax.spines[:].set_visible(False)
+        if c <= 12:
+            for i in range(c):
+                for j in range(c):
+                    if not np.isnan(share[i, j]):
+                        ax.text(j, i, f"{100 * share[i, j]:.0f}%", ha="center", va="center", fontsize=8,
+                                color="white" if share[i, j] > 0.55 else "#1d232b")  # fmt: skip
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8)
+        bar.set_label("share of the label's pixels")
+    parts.append(f"<img class='chart' alt='confusion matrices' src='{_figure_uri(plt, fig)}'>")
     parts.append(
         f"<p class='caption'>Pixels of {mp.confusion_images} labeled images, labels read from "
         f"<code>{_esc(result.sources.labels and next(iter(result.sources.labels.values())).rsplit('/', 1)[0])}</code> "
@@ -1217,25 +1213,24 @@ def _section_speed(result: Comparison, colors: dict[str, str], plt) -> str:
     if not rows:
         parts.append("<p class='note'>No run has both a speed and an mIoU.</p></section>")
         return "\n".join(parts)
-    if plt is not None:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for r in rows:
-            ax.scatter([r["images_per_second"]], [100 * r["mIoU"]], s=90, color=colors[r["run_id"]], zorder=3, edgecolor="white")
-            ax.annotate(r["run_id"], (r["images_per_second"], 100 * r["mIoU"]), textcoords="offset points", xytext=(8, 6), fontsize=9)
-        xs = [r["images_per_second"] for r in rows]
-        if min(xs) > 0 and max(xs) / min(xs) > 20:
-            ax.set_xscale("log")
-        ys = [100 * r["mIoU"] for r in rows]
-        pad_y = max(2.0, 0.2 * (max(ys) - min(ys)))
-        ax.set_ylim(max(0, min(ys) - pad_y), min(100, max(ys) + pad_y))
-        pad_x = max(0.05, 0.25 * (max(xs) - min(xs)))
-        if ax.get_xscale() == "linear":
-            ax.set_xlim(max(0, min(xs) - pad_x), max(xs) + pad_x)
-        ax.set_xlabel("images per second (all attempts)")
-        ax.set_ylabel("mIoU (%)")
-        ax.grid(color="#e3e7ec")
-        ax.set_axisbelow(True)
-        parts.append(f"<img class='chart' alt='images per second against mIoU' src='{_figure_uri(plt, fig)}'>")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for r in rows:
+        ax.scatter([r["images_per_second"]], [100 * r["mIoU"]], s=90, color=colors[r["run_id"]], zorder=3, edgecolor="white")
+        ax.annotate(r["run_id"], (r["images_per_second"], 100 * r["mIoU"]), textcoords="offset points", xytext=(8, 6), fontsize=9)
+    xs = [r["images_per_second"] for r in rows]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    ys = [100 * r["mIoU"] for r in rows]
+    pad_y = max(2.0, 0.2 * (max(ys) - min(ys)))
+    ax.set_ylim(max(0, min(ys) - pad_y), min(100, max(ys) + pad_y))
+    pad_x = max(0.05, 0.25 * (max(xs) - min(xs)))
+    if ax.get_xscale() == "linear":
+        ax.set_xlim(max(0, min(xs) - pad_x), max(xs) + pad_x)
+    ax.set_xlabel("images per second (all attempts)")
+    ax.set_ylabel("mIoU (%)")
+    ax.grid(color="#e3e7ec")
+    ax.set_axisbelow(True)
+    parts.append(f"<img class='chart' alt='images per second against mIoU' src='{_figure_uri(plt, fig)}'>")
     parts.append(
         "<p class='caption'>Up and to the right is better. Speed is each run's own throughput (summary.json), so it depends "
         "on the machine and settings of that run (batch size, actors, GPUs).</p></section>"
