@@ -20,7 +20,12 @@ from pathlib import Path
 from pipeline.config import ConfigError
 from pipeline.extras import MissingPackageError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def exit_interrupted(signum: int) -> int:
+    """The exit code of a run stopped by a signal, as a shell reports one: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # pipeline.plan.Stopped carries the signal: Ctrl-C or SIGTERM
         signum = getattr(exc, "signum", signal.SIGINT)
         print(f"segpipe: interrupted ({signal.Signals(signum).name}) before anything was written", file=sys.stderr)
-        return 128 + signum
+        return exit_interrupted(signum)
     except OSError as exc:  # an unreachable store while setting up: nothing was segmented
         return _fail(exc, EXIT_USAGE)
     return EXIT_USAGE
@@ -232,7 +237,7 @@ def _run(cfg, retry_errors: bool = True, incremental: bool = False, verbose: boo
         print(format_summary(result.summary, result.run_dir))
         if result.status == "interrupted":
             print(f"segpipe: {result.message}", file=sys.stderr)
-            return 128 + (result.signum or signal.SIGINT)
+            return exit_interrupted(result.signum or signal.SIGINT)
         if result.status != "succeeded":
             print(f"segpipe: run failed: {result.message}", file=sys.stderr)
             return EXIT_FAILED
