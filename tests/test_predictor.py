@@ -1,6 +1,6 @@
 """pipeline.predict.predictor: the one loop every image takes (`finish_image`), TIFFs segmented window by
 window (`segment_tiff`), the actor's settings through `segpipe run` (streamed images, test-time
-augmentation), and an 18000 x 2000 TIFF through the job in bounded memory (12000 x 12000: benchmarks/huge_tiff.py)."""
+augmentation), and a 36000 x 2000 TIFF through the job in bounded memory (12000 x 12000: benchmarks/huge_tiff.py)."""
 
 from __future__ import annotations
 
@@ -238,10 +238,11 @@ def test_config_tta_reaches_every_image_through_segpipe_run(ray_session, tmp_pat
 
 # The short image comes first in the same job: the actor's peak when it opens the tall one is the
 # peak of a 1000-row image (two rows of windows, as many as the stitcher's band holds); whatever
-# the remaining 17000 rows add shows as growth beyond it. 18000 x 2000 is tall enough for a whole
-# decode (or its scores) to show clearly against what streaming holds, which grows with the width
-# only, and varies by 25-50 MB from run to run (a 9000-row image left too little margin). The 12000 x 12000 measurement is benchmarks/huge_tiff.py's.
-HUGE, SHORT = (18000, 2000), (1000, 2000)  # (height, width): the same width, 18x the rows
+# the remaining 35000 rows add shows as growth beyond it. 36000 x 2000 is tall enough for a whole
+# decode (216 MB, or its scores) to show clearly against what streaming holds, which grows with the
+# width only but varies from run to run: 25-50 MB mostly, 118 and 160 MB seen (an 18000-row image,
+# 108 MB decoded, left too little margin). The 12000 x 12000 measurement is benchmarks/huge_tiff.py's.
+HUGE, SHORT = (36000, 2000), (1000, 2000)  # (height, width): the same width, 36x the rows
 CLASSES = 4
 WINDOW = 500  # divides both sides: windows do not overlap, so a crop on the window grid is computed alone
 IGNORED_ROWS = 7
@@ -342,9 +343,9 @@ MEASURE = textwrap.dedent('''
 
 
 def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
-    """An 18000 x 2000 RGB TIFF (108 MB decoded, 576 MB of float32 scores for 4 classes) with its
+    """A 36000 x 2000 RGB TIFF (216 MB decoded, 1.15 GB of float32 scores for 4 classes) with its
     label, through `run_job` in a subprocess: the predictor actor's peak barely moves between a
-    1000-row image of the same width and the 17000 rows more of the tall one, and the chunked mask
+    1000-row image of the same width and the 35000 rows more of the tall one, and the chunked mask
     reassembles and matches a direct computation on a crop."""
     started = time.time()
     images, labels = tmp_path / "images", tmp_path / "labels"
@@ -384,9 +385,9 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     print("\nmeasured:", {k: f"{v / 2**20:.0f} MB" if k.endswith("peak") or k.endswith("marker") else v for k, v in measured.items()})
     assert measured["status"] == "succeeded", measured["message"]
 
-    decoded_image = HUGE[0] * HUGE[1] * 3  # 108 MB
-    # 17000 more rows cost little (here 25-50 MB, whatever the height); decoding the image whole
-    # would add 102 MB for those rows, and its scores (576 MB of float32) 544 MB more
+    decoded_image = HUGE[0] * HUGE[1] * 3  # 216 MB
+    # 35000 more rows cost little (25-50 MB mostly, whatever the height); decoding the image whole
+    # would add 210 MB for those rows, and its scores (1.15 GB of float32) 1.1 GB more
     assert measured["actor_peak_at_marker"] > 0, "the watcher never saw the actor open the huge image"
     growth = measured["actor_peak"] - measured["actor_peak_at_marker"]
     assert growth < decoded_image, f"the actor's peak grew by {growth / 2**20:.0f} MB with the image's height"
@@ -395,7 +396,7 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     run = tmp_path / "runs" / "huge"
     table = read_run_table(run, "masks")
     huge_rows = table.filter(pa.compute.equal(table.column("image_id"), "1-huge.tif"))
-    assert huge_rows.num_rows == 36  # 18 x 2 chunks of at most 1024 x 1024
+    assert huge_rows.num_rows == 72  # 36 x 2 chunks of at most 1024 x 1024
     assert max(len(cell) for cell in huge_rows.column("mask").to_pylist()) < 2**20
     mask = assemble_mask(huge_rows, "mask")
     assert mask.shape == HUGE
