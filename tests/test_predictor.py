@@ -236,13 +236,15 @@ def test_config_tta_reaches_every_image_through_segpipe_run(ray_session, tmp_pat
 
 # --------------------------------------------------------------------------- a large TIFF in bounded memory
 
-# The short image comes first in the same job: the actor's peak when it opens the tall one is the
-# peak of a 1000-row image (two rows of windows, as many as the stitcher's band holds); whatever
-# the remaining 35000 rows add shows as growth beyond it. 36000 x 2000 is tall enough for a whole
-# decode (216 MB, or its scores) to show clearly against what streaming holds, which grows with the
-# width only but varies from run to run: 25-50 MB mostly, 118 and 160 MB seen (an 18000-row image,
-# 108 MB decoded, left too little margin). The 12000 x 12000 measurement is benchmarks/huge_tiff.py's.
-HUGE, SHORT = (36000, 2000), (1000, 2000)  # (height, width): the same width, 36x the rows
+# The short image comes first in the same job: the actor's memory when it opens the tall one is
+# that of a 1000-row image (two rows of windows, as many as the stitcher's band holds); whatever the
+# remaining 71000 rows add shows as growth beyond it. Two measures: the bytes its heap holds in use
+# (glibc's mallinfo2, sampled every 5 ms: numpy's arrays and torch's tensors, exact enough that a
+# whole-image plane of one byte a pixel shows: growth 1-3 MB, 69 MB when the mask's rows were
+# kept), and the kernel's peak RSS (VmHWM, the whole image's scores would show) which also counts
+# the heap's free fragments: their high-water mark wanders from run to run, 5-130 MB here, 206 MB
+# once in CI with batches twice as large. The 12000 x 12000 measurement is benchmarks/huge_tiff.py's.
+HUGE, SHORT = (72000, 1000), (1000, 1000)  # (height, width): the same width, 72x the rows
 CLASSES = 4
 WINDOW = 500  # divides both sides: windows do not overlap, so a crop on the window grid is computed alone
 IGNORED_ROWS = 7
@@ -258,15 +260,63 @@ def scene_label(y0: int, x0: int, height: int, width: int) -> np.ndarray:
 
 MEASURE = textwrap.dedent('''
     """Run one job in a local Ray, watching the peak RSS (VmHWM) of every process it starts, and the
-    predictor actor's peak at the moment it opens the file named by argv[2]."""
+    predictor actor's peak at the moment it opens the file named by argv[2]; the actor's heap in use
+    (its peak, and its peak when it opened that file) comes from a worker hook through folder argv[3]."""
     import json, os, resource, sys, threading, time
     import ray
+
+    def trace_allocations(marker=sys.argv[2], folder=sys.argv[3]):
+        """A worker's setup hook: once the worker is the predictor actor, the peak of the bytes its
+        heap holds in use (glibc's mallinfo2: numpy's arrays and torch's tensors, not the free
+        fragments that RSS also counts), and that peak when it opened `marker`."""
+        import ctypes, json, os, threading, time
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        mallinfo2.restype = MallInfo2
+
+        def in_use():
+            info = mallinfo2()
+            return info.uordblks + info.hblkhd  # allocated from the heaps, and mmapped blocks
+
+        def has_open(path):
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    if os.readlink(f"/proc/self/fd/{fd}") == path:
+                        return True
+                except OSError:  # closed since listed
+                    pass
+            return False
+
+        def report():
+            while True:
+                with open("/proc/self/cmdline", "rb") as f:
+                    if b"Predictor" in f.read():
+                        break
+                time.sleep(0.05)
+            peak = at_marker = 0
+            while True:
+                for _ in range(10):
+                    peak = max(peak, in_use())
+                    time.sleep(0.005)
+                if not at_marker and has_open(marker):
+                    at_marker = peak
+                with open(f"{folder}/{os.getpid()}.tmp", "w") as f:
+                    json.dump({"peak": peak, "at_marker": at_marker}, f)
+                os.replace(f"{folder}/{os.getpid()}.tmp", f"{folder}/{os.getpid()}.json")
+
+        threading.Thread(target=report, daemon=True).start()
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=256 * 2**20)
+             configure_logging=False, object_store_memory=256 * 2**20,
+             runtime_env={"worker_process_setup_hook": trace_allocations})
     from pipeline.config import load_config
     from pipeline.plan import run_job
 
-    config, marker = json.loads(sys.argv[1]), sys.argv[2]
+    config, marker, heap_reports = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 
     def status(pid):
         try:
@@ -332,10 +382,14 @@ MEASURE = textwrap.dedent('''
     watcher.join()
     workers = {pid: peak for pid, peak in peaks.items() if names[pid].startswith("ray::")}
     actors = [pid for pid in workers if "Predictor" in names[pid]]
+    time.sleep(0.2)  # the hooks' last reports
+    heaps = {pid: json.load(open(f"{heap_reports}/{pid}.json")) for pid in actors if os.path.exists(f"{heap_reports}/{pid}.json")}
     print("RESULTS " + json.dumps({
         "status": result.status, "message": result.message, "seconds": round(elapsed, 1),
         "worker_peak": max(workers.values()), "actor_peak": max(workers[pid] for pid in actors) if actors else 0,
         "actor_peak_at_marker": max(at_marker.values()) if at_marker else 0,
+        "actor_in_use_peak": max([t["peak"] for t in heaps.values()] or [0]),
+        "actor_in_use_at_marker": max([t["at_marker"] for t in heaps.values()] or [0]),
         "other_workers_peak": max([peak for pid, peak in workers.items() if pid not in actors] or [0]),
         "driver_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }))
@@ -343,10 +397,11 @@ MEASURE = textwrap.dedent('''
 
 
 def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
-    """A 36000 x 2000 RGB TIFF (216 MB decoded, 1.15 GB of float32 scores for 4 classes) with its
-    label, through `run_job` in a subprocess: the predictor actor's peak barely moves between a
-    1000-row image of the same width and the 35000 rows more of the tall one, and the chunked mask
-    reassembles and matches a direct computation on a crop."""
+    """A 72000 x 1000 RGB TIFF (216 MB decoded, 1.15 GB of float32 scores for 4 classes) with its
+    label, through `run_job` in a subprocess: the predictor actor's heap in use barely moves between
+    a 1000-row image of the same width and the 71000 rows more of the tall one, its peak RSS far less
+    than the image's scores, and the chunked mask reassembles and matches a direct computation on a
+    crop."""
     started = time.time()
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()
@@ -361,17 +416,21 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
         checkpoint,
         labels=labels,
         run_id="huge",
-        input={"stream_above_pixels": 500_000},  # both streamed: the short one has 2 M pixels
-        # 4 windows a batch: the short image's row of windows fills a batch, as every row of the tall one does
-        inference={"window": [WINDOW, WINDOW], "stride": [WINDOW, WINDOW], "batch_size": 4},
+        input={"stream_above_pixels": 500_000},  # both streamed: the short one has 1 M pixels
+        # a row of windows a batch, in the short image as in the tall one; a narrow image in small
+        # batches keeps the RSS's noise low: 36000 x 2000 in batches of 4 windows saw 12-206 MB of
+        # growth, these pixels in batches of 2 (outside Ray) 5-22 MB
+        inference={"window": [WINDOW, WINDOW], "stride": [WINDOW, WINDOW], "batch_size": 2},
         output={"chunk_size": 1024},
     )
     script = tmp_path / "measure.py"
     script.write_text(MEASURE)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
     written = time.time()
+    heap_reports = tmp_path / "heap"
+    heap_reports.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(script), json.dumps(config), str(images / "1-huge.tif")],
+        [sys.executable, str(script), json.dumps(config), str(images / "1-huge.tif"), str(heap_reports)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -382,27 +441,32 @@ def test_huge_tiff_is_segmented_in_bounded_memory(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = json.loads(lines[-1][len("RESULTS ") :])
-    print("\nmeasured:", {k: f"{v / 2**20:.0f} MB" if k.endswith("peak") or k.endswith("marker") else v for k, v in measured.items()})
+    print("\nmeasured:", {k: f"{v / 2**20:.0f} MB" if k.endswith(("peak", "marker")) else v for k, v in measured.items()})
     assert measured["status"] == "succeeded", measured["message"]
 
-    decoded_image = HUGE[0] * HUGE[1] * 3  # 216 MB
-    # 35000 more rows cost little (25-50 MB mostly, whatever the height); decoding the image whole
-    # would add 210 MB for those rows, and its scores (1.15 GB of float32) 1.1 GB more
+    plane = HUGE[0] * HUGE[1]  # 72 MB: the whole image at one byte a pixel (its mask, its label)
+    scores = plane * CLASSES * 4  # 1.15 GB: its scores in float32
     assert measured["actor_peak_at_marker"] > 0, "the watcher never saw the actor open the huge image"
+    assert measured["actor_in_use_at_marker"] > 0, "the actor's heap was never sampled with the huge image open"
+    # the heap in use for 71000 more rows: a few MB; any whole-image array (its pixels decoded, its
+    # mask or label held before chunking) is a plane or more
+    in_use_growth = measured["actor_in_use_peak"] - measured["actor_in_use_at_marker"]
+    assert in_use_growth < plane / 4, f"the actor's heap in use grew by {in_use_growth / 2**20:.0f} MB with the image's height"
+    # the peak RSS: the heap's free fragments wander, the image's scores would be 1.15 GB
     growth = measured["actor_peak"] - measured["actor_peak_at_marker"]
-    assert growth < decoded_image, f"the actor's peak grew by {growth / 2**20:.0f} MB with the image's height"
+    assert growth < scores / 3, f"the actor's peak grew by {growth / 2**20:.0f} MB with the image's height"
     assert measured["other_workers_peak"] < measured["actor_peak"]  # the read tasks only read headers
 
     run = tmp_path / "runs" / "huge"
     table = read_run_table(run, "masks")
     huge_rows = table.filter(pa.compute.equal(table.column("image_id"), "1-huge.tif"))
-    assert huge_rows.num_rows == 72  # 36 x 2 chunks of at most 1024 x 1024
+    assert huge_rows.num_rows == 71  # 71 x 1 chunks of at most 1024 x 1024
     assert max(len(cell) for cell in huge_rows.column("mask").to_pylist()) < 2**20
     mask = assemble_mask(huge_rows, "mask")
     assert mask.shape == HUGE
 
     # a crop on the window grid, computed directly with the same model and windows
-    y0, x0, size = 4500, 1000, 1000
+    y0, x0, size = 4500, 0, 1000
     settings = TilingSettings(window=(WINDOW, WINDOW), stride=(WINDOW, WINDOW), batch_size=8)
     direct = segment_images(cpu_scorer(checkpoint), [scene_pixels(y0, x0, size, size)], settings)[0]
     assert (mask[y0 : y0 + size, x0 : x0 + size] == direct.labels).mean() >= 0.999
