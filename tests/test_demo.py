@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ from jobs.cli import main
 from jobs.demo import CAMOUFLAGE_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
+# what Ray's loggers and its core worker print: `2026-01-01 10:00:00,123\tINFO file.py:12 -- ...`,
+# `[2026-01-01 10:00:00,123 E 123 123] core_worker.cc:...`, and its notices
+RAY_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d|core_worker|streaming_executor|Token authentication|ray\.data|raylet")
 COD_KEYS = ("Sm", "Em_mean", "Em_max", "Em_adp", "wFm", "Fm_mean", "Fm_max", "Fm_adp", "MAE")
 
 
@@ -53,15 +59,24 @@ def readme_commands() -> list[list[str]]:
 
 
 def test_every_readme_example_runs_as_written_after_make_demo(ray_session, tmp_path, monkeypatch, capsys):
-    """As from a fresh clone: `make demo` (`segpipe demo --out ./demo-out`), then each README line,
-    from the repository root (here a copy of it: configs/ and jobs/ linked)."""
+    """As from a fresh clone: `make demo` (the `segpipe demo --out ./demo-out` program, its own local
+    Ray: our lines on the terminal and none of Ray's, which go to the run's log), then each README
+    line, from the repository root (here a copy of it: configs/ and jobs/ linked)."""
     for name in ("configs", "jobs"):  # configs/demo.yaml names jobs/assets/demo-segformer.safetensors
         (tmp_path / name).symlink_to(ROOT / name)
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--out", "./demo-out"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("SEGPIPE_VERBOSE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "demo", "--out", "./demo-out"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
     assert any(line.startswith("aAcc") and "mIoU" in line for line in lines), lines
     assert not any(line.startswith("Sm ") for line in lines) and not (tmp_path / "demo-out" / "camouflage-archive").exists()
+    assert [line for line in lines if RAY_LINE.search(line)] == []
+    log = (tmp_path / "demo-out" / "runs" / "demo" / "logs" / "attempt-0001.log").read_text()
+    assert "streaming_executor" in log or "ray" in log.lower()  # Ray's lines went to the run's log
 
     commands = readme_commands()
     assert {argv[0] for argv in commands} == {"run", "summary", "compare", "export", "convert", "models"}, commands
