@@ -94,6 +94,15 @@ def _run_monitor_class():
             self.total = StoreStats()
             self.streams: dict[str, tuple[int, int]] = {}
             self.stages = dict.fromkeys(STAGES, 0.0)
+            self.batch_sizes: dict[str, int] = {}
+
+        def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
+            """Windows per forward an actor came down to (out of memory), by window size: the least of any actor."""
+            for window, size in sizes.items():
+                self.batch_sizes[window] = min(size, self.batch_sizes.get(window, size))
+
+        def lowered_batch_sizes(self) -> dict[str, int]:
+            return dict(self.batch_sizes)
 
         def add_store_stats(self, stats: dict) -> None:
             self.total.add(StoreStats(**stats))
@@ -682,7 +691,8 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     actor_plan = size_actors(cfg, nodes)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
-    result.actors = vars(actor_plan)
+    # the pool as planned, and the batch sizes its actors came down to where they ran out of memory
+    result.actors = {**vars(actor_plan), "lowered_batch_sizes": {}}
     job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
@@ -729,6 +739,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
         try:
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
+            result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
             ray.kill(monitor)
         except Exception:
             result.store = None

@@ -183,6 +183,8 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
     assert all(stages[k] > 0 for k in ("read", "decode", "forward", "stitch", "encode", "write")), stages
     assert set(stages) == set(STAGES) and stages["transfer"] < stages["forward"], stages  # no device to copy to on a CPU
+    actors = info["attempts"][0]["actors"]  # the pool as planned; no actor ran out of memory
+    assert actors["actors"] == 1 and actors["min_actors"] is None and actors["lowered_batch_sizes"] == {}
 
     # resume: the same run_id again writes nothing new and counts every image once
     parts = sorted(p.name for p in (run / "masks").iterdir())

@@ -17,6 +17,7 @@ from torch import nn
 
 import pipeline.predict.tiling as tiling
 from pipeline.predict.tiling import (
+    BatchSizes,
     BilinearFormula,
     BilinearRows,
     Segmentation,
@@ -392,6 +393,46 @@ def test_windows_of_several_images_in_one_batch_equal_one_image_at_a_time():
     one_by_one = [segment_images(score_fn, [image], one_at_a_time)[0] for image in images]
     for a, b in zip(batched, one_by_one):
         np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def out_of_memory_above(score_fn, most: int, calls: list[int]):
+    """A stand-in for a device's memory: score_fn, raising torch.OutOfMemoryError (what CUDA's is a
+    subclass of) for a batch of more than `most` windows; the size of every call into `calls`."""
+
+    def scored(windows: torch.Tensor) -> torch.Tensor:
+        calls.append(len(windows))
+        if len(windows) > most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {len(windows)} windows")
+        return score_fn(windows)
+
+    return scored
+
+
+def test_a_batch_out_of_memory_is_halved_rerun_and_its_size_remembered_for_the_window_size():
+    """Before, the OutOfMemoryError left segment_images (the actor then retried image by image, each
+    at the same batch size: every image an errors row)."""
+    score_fn = conv_score_fn(num_classes=4, seed=5)
+    images = [random_image(50, 40, 21), random_image(33, 60, 22), random_image(70, 30, 23)]
+    settings = TilingSettings(window=(24, 24), stride=(16, 16), batch_size=8)
+    expected = segment_images(score_fn, images, TilingSettings(window=(24, 24), stride=(16, 16), batch_size=1))
+    calls: list[int] = []
+    sizes = BatchSizes(settings.batch_size)
+    result = segment_images(out_of_memory_above(score_fn, 2, calls), images, settings, sizes)
+    for a, b in zip(result, expected):
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert sizes.lowered == {(24, 24): 2} and sizes.of((48, 48)) == 8  # another window size keeps its own
+    assert calls[:3] == [8, 4, 2] and set(calls[3:]) == {2}  # halved twice, then never tried above 2 again
+    windows = sum(len(plan_windows(*image.shape[:2], (24, 24), (16, 16))) for image in images)
+    assert sum(n for n in calls if n <= 2) == windows  # every window scored once
+    calls.clear()  # the remembered size holds for the next images (the actor's next batch)
+    streamed = list(
+        segment_streaming(
+            out_of_memory_above(score_fn, 2, calls), lambda y, x, h, w: images[0][y : y + h, x : x + w], 50, 40, settings, sizes
+        )
+    )
+    assert set(calls) == {2} and np.array_equal(np.concatenate([labels for _, labels, _ in streamed]), expected[0].labels)
+    with pytest.raises(torch.OutOfMemoryError):  # one window that does not fit is the image's error
+        segment_images(out_of_memory_above(score_fn, 0, []), images[:1], settings, BatchSizes(8))
 
 
 def test_binary_probability_is_softmax_of_blended_scores():

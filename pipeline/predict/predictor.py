@@ -33,7 +33,7 @@ from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
 from pipeline.predict.job_model import check_task, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
-from pipeline.predict.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.predict.tiling import BatchSizes, TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.telemetry import RunMetrics, StageClock
@@ -230,6 +230,10 @@ class Predictor:
         self.settings = TilingSettings.from_config(
             inference, binary=binary, positive_class=self.positive_class, score_kind=model.score_kind
         )
+        # windows per forward by window size: halved where a batch runs out of device memory, for the
+        # actor's life; what it came down to goes to the run monitor (run.json's actors.lowered_batch_sizes)
+        self.batch_sizes = BatchSizes(inference.batch_size)
+        self.reported_sizes: dict[tuple[int, int], int] = {}
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -242,6 +246,13 @@ class Predictor:
             inside = sum(self.clock.seconds[k] - before[k] for k in ("transfer", "forward", "encode"))
             self.clock.add("stitch", max(time.perf_counter() - started - inside, 0.0))
             self.clock.send(self.monitor)
+            self._report_batch_sizes()
+
+    def _report_batch_sizes(self) -> None:
+        """Batch sizes lowered since the last report, to the run monitor (fire and forget)."""
+        if self.monitor is not None and self.batch_sizes.lowered != self.reported_sizes:
+            self.monitor.lower_batch_sizes.remote({f"{h}x{w}": n for (h, w), n in self.batch_sizes.lowered.items()})
+        self.reported_sizes = dict(self.batch_sizes.lowered)
 
     def _predict_batch(self, batch: dict[str, np.ndarray], started: float) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
@@ -262,13 +273,14 @@ class Predictor:
     def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
         """The semantic task for the images at `in_memory` (held in memory), batched together, into `out`."""
         try:
-            segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
+            segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings, self.batch_sizes)
         except Exception:
-            # one image may break the batch (e.g. out of memory): retry one at a time to isolate it
+            # one image may break the batch (out of memory at one window a batch, a bad pixel array):
+            # retry one at a time to isolate it
             segs = []
             for i in in_memory:
                 try:
-                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings))
+                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes))
                 except Exception as exc:
                     segs.append(exc)
         for i, seg in zip(in_memory, segs):
@@ -329,7 +341,7 @@ class Predictor:
         panoptic task: the segment-id map as the mask, its segments beside it."""
         pixels, label = image.image, image.label
         if self.objects.task == "panoptic":
-            segments = find_segments(self.query_fn, pixels, self.settings, self.objects)
+            segments = find_segments(self.query_fn, pixels, self.settings, self.objects, self.batch_sizes)
             ids = segments.segment_map
             row.chunks, _ = finish_image(
                 iter([(0, ids.astype(label_dtype(int(ids.max(initial=0)) + 1)), None)]),
@@ -347,7 +359,7 @@ class Predictor:
             return row
         found: list[ImageObject] = []
         read = lambda y, x, h, w: pixels[y : y + h, x : x + w]
-        bands = find_objects(self.query_fn, read, row.height, row.width, self.settings, self.objects, found)
+        bands = find_objects(self.query_fn, read, row.height, row.width, self.settings, self.objects, found, self.batch_sizes)
         label_rows = (lambda y, n: label[y : y + n]) if label is not None else None
         row = self._finish(row, bands, label_rows)
         row.objects = instance_records(found, row.height, row.width)
@@ -385,6 +397,7 @@ class Predictor:
             storage_options=self.input_storage_options,
             on_rows=on_rows,
             objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
+            batch_sizes=self.batch_sizes,
         )
         if self.objects is not None:
             row.objects = instance_records(found, row.height, row.width)
@@ -404,6 +417,7 @@ def segment_tiff(
     storage_options: dict | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
+    batch_sizes: BatchSizes | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """A TIFF read window by window (pipeline.io.tiff): the stitcher's bands through `finish_image`, the
     label's rows read the same way. on_rows(rows finished, total) reports progress inside the image.
@@ -424,10 +438,10 @@ def segment_tiff(
                     f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
                 )
             if objects is None:
-                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
+                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings, batch_sizes)
             else:
                 query_fn, object_config, found = objects
-                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found)
+                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found, batch_sizes)
             return finish_image(
                 bands,
                 source.height,

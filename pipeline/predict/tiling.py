@@ -7,7 +7,8 @@ Read top to bottom:
   stitchers               `stitch_windows` (reference, whole image in memory) and
                           `StreamingStitcher` (a band of rows; what the pipeline uses)
   entry points            `segment_images` (in-memory images, the predictor actor's call) and
-                          `segment_streaming` (huge images read window by window, yields row bands)
+                          `segment_streaming` (huge images read window by window, yields row bands),
+                          their batches halved where the device runs out of memory (`BatchSizes`)
   test-time augmentation  `TTAScoreFn`: a score_fn that averages flipped and rescaled views
 
 Conventions, shared with MONAI's `sliding_window_inference` and mmseg's `slide_inference` so that
@@ -65,6 +66,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -77,6 +79,7 @@ import torch.nn.functional as F
 
 from pipeline.config import InferenceConfig
 
+log = logging.getLogger(__name__)
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 # read_window(y0, x0, height, width) -> height x width x 3 uint8, a region inside the image
 ReadWindow = Callable[[int, int, int, int], np.ndarray]
@@ -799,6 +802,53 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     return window
 
 
+class BatchSizes:
+    """Windows per forward pass, by window size: `start` (inference.batch_size) until a batch of that
+    size runs out of device memory (torch.OutOfMemoryError: CUDA's); then half of it, remembered for
+    the life of whoever holds this (the predictor actor: every later image of that window size).
+    `lowered` is what run.json reports."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.lowered: dict[tuple[int, int], int] = {}
+
+    def of(self, window: tuple[int, int]) -> int:
+        return self.lowered.get(tuple(window), self.start)
+
+    def halve(self, window: tuple[int, int], failed: int) -> int:
+        size = min(max(1, failed // 2), self.of(window))
+        self.lowered[tuple(window)] = size
+        log.warning("out of memory at a batch of %d windows of %d x %d: %d a batch from now on", failed, *window, size)
+        return size
+
+
+def score_within_memory(score_fn: Callable, pixels: torch.Tensor, window: tuple[int, int], sizes: BatchSizes) -> Iterator:
+    """score_fn over `pixels` (N windows) in batches of sizes.of(window), window by window in order:
+    each window's scores (or, for a score_fn that returns a tuple, its tuple of outputs). A batch
+    that runs out of device memory is halved (`BatchSizes.halve`) and run again; a single window that
+    does is raised: its image is an errors row."""
+    start = 0
+    while start < len(pixels):
+        part = pixels[start : start + sizes.of(window)]
+        try:
+            outputs = score_fn(part)
+        except torch.OutOfMemoryError:
+            if len(part) == 1:
+                raise
+            sizes.halve(window, len(part))
+            outputs = None
+        if outputs is None:  # outside the except block: its traceback held the failed batch's tensors
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            continue
+        several = isinstance(outputs, tuple)  # a query model's (class logits, mask logits)
+        first = outputs[0] if several else outputs
+        if first.shape[0] != len(part) or (not several and first.ndim != 4):
+            raise ValueError(f"score_fn must return N x C x h x w for N = {len(part)} windows, got {tuple(first.shape)}")
+        yield from zip(*outputs) if several else outputs
+        start += len(part)
+
+
 @dataclass
 class _ImageJob:
     plan: WindowPlan
@@ -806,19 +856,17 @@ class _ImageJob:
     stitcher: StreamingStitcher
 
 
-def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) -> Iterator[tuple[int, Band]]:
-    """Batch the windows of consecutive images through score_fn; yield (job index, band) as rows finish.
+def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int, int], sizes: BatchSizes) -> Iterator[tuple[int, Band]]:
+    """Batch the windows (all of size `window`) of consecutive images through score_fn, in batches of
+    sizes.of(window) (`score_within_memory`); yield (job index, band) as rows finish.
 
     A batch may hold windows of several images; only the images whose windows are in flight have a
     stitcher band allocated (`jobs` may be a lazy iterable).
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
-    while batch := list(islice(windows, batch_size)):
+    while batch := list(islice(windows, sizes.of(window))):
         pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
-        scores = score_fn(pixels)
-        if scores.ndim != 4 or scores.shape[0] != len(batch):
-            raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
-        for (index, job, _, _), window_scores in zip(batch, scores):
+        for (index, job, _, _), window_scores in zip(batch, score_within_memory(score_fn, pixels, window, sizes)):
             for band in job.stitcher.add(window_scores):  # resized to the window by the stitcher
                 yield index, band
 
@@ -837,12 +885,15 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"images must be H x W x 3 uint8 arrays, got {image.dtype} {image.shape}")
 
 
-def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: TilingSettings) -> list[Segmentation]:
+def segment_images(
+    score_fn: ScoreFn, images: list[np.ndarray], settings: TilingSettings, batch_sizes: BatchSizes | None = None
+) -> list[Segmentation]:
     """Segment H x W x 3 uint8 images of any sizes.
 
     Whole mode runs each image through score_fn alone and resizes its scores to H x W. Slide mode
     plans windows for every image, batches `settings.batch_size` windows per score_fn call (a batch
-    may mix windows of several images) and stitches each image with a `StreamingStitcher`.
+    may mix windows of several images; `batch_sizes`: fewer where a batch ran out of memory, see
+    `BatchSizes`) and stitches each image with a `StreamingStitcher`.
     """
     for image in images:
         _check_image(image)
@@ -855,7 +906,8 @@ def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: Tiling
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: list[Segmentation | None] = [None] * len(images)
-    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.batch_size):
+    sizes = batch_sizes or BatchSizes(settings.batch_size)
+    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.window, sizes):
         result = results[index]
         if result is None:
             height, width = images[index].shape[:2]
@@ -870,7 +922,7 @@ def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: Tiling
 
 
 def segment_streaming(
-    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings
+    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings, batch_sizes: BatchSizes | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Segment one image too large to hold, reading it window by window.
 
@@ -887,5 +939,5 @@ def segment_streaming(
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
     job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground))
-    for _, band in _run_windows(score_fn, [job], settings.batch_size):
+    for _, band in _run_windows(score_fn, [job], settings.window, batch_sizes or BatchSizes(settings.batch_size)):
         yield band.y0, band.labels, band.probability
