@@ -235,6 +235,9 @@ class OutputConfig(_Strict):
     # rows (pipeline.results.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
     shared_filesystem: Bool = Field(False, description="a local output.uri is the same mount on every node")
+    # multi-class semantic runs: each pixel's largest class probability, 8-bit round(255 p), in the masks
+    # table's `confidence` column, chunked like the mask (pipeline.results.runstore.read_confidence)
+    confidence: Bool = False
 
 
 class MetricsConfig(_Strict):
@@ -302,6 +305,9 @@ class JobConfig(_Strict):
             raise ValueError("metrics.panoptic_labels needs inference.task panoptic and input.labels (the folder of its PNGs)")
         if self.metrics.instance_labels and task != "instance":
             raise ValueError("metrics.instance_labels needs inference.task instance")
+        if self.output.confidence and (task != "semantic" or self.metrics.task == "binary"):
+            what = f"inference.task {task} writes objects" if task != "semantic" else "a binary task writes its foreground probability"
+            raise ValueError(f"output.confidence is for multi-class semantic runs: {what}")
         if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
             raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self

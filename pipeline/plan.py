@@ -560,6 +560,11 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
     check_metrics_against_model(cfg.metrics, model.num_classes, model.name or model.family)
+    if cfg.output.confidence and model.num_classes <= 2:
+        raise ConfigError(
+            f"output.confidence is for multi-class runs: {model.name or model.family} has {model.num_classes} "
+            "classes, whose masks carry the foreground probability (column probability) already"
+        )
     object_labels = read_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (

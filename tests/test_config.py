@@ -66,6 +66,20 @@ def test_resources_actors_is_a_number_or_min_max_bounds_and_bad_ones_name_the_fi
     assert str(err.value) == f"invalid config: {message}"
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inference.task=instance"], "output.confidence is for multi-class semantic runs: inference.task instance writes objects"),
+        (["metrics.task=binary"], "output.confidence is for multi-class semantic runs: a binary task writes its foreground probability"),
+    ],
+)
+def test_output_confidence_is_off_by_default_and_refused_where_no_class_probability_map_is_written(overrides, message):
+    assert load_config(BASE).output.confidence is False
+    assert load_config(BASE, ["output.confidence=true"]).output.confidence is True
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE, ["output.confidence=true", *overrides])
+
+
 def test_model_needs_name_or_checkpoint():
     with pytest.raises(ConfigError, match="model"):
         load_config({"input": {"uri": "/x"}, "model": {}})

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, tiny_checkpoint, write_png
 from PIL import Image
 
@@ -21,6 +22,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 from pipeline.plan import build_dataset, plan_actors, progress_line, ray_lines_to
 from pipeline.results.masks import decode_png
+from pipeline.results.runstore import read_confidence, read_mask
 from pipeline.rows import SourceUnit
 from pipeline.telemetry import STAGES
 
@@ -183,6 +185,17 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
     assert all(stages[k] > 0 for k in ("read", "decode", "forward", "stitch", "encode", "write")), stages
     assert set(stages) == set(STAGES) and stages["transfer"] < stages["forward"], stages  # no device to copy to on a CPU
+    assert info["identity"]["output.confidence"] is False  # off by default: no confidence column
+    assert read_run_table(run, "masks").column_names == [
+        "image_id",
+        "height",
+        "width",
+        "chunk_y",
+        "chunk_x",
+        "chunk_height",
+        "chunk_width",
+        "mask",
+    ]
     actors = info["attempts"][0]["actors"]  # the pool as planned; no actor ran out of memory
     assert actors["actors"] == 1 and actors["min_actors"] is None and actors["lowered_batch_sizes"] == {}
 
@@ -281,11 +294,42 @@ def test_a_gpu_job_on_a_cluster_without_gpus_waits_then_exits_2_writing_nothing(
     assert not (tmp_path / "runs" / "nogpu").exists()
 
 
-def test_whole_mode_writes_one_mask_per_image(ray_session, tmp_path, archive, checkpoint):
-    cfg = archive_job(tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"})
+def test_output_confidence_for_a_two_class_model_exits_2_before_anything_runs(tmp_path, archive, capsys):
+    model = tiny_checkpoint(tmp_path / "m.safetensors", 2)
+    cfg = archive_job(tmp_path, archive, model, run_id="two", metrics={"ignore_index": 100}, output={"confidence": True})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output.confidence is for multi-class runs: segformer-b0 has 2 classes" in err[0], err
+    assert not (tmp_path / "runs" / "two").exists()
+
+
+def test_whole_mode_writes_one_mask_per_image_and_output_confidence_its_max_softmax_chunked_like_it(
+    ray_session, tmp_path, archive, checkpoint
+):
+    """output.confidence (a 3-class model): a confidence column beside the mask, chunked as the mask
+    is (chunk_size 16), read back by read_confidence: round(255 x the max of a softmax computed here
+    from the model's scores resized to the image), within 1."""
+    from models import load_model
+
+    cfg = archive_job(
+        tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"}, output={"confidence": True, "chunk_size": 16}
+    )
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    masks = read_run_table(tmp_path / "runs" / "whole", "masks")
-    assert masks.num_rows == 6
+    run = tmp_path / "runs" / "whole"
+    masks = read_run_table(run, "masks")
+    assert len(set(masks.column("image_id").to_pylist())) == 6 and masks.num_rows > 6  # every image, in chunks
+    assert "confidence" in masks.column_names and "probability" not in masks.column_names
+    assert json.loads((run / "run.json").read_text())["identity"]["output.confidence"] is True
+    image = np.array(Image.open(archive / "images" / "b" / "img0.png").convert("RGB"))
+    model = load_model(str(checkpoint)).eval()
+    with torch.inference_mode():
+        scores = model(model.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float()))
+        scores = torch.nn.functional.interpolate(scores, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        expected = np.rint(255 * torch.softmax(scores, 0).amax(0).numpy())
+    confidence = read_confidence(str(run), "b/img0.png")
+    assert confidence.dtype == np.uint8 and confidence.shape == image.shape[:2]
+    assert np.abs(confidence.astype(int) - expected).max() <= 1 and confidence.min() >= 255 // NUM_CLASSES
+    assert (read_mask(str(run), "b/img0.png") == scores.argmax(0).numpy()).mean() > 0.999  # the labels as before
 
 
 @pytest.mark.parametrize(
@@ -421,7 +465,6 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
     from pipeline.io.coco_codec import id_to_rgb
-    from pipeline.results.runstore import read_mask
 
     panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0}}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)

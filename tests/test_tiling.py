@@ -451,6 +451,31 @@ def test_binary_probability_is_softmax_of_blended_scores():
         segment_images(conv_score_fn(num_classes=3), [image], settings)
 
 
+@pytest.mark.parametrize("stride4", [True, False])  # held windows (scores at the output stride) and a band (at the window's)
+def test_confidence_is_the_max_softmax_of_the_blended_scores_in_slide_whole_and_streamed_images(stride4):
+    """output.confidence's rows: each pixel's largest class probability, beside labels that stay as
+    they were; nothing of it unless asked (before: multi-class runs kept only the argmax)."""
+    score_fn = conv_score_fn(num_classes=5, seed=4, stride4=stride4)
+    image = random_image(70, 90, 14)
+    plain = TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3)
+    settings = TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3, confidence=True)
+    result, without = segment_images(score_fn, [image], settings)[0], segment_images(score_fn, [image], plain)[0]
+    expected = torch.softmax(reference_slide_labels(score_fn, image, settings), 0).amax(0).numpy()
+    assert without.probability is None and result.probability.dtype == np.float32
+    np.testing.assert_allclose(result.probability, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, without.labels)
+    streamed = list(segment_streaming(score_fn, lambda y, x, h, w: image[y : y + h, x : x + w], 70, 90, settings))
+    np.testing.assert_array_equal(np.concatenate([p for _, _, p in streamed]), result.probability)
+    whole = segment_images(score_fn, [image], TilingSettings(mode="whole", confidence=True))[0]
+    scores = F.interpolate(score_fn(to_pixels([image])), size=(70, 90), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(whole.probability, torch.softmax(scores, 0).amax(0).numpy(), atol=1e-5)
+    shares = torch.softmax(scores, 0)  # scores that are probabilities already: the largest share of their sum
+    _, largest = tiling.labels_and_probability(shares * 3, tiling.Confidence("probabilities"))
+    np.testing.assert_allclose(largest, shares.amax(0).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="ask for one of them"):
+        TilingSettings(binary=True, confidence=True)
+
+
 def test_many_classes_give_uint16_labels():
     image = random_image(12, 14, 12)
     result = segment_images(conv_score_fn(num_classes=300), [image], TilingSettings(window=(8, 8), stride=(4, 4)))[0]
@@ -600,6 +625,6 @@ def test_tiling_settings_from_the_config_carry_every_inference_field_the_tiler_r
         "gaussian",
         3,
     )
-    assert settings.foreground is None
+    assert settings.foreground is None and settings.beside is None and not settings.confidence
     binary = TilingSettings.from_config(cfg.inference, binary=True, positive_class=0, score_kind="probabilities")
     assert (binary.binary, binary.positive_class, binary.score_kind) == (True, 0, "probabilities")

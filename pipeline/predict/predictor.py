@@ -168,7 +168,8 @@ def finish_image(
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
     (default: class indices, `ignore_index` ignored). A label that reading refuses is the image's
-    error (pipeline.metrics.semantic.LabelReadingError)."""
+    error (pipeline.metrics.semantic.LabelReadingError). `binary`: the bands carry probability rows
+    (a binary task's foreground probability, or the confidence of output.confidence), encoded too."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
     areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
     finished = 0
@@ -228,7 +229,11 @@ class Predictor:
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
         self.settings = TilingSettings.from_config(
-            inference, binary=binary, positive_class=self.positive_class, score_kind=model.score_kind
+            inference,
+            binary=binary,
+            positive_class=self.positive_class,
+            score_kind=model.score_kind,
+            confidence=cfg.output.confidence and not binary,
         )
         # windows per forward by window size: halved where a batch runs out of device memory, for the
         # actor's life; what it came down to goes to the run monitor (run.json's actors.lowered_batch_sizes)
@@ -310,7 +315,7 @@ class Predictor:
             label_rows,
             num_classes=self.num_classes,
             chunk_size=self.chunk_size,
-            binary=self.settings.binary,
+            binary=self.settings.beside is not None,
             reading=self.label_reading,
             on_rows=on_rows,
         )
@@ -449,7 +454,7 @@ def segment_tiff(
                 label.labels if label is not None else None,
                 num_classes=num_classes,
                 chunk_size=chunk_size,
-                binary=settings.binary,
+                binary=settings.beside is not None,
                 ignore_index=ignore_index,
                 reading=reading,
                 on_rows=on_rows,

@@ -26,7 +26,9 @@ results can be checked against them:
   For binary tasks (`settings.binary`) `probability` is the foreground probability (`Foreground`):
   softmax(blended)[positive] for logits; blended[positive] / blended.sum() for scores that are
   probabilities already (the query models' semantic map); sigmoid(blended) for a one-logit head,
-  whose labels are then probability > 0.5.
+  whose labels are then probability > 0.5. Multi-class runs with output.confidence (`settings.confidence`)
+  get, in the same place, each pixel's confidence (`Confidence`): its largest class probability,
+  max softmax(blended) for logits, the largest score over their sum for probability-like scores.
 
 Stitching resolution: the stitchers blend at the image's full resolution, after each window's scores
 are resized to the window. Windows at an image's edge start at offsets that are not multiples of the
@@ -120,13 +122,21 @@ class TilingSettings:
     binary: bool = False  # also return the foreground probability (2-class or one-logit heads)
     positive_class: int = 1  # the foreground class of a binary task
     score_kind: str = "logits"  # "logits" | "probabilities": what the model's scores are (model.score_kind)
+    confidence: bool = False  # multi-class: also return each pixel's largest class probability (output.confidence)
 
     @classmethod
     def from_config(
-        cls, inference: InferenceConfig, *, binary: bool = False, positive_class: int = 1, score_kind: str = "logits"
+        cls,
+        inference: InferenceConfig,
+        *,
+        binary: bool = False,
+        positive_class: int = 1,
+        score_kind: str = "logits",
+        confidence: bool = False,
     ) -> TilingSettings:
-        """The job's tiling (inference: mode, window, stride, blend, batch_size); what the model and the
-        metrics decide (a binary task, its foreground class, the scores' kind) the actor adds."""
+        """The job's tiling (inference: mode, window, stride, blend, batch_size); what the model, the
+        metrics and the output decide (a binary task, its foreground class, the scores' kind, the
+        confidence map) the actor adds."""
         return cls(
             mode=inference.mode,
             window=tuple(inference.window),
@@ -136,11 +146,18 @@ class TilingSettings:
             binary=binary,
             positive_class=positive_class,
             score_kind=score_kind,
+            confidence=confidence,
         )
 
     @property
     def foreground(self) -> Foreground | None:
         return Foreground(self.positive_class, self.score_kind) if self.binary else None
+
+    @property
+    def beside(self) -> Foreground | Confidence | None:
+        """What the stitchers compute beside the labels: the foreground probability (binary tasks),
+        the confidence (output.confidence), or nothing."""
+        return self.foreground or (Confidence(self.score_kind) if self.confidence else None)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -153,6 +170,8 @@ class TilingSettings:
             raise ValueError(f"stride {list(stride)} must not exceed window {list(window)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.binary and self.confidence:
+            raise ValueError("a binary task's probability is its confidence: ask for one of them")
         object.__setattr__(self, "window", window)
         object.__setattr__(self, "stride", stride)
 
@@ -160,7 +179,7 @@ class TilingSettings:
 @dataclass
 class Segmentation:
     labels: np.ndarray  # H x W, uint8 when num_classes <= 256 else uint16
-    probability: np.ndarray | None  # H x W float32 in [0, 1] (binary tasks), else None
+    probability: np.ndarray | None  # H x W float32 in [0, 1] (binary tasks; confidence where asked), else None
 
 
 @dataclass
@@ -169,7 +188,7 @@ class Band:
 
     y0: int  # the first row, in image coordinates
     labels: np.ndarray  # rows x W
-    probability: np.ndarray | None  # rows x W float32 (binary tasks), else None
+    probability: np.ndarray | None  # rows x W float32 (binary tasks; confidence where asked), else None
     scores: torch.Tensor | None = None  # C x rows x W blended scores, where the stitcher was asked to keep them
 
 
@@ -184,6 +203,11 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     12000-wide image) where this loop takes 0.09 s; 2.0 s against 0.6 s for 19 classes, 0.6
     against 0.5 for 150; it also needs no int64 result. uint8 labels up to 256 classes, int32 above.
     """
+    return argmax_and_max(scores)[0]
+
+
+def argmax_and_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`argmax_classes` and the maximum it kept (h x w): the top class's score."""
     num_classes = scores.shape[0]
     labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32)
     best = scores[0].clone()
@@ -191,7 +215,19 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
         better = scores[c] > best  # strictly: a tie keeps the lower class, as argmax does
         labels.masked_fill_(better, c)
         torch.maximum(best, scores[c], out=best)
-    return labels
+    return labels, best
+
+
+def largest_probability(scores: torch.Tensor, best: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """Each pixel's largest class probability from C x h x w scores and their maximum `best`:
+    max softmax = 1 / sum_c exp(s_c - max) for logits, summed a class at a time (one h x w
+    temporary, never a C x h x w softmax); max / sum for scores that are probabilities already."""
+    if kind == "probabilities":
+        return best / scores.sum(dim=0).clamp_min(torch.finfo(scores.dtype).tiny)
+    total, term = torch.zeros_like(best), torch.empty_like(best)
+    for c in range(scores.shape[0]):
+        total.add_(torch.sub(scores[c], best, out=term).exp_())
+    return total.reciprocal_()
 
 
 @dataclass(frozen=True)
@@ -202,17 +238,29 @@ class Foreground:
     scores: str = "logits"  # "logits" | "probabilities"
 
 
-def _foreground(binary: bool | Foreground | None) -> Foreground | None:
+@dataclass(frozen=True)
+class Confidence:
+    """A multi-class run's confidence map (output.confidence): each pixel's largest class probability."""
+
+    scores: str = "logits"  # "logits" | "probabilities"
+
+
+def _foreground(binary: bool | Foreground | Confidence | None) -> Foreground | Confidence | None:
     if binary is True:
         return Foreground()
     return binary or None
 
 
-def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | None) -> tuple[np.ndarray, np.ndarray | None]:
+def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | Confidence | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Blended scores C x h x w -> labels (argmax over classes) and, for binary tasks, the foreground
-    probability; a one-logit head (C == 1) gives labels probability > 0.5 (0 background, 1 foreground)."""
+    probability; a one-logit head (C == 1) gives labels probability > 0.5 (0 background, 1 foreground).
+    With `Confidence`: the labels and each pixel's largest class probability (`largest_probability`)."""
     foreground = _foreground(binary)
     num_classes = scores.shape[0]
+    if isinstance(foreground, Confidence):
+        labels, best = argmax_and_max(scores)
+        confidence = largest_probability(scores, best, foreground.scores)
+        return labels.numpy().astype(label_dtype(num_classes), copy=False), confidence.numpy().astype(np.float32, copy=False)
     if foreground is not None and num_classes == 1:
         probability = torch.sigmoid(scores[0])
         return (probability > 0.5).numpy().astype(np.uint8), probability.numpy().astype(np.float32, copy=False)
@@ -564,7 +612,9 @@ class StreamingStitcher:
     Either way memory grows with the image's width, never with its height.
     """
 
-    def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | None = False, keep_scores: bool = False):
+    def __init__(
+        self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | Confidence | None = False, keep_scores: bool = False
+    ):
         self.plan = plan
         self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
@@ -871,7 +921,7 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int
                 yield index, band
 
 
-def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | None) -> Segmentation:
+def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | Confidence | None) -> Segmentation:
     height, width = image.shape[:2]
     scores = score_fn(to_pixels([image]))
     if scores.ndim != 4 or scores.shape[0] != 1:
@@ -898,11 +948,11 @@ def segment_images(
     for image in images:
         _check_image(image)
     if settings.mode == "whole":
-        return [_segment_whole(score_fn, image, settings.foreground) for image in images]
+        return [_segment_whole(score_fn, image, settings.beside) for image in images]
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
-        stitcher = StreamingStitcher(plan, settings.blend, settings.foreground)
+        stitcher = StreamingStitcher(plan, settings.blend, settings.beside)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: list[Segmentation | None] = [None] * len(images)
@@ -934,10 +984,10 @@ def segment_streaming(
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)
         _check_image(image)
-        result = _segment_whole(score_fn, image, settings.foreground)
+        result = _segment_whole(score_fn, image, settings.beside)
         yield 0, result.labels, result.probability
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
-    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground))
+    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.beside))
     for _, band in _run_windows(score_fn, [job], settings.window, batch_sizes or BatchSizes(settings.batch_size)):
         yield band.y0, band.labels, band.probability
