@@ -476,6 +476,28 @@ def test_confidence_is_the_max_softmax_of_the_blended_scores_in_slide_whole_and_
         TilingSettings(binary=True, confidence=True)
 
 
+@pytest.mark.parametrize("stride4", [True, False])
+@pytest.mark.parametrize("beside", [{}, {"binary": True}, {"confidence": True}])
+def test_the_stitcher_on_the_models_device_forced_on_the_cpu_gives_todays_labels_and_probabilities(stride4, beside):
+    """stitch_device: the band where the model's scores are (resized by F.interpolate there, blended,
+    reduced to labels), only label and probability rows back. On the CPU it must equal today's path
+    (held windows or a band) bit for bit, in slide and whole mode; on a GPU, labels may differ only
+    where two classes tie within float error."""
+    score_fn = conv_score_fn(num_classes=2 if beside.get("binary") else 5, seed=6, stride4=stride4)
+    images = [random_image(70, 90, 15), random_image(20, 100, 16)]
+    for settings in (
+        TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3, **beside),
+        TilingSettings(mode="whole", **beside),
+    ):
+        today = segment_images(score_fn, images, settings)
+        on_device = segment_images(score_fn, images, settings, stitch_device=torch.device("cpu"))
+        for a, b in zip(today, on_device):
+            np.testing.assert_array_equal(b.labels, a.labels)
+            assert (a.probability is None) == (b.probability is None) == (not beside)
+            if a.probability is not None:
+                np.testing.assert_array_equal(b.probability, a.probability)
+
+
 def test_many_classes_give_uint16_labels():
     image = random_image(12, 14, 12)
     result = segment_images(conv_score_fn(num_classes=300), [image], TilingSettings(window=(8, 8), stride=(4, 4)))[0]

@@ -44,11 +44,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def scored_on_device(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], windows: torch.Tensor, device: torch.device, clock: StageClock | None
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    windows: torch.Tensor,
+    device: torch.device,
+    clock: StageClock | None,
+    keep_on_device: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """forward(windows on `device`), its outputs back on the CPU in float32. With a clock, the time
-    goes to two stages: transfer (the copies to and from the device) and forward (the model: on a
-    GPU its kernels are waited for before the copy back, so that the copy's time is the copy's)."""
+    """forward(windows on `device`), its outputs back on the CPU in float32 (`keep_on_device`: left
+    where they are, for a stitcher on the device). With a clock, the time goes to two stages: transfer
+    (the copies to and from the device) and forward (the model: on a GPU its kernels are waited for
+    before the copy back, so that the copy's time is the copy's)."""
     started = time.perf_counter()
     x = windows.to(device, non_blocking=True)
     moved = time.perf_counter()
@@ -56,7 +61,8 @@ def scored_on_device(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     computed = time.perf_counter()
-    outputs = tuple(out.cpu() for out in outputs)
+    if not keep_on_device:
+        outputs = tuple(out.cpu() for out in outputs)
     if clock is not None:
         clock.add("transfer", (moved - started) + (time.perf_counter() - computed))
         clock.add("forward", computed - moved)
@@ -65,20 +71,22 @@ def scored_on_device(
 
 @dataclass
 class ModelScorer:
-    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out; `clock`: where the
-    transfer and forward seconds are counted (the actor's, the benchmark's)."""
+    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out (`keep_on_device`: on the
+    model's device, for the stitcher there); `clock`: where the transfer and forward seconds are
+    counted (the actor's, the benchmark's)."""
 
     model: SegmentationModel
     device: torch.device
     precision: str = "fp32"
     clock: StageClock | None = None
+    keep_on_device: bool = False
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         def forward(x: torch.Tensor) -> tuple[torch.Tensor]:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
                 return (self.model(self.model.normalize(x)),)
 
-        return scored_on_device(forward, windows, self.device, self.clock)[0]
+        return scored_on_device(forward, windows, self.device, self.clock, self.keep_on_device)[0]
 
 
 @dataclass
@@ -221,7 +229,11 @@ class Predictor:
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
         self.clock = StageClock()  # seconds per stage, sent to the run monitor after each batch
-        self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision, self.clock), inference.tta.flip, inference.tta.scales)
+        # images held in memory are stitched where the model runs (a GPU): only label rows cross back.
+        # Streamed images keep the CPU's stitcher (its band of a gigapixel-wide image may not fit a GPU)
+        self.stitch_device = self.device if self.device.type != "cpu" else None
+        scorer = ModelScorer(model, self.device, inference.precision, self.clock, keep_on_device=self.stitch_device is not None)
+        self.score_fn = with_tta(scorer, inference.tta.flip, inference.tta.scales)
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
         self.query_fn = QueryScorer(model, self.device, inference.precision, self.clock) if self.objects else None
@@ -278,14 +290,16 @@ class Predictor:
     def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
         """The semantic task for the images at `in_memory` (held in memory), batched together, into `out`."""
         try:
-            segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings, self.batch_sizes)
+            segs: list = segment_images(
+                self.score_fn, [images[i].image for i in in_memory], self.settings, self.batch_sizes, self.stitch_device
+            )
         except Exception:
             # one image may break the batch (out of memory at one window a batch, a bad pixel array):
             # retry one at a time to isolate it
             segs = []
             for i in in_memory:
                 try:
-                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes))
+                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes, self.stitch_device))
                 except Exception as exc:
                     segs.append(exc)
         for i, seg in zip(in_memory, segs):

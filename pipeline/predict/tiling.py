@@ -209,7 +209,7 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
 def argmax_and_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`argmax_classes` and the maximum it kept (h x w): the top class's score."""
     num_classes = scores.shape[0]
-    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32)
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32, device=scores.device)
     best = scores[0].clone()
     for c in range(1, num_classes):
         better = scores[c] > best  # strictly: a tie keeps the lower class, as argmax does
@@ -260,11 +260,12 @@ def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | Con
     if isinstance(foreground, Confidence):
         labels, best = argmax_and_max(scores)
         confidence = largest_probability(scores, best, foreground.scores)
-        return labels.numpy().astype(label_dtype(num_classes), copy=False), confidence.numpy().astype(np.float32, copy=False)
+        return labels.cpu().numpy().astype(label_dtype(num_classes), copy=False), confidence.cpu().numpy().astype(np.float32, copy=False)
     if foreground is not None and num_classes == 1:
         probability = torch.sigmoid(scores[0])
-        return (probability > 0.5).numpy().astype(np.uint8), probability.numpy().astype(np.float32, copy=False)
-    labels = argmax_classes(scores).numpy().astype(label_dtype(num_classes), copy=False)
+        return (probability > 0.5).cpu().numpy().astype(np.uint8), probability.cpu().numpy().astype(np.float32, copy=False)
+    # scores on a device (the stitcher where the model runs): only these rows cross back to the CPU
+    labels = argmax_classes(scores).cpu().numpy().astype(label_dtype(num_classes), copy=False)
     if foreground is None:
         return labels, None
     if num_classes != 2:
@@ -273,7 +274,7 @@ def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | Con
         probability = scores[foreground.positive] / scores.sum(dim=0).clamp_min(torch.finfo(scores.dtype).tiny)
     else:
         probability = torch.softmax(scores, dim=0)[foreground.positive]
-    return labels, probability.numpy().astype(np.float32, copy=False)
+    return labels, probability.cpu().numpy().astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- the window planner
@@ -610,15 +611,25 @@ class StreamingStitcher:
       as it comes; final rows are divided in place and emitted, then the band shifts up and the rows
       it frees are zeroed. Peak about (C + 1) x window height x image width x 4 bytes.
     Either way memory grows with the image's width, never with its height.
+
+    `device` (the model's, e.g. CUDA): the band lives there, windows' scores are resized (F.interpolate)
+    and blended where the model left them, and only the label rows (and probability rows where
+    asked) cross back to the CPU. On the CPU it gives the same float32 numbers as the other two ways.
     """
 
     def __init__(
-        self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | Confidence | None = False, keep_scores: bool = False
+        self,
+        plan: WindowPlan,
+        blend: str = "mean",
+        binary: bool | Foreground | Confidence | None = False,
+        keep_scores: bool = False,
+        device: torch.device | None = None,
     ):
         self.plan = plan
         self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
-        self.weights = importance_map(plan.window, blend)
+        self.device = device  # None: the CPU, held windows where they can be
+        self.weights = importance_map(plan.window, blend).to(device or "cpu")
         self._uniform = blend == "mean"  # weights of 1: skip the multiplication
         self._windows = plan.windows
         self._next = 0  # index of the next window to add
@@ -638,16 +649,16 @@ class StreamingStitcher:
             raise RuntimeError("all windows of this image have been added already")
         if scores.ndim != 3:
             raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
-        scores = scores.to("cpu", torch.float32)
+        scores = scores.to(self.device or "cpu", torch.float32)
         window = self.plan.window
         at_window = tuple(scores.shape[1:]) == window
         if self._classes is None:
             self._classes = scores.shape[0]
-            if not at_window and bilinear_formula(scores, window) is not None:
+            if self.device is None and not at_window and bilinear_formula(scores, window) is not None:
                 self._held = []
             else:
-                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width)
-                self._weight_sum = torch.zeros(window[0], self.plan.padded_width)
+                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width, device=scores.device)
+                self._weight_sum = torch.zeros(window[0], self.plan.padded_width, device=scores.device)
         elif scores.shape[0] != self._classes:
             raise ValueError(f"windows disagree on the number of classes: {scores.shape[0]} != {self._classes}")
         y0, x0 = self._windows[self._next]
@@ -659,7 +670,7 @@ class StreamingStitcher:
             self._held.append(_HeldWindow(y0, x0, held, resize))
         else:
             assert self._scores is not None and self._weight_sum is not None
-            scores = resize_scores(scores, window)
+            scores = resize_scores(scores, window) if self.device is None else scores if at_window else _interpolate(scores, window)
             row = y0 - self._band_top
             wh, ww = window
             self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
@@ -921,12 +932,19 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int
                 yield index, band
 
 
-def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | Confidence | None) -> Segmentation:
+def _segment_whole(
+    score_fn: ScoreFn, image: np.ndarray, binary: Foreground | Confidence | None, device: torch.device | None = None
+) -> Segmentation:
     height, width = image.shape[:2]
     scores = score_fn(to_pixels([image]))
     if scores.ndim != 4 or scores.shape[0] != 1:
         raise ValueError(f"score_fn must return 1 x C x h x w for one image, got {tuple(scores.shape)}")
-    labels, probability = labels_and_probability(resize_scores(scores[0], (height, width)), binary)
+    if device is None:
+        scores = resize_scores(scores[0], (height, width))
+    else:  # resized and reduced where the model ran: only the labels (and probability) cross back
+        scores = scores[0].to(device, torch.float32)
+        scores = scores if tuple(scores.shape[-2:]) == (height, width) else _interpolate(scores, (height, width))
+    labels, probability = labels_and_probability(scores, binary)
     return Segmentation(labels, probability)
 
 
@@ -936,23 +954,28 @@ def _check_image(image: np.ndarray) -> None:
 
 
 def segment_images(
-    score_fn: ScoreFn, images: list[np.ndarray], settings: TilingSettings, batch_sizes: BatchSizes | None = None
+    score_fn: ScoreFn,
+    images: list[np.ndarray],
+    settings: TilingSettings,
+    batch_sizes: BatchSizes | None = None,
+    stitch_device: torch.device | None = None,
 ) -> list[Segmentation]:
     """Segment H x W x 3 uint8 images of any sizes.
 
     Whole mode runs each image through score_fn alone and resizes its scores to H x W. Slide mode
     plans windows for every image, batches `settings.batch_size` windows per score_fn call (a batch
     may mix windows of several images; `batch_sizes`: fewer where a batch ran out of memory, see
-    `BatchSizes`) and stitches each image with a `StreamingStitcher`.
+    `BatchSizes`) and stitches each image with a `StreamingStitcher`. `stitch_device`: resize, blend
+    and reduce to labels there (the model's device, where score_fn leaves its scores); None: the CPU.
     """
     for image in images:
         _check_image(image)
     if settings.mode == "whole":
-        return [_segment_whole(score_fn, image, settings.beside) for image in images]
+        return [_segment_whole(score_fn, image, settings.beside, stitch_device) for image in images]
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
-        stitcher = StreamingStitcher(plan, settings.blend, settings.beside)
+        stitcher = StreamingStitcher(plan, settings.blend, settings.beside, device=stitch_device)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: list[Segmentation | None] = [None] * len(images)
