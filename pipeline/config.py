@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.metrics.semantic import MASK_THRESHOLD
 
@@ -177,10 +188,44 @@ class InferenceConfig(_Strict):
         return self
 
 
+class ActorBounds(_Strict):
+    """An elastic pool: Ray Data starts `min` actors, adds actors up to `max` while work waits for
+    one (on an autoscaling cluster, nodes come with them) and lets idle ones go down to `min`."""
+
+    min: Int = Field(ge=1)
+    max: Int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ActorBounds:
+        if self.max < self.min:
+            raise ValueError(f"max {self.max} is below min {self.min}")
+        return self
+
+
+def _actors_kind(value: Any) -> str:
+    # one branch's errors only: a bad number is not also reported as "not a mapping". Tags in
+    # parentheses are no field's name: format_validation_error leaves them out of the field's path
+    return "(bounds)" if isinstance(value, dict | ActorBounds) else "(number)"
+
+
 class ResourcesConfig(_Strict):
-    actors: Int = Field(1, ge=1)
+    # a number: a pool of that many actors; {min, max}: an elastic pool between the bounds
+    actors: Annotated[
+        Annotated[Int, Field(ge=1), Tag("(number)")] | Annotated[ActorBounds, Tag("(bounds)")], Discriminator(_actors_kind)
+    ] = 1
     gpus_per_actor: Float = Field(0, ge=0)
     cpus_per_actor: Float | None = Field(None, gt=0, description="None: sized from the cluster")
+    # with gpus_per_actor > 0 on a cluster without the GPUs (an autoscaling GPU group at zero):
+    # wait this long for them, then exit 2; never a silent CPU run (gpus_per_actor 0 asks for one)
+    wait_for_gpus_s: Float = Field(600, ge=0)
+
+    @property
+    def min_actors(self) -> int:
+        return self.actors.min if isinstance(self.actors, ActorBounds) else self.actors
+
+    @property
+    def max_actors(self) -> int:
+        return self.actors.max if isinstance(self.actors, ActorBounds) else self.actors
 
 
 class OutputConfig(_Strict):
@@ -190,6 +235,9 @@ class OutputConfig(_Strict):
     # rows (pipeline.results.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
     shared_filesystem: Bool = Field(False, description="a local output.uri is the same mount on every node")
+    # multi-class semantic runs: each pixel's largest class probability, 8-bit round(255 p), in the masks
+    # table's `confidence` column, chunked like the mask (pipeline.results.runstore.read_confidence)
+    confidence: Bool = False
 
 
 class MetricsConfig(_Strict):
@@ -257,6 +305,9 @@ class JobConfig(_Strict):
             raise ValueError("metrics.panoptic_labels needs inference.task panoptic and input.labels (the folder of its PNGs)")
         if self.metrics.instance_labels and task != "instance":
             raise ValueError("metrics.instance_labels needs inference.task instance")
+        if self.output.confidence and (task != "semantic" or self.metrics.task == "binary"):
+            what = f"inference.task {task} writes objects" if task != "semantic" else "a binary task writes its foreground probability"
+            raise ValueError(f"output.confidence is for multi-class semantic runs: {what}")
         if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
             raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self
@@ -290,7 +341,7 @@ def check_metrics_against_model(metrics: MetricsConfig, num_classes: int, model:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
+        field = ".".join(str(p) for p in e["loc"] if not str(p).startswith("(")) or "(config)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"

@@ -21,7 +21,7 @@ from pipeline.config import JobConfig
 from pipeline.io.decode import DecodeError, image_size
 from pipeline.io.source import reader_for
 from pipeline.io.storage import StoreStats, open_fs, scrub, with_retries
-from pipeline.plan import ActorPlan, format_seconds, init_ray, prepare_job, ray_lines_to, size_actors
+from pipeline.plan import ActorPlan, await_gpus, format_seconds, init_ray, prepare_job, ray_lines_to, size_actors
 from pipeline.predict.tiling import TilingSettings, model_inputs
 from pipeline.rows import SourceUnit
 
@@ -156,6 +156,7 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
         ray_start = time.time()
         init_ray(verbose)
         ray_seconds = time.time() - ray_start
+        await_gpus(cfg, lambda line: None)
         actors = size_actors(cfg)
         header_start = time.time()
         rows: list[dict] = []

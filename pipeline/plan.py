@@ -94,6 +94,15 @@ def _run_monitor_class():
             self.total = StoreStats()
             self.streams: dict[str, tuple[int, int]] = {}
             self.stages = dict.fromkeys(STAGES, 0.0)
+            self.batch_sizes: dict[str, int] = {}
+
+        def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
+            """Windows per forward an actor came down to (out of memory), by window size: the least of any actor."""
+            for window, size in sizes.items():
+                self.batch_sizes[window] = min(size, self.batch_sizes.get(window, size))
+
+        def lowered_batch_sizes(self) -> dict[str, int]:
+            return dict(self.batch_sizes)
 
         def add_store_stats(self, stats: dict) -> None:
             self.total.add(StoreStats(**stats))
@@ -125,13 +134,22 @@ def _run_monitor_class():
 
 @dataclass
 class ActorPlan:
-    actors: int
+    actors: int  # the pool's size; an elastic pool's largest
     num_cpus: float
     num_gpus: float
     threads: int
     note: str = ""
     task_cpus: float = 1.0  # what each read task asks for
     read_tasks: int = 1  # read and decode tasks that fit beside the actors at once (run.json says it)
+    min_actors: int | None = None  # an elastic pool's smallest (resources.actors {min, max}); None: a fixed pool
+
+    def pool(self):
+        """Ray Data's ActorPoolStrategy for the predictors: a fixed size, or min and max sizes."""
+        import ray
+
+        if self.min_actors is None:
+            return ray.data.ActorPoolStrategy(size=self.actors)
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.actors)
 
 
 def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float] | None = None) -> ActorPlan:
@@ -142,6 +160,10 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float
     cluster of several nodes every node must keep room for a read task wherever the actors land
     (two actors of 0.5 CPU on two 1-CPU nodes left neither a whole CPU: the read task never ran), so
     where a node has under 2 CPUs read tasks ask for half a CPU and each node keeps that half.
+
+    An elastic pool's CPU actors are sized so that its largest size leaves that room. GPU actors ask
+    for GPUs the cluster must have (`await_gpus` waits for them first): a fixed pool is cut to the
+    GPUs there are; an elastic pool's min is, and its max stays (an autoscaler brings the GPUs).
     """
     cpus = float(cluster.get("CPU", 1))
     nodes = [c for c in (node_cpus or [cpus]) if c > 0]
@@ -150,13 +172,15 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float
     want = cfg.resources
     notes = []
     num_gpus = want.gpus_per_actor
-    if num_gpus > 0 and gpus < num_gpus:
-        notes.append(f"the cluster has {gpus:g} GPUs: actors run on CPU")
-        num_gpus = 0.0
-    actors = want.actors
-    if num_gpus > 0 and actors * num_gpus > gpus:
-        actors = max(1, int(gpus // num_gpus))
-        notes.append(f"{actors} actors fit on {gpus:g} GPUs")
+    if num_gpus > 0 and gpus < num_gpus:  # never a silent CPU run: gpus_per_actor 0 is how one is asked for
+        raise ConfigError(no_gpus_message(want.gpus_per_actor, gpus))
+    elastic = not isinstance(want.actors, int)
+    low, actors = want.min_actors, want.max_actors
+    if num_gpus > 0 and low * num_gpus > gpus:
+        low = max(1, int(gpus // num_gpus))
+        notes.append(f"{low} actors fit on {gpus:g} GPUs" + (f" now (the pool may grow to {actors})" if elastic else ""))
+    if not elastic:
+        actors = low
     # room for the read and write tasks: one CPU on one node; on several nodes, a task's worth on each
     free = max(cpus - (1.0 if len(nodes) == 1 else task_cpus * len(nodes)), 0.5)
     if num_gpus > 0:
@@ -167,6 +191,7 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float
             actors = max(1, int(free / 0.25))
             share = free / actors
             notes.append(f"{actors} CPU actors fit on {cpus:g} CPUs")
+        low = min(low, actors)
         num_cpus = min(want.cpus_per_actor, share) if want.cpus_per_actor else share
         if want.cpus_per_actor and want.cpus_per_actor > share:
             notes.append(f"cpus_per_actor {want.cpus_per_actor:g} lowered to {share:g} so that read and write tasks can run")
@@ -176,7 +201,67 @@ def plan_actors(cfg: JobConfig, cluster: dict[str, float], node_cpus: list[float
     # actor on 2 cores ran at 0.38x a plain 2-thread loop (benchmarks/pipeline_throughput.py).
     threads = max(1, math.ceil(num_cpus)) if num_gpus > 0 else max(1, int(cpus // actors))
     read_tasks = max(1, int((cpus - actors * num_cpus) // task_cpus))
-    return ActorPlan(actors, num_cpus, num_gpus, threads=threads, note="; ".join(notes), task_cpus=task_cpus, read_tasks=read_tasks)
+    return ActorPlan(
+        actors,
+        num_cpus,
+        num_gpus,
+        threads=threads,
+        note="; ".join(notes),
+        task_cpus=task_cpus,
+        read_tasks=read_tasks,
+        min_actors=low if elastic else None,
+    )
+
+
+def no_gpus_message(per_actor: float, gpus: float, waited: float | None = None) -> str:
+    after = f" after waiting {waited:g} s (resources.wait_for_gpus_s)" if waited is not None else ""
+    return (
+        f"resources.gpus_per_actor: {per_actor:g}, but the cluster has {gpus:g} GPUs{after}: "
+        "start GPU nodes (or let the autoscaler), or set resources.gpus_per_actor: 0 for a CPU run"
+    )
+
+
+GPU_POLL_SECONDS = 5.0
+
+
+def await_gpus(cfg: JobConfig, progress: Callable[[str], None] = print, poll: float = GPU_POLL_SECONDS) -> None:
+    """With gpus_per_actor > 0: return once the cluster Ray is connected to has a GPU actor's worth of
+    GPUs, asking its autoscaler for the smallest pool's GPUs (a hint; a GPU group at zero starts
+    nodes for it) and polling ray.cluster_resources() up to resources.wait_for_gpus_s; then
+    ConfigError (exit 2, nothing written). Never a silent CPU run."""
+    import ray
+
+    want = cfg.resources
+    if want.gpus_per_actor <= 0 or ray.cluster_resources().get("GPU", 0) >= want.gpus_per_actor:
+        return
+    bundle = {"GPU": want.gpus_per_actor, "CPU": want.cpus_per_actor or 1.0}
+    asked = _request_resources([bundle] * want.min_actors)
+    progress(f"resources: waiting up to {want.wait_for_gpus_s:g} s for GPUs (the cluster has none)")
+    deadline = time.monotonic() + want.wait_for_gpus_s
+    try:
+        while True:
+            gpus = float(ray.cluster_resources().get("GPU", 0))
+            if gpus >= want.gpus_per_actor:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfigError(no_gpus_message(want.gpus_per_actor, gpus, want.wait_for_gpus_s))
+            time.sleep(min(poll, left))
+    finally:
+        if asked:  # the pool's actors ask for themselves from here on
+            _request_resources([])
+
+
+def _request_resources(bundles: list[dict]) -> bool:
+    """The autoscaler's resource request (persistent until the next call); False where none can be made."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+        return True
+    except Exception:  # a hint only: a cluster without an autoscaler just never gets the GPUs
+        log.debug("resource request not made", exc_info=True)
+        return False
 
 
 def alive_nodes() -> list[dict]:
@@ -186,7 +271,8 @@ def alive_nodes() -> list[dict]:
 
 
 def size_actors(cfg: JobConfig, nodes: list[dict] | None = None) -> ActorPlan:
-    """`plan_actors` for the cluster Ray is connected to: its totals and each (alive) node's CPUs."""
+    """`plan_actors` for the cluster Ray is connected to: its totals and each (alive) node's CPUs
+    (after `await_gpus`: without the GPUs asked for, ConfigError)."""
     import ray
 
     nodes = alive_nodes() if nodes is None else nodes
@@ -474,6 +560,11 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     check_task(cfg.inference.task, model)
     check_metrics_against_model(cfg.metrics, model.num_classes, model.name or model.family)
+    if cfg.output.confidence and model.num_classes <= 2:
+        raise ConfigError(
+            f"output.confidence is for multi-class runs: {model.name or model.family} has {model.num_classes} "
+            "classes, whose masks carry the foreground probability (column probability) already"
+        )
     object_labels = read_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (
@@ -598,13 +689,15 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     cfg = job.cfg
     result = result if result is not None else Execution()
     init_ray(verbose)
+    await_gpus(cfg, progress)  # before the nodes are counted: GPU nodes may join meanwhile
     nodes = alive_nodes()
     refuse_local_paths_on_a_cluster(cfg, nodes)
     monitor = _run_monitor_class().remote()
     actor_plan = size_actors(cfg, nodes)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
-    result.actors = vars(actor_plan)
+    # the pool as planned, and the batch sizes its actors came down to where they ran out of memory
+    result.actors = {**vars(actor_plan), "lowered_batch_sizes": {}}
     job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
@@ -651,6 +744,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
         try:
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
+            result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
             ray.kill(monitor)
         except Exception:
             result.store = None
@@ -825,7 +919,7 @@ def build_dataset(
         fn_constructor_kwargs={"cfg": cfg, "num_threads": actors.threads, "monitor": monitor},
         batch_size=IMAGES_PER_PREDICT_BATCH,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors.actors),
+        compute=actors.pool(),
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
         # a dead actor is replaced and its batch redone (Ray Data's defaults, stated): the writer takes

@@ -208,7 +208,7 @@ class MaskChunk:
     height: int
     width: int
     mask: bytes  # PNG of the chunk's labels
-    probability: bytes | None  # PNG of round(255 p) (binary tasks), else None
+    probability: bytes | None  # PNG of round(255 p): binary tasks' foreground probability, output.confidence's confidence; else None
 
 
 # one list per image: its chunks' [y, x, height, width], their mask PNGs, their probability PNGs

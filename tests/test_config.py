@@ -45,6 +45,41 @@ def test_bad_values_name_the_field(overrides, field):
     assert field in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "actors, message",
+    [
+        (0, "resources.actors: Input should be greater than or equal to 1"),
+        ({"min": 0, "max": 2}, "resources.actors.min: Input should be greater than or equal to 1"),
+        ({"min": 3, "max": 2}, "resources.actors: max 2 is below min 3"),
+        ({"min": 1}, "resources.actors.max: Field required"),
+        ({"min": 1, "max": 2, "step": 1}, "resources.actors.step: unknown field"),
+        ("4", "resources.actors: Input should be a valid integer"),
+    ],
+)
+def test_resources_actors_is_a_number_or_min_max_bounds_and_bad_ones_name_the_field(actors, message):
+    fixed = load_config(BASE, ["resources.actors=3"]).resources
+    assert (fixed.actors, fixed.min_actors, fixed.max_actors, fixed.wait_for_gpus_s) == (3, 3, 3, 600)
+    elastic = load_config(BASE, ["resources.actors={min: 1, max: 8}", "resources.wait_for_gpus_s=30"]).resources
+    assert (elastic.min_actors, elastic.max_actors, elastic.wait_for_gpus_s) == (1, 8, 30)
+    with pytest.raises(ConfigError) as err:
+        load_config({**BASE, "resources": {"actors": actors}})
+    assert str(err.value) == f"invalid config: {message}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inference.task=instance"], "output.confidence is for multi-class semantic runs: inference.task instance writes objects"),
+        (["metrics.task=binary"], "output.confidence is for multi-class semantic runs: a binary task writes its foreground probability"),
+    ],
+)
+def test_output_confidence_is_off_by_default_and_refused_where_no_class_probability_map_is_written(overrides, message):
+    assert load_config(BASE).output.confidence is False
+    assert load_config(BASE, ["output.confidence=true"]).output.confidence is True
+    with pytest.raises(ConfigError, match=message):
+        load_config(BASE, ["output.confidence=true", *overrides])
+
+
 def test_model_needs_name_or_checkpoint():
     with pytest.raises(ConfigError, match="model"):
         load_config({"input": {"uri": "/x"}, "model": {}})

@@ -8,18 +8,22 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import CLASS_NAMES, job_config, read_run_table, segpipe_run, tiny_checkpoint, write_png
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
-from pipeline.plan import plan_actors, progress_line, ray_lines_to
+from pipeline.plan import build_dataset, plan_actors, progress_line, ray_lines_to
 from pipeline.results.masks import decode_png
+from pipeline.results.runstore import read_confidence, read_mask
+from pipeline.rows import SourceUnit
 from pipeline.telemetry import STAGES
 
 NUM_CLASSES = len(CLASS_NAMES)
@@ -45,7 +49,6 @@ def test_processes_that_run_no_model_import_no_torch():
         ({"CPU": 2}, {"actors": 2}, (2, 0.5, 0.0)),
         ({"CPU": 2}, {"actors": 1, "cpus_per_actor": 2}, (1, 1.0, 0.0)),  # lowered: tasks keep a CPU
         ({"CPU": 2}, {"actors": 8}, (4, 0.25, 0.0)),
-        ({"CPU": 2}, {"actors": 2, "gpus_per_actor": 1}, (2, 0.5, 0.0)),  # no GPU: CPU actors
         ({"CPU": 16, "GPU": 2}, {"actors": 4, "gpus_per_actor": 1}, (2, 1.0, 1.0)),
     ],
 )
@@ -59,6 +62,49 @@ def test_actor_sizing_leaves_a_cpu_to_tasks(cluster, resources, expect):
     # the read tasks that fit beside the actors: the GPU case keeps 14 CPUs of 16 for decoding
     assert plan.read_tasks == max(1, int((cluster["CPU"] - plan.actors * plan.num_cpus) // plan.task_cpus))
     assert plan.read_tasks >= (14 if cluster.get("GPU") else 1)
+
+
+def test_a_gpu_request_on_a_cluster_without_gpus_is_refused_never_run_on_cpu():
+    """Before, plan_actors printed a note and sized CPU actors: a silent CPU run of a GPU job."""
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "resources": {"actors": 2, "gpus_per_actor": 1}})
+    with pytest.raises(ConfigError, match=r"resources.gpus_per_actor: 1, but the cluster has 0 GPUs.*gpus_per_actor: 0 for a CPU run"):
+        plan_actors(cfg, {"CPU": 2})
+
+
+@pytest.mark.parametrize(
+    "cluster, resources, expect",
+    [
+        ({"CPU": 2}, {"actors": {"min": 1, "max": 2}}, (1, 2, 0.5, 0.0)),  # the largest pool leaves tasks a CPU
+        ({"CPU": 2}, {"actors": {"min": 3, "max": 8}}, (3, 4, 0.25, 0.0)),  # the max capped as a number is
+        ({"CPU": 2}, {"actors": {"min": 6, "max": 8}}, (4, 4, 0.25, 0.0)),  # and the min with it
+        ({"CPU": 9}, {"actors": {"min": 2, "max": 2}}, (2, 2, 4.0, 0.0)),
+        # GPUs: the min is what the GPUs there are hold now; the max stays for the autoscaler's GPUs
+        ({"CPU": 16, "GPU": 2}, {"actors": {"min": 3, "max": 6}, "gpus_per_actor": 1}, (2, 6, 1.0, 1.0)),
+        ({"CPU": 16, "GPU": 4}, {"actors": {"min": 1, "max": 3}, "gpus_per_actor": 0.5}, (1, 3, 1.0, 0.5)),
+    ],
+)
+def test_an_elastic_pool_keeps_its_bounds_within_what_the_cluster_holds(cluster, resources, expect):
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "resources": resources})
+    plan = plan_actors(cfg, cluster)
+    assert (plan.min_actors, plan.actors, plan.num_cpus, plan.num_gpus) == expect
+    if not plan.num_gpus:  # at its largest, the pool leaves the read and write tasks a CPU
+        assert plan.actors * plan.num_cpus <= cluster["CPU"] - 1 + 1e-9
+    pool = plan.pool()
+    assert (pool.min_size, pool.max_size) == expect[:2]
+    fixed = plan_actors(load_config({**cfg.model_dump(), "resources": {"actors": 2}}), cluster)
+    assert fixed.min_actors is None and (fixed.pool().min_size, fixed.pool().max_size) == (2, 2)
+
+
+def test_the_plan_gives_ray_data_the_elastic_pools_min_and_max(ray_session):
+    """build_dataset's predictor map: Ray Data's ActorPoolStrategy with the pool's bounds (before:
+    size=resources.actors, a number only)."""
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "resources": {"actors": {"min": 1, "max": 3}}})
+    plan = plan_actors(cfg, {"CPU": 8})
+    ds = build_dataset(cfg, [SourceUnit(0, "images", ("/x/a.png",), (None,), ("a.png",))], plan, attempt=1, binary=False)
+    predict = ds._logical_plan.dag.input_dependencies[0]
+    assert predict.name == "MapBatches(Predictor)"
+    assert (predict.compute.min_size, predict.compute.max_size) == (1, 3)
+    assert predict.ray_remote_args["num_cpus"] == plan.num_cpus == 2.333
 
 
 # --------------------------------------------------------------------------- run_job through `segpipe run`
@@ -139,6 +185,19 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     stages = info["attempts"][0]["stages"]  # where the time went, summed over the tasks and actors
     assert all(stages[k] > 0 for k in ("read", "decode", "forward", "stitch", "encode", "write")), stages
     assert set(stages) == set(STAGES) and stages["transfer"] < stages["forward"], stages  # no device to copy to on a CPU
+    assert info["identity"]["output.confidence"] is False  # off by default: no confidence column
+    assert read_run_table(run, "masks").column_names == [
+        "image_id",
+        "height",
+        "width",
+        "chunk_y",
+        "chunk_x",
+        "chunk_height",
+        "chunk_width",
+        "mask",
+    ]
+    actors = info["attempts"][0]["actors"]  # the pool as planned; no actor ran out of memory
+    assert actors["actors"] == 1 and actors["min_actors"] is None and actors["lowered_batch_sizes"] == {}
 
     # resume: the same run_id again writes nothing new and counts every image once
     parts = sorted(p.name for p in (run / "masks").iterdir())
@@ -221,11 +280,56 @@ def test_metrics_that_do_not_fit_the_models_classes_exit_2_before_anything_runs(
     assert not (tmp_path / "runs" / "misfit").exists()
 
 
-def test_whole_mode_writes_one_mask_per_image(ray_session, tmp_path, archive, checkpoint):
-    cfg = archive_job(tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"})
+def test_a_gpu_job_on_a_cluster_without_gpus_waits_then_exits_2_writing_nothing(ray_session, tmp_path, archive, checkpoint, capsys):
+    """resources.wait_for_gpus_s: 1 on the session's Ray (no GPU): `segpipe run` polls for the
+    autoscaler's GPUs for a second, then one line, exit 2, no run directory (before: a note and a CPU run)."""
+    cfg = archive_job(tmp_path, archive, checkpoint, run_id="nogpu", resources={"gpus_per_actor": 1, "wait_for_gpus_s": 1})
+    started = time.monotonic()
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+    assert time.monotonic() - started >= 1
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "resources.gpus_per_actor: 1, but the cluster has 0 GPUs after waiting 1 s" in err[0], err
+    assert "waiting up to 1 s for GPUs" in captured.out
+    assert not (tmp_path / "runs" / "nogpu").exists()
+
+
+def test_output_confidence_for_a_two_class_model_exits_2_before_anything_runs(tmp_path, archive, capsys):
+    model = tiny_checkpoint(tmp_path / "m.safetensors", 2)
+    cfg = archive_job(tmp_path, archive, model, run_id="two", metrics={"ignore_index": 100}, output={"confidence": True})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "output.confidence is for multi-class runs: segformer-b0 has 2 classes" in err[0], err
+    assert not (tmp_path / "runs" / "two").exists()
+
+
+def test_whole_mode_writes_one_mask_per_image_and_output_confidence_its_max_softmax_chunked_like_it(
+    ray_session, tmp_path, archive, checkpoint
+):
+    """output.confidence (a 3-class model): a confidence column beside the mask, chunked as the mask
+    is (chunk_size 16), read back by read_confidence: round(255 x the max of a softmax computed here
+    from the model's scores resized to the image), within 1."""
+    from models import load_model
+
+    cfg = archive_job(
+        tmp_path, archive, checkpoint, run_id="whole", inference={"mode": "whole"}, output={"confidence": True, "chunk_size": 16}
+    )
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    masks = read_run_table(tmp_path / "runs" / "whole", "masks")
-    assert masks.num_rows == 6
+    run = tmp_path / "runs" / "whole"
+    masks = read_run_table(run, "masks")
+    assert len(set(masks.column("image_id").to_pylist())) == 6 and masks.num_rows > 6  # every image, in chunks
+    assert "confidence" in masks.column_names and "probability" not in masks.column_names
+    assert json.loads((run / "run.json").read_text())["identity"]["output.confidence"] is True
+    image = np.array(Image.open(archive / "images" / "b" / "img0.png").convert("RGB"))
+    model = load_model(str(checkpoint)).eval()
+    with torch.inference_mode():
+        scores = model(model.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float()))
+        scores = torch.nn.functional.interpolate(scores, size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+        expected = np.rint(255 * torch.softmax(scores, 0).amax(0).numpy())
+    confidence = read_confidence(str(run), "b/img0.png")
+    assert confidence.dtype == np.uint8 and confidence.shape == image.shape[:2]
+    assert np.abs(confidence.astype(int) - expected).max() <= 1 and confidence.min() >= 255 // NUM_CLASSES
+    assert (read_mask(str(run), "b/img0.png") == scores.argmax(0).numpy()).mean() > 0.999  # the labels as before
 
 
 @pytest.mark.parametrize(
@@ -361,7 +465,6 @@ def test_panoptic_task_writes_segment_maps_and_scores_pq_one_against_its_own_seg
     its table with their areas; a second run scored against the first run's output written as COCO
     panoptic labels (PNGs + JSON) has PQ = SQ = RQ = 1 and the per-class values of the classes seen."""
     from pipeline.io.coco_codec import id_to_rgb
-    from pipeline.results.runstore import read_mask
 
     panoptic = {"task": "panoptic", "objects": {"threshold": 0.0, "mask_threshold": 0.01, "overlap_threshold": 0.0}}
     cfg = archive_job(tmp_path, archive, maskformer, labels=False, run_id="pan", inference=panoptic)

@@ -513,6 +513,56 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
             assert all(int((mask == o["segment_id"]).sum()) == o["area"] for o in row.objects)
 
 
+def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports_the_size(ray_session, tmp_path, checkpoint):
+    """The predictor (as a plain class) with a stand-in scorer that runs out of memory above 2
+    windows a batch: every image segmented, the masks those of a scorer with room, the size 2
+    remembered and sent to the run monitor (run.json's actors.lowered_batch_sizes). Before: the
+    OutOfMemoryError reached the actor's image-by-image retry at the same batch size, and every
+    image was an errors row. In whole mode (one image a forward) only the image that does not fit
+    alone is one."""
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.plan import _run_monitor_class
+    from pipeline.predict.predictor import Predictor
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    def predictor_out_of_memory(cfg, monitor=None, most_windows: int = 2, most_pixels: int = 2**30) -> tuple[Predictor, list[int]]:
+        predictor, calls = Predictor(cfg, monitor=monitor), []
+        score_fn = predictor.score_fn
+
+        def scored(windows: torch.Tensor) -> torch.Tensor:
+            calls.append(len(windows))
+            if len(windows) > most_windows or windows[0, 0].numel() > most_pixels:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return score_fn(windows)
+
+        predictor.score_fn = scored
+        return predictor, calls
+
+    crops = [RGB[:70, :90], RGB[100:160, 200:300], RGB[200:240, :50]]
+    images = [
+        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), height=c.shape[0], width=c.shape[1])
+        for i, c in enumerate(crops)
+    ]
+    batch = to_columns([image.to_record() for image in images])
+    cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [48, 48], "stride": [32, 32], "batch_size": 8}))
+    with_room = [Prediction.from_batch(Predictor(cfg)(batch), i) for i in range(3)]
+    monitor = _run_monitor_class().remote()
+    predictor, calls = predictor_out_of_memory(cfg, monitor)
+    out = [Prediction.from_batch(predictor(batch), i) for i in range(3)]
+    for row, expected in zip(out, with_room):
+        assert not row.error and np.array_equal(decode_png(row.chunks[0].mask), decode_png(expected.chunks[0].mask))
+    assert predictor.batch_sizes.lowered == {(48, 48): 2} and calls[:3] == [8, 4, 2] and max(calls[2:]) == 2
+    predictor(to_columns([images[0].to_record()]))  # the next batch keeps the size: nothing above 2 again
+    assert max(calls[2:]) == 2
+    assert ray.get(monitor.lowered_batch_sizes.remote(), timeout=30) == {"48x48": 2}
+    ray.kill(monitor)
+    whole, _ = predictor_out_of_memory(load_config({**cfg.model_dump(), "inference": {"mode": "whole"}}), most_pixels=64 * 64)
+    rows = [Prediction.from_batch(whole(batch), i) for i in range(3)]
+    assert [bool(r.error) for r in rows] == [True, True, False] and "OutOfMemoryError" in rows[0].error
+
+
 def test_the_onnxruntime_backend_gives_the_torch_backends_masks_through_the_actor(tmp_path, checkpoint, caplog):
     from pipeline.config import load_config
     from pipeline.predict.predictor import Predictor

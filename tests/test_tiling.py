@@ -17,6 +17,7 @@ from torch import nn
 
 import pipeline.predict.tiling as tiling
 from pipeline.predict.tiling import (
+    BatchSizes,
     BilinearFormula,
     BilinearRows,
     Segmentation,
@@ -394,6 +395,46 @@ def test_windows_of_several_images_in_one_batch_equal_one_image_at_a_time():
         np.testing.assert_array_equal(a.labels, b.labels)
 
 
+def out_of_memory_above(score_fn, most: int, calls: list[int]):
+    """A stand-in for a device's memory: score_fn, raising torch.OutOfMemoryError (what CUDA's is a
+    subclass of) for a batch of more than `most` windows; the size of every call into `calls`."""
+
+    def scored(windows: torch.Tensor) -> torch.Tensor:
+        calls.append(len(windows))
+        if len(windows) > most:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {len(windows)} windows")
+        return score_fn(windows)
+
+    return scored
+
+
+def test_a_batch_out_of_memory_is_halved_rerun_and_its_size_remembered_for_the_window_size():
+    """Before, the OutOfMemoryError left segment_images (the actor then retried image by image, each
+    at the same batch size: every image an errors row)."""
+    score_fn = conv_score_fn(num_classes=4, seed=5)
+    images = [random_image(50, 40, 21), random_image(33, 60, 22), random_image(70, 30, 23)]
+    settings = TilingSettings(window=(24, 24), stride=(16, 16), batch_size=8)
+    expected = segment_images(score_fn, images, TilingSettings(window=(24, 24), stride=(16, 16), batch_size=1))
+    calls: list[int] = []
+    sizes = BatchSizes(settings.batch_size)
+    result = segment_images(out_of_memory_above(score_fn, 2, calls), images, settings, sizes)
+    for a, b in zip(result, expected):
+        np.testing.assert_array_equal(a.labels, b.labels)
+    assert sizes.lowered == {(24, 24): 2} and sizes.of((48, 48)) == 8  # another window size keeps its own
+    assert calls[:3] == [8, 4, 2] and set(calls[3:]) == {2}  # halved twice, then never tried above 2 again
+    windows = sum(len(plan_windows(*image.shape[:2], (24, 24), (16, 16))) for image in images)
+    assert sum(n for n in calls if n <= 2) == windows  # every window scored once
+    calls.clear()  # the remembered size holds for the next images (the actor's next batch)
+    streamed = list(
+        segment_streaming(
+            out_of_memory_above(score_fn, 2, calls), lambda y, x, h, w: images[0][y : y + h, x : x + w], 50, 40, settings, sizes
+        )
+    )
+    assert set(calls) == {2} and np.array_equal(np.concatenate([labels for _, labels, _ in streamed]), expected[0].labels)
+    with pytest.raises(torch.OutOfMemoryError):  # one window that does not fit is the image's error
+        segment_images(out_of_memory_above(score_fn, 0, []), images[:1], settings, BatchSizes(8))
+
+
 def test_binary_probability_is_softmax_of_blended_scores():
     score_fn = conv_score_fn(num_classes=2, seed=2)
     image = random_image(40, 50, 11)
@@ -408,6 +449,53 @@ def test_binary_probability_is_softmax_of_blended_scores():
     assert whole.probability.shape == (40, 50) and 0 <= whole.probability.min() <= whole.probability.max() <= 1
     with pytest.raises(ValueError, match="2 classes"):
         segment_images(conv_score_fn(num_classes=3), [image], settings)
+
+
+@pytest.mark.parametrize("stride4", [True, False])  # held windows (scores at the output stride) and a band (at the window's)
+def test_confidence_is_the_max_softmax_of_the_blended_scores_in_slide_whole_and_streamed_images(stride4):
+    """output.confidence's rows: each pixel's largest class probability, beside labels that stay as
+    they were; nothing of it unless asked (before: multi-class runs kept only the argmax)."""
+    score_fn = conv_score_fn(num_classes=5, seed=4, stride4=stride4)
+    image = random_image(70, 90, 14)
+    plain = TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3)
+    settings = TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3, confidence=True)
+    result, without = segment_images(score_fn, [image], settings)[0], segment_images(score_fn, [image], plain)[0]
+    expected = torch.softmax(reference_slide_labels(score_fn, image, settings), 0).amax(0).numpy()
+    assert without.probability is None and result.probability.dtype == np.float32
+    np.testing.assert_allclose(result.probability, expected, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, without.labels)
+    streamed = list(segment_streaming(score_fn, lambda y, x, h, w: image[y : y + h, x : x + w], 70, 90, settings))
+    np.testing.assert_array_equal(np.concatenate([p for _, _, p in streamed]), result.probability)
+    whole = segment_images(score_fn, [image], TilingSettings(mode="whole", confidence=True))[0]
+    scores = F.interpolate(score_fn(to_pixels([image])), size=(70, 90), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_allclose(whole.probability, torch.softmax(scores, 0).amax(0).numpy(), atol=1e-5)
+    shares = torch.softmax(scores, 0)  # scores that are probabilities already: the largest share of their sum
+    _, largest = tiling.labels_and_probability(shares * 3, tiling.Confidence("probabilities"))
+    np.testing.assert_allclose(largest, shares.amax(0).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="ask for one of them"):
+        TilingSettings(binary=True, confidence=True)
+
+
+@pytest.mark.parametrize("stride4", [True, False])
+@pytest.mark.parametrize("beside", [{}, {"binary": True}, {"confidence": True}])
+def test_the_stitcher_on_the_models_device_forced_on_the_cpu_gives_todays_labels_and_probabilities(stride4, beside):
+    """stitch_device: the band where the model's scores are (resized by F.interpolate there, blended,
+    reduced to labels), only label and probability rows back. On the CPU it must equal today's path
+    (held windows or a band) bit for bit, in slide and whole mode; on a GPU, labels may differ only
+    where two classes tie within float error."""
+    score_fn = conv_score_fn(num_classes=2 if beside.get("binary") else 5, seed=6, stride4=stride4)
+    images = [random_image(70, 90, 15), random_image(20, 100, 16)]
+    for settings in (
+        TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3, **beside),
+        TilingSettings(mode="whole", **beside),
+    ):
+        today = segment_images(score_fn, images, settings)
+        on_device = segment_images(score_fn, images, settings, stitch_device=torch.device("cpu"))
+        for a, b in zip(today, on_device):
+            np.testing.assert_array_equal(b.labels, a.labels)
+            assert (a.probability is None) == (b.probability is None) == (not beside)
+            if a.probability is not None:
+                np.testing.assert_array_equal(b.probability, a.probability)
 
 
 def test_many_classes_give_uint16_labels():
@@ -559,6 +647,6 @@ def test_tiling_settings_from_the_config_carry_every_inference_field_the_tiler_r
         "gaussian",
         3,
     )
-    assert settings.foreground is None
+    assert settings.foreground is None and settings.beside is None and not settings.confidence
     binary = TilingSettings.from_config(cfg.inference, binary=True, positive_class=0, score_kind="probabilities")
     assert (binary.binary, binary.positive_class, binary.score_kind) == (True, 0, "probabilities")

@@ -37,12 +37,14 @@ from pipeline.predict.objects import (
     tight_boxes,
 )
 from pipeline.predict.tiling import (
+    BatchSizes,
     ReadWindow,
     StreamingStitcher,
     TilingSettings,
     plan_windows,
     read_padded,
     resize_scores,
+    score_within_memory,
     to_pixels,
     window_inside,
 )
@@ -96,9 +98,11 @@ def find_objects(
     tiling: TilingSettings,
     settings: ObjectSettings,
     found: list[ImageObject],
+    batch_sizes: BatchSizes | None = None,
 ) -> Iterator[SemanticBand]:
     """The objects of one image into `found` (highest score first once the generator is done),
-    and meanwhile its semantic label rows from the same forward passes, top to bottom."""
+    and meanwhile its semantic label rows from the same forward passes, top to bottom. Batches of
+    tiling.batch_size windows, fewer where one ran out of memory (tiling.BatchSizes)."""
     if tiling.mode == "whole":
         plan = plan_windows(height, width, (height, width), (height, width))  # one window: the image
     else:
@@ -106,9 +110,10 @@ def find_objects(
     stitcher = StreamingStitcher(plan, tiling.blend, None)
     merger = WindowInstanceMerger(settings.merge_iou)
     windows = iter(plan.windows)
-    while batch := list(islice(windows, tiling.batch_size)):
-        class_logits, mask_logits = query_fn(to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in batch]))
-        for (y0, x0), class_logit, mask_logit in zip(batch, class_logits, mask_logits):
+    sizes = batch_sizes or BatchSizes(tiling.batch_size)
+    while batch := list(islice(windows, sizes.of(plan.window))):
+        pixels = to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in batch])
+        for (y0, x0), (class_logit, mask_logit) in zip(batch, score_within_memory(query_fn, pixels, plan.window, sizes)):
             top, left, oy, ox, h, w = window_inside(plan, y0, x0)
             view = window_objects(class_logit, mask_logit, plan.window, settings)
             if (oy, ox, h, w) != (0, 0, *plan.window):  # the window's padding is not the image's
@@ -121,7 +126,9 @@ def find_objects(
     found.sort(key=lambda o: -o.score)
 
 
-def find_segments(query_fn: QueryFn, image: np.ndarray, tiling: TilingSettings, settings: ObjectSettings) -> PanopticSegments:
+def find_segments(
+    query_fn: QueryFn, image: np.ndarray, tiling: TilingSettings, settings: ObjectSettings, batch_sizes: BatchSizes | None = None
+) -> PanopticSegments:
     """The panoptic segmentation of an image held in memory: one pass in whole mode (transformers'
     post-processing of it, exactly), else merged window segments painted by `paint_segments`."""
     height, width = image.shape[:2]
@@ -129,7 +136,8 @@ def find_segments(query_fn: QueryFn, image: np.ndarray, tiling: TilingSettings, 
         class_logits, mask_logits = query_fn(to_pixels([image]))
         return segments_of_view(class_logits[0], mask_logits[0], (height, width), settings)
     found: list[ImageObject] = []
-    for _ in find_objects(query_fn, lambda y, x, h, w: image[y : y + h, x : x + w], height, width, tiling, settings, found):
+    read = lambda y, x, h, w: image[y : y + h, x : x + w]
+    for _ in find_objects(query_fn, read, height, width, tiling, settings, found, batch_sizes):
         pass
     return paint_segments(found, (height, width), settings.stuff_classes)
 

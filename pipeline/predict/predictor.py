@@ -33,7 +33,7 @@ from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
 from pipeline.predict.job_model import check_task, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
-from pipeline.predict.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.predict.tiling import BatchSizes, TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.telemetry import RunMetrics, StageClock
@@ -44,11 +44,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def scored_on_device(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]], windows: torch.Tensor, device: torch.device, clock: StageClock | None
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    windows: torch.Tensor,
+    device: torch.device,
+    clock: StageClock | None,
+    keep_on_device: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """forward(windows on `device`), its outputs back on the CPU in float32. With a clock, the time
-    goes to two stages: transfer (the copies to and from the device) and forward (the model: on a
-    GPU its kernels are waited for before the copy back, so that the copy's time is the copy's)."""
+    """forward(windows on `device`), its outputs back on the CPU in float32 (`keep_on_device`: left
+    where they are, for a stitcher on the device). With a clock, the time goes to two stages: transfer
+    (the copies to and from the device) and forward (the model: on a GPU its kernels are waited for
+    before the copy back, so that the copy's time is the copy's)."""
     started = time.perf_counter()
     x = windows.to(device, non_blocking=True)
     moved = time.perf_counter()
@@ -56,7 +61,8 @@ def scored_on_device(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     computed = time.perf_counter()
-    outputs = tuple(out.cpu() for out in outputs)
+    if not keep_on_device:
+        outputs = tuple(out.cpu() for out in outputs)
     if clock is not None:
         clock.add("transfer", (moved - started) + (time.perf_counter() - computed))
         clock.add("forward", computed - moved)
@@ -65,20 +71,22 @@ def scored_on_device(
 
 @dataclass
 class ModelScorer:
-    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out; `clock`: where the
-    transfer and forward seconds are counted (the actor's, the benchmark's)."""
+    """score_fn for the tiler: raw 0-255 windows in, float32 CPU scores out (`keep_on_device`: on the
+    model's device, for the stitcher there); `clock`: where the transfer and forward seconds are
+    counted (the actor's, the benchmark's)."""
 
     model: SegmentationModel
     device: torch.device
     precision: str = "fp32"
     clock: StageClock | None = None
+    keep_on_device: bool = False
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         def forward(x: torch.Tensor) -> tuple[torch.Tensor]:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
                 return (self.model(self.model.normalize(x)),)
 
-        return scored_on_device(forward, windows, self.device, self.clock)[0]
+        return scored_on_device(forward, windows, self.device, self.clock, self.keep_on_device)[0]
 
 
 @dataclass
@@ -168,7 +176,8 @@ def finish_image(
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
     (default: class indices, `ignore_index` ignored). A label that reading refuses is the image's
-    error (pipeline.metrics.semantic.LabelReadingError)."""
+    error (pipeline.metrics.semantic.LabelReadingError). `binary`: the bands carry probability rows
+    (a binary task's foreground probability, or the confidence of output.confidence), encoded too."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
     areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
     finished = 0
@@ -220,7 +229,11 @@ class Predictor:
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
         self.clock = StageClock()  # seconds per stage, sent to the run monitor after each batch
-        self.score_fn = with_tta(ModelScorer(model, self.device, inference.precision, self.clock), inference.tta.flip, inference.tta.scales)
+        # images held in memory are stitched where the model runs (a GPU): only label rows cross back.
+        # Streamed images keep the CPU's stitcher (its band of a gigapixel-wide image may not fit a GPU)
+        self.stitch_device = self.device if self.device.type != "cpu" else None
+        scorer = ModelScorer(model, self.device, inference.precision, self.clock, keep_on_device=self.stitch_device is not None)
+        self.score_fn = with_tta(scorer, inference.tta.flip, inference.tta.scales)
         check_task(inference.task, model)
         self.objects = object_settings(cfg)  # None: the semantic task
         self.query_fn = QueryScorer(model, self.device, inference.precision, self.clock) if self.objects else None
@@ -228,8 +241,16 @@ class Predictor:
         if cfg.metrics.panoptic_labels:
             self.panoptic_labels = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
         self.settings = TilingSettings.from_config(
-            inference, binary=binary, positive_class=self.positive_class, score_kind=model.score_kind
+            inference,
+            binary=binary,
+            positive_class=self.positive_class,
+            score_kind=model.score_kind,
+            confidence=cfg.output.confidence and not binary,
         )
+        # windows per forward by window size: halved where a batch runs out of device memory, for the
+        # actor's life; what it came down to goes to the run monitor (run.json's actors.lowered_batch_sizes)
+        self.batch_sizes = BatchSizes(inference.batch_size)
+        self.reported_sizes: dict[tuple[int, int], int] = {}
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -242,6 +263,13 @@ class Predictor:
             inside = sum(self.clock.seconds[k] - before[k] for k in ("transfer", "forward", "encode"))
             self.clock.add("stitch", max(time.perf_counter() - started - inside, 0.0))
             self.clock.send(self.monitor)
+            self._report_batch_sizes()
+
+    def _report_batch_sizes(self) -> None:
+        """Batch sizes lowered since the last report, to the run monitor (fire and forget)."""
+        if self.monitor is not None and self.batch_sizes.lowered != self.reported_sizes:
+            self.monitor.lower_batch_sizes.remote({f"{h}x{w}": n for (h, w), n in self.batch_sizes.lowered.items()})
+        self.reported_sizes = dict(self.batch_sizes.lowered)
 
     def _predict_batch(self, batch: dict[str, np.ndarray], started: float) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
@@ -262,13 +290,16 @@ class Predictor:
     def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
         """The semantic task for the images at `in_memory` (held in memory), batched together, into `out`."""
         try:
-            segs: list = segment_images(self.score_fn, [images[i].image for i in in_memory], self.settings)
+            segs: list = segment_images(
+                self.score_fn, [images[i].image for i in in_memory], self.settings, self.batch_sizes, self.stitch_device
+            )
         except Exception:
-            # one image may break the batch (e.g. out of memory): retry one at a time to isolate it
+            # one image may break the batch (out of memory at one window a batch, a bad pixel array):
+            # retry one at a time to isolate it
             segs = []
             for i in in_memory:
                 try:
-                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings))
+                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes, self.stitch_device))
                 except Exception as exc:
                     segs.append(exc)
         for i, seg in zip(in_memory, segs):
@@ -298,7 +329,7 @@ class Predictor:
             label_rows,
             num_classes=self.num_classes,
             chunk_size=self.chunk_size,
-            binary=self.settings.binary,
+            binary=self.settings.beside is not None,
             reading=self.label_reading,
             on_rows=on_rows,
         )
@@ -329,7 +360,7 @@ class Predictor:
         panoptic task: the segment-id map as the mask, its segments beside it."""
         pixels, label = image.image, image.label
         if self.objects.task == "panoptic":
-            segments = find_segments(self.query_fn, pixels, self.settings, self.objects)
+            segments = find_segments(self.query_fn, pixels, self.settings, self.objects, self.batch_sizes)
             ids = segments.segment_map
             row.chunks, _ = finish_image(
                 iter([(0, ids.astype(label_dtype(int(ids.max(initial=0)) + 1)), None)]),
@@ -347,7 +378,7 @@ class Predictor:
             return row
         found: list[ImageObject] = []
         read = lambda y, x, h, w: pixels[y : y + h, x : x + w]
-        bands = find_objects(self.query_fn, read, row.height, row.width, self.settings, self.objects, found)
+        bands = find_objects(self.query_fn, read, row.height, row.width, self.settings, self.objects, found, self.batch_sizes)
         label_rows = (lambda y, n: label[y : y + n]) if label is not None else None
         row = self._finish(row, bands, label_rows)
         row.objects = instance_records(found, row.height, row.width)
@@ -385,6 +416,7 @@ class Predictor:
             storage_options=self.input_storage_options,
             on_rows=on_rows,
             objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
+            batch_sizes=self.batch_sizes,
         )
         if self.objects is not None:
             row.objects = instance_records(found, row.height, row.width)
@@ -404,6 +436,7 @@ def segment_tiff(
     storage_options: dict | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
+    batch_sizes: BatchSizes | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """A TIFF read window by window (pipeline.io.tiff): the stitcher's bands through `finish_image`, the
     label's rows read the same way. on_rows(rows finished, total) reports progress inside the image.
@@ -424,10 +457,10 @@ def segment_tiff(
                     f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
                 )
             if objects is None:
-                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings)
+                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings, batch_sizes)
             else:
                 query_fn, object_config, found = objects
-                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found)
+                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found, batch_sizes)
             return finish_image(
                 bands,
                 source.height,
@@ -435,7 +468,7 @@ def segment_tiff(
                 label.labels if label is not None else None,
                 num_classes=num_classes,
                 chunk_size=chunk_size,
-                binary=settings.binary,
+                binary=settings.beside is not None,
                 ignore_index=ignore_index,
                 reading=reading,
                 on_rows=on_rows,

@@ -7,7 +7,8 @@ Read top to bottom:
   stitchers               `stitch_windows` (reference, whole image in memory) and
                           `StreamingStitcher` (a band of rows; what the pipeline uses)
   entry points            `segment_images` (in-memory images, the predictor actor's call) and
-                          `segment_streaming` (huge images read window by window, yields row bands)
+                          `segment_streaming` (huge images read window by window, yields row bands),
+                          their batches halved where the device runs out of memory (`BatchSizes`)
   test-time augmentation  `TTAScoreFn`: a score_fn that averages flipped and rescaled views
 
 Conventions, shared with MONAI's `sliding_window_inference` and mmseg's `slide_inference` so that
@@ -25,7 +26,9 @@ results can be checked against them:
   For binary tasks (`settings.binary`) `probability` is the foreground probability (`Foreground`):
   softmax(blended)[positive] for logits; blended[positive] / blended.sum() for scores that are
   probabilities already (the query models' semantic map); sigmoid(blended) for a one-logit head,
-  whose labels are then probability > 0.5.
+  whose labels are then probability > 0.5. Multi-class runs with output.confidence (`settings.confidence`)
+  get, in the same place, each pixel's confidence (`Confidence`): its largest class probability,
+  max softmax(blended) for logits, the largest score over their sum for probability-like scores.
 
 Stitching resolution: the stitchers blend at the image's full resolution, after each window's scores
 are resized to the window. Windows at an image's edge start at offsets that are not multiples of the
@@ -65,6 +68,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -77,6 +81,7 @@ import torch.nn.functional as F
 
 from pipeline.config import InferenceConfig
 
+log = logging.getLogger(__name__)
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 # read_window(y0, x0, height, width) -> height x width x 3 uint8, a region inside the image
 ReadWindow = Callable[[int, int, int, int], np.ndarray]
@@ -117,13 +122,21 @@ class TilingSettings:
     binary: bool = False  # also return the foreground probability (2-class or one-logit heads)
     positive_class: int = 1  # the foreground class of a binary task
     score_kind: str = "logits"  # "logits" | "probabilities": what the model's scores are (model.score_kind)
+    confidence: bool = False  # multi-class: also return each pixel's largest class probability (output.confidence)
 
     @classmethod
     def from_config(
-        cls, inference: InferenceConfig, *, binary: bool = False, positive_class: int = 1, score_kind: str = "logits"
+        cls,
+        inference: InferenceConfig,
+        *,
+        binary: bool = False,
+        positive_class: int = 1,
+        score_kind: str = "logits",
+        confidence: bool = False,
     ) -> TilingSettings:
-        """The job's tiling (inference: mode, window, stride, blend, batch_size); what the model and the
-        metrics decide (a binary task, its foreground class, the scores' kind) the actor adds."""
+        """The job's tiling (inference: mode, window, stride, blend, batch_size); what the model, the
+        metrics and the output decide (a binary task, its foreground class, the scores' kind, the
+        confidence map) the actor adds."""
         return cls(
             mode=inference.mode,
             window=tuple(inference.window),
@@ -133,11 +146,18 @@ class TilingSettings:
             binary=binary,
             positive_class=positive_class,
             score_kind=score_kind,
+            confidence=confidence,
         )
 
     @property
     def foreground(self) -> Foreground | None:
         return Foreground(self.positive_class, self.score_kind) if self.binary else None
+
+    @property
+    def beside(self) -> Foreground | Confidence | None:
+        """What the stitchers compute beside the labels: the foreground probability (binary tasks),
+        the confidence (output.confidence), or nothing."""
+        return self.foreground or (Confidence(self.score_kind) if self.confidence else None)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -150,6 +170,8 @@ class TilingSettings:
             raise ValueError(f"stride {list(stride)} must not exceed window {list(window)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.binary and self.confidence:
+            raise ValueError("a binary task's probability is its confidence: ask for one of them")
         object.__setattr__(self, "window", window)
         object.__setattr__(self, "stride", stride)
 
@@ -157,7 +179,7 @@ class TilingSettings:
 @dataclass
 class Segmentation:
     labels: np.ndarray  # H x W, uint8 when num_classes <= 256 else uint16
-    probability: np.ndarray | None  # H x W float32 in [0, 1] (binary tasks), else None
+    probability: np.ndarray | None  # H x W float32 in [0, 1] (binary tasks; confidence where asked), else None
 
 
 @dataclass
@@ -166,7 +188,7 @@ class Band:
 
     y0: int  # the first row, in image coordinates
     labels: np.ndarray  # rows x W
-    probability: np.ndarray | None  # rows x W float32 (binary tasks), else None
+    probability: np.ndarray | None  # rows x W float32 (binary tasks; confidence where asked), else None
     scores: torch.Tensor | None = None  # C x rows x W blended scores, where the stitcher was asked to keep them
 
 
@@ -181,14 +203,31 @@ def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
     12000-wide image) where this loop takes 0.09 s; 2.0 s against 0.6 s for 19 classes, 0.6
     against 0.5 for 150; it also needs no int64 result. uint8 labels up to 256 classes, int32 above.
     """
+    return argmax_and_max(scores)[0]
+
+
+def argmax_and_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`argmax_classes` and the maximum it kept (h x w): the top class's score."""
     num_classes = scores.shape[0]
-    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32)
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8 if num_classes <= 256 else torch.int32, device=scores.device)
     best = scores[0].clone()
     for c in range(1, num_classes):
         better = scores[c] > best  # strictly: a tie keeps the lower class, as argmax does
         labels.masked_fill_(better, c)
         torch.maximum(best, scores[c], out=best)
-    return labels
+    return labels, best
+
+
+def largest_probability(scores: torch.Tensor, best: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """Each pixel's largest class probability from C x h x w scores and their maximum `best`:
+    max softmax = 1 / sum_c exp(s_c - max) for logits, summed a class at a time (one h x w
+    temporary, never a C x h x w softmax); max / sum for scores that are probabilities already."""
+    if kind == "probabilities":
+        return best / scores.sum(dim=0).clamp_min(torch.finfo(scores.dtype).tiny)
+    total, term = torch.zeros_like(best), torch.empty_like(best)
+    for c in range(scores.shape[0]):
+        total.add_(torch.sub(scores[c], best, out=term).exp_())
+    return total.reciprocal_()
 
 
 @dataclass(frozen=True)
@@ -199,21 +238,34 @@ class Foreground:
     scores: str = "logits"  # "logits" | "probabilities"
 
 
-def _foreground(binary: bool | Foreground | None) -> Foreground | None:
+@dataclass(frozen=True)
+class Confidence:
+    """A multi-class run's confidence map (output.confidence): each pixel's largest class probability."""
+
+    scores: str = "logits"  # "logits" | "probabilities"
+
+
+def _foreground(binary: bool | Foreground | Confidence | None) -> Foreground | Confidence | None:
     if binary is True:
         return Foreground()
     return binary or None
 
 
-def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | None) -> tuple[np.ndarray, np.ndarray | None]:
+def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | Confidence | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Blended scores C x h x w -> labels (argmax over classes) and, for binary tasks, the foreground
-    probability; a one-logit head (C == 1) gives labels probability > 0.5 (0 background, 1 foreground)."""
+    probability; a one-logit head (C == 1) gives labels probability > 0.5 (0 background, 1 foreground).
+    With `Confidence`: the labels and each pixel's largest class probability (`largest_probability`)."""
     foreground = _foreground(binary)
     num_classes = scores.shape[0]
+    if isinstance(foreground, Confidence):
+        labels, best = argmax_and_max(scores)
+        confidence = largest_probability(scores, best, foreground.scores)
+        return labels.cpu().numpy().astype(label_dtype(num_classes), copy=False), confidence.cpu().numpy().astype(np.float32, copy=False)
     if foreground is not None and num_classes == 1:
         probability = torch.sigmoid(scores[0])
-        return (probability > 0.5).numpy().astype(np.uint8), probability.numpy().astype(np.float32, copy=False)
-    labels = argmax_classes(scores).numpy().astype(label_dtype(num_classes), copy=False)
+        return (probability > 0.5).cpu().numpy().astype(np.uint8), probability.cpu().numpy().astype(np.float32, copy=False)
+    # scores on a device (the stitcher where the model runs): only these rows cross back to the CPU
+    labels = argmax_classes(scores).cpu().numpy().astype(label_dtype(num_classes), copy=False)
     if foreground is None:
         return labels, None
     if num_classes != 2:
@@ -222,7 +274,7 @@ def labels_and_probability(scores: torch.Tensor, binary: bool | Foreground | Non
         probability = scores[foreground.positive] / scores.sum(dim=0).clamp_min(torch.finfo(scores.dtype).tiny)
     else:
         probability = torch.softmax(scores, dim=0)[foreground.positive]
-    return labels, probability.numpy().astype(np.float32, copy=False)
+    return labels, probability.cpu().numpy().astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- the window planner
@@ -559,13 +611,25 @@ class StreamingStitcher:
       as it comes; final rows are divided in place and emitted, then the band shifts up and the rows
       it frees are zeroed. Peak about (C + 1) x window height x image width x 4 bytes.
     Either way memory grows with the image's width, never with its height.
+
+    `device` (the model's, e.g. CUDA): the band lives there, windows' scores are resized (F.interpolate)
+    and blended where the model left them, and only the label rows (and probability rows where
+    asked) cross back to the CPU. On the CPU it gives the same float32 numbers as the other two ways.
     """
 
-    def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | None = False, keep_scores: bool = False):
+    def __init__(
+        self,
+        plan: WindowPlan,
+        blend: str = "mean",
+        binary: bool | Foreground | Confidence | None = False,
+        keep_scores: bool = False,
+        device: torch.device | None = None,
+    ):
         self.plan = plan
         self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
-        self.weights = importance_map(plan.window, blend)
+        self.device = device  # None: the CPU, held windows where they can be
+        self.weights = importance_map(plan.window, blend).to(device or "cpu")
         self._uniform = blend == "mean"  # weights of 1: skip the multiplication
         self._windows = plan.windows
         self._next = 0  # index of the next window to add
@@ -585,16 +649,16 @@ class StreamingStitcher:
             raise RuntimeError("all windows of this image have been added already")
         if scores.ndim != 3:
             raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
-        scores = scores.to("cpu", torch.float32)
+        scores = scores.to(self.device or "cpu", torch.float32)
         window = self.plan.window
         at_window = tuple(scores.shape[1:]) == window
         if self._classes is None:
             self._classes = scores.shape[0]
-            if not at_window and bilinear_formula(scores, window) is not None:
+            if self.device is None and not at_window and bilinear_formula(scores, window) is not None:
                 self._held = []
             else:
-                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width)
-                self._weight_sum = torch.zeros(window[0], self.plan.padded_width)
+                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width, device=scores.device)
+                self._weight_sum = torch.zeros(window[0], self.plan.padded_width, device=scores.device)
         elif scores.shape[0] != self._classes:
             raise ValueError(f"windows disagree on the number of classes: {scores.shape[0]} != {self._classes}")
         y0, x0 = self._windows[self._next]
@@ -606,7 +670,7 @@ class StreamingStitcher:
             self._held.append(_HeldWindow(y0, x0, held, resize))
         else:
             assert self._scores is not None and self._weight_sum is not None
-            scores = resize_scores(scores, window)
+            scores = resize_scores(scores, window) if self.device is None else scores if at_window else _interpolate(scores, window)
             row = y0 - self._band_top
             wh, ww = window
             self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
@@ -799,6 +863,53 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     return window
 
 
+class BatchSizes:
+    """Windows per forward pass, by window size: `start` (inference.batch_size) until a batch of that
+    size runs out of device memory (torch.OutOfMemoryError: CUDA's); then half of it, remembered for
+    the life of whoever holds this (the predictor actor: every later image of that window size).
+    `lowered` is what run.json reports."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.lowered: dict[tuple[int, int], int] = {}
+
+    def of(self, window: tuple[int, int]) -> int:
+        return self.lowered.get(tuple(window), self.start)
+
+    def halve(self, window: tuple[int, int], failed: int) -> int:
+        size = min(max(1, failed // 2), self.of(window))
+        self.lowered[tuple(window)] = size
+        log.warning("out of memory at a batch of %d windows of %d x %d: %d a batch from now on", failed, *window, size)
+        return size
+
+
+def score_within_memory(score_fn: Callable, pixels: torch.Tensor, window: tuple[int, int], sizes: BatchSizes) -> Iterator:
+    """score_fn over `pixels` (N windows) in batches of sizes.of(window), window by window in order:
+    each window's scores (or, for a score_fn that returns a tuple, its tuple of outputs). A batch
+    that runs out of device memory is halved (`BatchSizes.halve`) and run again; a single window that
+    does is raised: its image is an errors row."""
+    start = 0
+    while start < len(pixels):
+        part = pixels[start : start + sizes.of(window)]
+        try:
+            outputs = score_fn(part)
+        except torch.OutOfMemoryError:
+            if len(part) == 1:
+                raise
+            sizes.halve(window, len(part))
+            outputs = None
+        if outputs is None:  # outside the except block: its traceback held the failed batch's tensors
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
+            continue
+        several = isinstance(outputs, tuple)  # a query model's (class logits, mask logits)
+        first = outputs[0] if several else outputs
+        if first.shape[0] != len(part) or (not several and first.ndim != 4):
+            raise ValueError(f"score_fn must return N x C x h x w for N = {len(part)} windows, got {tuple(first.shape)}")
+        yield from zip(*outputs) if several else outputs
+        start += len(part)
+
+
 @dataclass
 class _ImageJob:
     plan: WindowPlan
@@ -806,29 +917,34 @@ class _ImageJob:
     stitcher: StreamingStitcher
 
 
-def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) -> Iterator[tuple[int, Band]]:
-    """Batch the windows of consecutive images through score_fn; yield (job index, band) as rows finish.
+def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int, int], sizes: BatchSizes) -> Iterator[tuple[int, Band]]:
+    """Batch the windows (all of size `window`) of consecutive images through score_fn, in batches of
+    sizes.of(window) (`score_within_memory`); yield (job index, band) as rows finish.
 
     A batch may hold windows of several images; only the images whose windows are in flight have a
     stitcher band allocated (`jobs` may be a lazy iterable).
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
-    while batch := list(islice(windows, batch_size)):
+    while batch := list(islice(windows, sizes.of(window))):
         pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
-        scores = score_fn(pixels)
-        if scores.ndim != 4 or scores.shape[0] != len(batch):
-            raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
-        for (index, job, _, _), window_scores in zip(batch, scores):
+        for (index, job, _, _), window_scores in zip(batch, score_within_memory(score_fn, pixels, window, sizes)):
             for band in job.stitcher.add(window_scores):  # resized to the window by the stitcher
                 yield index, band
 
 
-def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | None) -> Segmentation:
+def _segment_whole(
+    score_fn: ScoreFn, image: np.ndarray, binary: Foreground | Confidence | None, device: torch.device | None = None
+) -> Segmentation:
     height, width = image.shape[:2]
     scores = score_fn(to_pixels([image]))
     if scores.ndim != 4 or scores.shape[0] != 1:
         raise ValueError(f"score_fn must return 1 x C x h x w for one image, got {tuple(scores.shape)}")
-    labels, probability = labels_and_probability(resize_scores(scores[0], (height, width)), binary)
+    if device is None:
+        scores = resize_scores(scores[0], (height, width))
+    else:  # resized and reduced where the model ran: only the labels (and probability) cross back
+        scores = scores[0].to(device, torch.float32)
+        scores = scores if tuple(scores.shape[-2:]) == (height, width) else _interpolate(scores, (height, width))
+    labels, probability = labels_and_probability(scores, binary)
     return Segmentation(labels, probability)
 
 
@@ -837,25 +953,34 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"images must be H x W x 3 uint8 arrays, got {image.dtype} {image.shape}")
 
 
-def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: TilingSettings) -> list[Segmentation]:
+def segment_images(
+    score_fn: ScoreFn,
+    images: list[np.ndarray],
+    settings: TilingSettings,
+    batch_sizes: BatchSizes | None = None,
+    stitch_device: torch.device | None = None,
+) -> list[Segmentation]:
     """Segment H x W x 3 uint8 images of any sizes.
 
     Whole mode runs each image through score_fn alone and resizes its scores to H x W. Slide mode
     plans windows for every image, batches `settings.batch_size` windows per score_fn call (a batch
-    may mix windows of several images) and stitches each image with a `StreamingStitcher`.
+    may mix windows of several images; `batch_sizes`: fewer where a batch ran out of memory, see
+    `BatchSizes`) and stitches each image with a `StreamingStitcher`. `stitch_device`: resize, blend
+    and reduce to labels there (the model's device, where score_fn leaves its scores); None: the CPU.
     """
     for image in images:
         _check_image(image)
     if settings.mode == "whole":
-        return [_segment_whole(score_fn, image, settings.foreground) for image in images]
+        return [_segment_whole(score_fn, image, settings.beside, stitch_device) for image in images]
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
-        stitcher = StreamingStitcher(plan, settings.blend, settings.foreground)
+        stitcher = StreamingStitcher(plan, settings.blend, settings.beside, device=stitch_device)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: list[Segmentation | None] = [None] * len(images)
-    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.batch_size):
+    sizes = batch_sizes or BatchSizes(settings.batch_size)
+    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.window, sizes):
         result = results[index]
         if result is None:
             height, width = images[index].shape[:2]
@@ -870,7 +995,7 @@ def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: Tiling
 
 
 def segment_streaming(
-    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings
+    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings, batch_sizes: BatchSizes | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Segment one image too large to hold, reading it window by window.
 
@@ -882,10 +1007,10 @@ def segment_streaming(
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)
         _check_image(image)
-        result = _segment_whole(score_fn, image, settings.foreground)
+        result = _segment_whole(score_fn, image, settings.beside)
         yield 0, result.labels, result.probability
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
-    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground))
-    for _, band in _run_windows(score_fn, [job], settings.batch_size):
+    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.beside))
+    for _, band in _run_windows(score_fn, [job], settings.window, batch_sizes or BatchSizes(settings.batch_size)):
         yield band.y0, band.labels, band.probability

@@ -107,7 +107,7 @@ class PngRows:
 
 
 def quantize_probability(probability: np.ndarray) -> np.ndarray:
-    """Foreground probability in [0, 1] -> uint8 round(255 p), as the probability column stores it."""
+    """Probability in [0, 1] -> uint8 round(255 p), as the probability and confidence columns store it."""
     scaled = np.multiply(probability, np.float32(255.0), dtype=np.float32)  # one temporary, worked in place
     np.rint(scaled, out=scaled)
     np.clip(scaled, 0, 255, out=scaled)
@@ -118,7 +118,9 @@ class ChunkedMaskWriter:
     """Cuts one image's mask into chunks (see `chunk_boxes`) and PNG-encodes them as rows arrive.
 
     `add(y0, labels, probability)` takes bands of rows top to bottom, each the full image width (an
-    in-memory image is one band; a streamed image arrives as the stitcher's bands). A row of chunks
+    in-memory image is one band; a streamed image arrives as the stitcher's bands). `binary`: each
+    band has probability rows in [0, 1] (a binary task's foreground probability, or a multi-class
+    run's confidence), encoded as 8-bit round(255 p) chunks beside the mask's. A row of chunks
     is finished, encoded and handed out as soon as its last row has arrived; memory is the
     compressed PNGs plus one deflate state per chunk column.
     """
@@ -204,8 +206,9 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def assemble_mask(rows: pa.Table | Iterable[dict], column: str = "mask") -> np.ndarray:
-    """The full mask (column "mask": labels, uint8 or uint16) or quantized probability (column
-    "probability": uint8 round(255 p)) of ONE image from its masks rows, chunked or not."""
+    """The full mask (column "mask": labels, uint8 or uint16), quantized probability (column
+    "probability": uint8 round(255 p)) or confidence (column "confidence", the same encoding) of ONE
+    image from its masks rows, chunked or not."""
     if isinstance(rows, pa.Table):
         rows = rows.select(["image_id", "height", "width", *CHUNK_FIELDS, column]).to_pylist()
     rows = list(rows)

@@ -25,7 +25,9 @@ INDEX = "ids.parquet"
 INDEX_PARTS_KEY = b"segpipe_parts"
 
 
-def masks_schema(binary: bool) -> pa.Schema:
+def masks_schema(binary: bool, confidence: bool = False) -> pa.Schema:
+    """binary: the foreground probability's column; confidence (output.confidence, multi-class):
+    each pixel's largest class probability's, in the same 8-bit PNG chunks."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -35,6 +37,8 @@ def masks_schema(binary: bool) -> pa.Schema:
     ]
     if binary:
         fields.append(pa.field("probability", pa.binary()))
+    if confidence:
+        fields.append(pa.field("confidence", pa.binary()))
     return pa.schema(fields)
 
 

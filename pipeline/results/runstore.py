@@ -289,7 +289,7 @@ class RunStore:
         return None
 
     def mask_of(self, image_id: str, column: str = "mask") -> np.ndarray:
-        """One image's whole mask (column "mask") or quantized probability ("probability"), from its
+        """One image's whole mask (column "mask"), quantized probability ("probability") or confidence ("confidence"), from its
         latest committed part (see `mask_rows`, pipeline.results.masks.assemble_mask); KeyError when none holds it."""
         rows = self.mask_rows(image_id)
         if rows is None:
@@ -405,6 +405,12 @@ def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", stor
     return RunStore.at(run_dir, storage_options).mask_of(image_id, column)
 
 
+def read_confidence(run_dir: str | pa.Table, image_id: str, storage_options: dict | None = None) -> np.ndarray:
+    """One image's confidence map (a multi-class run with output.confidence): each pixel's largest
+    class probability as uint8 round(255 p), reassembled from its chunks as `read_mask` does the mask."""
+    return read_mask(run_dir, image_id, "confidence", storage_options)
+
+
 def latest_metrics(metrics: list[pa.Table | None]) -> pa.Table | None:
     """Metrics tables as one, each image once: its last row wins (a later run or part supersedes an
     earlier one). Vectorised, never a Python loop over images."""
@@ -508,6 +514,8 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
         # how labels are read decides the metrics rows: a rerun that reads them otherwise would mix them
         "metrics.task": cfg.metrics.task,
         "metrics.ignore_index": cfg.metrics.ignore_index,
+        # a confidence column in some parts and not in others would read as missing values
+        "output.confidence": cfg.output.confidence,
     }
     if inference.task != "semantic":
         identity["inference.objects"] = inference.objects.model_dump(mode="json")
