@@ -1,4 +1,4 @@
-"""`segpipe export RUN --to DIR --format png|tiff|coco`: a run's results in formats other tools read.
+"""`segpipe export RUN --to DIR --format png|tiff|coco|geotiff|cog`: a run's results in formats other tools read.
 
 RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or an fsspec URI
 (s3://...); both are opened with the same storage options. What is read is what the run committed
@@ -14,6 +14,11 @@ Formats, one function each, read top to bottom:
          Any size: the mask is never held whole. Tiles are cut from one band of chunks at a time
          (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
          generator, so memory is one band of chunks and one row of tiles, whatever the height.
+  geotiff, cog  `export_geotiff` (the `geo` extra; runs of input.format raster): one GeoTIFF per raster
+         with the input's CRS and transform, nodata 255 (pixels outside the raster's valid data),
+         512 x 512 deflate tiles and the classes as a colour table; cog: a Cloud Optimized GeoTIFF
+         (GDAL's COG driver) with overviews by mode resampling. Rasters without a CRS are skipped,
+         each with a line why. Memory: one band of chunks, as tiff.
   coco   `export_coco`, by the run's task (run.json: config.inference.task; semantic by default):
          semantic   `<DIR>/coco.json`: images, categories (model.class_names) and one annotation
                     per image and class present: the class's pixels as COCO RLE, bbox, area.
@@ -48,7 +53,8 @@ from pipeline.results.masks import PngRows, decode_png
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.results.runstore import RunStore, strict_json
 
-FORMATS = ("png", "tiff", "coco")
+FORMATS = ("png", "tiff", "coco", "geotiff", "cog")
+GEO_FORMATS = ("geotiff", "cog")
 PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8
 TIFF_TILE = 512
 INSTANCES, SEGMENTS = "instances", "segments"  # the part tables of instance and panoptic runs
@@ -73,6 +79,8 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if fmt == "tiff":  # before anything is written: a missing package is one line, no empty folder
         require("tifffile", "tiff", "--format tiff")
+    if fmt in GEO_FORMATS:
+        require("rasterio", "geo", f"--format {fmt}")
     run = open_run(run_uri, storage_options or {})
     dest = Destination(out_uri, storage_options or {})
     result = ExportResult(fmt, out_uri)
@@ -80,6 +88,8 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
         export_png(run, dest, result, max_pixels)
     elif fmt == "tiff":
         export_tiff(run, dest, result)
+    elif fmt in GEO_FORMATS:
+        export_geotiff(run, dest, result, cog=fmt == "cog")
     else:
         export_coco(run, dest, result, max_pixels)
     return result
@@ -342,6 +352,107 @@ def _cut_strip(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
         piece = strip[:, x : x + tile]
         out[:, : piece.shape[1]] = piece
         yield out
+
+
+# --------------------------------------------------------------------------- geotiff, cog
+
+
+GEO_NODATA = 255  # a raster run's no-data value in its masks (pipeline.io.raster.NODATA_LABEL)
+BASE_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
+def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
+    """A colour table for classes 0..n-1 (8 distinct colours, then golden-ratio hues) and no data
+    (GEO_NODATA: transparent)."""
+    import colorsys
+
+    table: dict[int, tuple[int, int, int, int]] = {}
+    for k in range(min(n, GEO_NODATA)):
+        if k < len(BASE_COLOURS):
+            rgb = BASE_COLOURS[k]
+        else:
+            r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.65, 0.95)
+            rgb = (int(255 * r), int(255 * g), int(255 * b))
+        table[k] = (*rgb, 255)
+    table[GEO_NODATA] = (0, 0, 0, 0)
+    return table
+
+
+def image_georefs(store: RunStore) -> dict[str, tuple[str | None, list[float] | None]]:
+    """image_id -> (CRS, transform) from a raster run's masks table; ExportError for a run that has
+    no such columns (not input.format: raster, or written before them)."""
+    parts = store.parts_of(MASKS)
+    if parts and "crs" not in store.part_schema(MASKS, parts[-1]).names:
+        raise ExportError(f"{store.uri}: not a raster run (its masks carry no CRS): geotiff and cog need input.format: raster")
+    table = store.latest_rows(MASKS, ["image_id", "crs", "transform"])
+    if table is None:
+        return {}
+    return {r["image_id"]: (r["crs"], r["transform"]) for r in table.to_pylist()}
+
+
+def export_geotiff(run: Run, dest: Destination, result: ExportResult, cog: bool = False) -> None:
+    """One GeoTIFF per raster (`output_name(image_id, ".tif")`): its input's CRS and transform, nodata
+    255, tiled 512 x 512, deflate, the classes as a colour table; `cog`: a Cloud Optimized GeoTIFF with
+    overviews made by mode resampling (a label's overview keeps labels). A raster without a CRS is
+    skipped with a line why. Written chunk band by chunk band: memory is one band of chunks."""
+    georefs = image_georefs(run.store)
+    colours = class_colours(len(run.class_names))
+    for image in image_masks(run.store):
+        crs, transform = georefs.get(image.image_id, (None, None))
+        if crs is None or transform is None:
+            result.skipped.append(f"{image.image_id}: its raster has no CRS, so its mask has no place on a map (use --format tiff)")
+            continue
+        name = _unique_name(image.image_id, ".tif", result)
+        dest.write_with(name, lambda path, image=image, crs=crs, t=transform: write_geotiff(image, path, crs, t, colours, cog))
+        result.written.append(name)
+
+
+def write_geotiff(
+    image: ImageMask, path: str, crs: str, transform: list[float], colours: dict, cog: bool = False, tile: int = TIFF_TILE
+) -> None:
+    """The image's mask as a tiled GeoTIFF (or COG) at local `path`."""
+    import rasterio
+    import rasterio.shutil
+    from affine import Affine
+    from rasterio.windows import Window
+
+    dtype = mask_dtype(image)
+    profile = {
+        "driver": "GTiff",
+        "width": image.width,
+        "height": image.height,
+        "count": 1,
+        "dtype": dtype.name,
+        "crs": rasterio.crs.CRS.from_user_input(crs),
+        "transform": Affine(*transform[:6]),
+        "nodata": GEO_NODATA,
+        "tiled": True,
+        "blockxsize": tile,
+        "blockysize": tile,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    target = path + ".tmp.tif" if cog else path
+    try:
+        with rasterio.open(target, "w", **profile) as dst:
+            y = 0
+            for band in mask_bands(image):
+                rows = band[0][1].shape[0]
+                for x, chunk in band:
+                    dst.write(chunk, 1, window=Window(x, y, chunk.shape[1], rows))
+                y += rows
+                del band
+            if dtype == np.uint8:  # GDAL's colour tables are for 8-bit (and 16-bit) bands
+                dst.write_colormap(1, colours)
+        if cog:
+            # GDAL's COG driver: tiles, then overviews (mode: each overview pixel is a label of the pixels
+            # it covers, never an average) down to one tile, in the layout COG readers expect
+            rasterio.shutil.copy(
+                target, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=str(tile), OVERVIEW_RESAMPLING="MODE", BIGTIFF="IF_SAFER"
+            )
+    finally:
+        if cog and os.path.exists(target):
+            os.remove(target)
 
 
 # --------------------------------------------------------------------------- coco

@@ -25,6 +25,7 @@ from pipeline.results.run_tables import (
     OBJECT_TABLES,
     OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
+    RASTER_COLUMNS,
     READING_FIELD,
     masks_schema,
     metrics_schema,
@@ -45,13 +46,13 @@ def object_table(rows: list[Prediction], kind: str) -> pa.Table:
 
 
 def part_tables(
-    rows: list[Prediction], binary: bool, attempt: int, cod: bool = False, panoptic: bool = False
+    rows: list[Prediction], binary: bool, attempt: int, cod: bool = False, panoptic: bool = False, raster: bool = False
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """The masks, metrics and errors tables of one part."""
+    """The masks, metrics and errors tables of one part (`raster`: the masks' raster columns too)."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
-    masks: dict[str, list] = {k: [] for k in masks_schema(binary).names}
+    masks: dict[str, list] = {k: [] for k in masks_schema(binary, raster).names}
     for r in ok:
         for c in r.chunks:
             masks["image_id"].append(r.image_id)
@@ -62,6 +63,9 @@ def part_tables(
             masks["mask"].append(c.mask)
             if binary:
                 masks["probability"].append(c.probability)
+            if raster:
+                for name in RASTER_COLUMNS:
+                    masks[name].append((r.raster or {}).get(name))
     labeled = [r for r in ok if r.areas is not None]
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
@@ -83,7 +87,7 @@ def part_tables(
         "attempt": [attempt] * len(failed),
     }
     return (
-        pa.Table.from_pydict(masks, schema=masks_schema(binary)),
+        pa.Table.from_pydict(masks, schema=masks_schema(binary, raster)),
         pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic)),
         pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
@@ -106,6 +110,7 @@ class PartWriter:
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
         self.cod = cfg.metrics.task == "binary"
         self.panoptic = cfg.metrics.panoptic_labels is not None
+        self.raster = cfg.input.format == "raster"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -152,7 +157,9 @@ class PartWriter:
         self.next_seq[unit] = seq + 1
         objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
         self.store.write_part(
-            part_name(self.attempt, unit, seq), *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic), objects=objects
+            part_name(self.attempt, unit, seq),
+            *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic, self.raster),
+            objects=objects,
         )
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)
         self.clock.add("write", time.perf_counter() - started)
