@@ -421,7 +421,9 @@ UTM_33N = "EPSG:32633"
 UTM_TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_600_000.0)  # 10 m pixels
 
 
-def write_raster(path: Path, data: np.ndarray, *, crs: str | None = UTM_33N, transform=UTM_TRANSFORM, nodata=None, tile: int | None = None) -> Path:
+def write_raster(
+    path: Path, data: np.ndarray, *, crs: str | None = UTM_33N, transform=UTM_TRANSFORM, nodata=None, tile: int | None = None
+) -> Path:
     """data (bands x H x W) as a GeoTIFF: `crs` (None: none), affine `transform` (a, b, c, d, e, f), `nodata`."""
     import rasterio
     from affine import Affine

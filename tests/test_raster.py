@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import UTM_33N, UTM_TRANSFORM, TINY_SEGFORMER, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
+from helpers import TINY_SEGFORMER, UTM_33N, UTM_TRANSFORM, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
 
 from models import build_model
 from pipeline.config import ConfigError, InputConfig, load_config
@@ -134,7 +134,11 @@ def test_bands_the_raster_lacks_a_model_of_other_channels_and_16_bit_data_withou
     percentile = {"mode": "percentile"}
     refused = {
         "input.bands: .* has 4 bands, no band 5": (raster_input(tmp_path, bands=[5, 3, 2, 1], scale=percentile), 4, 3),
-        "input.bands feeds 3 bands, but the model takes 4 input channels": (raster_input(tmp_path, bands=[3, 2, 1], scale=percentile), 4, 3),
+        "input.bands feeds 3 bands, but the model takes 4 input channels": (
+            raster_input(tmp_path, bands=[3, 2, 1], scale=percentile),
+            4,
+            3,
+        ),
         r"input.bands \(null: all 4 bands\) feeds 4 bands, but the model takes 3": (raster_input(tmp_path, scale=percentile), 3, 3),
         "input.scale: .* holds uint16 data, which needs a scale": (raster_input(tmp_path, bands=[3, 2, 1]), 3, 3),
         "the model's 300 classes include it": (raster_input(tmp_path, bands=[3, 2, 1], scale=percentile), 3, 300),
@@ -181,14 +185,33 @@ def test_masks_of_a_percentile_scaled_16_bit_raster_equal_the_hand_scaled_data_w
     cfg = raster_input(tmp_path, bands=BANDS, scale={"mode": "percentile", "low": 2, "high": 98})
     source = StreamSource(str(path), str(label_path), 120, 160, kind="raster")
     chunks, areas, facts = segment_raster(score_fn, source, settings, cfg, num_classes=3, chunk_size=64, reading=LabelReading(3, 255))
-    mask = assemble_mask([{"image_id": "s", "height": 120, "width": 160, "chunk_y": c.y, "chunk_x": c.x, "chunk_height": c.height, "chunk_width": c.width, "mask": c.mask} for c in chunks])
+    mask = assemble_mask(
+        [
+            {
+                "image_id": "s",
+                "height": 120,
+                "width": 160,
+                "chunk_y": c.y,
+                "chunk_x": c.x,
+                "chunk_height": c.height,
+                "chunk_width": c.width,
+                "mask": c.mask,
+            }
+            for c in chunks
+        ]
+    )
 
     expected_image, valid, ranges = by_hand(data, BANDS, 2, 98)
     hand = np.concatenate(
         [
             band
             for _, band, _ in segment_streaming(
-                ModelScorer(model, torch.device("cpu")), lambda y, x, h, w: expected_image[y : y + h, x : x + w], 120, 160, settings, channels=None
+                ModelScorer(model, torch.device("cpu")),
+                lambda y, x, h, w: expected_image[y : y + h, x : x + w],
+                120,
+                160,
+                settings,
+                channels=None,
             )
         ]
     )
