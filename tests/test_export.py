@@ -433,3 +433,37 @@ def test_geo_export_skips_rasters_without_crs_and_refuses_runs_that_are_not_rast
     assert main(["export", run_dir, "--to", str(tmp_path / "x"), "--format", "cog"]) == 2
     assert "not a raster run (its masks carry no CRS)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_polygons_rasterise_back_to_the_mask_join_pieces_cut_by_chunks_and_geojson_is_lon_lat(tmp_path):
+    pytest.importorskip("rasterio")
+    gpd = pytest.importorskip("geopandas")
+    from affine import Affine
+    from rasterio.features import rasterize
+    from shapely.affinity import affine_transform
+    from shapely.geometry import box
+
+    mask = labels(150, 130, 3, 3)
+    mask[:10] = 255  # no data: in no polygon
+    mask[40:90, 30:100] = 2  # one region over four chunks of 64
+    raster_run(tmp_path, {"scene.tif": (mask, "EPSG:32633", ROTATED)}, chunk=64)
+    run = str(tmp_path / "runs" / "geo")
+    for fmt in ("geoparquet", "gpkg", "geojson"):
+        assert export_run(run, str(tmp_path / fmt), fmt).written == [
+            "scene" + {"geoparquet": ".parquet", "gpkg": ".gpkg", "geojson": ".geojson"}[fmt]
+        ]
+    frame = gpd.read_parquet(tmp_path / "geoparquet" / "scene.parquet")  # its `geo` metadata makes it geometry
+    assert frame.crs.to_epsg() == 32633 and set(frame.columns) >= {"image_id", "class_id", "class_name", "area", "geometry"}
+    back = rasterize(zip(frame.geometry, frame.class_id), out_shape=mask.shape, transform=Affine(*ROTATED), fill=255, dtype="uint8")
+    assert np.array_equal(back, mask)  # pixel centres inside each region's polygon: every label back
+    pixel = abs(ROTATED[0] * ROTATED[4] - ROTATED[1] * ROTATED[3])
+    assert frame.area.sum() == pytest.approx((mask != 255).sum() * pixel) and frame["area"].sum() == pytest.approx(frame.area.sum())
+    a, b, c, d, e, f = ROTATED
+    rectangle = affine_transform(box(30, 40, 100, 90), [a, b, d, e, c, f]).buffer(-1.0)  # the block, in map units
+    touching = [g for g in frame[frame.class_id == 2].geometry if g.intersects(rectangle)]
+    assert len(touching) == 1 and touching[0].contains(rectangle)  # the region over four chunks is one polygon, not four
+    gpkg = gpd.read_file(tmp_path / "gpkg" / "scene.gpkg")
+    assert len(gpkg) == len(frame) and gpkg.crs.to_epsg() == 32633
+    geojson = json.loads((tmp_path / "geojson" / "scene.geojson").read_text())
+    lon, lat = np.array([c for f in geojson["features"] for c in f["geometry"]["coordinates"][0]]).T
+    assert (lon > 14).all() and (lon < 18).all() and (lat > 45).all() and (lat < 47).all()  # UTM 33N, 600 km E, 5100 km N
