@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,7 @@ from pipeline.rows import StreamSource
 # what `input.format: raster` lists (GDAL reads many more: `input.pattern` cannot add suffixes, this can)
 RASTER_EXTENSIONS = (".tif", ".tiff", ".gtiff", ".jp2", ".j2k", ".img", ".vrt", ".ntf", ".nitf", ".nc", ".hdf", ".h5", ".asc", ".dem")
 PERCENTILE_PIXELS = 2**22  # percentiles from at most this many pixels of each band (4 megapixels)
+CACHE_BYTES = 64 * 2**20  # windows read by `RasterWindows.empty` kept for `read` (a batch's worth)
 NODATA_LABEL = 255  # the masks' value for pixels outside the raster's valid data
 RASTER_STREAM = "raster"  # StreamSource.kind of a raster
 
@@ -179,7 +181,8 @@ class RasterWindows:
     """Windows of one raster's selected bands, scaled, with their valid-data mask.
 
     `empty(top, left, h, w)` reads the window (data and masks) and says whether it holds no valid
-    pixel; `read` of the same window then takes what `empty` read (one read per window). Both
+    pixel; `read` of the same window then takes what `empty` read (one read per window: the windows
+    of a batch are checked before any is read, so up to CACHE_BYTES of them are kept). Both
     return/hold h x w x C; invalid pixels are 0. `valid_rows(y0, n)` is the valid mask of whole rows,
     `labels(y0, n)` the rows of band 1 (for a label raster)."""
 
@@ -188,7 +191,8 @@ class RasterWindows:
     bands: list[int]
     scale: BandScale
     skipped: int = 0  # windows with no valid pixel
-    _last: tuple[tuple[int, int, int, int], np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False)  # box -> (pixels, valid), latest last
+    _cached_bytes: int = 0
 
     @classmethod
     def open(
@@ -221,7 +225,7 @@ class RasterWindows:
         return int(self.ds.width)
 
     def close(self) -> None:
-        self._last = None
+        self._cache.clear()
         self.ds.close()
 
     def __enter__(self) -> RasterWindows:
@@ -234,14 +238,18 @@ class RasterWindows:
         from rasterio.windows import Window
 
         box = (top, left, height, width)
-        if self._last is not None and self._last[0] == box:
-            return self._last[1], self._last[2]
+        if box in self._cache:
+            return self._cache[box]
         window = Window(left, top, width, height)
         values = self.ds.read(self.bands, window=window)
         valid = self.ds.read_masks(self.bands, window=window).min(axis=0) > 0
         pixels = self.scale.apply(values)
         pixels[~valid] = 0
-        self._last = (box, pixels, valid)
+        self._cache[box] = (pixels, valid)
+        self._cached_bytes += pixels.nbytes + valid.nbytes
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            _, (old_pixels, old_valid) = self._cache.popitem(last=False)
+            self._cached_bytes -= old_pixels.nbytes + old_valid.nbytes
         return pixels, valid
 
     def empty(self, top: int, left: int, height: int, width: int) -> bool:

@@ -822,6 +822,7 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     return window
 
 
+SKIPPED_PER_BATCH = 4096  # skipped windows handed to the stitchers at most between two batches
 SkipWindow = Callable[[int, int, int, int], bool]  # (top, left, height, width) inside the image -> not to be run
 
 
@@ -847,6 +848,8 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
         for index, job, y0, x0 in windows:
             if job.skip_window is not None and job.skip_window(*_inside_box(job.plan, y0, x0)):
                 skipped.append((len(batch), index, job))
+                if len(skipped) == SKIPPED_PER_BATCH:  # a vast no-data area: pass them on, bands keep coming
+                    break
                 continue
             batch.append((index, job, y0, x0))
             if len(batch) == batch_size:
