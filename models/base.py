@@ -53,10 +53,28 @@ class SegmentationModel(nn.Module):
         self.name: str = ""  # the registry name, where it has one
         self.class_names: list[str] | None = None
 
+    @property
+    def in_channels(self) -> int:
+        """The input channels its stem takes (3 unless its arch says otherwise, e.g. SegFormer's
+        `in_channels`, a transformers checkpoint's `num_channels`)."""
+        return int(self.arch.get("in_channels", 3))
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """pixel_mean and pixel_std, one entry per input channel. Stats of three entries (the RGB
+        default) for a stem of another width: each channel gets the mean of the three, as nothing
+        says which colour a fourth band is."""
+        mean, std, channels = list(self.pixel_mean), list(self.pixel_std), self.in_channels
+        if len(mean) != channels:
+            mean = [sum(mean) / len(mean)] * channels
+        if len(std) != channels:
+            std = [sum(std) / len(std)] * channels
+        return mean, std
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or float N x 3 x H x W on the 0-255 scale -> the model's input."""
-        mean = torch.tensor(self.pixel_mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.pixel_std, device=images.device).view(1, 3, 1, 1)
+        """uint8 or float N x C x H x W on the 0-255 scale -> the model's input."""
+        mean, std = self.channel_stats()
+        mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
         return (images.float() - mean) / std
 
 

@@ -49,9 +49,65 @@ class LabelsConfig(_Strict):
     required: Bool = False  # a missing label is an errors row when true, an unlabeled image when false
 
 
+class PercentileScale(_Strict):
+    """Per band, the raster's `low` and `high` percentiles (of its valid pixels, from its overviews or a
+    decimated read) become 0 and 255; values between are stretched linearly, values outside clipped."""
+
+    mode: Literal["percentile"]
+    low: Float = Field(2.0, ge=0, le=100)
+    high: Float = Field(98.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PercentileScale:
+        if not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        return self
+
+
+class RangeScale(_Strict):
+    """Per band, `min` becomes 0 and `max` 255 (values clipped to [min, max] first): one entry per band."""
+
+    mode: Literal["range"]
+    min: list[Float] = Field(min_length=1)
+    max: list[Float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RangeScale:
+        if len(self.min) != len(self.max):
+            raise ValueError(f"min has {len(self.min)} entries, max {len(self.max)}: one of each per band")
+        if any(not lo < hi for lo, hi in zip(self.min, self.max)):
+            raise ValueError("each band's min must be below its max")
+        return self
+
+
+class StandardScale(_Strict):
+    """Per band, (value - mean) / std is what the model's normalization would give: one entry per band."""
+
+    mode: Literal["standard"]
+    mean: list[Float] = Field(min_length=1)
+    std: list[Float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _positive(self) -> StandardScale:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} entries, std {len(self.std)}: one of each per band")
+        if any(not s > 0 for s in self.std):
+            raise ValueError("std must be positive")
+        return self
+
+
+ScaleConfig = Annotated[PercentileScale | RangeScale | StandardScale, Field(discriminator="mode")]
+
+
 class InputConfig(_Strict):
     uri: str
-    format: Literal["auto", "images", "tar", "parquet"] = "auto"
+    # raster: geospatial rasters read through rasterio (the `geo` extra), window by window (pipeline.io.raster)
+    format: Literal["auto", "images", "tar", "parquet", "raster"] = "auto"
+    # raster: the bands that feed the model, 1-based as GDAL counts, in the model's channel order;
+    # null: every band of the raster
+    bands: list[Annotated[int, Strict(), Field(ge=1)]] | None = Field(None, min_length=1)
+    # raster: how band values become the model's 0..255 input; null: 8-bit rasters as they are
+    scale: ScaleConfig | None = None
     pattern: str = "**/*"
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -77,6 +133,11 @@ class InputConfig(_Strict):
     id_column: str = "image_id"
     label_column: str | None = None
 
+    @property
+    def lists_files(self) -> bool:
+        """Image folders and rasters: files listed one by one (not shards that hold images)."""
+        return self.format in ("images", "raster")
+
     @model_validator(mode="before")
     @classmethod
     def _resolve_format(cls, data: Any) -> Any:
@@ -87,8 +148,14 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _labels_need_a_place(self) -> InputConfig:
-        if self.format == "images" and self.labels is not None and not self.labels.uri:
-            raise ValueError("labels.uri is needed for image folders")
+        if self.format in ("images", "raster") and self.labels is not None and not self.labels.uri:
+            raise ValueError(f"labels.uri is needed for {'rasters' if self.format == 'raster' else 'image folders'}")
+        if self.format != "raster" and (self.bands is not None or self.scale is not None):
+            raise ValueError("bands and scale are for input.format: raster")
+        if self.bands is not None and isinstance(self.scale, RangeScale | StandardScale):
+            entries = len(self.scale.min) if isinstance(self.scale, RangeScale) else len(self.scale.mean)
+            if entries != len(self.bands):
+                raise ValueError(f"scale has {entries} entries per band but bands lists {len(self.bands)}")
         return self
 
 

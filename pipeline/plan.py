@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from models.onnx_backend import onnxruntime_available
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
+from pipeline.io.raster import check_raster_job, require_geo
 from pipeline.io.source import read_and_decode, reader_for
 from pipeline.io.storage import StoreStats, is_local, scrub
 from pipeline.local_ray import connect as connect_ray
@@ -427,12 +428,19 @@ def run_job(
             outcome.status = "failed"
             outcome.message = scrub(f"{type(exc).__name__}: {first_line}", cfg.input.storage_options, cfg.output.storage_options)
         stop.finishing = True  # a signal now is remembered, never raised half way through run.json
-        return finish_job(job, outcome)
+        result = finish_job(job, outcome)
+        missing = (result.summary.get("raster") or {}).get("without_crs") or []
+        if missing:  # said once for the run: their masks have no place on a map
+            progress(
+                f"raster: {len(missing)} raster(s) without a CRS (first: {missing[0]}) were segmented but are not georeferenced: "
+                "no geotiff/cog/polygon export for them"
+            )
+        return result
 
 
 def nothing_to_do(job: PreparedJob) -> bool:
     """Every image listed is held already (image folders listed whole; shards learn it as they are read)."""
-    return job.cfg.input.format == "images" and job.listing.exhausted and not job.units
+    return job.cfg.input.lists_files and job.listing.exhausted and not job.units
 
 
 class Listing:
@@ -480,10 +488,10 @@ class Listing:
 
     def drop_done(self, batch: list[SourceUnit]) -> list[SourceUnit]:
         images = sum(len(u.uris) for u in batch)
-        if self.held is not None and self.cfg.input.format == "images":
+        if self.held is not None and self.cfg.input.lists_files:
             self.skipped += int(self.held.contains([i for u in batch for i in u.image_ids]).sum())
         todo = self.reader.drop_done(batch, self.done)
-        if self.cfg.input.format == "images":
+        if self.cfg.input.lists_files:
             self.done_earlier += images - sum(len(u.uris) for u in todo)
         self.to_do += sum(len(u.uris) for u in todo)
         return todo
@@ -512,7 +520,7 @@ class PreparedJob:
     def done(self) -> int:
         """Images segmented (or failed and not retried) by earlier attempts: image folders know it
         as they are listed; shards learn it as they are read."""
-        return self.listing.done_earlier if self.cfg.input.format == "images" else len(self.listing.done)
+        return self.listing.done_earlier if self.cfg.input.lists_files else len(self.listing.done)
 
     @property
     def to_do(self) -> int:
@@ -543,6 +551,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if incremental and not cfg.job:
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
+    if cfg.input.format == "raster":
+        require_geo()  # before anything is listed or written
     store = RunStore.of_job(cfg)
     list_stats = StoreStats()
     listing = Listing(cfg, list_stats)
@@ -553,7 +563,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if not first:  # before Ray starts, writing nothing: a run directory of no image helps nobody
         where = f"input.pattern: no file under {cfg.input.uri} matches {cfg.input.pattern!r}"
         raise ConfigError(
-            scrub(where if cfg.input.format == "images" else f"input.uri: nothing to read in {cfg.input.uri}", cfg.input.storage_options)
+            scrub(where if cfg.input.lists_files else f"input.uri: nothing to read in {cfg.input.uri}", cfg.input.storage_options)
         )
     if cfg.inference.backend == "onnxruntime" and not onnxruntime_available():
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
@@ -564,6 +574,15 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError(
             f"output.confidence is for multi-class runs: {model.name or model.family} has {model.num_classes} "
             "classes, whose masks carry the foreground probability (column probability) already"
+        )
+    if cfg.input.format == "raster":  # the first raster against the bands, the scale and the model
+        if cfg.inference.task != "semantic":
+            raise ConfigError(f"input.format raster: rasters are segmented by the semantic task, not {cfg.inference.task}")
+        check_raster_job(cfg.input, first[0].uris[0], model.in_channels, model.num_classes)
+    elif model.in_channels != 3:
+        raise ConfigError(
+            f"model: {model.name or model.family} takes {model.in_channels} input channels; images give 3 "
+            "(input.format: raster with input.bands feeds other counts)"
         )
     object_labels = read_object_labels(cfg, model.num_classes)
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
@@ -592,7 +611,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     listing.done = done.sorted_for_lookup()  # shipped to every shard's read task: sorted once, here
     units = listing.drop_done(first)
     if incremental:
-        record.incremental["skipped"] = listing.skipped if cfg.input.format == "images" else None
+        record.incremental["skipped"] = listing.skipped if cfg.input.lists_files else None
     return PreparedJob(
         cfg=cfg,
         store=store,
@@ -701,7 +720,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
-    if cfg.input.format != "images":
+    if not cfg.input.lists_files:
         what = f"{len(job.units)} {cfg.input.format} files"
     elif listing.exhausted:
         what = f"{job.to_do} of {job.listed} images"
@@ -733,9 +752,9 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
                     attempt=job.record.attempt,
                     binary=cfg.metrics.task == "binary" or job.model_info["mask_classes"] == 2,
                     monitor=monitor,
-                    done=listing.done if cfg.input.format != "images" and len(listing.done) else None,
+                    done=listing.done if not cfg.input.lists_files and len(listing.done) else None,
                 )
-                run_batch(ds, result, progress, listing, started, known_total=cfg.input.format == "images" and listing.exhausted)
+                run_batch(ds, result, progress, listing, started, known_total=cfg.input.lists_files and listing.exhausted)
             batch = following()
     finally:
         stop_watch.set()
@@ -879,6 +898,8 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     outcomes = job.store.outcomes()
     job.store.write_index(outcomes)  # one read for a later --incremental run of the job
     summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
+    if cfg.input.format == "raster":
+        summary["raster"] = job.store.raster_summary(job.model_info["class_names"])
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
     if job.object_labels.panoptic is not None:

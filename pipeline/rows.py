@@ -104,12 +104,14 @@ class SourceUnit:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """A TIFF too large to decode whole: where it is and how large; the predictor reads it by windows."""
+    """A TIFF too large to decode whole, or a raster (kind "raster", pipeline.io.raster): where it is
+    and how large; the predictor reads it by windows."""
 
     uri: str
     label_uri: str | None
     height: int
     width: int
+    kind: str = "tiff"  # "tiff" | "raster"
 
 
 @dataclass
@@ -171,6 +173,7 @@ class DecodedImage(_StageRow):
             "width": self.width,
             "stream_uri": s.uri if s else "",
             "stream_label_uri": (s.label_uri or "") if s else "",
+            "stream_kind": s.kind if s else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -180,7 +183,8 @@ class DecodedImage(_StageRow):
     def from_batch(cls, batch: dict[str, Any], i: int) -> DecodedImage:
         height, width = int(batch["height"][i]), int(batch["width"][i])
         stream_uri = str(batch["stream_uri"][i])
-        stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width) if stream_uri else None
+        kind = str(batch["stream_kind"][i]) if "stream_kind" in batch else ""
+        stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width, kind or "tiff") if stream_uri else None
         return cls(
             unit=int(batch["unit"][i]),
             image_id=str(batch["image_id"][i]),
@@ -230,6 +234,8 @@ class Prediction(_StageRow):
     objects: list[dict[str, Any]] | None = None
     # the panoptic task against a panoptic label: per category of its JSON, [summed IoU, TP, FP, FN]
     panoptic: list[list[float]] | None = None
+    # a raster's facts (pipeline.io.raster): crs, transform, resolution, band_scale, nodata_windows
+    raster: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -237,7 +243,7 @@ class Prediction(_StageRow):
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None)
+        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None)
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -256,6 +262,7 @@ class Prediction(_StageRow):
             "cod": list(self.cod) if self.cod is not None else [],
             "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
             "panoptic": json.dumps(self.panoptic) if self.panoptic is not None else "",
+            "raster": json.dumps(self.raster) if self.raster is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -285,6 +292,7 @@ class Prediction(_StageRow):
             cod=[float(v) for v in batch["cod"][i]] if len(batch["cod"][i]) else None,
             objects=json.loads(batch["objects"][i]) if "objects" in batch and batch["objects"][i] else None,
             panoptic=json.loads(batch["panoptic"][i]) if "panoptic" in batch and batch["panoptic"][i] else None,
+            raster=json.loads(batch["raster"][i]) if "raster" in batch and batch["raster"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

@@ -98,11 +98,11 @@ def labeled_folder(root: Path, sizes: list[tuple[int, int]], num_classes: int, s
     return root
 
 
-def tiny_checkpoint(path: Path, num_classes: int, seed: int = 0, class_names: list[str] | None = None) -> Path:
-    """A native .safetensors of a tiny random SegFormer; another seed gives other weights."""
+def tiny_checkpoint(path: Path, num_classes: int, seed: int = 0, class_names: list[str] | None = None, in_channels: int = 3) -> Path:
+    """A native .safetensors of a tiny random SegFormer (of `in_channels` input channels); another seed gives other weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_model("segformer-b0", num_classes=num_classes, **TINY_SEGFORMER)
+        model = build_model("segformer-b0", num_classes=num_classes, in_channels=in_channels, **TINY_SEGFORMER)
     model.class_names = class_names
     path.parent.mkdir(parents=True, exist_ok=True)
     save_native(model, path)
@@ -411,3 +411,43 @@ def kill_session(sid: int) -> None:
         if int(session) == sid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geospatial rasters (the `geo` extra), written with rasterio
+# ---------------------------------------------------------------------------------------------
+
+UTM_33N = "EPSG:32633"
+UTM_TRANSFORM = (10.0, 0.0, 500_000.0, 0.0, -10.0, 4_600_000.0)  # 10 m pixels
+
+
+def write_raster(
+    path: Path, data: np.ndarray, *, crs: str | None = UTM_33N, transform=UTM_TRANSFORM, nodata=None, tile: int | None = None
+) -> Path:
+    """data (bands x H x W) as a GeoTIFF: `crs` (None: none), affine `transform` (a, b, c, d, e, f), `nodata`."""
+    import rasterio
+    from affine import Affine
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    profile = dict(driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0], dtype=data.dtype.name, nodata=nodata)
+    if crs is not None:
+        profile.update(crs=crs, transform=Affine(*transform))
+    if tile:
+        profile.update(tiled=True, blockxsize=tile, blockysize=tile)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def scene_12bit(height: int = 120, width: int = 160, border: int = 32, seed: int = 0) -> np.ndarray:
+    """4 x H x W uint16 of a 12-bit sensor (0..4095): smooth fields, noise, and a border of 0 (no data)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    bands = []
+    for b in range(4):
+        field = 1500 + 1200 * np.sin(x / (23 + 7 * b)) * np.cos(y / (31 - 5 * b)) + rng.normal(0, 150, (height, width))
+        bands.append(np.clip(field, 1, 4095))
+    data = np.stack(bands).astype(np.uint16)
+    data[:, :border] = 0
+    data[:, :, -border:] = 0
+    return data

@@ -377,3 +377,93 @@ def test_tiff_without_tifffile_exits_2_with_one_line_naming_the_tiff_extra_and_c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["segpipe: --format tiff needs tifffile: pip install 'segpipe[tiff]'"]
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- geotiff, cog (the `geo` extra)
+
+ROTATED = (8.0, 1.5, 600_000.0, 1.2, -8.0, 5_100_000.0)  # 8 m pixels, turned a little
+
+
+def raster_run(tmp_path, images: dict[str, tuple[np.ndarray, str | None, tuple | None]], chunk: int = 512) -> RunStore:
+    """A raster run: each image's mask (chunked), CRS and transform in the masks table's raster columns."""
+    store = new_run(str(tmp_path / "runs"), "geo")
+    rows = []
+    for image_id, (mask, crs, transform) in images.items():
+        for row in masks_rows(image_id, encode_chunks(mask, None, chunk, 3), *mask.shape):
+            rows.append(row | {"crs": crs, "transform": list(transform) if transform else None, "resolution": None})
+    assert store.write_part(
+        part(1), pa.Table.from_pylist(rows, masks_schema(False, raster=True)), METRICS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
+    )
+    return store
+
+
+def test_geotiff_and_cog_keep_the_crs_a_rotated_transform_and_nodata_and_the_cog_is_valid_with_mode_overviews(tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from rio_cogeo.cogeo import cog_validate
+
+    mask = labels(1100, 700, 3, 7)
+    mask[:60] = 255  # no data
+    raster_run(tmp_path, {"tiles/t1.tif": (mask, "EPSG:32633", ROTATED)})
+    out = {}
+    for fmt in ("geotiff", "cog"):
+        result = export_run(str(tmp_path / "runs" / "geo"), str(tmp_path / fmt), fmt)
+        assert result.written == ["tiles/t1.tif"] and not result.skipped
+        out[fmt] = tmp_path / fmt / "tiles" / "t1.tif"
+        with rasterio.open(out[fmt]) as ds:
+            assert ds.crs.to_string() == "EPSG:32633" and tuple(ds.transform)[:6] == ROTATED and ds.nodata == 255
+            assert ds.block_shapes == [(512, 512)] and ds.compression.name == "deflate"
+            assert np.array_equal(ds.read(1), mask)
+            assert ds.colormap(1)[255] == (0, 0, 0, 0) and ds.colormap(1)[1] != ds.colormap(1)[2]
+    valid, errors, _ = cog_validate(str(out["cog"]))
+    assert valid, errors
+    with rasterio.open(out["cog"]) as ds:
+        assert ds.overviews(1) == [2, 4]
+        small = ds.read(1, out_shape=(1, 1100 // 4, 700 // 4))
+        assert set(np.unique(small)) <= {0, 1, 2, 255}  # mode keeps labels: no value between two classes
+
+
+def test_geo_export_skips_rasters_without_crs_and_refuses_runs_that_are_not_raster_runs(tmp_path, semantic_run, capsys):
+    pytest.importorskip("rasterio")
+    raster_run(tmp_path, {"plain.tif": (labels(20, 30, 3, 1), None, None), "utm.tif": (labels(20, 30, 3, 2), "EPSG:32633", ROTATED)})
+    result = export_run(str(tmp_path / "runs" / "geo"), str(tmp_path / "out"), "geotiff")
+    assert result.written == ["utm.tif"] and result.skipped == [
+        "plain.tif: its raster has no CRS, so its mask has no place on a map (use --format tiff)"
+    ]
+    run_dir, _ = semantic_run
+    assert main(["export", run_dir, "--to", str(tmp_path / "x"), "--format", "cog"]) == 2
+    assert "not a raster run (its masks carry no CRS)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_polygons_rasterise_back_to_the_mask_join_pieces_cut_by_chunks_and_geojson_is_lon_lat(tmp_path):
+    pytest.importorskip("rasterio")
+    gpd = pytest.importorskip("geopandas")
+    from affine import Affine
+    from rasterio.features import rasterize
+    from shapely.affinity import affine_transform
+    from shapely.geometry import box
+
+    mask = labels(150, 130, 3, 3)
+    mask[:10] = 255  # no data: in no polygon
+    mask[40:90, 30:100] = 2  # one region over four chunks of 64
+    raster_run(tmp_path, {"scene.tif": (mask, "EPSG:32633", ROTATED)}, chunk=64)
+    run = str(tmp_path / "runs" / "geo")
+    for fmt in ("geoparquet", "gpkg", "geojson"):
+        assert export_run(run, str(tmp_path / fmt), fmt).written == [
+            "scene" + {"geoparquet": ".parquet", "gpkg": ".gpkg", "geojson": ".geojson"}[fmt]
+        ]
+    frame = gpd.read_parquet(tmp_path / "geoparquet" / "scene.parquet")  # its `geo` metadata makes it geometry
+    assert frame.crs.to_epsg() == 32633 and set(frame.columns) >= {"image_id", "class_id", "class_name", "area", "geometry"}
+    back = rasterize(zip(frame.geometry, frame.class_id), out_shape=mask.shape, transform=Affine(*ROTATED), fill=255, dtype="uint8")
+    assert np.array_equal(back, mask)  # pixel centres inside each region's polygon: every label back
+    pixel = abs(ROTATED[0] * ROTATED[4] - ROTATED[1] * ROTATED[3])
+    assert frame.area.sum() == pytest.approx((mask != 255).sum() * pixel) and frame["area"].sum() == pytest.approx(frame.area.sum())
+    a, b, c, d, e, f = ROTATED
+    rectangle = affine_transform(box(30, 40, 100, 90), [a, b, d, e, c, f]).buffer(-1.0)  # the block, in map units
+    touching = [g for g in frame[frame.class_id == 2].geometry if g.intersects(rectangle)]
+    assert len(touching) == 1 and touching[0].contains(rectangle)  # the region over four chunks is one polygon, not four
+    gpkg = gpd.read_file(tmp_path / "gpkg" / "scene.gpkg")
+    assert len(gpkg) == len(frame) and gpkg.crs.to_epsg() == 32633
+    geojson = json.loads((tmp_path / "geojson" / "scene.geojson").read_text())
+    lon, lat = np.array([c for f in geojson["features"] for c in f["geometry"]["coordinates"][0]]).T
+    assert (lon > 14).all() and (lon < 18).all() and (lat > 45).all() and (lat < 47).all()  # UTM 33N, 600 km E, 5100 km N

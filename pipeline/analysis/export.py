@@ -1,4 +1,4 @@
-"""`segpipe export RUN --to DIR --format png|tiff|coco`: a run's results in formats other tools read.
+"""`segpipe export RUN --to DIR --format png|tiff|coco|geotiff|cog`: a run's results in formats other tools read.
 
 RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or an fsspec URI
 (s3://...); both are opened with the same storage options. What is read is what the run committed
@@ -14,6 +14,14 @@ Formats, one function each, read top to bottom:
          Any size: the mask is never held whole. Tiles are cut from one band of chunks at a time
          (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
          generator, so memory is one band of chunks and one row of tiles, whatever the height.
+  geotiff, cog  `export_geotiff` (the `geo` extra; runs of input.format raster): one GeoTIFF per raster
+         with the input's CRS and transform, nodata 255 (pixels outside the raster's valid data),
+         512 x 512 deflate tiles and the classes as a colour table; cog: a Cloud Optimized GeoTIFF
+         (GDAL's COG driver) with overviews by mode resampling. Rasters without a CRS are skipped,
+         each with a line why. Memory: one band of chunks, as tiff.
+  geoparquet, gpkg, geojson  `export_polygons` (the `geo` extra; raster runs): per raster one file of
+         polygons, one per 4-connected region of a class (pieces cut by chunk edges joined), with
+         image_id, class_id, class_name, area; in the raster's CRS (GeoJSON: EPSG:4326, RFC 7946).
   coco   `export_coco`, by the run's task (run.json: config.inference.task; semantic by default):
          semantic   `<DIR>/coco.json`: images, categories (model.class_names) and one annotation
                     per image and class present: the class's pixels as COCO RLE, bbox, area.
@@ -48,7 +56,9 @@ from pipeline.results.masks import PngRows, decode_png
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.results.runstore import RunStore, strict_json
 
-FORMATS = ("png", "tiff", "coco")
+FORMATS = ("png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson")
+GEO_FORMATS = ("geotiff", "cog")
+POLYGON_FORMATS = {"geoparquet": ".parquet", "gpkg": ".gpkg", "geojson": ".geojson"}
 PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8
 TIFF_TILE = 512
 INSTANCES, SEGMENTS = "instances", "segments"  # the part tables of instance and panoptic runs
@@ -73,6 +83,9 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if fmt == "tiff":  # before anything is written: a missing package is one line, no empty folder
         require("tifffile", "tiff", "--format tiff")
+    if fmt in GEO_FORMATS or fmt in POLYGON_FORMATS:
+        for module in ("rasterio", "shapely", "pyproj", *(["pyogrio"] if fmt == "gpkg" else [])):
+            require(module, "geo", f"--format {fmt}")
     run = open_run(run_uri, storage_options or {})
     dest = Destination(out_uri, storage_options or {})
     result = ExportResult(fmt, out_uri)
@@ -80,6 +93,10 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
         export_png(run, dest, result, max_pixels)
     elif fmt == "tiff":
         export_tiff(run, dest, result)
+    elif fmt in GEO_FORMATS:
+        export_geotiff(run, dest, result, cog=fmt == "cog")
+    elif fmt in POLYGON_FORMATS:
+        export_polygons(run, dest, result, fmt)
     else:
         export_coco(run, dest, result, max_pixels)
     return result
@@ -342,6 +359,225 @@ def _cut_strip(strip: np.ndarray, tile: int) -> Iterator[np.ndarray]:
         piece = strip[:, x : x + tile]
         out[:, : piece.shape[1]] = piece
         yield out
+
+
+# --------------------------------------------------------------------------- geotiff, cog
+
+
+GEO_NODATA = 255  # a raster run's no-data value in its masks (pipeline.io.raster.NODATA_LABEL)
+BASE_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+
+
+def class_colours(n: int) -> dict[int, tuple[int, int, int, int]]:
+    """A colour table for classes 0..n-1 (8 distinct colours, then golden-ratio hues) and no data
+    (GEO_NODATA: transparent)."""
+    import colorsys
+
+    table: dict[int, tuple[int, int, int, int]] = {}
+    for k in range(min(n, GEO_NODATA)):
+        if k < len(BASE_COLOURS):
+            rgb = BASE_COLOURS[k]
+        else:
+            r, g, b = colorsys.hsv_to_rgb((k * 0.618034) % 1.0, 0.65, 0.95)
+            rgb = (int(255 * r), int(255 * g), int(255 * b))
+        table[k] = (*rgb, 255)
+    table[GEO_NODATA] = (0, 0, 0, 0)
+    return table
+
+
+def image_georefs(store: RunStore) -> dict[str, tuple[str | None, list[float] | None]]:
+    """image_id -> (CRS, transform) from a raster run's masks table; ExportError for a run that has
+    no such columns (not input.format: raster, or written before them)."""
+    parts = store.parts_of(MASKS)
+    if parts and "crs" not in store.part_schema(MASKS, parts[-1]).names:
+        raise ExportError(f"{store.uri}: not a raster run (its masks carry no CRS): geotiff and cog need input.format: raster")
+    table = store.latest_rows(MASKS, ["image_id", "crs", "transform"])
+    if table is None:
+        return {}
+    return {r["image_id"]: (r["crs"], r["transform"]) for r in table.to_pylist()}
+
+
+def export_geotiff(run: Run, dest: Destination, result: ExportResult, cog: bool = False) -> None:
+    """One GeoTIFF per raster (`output_name(image_id, ".tif")`): its input's CRS and transform, nodata
+    255, tiled 512 x 512, deflate, the classes as a colour table; `cog`: a Cloud Optimized GeoTIFF with
+    overviews made by mode resampling (a label's overview keeps labels). A raster without a CRS is
+    skipped with a line why. Written chunk band by chunk band: memory is one band of chunks."""
+    georefs = image_georefs(run.store)
+    colours = class_colours(len(run.class_names))
+    for image in image_masks(run.store):
+        crs, transform = georefs.get(image.image_id, (None, None))
+        if crs is None or transform is None:
+            result.skipped.append(f"{image.image_id}: its raster has no CRS, so its mask has no place on a map (use --format tiff)")
+            continue
+        name = _unique_name(image.image_id, ".tif", result)
+        dest.write_with(name, lambda path, image=image, crs=crs, t=transform: write_geotiff(image, path, crs, t, colours, cog))
+        result.written.append(name)
+
+
+def write_geotiff(
+    image: ImageMask, path: str, crs: str, transform: list[float], colours: dict, cog: bool = False, tile: int = TIFF_TILE
+) -> None:
+    """The image's mask as a tiled GeoTIFF (or COG) at local `path`."""
+    import rasterio
+    import rasterio.shutil
+    from affine import Affine
+    from rasterio.windows import Window
+
+    dtype = mask_dtype(image)
+    profile = {
+        "driver": "GTiff",
+        "width": image.width,
+        "height": image.height,
+        "count": 1,
+        "dtype": dtype.name,
+        "crs": rasterio.crs.CRS.from_user_input(crs),
+        "transform": Affine(*transform[:6]),
+        "nodata": GEO_NODATA,
+        "tiled": True,
+        "blockxsize": tile,
+        "blockysize": tile,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
+    }
+    target = path + ".tmp.tif" if cog else path
+    try:
+        with rasterio.open(target, "w", **profile) as dst:
+            y = 0
+            for band in mask_bands(image):
+                rows = band[0][1].shape[0]
+                for x, chunk in band:
+                    dst.write(chunk, 1, window=Window(x, y, chunk.shape[1], rows))
+                y += rows
+                del band
+            if dtype == np.uint8:  # GDAL's colour tables are for 8-bit (and 16-bit) bands
+                dst.write_colormap(1, colours)
+        if cog:
+            # GDAL's COG driver: tiles, then overviews (mode: each overview pixel is a label of the pixels
+            # it covers, never an average) down to one tile, in the layout COG readers expect
+            rasterio.shutil.copy(
+                target, path, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE=str(tile), OVERVIEW_RESAMPLING="MODE", BIGTIFF="IF_SAFER"
+            )
+    finally:
+        if cog and os.path.exists(target):
+            os.remove(target)
+
+
+# --------------------------------------------------------------------------- polygons: geoparquet, gpkg, geojson
+
+
+def mask_polygons(image: ImageMask, transform: list[float]) -> Iterator[tuple[int, Any]]:
+    """(class id, shapely Polygon in the raster's CRS): one per 4-connected region of a class, no data
+    (255) in none. Each band of chunks is traced apart (rasterio.features.shapes), in pixel coordinates
+    so that pieces of a region cut by chunk edges share exact edges; each class's pieces are joined
+    (shapely's union) and the regions mapped through the raster's transform at the end. Memory: one
+    band of chunks and the polygons."""
+    import shapely
+    import shapely.affinity
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    pieces: dict[int, list] = {}
+    y = 0
+    for band in mask_bands(image):
+        strip = np.concatenate([chunk for _, chunk in band], axis=1)
+        strip = strip.astype(np.int32) if strip.dtype != np.uint8 else strip  # shapes takes no uint16
+        for geometry, value in shapes(strip, mask=strip != GEO_NODATA, connectivity=4):
+            pieces.setdefault(int(value), []).append(shapely.affinity.translate(shape(geometry), 0, y))
+        y += strip.shape[0]
+        del band, strip
+    a, b, c, d, e, f = transform[:6]
+    for class_id in sorted(pieces):
+        merged = shapely.union_all(pieces[class_id])
+        for polygon in getattr(merged, "geoms", [merged]):
+            yield class_id, shapely.affinity.affine_transform(polygon, [a, b, d, e, c, f])
+
+
+def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str) -> None:
+    """Per raster, one file (`output_name(image_id, suffix)`) of polygons (`mask_polygons`) with
+    `image_id`, `class_id`, `class_name`, `area` (in the CRS's units squared; square metres for a
+    projected CRS in metres): geoparquet (GeoParquet 1.1, WKB, its `geo` metadata with the CRS as
+    PROJJSON: geopandas and DuckDB read it as geometry), gpkg (GeoPackage through pyogrio), geojson
+    (RFC 7946: lon/lat in EPSG:4326, the area still the raster CRS's). Rasters without a CRS are skipped."""
+    georefs = image_georefs(run.store)
+    for image in image_masks(run.store):
+        crs, transform = georefs.get(image.image_id, (None, None))
+        if crs is None or transform is None:
+            result.skipped.append(f"{image.image_id}: its raster has no CRS, so its polygons have no place on a map")
+            continue
+        found = list(mask_polygons(image, transform))
+        name = _unique_name(image.image_id, POLYGON_FORMATS[fmt], result)
+        dest.write_with(
+            name, lambda path, image=image, crs=crs, found=found: write_polygons(path, fmt, image.image_id, found, crs, run.class_names)
+        )
+        result.written.append(name)
+
+
+def write_polygons(path: str, fmt: str, image_id: str, found: list[tuple[int, Any]], crs: str, class_names: list[str]) -> None:
+    import pyproj
+    import shapely
+    import shapely.geometry
+
+    geometries = [polygon for _, polygon in found]
+    class_ids = [class_id for class_id, _ in found]
+    names = [class_names[k] if k < len(class_names) else str(k) for k in class_ids]
+    areas = [float(polygon.area) for polygon in geometries]
+    source = pyproj.CRS.from_user_input(crs)
+    if fmt == "geojson":
+        to_lonlat = pyproj.Transformer.from_crs(source, "EPSG:4326", always_xy=True)
+        features = [
+            {
+                "type": "Feature",
+                "properties": {"image_id": image_id, "class_id": k, "class_name": n, "area": a},
+                "geometry": shapely.geometry.mapping(
+                    shapely.transform(polygon, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+                ),
+            }
+            for k, n, a, polygon in zip(class_ids, names, areas, geometries)
+        ]
+        with open(path, "w") as f:
+            json.dump({"type": "FeatureCollection", "features": features}, f)
+        return
+    wkb = shapely.to_wkb(np.asarray(geometries, dtype=object)) if geometries else np.array([], dtype=object)
+    if fmt == "gpkg":
+        from pyogrio.raw import write
+
+        fields = [
+            np.array([image_id] * len(found), dtype=object),
+            np.array(class_ids, np.int32),
+            np.array(names, dtype=object),
+            np.array(areas),
+        ]
+        write(
+            path,
+            wkb,
+            fields,
+            ["image_id", "class_id", "class_name", "area"],
+            layer="polygons",
+            driver="GPKG",
+            geometry_type="Polygon",
+            crs=source.to_wkt(),
+        )
+        return
+    import pyarrow.parquet as pq
+
+    minx, miny, maxx, maxy = shapely.total_bounds(geometries) if geometries else (0.0, 0.0, 0.0, 0.0)
+    geo = {
+        "version": "1.1.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": source.to_json_dict(), "bbox": [minx, miny, maxx, maxy]}
+        },
+    }
+    table = pa.table(
+        {
+            "image_id": pa.array([image_id] * len(found), pa.string()),
+            "class_id": pa.array(class_ids, pa.int32()),
+            "class_name": pa.array(names, pa.string()),
+            "area": pa.array(areas, pa.float64()),
+            "geometry": pa.array(list(wkb), pa.binary()),
+        }
+    ).replace_schema_metadata({b"geo": json.dumps(geo).encode()})
+    pq.write_table(table, path)
 
 
 # --------------------------------------------------------------------------- coco

@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline.config import InputConfig, JobConfig
 from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
+from pipeline.io.raster import RASTER_EXTENSIONS, probe_raster
 from pipeline.io.shards import ParquetReader, TarReader
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
 from pipeline.io.tiff import probe_stream
@@ -128,6 +129,9 @@ class ImageFolderReader:
     """Image files under input.uri matching `pattern`, paired with label files of the same relative
     key under labels.uri (the extension may differ, .png preferred), in blocks of images_per_unit."""
 
+    suffixes: tuple[str, ...] = IMAGE_EXTENSIONS  # what is listed
+    unit_format = "images"
+
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
 
@@ -142,9 +146,9 @@ class ImageFolderReader:
         regex = glob_regex(cfg.pattern)
         if cfg.manifest:  # the archive's keys from a list (an S3 Inventory report): no listing of the prefix
             fs, root, keys = iter_manifest(cfg.manifest, cfg.uri, cfg.storage_options, column=cfg.manifest_column,
-                                           suffixes=IMAGE_EXTENSIONS, stats=stats)  # fmt: skip
+                                           suffixes=self.suffixes, stats=stats)  # fmt: skip
         else:
-            fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
+            fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=self.suffixes, stats=stats)
         keys = (k for k in keys if regex.match(k))
         first = next(keys, None)
         if first is None and not cfg.manifest and not fs.exists(root):
@@ -166,7 +170,7 @@ class ImageFolderReader:
         for index, block in enumerate(batched(pairs, cfg.images_per_unit)):
             yield SourceUnit(
                 index=index,
-                format="images",
+                format=self.unit_format,
                 uris=tuple(full_uri(fs, root + "/" + k) for k, _ in block),
                 label_uris=tuple(label for _, label in block) if cfg.labels else (),
                 image_ids=tuple(k for k, _ in block),
@@ -219,7 +223,30 @@ class ImageFolderReader:
         return out
 
 
-READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader}
+class RasterReader(ImageFolderReader):
+    """Rasters under input.uri (pipeline.io.raster: any suffix of RASTER_EXTENSIONS matching `pattern`),
+    listed and paired with label rasters as image files are. Nothing is read here but each raster's
+    header (`probe_raster`): the predictor reads it window by window."""
+
+    suffixes = RASTER_EXTENSIONS
+    unit_format = "raster"
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        cfg = self.cfg
+        for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
+            label_uri = unit.label_uris[i] if unit.label_uris else None
+            sample = RawSample(unit.index, i, image_id, None, None, has_label=label_uri is not None)
+            try:
+                if label_uri is None and cfg.labels is not None and cfg.labels.required:
+                    sample.error = f"no label for {image_id} under {cfg.labels.uri}"
+                else:
+                    sample.stream = probe_raster(uri, label_uri, cfg)
+            except Exception as exc:  # one unreadable raster is one errors row
+                sample.error = scrub(f"read: {exc}", cfg.storage_options)
+            yield sample
+
+
+READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader, "raster": RasterReader}
 
 
 def reader_for(cfg: InputConfig) -> Reader:

@@ -48,16 +48,21 @@ class ClassAreas:
         return self
 
 
-def class_areas(pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int | None = 255) -> ClassAreas:
+def class_areas(
+    pred: np.ndarray, label: np.ndarray, num_classes: int, ignore_index: int | None = 255, valid: np.ndarray | None = None
+) -> ClassAreas:
     """Per-class areas of one image, as mmseg's `intersect_and_union`: pixels whose label is
     ignore_index are dropped (None: no value is ignored); values outside [0, num_classes) fall
-    outside every class's bin, and the labeled ones are counted as `outside`."""
+    outside every class's bin, and the labeled ones are counted as `outside`. `valid` (bool, the
+    shape of pred): pixels where it is false (a raster's no-data) count nowhere at all."""
     if pred.shape != label.shape:
         raise ValueError(f"prediction {pred.shape} and label {label.shape} differ in size")
-    if ignore_index is None:
+    if ignore_index is None and valid is None:
         t, p = label.ravel(), pred.ravel()
     else:
-        keep = label != ignore_index
+        keep = label != ignore_index if ignore_index is not None else np.ones(label.shape, bool)
+        if valid is not None:
+            keep &= valid
         t, p = label[keep], pred[keep]
     # One confusion matrix (label rows, prediction columns) from one bincount; values outside the
     # classes go to an extra row and column C, so they still count on the other side (a pixel
@@ -222,15 +227,17 @@ class LabelAreas:
         self.counts = np.zeros(256, np.int64)  # the 8-bit values seen (auto and mask decide on them)
         self.wide: set[int] = set()  # values of wider labels, seen as they come
 
-    def add(self, pred: np.ndarray, label: np.ndarray) -> None:
+    def add(self, pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """One band: predicted rows, their label rows; `valid`: where false, pixels count nowhere."""
         if self.reading.binary in ("auto", "mask"):
-            if label.dtype == np.uint8:
-                self.counts += np.bincount(label.ravel(), minlength=256)
+            seen = label[valid] if valid is not None else label.ravel()  # a reading decides on valid pixels only
+            if seen.dtype == np.uint8:
+                self.counts += np.bincount(seen, minlength=256)
             else:
-                self.wide.update(int(v) for v in np.unique(label))
+                self.wide.update(int(v) for v in np.unique(seen))
         for name, areas in self.areas.items():
             classes, ignore = self.reading.class_map(label, name)
-            areas += class_areas(pred, classes, self.reading.num_classes, ignore)
+            areas += class_areas(pred, classes, self.reading.num_classes, ignore, valid)
 
     def finish(self) -> ClassAreas:
         """The image's areas under its reading (ClassAreas.reading says which)."""

@@ -24,6 +24,7 @@ from models.base import SegmentationModel, compile_for_inference
 from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import JobConfig
 from pipeline.io.coco_codec import encode_rle
+from pipeline.io.raster import NODATA_LABEL, RASTER_STREAM, RasterWindows
 from pipeline.io.storage import scrub
 from pipeline.io.tiff import StreamError, TiffWindows
 from pipeline.metrics.coco_labels import PanopticLabels, image_key
@@ -172,21 +173,32 @@ def finish_image(
     ignore_index: int | None = 255,
     reading: LabelReading | None = None,
     on_rows: Callable[[int, int], None] | None = None,
+    valid_rows: LabelRows | None = None,
+    pixel_counts: np.ndarray | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
     (default: class indices, `ignore_index` ignored). A label that reading refuses is the image's
     error (pipeline.metrics.semantic.LabelReadingError). `binary`: the bands carry probability rows
-    (a binary task's foreground probability, or the confidence of output.confidence), encoded too."""
+    (a binary task's foreground probability, or the confidence of output.confidence), encoded too.
+    `valid_rows(y0, n)`: a raster's valid-data mask of those rows; pixels outside it are
+    NODATA_LABEL in the mask (probability 0) and count in no class area. `pixel_counts`: the mask's
+    pixels per value are added to it (its length: the values counted)."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
     areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
     finished = 0
     for y0, labels, probability in bands:
+        valid = valid_rows(y0, labels.shape[0]) if valid_rows is not None else None
+        if valid is not None and not valid.all():
+            labels = np.where(valid, labels, np.asarray(NODATA_LABEL, labels.dtype))
+            probability = np.where(valid, probability, np.float32(0)) if probability is not None else None
         writer.add(y0, labels, probability)
+        if pixel_counts is not None:
+            pixel_counts += np.bincount(labels.ravel(), minlength=len(pixel_counts))[: len(pixel_counts)]
         if areas is not None:
             for top in range(0, labels.shape[0], AREA_ROWS):
                 rows = labels[top : top + AREA_ROWS]
-                areas.add(rows, label_rows(y0 + top, rows.shape[0]))
+                areas.add(rows, label_rows(y0 + top, rows.shape[0]), valid[top : top + AREA_ROWS] if valid is not None else None)
         finished += labels.shape[0]  # bands come top to bottom and cover each row once
         if on_rows is not None:
             on_rows(finished, height)
@@ -208,6 +220,9 @@ class Predictor:
         inference = cfg.inference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_job_model(cfg.model).to(self.device)
+        self.input_config = cfg.input
+        self.max_pixels = cfg.input.max_pixels
+        self.channel_stats = model.channel_stats()  # a raster's standard scale: what the model's normalization undoes
         if inference.compile:  # the semantic forward; the object tasks' forward_queries stay eager
             model = compile_for_inference(model)
         if inference.backend == "onnxruntime":  # the semantic forward too (exported at its first batch)
@@ -405,6 +420,24 @@ class Predictor:
         if not self.heap_limited:  # band-sized temporaries, band after band, for the actor's life
             self.heap_limited = limit_heap_growth()
         started = time.time()
+        if image.stream.kind == RASTER_STREAM:
+            if self.objects is not None:
+                raise StreamError(f"rasters are segmented by the semantic task, not {self.objects.task}")
+            row.chunks, row.areas, row.raster = segment_raster(
+                self.score_fn,
+                image.stream,
+                self.settings,
+                self.input_config,
+                num_classes=self.num_classes,
+                chunk_size=self.chunk_size,
+                reading=self.label_reading,
+                model_stats=self.channel_stats,
+                max_pixels=self.max_pixels,
+                on_rows=on_rows,
+                batch_sizes=self.batch_sizes,
+            )
+            log.info("raster %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
+            return row
         found: list[ImageObject] = []
         row.chunks, row.areas = segment_tiff(
             self.score_fn,
@@ -457,7 +490,7 @@ def segment_tiff(
                     f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
                 )
             if objects is None:
-                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings, batch_sizes)
+                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings, batch_sizes=batch_sizes)
             else:
                 query_fn, object_config, found = objects
                 bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found, batch_sizes)
@@ -476,6 +509,76 @@ def segment_tiff(
         finally:
             if label is not None:
                 label.close()
+
+
+def segment_raster(
+    score_fn,
+    source: StreamSource,
+    settings: TilingSettings,
+    input_config,
+    *,
+    num_classes: int,
+    chunk_size: int | None,
+    reading: LabelReading | None = None,
+    model_stats: tuple[list[float], list[float]] | None = None,
+    max_pixels: int | None = None,
+    on_rows: Callable[[int, int], None] | None = None,
+    batch_sizes: BatchSizes | None = None,
+) -> tuple[list[MaskChunk], ClassAreas | None, dict]:
+    """A raster read window by window (pipeline.io.raster): its selected bands scaled, windows without
+    valid data skipped, no-data pixels NODATA_LABEL in the mask and in no metric; the label raster's
+    rows read alongside. Returns the chunks, the class areas and the raster's facts (georeferencing,
+    the scale applied, the windows skipped)."""
+    if settings.mode != "slide" and max_pixels is not None and source.height * source.width > max_pixels:
+        raise StreamError(
+            f"a {source.width} x {source.height} raster over input.max_pixels ({max_pixels}) is segmented window by window: "
+            f"inference.mode must be 'slide', not {settings.mode!r}"
+        )
+    options = input_config.storage_options
+    with RasterWindows.open(source.uri, options, input_config, model_stats) as raster:
+        if (raster.height, raster.width) != (source.height, source.width):
+            raise StreamError(f"{source.uri} is {raster.width} x {raster.height} now, {source.width} x {source.height} when it was listed")
+        label = RasterWindows.open_label(source.label_uri, options) if source.label_uri else None
+        try:
+            if label is not None and (label.height, label.width) != (source.height, source.width):
+                raise StreamError(
+                    f"label {source.label_uri} is {label.width} x {label.height} but the raster is {source.width} x {source.height}"
+                )
+            counts = np.zeros(NODATA_LABEL + 1, np.int64)
+            bands = segment_streaming(
+                score_fn,
+                raster.read,
+                source.height,
+                source.width,
+                settings,
+                skip_window=raster.empty,
+                channels=None,
+                batch_sizes=batch_sizes,
+            )
+            chunks, areas = finish_image(
+                bands,
+                source.height,
+                source.width,
+                label.labels if label is not None else None,
+                num_classes=num_classes,
+                chunk_size=chunk_size,
+                binary=settings.beside is not None,
+                reading=reading,
+                on_rows=on_rows,
+                valid_rows=raster.valid_rows,
+                pixel_counts=counts,
+            )
+        finally:
+            if label is not None:
+                label.close()
+        facts = {
+            **raster.georef(),
+            "band_scale": raster.scale.record(),
+            "nodata_windows": raster.skipped,
+            "class_pixels": counts[:num_classes].tolist(),  # valid pixels per class (no-data ones are NODATA_LABEL)
+            "nodata_pixels": int(counts[NODATA_LABEL]),
+        }
+    return chunks, areas, facts
 
 
 DIE_ON = "SEGPIPE_TEST_DIE_ON"  # a test hook, off by default: see die_once_on

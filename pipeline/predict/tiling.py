@@ -73,7 +73,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import torch
@@ -683,6 +682,19 @@ class StreamingStitcher:
         band = self._emit(final_until)
         return [] if band is None else [band]
 
+    def skip(self) -> list[Band]:
+        """Pass the next window without scores (a window of no valid data, never run): it adds
+        nothing, so rows that only skipped windows cover have no weight and come out as class 0 with
+        probability 0; the caller marks them (they hold no valid pixel)."""
+        if self.finished:
+            raise RuntimeError("all windows of this image have been added already")
+        self._next += 1
+        final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
+        if final_until <= self._band_top:
+            return []
+        band = self._emit(final_until)
+        return [] if band is None else [band]
+
     def _emit(self, until: int) -> Band | None:
         """Emit padded rows [band_top, until) and let go of what only they needed."""
         plan = self.plan
@@ -691,15 +703,25 @@ class StreamingStitcher:
         bottom = min(until, plan.pad_top + plan.height)
         band = None
         if bottom > top:
-            band = self._blend_band(top, bottom) if self._held is None else self._blend_held(top, bottom)
+            if self._classes is None:  # only skipped windows so far: nothing scored these rows
+                band = self._unscored_band(top, bottom)
+            else:
+                band = self._blend_band(top, bottom) if self._held is None else self._blend_held(top, bottom)
         if self._held is not None:
             self._held = [held for held in self._held if held.y0 + plan.window[0] > until]
+        elif self._scores is None:
+            pass  # no band yet: skipped windows only
         elif not self.finished:
             self._shift_band(until - self._band_top)
         else:
             self._scores = self._weight_sum = None  # free the band
         self._band_top = until
         return band
+
+    def _unscored_band(self, top: int, bottom: int) -> Band:
+        rows, width = bottom - top, self.plan.width
+        probability = np.zeros((rows, width), np.float32) if self.binary is not None else None
+        return Band(top - self.plan.pad_top, np.zeros((rows, width), np.uint8), probability, None)
 
     def _blend_band(self, top: int, bottom: int) -> Band:
         plan, scores, weight_sum = self.plan, self._scores, self._weight_sum
@@ -831,9 +853,10 @@ def with_tta(score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1
 
 
 def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
-    """h x w x 3 uint8 arrays -> N x 3 x h x w float32 on the 0-255 scale."""
+    """h x w x C arrays (uint8, or float32 for rasters scaled by mean and std) -> N x C x h x w
+    float32 on the 0-255 scale (C: 3, or a raster's bands)."""
     # each window converted and transposed straight into the batch: no stacked or channels-last copy
-    pixels = torch.empty(len(windows), 3, *windows[0].shape[:2])
+    pixels = torch.empty(len(windows), windows[0].shape[2], *windows[0].shape[:2])
     for target, window in zip(pixels, windows):
         window = window if min(window.strides) >= 0 else window.copy()  # torch takes no negative strides
         with warnings.catch_warnings():  # Ray's arrays are read-only: only read here, never written
@@ -858,7 +881,7 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     region = read_window(top, left, height, width)
     if region.shape[:2] == plan.window:
         return region
-    window = np.zeros((*plan.window, 3), dtype=np.uint8)
+    window = np.zeros((*plan.window, region.shape[2]), dtype=region.dtype)
     window[oy : oy + region.shape[0], ox : ox + region.shape[1]] = region
     return window
 
@@ -910,11 +933,16 @@ def score_within_memory(score_fn: Callable, pixels: torch.Tensor, window: tuple[
         start += len(part)
 
 
+SKIPPED_PER_BATCH = 4096  # skipped windows handed to the stitchers at most between two batches
+SkipWindow = Callable[[int, int, int, int], bool]  # (top, left, height, width) inside the image -> not to be run
+
+
 @dataclass
 class _ImageJob:
     plan: WindowPlan
     read_window: ReadWindow
     stitcher: StreamingStitcher
+    skip_window: SkipWindow | None = None  # a raster's windows without valid data
 
 
 def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int, int], sizes: BatchSizes) -> Iterator[tuple[int, Band]]:
@@ -922,14 +950,45 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int
     sizes.of(window) (`score_within_memory`); yield (job index, band) as rows finish.
 
     A batch may hold windows of several images; only the images whose windows are in flight have a
-    stitcher band allocated (`jobs` may be a lazy iterable).
+    stitcher band allocated (`jobs` may be a lazy iterable). A window that its job's `skip_window`
+    refuses is not read and not scored: the stitcher is told to pass it (`StreamingStitcher.skip`),
+    in its place in the plan's order.
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
-    while batch := list(islice(windows, sizes.of(window))):
-        pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
-        for (index, job, _, _), window_scores in zip(batch, score_within_memory(score_fn, pixels, window, sizes)):
-            for band in job.stitcher.add(window_scores):  # resized to the window by the stitcher
-                yield index, band
+    while True:
+        batch, skipped = [], []  # skipped: (position in the batch's order, index, job)
+        for index, job, y0, x0 in windows:
+            if job.skip_window is not None and job.skip_window(*_inside_box(job.plan, y0, x0)):
+                skipped.append((len(batch), index, job))
+                if len(skipped) == SKIPPED_PER_BATCH:  # a vast no-data area: pass them on, bands keep coming
+                    break
+                continue
+            batch.append((index, job, y0, x0))
+            if len(batch) == sizes.of(window):
+                break
+        if not batch and not skipped:
+            return
+        scores = []
+        if batch:
+            pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
+            scores = list(score_within_memory(score_fn, pixels, window, sizes))
+        waiting = iter(skipped)
+        next_skip = next(waiting, None)
+        for k in range(len(batch) + 1):
+            while next_skip is not None and next_skip[0] == k:  # skipped windows before the k-th scored one
+                _, index, job = next_skip
+                for band in job.stitcher.skip():
+                    yield index, band
+                next_skip = next(waiting, None)
+            if k < len(batch):
+                index, job = batch[k][:2]
+                for band in job.stitcher.add(scores[k]):  # resized to the window by the stitcher
+                    yield index, band
+
+
+def _inside_box(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int]:
+    top, left, _, _, height, width = window_inside(plan, y0, x0)
+    return top, left, height, width
 
 
 def _segment_whole(
@@ -948,8 +1007,13 @@ def _segment_whole(
     return Segmentation(labels, probability)
 
 
-def _check_image(image: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+def _check_image(image: np.ndarray, channels: int | None = 3) -> None:
+    """H x W x 3 uint8 (images), or H x W x C uint8 / float32 where `channels` is None (rasters)."""
+    if channels is None:
+        if image.ndim != 3 or image.dtype not in (np.uint8, np.float32):
+            raise ValueError(f"raster windows must be H x W x C uint8 or float32 arrays, got {image.dtype} {image.shape}")
+        return
+    if image.ndim != 3 or image.shape[2] != channels or image.dtype != np.uint8:
         raise ValueError(f"images must be H x W x 3 uint8 arrays, got {image.dtype} {image.shape}")
 
 
@@ -995,22 +1059,32 @@ def segment_images(
 
 
 def segment_streaming(
-    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings, batch_sizes: BatchSizes | None = None
+    score_fn: ScoreFn,
+    read_window: ReadWindow,
+    height: int,
+    width: int,
+    settings: TilingSettings,
+    batch_sizes: BatchSizes | None = None,
+    skip_window: SkipWindow | None = None,
+    channels: int | None = 3,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Segment one image too large to hold, reading it window by window.
 
     read_window(y0, x0, h, w) returns that region (inside the image) as h x w x 3 uint8, e.g. from a
-    tiled TIFF. Yields (y0, label_rows, probability_rows) bands from top to bottom as soon as their
-    rows are final; together they cover rows 0..height-1 once each. Memory: one batch of windows and
-    the stitcher's band (see `StreamingStitcher`). Whole mode reads the image in one piece.
+    tiled TIFF (`channels` None: h x w x C uint8 or float32, a raster's bands). Yields (y0, label_rows,
+    probability_rows) bands from top to bottom as soon as their rows are final; together they cover
+    rows 0..height-1 once each. Memory: one batch of windows and the stitcher's band (see
+    `StreamingStitcher`). Whole mode reads the image in one piece. `skip_window(top, left, h, w)`:
+    true for a window not to be read nor scored (a raster's window without valid data); rows that
+    only such windows cover get class 0 (the caller marks them as no data).
     """
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)
-        _check_image(image)
+        _check_image(image, channels)
         result = _segment_whole(score_fn, image, settings.beside)
         yield 0, result.labels, result.probability
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
-    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.beside))
+    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.beside), skip_window)
     for _, band in _run_windows(score_fn, [job], settings.window, batch_sizes or BatchSizes(settings.batch_size)):
         yield band.y0, band.labels, band.probability

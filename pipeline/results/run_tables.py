@@ -25,9 +25,27 @@ INDEX = "ids.parquet"
 INDEX_PARTS_KEY = b"segpipe_parts"
 
 
-def masks_schema(binary: bool, confidence: bool = False) -> pa.Schema:
+# a raster run's masks rows (input.format raster, pipeline.io.raster), repeated on each chunk row of an
+# image: its CRS ("EPSG:n" or WKT), transform (a, b, c, d, e, f: rasterio's affine order) and resolution
+# (x, y), all null for a raster without a CRS; per band the scale applied ([min, max] or [mean, std]);
+# its windows without valid data (never run); the area of a pixel, the pixels of each class and of no
+# data (pipeline.results.runstore.raster_summary sums them). Runs of other inputs, and older runs, lack the columns.
+RASTER_FIELDS = [
+    pa.field("crs", pa.string()),
+    pa.field("transform", pa.list_(pa.float64())),
+    pa.field("resolution", pa.list_(pa.float64())),
+    pa.field("band_scale", pa.list_(pa.list_(pa.float64()))),
+    pa.field("nodata_windows", pa.int32()),
+    pa.field("pixel_area_m2", pa.float64()),  # projected CRS only: |a e - b d| in square metres
+    pa.field("class_pixels", pa.list_(pa.int64())),  # the mask's valid pixels per class
+    pa.field("nodata_pixels", pa.int64()),
+]
+RASTER_COLUMNS = [f.name for f in RASTER_FIELDS]
+
+
+def masks_schema(binary: bool, confidence: bool = False, raster: bool = False) -> pa.Schema:
     """binary: the foreground probability's column; confidence (output.confidence, multi-class):
-    each pixel's largest class probability's, in the same 8-bit PNG chunks."""
+    each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -39,6 +57,8 @@ def masks_schema(binary: bool, confidence: bool = False) -> pa.Schema:
         fields.append(pa.field("probability", pa.binary()))
     if confidence:
         fields.append(pa.field("confidence", pa.binary()))
+    if raster:
+        fields.extend(RASTER_FIELDS)
     return pa.schema(fields)
 
 

@@ -67,6 +67,7 @@ from pipeline.results.run_tables import (
     OBJECT_TABLES,
     OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
+    RASTER_COLUMNS,
     READING_FIELD,
     TABLES,
     TMP_PREFIX,
@@ -393,6 +394,48 @@ class RunStore:
         outcomes = outcomes or self.outcomes()
         return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names)
 
+    def raster_summary(self, class_names: list[str]) -> dict:
+        """A raster run's facts from its masks table (one row per image, its first chunk's): see
+        `raster_summary`."""
+        table = self.latest_rows(MASKS, ["image_id", "chunk_y", "chunk_x", *RASTER_COLUMNS])
+        return raster_summary(table, class_names)
+
+
+RASTER_IMAGES_LISTED = 1000  # run.json lists the georeferencing of this many rasters; the masks table has all
+
+
+def raster_summary(table: pa.Table | None, class_names: list[str]) -> dict:
+    """What a raster run's masks rows say, summed: windows and pixels without valid data, the rasters
+    without a CRS, the CRSs seen, per class the area in square metres (rasters of a projected CRS;
+    pixels of no data in none), and per raster (the first RASTER_IMAGES_LISTED by id) its CRS,
+    transform, resolution and the scale applied to its bands."""
+    out: dict[str, Any] = {"images": 0, "nodata_windows": 0, "nodata_pixels": 0, "without_crs": [], "crs": []}
+    if table is None or not table.num_rows:
+        return out
+    first = table.filter(pc.and_(pc.equal(table.column("chunk_y"), 0), pc.equal(table.column("chunk_x"), 0)))
+    area_m2 = np.zeros(len(class_names))
+    projected = 0
+    per_image: dict[str, dict] = {}
+    crs_seen: set[str] = set()
+    for row in first.to_pylist():
+        out["images"] += 1
+        out["nodata_windows"] += int(row["nodata_windows"] or 0)
+        out["nodata_pixels"] += int(row["nodata_pixels"] or 0)
+        if row["crs"] is None:
+            out["without_crs"].append(row["image_id"])
+        else:
+            crs_seen.add(row["crs"])
+        if row["pixel_area_m2"] is not None and row["class_pixels"] is not None:
+            projected += 1
+            area_m2 += np.asarray(row["class_pixels"][: len(class_names)], np.float64) * row["pixel_area_m2"]
+        if len(per_image) < RASTER_IMAGES_LISTED:
+            per_image[row["image_id"]] = {k: row[k] for k in ("crs", "transform", "resolution", "band_scale", "nodata_windows")}
+    out["crs"] = sorted(crs_seen)
+    out["class_area_m2"] = dict(zip(class_names, area_m2.tolist())) if projected else None
+    out["area_images"] = projected  # the rasters of a projected CRS, whose areas are summed
+    out["rasters"] = per_image
+    return out
+
 
 def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", storage_options: dict | None = None) -> np.ndarray:
     """One image's mask from a run directory (any fsspec URI: its latest committed result, see
@@ -522,8 +565,11 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     if cfg.metrics.task == "binary":
         identity["metrics.binary_labels"] = cfg.metrics.binary_labels
         identity["metrics.positive_class"] = cfg.metrics.positive_class
-    if cfg.input.format == "images":
+    if cfg.input.lists_files:
         identity["input.pattern"] = cfg.input.pattern
+    if cfg.input.format == "raster":  # which bands and how they are scaled decide the masks
+        identity["input.bands"] = cfg.input.bands
+        identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
     return identity
 
 
@@ -545,7 +591,7 @@ def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
     shards carry labels inside and are counted as they are read: summary.json's labeled_images)."""
     if cfg.input.labels is None:
         return {"configured": False}
-    if cfg.input.format != "images":
+    if not cfg.input.lists_files:
         return {"configured": True}
     report: dict[str, Any] = {
         "configured": True,
@@ -775,6 +821,7 @@ class RunRecord:
                 "started": self.previous.get("started", record["started"]),
                 "ended": record["ended"],
                 "counts": counts,
+                **({"raster": summary["raster"]} if summary and "raster" in summary else {}),
                 "attempts": [*self.earlier, record],
             },
         )

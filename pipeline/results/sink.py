@@ -25,6 +25,7 @@ from pipeline.results.run_tables import (
     OBJECT_TABLES,
     OUTSIDE_FIELD,
     PANOPTIC_COUNTS,
+    RASTER_COLUMNS,
     READING_FIELD,
     masks_schema,
     metrics_schema,
@@ -45,14 +46,21 @@ def object_table(rows: list[Prediction], kind: str) -> pa.Table:
 
 
 def part_tables(
-    rows: list[Prediction], binary: bool, attempt: int, cod: bool = False, panoptic: bool = False, confidence: bool = False
+    rows: list[Prediction],
+    binary: bool,
+    attempt: int,
+    cod: bool = False,
+    panoptic: bool = False,
+    confidence: bool = False,
+    raster: bool = False,
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part; `confidence`: the chunks' probability PNGs
-    are a multi-class run's confidence (output.confidence), in the masks' confidence column."""
+    are a multi-class run's confidence (output.confidence), in the masks' confidence column;
+    `raster`: the masks' raster columns too."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
-    schema = masks_schema(binary, confidence)
+    schema = masks_schema(binary, confidence=confidence, raster=raster)
     masks: dict[str, list] = {k: [] for k in schema.names}
     for r in ok:
         for c in r.chunks:
@@ -66,6 +74,9 @@ def part_tables(
                 masks["probability"].append(c.probability)
             if confidence:
                 masks["confidence"].append(c.probability)
+            if raster:
+                for name in RASTER_COLUMNS:
+                    masks[name].append((r.raster or {}).get(name))
     labeled = [r for r in ok if r.areas is not None]
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
@@ -111,6 +122,7 @@ class PartWriter:
         self.cod = cfg.metrics.task == "binary"
         self.confidence = cfg.output.confidence and not binary
         self.panoptic = cfg.metrics.panoptic_labels is not None
+        self.raster = cfg.input.format == "raster"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -158,7 +170,7 @@ class PartWriter:
         objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
         self.store.write_part(
             part_name(self.attempt, unit, seq),
-            *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic, self.confidence),
+            *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic, confidence=self.confidence, raster=self.raster),
             objects=objects,
         )
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)

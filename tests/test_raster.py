@@ -1,0 +1,282 @@
+"""pipeline.io.raster and `input.format: raster`: geospatial rasters read window by window through rasterio,
+bands picked and scaled per band, no-data pixels 255 in the masks and in no metric, windows of no data
+not run, georeferencing carried to the masks table, run.json and summary.json.
+
+Rasters are written here with rasterio (tests/helpers.write_raster): a four-band uint16 scene of a
+12-bit sensor in UTM 33N with a border of no data (0). One end-to-end run (`test_raster_run_...`)
+asserts what needs Ray; the rest are the reader's and the predictor's functions."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from helpers import TINY_SEGFORMER, UTM_33N, UTM_TRANSFORM, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
+
+from models import build_model
+from pipeline.config import ConfigError, InputConfig, load_config
+from pipeline.io.raster import NODATA_LABEL, RasterWindows, check_raster_job, georef_of, open_dataset
+from pipeline.metrics.semantic import LabelReading, class_areas
+from pipeline.predict.predictor import ModelScorer, segment_raster
+from pipeline.predict.tiling import TilingSettings, segment_streaming
+from pipeline.results.masks import assemble_mask
+from pipeline.rows import StreamSource
+
+pytest.importorskip("rasterio")
+
+BANDS = [4, 3, 2, 1]
+
+
+def raster_input(uri, **fields) -> InputConfig:
+    return InputConfig(uri=str(uri), format="raster", **fields)
+
+
+def by_hand(data: np.ndarray, bands: list[int], low: float, high: float) -> tuple[np.ndarray, np.ndarray, list[list[float]]]:
+    """The percentile stretch done by hand: per band the low/high percentiles of the valid pixels
+    (no band 0), rint(clip((v - lo) / (hi - lo), 0, 1) * 255) as uint8, no data 0; H x W x C, the valid mask, the ranges."""
+    picked = data[[b - 1 for b in bands]].astype(np.float64)
+    valid = (data != 0).all(axis=0)
+    out, ranges = [], []
+    for band in picked:
+        lo, hi = np.percentile(band[valid], [low, high])
+        ranges.append([float(lo), float(hi)])
+        out.append(np.rint(np.clip((band - lo) / (hi - lo), 0, 1) * 255))
+    image = np.stack(out, axis=-1).astype(np.uint8)
+    image[~valid] = 0
+    return image, valid, ranges
+
+
+def tiny_four_band_model(num_classes: int = 3, seed: int = 1):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model("segformer-b0", num_classes=num_classes, in_channels=4, **TINY_SEGFORMER).eval()
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_raster_config_takes_bands_and_the_three_scales_and_refuses_them_elsewhere(tmp_path):
+    cfg = raster_input(tmp_path, bands=[4, 3, 2], scale={"mode": "range", "min": [0, 0, 0], "max": [4095, 4095, 4095]})
+    assert cfg.bands == [4, 3, 2] and cfg.scale.mode == "range" and cfg.lists_files
+    assert raster_input(tmp_path, scale={"mode": "percentile"}).scale.high == 98
+    assert raster_input(tmp_path, scale={"mode": "standard", "mean": [1.0], "std": [2.0]}).scale.std == [2.0]
+    base = {"model": {"name": "segformer-b0"}}
+    bad = {
+        "bands and scale are for input.format: raster": {"uri": str(tmp_path), "bands": [1, 2, 3]},
+        "scale has 2 entries per band but bands lists 3": {
+            "uri": str(tmp_path), "format": "raster", "bands": [1, 2, 3], "scale": {"mode": "range", "min": [0, 0], "max": [9, 9]}
+        },
+        "low 98.0 must be below high 2.0": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "percentile", "low": 98, "high": 2}},
+        "input.bands.0: Input should be greater than or equal to 1": {"uri": str(tmp_path), "format": "raster", "bands": [0, 1, 2]},
+        "std must be positive": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "standard", "mean": [0], "std": [0]}},
+    }  # fmt: skip
+    for message, section in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config({**base, "input": section})
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+def test_percentile_scale_of_12_bit_bands_is_the_hand_stretch_of_their_valid_pixels(tmp_path):
+    data = scene_12bit(300, 400, border=40)
+    path = write_raster(tmp_path / "scene.tif", data, nodata=0)
+    cfg = raster_input(tmp_path, bands=BANDS, scale={"mode": "percentile", "low": 2, "high": 98})
+    expected, valid, ranges = by_hand(data, BANDS, 2, 98)
+    with RasterWindows.open(str(path), {}, cfg) as raster:
+        assert np.allclose(raster.scale.record(), ranges)
+        assert raster.scale.source == "full read"
+        assert np.array_equal(raster.read(0, 0, 300, 400), expected)  # not /65535: a 12-bit range spans 0..255
+        assert np.array_equal(raster.read(50, 70, 33, 45), expected[50:83, 70:115])
+        assert np.array_equal(raster.valid_rows(10, 60), valid[10:70])
+        assert raster.empty(0, 0, 40, 400) and not raster.empty(30, 30, 20, 20) and raster.skipped == 1
+    # a decimated read (the overviews' way) gives nearly the same range
+    with RasterWindows.open(str(path), {}, cfg) as raster, open_dataset(str(path)) as ds:
+        from pipeline.io.raster import percentile_scale
+
+        decimated = percentile_scale(ds, BANDS, cfg.scale, max_pixels=10_000)
+        assert decimated.source.startswith("decimated read") and np.allclose(decimated.record(), ranges, atol=41)  # 1% of 12 bits
+
+
+def test_range_and_standard_scales_and_a_remote_raster_read_through_fsspec(tmp_path):
+    data = scene_12bit(60, 80, border=10)
+    path = write_raster(tmp_path / "s.tif", data, nodata=0)
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/rasters/s.tif", path.read_bytes())
+    cfg = raster_input("memory://rasters", bands=[2], scale={"mode": "range", "min": [1000], "max": [3000]})
+    with RasterWindows.open("memory://rasters/s.tif", {}, cfg) as raster:  # GDAL reads ranges through fsspec
+        got = raster.read(0, 0, 60, 80)[..., 0]
+    band = data[1].astype(np.float64)
+    expected = np.rint(np.clip((band - 1000) / 2000, 0, 1) * 255).astype(np.uint8)
+    expected[data[1] == 0] = 0
+    assert np.array_equal(got, expected)
+    standard = raster_input(tmp_path, bands=[1], scale={"mode": "standard", "mean": [2000.0], "std": [500.0]})
+    with RasterWindows.open(str(path), {}, standard, ([100.0], [50.0])) as raster:
+        window = raster.read(20, 20, 5, 5)[..., 0]
+    # the model's normalization (x - 100) / 50 gives back (v - 2000) / 500
+    assert window.dtype == np.float32
+    assert np.allclose((window - 100) / 50, (data[0, 20:25, 20:25] - 2000) / 500, atol=1e-4)
+
+
+def test_a_raster_without_crs_has_no_georeferencing_and_one_in_utm_has_its_own(tmp_path):
+    with open_dataset(str(write_raster(tmp_path / "plain.tif", scene_12bit(20, 30, 2), crs=None))) as ds:
+        assert georef_of(ds) == {"crs": None, "transform": None, "resolution": None, "pixel_area_m2": None}
+    with open_dataset(str(write_raster(tmp_path / "utm.tif", scene_12bit(20, 30, 2)))) as ds:
+        assert georef_of(ds) == {"crs": UTM_33N, "transform": list(UTM_TRANSFORM), "resolution": [10.0, 10.0], "pixel_area_m2": 100.0}
+
+
+def test_bands_the_raster_lacks_a_model_of_other_channels_and_16_bit_data_without_scale_are_refused_up_front(tmp_path):
+    path = str(write_raster(tmp_path / "s.tif", scene_12bit(20, 30, 2), nodata=0))
+    percentile = {"mode": "percentile"}
+    refused = {
+        "input.bands: .* has 4 bands, no band 5": (raster_input(tmp_path, bands=[5, 3, 2, 1], scale=percentile), 4, 3),
+        "input.bands feeds 3 bands, but the model takes 4 input channels": (
+            raster_input(tmp_path, bands=[3, 2, 1], scale=percentile),
+            4,
+            3,
+        ),
+        r"input.bands \(null: all 4 bands\) feeds 4 bands, but the model takes 3": (raster_input(tmp_path, scale=percentile), 3, 3),
+        "input.scale: .* holds uint16 data, which needs a scale": (raster_input(tmp_path, bands=[3, 2, 1]), 3, 3),
+        "the model's 300 classes include it": (raster_input(tmp_path, bands=[3, 2, 1], scale=percentile), 3, 300),
+    }
+    for message, (cfg, channels, classes) in refused.items():
+        with pytest.raises(ConfigError, match=message):
+            check_raster_job(cfg, path, channels, classes)
+    assert check_raster_job(raster_input(tmp_path, scale=percentile), path, 4, 3)["crs"] == UTM_33N
+
+
+def test_a_band_the_raster_lacks_is_exit_2_before_anything_is_written(tmp_path, capsys):
+    write_raster(tmp_path / "in" / "s.tif", scene_12bit(20, 30, 2), nodata=0)
+    ckpt = tiny_checkpoint(tmp_path / "four.safetensors", 3, in_channels=4)
+    cfg = job_config(tmp_path, tmp_path / "in", ckpt, input={"format": "raster", "bands": [5, 3, 2, 1], "scale": {"mode": "percentile"}})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
+    assert "no band 5" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- masks and metrics
+
+
+def test_class_areas_skip_pixels_outside_valid_data():
+    pred = np.array([[0, 1], [1, 1]], np.uint8)
+    label = np.array([[0, 1], [0, 1]], np.uint8)
+    valid = np.array([[True, True], [False, True]])
+    areas = class_areas(pred, label, 2, 255, valid)
+    assert areas.label_area.tolist() == [1, 2] and areas.pred_area.tolist() == [1, 2] and areas.intersection.tolist() == [1, 2]
+
+
+def test_masks_of_a_percentile_scaled_16_bit_raster_equal_the_hand_scaled_data_with_nodata_255_and_empty_windows_not_run(tmp_path):
+    data = scene_12bit()
+    path = write_raster(tmp_path / "scene.tif", data, nodata=0, tile=64)
+    label = (np.arange(160)[None, :] // 40 % 3).repeat(120, 0).astype(np.uint8)[None]
+    label_path = write_raster(tmp_path / "label.tif", label)
+    model = tiny_four_band_model()
+    scored = []
+
+    def score_fn(pixels):
+        scored.append(len(pixels))
+        return ModelScorer(model, torch.device("cpu"))(pixels)
+
+    settings = TilingSettings(window=(32, 32), stride=(24, 24), batch_size=16)
+    cfg = raster_input(tmp_path, bands=BANDS, scale={"mode": "percentile", "low": 2, "high": 98})
+    source = StreamSource(str(path), str(label_path), 120, 160, kind="raster")
+    chunks, areas, facts = segment_raster(score_fn, source, settings, cfg, num_classes=3, chunk_size=64, reading=LabelReading(3, 255))
+    mask = assemble_mask(
+        [
+            {
+                "image_id": "s",
+                "height": 120,
+                "width": 160,
+                "chunk_y": c.y,
+                "chunk_x": c.x,
+                "chunk_height": c.height,
+                "chunk_width": c.width,
+                "mask": c.mask,
+            }
+            for c in chunks
+        ]
+    )
+
+    expected_image, valid, ranges = by_hand(data, BANDS, 2, 98)
+    hand = np.concatenate(
+        [
+            band
+            for _, band, _ in segment_streaming(
+                ModelScorer(model, torch.device("cpu")),
+                lambda y, x, h, w: expected_image[y : y + h, x : x + w],
+                120,
+                160,
+                settings,
+                channels=None,
+            )
+        ]
+    )
+    assert np.array_equal(mask[valid], hand[valid])  # windows of no data skipped: the valid pixels' labels unchanged
+    assert (mask[~valid] == NODATA_LABEL).all() and len(np.unique(hand[valid])) > 1
+    from pipeline.predict.tiling import plan_windows
+
+    windows = len(plan_windows(120, 160, (32, 32), (24, 24)).windows)
+    assert facts["nodata_windows"] > 0 and sum(scored) == windows - facts["nodata_windows"]
+    assert np.allclose(facts["band_scale"], ranges) and facts["crs"] == UTM_33N
+    assert facts["nodata_pixels"] == int((~valid).sum()) and sum(facts["class_pixels"]) == int(valid.sum())
+    # the metrics count valid pixels only
+    assert areas.label_area.sum() == valid.sum() and areas.pred_area.sum() == valid.sum()
+    assert areas.label_area.tolist() == np.bincount(label[0][valid], minlength=3).tolist()
+
+
+# --------------------------------------------------------------------------- one run, end to end
+
+
+def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_session, tmp_path, capsys):
+    from jobs.cli import main
+
+    data = scene_12bit()
+    write_raster(tmp_path / "in" / "scene.tif", data, nodata=0, tile=64)
+    write_raster(tmp_path / "in" / "plain.tif", scene_12bit(40, 50, border=5), crs=None, nodata=0)
+    label = (np.arange(160)[None, :] // 40 % 3).repeat(120, 0).astype(np.uint8)[None]
+    write_raster(tmp_path / "labels" / "scene.tif", label)
+    ckpt = tiny_checkpoint(tmp_path / "four.safetensors", 3, seed=1, in_channels=4)
+    cfg = job_config(
+        tmp_path,
+        tmp_path / "in",
+        ckpt,
+        labels=tmp_path / "labels",
+        input={"format": "raster", "bands": BANDS, "scale": {"mode": "percentile", "low": 2, "high": 98}},
+        output={"chunk_size": 64},
+    )
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    assert capsys.readouterr().out.count("without a CRS (first: plain.tif)") == 1  # said once
+    run = tmp_path / "runs" / "t1"
+    masks = pq.read_table(run / "masks").to_pylist()
+    scene_rows = [r for r in masks if r["image_id"] == "scene.tif"]
+    assert {r["crs"] for r in scene_rows} == {UTM_33N} and scene_rows[0]["transform"] == list(UTM_TRANSFORM)
+    assert scene_rows[0]["resolution"] == [10.0, 10.0] and scene_rows[0]["nodata_windows"] > 0
+    assert {r["crs"] for r in masks if r["image_id"] == "plain.tif"} == {None}
+    mask = assemble_mask(scene_rows)
+    valid = (data != 0).all(axis=0)
+    assert (mask[~valid] == NODATA_LABEL).all() and (mask[valid] < 3).all()
+    metrics = pq.read_table(run / "metrics").to_pylist()
+    assert [m["image_id"] for m in metrics] == ["scene.tif"] and sum(metrics[0]["label_area"]) == valid.sum()
+    summary = json.loads((run / "summary.json").read_text())
+    info = json.loads((run / "run.json").read_text())
+    raster = info["raster"]
+    assert raster["without_crs"] == ["plain.tif"] and raster["nodata_windows"] >= scene_rows[0]["nodata_windows"]
+    assert np.allclose(raster["rasters"]["scene.tif"]["band_scale"], by_hand(data, BANDS, 2, 98)[2])
+    areas = summary["raster"]["class_area_m2"]
+    assert sum(areas.values()) == pytest.approx(valid.sum() * 100.0)  # 10 m pixels, no data in no class
+    assert set(areas) == {"0", "1", "2"}
+
+    # the COG of the run: its input's CRS, transform and nodata, overviews, a valid COG
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    assert main(["export", str(run), "--to", str(tmp_path / "cog"), "--format", "cog"]) == 0
+    assert "plain.tif: its raster has no CRS" in capsys.readouterr().err
+    with rasterio.open(tmp_path / "cog" / "scene.tif") as cog, rasterio.open(tmp_path / "in" / "scene.tif") as src:
+        assert cog.crs == src.crs and cog.transform == src.transform and cog.nodata == NODATA_LABEL
+        assert np.array_equal(cog.read(1), mask) and cog.colormap(1)[NODATA_LABEL] == (0, 0, 0, 0)
+    assert cog_validate(str(tmp_path / "cog" / "scene.tif"))[0]
