@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run", metavar="RUN", help="a run directory, <output.uri>/<run_id> (local path or URI)")
     export.add_argument("--to", required=True, metavar="DIR", help="where the files go (local path or URI)")
-    export.add_argument("--format", required=True, choices=["png", "tiff", "coco"], help="png | tiff | coco")
+    export.add_argument("--format", required=True, choices=["png", "tiff", "coco", "qupath"], help="png | tiff | coco | qupath")
     export.add_argument(
         "--storage-option",
         dest="storage_options",

@@ -38,9 +38,31 @@ class LabelsConfig(_Strict):
     required: Bool = False  # a missing label is an errors row when true, an unlabeled image when false
 
 
+class SlideConfig(_Strict):
+    """Whole-slide images (input.format: slide; pipeline.io.slide): the resolution they are segmented
+    at, and which windows run."""
+
+    # microns per pixel of the grid the model sees (the slide's pyramid level at or finer, resampled);
+    # or `level`: a pyramid level as stored (giving level alone sets mpp to null)
+    mpp: Float | None = Field(0.5, gt=0)
+    level: Int | None = Field(None, ge=0)
+    # windows whose share of tissue (pipeline.io.slide.tissue_mask) is under this are not run
+    min_tissue: Float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _level_or_mpp(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("level") is not None:
+            if data.get("mpp") is not None:
+                raise ValueError("give mpp or level, not both")
+            data = {**data, "mpp": None}
+        return data
+
+
 class InputConfig(_Strict):
     uri: str
-    format: Literal["auto", "images", "tar", "parquet"] = "auto"
+    format: Literal["auto", "images", "tar", "parquet", "slide"] = "auto"
+    slide: SlideConfig = Field(default_factory=SlideConfig)
     pattern: str = "**/*"
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -78,6 +100,10 @@ class InputConfig(_Strict):
     def _labels_need_a_place(self) -> InputConfig:
         if self.format == "images" and self.labels is not None and not self.labels.uri:
             raise ValueError("labels.uri is needed for image folders")
+        if self.format == "slide" and self.labels is not None:
+            raise ValueError("input.format slide takes no labels (slides are segmented, not scored)")
+        if self.format != "slide" and "slide" in self.model_fields_set:
+            raise ValueError("slide: these settings need format: slide")
         return self
 
 

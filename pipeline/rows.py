@@ -104,12 +104,14 @@ class SourceUnit:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """A TIFF too large to decode whole: where it is and how large; the predictor reads it by windows."""
+    """A TIFF too large to decode whole, or a slide (`kind`): where it is and how large (a slide's
+    target grid); the predictor reads it by windows."""
 
     uri: str
     label_uri: str | None
     height: int
     width: int
+    kind: str = "tiff"  # "tiff" (pipeline.io.tiff) | "slide" (pipeline.io.slide)
 
 
 @dataclass
@@ -171,6 +173,7 @@ class DecodedImage(_StageRow):
             "width": self.width,
             "stream_uri": s.uri if s else "",
             "stream_label_uri": (s.label_uri or "") if s else "",
+            "stream_kind": s.kind if s else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -180,7 +183,8 @@ class DecodedImage(_StageRow):
     def from_batch(cls, batch: dict[str, Any], i: int) -> DecodedImage:
         height, width = int(batch["height"][i]), int(batch["width"][i])
         stream_uri = str(batch["stream_uri"][i])
-        stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width) if stream_uri else None
+        kind = str(batch["stream_kind"][i]) if "stream_kind" in batch else ""
+        stream = StreamSource(stream_uri, str(batch["stream_label_uri"][i]) or None, height, width, kind or "tiff") if stream_uri else None
         return cls(
             unit=int(batch["unit"][i]),
             image_id=str(batch["image_id"][i]),
@@ -230,6 +234,9 @@ class Prediction(_StageRow):
     objects: list[dict[str, Any]] | None = None
     # the panoptic task against a panoptic label: per category of its JSON, [summed IoU, TP, FP, FN]
     panoptic: list[list[float]] | None = None
+    # slides: the mask's microns per pixel (None: not stated) and level-0 pixels per mask pixel (None: not a slide)
+    mpp: float | None = None
+    level0_scale: float | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -256,6 +263,8 @@ class Prediction(_StageRow):
             "cod": list(self.cod) if self.cod is not None else [],
             "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
             "panoptic": json.dumps(self.panoptic) if self.panoptic is not None else "",
+            "mpp": self.mpp if self.mpp is not None else float("nan"),  # NaN: None (a float column either way)
+            "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -285,10 +294,20 @@ class Prediction(_StageRow):
             cod=[float(v) for v in batch["cod"][i]] if len(batch["cod"][i]) else None,
             objects=json.loads(batch["objects"][i]) if "objects" in batch and batch["objects"][i] else None,
             panoptic=json.loads(batch["panoptic"][i]) if "panoptic" in batch and batch["panoptic"][i] else None,
+            mpp=_number(batch, "mpp", i),
+            level0_scale=_number(batch, "level0_scale", i),
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),
         )
+
+
+def _number(batch: dict[str, Any], key: str, i: int) -> float | None:
+    """A float cell that NaN (or its absence) leaves unset."""
+    if key not in batch:
+        return None
+    value = float(batch[key][i])
+    return None if value != value else value
 
 
 def to_columns(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import numpy as np
 from pipeline.config import InputConfig, JobConfig
 from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.io.shards import ParquetReader, TarReader
+from pipeline.io.slide import SLIDE_SUFFIXES, probe_slide
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
 from pipeline.io.tiff import probe_stream
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
@@ -128,6 +129,9 @@ class ImageFolderReader:
     """Image files under input.uri matching `pattern`, paired with label files of the same relative
     key under labels.uri (the extension may differ, .png preferred), in blocks of images_per_unit."""
 
+    format = "images"  # the units' format
+    suffixes = IMAGE_EXTENSIONS  # the files listed
+
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
 
@@ -142,9 +146,9 @@ class ImageFolderReader:
         regex = glob_regex(cfg.pattern)
         if cfg.manifest:  # the archive's keys from a list (an S3 Inventory report): no listing of the prefix
             fs, root, keys = iter_manifest(cfg.manifest, cfg.uri, cfg.storage_options, column=cfg.manifest_column,
-                                           suffixes=IMAGE_EXTENSIONS, stats=stats)  # fmt: skip
+                                           suffixes=self.suffixes, stats=stats)  # fmt: skip
         else:
-            fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=IMAGE_EXTENSIONS, stats=stats)
+            fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=self.suffixes, stats=stats)
         keys = (k for k in keys if regex.match(k))
         first = next(keys, None)
         if first is None and not cfg.manifest and not fs.exists(root):
@@ -166,7 +170,7 @@ class ImageFolderReader:
         for index, block in enumerate(batched(pairs, cfg.images_per_unit)):
             yield SourceUnit(
                 index=index,
-                format="images",
+                format=self.format,
                 uris=tuple(full_uri(fs, root + "/" + k) for k, _ in block),
                 label_uris=tuple(label for _, label in block) if cfg.labels else (),
                 image_ids=tuple(k for k, _ in block),
@@ -219,7 +223,27 @@ class ImageFolderReader:
         return out
 
 
-READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader}
+class SlideFolderReader(ImageFolderReader):
+    """Whole-slide images (pipeline.io.slide) under input.uri matching `pattern`, no labels, in blocks
+    of images_per_unit. Each slide's header is read here (levels, mpp, the bomb guard); its pixels
+    are read window by window by the predictor. The plan treats the units as it does shards'
+    (ids done earlier are dropped at listing and again by the read task)."""
+
+    format = "slide"
+    suffixes = SLIDE_SUFFIXES
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        cfg = self.cfg
+        for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
+            sample = RawSample(unit.index, i, image_id, None, None)
+            try:
+                sample.stream = probe_slide(uri, cfg, stats)
+            except Exception as exc:  # no mpp, a bomb, not a slide: that slide's errors row
+                sample.error = scrub(f"read: {exc}", cfg.storage_options)
+            yield sample
+
+
+READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader, "slide": SlideFolderReader}
 
 
 def reader_for(cfg: InputConfig) -> Reader:

@@ -69,7 +69,6 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import torch
@@ -559,10 +558,24 @@ class StreamingStitcher:
       as it comes; final rows are divided in place and emitted, then the band shifts up and the rows
       it frees are zeroed. Peak about (C + 1) x window height x image width x 4 bytes.
     Either way memory grows with the image's width, never with its height.
+
+    Skipped windows (slides' windows without tissue, see `segment_streaming`): `add(None)` takes
+    the window's place in the plan and adds nothing; rows that no window run covers (weight sum 0)
+    get `skipped_label` (probability 0), and rows before the first window run are emitted as such
+    without any scores.
     """
 
-    def __init__(self, plan: WindowPlan, blend: str = "mean", binary: bool | Foreground | None = False, keep_scores: bool = False):
+    def __init__(
+        self,
+        plan: WindowPlan,
+        blend: str = "mean",
+        binary: bool | Foreground | None = False,
+        keep_scores: bool = False,
+        skipped_label: int = 255,
+    ):
         self.plan = plan
+        self.skipped_label = skipped_label
+        self._skipped = False  # a window was skipped: rows may be covered by none
         self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
         self.weights = importance_map(plan.window, blend)
@@ -579,10 +592,13 @@ class StreamingStitcher:
     def finished(self) -> bool:
         return self._next == len(self._windows)
 
-    def add(self, scores: torch.Tensor) -> list[Band]:
-        """Add the next window's scores; returns the bands (0 or 1) that this window finished."""
+    def add(self, scores: torch.Tensor | None) -> list[Band]:
+        """Add the next window's scores (None: the window is skipped); returns the bands (0 or 1)
+        that this window finished."""
         if self.finished:
             raise RuntimeError("all windows of this image have been added already")
+        if scores is None:
+            return self._skip()
         if scores.ndim != 3:
             raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
         scores = scores.to("cpu", torch.float32)
@@ -619,6 +635,35 @@ class StreamingStitcher:
         band = self._emit(final_until)
         return [] if band is None else [band]
 
+    def _skip(self) -> list[Band]:
+        self._skipped = True
+        self._next += 1
+        final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
+        if final_until <= self._band_top:
+            return []
+        if self._classes is not None:
+            band = self._emit(final_until)
+            return [] if band is None else [band]
+        # no window has run yet: every row so far is covered by skipped windows only
+        plan = self.plan
+        top, bottom = max(self._band_top, plan.pad_top), min(final_until, plan.pad_top + plan.height)
+        self._band_top = final_until
+        if bottom <= top:
+            return []
+        labels = np.full((bottom - top, plan.width), self.skipped_label, label_dtype(self.skipped_label + 1))
+        probability = np.zeros(labels.shape, np.float32) if self.binary is not None else None
+        return [Band(top - plan.pad_top, labels, probability)]
+
+    def _mark_skipped(self, labels: np.ndarray, probability: np.ndarray | None, weight_sum: torch.Tensor) -> None:
+        """Pixels no window run covers: the skipped label, probability 0."""
+        if not self._skipped:
+            return
+        uncovered = (weight_sum == 0).numpy()
+        if uncovered.any():
+            labels[uncovered] = self.skipped_label
+            if probability is not None:
+                probability[uncovered] = 0.0
+
     def _emit(self, until: int) -> Band | None:
         """Emit padded rows [band_top, until) and let go of what only they needed."""
         plan = self.plan
@@ -645,6 +690,7 @@ class StreamingStitcher:
         # divide in place: these rows leave the band anyway, and a copy would be one more band's worth
         blended = scores[:, rows, cols].div_(weight_sum[rows, cols])
         labels, probability = labels_and_probability(blended, self.binary)
+        self._mark_skipped(labels, probability, weight_sum[rows, cols])
         return Band(top - plan.pad_top, labels, probability, blended.clone() if self.keep_scores else None)
 
     def _shift_band(self, done: int) -> None:
@@ -698,6 +744,7 @@ class StreamingStitcher:
                 weight_sum[rows, held.x0 : held.x0 + ww] += self.weights[a:b]
             blended = scores[:, :, cols].div_(weight_sum[:, cols])
             block_labels, block_probability = labels_and_probability(blended, self.binary)
+            self._mark_skipped(block_labels, block_probability, weight_sum[:, cols])
             labels.append(block_labels)
             probability.append(block_probability)
             if self.keep_scores:
@@ -799,11 +846,15 @@ def read_padded(read_window: ReadWindow, plan: WindowPlan, y0: int, x0: int) -> 
     return window
 
 
+SkipWindow = Callable[[int, int], bool]  # (padded y0, x0) of a window -> True: do not read or run it
+
+
 @dataclass
 class _ImageJob:
     plan: WindowPlan
     read_window: ReadWindow
     stitcher: StreamingStitcher
+    skip: SkipWindow | None = None
 
 
 def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) -> Iterator[tuple[int, Band]]:
@@ -813,14 +864,29 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], batch_size: int) 
     stitcher band allocated (`jobs` may be a lazy iterable).
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
-    while batch := list(islice(windows, batch_size)):
-        pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
-        scores = score_fn(pixels)
-        if scores.ndim != 4 or scores.shape[0] != len(batch):
-            raise ValueError(f"score_fn must return N x C x h x w for N = {len(batch)} windows, got {tuple(scores.shape)}")
-        for (index, job, _, _), window_scores in zip(batch, scores):
-            for band in job.stitcher.add(window_scores):  # resized to the window by the stitcher
+    while batch := _next_batch(windows, batch_size):
+        run = [(job, y0, x0) for _, job, y0, x0, skipped in batch if not skipped]
+        scores = iter(())
+        if run:
+            scores = score_fn(to_pixels([read_padded(job.read_window, job.plan, y0, x0) for job, y0, x0 in run]))
+            if scores.ndim != 4 or scores.shape[0] != len(run):
+                raise ValueError(f"score_fn must return N x C x h x w for N = {len(run)} windows, got {tuple(scores.shape)}")
+            scores = iter(scores)
+        for index, job, _, _, skipped in batch:
+            for band in job.stitcher.add(None if skipped else next(scores)):  # resized to the window by the stitcher
                 yield index, band
+
+
+def _next_batch(windows: Iterator, batch_size: int) -> list[tuple]:
+    """The next windows up to batch_size that run (and the skipped ones among them), each with its skip flag."""
+    batch, running = [], 0
+    for index, job, y0, x0 in windows:
+        skipped = job.skip is not None and job.skip(y0, x0)
+        batch.append((index, job, y0, x0, skipped))
+        running += not skipped
+        if running == batch_size:
+            break
+    return batch
 
 
 def _segment_whole(score_fn: ScoreFn, image: np.ndarray, binary: Foreground | None) -> Segmentation:
@@ -870,7 +936,7 @@ def segment_images(score_fn: ScoreFn, images: list[np.ndarray], settings: Tiling
 
 
 def segment_streaming(
-    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings
+    score_fn: ScoreFn, read_window: ReadWindow, height: int, width: int, settings: TilingSettings, skip: SkipWindow | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """Segment one image too large to hold, reading it window by window.
 
@@ -878,6 +944,8 @@ def segment_streaming(
     tiled TIFF. Yields (y0, label_rows, probability_rows) bands from top to bottom as soon as their
     rows are final; together they cover rows 0..height-1 once each. Memory: one batch of windows and
     the stitcher's band (see `StreamingStitcher`). Whole mode reads the image in one piece.
+    skip(y0, x0) (padded window coordinates, slide mode): True for a window not to read nor run;
+    pixels that only skipped windows cover get the stitcher's skipped label (255).
     """
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)
@@ -886,6 +954,6 @@ def segment_streaming(
         yield 0, result.labels, result.probability
         return
     plan = plan_windows(height, width, settings.window, settings.stride)
-    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground))
+    job = _ImageJob(plan, read_window, StreamingStitcher(plan, settings.blend, settings.foreground), skip)
     for _, band in _run_windows(score_fn, [job], settings.batch_size):
         yield band.y0, band.labels, band.probability

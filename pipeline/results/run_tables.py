@@ -25,6 +25,11 @@ INDEX = "ids.parquet"
 INDEX_PARTS_KEY = b"segpipe_parts"
 
 
+# slides (pipeline.io.slide): the mask's microns per pixel (null: not stated) and level-0 pixels per
+# mask pixel (null: not a slide). Masks parts written before them lack both columns: read as null.
+SLIDE_FIELDS = (pa.field("mpp", pa.float64()), pa.field("level0_scale", pa.float64()))
+
+
 def masks_schema(binary: bool) -> pa.Schema:
     fields = [
         pa.field("image_id", pa.string()),
@@ -32,6 +37,7 @@ def masks_schema(binary: bool) -> pa.Schema:
         pa.field("width", pa.int32()),
         *(pa.field(name, pa.int32()) for name in CHUNK_FIELDS),
         pa.field("mask", pa.binary()),
+        *SLIDE_FIELDS,
     ]
     if binary:
         fields.append(pa.field("probability", pa.binary()))

@@ -60,6 +60,8 @@ def part_tables(
             for name, value in zip(CHUNK_FIELDS, (c.y, c.x, c.height, c.width)):
                 masks[name].append(value)
             masks["mask"].append(c.mask)
+            masks["mpp"].append(r.mpp)
+            masks["level0_scale"].append(r.level0_scale)
             if binary:
                 masks["probability"].append(c.probability)
     labeled = [r for r in ok if r.areas is not None]
