@@ -283,6 +283,8 @@ class JobConfig(_Strict):
             raise ValueError("metrics.panoptic_labels needs inference.task panoptic and input.labels (the folder of its PNGs)")
         if self.metrics.instance_labels and task != "instance":
             raise ValueError("metrics.instance_labels needs inference.task instance")
+        if self.input.format == "slide" and (task != "semantic" or self.inference.mode != "slide"):
+            raise ValueError("input.format slide is segmented window by window: it needs inference.task semantic and mode slide")
         if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
             raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self

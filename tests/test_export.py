@@ -377,3 +377,27 @@ def test_tiff_without_tifffile_exits_2_with_one_line_naming_the_tiff_extra_and_c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["segpipe: --format tiff needs tifffile: pip install 'segpipe[tiff]'"]
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- qupath
+
+
+def test_qupath_scales_a_slide_to_level_0_and_reads_a_run_written_before_the_mpp_columns(tmp_path):
+    """A masks part without `mpp` / `level0_scale` (runs before slides) exports at the mask's own
+    pixels; a slide's regions are scaled by its level0_scale."""
+    store = new_run(str(tmp_path / "runs"), "qp")
+    mask = np.zeros((8, 10), np.uint8)
+    mask[2:5, 3:7] = 2
+    old = pa.Table.from_pylist(masks_rows("old.png", encode_chunks(mask, None, None, 3), 8, 10), masks_schema(False))
+    store.write_part(part(1), old.drop_columns(["mpp", "level0_scale"]), METRICS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table())
+    slide_rows = [r | {"mpp": 0.5, "level0_scale": 4.0} for r in masks_rows("s.svs", encode_chunks(mask, None, None, 3), 8, 10)]
+    commit(store, part(2), slide_rows)
+    result = export_run(str(tmp_path / "runs" / "qp"), str(tmp_path / "qp"), "qupath")
+    assert result.written == ["old.geojson", "s.geojson"]
+    for name, scale in (("old.geojson", 1), ("s.geojson", 4)):
+        collection = json.loads((tmp_path / "qp" / name).read_text())
+        square = [f for f in collection["features"] if f["properties"]["classification"]["name"] == NAMES[2]]
+        assert [f["geometry"]["coordinates"] for f in square] == [[[[3 * scale, 2 * scale], [7 * scale, 2 * scale], [7 * scale, 5 * scale],
+                                                                   [3 * scale, 5 * scale], [3 * scale, 2 * scale]]]]  # fmt: skip
+        background = [f for f in collection["features"] if f["properties"]["classification"]["name"] == NAMES[0]]
+        assert len(background) == 1 and len(background[0]["geometry"]["coordinates"]) == 2  # the outline and the square's hole

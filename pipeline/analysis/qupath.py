@@ -15,7 +15,8 @@ are cancelled across chunks too, so that a region cut by chunk edges comes out w
 boundary edges of the image, never its pixels beyond one band of chunks. Chains are linked at each
 vertex by the rightmost turn (that is what splits corner-touching pixels), vertices where the
 direction does not change are dropped, and rings of negative area (counter-clockwise on screen)
-are holes, each given to the smallest outline that holds a pixel next to it. Rasterising the
+are holes, each given to the smallest outline that holds a pixel next to it. Features come class
+by class, the largest regions first. Rasterising the
 polygons (pixel centres inside, even-odd) gives the mask back exactly.
 """
 
@@ -146,7 +147,7 @@ def _polygons(rings: list[np.ndarray]) -> list[list[np.ndarray]]:
             if bx0 < px < bx1 and by0 < py < by1 and inside(outlines[k], px, py):
                 polygons[k].append(hole)
                 break
-    return polygons
+    return polygons[::-1]  # the largest regions first
 
 
 @dataclass(frozen=True)
