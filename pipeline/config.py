@@ -99,15 +99,38 @@ class StandardScale(_Strict):
 ScaleConfig = Annotated[PercentileScale | RangeScale | StandardScale, Field(discriminator="mode")]
 
 
+class SlideConfig(_Strict):
+    """Whole-slide images (input.format: slide; pipeline.io.slide): the resolution they are segmented
+    at, and which windows run."""
+
+    # microns per pixel of the grid the model sees (the slide's pyramid level at or finer, resampled);
+    # or `level`: a pyramid level as stored (giving level alone sets mpp to null)
+    mpp: Float | None = Field(0.5, gt=0)
+    level: Int | None = Field(None, ge=0)
+    # windows whose share of tissue (pipeline.io.slide.tissue_mask) is under this are not run
+    min_tissue: Float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _level_or_mpp(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("level") is not None:
+            if data.get("mpp") is not None:
+                raise ValueError("give mpp or level, not both")
+            data = {**data, "mpp": None}
+        return data
+
+
 class InputConfig(_Strict):
     uri: str
-    # raster: geospatial rasters read through rasterio (the `geo` extra), window by window (pipeline.io.raster)
-    format: Literal["auto", "images", "tar", "parquet", "raster"] = "auto"
+    # raster: geospatial rasters read through rasterio (the `geo` extra), window by window (pipeline.io.raster);
+    # slide: whole-slide images through tiffslide (the `slides` extra), window by window (pipeline.io.slide)
+    format: Literal["auto", "images", "tar", "parquet", "raster", "slide"] = "auto"
     # raster: the bands that feed the model, 1-based as GDAL counts, in the model's channel order;
     # null: every band of the raster
     bands: list[Annotated[int, Strict(), Field(ge=1)]] | None = Field(None, min_length=1)
     # raster: how band values become the model's 0..255 input; null: 8-bit rasters as they are
     scale: ScaleConfig | None = None
+    slide: SlideConfig = Field(default_factory=SlideConfig)
     pattern: str = "**/*"
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -156,6 +179,10 @@ class InputConfig(_Strict):
             entries = len(self.scale.min) if isinstance(self.scale, RangeScale) else len(self.scale.mean)
             if entries != len(self.bands):
                 raise ValueError(f"scale has {entries} entries per band but bands lists {len(self.bands)}")
+        if self.format == "slide" and self.labels is not None:
+            raise ValueError("input.format slide takes no labels (slides are segmented, not scored)")
+        if self.format != "slide" and "slide" in self.model_fields_set:
+            raise ValueError("slide: these settings need format: slide")
         return self
 
 
@@ -375,6 +402,8 @@ class JobConfig(_Strict):
         if self.output.confidence and (task != "semantic" or self.metrics.task == "binary"):
             what = f"inference.task {task} writes objects" if task != "semantic" else "a binary task writes its foreground probability"
             raise ValueError(f"output.confidence is for multi-class semantic runs: {what}")
+        if self.input.format == "slide" and (task != "semantic" or self.inference.mode != "slide"):
+            raise ValueError("input.format slide is segmented window by window: it needs inference.task semantic and mode slide")
         if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
             raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self

@@ -96,6 +96,7 @@ def _run_monitor_class():
             self.streams: dict[str, tuple[int, int]] = {}
             self.stages = dict.fromkeys(STAGES, 0.0)
             self.batch_sizes: dict[str, int] = {}
+            self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": []}
 
         def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
             """Windows per forward an actor came down to (out of memory), by window size: the least of any actor."""
@@ -118,11 +119,23 @@ def _run_monitor_class():
         def store_stats(self) -> dict:
             return self.total.as_dict()
 
-        def stream_rows(self, image_id: str, done: int, total: int) -> None:
+        def add_slide(self, run: int, skipped: int, mpp: float | None) -> None:
+            """A slide segmented (pipeline.predict.slides): its windows run and skipped (no tissue), its mpp."""
+            counts = self.slide_windows
+            counts["slides"] += 1
+            counts["windows_run"] += run
+            counts["windows_skipped"] += skipped
+            if mpp not in counts["mpp"]:
+                counts["mpp"] = sorted([*counts["mpp"], mpp], key=lambda v: (v is None, v or 0))
+
+        def slides(self) -> dict | None:
+            return dict(self.slide_windows) if self.slide_windows["slides"] else None
+
+        def stream_rows(self, image_id: str, done: int, total: int, note: str = "") -> None:
             if done >= total:
                 self.streams.pop(image_id, None)
             else:
-                self.streams[image_id] = (done, total)
+                self.streams[image_id] = (done, total, note) if note else (done, total)
 
         def streaming(self) -> dict[str, tuple[int, int]]:
             return dict(self.streams)
@@ -544,6 +557,7 @@ class PreparedJob:
             actors=outcome.actors,
             stages=outcome.stages,
             store=outcome.store,
+            slides=outcome.slides,
         )
 
 
@@ -696,6 +710,7 @@ class Execution:
     store: dict | None = None
     actors: dict | None = None
     stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
+    slides: dict | None = None  # slides segmented: windows run and skipped (RunMonitor.add_slide)
     first_commit: tuple[float, int] | None = None  # when the first images came back, and how many: the ETA's start
 
 
@@ -764,8 +779,10 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
             result.store = ray.get(monitor.store_stats.remote(), timeout=10)
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
             result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
+            result.slides = ray.get(monitor.slides.remote(), timeout=10)
             ray.kill(monitor)
-        except Exception:
+        except Exception as exc:  # the record goes without what the monitor held, and says so in the log
+            log.warning("the run monitor did not answer: %r", exc)
             result.store = None
     if result.units_done < units_sent:
         # a unit whose rows did not all reach the writer: say so, never skip it silently
@@ -888,8 +905,8 @@ def _report_streams(monitor, stop: threading.Event, progress: Callable[[str], No
             streams = ray.get(monitor.streaming.remote(), timeout=PROGRESS_SECONDS)
         except Exception:  # the monitor is slow or gone: no stream lines this time, the heartbeat goes on
             continue
-        for image_id, (done, total) in sorted(streams.items()):
-            progress(f"  streaming {image_id}: {done}/{total} rows ({done / max(total, 1):.0%})")
+        for image_id, (done, total, *note) in sorted(streams.items()):
+            progress(f"  streaming {image_id}: {done}/{total} rows ({done / max(total, 1):.0%})" + "".join(f", {n}" for n in note))
 
 
 def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:

@@ -104,14 +104,14 @@ class SourceUnit:
 
 @dataclass(frozen=True)
 class StreamSource:
-    """A TIFF too large to decode whole, or a raster (kind "raster", pipeline.io.raster): where it is
-    and how large; the predictor reads it by windows."""
+    """A TIFF too large to decode whole, a raster (pipeline.io.raster) or a slide (pipeline.io.slide),
+    as `kind` says: where it is and how large (a slide's target grid); the predictor reads it by windows."""
 
     uri: str
     label_uri: str | None
     height: int
     width: int
-    kind: str = "tiff"  # "tiff" | "raster"
+    kind: str = "tiff"  # "tiff" (pipeline.io.tiff) | "raster" (pipeline.io.raster) | "slide" (pipeline.io.slide)
 
 
 @dataclass
@@ -236,6 +236,9 @@ class Prediction(_StageRow):
     panoptic: list[list[float]] | None = None
     # a raster's facts (pipeline.io.raster): crs, transform, resolution, band_scale, nodata_windows
     raster: dict[str, Any] | None = None
+    # slides: the mask's microns per pixel (None: not stated) and level-0 pixels per mask pixel (None: not a slide)
+    mpp: float | None = None
+    level0_scale: float | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -263,6 +266,8 @@ class Prediction(_StageRow):
             "objects": json.dumps(self.objects) if self.objects is not None else "",  # one cell, whatever Ray makes of nested lists
             "panoptic": json.dumps(self.panoptic) if self.panoptic is not None else "",
             "raster": json.dumps(self.raster) if self.raster is not None else "",
+            "mpp": self.mpp if self.mpp is not None else float("nan"),  # NaN: None (a float column either way)
+            "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -293,10 +298,20 @@ class Prediction(_StageRow):
             objects=json.loads(batch["objects"][i]) if "objects" in batch and batch["objects"][i] else None,
             panoptic=json.loads(batch["panoptic"][i]) if "panoptic" in batch and batch["panoptic"][i] else None,
             raster=json.loads(batch["raster"][i]) if "raster" in batch and batch["raster"][i] else None,
+            mpp=_number(batch, "mpp", i),
+            level0_scale=_number(batch, "level0_scale", i),
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),
         )
+
+
+def _number(batch: dict[str, Any], key: str, i: int) -> float | None:
+    """A float cell that NaN (or its absence) leaves unset."""
+    if key not in batch:
+        return None
+    value = float(batch[key][i])
+    return None if value != value else value
 
 
 def to_columns(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import pickle
 import warnings
 
 import numpy as np
+import py_sod_metrics
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,8 +15,6 @@ from helpers import pysodmetrics_reference
 from scipy.ndimage import gaussian_filter
 
 from pipeline.metrics.cod import CONVENTIONS, KEYS, CodAccumulator, CodImageStats, cod_image_stats
-
-py_sod_metrics = pytest.importorskip("py_sod_metrics")
 
 
 def _smooth(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:

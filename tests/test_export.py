@@ -398,7 +398,7 @@ def raster_run(tmp_path, images: dict[str, tuple[np.ndarray, str | None, tuple |
 
 
 def test_geotiff_and_cog_keep_the_crs_a_rotated_transform_and_nodata_and_the_cog_is_valid_with_mode_overviews(tmp_path):
-    rasterio = pytest.importorskip("rasterio")
+    import rasterio
     from rio_cogeo.cogeo import cog_validate
 
     mask = labels(1100, 700, 3, 7)
@@ -423,7 +423,6 @@ def test_geotiff_and_cog_keep_the_crs_a_rotated_transform_and_nodata_and_the_cog
 
 
 def test_geo_export_skips_rasters_without_crs_and_refuses_runs_that_are_not_raster_runs(tmp_path, semantic_run, capsys):
-    pytest.importorskip("rasterio")
     raster_run(tmp_path, {"plain.tif": (labels(20, 30, 3, 1), None, None), "utm.tif": (labels(20, 30, 3, 2), "EPSG:32633", ROTATED)})
     result = export_run(str(tmp_path / "runs" / "geo"), str(tmp_path / "out"), "geotiff")
     assert result.written == ["utm.tif"] and result.skipped == [
@@ -436,8 +435,7 @@ def test_geo_export_skips_rasters_without_crs_and_refuses_runs_that_are_not_rast
 
 
 def test_polygons_rasterise_back_to_the_mask_join_pieces_cut_by_chunks_and_geojson_is_lon_lat(tmp_path):
-    pytest.importorskip("rasterio")
-    gpd = pytest.importorskip("geopandas")
+    import geopandas as gpd
     from affine import Affine
     from rasterio.features import rasterize
     from shapely.affinity import affine_transform
@@ -467,3 +465,27 @@ def test_polygons_rasterise_back_to_the_mask_join_pieces_cut_by_chunks_and_geojs
     geojson = json.loads((tmp_path / "geojson" / "scene.geojson").read_text())
     lon, lat = np.array([c for f in geojson["features"] for c in f["geometry"]["coordinates"][0]]).T
     assert (lon > 14).all() and (lon < 18).all() and (lat > 45).all() and (lat < 47).all()  # UTM 33N, 600 km E, 5100 km N
+
+
+# --------------------------------------------------------------------------- qupath
+
+
+def test_qupath_scales_a_slide_to_level_0_and_reads_a_run_written_before_the_mpp_columns(tmp_path):
+    """A masks part without `mpp` / `level0_scale` (runs before slides) exports at the mask's own
+    pixels; a slide's regions are scaled by its level0_scale."""
+    store = new_run(str(tmp_path / "runs"), "qp")
+    mask = np.zeros((8, 10), np.uint8)
+    mask[2:5, 3:7] = 2
+    commit(store, part(1), masks_rows("old.png", encode_chunks(mask, None, None, 3), 8, 10))
+    slide_rows = [r | {"mpp": 0.5, "level0_scale": 4.0} for r in masks_rows("s.svs", encode_chunks(mask, None, None, 3), 8, 10)]
+    slides = pa.Table.from_pylist(slide_rows, masks_schema(False, slide=True))
+    assert store.write_part(part(2), slides, METRICS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table())
+    result = export_run(str(tmp_path / "runs" / "qp"), str(tmp_path / "qp"), "qupath")
+    assert result.written == ["old.geojson", "s.geojson"]
+    for name, scale in (("old.geojson", 1), ("s.geojson", 4)):
+        collection = json.loads((tmp_path / "qp" / name).read_text())
+        square = [f for f in collection["features"] if f["properties"]["classification"]["name"] == NAMES[2]]
+        assert [f["geometry"]["coordinates"] for f in square] == [[[[3 * scale, 2 * scale], [7 * scale, 2 * scale], [7 * scale, 5 * scale],
+                                                                   [3 * scale, 5 * scale], [3 * scale, 2 * scale]]]]  # fmt: skip
+        background = [f for f in collection["features"] if f["properties"]["classification"]["name"] == NAMES[0]]
+        assert len(background) == 1 and len(background[0]["geometry"]["coordinates"]) == 2  # the outline and the square's hole

@@ -14,6 +14,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import rasterio
 import torch
 from helpers import TINY_SEGFORMER, UTM_33N, UTM_TRANSFORM, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
 
@@ -25,8 +26,6 @@ from pipeline.predict.predictor import ModelScorer, segment_raster
 from pipeline.predict.tiling import TilingSettings, segment_streaming
 from pipeline.results.masks import assemble_mask
 from pipeline.rows import StreamSource
-
-pytest.importorskip("rasterio")
 
 BANDS = [4, 3, 2, 1]
 
@@ -271,7 +270,6 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     assert set(areas) == {"0", "1", "2"}
 
     # the COG of the run: its input's CRS, transform and nodata, overviews, a valid COG
-    import rasterio
     from rio_cogeo.cogeo import cog_validate
 
     assert main(["export", str(run), "--to", str(tmp_path / "cog"), "--format", "cog"]) == 0

@@ -8,17 +8,16 @@ window, which is what our tiler does itself.
 
 from __future__ import annotations
 
+import monai.data.utils as monai_data_utils
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
 from torch import nn
 
-monai_data_utils = pytest.importorskip("monai.data.utils")
-from monai.inferers import sliding_window_inference  # noqa: E402
-from monai.inferers.utils import _get_scan_interval  # noqa: E402
-
-from pipeline.predict.tiling import TilingSettings, importance_map, plan_windows, segment_images  # noqa: E402
+from pipeline.predict.tiling import TilingSettings, importance_map, plan_windows, segment_images
 
 MEAN, STD = 120.0, 60.0
 

@@ -33,6 +33,10 @@ Formats, one function each, read top to bottom:
                     the `segments/` table as each annotation's segments_info.
          COCO ids: images are numbered 1..N in image_id order (file_name is the run's image_id);
          a category's id is its class index, the value the label maps hold.
+  qupath `export_qupath`: one GeoJSON FeatureCollection per image (`output_name(image_id,
+         ".geojson")`) that QuPath imports as annotations: a feature per connected region of a
+         class, in level-0 pixel coordinates of a slide (pipeline.analysis.qupath). Traced one band
+         of chunks at a time; the regions cut by chunk edges are joined.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ from pipeline.results.masks import PngRows, decode_png
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.results.runstore import RunStore, strict_json
 
-FORMATS = ("png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson")
+FORMATS = ("png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson", "qupath")
 GEO_FORMATS = ("geotiff", "cog")
 POLYGON_FORMATS = {"geoparquet": ".parquet", "gpkg": ".gpkg", "geojson": ".geojson"}
 PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8
@@ -97,6 +101,8 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
         export_geotiff(run, dest, result, cog=fmt == "cog")
     elif fmt in POLYGON_FORMATS:
         export_polygons(run, dest, result, fmt)
+    elif fmt == "qupath":
+        export_qupath(run, dest, result)
     else:
         export_coco(run, dest, result, max_pixels)
     return result
@@ -297,6 +303,32 @@ def export_png(run: Run, dest: Destination, result: ExportResult, max_pixels: in
         name = _unique_name(image.image_id, ".png", result)
         dest.write_bytes(name, _png(assemble(image)))
         result.written.append(name)
+
+
+# --------------------------------------------------------------------------- qupath
+
+
+def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
+    """One GeoJSON per image: its class regions as QuPath annotations, scaled to the slide's level 0
+    by the masks table's `level0_scale` (1 for images that are no slide, and for runs before it)."""
+    from pipeline.analysis.qupath import RegionTracer, features, qupath_classes
+
+    scales: dict[str, float] = {}
+    for part in run.store.parts_of(MASKS):
+        if "level0_scale" in run.store.part_schema(MASKS, part).names:
+            table = run.store.read_part(MASKS, part, ["image_id", "level0_scale"])
+            scales.update(zip(table.column("image_id").to_pylist(), table.column("level0_scale").to_pylist()))
+    classes = qupath_classes(run.class_names)
+    for image in image_masks(run.store):
+        tracer = RegionTracer(image.height, image.width)
+        y = 0
+        for band in mask_bands(image):
+            for x, chunk in band:
+                tracer.add(y, x, chunk)
+            y += band[0][1].shape[0]
+        scale = scales.get(image.image_id) or 1.0
+        name = _unique_name(image.image_id, ".geojson", result)
+        _write_json(dest, name, {"type": "FeatureCollection", "features": features(tracer, classes, scale)}, result)
 
 
 # --------------------------------------------------------------------------- tiff

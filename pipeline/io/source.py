@@ -27,6 +27,7 @@ from pipeline.config import InputConfig, JobConfig
 from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.io.raster import RASTER_EXTENSIONS, probe_raster
 from pipeline.io.shards import ParquetReader, TarReader
+from pipeline.io.slide import SLIDE_SUFFIXES, probe_slide
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
 from pipeline.io.tiff import probe_stream
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
@@ -130,7 +131,7 @@ class ImageFolderReader:
     key under labels.uri (the extension may differ, .png preferred), in blocks of images_per_unit."""
 
     suffixes: tuple[str, ...] = IMAGE_EXTENSIONS  # what is listed
-    unit_format = "images"
+    unit_format = "images"  # the units' format
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
@@ -246,7 +247,33 @@ class RasterReader(ImageFolderReader):
             yield sample
 
 
-READERS: dict[str, type] = {"images": ImageFolderReader, "tar": TarReader, "parquet": ParquetReader, "raster": RasterReader}
+class SlideFolderReader(ImageFolderReader):
+    """Whole-slide images (pipeline.io.slide) under input.uri matching `pattern`, no labels, in blocks
+    of images_per_unit. Each slide's header is read here (levels, mpp, the bomb guard); its pixels
+    are read window by window by the predictor. The plan treats the units as it does shards'
+    (ids done earlier are dropped at listing and again by the read task)."""
+
+    unit_format = "slide"
+    suffixes = SLIDE_SUFFIXES
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        cfg = self.cfg
+        for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
+            sample = RawSample(unit.index, i, image_id, None, None)
+            try:
+                sample.stream = probe_slide(uri, cfg, stats)
+            except Exception as exc:  # no mpp, a bomb, not a slide: that slide's errors row
+                sample.error = scrub(f"read: {exc}", cfg.storage_options)
+            yield sample
+
+
+READERS: dict[str, type] = {
+    "images": ImageFolderReader,
+    "tar": TarReader,
+    "parquet": ParquetReader,
+    "raster": RasterReader,
+    "slide": SlideFolderReader,
+}
 
 
 def reader_for(cfg: InputConfig) -> Reader:

@@ -34,6 +34,7 @@ from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
 from pipeline.predict.job_model import check_task, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
+from pipeline.predict.slides import segment_slide
 from pipeline.predict.tiling import BatchSizes, TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
@@ -240,6 +241,9 @@ class Predictor:
         self.ignore_index = self.label_reading.ignore
         self.chunk_size = cfg.output.chunk_size
         self.input_storage_options = cfg.input.storage_options
+        self.slide_settings = cfg.input.slide  # slides (pipeline.predict.slides): their grid and tissue
+        self.run_store = None  # where slides' tissue PNGs go (the run directory), opened at the first slide
+        self.cfg = cfg
         self.monitor = monitor  # pipeline.plan's RunMonitor: rows done inside a streamed image
         self.metrics = RunMetrics(cfg.run_id or "")
         self.views = inference.tta.views
@@ -420,6 +424,8 @@ class Predictor:
         if not self.heap_limited:  # band-sized temporaries, band after band, for the actor's life
             self.heap_limited = limit_heap_growth()
         started = time.time()
+        if image.stream.kind == "slide":
+            return self._predict_slide(image, row)
         if image.stream.kind == RASTER_STREAM:
             if self.objects is not None:
                 raise StreamError(f"rasters are segmented by the semantic task, not {self.objects.task}")
@@ -454,6 +460,46 @@ class Predictor:
         if self.objects is not None:
             row.objects = instance_records(found, row.height, row.width)
         log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
+        return row
+
+    def _predict_slide(self, image: DecodedImage, row: Prediction) -> Prediction:
+        """A slide on its target grid, windows without tissue skipped; its tissue mask saved as
+        tissue/<image id>.png in the run directory, its windows counted for run.json and the progress line."""
+
+        def on_rows(done: int, total: int, note: str) -> None:
+            if self.monitor is not None:
+                self.monitor.stream_rows.remote(image.image_id, done, total, note)  # fire and forget
+
+        if self.objects is not None:
+            raise StreamError(f"slides are segmented by the semantic task, not {self.objects.task}")
+        started, settings = time.time(), self.slide_settings
+        result = segment_slide(
+            self.score_fn,
+            image.stream,
+            self.settings,
+            mpp=settings.mpp,
+            level=settings.level,
+            min_tissue=settings.min_tissue,
+            num_classes=self.num_classes,
+            chunk_size=self.chunk_size,
+            storage_options=self.input_storage_options,
+            on_rows=on_rows,
+            finish=finish_image,
+            batch_sizes=self.batch_sizes,
+        )
+        row.chunks, row.mpp, row.level0_scale = result.chunks, result.grid.mpp, result.grid.level0_scale
+        if self.run_store is None:
+            from pipeline.results.runstore import RunStore
+
+            self.run_store = RunStore.of_job(self.cfg)
+        self.run_store.write_bytes(f"tissue/{image.image_id}.png", result.tissue_png)
+        if self.monitor is not None:
+            self.monitor.add_slide.remote(result.windows_run, result.windows_skipped, result.grid.mpp)
+        log.info(
+            "slide %s (%d x %d at level %d) in %.1f s: %d windows run, %d skipped",
+            image.image_id, image.width, image.height, result.grid.level, time.time() - started,
+            result.windows_run, result.windows_skipped,
+        )  # fmt: skip
         return row
 
 

@@ -614,6 +614,11 @@ class StreamingStitcher:
     `device` (the model's, e.g. CUDA): the band lives there, windows' scores are resized (F.interpolate)
     and blended where the model left them, and only the label rows (and probability rows where
     asked) cross back to the CPU. On the CPU it gives the same float32 numbers as the other two ways.
+
+    Skipped windows (a raster's windows without valid data, a slide's without tissue: see
+    `segment_streaming`): `skip()` takes the window's place in the plan and adds nothing; pixels that
+    no window run covers (weight sum 0) get `skipped_label` (probability 0), and rows before the
+    first window run are emitted as such without any scores.
     """
 
     def __init__(
@@ -623,8 +628,11 @@ class StreamingStitcher:
         binary: bool | Foreground | Confidence | None = False,
         keep_scores: bool = False,
         device: torch.device | None = None,
+        skipped_label: int = 255,
     ):
         self.plan = plan
+        self.skipped_label = skipped_label
+        self._skipped = False  # a window was skipped: rows may be covered by none
         self.binary = _foreground(binary)
         self.keep_scores = keep_scores  # also hand out the blended scores in each Band (tests, TTA)
         self.device = device  # None: the CPU, held windows where they can be
@@ -642,10 +650,13 @@ class StreamingStitcher:
     def finished(self) -> bool:
         return self._next == len(self._windows)
 
-    def add(self, scores: torch.Tensor) -> list[Band]:
-        """Add the next window's scores; returns the bands (0 or 1) that this window finished."""
+    def add(self, scores: torch.Tensor | None) -> list[Band]:
+        """Add the next window's scores (None: the window is skipped); returns the bands (0 or 1)
+        that this window finished."""
         if self.finished:
             raise RuntimeError("all windows of this image have been added already")
+        if scores is None:
+            return self._skip()
         if scores.ndim != 3:
             raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
         scores = scores.to(self.device or "cpu", torch.float32)
@@ -683,11 +694,11 @@ class StreamingStitcher:
         return [] if band is None else [band]
 
     def skip(self) -> list[Band]:
-        """Pass the next window without scores (a window of no valid data, never run): it adds
-        nothing, so rows that only skipped windows cover have no weight and come out as class 0 with
-        probability 0; the caller marks them (they hold no valid pixel)."""
+        """Pass the next window without scores (never run): it adds nothing, so pixels that only
+        skipped windows cover have no weight and come out as `skipped_label` with probability 0."""
         if self.finished:
             raise RuntimeError("all windows of this image have been added already")
+        self._skipped = True
         self._next += 1
         final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
         if final_until <= self._band_top:
@@ -721,7 +732,18 @@ class StreamingStitcher:
     def _unscored_band(self, top: int, bottom: int) -> Band:
         rows, width = bottom - top, self.plan.width
         probability = np.zeros((rows, width), np.float32) if self.binary is not None else None
-        return Band(top - self.plan.pad_top, np.zeros((rows, width), np.uint8), probability, None)
+        labels = np.full((rows, width), self.skipped_label, label_dtype(self.skipped_label + 1))
+        return Band(top - self.plan.pad_top, labels, probability, None)
+
+    def _mark_skipped(self, labels: np.ndarray, probability: np.ndarray | None, weight_sum: torch.Tensor) -> None:
+        """Pixels no window run covers (where windows were skipped): the skipped label, probability 0."""
+        if not self._skipped:
+            return
+        uncovered = (weight_sum == 0).cpu().numpy()
+        if uncovered.any():
+            labels[uncovered] = self.skipped_label
+            if probability is not None:
+                probability[uncovered] = 0.0
 
     def _blend_band(self, top: int, bottom: int) -> Band:
         plan, scores, weight_sum = self.plan, self._scores, self._weight_sum
@@ -731,6 +753,7 @@ class StreamingStitcher:
         # divide in place: these rows leave the band anyway, and a copy would be one more band's worth
         blended = scores[:, rows, cols].div_(weight_sum[rows, cols])
         labels, probability = labels_and_probability(blended, self.binary)
+        self._mark_skipped(labels, probability, weight_sum[rows, cols])
         return Band(top - plan.pad_top, labels, probability, blended.clone() if self.keep_scores else None)
 
     def _shift_band(self, done: int) -> None:
@@ -784,6 +807,7 @@ class StreamingStitcher:
                 weight_sum[rows, held.x0 : held.x0 + ww] += self.weights[a:b]
             blended = scores[:, :, cols].div_(weight_sum[:, cols])
             block_labels, block_probability = labels_and_probability(blended, self.binary)
+            self._mark_skipped(block_labels, block_probability, weight_sum[:, cols])
             labels.append(block_labels)
             probability.append(block_probability)
             if self.keep_scores:
@@ -1075,8 +1099,9 @@ def segment_streaming(
     probability_rows) bands from top to bottom as soon as their rows are final; together they cover
     rows 0..height-1 once each. Memory: one batch of windows and the stitcher's band (see
     `StreamingStitcher`). Whole mode reads the image in one piece. `skip_window(top, left, h, w)`:
-    true for a window not to be read nor scored (a raster's window without valid data); rows that
-    only such windows cover get class 0 (the caller marks them as no data).
+    true for a window not to be read nor scored (a raster's window without valid data, a slide's
+    without tissue); pixels that only such windows cover get 255 (the stitcher's `skipped_label`),
+    probability 0.
     """
     if settings.mode == "whole":
         image = read_window(0, 0, height, width)

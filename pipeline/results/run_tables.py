@@ -43,9 +43,15 @@ RASTER_FIELDS = [
 RASTER_COLUMNS = [f.name for f in RASTER_FIELDS]
 
 
-def masks_schema(binary: bool, confidence: bool = False, raster: bool = False) -> pa.Schema:
+# a slide run's masks rows (input.format slide, pipeline.io.slide): the mask's microns per pixel (null:
+# not stated) and level-0 pixels per mask pixel. Runs of other inputs, and older runs, lack the columns.
+SLIDE_FIELDS = (pa.field("mpp", pa.float64()), pa.field("level0_scale", pa.float64()))
+
+
+def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, slide: bool = False) -> pa.Schema:
     """binary: the foreground probability's column; confidence (output.confidence, multi-class):
-    each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS."""
+    each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS;
+    slide: SLIDE_FIELDS."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -59,6 +65,8 @@ def masks_schema(binary: bool, confidence: bool = False, raster: bool = False) -
         fields.append(pa.field("confidence", pa.binary()))
     if raster:
         fields.extend(RASTER_FIELDS)
+    if slide:
+        fields.extend(SLIDE_FIELDS)
     return pa.schema(fields)
 
 

@@ -345,6 +345,10 @@ class RunStore:
             return
         self._write_atomic(self.path("logs", f"{name}.log"), lambda f: f.write(text.encode()))
 
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """A file of the run directory (`name` may hold folders), written atomically."""
+        self._write_atomic(self.path(name), lambda f: f.write(data))
+
     def write_json(self, name: str, obj: Any) -> None:
         data = json.dumps(strict_json(obj), indent=2, allow_nan=False, default=str).encode()
         self._write_atomic(self.path(name), lambda f: f.write(data))
@@ -678,6 +682,7 @@ class AttemptReport:
     actors: dict | None = None
     stages: dict | None = None  # seconds per stage, summed over the processes that ran it
     store: dict | None = None  # the plan's store requests (StoreStats' fields)
+    slides: dict | None = None  # slides: how many, windows run and skipped (no tissue), their mpp
 
 
 class RunRecord:
@@ -796,6 +801,7 @@ class RunRecord:
             # seconds in each stage summed over the processes that ran it, beside the attempt's wall time
             "stages": report.stages,
             "store": stats.as_dict(),
+            **({"slides": report.slides} if report.slides else {}),
             "versions": package_versions(),
         }
         if status == "running":

@@ -53,14 +53,15 @@ def part_tables(
     panoptic: bool = False,
     confidence: bool = False,
     raster: bool = False,
+    slide: bool = False,
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part; `confidence`: the chunks' probability PNGs
     are a multi-class run's confidence (output.confidence), in the masks' confidence column;
-    `raster`: the masks' raster columns too."""
+    `raster`, `slide`: the masks' raster or slide columns too."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
-    schema = masks_schema(binary, confidence=confidence, raster=raster)
+    schema = masks_schema(binary, confidence=confidence, raster=raster, slide=slide)
     masks: dict[str, list] = {k: [] for k in schema.names}
     for r in ok:
         for c in r.chunks:
@@ -70,6 +71,9 @@ def part_tables(
             for name, value in zip(CHUNK_FIELDS, (c.y, c.x, c.height, c.width)):
                 masks[name].append(value)
             masks["mask"].append(c.mask)
+            if slide:
+                masks["mpp"].append(r.mpp)
+                masks["level0_scale"].append(r.level0_scale)
             if binary:
                 masks["probability"].append(c.probability)
             if confidence:
@@ -123,6 +127,7 @@ class PartWriter:
         self.confidence = cfg.output.confidence and not binary
         self.panoptic = cfg.metrics.panoptic_labels is not None
         self.raster = cfg.input.format == "raster"
+        self.slide = cfg.input.format == "slide"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -170,7 +175,9 @@ class PartWriter:
         objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
         self.store.write_part(
             part_name(self.attempt, unit, seq),
-            *part_tables(rows, self.binary, self.attempt, self.cod, self.panoptic, confidence=self.confidence, raster=self.raster),
+            *part_tables(
+                rows, self.binary, self.attempt, self.cod, self.panoptic, confidence=self.confidence, raster=self.raster, slide=self.slide
+            ),
             objects=objects,
         )
         self.committed[unit] = self.committed.get(unit, 0) + len(rows)

@@ -1,0 +1,95 @@
+"""A whole slide through the streaming path: its windows on the target grid (pipeline.io.slide), the
+windows without tissue skipped, the stitcher's bands into the same mask writer as a huge TIFF's.
+
+Pixels that only skipped windows cover get `SKIPPED_LABEL` (255, "not segmented: no tissue"), a
+value no class of a model of up to 255 classes takes; a model of more classes is refused for slides.
+A binary task's probability is 0 there.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.io.slide import SlideGrid, SlideWindows, TissueMap, tissue_mask
+from pipeline.io.tiff import StreamError
+from pipeline.predict.tiling import BatchSizes, TilingSettings, segment_streaming
+from pipeline.rows import MaskChunk, StreamSource
+
+SKIPPED_LABEL = 255
+
+
+@dataclass
+class SlideResult:
+    chunks: list[MaskChunk]
+    grid: SlideGrid
+    tissue_png: bytes  # the tissue mask (255 tissue, 0 not), at the overview's size
+    tissue_shape: tuple[int, int]
+    windows_run: int = 0
+    windows_skipped: int = 0
+
+    @property
+    def note(self) -> str:
+        return f"{self.windows_run} windows run, {self.windows_skipped} skipped (no tissue)"
+
+
+def tissue_png(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, "L").save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def segment_slide(
+    score_fn,
+    source: StreamSource,
+    settings: TilingSettings,
+    *,
+    mpp: float | None,
+    level: int | None,
+    min_tissue: float,
+    num_classes: int,
+    chunk_size: int | None,
+    storage_options: dict | None = None,
+    on_rows: Callable[[int, int, str], None] | None = None,
+    finish: Callable | None = None,
+    batch_sizes: BatchSizes | None = None,
+) -> SlideResult:
+    """Segment one slide on its target grid. Windows whose tissue fraction (`TissueMap`) is under
+    `min_tissue` are neither read nor run. on_rows(rows finished, total, "N windows run, M skipped"). `finish`: pipeline.predict.predictor.finish_image (the
+    loop every image takes), passed in so that this module needs no predictor."""
+    if settings.mode != "slide":
+        raise StreamError(f"a slide is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}")
+    if num_classes > SKIPPED_LABEL:
+        raise StreamError(f"slides mark pixels without tissue {SKIPPED_LABEL}: a model of {num_classes} classes has that class")
+    with SlideWindows.open(source.uri, storage_options, mpp=mpp, level=level) as slide:
+        if (slide.height, slide.width) != (source.height, source.width):
+            raise StreamError(
+                f"{source.uri} is {slide.width} x {slide.height} on its grid now, {source.width} x {source.height} when it was listed"
+            )
+        tissue = tissue_mask(slide.overview())
+        tissue_map = TissueMap(tissue, slide.height, slide.width)
+        result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape)
+
+        def skip(top: int, left: int, h: int, w: int) -> bool:  # the window's part inside the slide
+            fraction = tissue_map.fraction(top, left, h, w)
+            skipped = fraction < min_tissue
+            result.windows_skipped += skipped
+            result.windows_run += not skipped
+            return skipped
+
+        bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        result.chunks, _ = finish(
+            bands,
+            slide.height,
+            slide.width,
+            None,
+            num_classes=num_classes,
+            chunk_size=chunk_size,
+            binary=settings.beside is not None,
+            on_rows=(lambda done, total: on_rows(done, total, result.note)) if on_rows else None,
+        )
+    return result
