@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.metrics.semantic import MASK_THRESHOLD
+from pipeline.redaction import redact
 
 # Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
 # (Lists still become tuples, and an int is a valid float.)
@@ -190,6 +190,11 @@ class OutputConfig(_Strict):
     # rows (pipeline.results.masks); null writes every mask as one row
     chunk_size: Int | None = Field(4096, ge=16)
     shared_filesystem: Bool = Field(False, description="a local output.uri is the same mount on every node")
+
+
+# a mask label's foreground: values above it (PySODMetrics' `gt > 128`); pipeline.metrics.semantic reads
+# mask labels by it, and ignore_index is checked against it here
+MASK_THRESHOLD = 128
 
 
 class MetricsConfig(_Strict):
@@ -376,8 +381,6 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 def public_config(cfg: JobConfig) -> dict:
     """The config as it may be written to run.json and logs: storage options never appear."""
-    from pipeline.io.storage import redact
-
     data = cfg.model_dump(mode="json")
     for section in ("input", "output", "model"):
         if data.get(section, {}).get("storage_options"):

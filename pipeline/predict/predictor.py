@@ -24,7 +24,6 @@ from models.base import SegmentationModel, compile_for_inference
 from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import JobConfig
 from pipeline.io.coco_codec import encode_rle
-from pipeline.io.storage import scrub
 from pipeline.io.tiff import StreamError, TiffWindows
 from pipeline.metrics.coco_labels import PanopticLabels, image_key
 from pipeline.metrics.cod import cod_image_stats
@@ -34,6 +33,7 @@ from pipeline.predict.job_model import check_task, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
 from pipeline.predict.tiling import TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.redaction import scrub
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.telemetry import RunMetrics, StageClock
