@@ -1,9 +1,10 @@
-"""What travels between the stages: typed once, here (a leaf module: it imports no other stage).
+"""What travels between the stages: typed once, here (a leaf module: it imports no other pipeline module).
 
     SourceUnit    driver -> read task      one block of image files, a tar shard or a Parquet file
     RawSample     inside the read task     one image's bytes as read, before decoding
     DecodedImage  read task -> predictor   the pixels (or where to stream them from), the label
     Prediction    predictor -> writer      the mask as PNG chunks, the class areas, or the error
+    ClassAreas    inside a Prediction      a labeled image's pixel counts per class (metrics.semantic counts them)
 
 Ray Data moves rows as dicts of plain values (Arrow has no dataclasses): each row type converts
 `to_record()` and back `from_batch(batch, i)`. A unit's end travels as a row of its own (`unit_rows`
