@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.metrics.semantic import MASK_THRESHOLD
+from pipeline.redaction import redact
 
 # Numbers and switches are taken as written: YAML's `true` is no batch size, "8" no window side.
 # (Lists still become tuples, and an int is a valid float.)
@@ -334,6 +334,11 @@ class OutputConfig(_Strict):
     confidence: Bool = False
 
 
+# a mask label's foreground: values above it (PySODMetrics' `gt > 128`); pipeline.metrics.semantic reads
+# mask labels by it, and ignore_index is checked against it here
+MASK_THRESHOLD = 128
+
+
 class MetricsConfig(_Strict):
     # binary: one foreground class against the rest (camouflaged objects): the probability map is
     # written, and summary.json gains the camouflaged-object measures (pipeline.metrics.cod)
@@ -523,8 +528,6 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 def public_config(cfg: JobConfig) -> dict:
     """The config as it may be written to run.json and logs: storage options never appear."""
-    from pipeline.io.storage import redact
-
     data = cfg.model_dump(mode="json")
     for section in ("input", "output", "model"):
         if data.get(section, {}).get("storage_options"):

@@ -20,9 +20,10 @@ import numpy as np
 from pipeline.config import JobConfig
 from pipeline.io.decode import DecodeError, image_size
 from pipeline.io.source import reader_for
-from pipeline.io.storage import StoreStats, open_fs, scrub, with_retries
+from pipeline.io.storage import StoreStats, open_fs, with_retries
 from pipeline.plan import ActorPlan, await_gpus, format_seconds, init_ray, prepare_job, ray_lines_to, size_actors
 from pipeline.predict.tiling import TilingSettings, model_inputs
+from pipeline.redaction import scrub
 from pipeline.rows import SourceUnit
 
 HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF, a TIFF's first IFD

@@ -32,11 +32,12 @@ from models.onnx_backend import onnxruntime_available
 from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
 from pipeline.io.raster import check_raster_job, require_geo
 from pipeline.io.source import read_and_decode, reader_for
-from pipeline.io.storage import StoreStats, is_local, scrub
+from pipeline.io.storage import StoreStats, is_local
 from pipeline.local_ray import connect as connect_ray
 from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
 from pipeline.predict.predictor import DIE_ON, Predictor
+from pipeline.redaction import scrub
 from pipeline.results.run_tables import INSTANCES
 from pipeline.results.runstore import (
     HEARTBEAT_SECONDS,

@@ -1,9 +1,10 @@
-"""What travels between the stages: typed once, here (a leaf module: it imports no other stage).
+"""What travels between the stages: typed once, here (a leaf module: it imports no other pipeline module).
 
     SourceUnit    driver -> read task      one block of image files, a tar shard or a Parquet file
     RawSample     inside the read task     one image's bytes as read, before decoding
     DecodedImage  read task -> predictor   the pixels (or where to stream them from), the label
     Prediction    predictor -> writer      the mask as PNG chunks, the class areas, or the error
+    ClassAreas    inside a Prediction      a labeled image's pixel counts per class (metrics.semantic counts them)
 
 Ray Data moves rows as dicts of plain values (Arrow has no dataclasses): each row type converts
 `to_record()` and back `from_batch(batch, i)`. A unit's end travels as a row of its own (`unit_rows`
@@ -15,15 +16,43 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.metrics.semantic import ClassAreas
-
 NOT_AN_END = -1
+
+
+@dataclass
+class ClassAreas:
+    """One image's pixel counts per class (pipeline.metrics.semantic counts them and sums them over images)."""
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("intersection", "union", "pred_area", "label_area")
+
+    intersection: np.ndarray  # int64, one per class
+    union: np.ndarray
+    pred_area: np.ndarray
+    label_area: np.ndarray
+    # labeled pixels whose value is no class (and not ignore_index): in no label area, counted here
+    outside: int = 0
+    # how the label was read (pipeline.metrics.semantic's `LabelReading`): "class_index", "mask", or "empty" (a binary label of
+    # background only, which both readings read alike)
+    reading: str = "class_index"
+
+    @classmethod
+    def zeros(cls, num_classes: int) -> ClassAreas:
+        z = lambda: np.zeros(num_classes, dtype=np.int64)
+        return cls(z(), z(), z(), z())
+
+    def __iadd__(self, other: ClassAreas) -> ClassAreas:
+        self.intersection += other.intersection
+        self.union += other.union
+        self.pred_area += other.pred_area
+        self.label_area += other.label_area
+        self.outside += other.outside
+        return self
 
 
 class IdSet:

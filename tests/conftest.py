@@ -49,3 +49,13 @@ def checkpoint(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors"
     return tiny_checkpoint(path, len(CLASS_NAMES), seed=2, class_names=CLASS_NAMES)
+
+
+@pytest.fixture(scope="session")
+def seed0_checkpoint(tmp_path_factory):
+    """A native .safetensors of the same tiny SegFormer with seed 0 and 3 unnamed classes: the model of
+    the rerun and incremental tests. On noise images it predicts no pixel of class 1, so that a run
+    whose labels hold class 0 only has classes absent from labels and predictions alike (a null IoU)."""
+    from helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("seed0") / "tiny.safetensors", 3, seed=0)

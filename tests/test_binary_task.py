@@ -7,11 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_SEGFORMER, job_config, pysodmetrics_reference, read_run_table, strict_json_load, write_png, write_yaml
+from helpers import (
+    job_config,
+    pysodmetrics_reference,
+    read_run_table,
+    segpipe_run,
+    strict_json_load,
+    tiny_checkpoint,
+    write_png,
+)
 from PIL import Image
 
-from jobs.cli import main
-from models import build_model, save_native
 from pipeline.metrics.semantic import ClassAreas, class_areas, summarize
 from pipeline.predict.tiling import Foreground, TilingSettings, labels_and_probability, segment_images
 from pipeline.results.runstore import read_mask
@@ -34,13 +40,6 @@ def blobs(root: Path, sizes: list[tuple[int, int]], positive: int = 1) -> Path:
     return root
 
 
-def checkpoint(path: Path, num_classes: int) -> Path:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(3)
-        save_native(build_model("segformer-b0", num_classes=num_classes, **TINY_SEGFORMER), path)
-    return path
-
-
 @pytest.mark.parametrize(
     "num_classes, foreground", [(2, 1), (1, 255)], ids=["two-class-head-0-1-class-labels", "one-logit-head-0-255-mask-labels"]
 )
@@ -54,12 +53,12 @@ def test_binary_run_reports_pysodmetrics_measures_and_the_iou_of_class_index_and
     cfg = job_config(
         tmp_path,
         data / "images",
-        checkpoint(tmp_path / "m.safetensors", num_classes),
+        tiny_checkpoint(tmp_path / "m.safetensors", num_classes, seed=3),
         labels=data / "labels",
         run_id="cod",
         metrics={"task": "binary"},
     )
-    assert main(["run", str(write_yaml(tmp_path / "job.yaml", cfg))]) == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     run = tmp_path / "runs" / "cod"
     summary = strict_json_load(run / "summary.json")
     # the reference: PySODMetrics over the written 8-bit probability maps and the labels on 0-255

@@ -24,7 +24,7 @@ from helpers import (
     tiny_maskformer_config,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import models
 from models import (
@@ -309,6 +309,44 @@ def test_mask2former_hf_dir_whose_config_does_not_fit_its_weights(tmp_path):
     with pytest.raises(CheckpointError) as exc_info:
         load_model(tmp_path / "bad")
     assert_counts(one_line(exc_info, str(tmp_path / "bad"), "config.json"), expected)
+
+
+# the weights of a saved tiny model of each query family with one tensor dropped: from_hf names the key
+# the model misses (under our name); a config that asks for more, or for a backbone the family does
+# not build, is refused too
+HF_WEIGHTS_THAT_DO_NOT_FIT = [
+    pytest.param("detr", "mask_head.lay4.weight", r"1 missing \(mask_head\.stages\.1\.refine\.conv\.weight\)", None, None, id="detr"),
+    pytest.param(
+        "mask2former",
+        "model.transformer_module.decoder.layers.2.cross_attn.in_proj_weight",
+        r"decoder_layers\.2\.cross_attn\.q_proj\.weight",
+        lambda config: {**config, "decoder_layers": config["decoder_layers"] + 1},  # one decoder layer more than the weights
+        "missing",
+        id="mask2former",
+    ),
+    pytest.param(
+        "maskformer",
+        "model.transformer_module.decoder.layers.1.encoder_attn.q_proj.weight",
+        r"decoder_layers\.1\.cross_attn\.q_proj\.weight",
+        lambda config: {**config, "backbone_config": {"model_type": "resnet"}},
+        "Swin",
+        id="maskformer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_type", "dropped", "named", "edit_config", "config_refusal"), HF_WEIGHTS_THAT_DO_NOT_FIT)
+def test_hf_weights_that_do_not_fit_the_family_name_the_missing_key(model_type, dropped, named, edit_config, config_refusal, tmp_path):
+    tiny_hf_checkpoint(model_type, tmp_path)
+    from_hf = importlib.import_module(f"models.{model_type}").from_hf
+    config = json.loads((tmp_path / "config.json").read_text())
+    state_dict = load_file(str(tmp_path / "model.safetensors"))
+    del state_dict[dropped]
+    with pytest.raises(CheckpointError, match=named):
+        from_hf(config, state_dict, origin="ckpt")
+    if edit_config is not None:
+        with pytest.raises(CheckpointError, match=config_refusal):
+            from_hf(edit_config(config), load_file(str(tmp_path / "model.safetensors")))
 
 
 # ---------------------------------------------------------------------------------------------

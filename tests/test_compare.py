@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import job_config, labeled_folder, read_run_table, tiny_checkpoint, write_yaml
+from helpers import job_config, labeled_folder, read_run_table, segpipe_run, tiny_checkpoint
 from PIL import Image
 
 from jobs.cli import main
@@ -46,9 +46,10 @@ def constant_checkpoint(source: Path, path: Path, cls: int) -> Path:
     return path
 
 
-def segpipe_run(root: Path, name: str, images: Path, checkpoint: Path, labels: Path, **sections) -> Path:
+def labeled_run(root: Path, name: str, images: Path, checkpoint: Path, labels: Path, **sections) -> Path:
+    """A run `name` of `checkpoint` over labeled images, under root/runs: its directory."""
     cfg = job_config(root, images, checkpoint, labels=labels, run_id=name, **sections)
-    assert main(["run", str(write_yaml(root / f"{name}.yaml", cfg))]) == 0
+    assert segpipe_run(root / f"{name}.yaml", cfg) == 0
     return root / "runs" / name
 
 
@@ -63,10 +64,10 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
     b = tiny_checkpoint(root / "b.safetensors", len(CLASSES), seed=7, class_names=CLASSES)
     const = constant_checkpoint(a, root / "const.safetensors", 2)
     return {
-        "a": segpipe_run(root, "model-a", data / "images", a, data / "labels"),
-        "b": segpipe_run(root, "model-b", data / "images", b, data / "labels"),
-        "const": segpipe_run(root, "constant", data / "images", const, data / "labels"),
-        "subset": segpipe_run(root, "subset-a", subset / "images", a, subset / "labels"),
+        "a": labeled_run(root, "model-a", data / "images", a, data / "labels"),
+        "b": labeled_run(root, "model-b", data / "images", b, data / "labels"),
+        "const": labeled_run(root, "constant", data / "images", const, data / "labels"),
+        "subset": labeled_run(root, "subset-a", subset / "images", a, subset / "labels"),
     }
 
 
@@ -187,7 +188,7 @@ def test_binary_runs_compare_their_camouflaged_object_measures(ray_session, tmp_
     made = {}
     for name, seed in (("bin-a", 2), ("bin-b", 3)):
         checkpoint = tiny_checkpoint(tmp_path / f"{name}.safetensors", 2, seed=seed)
-        made[name] = segpipe_run(tmp_path, name, data / "images", checkpoint, data / "labels", metrics={"task": "binary"})
+        made[name] = labeled_run(tmp_path, name, data / "images", checkpoint, data / "labels", metrics={"task": "binary"})
     if "Sm" not in summary(made["bin-a"]):
         pytest.skip("this checkout's binary task writes no camouflaged-object measures")
     out = tmp_path / "out"

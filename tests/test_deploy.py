@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.io.storage import is_secret_name, redact
+from pipeline.redaction import is_secret_name, redact
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kuberay"
 MANIFESTS = {"rayjob.yaml": "RayJob", "raycronjob.yaml": "RayCronJob"}

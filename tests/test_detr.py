@@ -121,15 +121,6 @@ def test_object_detection_checkpoint_is_refused_in_one_line(tmp_path):
     assert "DetrForObjectDetection has no mask head" in message and "DetrForSegmentation" in message
 
 
-def test_checkpoint_that_does_not_fit_is_named(hf_checkpoint):
-    _, path = hf_checkpoint
-    config = json.loads((path / "config.json").read_text())
-    state_dict = load_file(str(path / "model.safetensors"))
-    del state_dict["mask_head.lay4.weight"]
-    with pytest.raises(CheckpointError, match=r"1 missing \(mask_head\.stages\.1\.refine\.conv\.weight\)"):
-        from_hf(config, state_dict, origin="ckpt")
-
-
 @pytest.mark.parametrize(
     ("change", "reason"),
     [

@@ -16,20 +16,15 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", NUM_CLASSES)
-
-
 def nightly_config(tmp_path: Path, data: Path, checkpoint: Path, **extra) -> Path:
     cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id=None, input={"images_per_unit": 2}, **extra)
     cfg.pop("run_id")
     return write_yaml(tmp_path / "nightly.yaml", cfg)  # the job is named after the file: nightly
 
 
-def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_session, tmp_path, checkpoint, capsys):
+def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(30, 40)] * 3, NUM_CLASSES, names=["n1/a", "n1/b", "n1/c"])
-    config = nightly_config(tmp_path, data, checkpoint)
+    config = nightly_config(tmp_path, data, seed0_checkpoint)
     assert main(["run", str(config), "--incremental"]) == 0
     labeled_folder(tmp_path / "data", [(20, 50)] * 2, NUM_CLASSES, seed=1, names=["n2/d", "n2/e"])  # the next night's
     assert main(["run", str(config), "--incremental"]) == 0
@@ -64,7 +59,7 @@ def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_se
     # the roll-up lists each run's identity: every run of the job was made the same way
     assert [r["identity"] for r in rollup["runs"]] == [i["identity"] for i in infos] == [rollup["identity"]] * 2
     # one run over everything gives the same summary, to the last pixel
-    once = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="all-at-once")
+    once = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="all-at-once")
     assert main(["run", str(write_yaml(tmp_path / "once.yaml", once))]) == 0
     single = strict_json_load(tmp_path / "runs" / "all-at-once" / "summary.json")
     for key in ("images", "errors", "labeled_images", "aAcc", "mIoU", "mAcc", "mDice", "IoU", "Acc", "Dice"):
@@ -74,9 +69,9 @@ def test_incremental_runs_segment_only_what_is_new_and_roll_up_to_one_run(ray_se
     assert sorted(map(tuple, rolled)) == sorted(map(tuple, areas))
 
 
-def test_a_dry_run_writes_plan_json_only_and_counts_what_the_run_then_does(ray_session, tmp_path, checkpoint, capsys):
+def test_a_dry_run_writes_plan_json_only_and_counts_what_the_run_then_does(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(30, 40), (64, 20), (50, 50)], NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="planned")
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="planned")
     (data / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
     config = write_yaml(tmp_path / "job.yaml", {**cfg, "max_error_fraction": 0.5})
     assert main(["run", str(config), "--dry-run"]) == 0

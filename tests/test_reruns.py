@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from helpers import (
     file_bytes,
     job_config,
     kill_session,
     labeled_folder,
     read_run_table,
+    segpipe_run,
     strict_json_load,
     tiny_checkpoint,
     write_png,
@@ -30,19 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 3
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors", NUM_CLASSES)
-
-
-def run(tmp_path: Path, cfg: dict, *args: str) -> int:
-    return main(["run", str(write_yaml(tmp_path / "job.yaml", cfg)), *args])
-
-
-def test_image_added_before_the_others_keeps_every_committed_mask_byte_for_byte(ray_session, tmp_path, checkpoint, capsys):
+def test_image_added_before_the_others_keeps_every_committed_mask_byte_for_byte(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 5, NUM_CLASSES, names=[f"b{i}" for i in range(5)])
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="inc")
-    assert run(tmp_path, cfg) == 0
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="inc")
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     run_dir = tmp_path / "runs" / "inc"
     before = {k: v for k, v in file_bytes(run_dir).items() if k.startswith(("masks/", "metrics/", "errors/"))}
     assert len([k for k in before if k.startswith("masks/")]) == 1  # one part of 5 images
@@ -50,7 +41,7 @@ def test_image_added_before_the_others_keeps_every_committed_mask_byte_for_byte(
     # an image that sorts before the others: the listing's positions all shift
     labeled_folder(tmp_path / "data", [(30, 30)], NUM_CLASSES, seed=1, names=["a0"])
     capsys.readouterr()
-    assert run(tmp_path, cfg) == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     assert "1 of 6 images to segment" in capsys.readouterr().out
     after = file_bytes(run_dir)
     for name, data_bytes in before.items():
@@ -61,7 +52,7 @@ def test_image_added_before_the_others_keeps_every_committed_mask_byte_for_byte(
     assert summary["images"] == 6 and summary["labeled_images"] == 6
 
     # a no-op rerun: the whole run is still counted, this attempt did nothing
-    assert run(tmp_path, cfg) == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     summary = strict_json_load(run_dir / "summary.json")
     assert summary["images"] == 6 and summary["this_attempt"]["images"] == 0 and summary["throughput"]["images"] == 6
     info = strict_json_load(run_dir / "run.json")
@@ -70,22 +61,22 @@ def test_image_added_before_the_others_keeps_every_committed_mask_byte_for_byte(
     assert all(a["status"] == "succeeded" for a in info["attempts"])
 
 
-def test_failed_image_is_retried_by_a_rerun_and_its_error_superseded(ray_session, tmp_path, checkpoint):
+def test_failed_image_is_retried_by_a_rerun_and_its_error_superseded(ray_session, tmp_path, seed0_checkpoint):
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 3, NUM_CLASSES)
     good = (data / "images" / "img000.png").read_bytes()
     (data / "images" / "img000.png").write_bytes(good[: len(good) // 3])  # truncated
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="retry", max_error_fraction=0.5)
-    assert run(tmp_path, cfg) == 0
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="retry", max_error_fraction=0.5)
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     run_dir = tmp_path / "runs" / "retry"
     assert strict_json_load(run_dir / "summary.json")["errors"] == 1
 
     # --no-retry-errors keeps it failed
-    assert run(tmp_path, cfg, "--no-retry-errors") == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg, "--no-retry-errors") == 0
     assert strict_json_load(run_dir / "summary.json")["errors"] == 1
     assert strict_json_load(run_dir / "run.json")["attempts"][-1]["counts"]["processed"] == 0
 
     (data / "images" / "img000.png").write_bytes(good)  # fixed
-    assert run(tmp_path, cfg) == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     summary = strict_json_load(run_dir / "summary.json")
     assert summary["images"] == 3 and summary["errors"] == 0 and summary["labeled_images"] == 3
     errors = read_run_table(run_dir, "errors").to_pylist()
@@ -93,10 +84,10 @@ def test_failed_image_is_retried_by_a_rerun_and_its_error_superseded(ray_session
     assert "img000.png" in read_run_table(run_dir, "masks").column("image_id").to_pylist()
 
 
-def test_other_checkpoint_under_the_same_run_id_is_refused_and_changes_nothing(ray_session, tmp_path, checkpoint, capsys):
+def test_other_checkpoint_under_the_same_run_id_is_refused_and_changes_nothing(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 2, NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", checkpoint, run_id="bound")
-    assert run(tmp_path, cfg) == 0
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, run_id="bound")
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     run_dir = tmp_path / "runs" / "bound"
     before = file_bytes(run_dir)
     other = tiny_checkpoint(tmp_path / "other.safetensors", NUM_CLASSES, seed=7)
@@ -107,20 +98,25 @@ def test_other_checkpoint_under_the_same_run_id_is_refused_and_changes_nothing(r
     ]
     for change, field in changes:
         capsys.readouterr()
-        assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, run_id="bound", **change)) == 2
+        assert segpipe_run(tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, run_id="bound", **change)) == 2
         err = capsys.readouterr().err
         assert field in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert file_bytes(run_dir) == before
     # a change that does not touch results is a resume
-    assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, run_id="bound", inference={"batch_size": 2})) == 0
+    assert (
+        segpipe_run(
+            tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, run_id="bound", inference={"batch_size": 2})
+        )
+        == 0
+    )
     info = strict_json_load(run_dir / "run.json")
     assert info["attempts"][-1]["config_changes"] == {"inference.batch_size": [8, 2]}
 
 
-def test_labels_missing_or_unmatched_are_said(ray_session, tmp_path, checkpoint, capsys):
+def test_labels_missing_or_unmatched_are_said(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 3, NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=tmp_path / "nowhere", run_id="nolabels")
-    assert run(tmp_path, cfg) == 2
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=tmp_path / "nowhere", run_id="nolabels")
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
     err = capsys.readouterr().err
     assert "input.labels.uri" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs" / "nolabels").exists()
@@ -132,22 +128,29 @@ def test_labels_missing_or_unmatched_are_said(ray_session, tmp_path, checkpoint,
         (data / "labels", "some", "2 of 3 images have a label"),
         (tmp_path / "other", "none", "none of the 3 images"),
     ):
-        assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, labels=labels, run_id=run_id)) == 0
+        assert (
+            segpipe_run(tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, labels=labels, run_id=run_id)) == 0
+        )
         assert expect in capsys.readouterr().out
         info = strict_json_load(tmp_path / "runs" / run_id / "run.json")
         assert info["labels"]["images_with_label"] + info["labels"]["images_without_label"] == 3
     assert strict_json_load(tmp_path / "runs" / "some" / "summary.json")["labeled_images"] == 2
     # labels.required: a missing label is an errors row
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="required", max_error_fraction=0.5)
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="required", max_error_fraction=0.5)
     cfg["input"]["labels"]["required"] = True
-    assert run(tmp_path, cfg) == 0
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     errors = read_run_table(tmp_path / "runs" / "required", "errors").to_pylist()
     assert [e["image_id"] for e in errors] == ["img001.png"] and "no label" in errors[0]["error"]
 
 
-def test_parts_follow_images_per_unit(ray_session, tmp_path, checkpoint):
+def test_parts_follow_images_per_unit(ray_session, tmp_path, seed0_checkpoint):
     data = labeled_folder(tmp_path / "data", [(20, 30)] * 5, NUM_CLASSES)
-    assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, run_id="units", input={"images_per_unit": 2})) == 0
+    assert (
+        segpipe_run(
+            tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, run_id="units", input={"images_per_unit": 2})
+        )
+        == 0
+    )
     run_dir = tmp_path / "runs" / "units"
     parts = sorted((run_dir / "masks").glob("*.parquet"))
     sizes = sorted(len(read_run_table_file(p)) for p in parts)
@@ -161,38 +164,43 @@ def read_run_table_file(path: Path) -> list:
     return pq.read_table(path).column("image_id").to_pylist()
 
 
-def test_summary_json_is_strict_json_with_null_for_absent_classes(ray_session, tmp_path, checkpoint):
+def test_summary_json_is_strict_json_with_null_for_absent_classes(ray_session, tmp_path, seed0_checkpoint):
     data = labeled_folder(tmp_path / "data", [(20, 30)], NUM_CLASSES)
     # labels of class 0 only: classes 1 and 2 may be absent from labels and predictions alike
     write_png(data / "labels" / "img000.png", np.zeros((20, 30), np.uint8))
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="strict")
-    assert run(tmp_path, cfg) == 0
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="strict")
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     summary = strict_json_load(tmp_path / "runs" / "strict" / "summary.json")
     assert all(v is None or isinstance(v, float) for v in summary["IoU"])
     strict_json_load(tmp_path / "runs" / "strict" / "run.json")
 
 
-def test_bad_checkpoints_and_model_names_are_one_line_exit_2(ray_session, tmp_path, checkpoint, capsys):
+def test_bad_checkpoints_and_model_names_are_one_line_exit_2(ray_session, tmp_path, seed0_checkpoint, capsys):
     data = labeled_folder(tmp_path / "data", [(20, 30)], NUM_CLASSES)
     truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    truncated.write_bytes(seed0_checkpoint.read_bytes()[: seed0_checkpoint.stat().st_size // 2])
     cases = [
         (job_config(tmp_path, data / "images", truncated, run_id="c1"), "truncated.safetensors"),
-        (job_config(tmp_path, data / "images", checkpoint, run_id="c2", model={"num_classes": 5}), "num_classes"),
-        ({**job_config(tmp_path, data / "images", checkpoint, run_id="c3"), "model": {"name": "segformer-b9"}}, "segformer-b0"),
+        (job_config(tmp_path, data / "images", seed0_checkpoint, run_id="c2", model={"num_classes": 5}), "num_classes"),
+        ({**job_config(tmp_path, data / "images", seed0_checkpoint, run_id="c3"), "model": {"name": "segformer-b9"}}, "segformer-b0"),
     ]
     for cfg, expect in cases:
         capsys.readouterr()
-        assert run(tmp_path, cfg) == 2
+        assert segpipe_run(tmp_path / "job.yaml", cfg) == 2
         err = capsys.readouterr().err
         assert expect in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert not (tmp_path / "runs" / cfg["run_id"]).exists()
-    assert main(["convert", str(checkpoint), str(tmp_path / "x.safetensors"), "--name", "segformer-b1"]) == 2
+    assert main(["convert", str(seed0_checkpoint), str(tmp_path / "x.safetensors"), "--name", "segformer-b1"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "segformer-b1" in err
     # YAML's true is no number: strict config types
     for section, field in (("inference", "batch_size"), ("resources", "gpus_per_actor")):
-        assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, run_id="c4", **{section: {field: True}})) == 2
+        assert (
+            segpipe_run(
+                tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, run_id="c4", **{section: {field: True}})
+            )
+            == 2
+        )
         assert f"{section}.{field}" in capsys.readouterr().err
 
 
@@ -224,13 +232,13 @@ def stop_after_first_part(config: Path, run_dir: Path, attempt: int, signum: int
 
 
 def test_ctrl_c_and_sigterm_end_cleanly_count_what_was_committed_and_the_rerun_completes_every_image_once(
-    ray_session, tmp_path, checkpoint
+    ray_session, tmp_path, seed0_checkpoint
 ):
     data = labeled_folder(tmp_path / "data", [(96, 96)] * 24, NUM_CLASSES)
     cfg = job_config(
         tmp_path,
         data / "images",
-        checkpoint,
+        seed0_checkpoint,
         run_id="sigint",
         input={"images_per_unit": 2},
         inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4},
@@ -272,9 +280,9 @@ def test_ctrl_c_and_sigterm_end_cleanly_count_what_was_committed_and_the_rerun_c
     assert [a["counts"]["processed"] for a in info["attempts"]] == [images_of_attempt(run_dir, a) for a in (1, 2, 3)]
 
 
-def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tmp_path, checkpoint):
+def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tmp_path, seed0_checkpoint):
     data = labeled_folder(tmp_path / "data", [(96, 96)] * 16, NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="killed", input={"images_per_unit": 2},
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="killed", input={"images_per_unit": 2},
                      inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4})  # fmt: skip
     config = write_yaml(tmp_path / "job.yaml", cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -306,18 +314,21 @@ def test_a_run_killed_with_sigkill_resumes_with_every_image_once(ray_session, tm
     assert strict_json_load(tmp_path / "runs" / "whole" / "summary.json")["IoU"] == summary["IoU"]
 
 
-def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, checkpoint, monkeypatch):
+def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, seed0_checkpoint, monkeypatch):
     from pipeline.predict.predictor import DIE_ON
 
     data = labeled_folder(tmp_path / "data", [(40, 50)] * 8, NUM_CLASSES)
     marker = tmp_path / "died"
     monkeypatch.setenv(DIE_ON, f"img005.png:{marker}")  # the actor that gets img005 dies, once
-    cfg = job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="dies", input={"images_per_unit": 2})
-    assert run(tmp_path, cfg) == 0
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="dies", input={"images_per_unit": 2})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     assert marker.exists() and int(marker.read_text()) > 0  # it did die
     ids = read_run_table(tmp_path / "runs" / "dies", "masks").column("image_id").to_pylist()
     assert sorted(ids) == [f"img{i:03d}.png" for i in range(8)]  # every image once
     monkeypatch.delenv(DIE_ON)
-    assert run(tmp_path, job_config(tmp_path, data / "images", checkpoint, labels=data / "labels", run_id="lives")) == 0
+    assert (
+        segpipe_run(tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="lives"))
+        == 0
+    )
     died, lived = (strict_json_load(tmp_path / "runs" / r / "summary.json") for r in ("dies", "lives"))
     assert died["IoU"] == lived["IoU"] and died["images"] == lived["images"] == 8

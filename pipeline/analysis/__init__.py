@@ -1,2 +1,2 @@
-"""After a run: compare runs (and the receptive fields it draws), export a run's results. A new export
-belongs here."""
+"""After a run: compare runs (the compare/ package, and the receptive fields its report draws), export a
+run's results. A new export belongs here."""

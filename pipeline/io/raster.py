@@ -43,7 +43,8 @@ import numpy as np
 
 from pipeline.config import ConfigError, InputConfig, PercentileScale, RangeScale, StandardScale
 from pipeline.extras import require
-from pipeline.io.storage import is_local, open_fs, scrub
+from pipeline.io.storage import is_local, open_fs
+from pipeline.redaction import scrub
 from pipeline.rows import StreamSource
 
 # what `input.format: raster` lists (GDAL reads many more: `input.pattern` cannot add suffixes, this can)

@@ -50,8 +50,8 @@ from pipeline.io.storage import (
     full_uri,
     list_files,
     open_fs,
-    scrub,
 )
+from pipeline.redaction import scrub
 from pipeline.rows import IdSet, RawSample, SourceUnit
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -28,8 +28,9 @@ from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.io.raster import RASTER_EXTENSIONS, probe_raster
 from pipeline.io.shards import ParquetReader, TarReader
 from pipeline.io.slide import SLIDE_SUFFIXES, probe_slide
-from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes, scrub
+from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes
 from pipeline.io.tiff import probe_stream
+from pipeline.redaction import scrub
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.telemetry import RunMetrics, StageClock
 

@@ -1,4 +1,4 @@
-"""Object stores through fsspec: opening a store, listing a prefix, retrying transient errors, hiding secrets.
+"""Object stores through fsspec: opening a store, listing a prefix, retrying transient errors.
 
 Every store is an fsspec filesystem opened from a URI and the config's `storage_options`
 (`s3://` through s3fs, `gs://`, `az://`, `memory://`, local paths, ...). Three rules hold for all of them:
@@ -14,8 +14,8 @@ Every store is an fsspec filesystem opened from a URI and the config's `storage_
 - A missing object or a denied access is not retried: it becomes a `StoreError` that names the URI
   and the reason, which the readers turn into an errors row.
 
-`storage_options` hold credentials. `redact` gives a copy that is safe to show (run.json, logs),
-and `scrub` removes their values from any text (an exception message, say).
+`storage_options` hold credentials: this module's errors are scrubbed of their values
+(pipeline.redaction's `scrub`, which the readers use too; `redact` gives a copy safe to show).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import logging
 import os
 import posixpath
 import random
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +38,7 @@ import fsspec
 import fsspec.asyn
 
 from pipeline.extras import store_package_missing
+from pipeline.redaction import scrub
 
 log = logging.getLogger("segpipe.storage")
 
@@ -574,81 +574,6 @@ def read_bytes(
 ) -> bytes:
     """The whole object at `path` (one GET), retried on transient errors; StoreError otherwise."""
     return with_retries(lambda: fs.cat_file(path), what="read", uri=uri or path, policy=policy, stats=stats)
-
-
-# ---------------------------------------------------------------------------------------------
-# Secrets
-
-
-REDACTED = "***"
-# Option names whose values are credentials, in any store's spelling: s3fs key/secret/token,
-# boto aws_access_key_id / aws_secret_access_key / aws_session_token, gcsfs token, adlfs account_key /
-# sas_token / connection_string / client_secret / credential, HTTP headers such as Authorization.
-# Names are compared lower-cased with `_`, `-` and spaces removed ("aws_access_key_id" -> "awsaccesskeyid").
-_SECRET_NAME = re.compile(r"(key$|keyid$|secret|passw|token|credential|connectionstring|^sas|signature|authorization|^auth$|cookie)")
-_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@", re.IGNORECASE)
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(re.sub(r"[\s_-]", "", str(name).lower())))
-
-
-def redact(options: Any) -> Any:
-    """A JSON-ready copy of storage options with every credential value replaced by "***".
-
-    Nested dicts (client_kwargs, config_kwargs, headers, ...) and lists are walked; a password
-    inside a URL (`https://user:pass@host`) is hidden too; objects that are not plain data (a
-    boto session, say) show as their type name only.
-    """
-    if isinstance(options, dict):
-        out = {}
-        for name, value in options.items():
-            if is_secret_name(name) and value is not None and not isinstance(value, bool):
-                out[str(name)] = REDACTED
-            else:
-                out[str(name)] = redact(value)
-        return out
-    if isinstance(options, (list, tuple)):
-        return [redact(v) for v in options]
-    if isinstance(options, str):
-        return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", options)
-    if options is None or isinstance(options, (bool, int, float)):
-        return options
-    return f"<{type(options).__name__}>"
-
-
-def secret_values(options: Any) -> set[str]:
-    """Every credential string inside storage options (what `redact` hides)."""
-    found: set[str] = set()
-
-    def walk(value: Any, secret: bool) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, secret or is_secret_name(k))
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                walk(v, secret)
-        elif isinstance(value, str):
-            if secret and value:
-                found.add(value)
-            found.update(m["password"] for m in _URL_USERINFO.finditer(value))
-        elif secret and isinstance(value, (int, float)) and not isinstance(value, bool):
-            found.add(str(value))
-
-    walk(options, False)
-    return found
-
-
-def scrub(text: str, *options: Any) -> str:
-    """text with every credential value of the given storage options replaced by "***".
-
-    Values shorter than 6 characters are left alone: no real credential is that short, and
-    replacing every "s" or "1" would garble the text.
-    """
-    secrets = set().union(*(secret_values(o) for o in options)) if options else set()
-    for secret in sorted((s for s in secrets if len(s) >= 6), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
 
 
 @contextlib.contextmanager

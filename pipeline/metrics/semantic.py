@@ -2,50 +2,24 @@
 
 Per image: per-class intersection, union, predicted area and labeled area (pixels equal to
 ignore_index count nowhere; label values outside the classes count in no label area, and are
-counted apart: `ClassAreas.outside`). Per dataset: the sums over images, then per class
+counted apart: `ClassAreas.outside`; the type is pipeline.rows', which a prediction carries). Per dataset: the sums over images, then per class
 IoU = I / U, Acc = I / label_area, Dice = 2 I / (pred_area + label_area); a class with a zero
 denominator is NaN and left out of the means (mIoU, mAcc, mDice); aAcc = sum(I) / sum(label_area).
 
 How a label becomes the class map those areas count (`LabelReading`): a semantic task's labels are
 class-index maps; a binary task's are class-index maps (foreground = the positive class) or 8-bit
-masks (foreground = values above 128, as PySODMetrics binarises `gt > 128`), told apart by
+masks (foreground = values above 128, `pipeline.config.MASK_THRESHOLD`, as PySODMetrics binarises `gt > 128`), told apart by
 `metrics.binary_labels` (`auto`: per image, from the values the label holds; see `LabelReading.decide`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
-
-@dataclass
-class ClassAreas:
-    FIELDS: ClassVar[tuple[str, ...]] = ("intersection", "union", "pred_area", "label_area")
-
-    intersection: np.ndarray  # int64, one per class
-    union: np.ndarray
-    pred_area: np.ndarray
-    label_area: np.ndarray
-    # labeled pixels whose value is no class (and not ignore_index): in no label area, counted here
-    outside: int = 0
-    # how the label was read (`LabelReading`): "class_index", "mask", or "empty" (a binary label of
-    # background only, which both readings read alike)
-    reading: str = "class_index"
-
-    @classmethod
-    def zeros(cls, num_classes: int) -> ClassAreas:
-        z = lambda: np.zeros(num_classes, dtype=np.int64)
-        return cls(z(), z(), z(), z())
-
-    def __iadd__(self, other: ClassAreas) -> ClassAreas:
-        self.intersection += other.intersection
-        self.union += other.union
-        self.pred_area += other.pred_area
-        self.label_area += other.label_area
-        self.outside += other.outside
-        return self
+from pipeline.config import MASK_THRESHOLD
+from pipeline.rows import ClassAreas  # what the rows carry; counted here
 
 
 def class_areas(
@@ -111,7 +85,6 @@ def summarize(total: ClassAreas) -> dict:
     }
 
 
-MASK_THRESHOLD = 128  # a mask label's foreground: values above it (PySODMetrics' `gt > 128`)
 BINARY_LABELS = ("auto", "mask", "class_index")
 
 

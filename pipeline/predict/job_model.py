@@ -15,7 +15,8 @@ import torch
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel
 from pipeline.config import ModelConfig
-from pipeline.io.storage import local_copy, scrub
+from pipeline.io.storage import local_copy
+from pipeline.redaction import scrub
 
 RANDOM_WEIGHTS_SEED = 0
 

@@ -25,7 +25,6 @@ from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import JobConfig
 from pipeline.io.coco_codec import encode_rle
 from pipeline.io.raster import NODATA_LABEL, RASTER_STREAM, RasterWindows
-from pipeline.io.storage import scrub
 from pipeline.io.tiff import StreamError, TiffWindows
 from pipeline.metrics.coco_labels import PanopticLabels, image_key
 from pipeline.metrics.cod import cod_image_stats
@@ -36,6 +35,7 @@ from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, fin
 from pipeline.predict.objects import ImageObject, PanopticSegments
 from pipeline.predict.slides import segment_slide
 from pipeline.predict.tiling import BatchSizes, TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.redaction import scrub
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
 from pipeline.telemetry import RunMetrics, StageClock

@@ -50,11 +50,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, JobConfig, public_config
-from pipeline.io.storage import StoreError, StoreStats, open_fs, scrub, with_retries
+from pipeline.io.storage import StoreError, StoreStats, open_fs, with_retries
 from pipeline.metrics.cod import CONVENTIONS as COD_CONVENTIONS
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
 from pipeline.metrics.panoptic import CategoryCounts, PanopticQuality
 from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
+from pipeline.redaction import scrub
 from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import (
     AREAS,

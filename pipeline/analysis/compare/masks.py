@@ -1,0 +1,100 @@
+"""Mask disagreement: one pass over the compared images' masks, the fraction of pixels where the runs
+do not all agree, the images where they disagree most and, with labels, each run's confusion matrix.
+
+Masks are read one part per run at a time (PNG bytes, never decoded masks) and decoded one image at
+a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.analysis.compare.runs import Run
+from pipeline.analysis.compare.sources import Sources, label_classes, read_label
+from pipeline.metrics.semantic import LabelReadingError
+from pipeline.results.masks import assemble_mask
+from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
+
+
+@dataclass
+class MaskPass:
+    """What one pass over the compared images' masks gives."""
+
+    disagreement: dict[str, float] = field(default_factory=dict)  # image_id -> fraction of pixels not all runs agree on
+    confusion: list[np.ndarray] | None = None  # per run: C x C counts, rows label, columns prediction
+    confusion_images: int = 0
+    top: list[tuple[float, str]] = field(default_factory=list)  # (fraction, image_id): where the runs disagree most
+    notes: list[str] = field(default_factory=list)
+
+
+class _PartCache:
+    """The masks rows of one part of one run at a time (PNG bytes, never decoded masks)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run, self.part, self.table, self.rows = run, None, None, {}
+
+    def image(self, part: str, image_id: str) -> np.ndarray:
+        if part != self.part:
+            self.table = self.run.store.read_part(MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
+            self.rows = {}
+            for i, image in enumerate(self.table.column("image_id").to_pylist()):
+                self.rows.setdefault(image, []).append(i)
+            self.part = part
+        return assemble_mask(self.table.take(pa.array(self.rows[image_id], pa.int64())))
+
+
+def mask_parts(run: Run) -> dict[str, str]:
+    """image_id -> the latest committed part holding its mask (the run store's view)."""
+    return run.store.mask_parts()
+
+
+def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, top: int = 6) -> MaskPass:
+    """One pass over the compared images: each run's mask decoded one image at a time (masks read
+    one part per run at a time), the fraction of pixels where the runs do not all agree, and, with
+    labels, each run's confusion matrix."""
+    result = MaskPass()
+    c = runs[0].num_classes
+    parts = [mask_parts(r) for r in runs]
+    caches = [_PartCache(r) for r in runs]
+    if src.labels:
+        result.confusion = [np.zeros((c, c), np.int64) for _ in runs]
+    order = sorted(image_ids, key=lambda i: (tuple(p.get(i, "") for p in parts), i))
+    unreadable = 0
+    for image_id in order:
+        masks = [cache.image(p[image_id], image_id) for cache, p in zip(caches, parts)]
+        if any(m.shape != masks[0].shape for m in masks[1:]):
+            result.notes.append(f"{image_id}: the runs' masks differ in size; left out of the disagreement")
+            continue
+        differ = np.zeros(masks[0].shape, bool)
+        for m in masks[1:]:
+            differ |= m != masks[0]
+        fraction = float(differ.mean()) if differ.size else 0.0
+        result.disagreement[image_id] = fraction
+        if result.confusion is not None and image_id in src.labels:
+            try:
+                label = read_label(src, image_id, storage_options)
+            except Exception:  # one unreadable label is one image without a confusion count
+                label = None
+            if label is None or label.shape != masks[0].shape:
+                unreadable += 1
+                continue
+            try:
+                label, ignore = label_classes(src, label, c)
+            except LabelReadingError:
+                unreadable += 1
+                continue
+            keep = (label >= 0) & (label < c) if ignore is None else (label != ignore) & (label >= 0) & (label < c)
+            truth = label[keep].astype(np.int64)
+            for k, m in enumerate(masks):
+                pred = m[keep].astype(np.int64)
+                ok = pred < c
+                result.confusion[k] += np.bincount(truth[ok] * c + pred[ok], minlength=c * c).reshape(c, c)
+            result.confusion_images += 1
+    if unreadable:
+        result.notes.append(f"{unreadable} labels could not be read or do not fit their mask: left out of the confusion matrices")
+    # the most disagreement first; among equal fractions the first image id
+    result.top = [(f, i) for i, f in sorted(result.disagreement.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+    return result
