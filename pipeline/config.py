@@ -181,7 +181,7 @@ class InputConfig(_Strict):
                 raise ValueError(f"scale has {entries} entries per band but bands lists {len(self.bands)}")
         if self.format == "slide" and self.labels is not None:
             raise ValueError("input.format slide takes no labels (slides are segmented, not scored)")
-        if self.format != "slide" and "slide" in self.model_fields_set:
+        if self.format != "slide" and self.slide != SlideConfig():  # its defaults pass: a dumped config loads again
             raise ValueError("slide: these settings need format: slide")
         return self
 

@@ -153,3 +153,19 @@ def test_binary_labels_default_to_auto_with_no_ignored_value_and_class_indices_k
     assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "class_index", "ignore_index": 255}})
     assert load_config({**BASE, "metrics": {"task": "binary", "binary_labels": "mask", "ignore_index": 128}})
     assert load_config({**BASE, "metrics": {"ignore_index": 255}}).metrics.ignore_index == 255
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"input": {"uri": "/x", "format": "slide", "slide": {"level": 1}}},
+        {"input": {"uri": "/x", "format": "raster", "bands": [3, 2, 1], "scale": {"mode": "percentile", "low": 1, "high": 99}}},
+        {"resources": {"actors": {"min": 1, "max": 3}}, "output": {"uri": "/runs", "confidence": True}},
+    ],
+)
+def test_a_config_dumped_with_every_default_loads_again_as_the_same_config(extra):
+    """Every section's defaults are dumped too (input.slide, resources, ...): a dump read back is the
+    same config (the elastic-pool test rebuilt one so, and input.slide's defaults were refused)."""
+    cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "output": {"uri": "/runs"}, **extra})
+    assert load_config(cfg.model_dump()).model_dump() == cfg.model_dump()
