@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="png | tiff | coco | geotiff | cog | geoparquet | gpkg | geojson | qupath",
     )
     export.add_argument(
+        "--simplify",
+        type=float,
+        default=None,
+        metavar="TOLERANCE",
+        help="geoparquet | gpkg | geojson: simplify each polygon with this tolerance in map units (topology kept)",
+    )
+    export.add_argument(
         "--storage-option",
         dest="storage_options",
         action="append",
@@ -307,7 +314,7 @@ def _export(args) -> int:
             node = node.setdefault(parent, {})
         node[leaf] = yaml.safe_load(value)
     try:
-        result = export_run(args.run, args.to, args.format, options)
+        result = export_run(args.run, args.to, args.format, options, simplify=args.simplify)
     except ExportError as exc:
         return _fail(exc, EXIT_USAGE)
     except ValueError as exc:  # a mask whose chunks do not fit together: the run directory is damaged

@@ -489,3 +489,38 @@ def test_qupath_scales_a_slide_to_level_0_and_reads_a_run_written_before_the_mpp
                                                                    [3 * scale, 5 * scale], [3 * scale, 2 * scale]]]]  # fmt: skip
         background = [f for f in collection["features"] if f["properties"]["classification"]["name"] == NAMES[0]]
         assert len(background) == 1 and len(background[0]["geometry"]["coordinates"]) == 2  # the outline and the square's hole
+
+
+def test_polygon_areas_of_a_geographic_crs_are_square_metres_on_its_ellipsoid_and_simplify_keeps_them(tmp_path, capsys):
+    import geopandas as gpd
+    import pyproj
+    import shapely
+    from shapely.geometry import box
+
+    mask = np.zeros((120, 100), np.uint8)
+    mask[20:70, 10:60] = 1  # a block of 50 x 50 pixels of 0.001 degrees
+    mask[80:110, 65:95] = 2
+    mask[85:95, 70:80] = 0  # a hole
+    lonlat = (0.001, 0.0, 14.0, 0.0, -0.001, 46.0)
+    raster_run(tmp_path, {"geo.tif": (mask, "EPSG:4326", lonlat)}, chunk=64)
+    run = str(tmp_path / "runs" / "geo")
+    assert export_run(run, str(tmp_path / "plain"), "geoparquet").written == ["geo.parquet"]
+    frame = gpd.read_parquet(tmp_path / "plain" / "geo.parquet")
+    block = frame[frame.class_id == 1]
+    assert len(block) == 1
+    # the reference: the block's corners in an equal-area projection (Lambert azimuthal, on the block)
+    a, _, c, _, e, f = lonlat
+    corners = box(c + 10 * a, f + 70 * e, c + 60 * a, f + 20 * e)
+    laea = pyproj.Transformer.from_crs("EPSG:4326", "+proj=laea +lat_0=45.955 +lon_0=14.035 +datum=WGS84", always_xy=True)
+    dense = shapely.segmentize(corners, 0.0001)  # edges that follow the projection's curvature
+    equal_area = shapely.transform(dense, lambda xy: np.column_stack(laea.transform(xy[:, 0], xy[:, 1]))).area
+    assert block["area"].iloc[0] == pytest.approx(equal_area, rel=1e-4)  # square metres, not degrees squared
+    assert 2.1e7 < block["area"].iloc[0] < 2.2e7  # 50 x 50 pixels of about 77 m x 111 m at 46 N
+
+    assert main(["export", run, "--to", str(tmp_path / "simple"), "--format", "geoparquet", "--simplify", "0.002"]) == 0
+    simple = gpd.read_parquet(tmp_path / "simple" / "geo.parquet")
+    assert list(simple["area"]) == list(frame["area"])  # the areas stay the pixels'
+    assert shapely.get_num_coordinates(simple.geometry.values).sum() <= shapely.get_num_coordinates(frame.geometry.values).sum()
+    assert all(s.is_valid for s in simple.geometry)
+    assert main(["export", run, "--to", str(tmp_path / "x"), "--format", "cog", "--simplify", "1"]) == 2
+    assert "--simplify" in capsys.readouterr().err and not (tmp_path / "x").exists()

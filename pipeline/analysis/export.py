@@ -81,10 +81,20 @@ class ExportResult:
     names: set[str] = field(default_factory=set, repr=False)  # the per-image file names taken
 
 
-def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | None = None, max_pixels: int = PNG_MAX_PIXELS) -> ExportResult:
-    """Export run `run_uri` to `out_uri` as `fmt` (see the module's docstring)."""
+def export_run(
+    run_uri: str,
+    out_uri: str,
+    fmt: str,
+    storage_options: dict | None = None,
+    max_pixels: int = PNG_MAX_PIXELS,
+    simplify: float | None = None,
+) -> ExportResult:
+    """Export run `run_uri` to `out_uri` as `fmt` (see the module's docstring). `simplify`: the
+    polygon formats' tolerance in map units (Douglas-Peucker, topology kept; None: the pixels' edges)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
+    if simplify is not None and (fmt not in POLYGON_FORMATS or not simplify >= 0):
+        raise ExportError(f"--simplify is a tolerance of 0 or more in map units, for {' | '.join(POLYGON_FORMATS)} only")
     if fmt == "tiff":  # before anything is written: a missing package is one line, no empty folder
         require("tifffile", "tiff", "--format tiff")
     if fmt in GEO_FORMATS or fmt in POLYGON_FORMATS:
@@ -100,7 +110,7 @@ def export_run(run_uri: str, out_uri: str, fmt: str, storage_options: dict | Non
     elif fmt in GEO_FORMATS:
         export_geotiff(run, dest, result, cog=fmt == "cog")
     elif fmt in POLYGON_FORMATS:
-        export_polygons(run, dest, result, fmt)
+        export_polygons(run, dest, result, fmt, simplify)
     elif fmt == "qupath":
         export_qupath(run, dest, result)
     else:
@@ -524,12 +534,14 @@ def mask_polygons(image: ImageMask, transform: list[float]) -> Iterator[tuple[in
             yield class_id, shapely.affinity.affine_transform(polygon, [a, b, d, e, c, f])
 
 
-def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str) -> None:
+def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str, simplify: float | None = None) -> None:
     """Per raster, one file (`output_name(image_id, suffix)`) of polygons (`mask_polygons`) with
-    `image_id`, `class_id`, `class_name`, `area` (in the CRS's units squared; square metres for a
-    projected CRS in metres): geoparquet (GeoParquet 1.1, WKB, its `geo` metadata with the CRS as
-    PROJJSON: geopandas and DuckDB read it as geometry), gpkg (GeoPackage through pyogrio), geojson
-    (RFC 7946: lon/lat in EPSG:4326, the area still the raster CRS's). Rasters without a CRS are skipped."""
+    `image_id`, `class_id`, `class_name`, `area` (`polygon_areas`: the CRS's units squared for a
+    projected CRS, square metres on its ellipsoid for a geographic one; of the pixels, before any
+    simplification): geoparquet (GeoParquet 1.1, WKB, its `geo` metadata with the CRS as PROJJSON:
+    geopandas and DuckDB read it as geometry), gpkg (GeoPackage through pyogrio), geojson (RFC 7946:
+    lon/lat in EPSG:4326). `simplify`: each polygon simplified with that tolerance in map units,
+    topology kept. Rasters without a CRS are skipped."""
     georefs = image_georefs(run.store)
     for image in image_masks(run.store):
         crs, transform = georefs.get(image.image_id, (None, None))
@@ -539,21 +551,46 @@ def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str)
         found = list(mask_polygons(image, transform))
         name = _unique_name(image.image_id, POLYGON_FORMATS[fmt], result)
         dest.write_with(
-            name, lambda path, image=image, crs=crs, found=found: write_polygons(path, fmt, image.image_id, found, crs, run.class_names)
+            name,
+            lambda path, image=image, crs=crs, found=found: write_polygons(
+                path, fmt, image.image_id, found, crs, run.class_names, simplify
+            ),
         )
         result.written.append(name)
 
 
-def write_polygons(path: str, fmt: str, image_id: str, found: list[tuple[int, Any]], crs: str, class_names: list[str]) -> None:
+def polygon_areas(geometries: list, crs) -> list[float]:
+    """Each polygon's area: in the CRS's units squared where it is projected, in square metres on the
+    CRS's ellipsoid (pyproj.Geod) where it is geographic (degrees squared would mean nothing)."""
+    if not crs.is_geographic:
+        return [float(polygon.area) for polygon in geometries]
+    import pyproj
+
+    ellipsoid = crs.ellipsoid
+    geod = pyproj.Geod(a=ellipsoid.semi_major_metre, rf=ellipsoid.inverse_flattening) if ellipsoid else pyproj.Geod(ellps="WGS84")
+    return [abs(geod.geometry_area_perimeter(polygon)[0]) for polygon in geometries]
+
+
+def write_polygons(
+    path: str,
+    fmt: str,
+    image_id: str,
+    found: list[tuple[int, Any]],
+    crs: str,
+    class_names: list[str],
+    simplify: float | None = None,
+) -> None:
     import pyproj
     import shapely
     import shapely.geometry
 
+    source = pyproj.CRS.from_user_input(crs)
     geometries = [polygon for _, polygon in found]
     class_ids = [class_id for class_id, _ in found]
     names = [class_names[k] if k < len(class_names) else str(k) for k in class_ids]
-    areas = [float(polygon.area) for polygon in geometries]
-    source = pyproj.CRS.from_user_input(crs)
+    areas = polygon_areas(geometries, source)  # of the pixels: simplifying changes the outline, not the area
+    if simplify:
+        geometries = [polygon.simplify(simplify, preserve_topology=True) for polygon in geometries]
     if fmt == "geojson":
         to_lonlat = pyproj.Transformer.from_crs(source, "EPSG:4326", always_xy=True)
         features = [
