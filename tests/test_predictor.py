@@ -558,7 +558,9 @@ def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports
     assert max(calls[2:]) == 2
     assert ray.get(monitor.lowered_batch_sizes.remote(), timeout=30) == {"48x48": 2}
     ray.kill(monitor)
-    whole, _ = predictor_out_of_memory(load_config({**cfg.model_dump(), "inference": {"mode": "whole"}}), most_pixels=64 * 64)
+    whole, _ = predictor_out_of_memory(
+        load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"mode": "whole"})), most_pixels=64 * 64
+    )
     rows = [Prediction.from_batch(whole(batch), i) for i in range(3)]
     assert [bool(r.error) for r in rows] == [True, True, False] and "OutOfMemoryError" in rows[0].error
 
