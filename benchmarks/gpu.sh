@@ -8,10 +8,13 @@
 # transformers' with the same weights; SETR and Segmenter against our reference decoder / eager),
 # batch 8 at 512x512, in fp32, bf16 and fp16 (autocast, as the pipeline runs them), eager and, in
 # bf16, through torch.compile (compile time in the cell); the achieved TFLOP/s of SegFormer-B2 and
-# Mask2Former (torch.utils.flop_counter) next to a timed 8192^3 matmul of each dtype; and the
+# Mask2Former (torch.utils.flop_counter) next to a timed 8192^3 matmul of each dtype; the
 # pipeline against the bare loop (benchmarks/pipeline_throughput.py on synthetic images, the GPU
-# actor against a plain loop on the GPU, wall and steady rates). The table is rewritten after every
-# model, so a run cut short keeps its rows.
+# actor against a plain loop on the GPU, wall and steady rates, and the share of the actor's time
+# its forward ran), at CamVid's size and at Cityscapes' (synthetic 1024 x 2048, SegFormer-B2, 19
+# classes; not in --cpu, whose one pipeline run gives the busy share); and the stitcher on the
+# device against on the CPU (benchmarks/stitch_device.py; --cpu: the same code with both on the CPU).
+# The table is rewritten after every model, so a run cut short keeps its rows.
 # Python: $PYTHON, else .venv/bin/python where there is one, else python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +24,7 @@ out=benchmarks/gpu-results.md
 for arg in "$@"; do
     case "$arg" in
         --cpu) cpu=1 ;;
-        -h | --help) sed -n '2,15p' "$0" && exit 0 ;;
+        -h | --help) sed -n '2,18p' "$0" && exit 0 ;;
         *) out=$arg ;;
     esac
 done
@@ -35,10 +38,15 @@ if [ "$cpu" = 1 ]; then
     args=(--device cpu --threads 1 --tiny --batches 1 --warmup 1 --repeats 1 --compile --compile-backend aot_eager --compile-models segformer-b0)
     title="segpipe models: gpu.sh --cpu (tiny models on CPU: checks the table, measures nothing)"
     pipeline=(--device cpu --synthetic 2 --precisions fp32 --no-fixed-cost)
+    cityscapes=()
+    stitch=(--device cpu --size 256x512 --window 128 --stride 96 --threads 1 --repeats 1)
 else
     args=(--device cuda --threads 0 --sizes 512 --batches 8 --warmup 2 --repeats 5 --compile --compile-dtypes bf16
         --compile-models segformer-b2 maskformer-swin-tiny mask2former-swin-tiny setr-naive-vit-base segmenter-mask-vit-base)
     pipeline=(--device cuda --synthetic 300 --batch 8 --precisions fp32 bf16 fp16)
+    cityscapes=(--device cuda --synthetic 100 --size 1024x2048 --classes 19 --model segformer-b2 --window 1024 --stride 768
+        --batch 2 --precisions fp32 bf16 --no-fixed-cost)
+    stitch=(--device cuda --size 1024x2048 --classes 19 --window 1024 --stride 768)
     title="segpipe models on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo 'a CUDA GPU')"
 fi
 
@@ -46,4 +54,9 @@ fi
 
 # the pipeline against the bare loop on the GPU: one more row of the same table (a local Ray of its own)
 RAY_ADDRESS=local "$python" benchmarks/pipeline_throughput.py "${pipeline[@]}" --markdown "$out"
+if [ "${#cityscapes[@]}" -gt 0 ]; then # at Cityscapes' size: one more row
+    RAY_ADDRESS=local "$python" benchmarks/pipeline_throughput.py "${cityscapes[@]}" --markdown "$out"
+fi
+# the stitcher on the device against on the CPU
+"$python" benchmarks/stitch_device.py "${stitch[@]}" --markdown "$out"
 echo "wrote $out"

@@ -98,6 +98,7 @@ def _run_monitor_class():
             self.stages = dict.fromkeys(STAGES, 0.0)
             self.batch_sizes: dict[str, int] = {}
             self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": []}
+            self.call_seconds = 0.0  # the predictor actors' calls, wall time summed (StageClock.call_seconds)
 
         def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
             """Windows per forward an actor came down to (out of memory), by window size: the least of any actor."""
@@ -110,9 +111,18 @@ def _run_monitor_class():
         def add_store_stats(self, stats: dict) -> None:
             self.total.add(StoreStats(**stats))
 
-        def add_stage_seconds(self, seconds: dict) -> None:
+        def add_stage_seconds(self, seconds: dict, call_seconds: float = 0.0) -> None:
             for stage, value in seconds.items():
                 self.stages[stage] = self.stages.get(stage, 0.0) + value
+            self.call_seconds += call_seconds
+
+        def forward_busy(self) -> dict:
+            """The predictor actors' calls: their wall seconds summed, and the share of them the forward ran."""
+            share = self.stages["forward"] / self.call_seconds if self.call_seconds else None
+            return {
+                "call_seconds": round(self.call_seconds, 3),
+                "forward_busy_share": None if share is None else float(f"{min(share, 1.0):.3g}"),
+            }
 
         def stage_seconds(self) -> dict:
             return {stage: round(value, 3) for stage, value in self.stages.items()}
@@ -731,8 +741,9 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
     actor_plan = size_actors(cfg, nodes)
     if actor_plan.note:
         progress(f"resources: {actor_plan.note}")
-    # the pool as planned, and the batch sizes its actors came down to where they ran out of memory
-    result.actors = {**vars(actor_plan), "lowered_batch_sizes": {}}
+    # the pool as planned, the batch sizes its actors came down to where they ran out of memory, and
+    # (at the end) the seconds of their calls and the share of them the forward ran
+    result.actors = {**vars(actor_plan), "lowered_batch_sizes": {}, "call_seconds": None, "forward_busy_share": None}
     job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
@@ -781,6 +792,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
             result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
             result.slides = ray.get(monitor.slides.remote(), timeout=10)
+            result.actors.update(ray.get(monitor.forward_busy.remote(), timeout=10))
             ray.kill(monitor)
         except Exception as exc:  # the record goes without what the monitor held, and says so in the log
             log.warning("the run monitor did not answer: %r", exc)

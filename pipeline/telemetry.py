@@ -51,13 +51,20 @@ class StageClock:
     predictor, the writer) and sent to the run monitor, which sums them for run.json's `stages`:
     read (store), decode, transfer (windows to the model's device and scores back: nothing on a
     CPU), forward (the model), stitch (windows in and out, the blend, the objects'
-    post-processing), encode (PNG chunks, class areas), write (Parquet parts)."""
+    post-processing), encode (PNG chunks, class areas), write (Parquet parts). A pipelined predictor
+    encodes on a thread of its own while the model runs: its stages then sum to more than its
+    `call_seconds` (the wall time of its calls), and forward / call_seconds is how busy the model was."""
 
     def __init__(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.call_seconds = 0.0
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] += seconds
+
+    def add_call(self, seconds: float) -> None:
+        """The wall time of one call of the predictor actor."""
+        self.call_seconds += seconds
 
     def model_seconds(self) -> float:
         """transfer + forward so far: what a generator that runs the model adds to the stage it is drained in."""
@@ -65,6 +72,7 @@ class StageClock:
 
     def send(self, monitor) -> None:
         """Fire and forget to the run monitor (pipeline.plan's RunMonitor), then start again."""
-        if monitor is not None and any(self.seconds.values()):
-            monitor.add_stage_seconds.remote(dict(self.seconds))
+        if monitor is not None and (any(self.seconds.values()) or self.call_seconds):
+            monitor.add_stage_seconds.remote(dict(self.seconds), self.call_seconds)
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.call_seconds = 0.0

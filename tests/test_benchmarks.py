@@ -19,7 +19,7 @@ def _table(path: Path) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_path):
+def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype_the_busy_share_and_the_stitchers(tmp_path):
     out = tmp_path / "results.md"
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--cpu", str(out)],
@@ -51,6 +51,13 @@ def test_gpu_script_in_cpu_mode_writes_a_row_per_family_with_every_dtype(tmp_pat
     pipeline = [row for row in rows if row[0] == "pipeline"]
     assert len(pipeline) == 1 and "segpipe run / bare loop (cpu" in pipeline[0][4], pipeline
     assert "plain " in pipeline[0][5] and "img/s wall = " in pipeline[0][5] and "steady " in pipeline[0][5], pipeline[0][5]
+    # the share of the model actor's calls its forward ran (run.json's actors.forward_busy_share), a percentage
+    busy = pipeline[0][5].split("forward busy ")[1]
+    assert busy.endswith("%") and 0 < int(busy[:-1]) <= 100, pipeline[0][5]
+    # the stitcher on the device against on the CPU: in --cpu, the same code with both on the CPU, bit-exact
+    [stitch] = [row for row in rows if row[0] == "stitch"]
+    assert stitch[4].startswith("stitcher on cpu / on cpu") and " ms an image = " in stitch[5], stitch
+    assert stitch[5].endswith("labels differ 0 px"), stitch
 
 
 def test_model_speed_onnx_rows_run_ours_through_onnx_runtime_beside_eager(tmp_path):

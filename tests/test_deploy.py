@@ -1,7 +1,7 @@
 """deploy/kuberay: the KubeRay manifests of the scheduled job (a RayJob, and a RayCronJob for the
 nightly run) parse, use the CRD fields we rely on with the CRD's types, run `segpipe run <config>
---incremental` on a config that is mounted from a ConfigMap and validates offline, size the Ray
-cluster for the config's actors, and take S3 credentials only from a Secret."""
+--incremental` on a config that is mounted from a ConfigMap and validates offline, autoscale a GPU
+group from zero up to the config's actors, and take S3 credentials only from a Secret."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ RAYJOB_SPEC_FIELDS = [
     ("activeDeadlineSeconds", int),
     ("rayClusterSpec.rayVersion", str),
     ("rayClusterSpec.enableInTreeAutoscaling", bool),
+    ("rayClusterSpec.autoscalerOptions.upscalingMode", str),
+    ("rayClusterSpec.autoscalerOptions.idleTimeoutSeconds", int),
+    ("rayClusterSpec.autoscalerOptions.resources.requests", dict),
+    ("rayClusterSpec.autoscalerOptions.resources.limits", dict),
     ("rayClusterSpec.headGroupSpec.rayStartParams", dict),
     ("rayClusterSpec.headGroupSpec.template.spec.containers", list),
     ("rayClusterSpec.headGroupSpec.template.spec.containers[].name", str),
@@ -66,6 +70,8 @@ RAYJOB_SPEC_FIELDS = [
 # The RayCronJob's own fields: ray-operator/config/crd/bases/ray.io_raycronjobs.yaml and
 # ray-operator/apis/ray/v1/raycronjob_types.go at v1.7.0 (spec.jobTemplate is a RayJobSpec).
 RAYCRONJOB_SPEC_FIELDS = [("schedule", str), ("jobTemplate", dict)]
+# autoscalerOptions.upscalingMode: the CRD's enum (raycluster_types.go UpscalingMode, v1.6.0 to v1.7.0)
+UPSCALING_MODES = ("Default", "Aggressive", "Conservative")
 # ValidateRayJobMetadata / ValidateRayCronJobSpec (ray-operator/controllers/ray/utils/validation.go,
 # constant.go at v1.7.0): names are DNS-1035 labels of at most 47 (RayJob) and 36 (RayCronJob) characters.
 MAX_NAME = {"RayJob": 47, "RayCronJob": 36}
@@ -219,25 +225,36 @@ def test_the_entrypoint_config_validates_offline_with_its_overrides_and_names_th
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
-def test_the_gpu_worker_group_holds_every_actor_and_leaves_cpus_to_read_and_write_tasks(name):
+def test_the_autoscaler_starts_the_gpu_workers_from_zero_up_to_every_actor_leaving_cpus_to_tasks(name):
+    """The autoscaler is on, conservative; the GPU group starts at zero Pods (segpipe asks for GPUs
+    and waits resources.wait_for_gpus_s) and its largest size holds the pool's largest, each Pod
+    keeping a CPU beyond its actors' for the read and write tasks."""
     spec = rayjob_spec(name)
     _, key = mounted_config(spec)
     res = load_config(DEPLOY / key).resources
     assert res.gpus_per_actor > 0 and res.cpus_per_actor
+    assert res.wait_for_gpus_s >= 600  # a GPU node from zero, and the image's pull, take minutes
     cluster = spec["rayClusterSpec"]
-    assert cluster["enableInTreeAutoscaling"] is False
+    assert cluster["enableInTreeAutoscaling"] is True
+    options = cluster["autoscalerOptions"]
+    assert options["upscalingMode"] == "Conservative" and options["upscalingMode"] in UPSCALING_MODES
+    assert options["idleTimeoutSeconds"] >= 60
     assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0"  # strings: rayStartParams is map[string]string
-    actors = 0
+    most_actors, gpu_groups = 0, 0
     for group in cluster["workerGroupSpecs"]:
-        assert group["minReplicas"] == group["replicas"] == group["maxReplicas"]
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
         resources = group["template"]["spec"]["containers"][0]["resources"]
         gpus = resources["limits"].get("nvidia.com/gpu", 0)
         assert resources["requests"].get("nvidia.com/gpu", gpus) == gpus  # extended resources: requests == limits
+        # the autoscaler reads a group's Ray resources from the container's limits: no Ray resource overrides
+        assert "resources" not in group and not any(k.startswith("ray.io/") for k in resources["limits"])
         per_pod = int(gpus // res.gpus_per_actor)
         if per_pod:
+            gpu_groups += 1
+            assert group["minReplicas"] == group.get("replicas", 0) == 0, "the GPU group starts from zero"
             assert quantity(resources["limits"]["cpu"]) >= per_pod * res.cpus_per_actor + 1
-        actors += per_pod * group["replicas"]
-    assert actors >= res.actors
+        most_actors += per_pod * group["maxReplicas"]
+    assert gpu_groups and most_actors >= res.max_actors
 
 
 @pytest.mark.parametrize("name", MANIFESTS)

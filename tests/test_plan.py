@@ -198,6 +198,12 @@ def test_run_writes_masks_metrics_and_summary_and_a_rerun_writes_only_what_is_mi
     ]
     actors = info["attempts"][0]["actors"]  # the pool as planned; no actor ran out of memory
     assert actors["actors"] == 1 and actors["min_actors"] is None and actors["lowered_batch_sizes"] == {}
+    # the seconds of the predictor's calls, and the share of them its forward ran (the pipelined
+    # actor encodes while the model runs: its stages sum to more than its calls)
+    assert 0 < actors["call_seconds"] <= info["attempts"][0]["seconds"], actors
+    assert 0 < actors["forward_busy_share"] <= 1 and actors["forward_busy_share"] == pytest.approx(
+        stages["forward"] / actors["call_seconds"], rel=0.02, abs=5e-3
+    ), actors
 
     # resume: the same run_id again writes nothing new and counts every image once
     parts = sorted(p.name for p in (run / "masks").iterdir())

@@ -558,7 +558,9 @@ def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports
     assert max(calls[2:]) == 2
     assert ray.get(monitor.lowered_batch_sizes.remote(), timeout=30) == {"48x48": 2}
     ray.kill(monitor)
-    whole, _ = predictor_out_of_memory(load_config({**cfg.model_dump(), "inference": {"mode": "whole"}}), most_pixels=64 * 64)
+    whole, _ = predictor_out_of_memory(
+        load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"mode": "whole"})), most_pixels=64 * 64
+    )
     rows = [Prediction.from_batch(whole(batch), i) for i in range(3)]
     assert [bool(r.error) for r in rows] == [True, True, False] and "OutOfMemoryError" in rows[0].error
 
@@ -581,3 +583,49 @@ def test_the_onnxruntime_backend_gives_the_torch_backends_masks_through_the_acto
         masks[backend] = [decode_png(Prediction.from_batch(out, i).chunks[0].mask) for i in range(len(images))]
     assert all(np.array_equal(a, b) for a, b in zip(masks["torch"], masks["onnxruntime"]))
     assert not [r for r in caplog.records if r.name == "models.onnx_backend"]  # ONNX Runtime ran: no fallback
+
+
+def test_the_pipelined_actor_gives_the_serial_actors_masks_areas_and_errors_in_order(tmp_path, checkpoint):
+    """The predictor (as a plain class), pipelined (the next batch of windows gathered on one thread
+    while the forward runs, each stitched image encoded on another) and serial, over images of
+    several sizes whose windows share batches: byte-identical PNG chunks, equal class areas, the rows
+    in the same order; an image whose encoding raises (a label of another size) is an errors row in
+    both, its neighbours unharmed. The encoding ran on the encoder's thread (the serial actor's: its own)."""
+    import threading
+
+    from pipeline.config import load_config
+    from pipeline.predict.predictor import Predictor
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    rng = np.random.default_rng(3)
+    crops = [RGB[:70, :90], RGB[100:160, 200:300], RGB[200:240, :50], RGB[:33, 400:]]
+    labels = [rng.integers(0, 3, c.shape[:2]).astype(np.uint8) for c in crops]
+    labels[2] = labels[2][:-1]  # one row short: class areas cannot be counted against it
+    images = [
+        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), label=label, height=c.shape[0], width=c.shape[1])
+        for i, (c, label) in enumerate(zip(crops, labels))
+    ]
+    batch = to_columns([image.to_record() for image in images])
+    cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [32, 32], "stride": [24, 24], "batch_size": 5}))
+    rows = {}
+    for pipelined in (False, True):
+        predictor = Predictor(cfg, pipelined=pipelined)
+        threads: list[str] = []
+
+        def encode(*args, threads=threads, encode=predictor._encode):
+            threads.append(threading.current_thread().name)
+            return encode(*args)
+
+        predictor._encode = encode
+        out = predictor(batch)
+        rows[pipelined] = [Prediction.from_batch(out, i) for i in range(len(images))]
+        assert set(threads) == {"segpipe-encode_0" if pipelined else threading.current_thread().name}, threads
+    for serial, pipelined in zip(rows[False], rows[True]):
+        assert pipelined.image_id == serial.image_id and pipelined.error == serial.error
+        assert [c.mask for c in pipelined.chunks] == [c.mask for c in serial.chunks]
+        if serial.areas is not None:
+            for name in ("intersection", "union", "pred_area", "label_area"):
+                assert np.array_equal(getattr(pipelined.areas, name), getattr(serial.areas, name))
+    assert [r.image_id for r in rows[True]] == [f"{i}.png" for i in range(4)]
+    assert [bool(r.error) for r in rows[True]] == [False, False, True, False] and rows[True][2].stage == "encode"
+    assert all(r.areas is not None for i, r in enumerate(rows[True]) if i != 2)

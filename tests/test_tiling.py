@@ -30,6 +30,7 @@ from pipeline.predict.tiling import (
     read_padded,
     segment_images,
     segment_streaming,
+    segmentations,
     stitch_windows,
     to_pixels,
     window_starts,
@@ -352,6 +353,41 @@ def test_segment_images_slide_matches_plain_reference(blend):
         expected = reference_slide_labels(score_fn, image, settings).argmax(0).numpy()
         np.testing.assert_array_equal(result.labels, expected)
         assert len(np.unique(result.labels)) > 1  # the test image is not trivially one class
+
+
+def test_segmentations_yield_each_image_once_stitched_with_the_next_batch_gathered_on_a_thread():
+    """`segmentations` (the predictor actor's call): each image as soon as its rows are stitched, in
+    order, equal to segment_images'; with a gather executor every batch after the first is read on
+    its thread while score_fn runs in this one, the batches those of segment_images."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = conv_score_fn(num_classes=5)
+    images = [random_image(70, 90, 0), random_image(20, 100, 1), random_image(33, 33, 2)]
+    settings = TilingSettings(window=(32, 48), stride=(20, 30), batch_size=3)
+    calls, readers = [], set()
+
+    def score_fn(windows):
+        calls.append(len(windows))
+        return net(windows)
+
+    expected = segment_images(score_fn, images, settings)
+    serial_calls, calls[:] = list(calls), []
+    with ThreadPoolExecutor(1, thread_name_prefix="gather") as gather:
+        seen = []
+        for index, result in segmentations(score_fn, images, settings, gather=gather):
+            seen.append((index, len(calls)))
+            np.testing.assert_array_equal(result.labels, expected[index].labels)
+    assert [index for index, _ in seen] == [0, 1, 2]
+    assert seen[0][1] < len(serial_calls)  # the first image came out before the last batch ran
+    assert calls == serial_calls and sum(calls) == sum(len(plan_windows(*i.shape[:2], (32, 48), (20, 30)).windows) for i in images)
+    # the windows read on the gather thread: every batch's after the first
+    plan = plan_windows(70, 90, (32, 48), (20, 30))
+    read = lambda y, x, h, w: readers.add(threading.current_thread().name) or images[0][y : y + h, x : x + w]
+    job = tiling._ImageJob(plan, read, StreamingStitcher(plan))
+    with ThreadPoolExecutor(1, thread_name_prefix="gather") as gather:
+        list(tiling._run_windows(score_fn, [job], (32, 48), BatchSizes(3), gather))
+    assert readers == {threading.current_thread().name, "gather_0"}
 
 
 def test_whole_mode_scores_the_image_once_and_resizes_the_scores_to_it():

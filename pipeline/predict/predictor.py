@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,17 @@ from pipeline.predict.job_model import check_task, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
 from pipeline.predict.slides import segment_slide
-from pipeline.predict.tiling import BatchSizes, TilingSettings, label_dtype, model_inputs, segment_images, segment_streaming, with_tta
+from pipeline.predict.tiling import (
+    BatchSizes,
+    Segmentation,
+    TilingSettings,
+    label_dtype,
+    model_inputs,
+    segment_images,
+    segment_streaming,
+    segmentations,
+    with_tta,
+)
 from pipeline.redaction import scrub
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
@@ -209,13 +220,20 @@ def finish_image(
 class Predictor:
     """Ray actor: constructed once per actor, called once per batch of decoded images.
 
-    Decoded images are segmented together (`segment_images` batches windows across them); an image
+    Decoded images are segmented together (`segmentations` batches windows across them); an image
     to stream (a TIFF too large to decode, see pipeline.io.tiff) is read window by window from its store
     and segmented alone. Every image's mask leaves as a list of chunks (one for images up to
     `chunk_size` on both sides), all in its one Prediction, so that the writer commits an image whole.
+
+    Pipelined (`pipelined`, the default) for images held in memory: while a forward runs, the next
+    batch of windows is gathered on a thread of the actor's (into pinned memory for a CUDA device),
+    and each image, once stitched, is encoded (PNG chunks, class areas) on another, so that the
+    model does not wait on either; the same batches, in the same order, as the serial path, hence
+    the same masks and areas. The seconds the forward ran over the seconds of the actor's calls are
+    run.json's actors.forward_busy_share.
     """
 
-    def __init__(self, cfg: JobConfig, num_threads: int = 1, monitor=None) -> None:
+    def __init__(self, cfg: JobConfig, num_threads: int = 1, monitor=None, pipelined: bool = True) -> None:
         torch.set_num_threads(max(1, num_threads))
         self.heap_limited = False  # see limit_heap_growth: set at the first streamed image
         inference = cfg.inference
@@ -270,17 +288,27 @@ class Predictor:
         # actor's life; what it came down to goes to the run monitor (run.json's actors.lowered_batch_sizes)
         self.batch_sizes = BatchSizes(inference.batch_size)
         self.reported_sizes: dict[tuple[int, int], int] = {}
+        # one thread gathers the next batch of windows, one encodes finished images (PNG, class areas);
+        # None: both in the actor's thread, one after the other (the serial path)
+        self.gatherer = ThreadPoolExecutor(1, thread_name_prefix="segpipe-gather") if pipelined else None
+        self.encoder = ThreadPoolExecutor(1, thread_name_prefix="segpipe-encode") if pipelined else None
+        self.pin_memory = self.device.type == "cuda" and torch.cuda.is_available()
+        self.encoded_apart = 0.0  # encode seconds spent on the encoder's thread during this call
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.perf_counter()
         before = dict(self.clock.seconds)
+        self.encoded_apart = 0.0
         try:
             return self._predict_batch(batch, started)
         finally:
-            # what is neither the model nor the encoding: windows in and out, blending, post-processing
-            inside = sum(self.clock.seconds[k] - before[k] for k in ("transfer", "forward", "encode"))
-            self.clock.add("stitch", max(time.perf_counter() - started - inside, 0.0))
+            # what is neither the model nor the encoding in this thread: windows in and out, blending,
+            # post-processing (encoding on the encoder's thread overlaps the rest: not subtracted)
+            inside = sum(self.clock.seconds[k] - before[k] for k in ("transfer", "forward", "encode")) - self.encoded_apart
+            wall = time.perf_counter() - started
+            self.clock.add("stitch", max(wall - inside, 0.0))
+            self.clock.add_call(wall)
             self.clock.send(self.monitor)
             self._report_batch_sizes()
 
@@ -307,29 +335,57 @@ class Predictor:
         return to_columns([p.to_record() for p in out])
 
     def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
-        """The semantic task for the images at `in_memory` (held in memory), batched together, into `out`."""
+        """The semantic task for the images at `in_memory` (held in memory), batched together, into
+        `out`: each image encoded as soon as it is stitched (on the encoder's thread, pipelined)."""
+        encoding: dict[int, Future | tuple[Prediction, float]] = {}
+
+        def encode(i: int, seg: Segmentation) -> None:
+            if self.encoder is not None:
+                encoding[i] = self.encoder.submit(self._encode_held, images[i], out[i], seg)
+            else:
+                encoding[i] = self._encode_held(images[i], out[i], seg)
+
         try:
-            segs: list = segment_images(
-                self.score_fn, [images[i].image for i in in_memory], self.settings, self.batch_sizes, self.stitch_device
-            )
+            held = [images[i].image for i in in_memory]
+            for k, seg in segmentations(
+                self.score_fn, held, self.settings, self.batch_sizes, self.stitch_device, self.gatherer, self.pin_memory
+            ):
+                encode(in_memory[k], seg)
         except Exception:
             # one image may break the batch (out of memory at one window a batch, a bad pixel array):
-            # retry one at a time to isolate it
-            segs = []
+            # the images not segmented yet, one at a time, to isolate it
             for i in in_memory:
+                if i in encoding:
+                    continue
                 try:
-                    segs.extend(segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes, self.stitch_device))
+                    [seg] = segment_images(self.score_fn, [images[i].image], self.settings, self.batch_sizes, self.stitch_device)
                 except Exception as exc:
-                    segs.append(exc)
-        for i, seg in zip(in_memory, segs):
-            if isinstance(seg, Exception):
-                out[i] = out[i].failed("predict", f"{type(seg).__name__}: {seg}")
-                continue
-            label = images[i].label
-            label_rows = (lambda y, n, label=label: label[y : y + n]) if label is not None else None
-            out[i] = self._guard(out[i], "encode", self._finish, out[i], iter([(0, seg.labels, seg.probability)]), label_rows)
-            if self.cod and label is not None and not out[i].error:
-                out[i] = self._guard(out[i], "metrics", self._cod_stats, out[i], seg.probability, label)
+                    out[i] = out[i].failed("predict", f"{type(exc).__name__}: {exc}")
+                    continue
+                encode(i, seg)
+        waited = time.perf_counter()
+        for i, done in encoding.items():
+            try:
+                out[i], seconds = done.result() if isinstance(done, Future) else done
+            except Exception as exc:  # _encode_held guards its work: this is the thread itself failing
+                out[i], seconds = out[i].failed("encode", f"{type(exc).__name__}: {exc}"), 0.0
+            self.clock.add("encode", seconds)
+            if isinstance(done, Future):
+                self.encoded_apart += seconds
+        if self.encoder is not None:  # the wait for the encoder's last images is this thread's encoding
+            self.encoded_apart -= time.perf_counter() - waited
+
+    def _encode_held(self, image: DecodedImage, row: Prediction, seg: Segmentation) -> tuple[Prediction, float]:
+        """One image held in memory, stitched: its PNG chunks, class areas and camouflaged-object
+        stats (any failure: its errors row), and the seconds they took. Runs on the encoder's thread
+        (pipelined): it touches nothing of the actor's but the row it returns."""
+        started = time.perf_counter()
+        label = image.label
+        label_rows = (lambda y, n: label[y : y + n]) if label is not None else None
+        row = self._guard(row, "encode", self._encode, row, iter([(0, seg.labels, seg.probability)]), label_rows)
+        if self.cod and label is not None and not row.error:
+            row = self._guard(row, "metrics", self._cod_stats, row, seg.probability, label)
+        return row, time.perf_counter() - started
 
     def _record_metrics(self, images: list[DecodedImage], out: list[Prediction], seconds: float) -> None:
         real = [(image, p) for image, p in zip(images, out) if not image.is_unit_end]
@@ -340,7 +396,17 @@ class Predictor:
     def _finish(
         self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None
     ) -> Prediction:
+        """`_encode` in the actor's thread, its seconds counted as encode."""
         started, model = time.perf_counter(), self.clock.model_seconds()
+        row = self._encode(row, bands, label_rows, on_rows)
+        # bands may come from a generator that runs the model (streamed images, the instance task)
+        self.clock.add("encode", time.perf_counter() - started - (self.clock.model_seconds() - model))
+        return row
+
+    def _encode(
+        self, row: Prediction, bands: Iterator[Band], label_rows: LabelRows | None, on_rows: Callable[[int, int], None] | None = None
+    ) -> Prediction:
+        """The bands of one image into its PNG chunks and class areas (`finish_image`)."""
         chunks, areas = finish_image(
             bands,
             row.height,
@@ -353,8 +419,6 @@ class Predictor:
             on_rows=on_rows,
         )
         row.chunks, row.areas = chunks, areas
-        # bands may come from a generator that runs the model (streamed images, the instance task)
-        self.clock.add("encode", time.perf_counter() - started - (self.clock.model_seconds() - model))
         return row
 
     def _cod_stats(self, row: Prediction, probability: np.ndarray, label: np.ndarray) -> Prediction:

@@ -6,7 +6,8 @@ Read top to bottom:
   blending weights        `importance_map` (mean: ones; gaussian: MONAI's map)
   stitchers               `stitch_windows` (reference, whole image in memory) and
                           `StreamingStitcher` (a band of rows; what the pipeline uses)
-  entry points            `segment_images` (in-memory images, the predictor actor's call) and
+  entry points            `segment_images` (in-memory images; `segmentations`: one at a time as
+                          each is done, the predictor actor's call) and
                           `segment_streaming` (huge images read window by window, yields row bands),
                           their batches halved where the device runs out of memory (`BatchSizes`)
   test-time augmentation  `TTAScoreFn`: a score_fn that averages flipped and rescaled views
@@ -72,6 +73,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -876,11 +878,12 @@ def with_tta(score_fn: ScoreFn, flip: bool = False, scales: Iterable[float] = (1
 # --------------------------------------------------------------------------- entry points
 
 
-def to_pixels(windows: list[np.ndarray]) -> torch.Tensor:
+def to_pixels(windows: list[np.ndarray], pin_memory: bool = False) -> torch.Tensor:
     """h x w x C arrays (uint8, or float32 for rasters scaled by mean and std) -> N x C x h x w
-    float32 on the 0-255 scale (C: 3, or a raster's bands)."""
+    float32 on the 0-255 scale (C: 3, or a raster's bands). `pin_memory`: in pinned host memory,
+    whose copy to a CUDA device does not block the host."""
     # each window converted and transposed straight into the batch: no stacked or channels-last copy
-    pixels = torch.empty(len(windows), windows[0].shape[2], *windows[0].shape[:2])
+    pixels = torch.empty(len(windows), windows[0].shape[2], *windows[0].shape[:2], pin_memory=pin_memory)
     for target, window in zip(pixels, windows):
         window = window if min(window.strides) >= 0 else window.copy()  # torch takes no negative strides
         with warnings.catch_warnings():  # Ray's arrays are read-only: only read here, never written
@@ -969,19 +972,32 @@ class _ImageJob:
     skip_window: SkipWindow | None = None  # a raster's windows without valid data
 
 
-def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int, int], sizes: BatchSizes) -> Iterator[tuple[int, Band]]:
+def _run_windows(
+    score_fn: ScoreFn,
+    jobs: Iterable[_ImageJob],
+    window: tuple[int, int],
+    sizes: BatchSizes,
+    gather: Executor | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, Band]]:
     """Batch the windows (all of size `window`) of consecutive images through score_fn, in batches of
     sizes.of(window) (`score_within_memory`); yield (job index, band) as rows finish.
 
-    A batch may hold windows of several images; only the images whose windows are in flight have a
-    stitcher band allocated (`jobs` may be a lazy iterable). A window that its job's `skip_window`
-    refuses is not read and not scored: the stitcher is told to pass it (`StreamingStitcher.skip`),
-    in its place in the plan's order.
+    A batch may hold windows of several images; only the images whose windows are in flight (this
+    batch's and the next one's) have a stitcher band allocated (`jobs` may be a lazy iterable). A
+    window that its job's `skip_window` refuses is not read and not scored: the stitcher is told to
+    pass it (`StreamingStitcher.skip`), in its place in the plan's order. `gather` (an executor of
+    one thread): the next batch's windows are read into a tensor (pinned with `pin_memory`) there
+    while score_fn runs on this one; the same batches in the same order as without, so the same
+    results (a next batch gathered before this one ran out of memory is split by
+    `score_within_memory` at the lowered size).
     """
     windows = ((index, job, y0, x0) for index, job in enumerate(jobs) for (y0, x0) in job.plan.windows)
-    while True:
-        batch, skipped = [], []  # skipped: (position in the batch's order, index, job)
-        for index, job, y0, x0 in windows:
+
+    def next_batch() -> tuple[list, list]:
+        """The next batch's windows, and the windows skipped before them: (position in the batch's order, index, job)."""
+        batch, skipped = [], []
+        for index, job, y0, x0 in windows:  # the lazy jobs advance here, in this thread
             if job.skip_window is not None and job.skip_window(*_inside_box(job.plan, y0, x0)):
                 skipped.append((len(batch), index, job))
                 if len(skipped) == SKIPPED_PER_BATCH:  # a vast no-data area: pass them on, bands keep coming
@@ -990,12 +1006,18 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int
             batch.append((index, job, y0, x0))
             if len(batch) == sizes.of(window):
                 break
-        if not batch and not skipped:
-            return
-        scores = []
-        if batch:
-            pixels = to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch])
-            scores = list(score_within_memory(score_fn, pixels, window, sizes))
+        return batch, skipped
+
+    def gathered(batch: list) -> torch.Tensor:
+        return to_pixels([read_padded(job.read_window, job.plan, y0, x0) for _, job, y0, x0 in batch], pin_memory)
+
+    batch, skipped = next_batch()
+    upcoming: Future | None = None
+    while batch or skipped:
+        pixels = (upcoming.result() if upcoming is not None else gathered(batch)) if batch else None
+        following = next_batch()
+        upcoming = gather.submit(gathered, following[0]) if gather is not None and following[0] else None
+        scores = list(score_within_memory(score_fn, pixels, window, sizes)) if batch else []
         waiting = iter(skipped)
         next_skip = next(waiting, None)
         for k in range(len(batch) + 1):
@@ -1008,6 +1030,7 @@ def _run_windows(score_fn: ScoreFn, jobs: Iterable[_ImageJob], window: tuple[int
                 index, job = batch[k][:2]
                 for band in job.stitcher.add(scores[k]):  # resized to the window by the stitcher
                     yield index, band
+        batch, skipped = following
 
 
 def _inside_box(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int]:
@@ -1016,10 +1039,14 @@ def _inside_box(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int]
 
 
 def _segment_whole(
-    score_fn: ScoreFn, image: np.ndarray, binary: Foreground | Confidence | None, device: torch.device | None = None
+    score_fn: ScoreFn,
+    image: np.ndarray,
+    binary: Foreground | Confidence | None,
+    device: torch.device | None = None,
+    pin_memory: bool = False,
 ) -> Segmentation:
     height, width = image.shape[:2]
-    scores = score_fn(to_pixels([image]))
+    scores = score_fn(to_pixels([image], pin_memory))
     if scores.ndim != 4 or scores.shape[0] != 1:
         raise ValueError(f"score_fn must return 1 x C x h x w for one image, got {tuple(scores.shape)}")
     if device is None:
@@ -1056,20 +1083,41 @@ def segment_images(
     `BatchSizes`) and stitches each image with a `StreamingStitcher`. `stitch_device`: resize, blend
     and reduce to labels there (the model's device, where score_fn leaves its scores); None: the CPU.
     """
+    results: list[Segmentation | None] = [None] * len(images)
+    for index, result in segmentations(score_fn, images, settings, batch_sizes, stitch_device):
+        results[index] = result
+    return results  # type: ignore[return-value]
+
+
+def segmentations(
+    score_fn: ScoreFn,
+    images: list[np.ndarray],
+    settings: TilingSettings,
+    batch_sizes: BatchSizes | None = None,
+    stitch_device: torch.device | None = None,
+    gather: Executor | None = None,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, Segmentation]]:
+    """`segment_images`, one image at a time as its last rows are stitched: (its index, its
+    segmentation), in the order of `images` (the predictor actor encodes each while the next run).
+    `gather`, `pin_memory`: the next batch of windows gathered while this one runs (`_run_windows`)."""
     for image in images:
         _check_image(image)
     if settings.mode == "whole":
-        return [_segment_whole(score_fn, image, settings.beside, stitch_device) for image in images]
+        for index, image in enumerate(images):
+            yield index, _segment_whole(score_fn, image, settings.beside, stitch_device, pin_memory)
+        return
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
         stitcher = StreamingStitcher(plan, settings.blend, settings.beside, device=stitch_device)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
-    results: list[Segmentation | None] = [None] * len(images)
+    results: dict[int, Segmentation] = {}
+    rows_left = [image.shape[0] for image in images]  # bands cover each row once
     sizes = batch_sizes or BatchSizes(settings.batch_size)
-    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.window, sizes):
-        result = results[index]
+    for index, band in _run_windows(score_fn, (job(image) for image in images), settings.window, sizes, gather, pin_memory):
+        result = results.get(index)
         if result is None:
             height, width = images[index].shape[:2]
             probability = np.empty((height, width), np.float32) if band.probability is not None else None
@@ -1078,8 +1126,10 @@ def segment_images(
         result.labels[rows] = band.labels
         if result.probability is not None:
             result.probability[rows] = band.probability
-    assert all(result is not None for result in results)
-    return results  # type: ignore[return-value]
+        rows_left[index] -= band.labels.shape[0]
+        if rows_left[index] == 0:
+            yield index, results.pop(index)
+    assert not results and not any(rows_left)
 
 
 def segment_streaming(
