@@ -687,13 +687,7 @@ class StreamingStitcher:
             wh, ww = window
             self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
             self._weight_sum[row : row + wh, x0 : x0 + ww] += self.weights
-        self._next += 1
-        # rows above the next window's top can no longer change
-        final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
-        if final_until <= self._band_top:
-            return []
-        band = self._emit(final_until)
-        return [] if band is None else [band]
+        return self._advance()
 
     def skip(self) -> list[Band]:
         """Pass the next window without scores (never run): it adds nothing, so pixels that only
@@ -701,6 +695,10 @@ class StreamingStitcher:
         if self.finished:
             raise RuntimeError("all windows of this image have been added already")
         self._skipped = True
+        return self._advance()
+
+    def _advance(self) -> list[Band]:
+        """On to the next window: the band (0 or 1) of the rows above its top, which can no longer change."""
         self._next += 1
         final_until = self.plan.padded_height if self.finished else self._windows[self._next][0]
         if final_until <= self._band_top:
