@@ -6,8 +6,8 @@ CPU stitcher), as the predictor actor runs them.
     python benchmarks/stitch_device.py --device cuda --size 1024x2048 --classes 19 --markdown out.md
     python benchmarks/stitch_device.py --device cpu --size 256x512    # the same code, both on the CPU
 
-The scores are a fixed smooth random field per window at output stride 4 (SegFormer's), made once
-on the device: no model runs, so what is timed is the stitch (and, for the CPU stitcher, the copy
+The scores are pipeline_throughput's null model's: a fixed smooth random field per window at output
+stride 4 (SegFormer's), made once on the device: no model runs, so what is timed is the stitch (and, for the CPU stitcher, the copy
 of the scores back). Prints milliseconds an image for each (median of --repeats), their ratio and
 the pixels whose labels differ (on a GPU: classes tied within float error; on the CPU: none, the
 device path is bit-exact there). `--markdown PATH` appends one row to gpu.sh's table.
@@ -23,30 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline_throughput import NullModel, size_arg  # its null model's scores: no model runs here either
+
 from pipeline.predict.tiling import TilingSettings, segment_images
-
-OUTPUT_STRIDE = 4
-
-
-def size_arg(text: str) -> tuple[int, int]:
-    """HxW (1024x2048) -> (1024, 2048)."""
-    try:
-        height, width = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a size is HxW, e.g. 1024x2048, not {text!r}") from None
-    return height, width
-
-
-def score_field(classes: int, window: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """1 x C x h/4 x w/4 smooth random scores (the same every call: made once)."""
-    generator = torch.Generator().manual_seed(0)
-    coarse = torch.randn(1, classes, max(1, window[0] // 64), max(1, window[1] // 64), generator=generator)
-    size = (window[0] // OUTPUT_STRIDE, window[1] // OUTPUT_STRIDE)
-    return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False).to(device)
 
 
 def timed(run, device: torch.device, repeats: int) -> tuple[float, list]:
@@ -88,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = TilingSettings(mode="slide", window=window, stride=stride, batch_size=args.batch)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(args.images)]
-    field = score_field(args.classes, window, device)
+    field = NullModel(args.classes)(torch.zeros(1, 3, *window, device=device))  # 1 x C x h/4 x w/4, made on the device
 
     def on_device(pixels: torch.Tensor) -> torch.Tensor:  # ModelScorer(keep_on_device=True): scores stay
         return field.expand(len(pixels), -1, -1, -1).clone()
