@@ -37,7 +37,7 @@ if [ "$cpu" = 1 ]; then
     # plumbing, not inductor: its C++ builds take minutes on a small CPU)
     args=(--device cpu --threads 1 --tiny --batches 1 --warmup 1 --repeats 1 --compile --compile-backend aot_eager --compile-models segformer-b0)
     title="segpipe models: gpu.sh --cpu (tiny models on CPU: checks the table, measures nothing)"
-    pipeline=(--device cpu --synthetic 2 --precisions fp32 --no-fixed-cost)
+    pipeline=(--device cpu --synthetic 2 --size 64x96 --window 64 --stride 48 --precisions fp32 --no-fixed-cost)
     cityscapes=()
     stitch=(--device cpu --size 256x512 --window 128 --stride 96 --threads 1 --repeats 1)
 else
