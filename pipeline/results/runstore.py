@@ -575,6 +575,8 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     if cfg.input.format == "raster":  # which bands and how they are scaled decide the masks
         identity["input.bands"] = cfg.input.bands
         identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
+    if cfg.input.format == "video":  # which frames are sampled decides the frame ids
+        identity["input.video"] = cfg.input.video.model_dump(mode="json")
     return identity
 
 
