@@ -73,13 +73,6 @@ def video_stem(key: str) -> str:
     return str(p.with_suffix("")) if p.suffix else key
 
 
-def frame_name(image_id: str, suffix: str) -> str | None:
-    """The file of a frame's mask or label: `<video stem>/<frame index><suffix>` (no `#`); None when
-    `image_id` is no frame id."""
-    parts = split_frame_id(image_id)
-    return f"{video_stem(parts[0])}/{parts[1]}{suffix}" if parts else None
-
-
 @dataclass(frozen=True)
 class VideoInfo:
     """What the driver needs of a video to plan its units."""
