@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import shutil
 from fractions import Fraction
+from itertools import pairwise
 from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
 import pytest
 from helpers import job_config, read_run_table, strict_json_load, write_png, write_video, write_yaml
 
@@ -115,7 +117,7 @@ def test_units_hold_images_per_unit_sampled_frames_with_their_labels_and_a_resum
     assert units[1].uris == (str(root / "cams" / "a.mkv"),) * 4
     assert units[1].label_uris == (str(tmp_path / "labels/cams/a/0.png"), None, str(tmp_path / "labels/cams/a/4.png"), None)
     # a resume: committed frames are dropped, a unit with none left is not read again
-    done = IdSet(__import__("pyarrow").array(["b.mp4#0", "b.mp4#2", "cams/a.mkv#0", "cams/a.mkv#2"]))
+    done = IdSet(pa.array(["b.mp4#0", "b.mp4#2", "cams/a.mkv#0", "cams/a.mkv#2"]))
     left = reader.drop_done(units, done)
     assert [u.image_ids for u in left] == [("cams/a.mkv#4", "cams/a.mkv#6"), ("cams/a.mkv#8", "cams/a.mkv#10")]
     samples = list(reader.read_unit(left[0]))
@@ -139,7 +141,7 @@ def test_a_file_that_is_no_video_is_its_own_errors_row(tmp_path):
 
 def stability(masks: list[np.ndarray]) -> tuple[int, int, int]:
     """(pairs, pixels, changed) over consecutive frames, by numpy."""
-    pairs = list(zip(masks, masks[1:]))
+    pairs = list(pairwise(masks))
     return len(pairs), sum(a.size for a, _ in pairs), sum(int((a != b).sum()) for a, b in pairs)
 
 
