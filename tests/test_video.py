@@ -5,6 +5,7 @@ and its resume."""
 from __future__ import annotations
 
 import shutil
+import sys
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -215,3 +216,15 @@ def test_a_video_run_segments_sampled_frames_with_timestamps_metrics_stability_e
     assert sorted(again) == sorted(ids)  # every frame once
     counts = strict_json_load(run / "run.json")["attempts"][-1]["counts"]
     assert (counts["listed"], counts["done_earlier"], counts["to_do"], counts["processed"]) == (12, 8, 4, 4)
+
+
+def test_a_video_run_without_pyav_exits_2_with_one_line_naming_the_extra_and_writes_nothing(
+    ray_session, tmp_path, checkpoint, monkeypatch, capsys
+):
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "a.mkv", noise_frames(2), FPS)
+    cfg = job_config(tmp_path, tmp_path / "v", checkpoint, run_id="no-av", input={"format": "video"})
+    monkeypatch.setitem(sys.modules, "av", None)  # as where PyAV is not installed: `import av` fails
+    assert main(["run", str(write_yaml(tmp_path / "video.yaml", cfg))]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["segpipe: input.format: video needs av: pip install 'segpipe[video]'"]
+    assert not (tmp_path / "runs").exists()
