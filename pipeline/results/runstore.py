@@ -607,10 +607,12 @@ def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
         "images_without_label": listed - with_label,
     }
     if listed and with_label == 0:
-        report["note"] = (
-            f"none of the {listed} images has a label under {cfg.input.labels.uri} "
-            "(label files share the image's relative path; the extension may differ)"
+        where = (
+            "(a frame's label is <video stem>/<frame index>.png)"
+            if cfg.input.format == "video"
+            else "(label files share the image's relative path; the extension may differ)"
         )
+        report["note"] = f"none of the {listed} images has a label under {cfg.input.labels.uri} {where}"
     elif with_label < listed:
         report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
     return report
