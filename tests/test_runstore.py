@@ -323,7 +323,6 @@ def test_mask_of_reads_committed_parts_only_an_images_latest_result_through_retr
 
 
 def test_a_video_run_without_any_label_is_told_where_a_frame_s_label_goes():
-    from pipeline.config import load_config
     from pipeline.results.runstore import labels_report
 
     inp = {"uri": "/v", "labels": {"uri": "/l"}, "format": "video"}
