@@ -120,17 +120,33 @@ class SlideConfig(_Strict):
         return data
 
 
+class VideoConfig(_Strict):
+    """Video files (input.format: video; pipeline.io.video): which frames are segmented. every_n: the
+    frames whose index is a multiple of it; fps: the frames nearest to k / fps seconds (k = 0, 1, ...)."""
+
+    every_n: Int = Field(1, ge=1)
+    fps: Float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _every_n_or_fps(self) -> VideoConfig:
+        if self.fps is not None and self.every_n != 1:
+            raise ValueError("give every_n or fps, not both")
+        return self
+
+
 class InputConfig(_Strict):
     uri: str
     # raster: geospatial rasters read through rasterio (the `geo` extra), window by window (pipeline.io.raster);
     # slide: whole-slide images through tiffslide (the `slides` extra), window by window (pipeline.io.slide)
-    format: Literal["auto", "images", "tar", "parquet", "raster", "slide"] = "auto"
+    # video: video files through PyAV (the `video` extra), frames decoded in the read tasks (pipeline.io.video)
+    format: Literal["auto", "images", "tar", "parquet", "raster", "slide", "video"] = "auto"
     # raster: the bands that feed the model, 1-based as GDAL counts, in the model's channel order;
     # null: every band of the raster
     bands: list[Annotated[int, Strict(), Field(ge=1)]] | None = Field(None, min_length=1)
     # raster: how band values become the model's 0..255 input; null: 8-bit rasters as they are
     scale: ScaleConfig | None = None
     slide: SlideConfig = Field(default_factory=SlideConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
     pattern: str = "**/*"
     labels: LabelsConfig | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
@@ -158,8 +174,8 @@ class InputConfig(_Strict):
 
     @property
     def lists_files(self) -> bool:
-        """Image folders and rasters: files listed one by one (not shards that hold images)."""
-        return self.format in ("images", "raster")
+        """Image folders, rasters and videos: images (a video's frames) listed one by one, not shards that hold images."""
+        return self.format in ("images", "raster", "video")
 
     @model_validator(mode="before")
     @classmethod
@@ -171,8 +187,9 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _labels_need_a_place(self) -> InputConfig:
-        if self.format in ("images", "raster") and self.labels is not None and not self.labels.uri:
-            raise ValueError(f"labels.uri is needed for {'rasters' if self.format == 'raster' else 'image folders'}")
+        if self.format in ("images", "raster", "video") and self.labels is not None and not self.labels.uri:
+            what = {"raster": "rasters", "video": "videos"}.get(self.format, "image folders")
+            raise ValueError(f"labels.uri is needed for {what}")
         if self.format != "raster" and (self.bands is not None or self.scale is not None):
             raise ValueError("bands and scale are for input.format: raster")
         if self.bands is not None and isinstance(self.scale, RangeScale | StandardScale):
@@ -183,6 +200,8 @@ class InputConfig(_Strict):
             raise ValueError("input.format slide takes no labels (slides are segmented, not scored)")
         if self.format != "slide" and self.slide != SlideConfig():  # its defaults pass: a dumped config loads again
             raise ValueError("slide: these settings need format: slide")
+        if self.format != "video" and self.video != VideoConfig():  # its defaults pass, as slide's
+            raise ValueError("video: these settings need format: video")
         return self
 
 

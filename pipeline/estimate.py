@@ -45,6 +45,16 @@ def _unit_headers(row: dict[str, Any], cfg: JobConfig) -> Iterator[dict[str, Any
     their shard's bytes, and only their headers are parsed."""
     unit = SourceUnit.from_record(row)
     inp = cfg.input
+    if unit.format == "video":  # every frame of a video has its header's size: no frame decoded
+        from pipeline.io.video import probe_video
+
+        try:
+            info, error = probe_video(unit.uris[0], inp.storage_options), ""
+        except Exception as exc:  # not a video: the real run's errors row
+            info, error = None, scrub(f"{type(exc).__name__}: {exc}", inp.storage_options)
+        for image_id in unit.image_ids:
+            yield {"image_id": image_id, "height": info.height if info else 0, "width": info.width if info else 0, "error": error}
+        return
     if unit.format != "images":
         for sample in reader_for(inp).read_unit(unit, StoreStats()):
             if sample.stream is not None:

@@ -33,6 +33,7 @@ from pipeline.config import ConfigError, JobConfig, check_metrics_against_model
 from pipeline.io.raster import check_raster_job, require_geo
 from pipeline.io.source import read_and_decode, reader_for
 from pipeline.io.storage import StoreStats, is_local
+from pipeline.io.video import require_video
 from pipeline.local_ray import connect as connect_ray
 from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
 from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
@@ -50,6 +51,7 @@ from pipeline.results.runstore import (
     run_identity,
 )
 from pipeline.results.sink import PartWriter
+from pipeline.results.temporal import video_summary
 from pipeline.rows import IdSet, SourceUnit
 from pipeline.telemetry import STAGES
 
@@ -578,6 +580,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
     if cfg.input.format == "raster":
         require_geo()  # before anything is listed or written
+    if cfg.input.format == "video":
+        require_video()
     store = RunStore.of_job(cfg)
     list_stats = StoreStats()
     listing = Listing(cfg, list_stats)
@@ -930,6 +934,8 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
     summary = job.store.summarize(job.model_info["mask_classes"], job.model_info["class_names"], outcomes)
     if cfg.input.format == "raster":
         summary["raster"] = job.store.raster_summary(job.model_info["class_names"])
+    if cfg.input.format == "video":
+        summary["video"] = video_summary(job.store, cfg)
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
     if job.object_labels.panoptic is not None:

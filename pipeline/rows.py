@@ -113,7 +113,7 @@ class SourceUnit:
     """One read task's worth of input. `index` is its position in this attempt's listing."""
 
     index: int
-    format: str  # "images" | "tar" | "parquet"
+    format: str  # "images" | "tar" | "parquet" | "raster" | "slide" | "video" (uris: the video's, once per frame)
     uris: tuple[str, ...]
     label_uris: tuple[str | None, ...] = ()
     image_ids: tuple[str, ...] = ()  # images: each uri's id; tar/parquet: the file's path relative to input.uri
@@ -155,6 +155,8 @@ class RawSample:
     error: str | None = None  # a read failure: becomes an errors row, the job goes on
     has_label: bool = False  # a label was expected for this image (it may still have failed to read)
     stream: StreamSource | None = None  # read by windows later, not decoded
+    pixels: np.ndarray | None = None  # decoded already (a video's frame, pipeline.io.video): H x W x 3 uint8 RGB
+    timestamp_s: float | None = None  # a video frame's presentation timestamp
 
 
 @dataclass
@@ -185,6 +187,7 @@ class DecodedImage(_StageRow):
     height: int = 0
     width: int = 0
     stream: StreamSource | None = None
+    timestamp_s: float | None = None  # a video frame's presentation timestamp (pipeline.io.video)
 
     @property
     def has_label(self) -> bool:
@@ -203,6 +206,7 @@ class DecodedImage(_StageRow):
             "stream_uri": s.uri if s else "",
             "stream_label_uri": (s.label_uri or "") if s else "",
             "stream_kind": s.kind if s else "",
+            "timestamp_s": self.timestamp_s if self.timestamp_s is not None else float("nan"),
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -222,6 +226,7 @@ class DecodedImage(_StageRow):
             height=height,
             width=width,
             stream=stream,
+            timestamp_s=_number(batch, "timestamp_s", i),
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),
@@ -268,11 +273,21 @@ class Prediction(_StageRow):
     # slides: the mask's microns per pixel (None: not stated) and level-0 pixels per mask pixel (None: not a slide)
     mpp: float | None = None
     level0_scale: float | None = None
+    timestamp_s: float | None = None  # a video frame's presentation timestamp (pipeline.io.video)
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
         """An empty prediction for `image`, carrying its error if it failed before the predictor."""
-        return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
+        return cls(
+            image.unit,
+            image.image_id,
+            image.height,
+            image.width,
+            timestamp_s=image.timestamp_s,
+            error=image.error,
+            stage=image.stage,
+            unit_rows=image.unit_rows,
+        )
 
     def failed(self, stage: str, error: str) -> Prediction:
         return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None)
@@ -297,6 +312,7 @@ class Prediction(_StageRow):
             "raster": json.dumps(self.raster) if self.raster is not None else "",
             "mpp": self.mpp if self.mpp is not None else float("nan"),  # NaN: None (a float column either way)
             "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
+            "timestamp_s": self.timestamp_s if self.timestamp_s is not None else float("nan"),
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -329,6 +345,7 @@ class Prediction(_StageRow):
             raster=json.loads(batch["raster"][i]) if "raster" in batch and batch["raster"][i] else None,
             mpp=_number(batch, "mpp", i),
             level0_scale=_number(batch, "level0_scale", i),
+            timestamp_s=_number(batch, "timestamp_s", i),
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

@@ -451,3 +451,23 @@ def scene_12bit(height: int = 120, width: int = 160, border: int = 32, seed: int
     data[:, :border] = 0
     data[:, :, -border:] = 0
     return data
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str | None = None, gop: int | None = None) -> Path:
+    """A video of `frames` (H x W x 3 uint8 RGB) at `fps`, written by PyAV: lossless FFV1 for .mkv
+    (frames read back equal), else `codec` (default mpeg4). `gop`: frames between keyframes."""
+    import av
+
+    codec = codec or ("ffv1" if path.suffix == ".mkv" else "mpeg4")
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"  # ffv1 keeps RGB exactly
+        if gop:
+            stream.codec_context.gop_size = gop
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path

@@ -160,6 +160,7 @@ def test_binary_labels_default_to_auto_with_no_ignored_value_and_class_indices_k
     [
         {},
         {"input": {"uri": "/x", "format": "slide", "slide": {"level": 1}}},
+        {"input": {"uri": "/x", "format": "video", "video": {"fps": 2.5}}},
         {"input": {"uri": "/x", "format": "raster", "bands": [3, 2, 1], "scale": {"mode": "percentile", "low": 1, "high": 99}}},
         {"resources": {"actors": {"min": 1, "max": 3}}, "output": {"uri": "/runs", "confidence": True}},
     ],
@@ -169,3 +170,28 @@ def test_a_config_dumped_with_every_default_loads_again_as_the_same_config(extra
     same config (the elastic-pool test rebuilt one so, and input.slide's defaults were refused)."""
     cfg = load_config({"input": {"uri": "/x"}, "model": {"name": "segformer-b0"}, "output": {"uri": "/runs"}, **extra})
     assert load_config(cfg.model_dump()).model_dump() == cfg.model_dump()
+
+
+def test_video_sampling_is_every_n_or_fps_and_its_settings_need_format_video():
+    video = {"uri": "/v", "format": "video"}
+    cfg = load_config({**BASE, "input": video})
+    assert (cfg.input.video.every_n, cfg.input.video.fps, cfg.input.lists_files) == (1, None, True)
+    assert load_config({**BASE, "input": {**video, "video": {"every_n": 5}}}).input.video.every_n == 5
+    assert load_config({**BASE, "input": {**video, "video": {"fps": 2.5}}}).input.video.fps == 2.5
+    for bad, says in [
+        ({"every_n": 0}, "input.video.every_n: Input should be greater than or equal to 1"),
+        ({"fps": 0}, "input.video.fps: Input should be greater than 0"),
+        ({"every_n": True}, "input.video.every_n: Input should be a valid integer"),
+        ({"every_n": 2, "fps": 1.0}, "input.video: give every_n or fps, not both"),
+        ({"fpz": 1}, "input.video.fpz: unknown field"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config({**BASE, "input": {**video, "video": bad}})
+        assert str(err.value) == f"invalid config: {says}", bad
+    with pytest.raises(
+        ConfigError,
+        match=r"^invalid config: input: Value error, video: these settings need format: video$|video: these settings need format: video",
+    ):
+        load_config({**BASE, "input": {"uri": "/data", "video": {"every_n": 2}}})
+    with pytest.raises(ConfigError, match="labels.uri is needed for videos"):
+        load_config({**BASE, "input": {**video, "labels": {"required": True}}})

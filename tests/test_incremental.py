@@ -97,3 +97,20 @@ def test_a_dry_run_writes_plan_json_only_and_counts_what_the_run_then_does(ray_s
     assert info["attempts"][-1]["counts"]["processed"] == plan["images"]
     assert sum(h * w for h, w in zip(masks.column("height").to_pylist(), masks.column("width").to_pylist())) == plan["pixels"]
     assert read_run_table(run, "errors").num_rows == plan["images_unreadable"]
+
+
+def test_a_dry_run_sizes_a_video_unit_s_frames_from_the_video_header_without_decoding_them(tmp_path):
+    import numpy as np
+    from helpers import write_video
+
+    from pipeline.config import load_config
+    from pipeline.estimate import _unit_headers
+    from pipeline.io.source import reader_for
+
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "a.mkv", [np.zeros((48, 64, 3), np.uint8)] * 4, 10)
+    (tmp_path / "v" / "b.mp4").write_bytes(b"no video")
+    cfg = load_config({"input": {"uri": str(tmp_path / "v"), "format": "video"}, "model": {"name": "segformer-b0"}})
+    rows = [r for unit in reader_for(cfg.input).list_units() for r in _unit_headers(unit.to_record(), cfg)]
+    assert [(r["image_id"], r["height"], r["width"]) for r in rows] == [(f"a.mkv#{i}", 48, 64) for i in range(4)] + [("b.mp4", 0, 0)]
+    assert [bool(r["error"]) for r in rows] == [False] * 4 + [True]

@@ -320,3 +320,14 @@ def test_mask_of_reads_committed_parts_only_an_images_latest_result_through_retr
     np.testing.assert_array_equal(flaky_store.mask_of("a.png"), rerun)
     assert flaky_store.fs.injected == 1
     np.testing.assert_array_equal(read_mask(f"flaky://{tmp_path}/r", "a.png", storage_options={**flaky, "run": "again"}), rerun)
+
+
+def test_a_video_run_without_any_label_is_told_where_a_frame_s_label_goes():
+    from pipeline.results.runstore import labels_report
+
+    inp = {"uri": "/v", "labels": {"uri": "/l"}, "format": "video"}
+    cfg = load_config({"input": inp, "model": {"name": "segformer-b0"}})
+    assert (
+        labels_report(cfg, 12, 0)["note"]
+        == "none of the 12 images has a label under /l (a frame's label is <video stem>/<frame index>.png)"
+    )

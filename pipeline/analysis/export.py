@@ -6,7 +6,8 @@ RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or 
 parts hold (a rerun's later attempt) is taken from the latest of them, as `latest_metrics` does.
 
 Formats, one function each, read top to bottom:
-  png    `export_png`: one PNG label map per image, `<DIR>/<image id with .png for its extension>`,
+  png    `export_png`: one PNG label map per image, `<DIR>/<image id with .png for its extension>`
+         (a video run's frames: `<DIR>/<video stem>/<frame index>.png`, as every per-image format names them),
          8-bit (16-bit for masks of more than 256 classes: the masks table's own bit depth).
          Chunked masks are assembled in memory, so only images of at most `max_pixels`
          (50 megapixels) are exported; a larger one is skipped with a line saying to use tiff.
@@ -56,6 +57,7 @@ import pyarrow as pa
 from pipeline.extras import require
 from pipeline.io.coco_codec import encode_rle, id_to_rgb
 from pipeline.io.storage import open_fs, with_retries
+from pipeline.io.video import split_frame_id, video_stem
 from pipeline.results.masks import PngRows, decode_png
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.results.runstore import RunStore, strict_json
@@ -79,6 +81,7 @@ class ExportResult:
     written: list[str] = field(default_factory=list)  # paths relative to the destination
     skipped: list[str] = field(default_factory=list)  # one line per image left out, saying why
     names: set[str] = field(default_factory=set, repr=False)  # the per-image file names taken
+    video: bool = False  # a video run: frame ids `<key>#<index>` are written as `<video stem>/<index><suffix>`
 
 
 def export_run(
@@ -102,7 +105,7 @@ def export_run(
             require(module, "geo", f"--format {fmt}")
     run = open_run(run_uri, storage_options or {})
     dest = Destination(out_uri, storage_options or {})
-    result = ExportResult(fmt, out_uri)
+    result = ExportResult(fmt, out_uri, video=run.input_format == "video")
     if fmt == "png":
         export_png(run, dest, result, max_pixels)
     elif fmt == "tiff":
@@ -128,6 +131,7 @@ class Run:
     info: dict  # run.json
     task: str  # semantic | instance | panoptic
     class_names: list[str]
+    input_format: str = "images"  # the run's input.format
 
 
 def open_run(uri: str, storage_options: dict) -> Run:
@@ -142,7 +146,8 @@ def open_run(uri: str, storage_options: dict) -> Run:
     names = [str(n) for n in model.get("class_names") or []]
     if len(names) != num_classes:
         names = [str(i) for i in range(num_classes)]
-    return Run(uri.rstrip("/"), store, info, str(task), names)
+    input_format = ((info.get("config") or {}).get("input") or {}).get("format") or "images"
+    return Run(uri.rstrip("/"), store, info, str(task), names, str(input_format))
 
 
 @dataclass
@@ -276,7 +281,17 @@ def output_name(image_id: str, suffix: str) -> str:
 
 def _unique_name(image_id: str, suffix: str, result: ExportResult) -> str:
     """`output_name`, or the whole id plus `suffix` where another image took that name ("a.jpg"
-    beside "a.png": "a.png" and "a.jpg.png"), so no export overwrites another."""
+    beside "a.png": "a.png" and "a.jpg.png"), so no export overwrites another. A video run's frame
+    `<key>#<index>`: `<video stem>/<index><suffix>` (no `#` in a file name), or `<key>/<index><suffix>`
+    where another video of the same stem took it ("a.mp4" beside "a.mkv")."""
+    frame = split_frame_id(image_id) if result.video else None
+    if frame is not None:
+        key, index = frame
+        name = output_name(f"{video_stem(key)}/{index}", suffix)
+        if name in result.names:
+            name = output_name(f"{key}/{index}", suffix)
+        result.names.add(name)
+        return name
     name = output_name(image_id, suffix)
     if name in result.names:
         name = output_name(image_id + suffix, suffix)

@@ -173,14 +173,14 @@ def decode_sample(sample: RawSample, max_pixels: int, *, exif_transpose: bool = 
     """The read stage's sample as the predictor's input: pixels and label decoded, or the error. A
     sample the read stage marked for streaming (a TIFF too large to decode whole) keeps its stream:
     the predictor reads it window by window. `panoptic`: labels are COCO panoptic PNGs (segment ids)."""
-    out = DecodedImage(unit=sample.unit, image_id=sample.image_id)
+    out = DecodedImage(unit=sample.unit, image_id=sample.image_id, timestamp_s=sample.timestamp_s)
     if sample.error:
         return out.failed("read", sample.error)
     if sample.stream is not None:
         out.stream, out.height, out.width = sample.stream, sample.stream.height, sample.stream.width
         return out
-    try:
-        image = decode_image(sample.image_bytes, max_pixels, exif_transpose=exif_transpose)
+    try:  # a video's frame comes decoded (pipeline.io.video)
+        image = sample.pixels if sample.pixels is not None else decode_image(sample.image_bytes, max_pixels, exif_transpose=exif_transpose)
     except DecodeError as exc:
         return out.failed("decode", str(exc))
     out.image, out.height, out.width = image, image.shape[0], image.shape[1]

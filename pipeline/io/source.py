@@ -30,6 +30,7 @@ from pipeline.io.shards import ParquetReader, TarReader
 from pipeline.io.slide import SLIDE_SUFFIXES, probe_slide
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes
 from pipeline.io.tiff import probe_stream
+from pipeline.io.video import VIDEO_SUFFIXES, frame_id, probe_video, read_video_unit, sampled_frames, video_stem
 from pipeline.redaction import scrub
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.telemetry import RunMetrics, StageClock
@@ -268,12 +269,57 @@ class SlideFolderReader(ImageFolderReader):
             yield sample
 
 
+class VideoReader(ImageFolderReader):
+    """Video files (pipeline.io.video) under input.uri matching `pattern`: each video's sampled frames
+    (input.video) in units of images_per_unit frames, one video per unit, each frame with its label
+    `<labels uri>/<video stem>/<frame index>.png` where there is one. The driver reads each video's
+    header here (its frame count: one demux pass where the header states none); the read tasks decode.
+    A video that cannot be opened here is a unit of its own, its key for an id: its errors row."""
+
+    unit_format = "video"
+    suffixes = VIDEO_SUFFIXES
+
+    def iter_units(self, stats: StoreStats | None = None) -> Iterator[SourceUnit]:
+        cfg = self.cfg
+        regex = glob_regex(cfg.pattern)
+        fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=self.suffixes, stats=stats)
+        keys = (k for k in keys if regex.match(k))
+        first = next(keys, None)
+        if first is None and not fs.exists(root):
+            raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
+        labels = list_labels(cfg.labels.uri, cfg.labels.extensions, cfg.storage_options, stats) if cfg.labels else None
+        index = 0
+        for key in itertools.chain([first] if first is not None else [], keys):
+            uri = full_uri(fs, root + "/" + key)
+            try:
+                info = probe_video(uri, cfg.storage_options, stats)
+            except Exception:  # its read task opens it again and says why, as the video's errors row
+                yield SourceUnit(index, self.unit_format, (uri,), (None,) if labels is not None else (), (key,))
+                index += 1
+                continue
+            stem = video_stem(key)
+            frames = sampled_frames(info.frames, info.rate, cfg.video.every_n, cfg.video.fps)
+            for block in batched(frames, cfg.images_per_unit):
+                yield SourceUnit(
+                    index=index,
+                    format=self.unit_format,
+                    uris=(uri,) * len(block),
+                    label_uris=tuple(labels.get(f"{stem}/{i}") for i in block) if labels is not None else (),
+                    image_ids=tuple(frame_id(key, i) for i in block),
+                )
+                index += 1
+
+    def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
+        return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats)
+
+
 READERS: dict[str, type] = {
     "images": ImageFolderReader,
     "tar": TarReader,
     "parquet": ParquetReader,
     "raster": RasterReader,
     "slide": SlideFolderReader,
+    "video": VideoReader,
 }
 
 

@@ -47,11 +47,15 @@ RASTER_COLUMNS = [f.name for f in RASTER_FIELDS]
 # not stated) and level-0 pixels per mask pixel. Runs of other inputs, and older runs, lack the columns.
 SLIDE_FIELDS = (pa.field("mpp", pa.float64()), pa.field("level0_scale", pa.float64()))
 
+# a video run's masks rows (input.format video, pipeline.io.video): the frame's presentation timestamp in
+# seconds (null where the stream gave none). Runs of other inputs, and older runs, lack the column.
+VIDEO_FIELDS = (pa.field("timestamp_s", pa.float64()),)
 
-def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, slide: bool = False) -> pa.Schema:
+
+def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, slide: bool = False, video: bool = False) -> pa.Schema:
     """binary: the foreground probability's column; confidence (output.confidence, multi-class):
     each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS;
-    slide: SLIDE_FIELDS."""
+    slide: SLIDE_FIELDS; video: VIDEO_FIELDS."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -67,6 +71,8 @@ def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, s
         fields.extend(RASTER_FIELDS)
     if slide:
         fields.extend(SLIDE_FIELDS)
+    if video:
+        fields.extend(VIDEO_FIELDS)
     return pa.schema(fields)
 
 

@@ -575,6 +575,8 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     if cfg.input.format == "raster":  # which bands and how they are scaled decide the masks
         identity["input.bands"] = cfg.input.bands
         identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
+    if cfg.input.format == "video":  # which frames are sampled decides the frame ids
+        identity["input.video"] = cfg.input.video.model_dump(mode="json")
     return identity
 
 
@@ -605,10 +607,12 @@ def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
         "images_without_label": listed - with_label,
     }
     if listed and with_label == 0:
-        report["note"] = (
-            f"none of the {listed} images has a label under {cfg.input.labels.uri} "
-            "(label files share the image's relative path; the extension may differ)"
+        where = (
+            "(a frame's label is <video stem>/<frame index>.png)"
+            if cfg.input.format == "video"
+            else "(label files share the image's relative path; the extension may differ)"
         )
+        report["note"] = f"none of the {listed} images has a label under {cfg.input.labels.uri} {where}"
     elif with_label < listed:
         report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
     return report

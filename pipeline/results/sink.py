@@ -54,14 +54,15 @@ def part_tables(
     confidence: bool = False,
     raster: bool = False,
     slide: bool = False,
+    video: bool = False,
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part; `confidence`: the chunks' probability PNGs
     are a multi-class run's confidence (output.confidence), in the masks' confidence column;
-    `raster`, `slide`: the masks' raster or slide columns too."""
+    `raster`, `slide`, `video`: the masks' raster, slide or video columns too."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
-    schema = masks_schema(binary, confidence=confidence, raster=raster, slide=slide)
+    schema = masks_schema(binary, confidence=confidence, raster=raster, slide=slide, video=video)
     masks: dict[str, list] = {k: [] for k in schema.names}
     for r in ok:
         for c in r.chunks:
@@ -74,6 +75,8 @@ def part_tables(
             if slide:
                 masks["mpp"].append(r.mpp)
                 masks["level0_scale"].append(r.level0_scale)
+            if video:
+                masks["timestamp_s"].append(r.timestamp_s)
             if binary:
                 masks["probability"].append(c.probability)
             if confidence:
@@ -128,6 +131,7 @@ class PartWriter:
         self.panoptic = cfg.metrics.panoptic_labels is not None
         self.raster = cfg.input.format == "raster"
         self.slide = cfg.input.format == "slide"
+        self.video = cfg.input.format == "video"
         self.pending: dict[int, list[Prediction]] = {}  # unit -> rows not yet committed
         self.expected: dict[int, int] = {}  # unit -> image rows its read task sent
         self.committed: dict[int, int] = {}  # unit -> image rows committed
@@ -176,7 +180,15 @@ class PartWriter:
         self.store.write_part(
             part_name(self.attempt, unit, seq),
             *part_tables(
-                rows, self.binary, self.attempt, self.cod, self.panoptic, confidence=self.confidence, raster=self.raster, slide=self.slide
+                rows,
+                self.binary,
+                self.attempt,
+                self.cod,
+                self.panoptic,
+                confidence=self.confidence,
+                raster=self.raster,
+                slide=self.slide,
+                video=self.video,
             ),
             objects=objects,
         )

@@ -36,6 +36,18 @@ def _panoptic_line(pq: dict) -> str:
     )
 
 
+def _stability_line(video: dict) -> str:
+    """A semantic video run's temporal stability (summary.json `video`, pipeline.results.temporal)."""
+    s = video["temporal_stability"]
+    line = f"temporal stability: {_pct(s['changed_share']).strip()}% of pixels change label between consecutive frames ({s['pairs']} pairs, {video['videos']} videos)"
+    if s.get("labels"):
+        ls = s["labels"]
+        line += (
+            f"; labels {_pct(ls['changed_share']).strip()}%, masks {_pct(ls['masks_changed_share']).strip()}% on their {ls['pairs']} pairs"
+        )
+    return line
+
+
 def _label_lines(s: dict, num_classes: int) -> list[str]:
     """What the labels held beyond the classes, and how a binary task's labels were read."""
     lines = []
@@ -76,6 +88,8 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         lines.append(_mask_ap_line(mask_ap))
     if panoptic:
         lines.append(_panoptic_line(panoptic))
+    if (summary.get("video") or {}).get("temporal_stability"):
+        lines.append(_stability_line(summary["video"]))
     # labeled: the images scored against any labels (class maps, COCO instances, COCO panoptic)
     labeled = max(summary.get("labeled_images") or 0, mask_ap.get("images") or 0, panoptic.get("panoptic_images") or 0)
     counts = f"images {summary.get('images', 0)}   errors {summary.get('errors', 0)}   labeled {labeled}"

@@ -1,0 +1,248 @@
+"""Video files (`input.format: video`, the `video` extra): frames decoded by PyAV in the read tasks.
+
+Each video (mp4, mkv, webm, mov, avi under input.uri, matching input.pattern) is opened through the
+storage layer (`RetryingFile`: fsspec file objects, retries, store stats), never downloaded whole:
+PyAV reads the container from the file object. Its first video stream is the one segmented.
+
+Frames. A frame's id is `<video key>#<frame index>`, the index counted over all decoded frames of
+the stream from 0; its presentation timestamp (pts x time base, seconds) goes to the masks table's
+`timestamp_s`. Which frames are segmented (`sampled_frames`): `every_n: n`, the frames whose index
+is a multiple of n; `fps: f`, for k = 0, 1, ... the frame nearest to k / f seconds from the first
+frame, by the stream's average frame rate r (frame round(k r / f), each once: every frame when f >= r).
+
+Units. The driver plans units without decoding: a video's frame count is its stream header's
+(`stream.frames`) where the container states it (mp4, mov), else one demux pass that counts the
+stream's packets (mkv, webm; no frame decoded). Its sampled frames go in units of
+input.images_per_unit (one video per unit), each with the frames' ids and label URIs, so that a
+resumed run drops the ids committed earlier (`drop_done`) and reads only units with frames left. A
+read task seeks to the keyframe at or before its unit's first frame (`container.seek`) and decodes
+from there to its last frame. After a seek the keyframe's index is its timestamp times the average
+frame rate (exact for constant-frame-rate video, which is what cameras and encoders write); a unit
+that starts at frame 0 decodes from the start and counts.
+
+Labels: `<labels uri>/<video stem>/<frame index>.png` (any of input.labels.extensions), the video
+stem being its key without the extension: `cams/a.mp4` frame 12 -> `cams/a/12.png`.
+
+Bad input: a video that cannot be opened is one errors row (id: its key); a stream that fails or
+ends before a frame of the unit gives that frame an errors row naming where decoding stopped, and
+every later frame of the unit one, the frames before them being segmented and committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from pipeline.extras import require
+from pipeline.io.storage import RetryingFile, StoreStats, open_fs, read_bytes
+from pipeline.io.tiff import PROBE_BLOCK_BYTES, READ_BLOCK_BYTES
+from pipeline.redaction import scrub
+from pipeline.rows import RawSample
+
+log = logging.getLogger("segpipe.video")
+
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".mov", ".avi")
+FRAME_ID = re.compile(r"^(?P<key>.+)#(?P<index>\d+)$")
+
+
+def require_video(what: str = "input.format: video") -> None:
+    require("av", "video", what)
+
+
+def frame_id(key: str, index: int) -> str:
+    return f"{key}#{index}"
+
+
+def split_frame_id(image_id: str) -> tuple[str, int] | None:
+    """(video key, frame index) of a frame id, None for an id that is none (a video's own errors row)."""
+    match = FRAME_ID.match(image_id)
+    return (match["key"], int(match["index"])) if match else None
+
+
+def video_stem(key: str) -> str:
+    """A video's key without its extension: the folder of its frames' labels (and exported masks)."""
+    p = PurePosixPath(key)
+    return str(p.with_suffix("")) if p.suffix else key
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the driver needs of a video to plan its units."""
+
+    frames: int  # frames in the stream
+    rate: Fraction  # average frames per second
+    height: int
+    width: int
+    counted: bool  # frames counted by a demux pass (the header states none)
+
+
+def _open_container(file: Any):
+    import av
+
+    return av.open(file, mode="r")
+
+
+def _video_stream(container: Any, uri: str):
+    if not container.streams.video:
+        raise ValueError(f"{uri}: no video stream")
+    return container.streams.video[0]
+
+
+def probe_video(uri: str, storage_options: dict | None = None, stats: StoreStats | None = None) -> VideoInfo:
+    """A video's frame count, average rate and size from its header; the frame count by one demux pass
+    (packets counted, none decoded) where the header states none."""
+    fs, path = open_fs(uri, storage_options)
+    with RetryingFile(fs, path, uri=uri, stats=stats, block_size=PROBE_BLOCK_BYTES) as file, _open_container(file) as container:
+        stream = _video_stream(container, uri)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate:
+            raise ValueError(f"{uri}: the video stream states no frame rate")
+        frames, counted = int(stream.frames or 0), False
+        if frames <= 0:
+            frames = sum(1 for packet in container.demux(stream) if packet.size)
+            counted = True
+        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted)
+
+
+def sampled_frames(frames: int, rate: Fraction, every_n: int = 1, fps: float | None = None) -> list[int]:
+    """The frame indices segmented of a video of `frames` frames at `rate` frames per second (see the
+    module's docstring): every every_n-th, or the frame nearest to each k / fps seconds, each once."""
+    if fps is None:
+        return list(range(0, frames, every_n))
+    step = Fraction(rate) / Fraction(fps)  # frames per sample
+    if step <= 1:
+        return list(range(frames))
+    out, k = [], 0
+    while (index := math.floor(k * step + Fraction(1, 2))) < frames:
+        out.append(index)
+        k += 1
+    return out
+
+
+def decode_frames(
+    uri: str,
+    wanted: list[int],
+    storage_options: dict | None = None,
+    stats: StoreStats | None = None,
+) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
+    """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
+    (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
+    first, (index, None, None, error) for each frame not reached."""
+    wanted = sorted(wanted)
+    fs, path = open_fs(uri, storage_options)
+    reached = -1  # the last frame decoded
+    error = None
+    with RetryingFile(fs, path, uri=uri, stats=stats, block_size=READ_BLOCK_BYTES) as file:
+        try:
+            container = _open_container(file)
+        except Exception as exc:
+            for index in wanted:
+                yield index, None, None, f"video not opened: {type(exc).__name__}: {exc}"
+            return
+        with container:
+            todo = iter(wanted)
+            target = next(todo, None)
+            try:
+                stream = _video_stream(container, uri)
+                stream.thread_type = "AUTO"
+                for index, frame in _frames_from(container, stream, wanted[0] if wanted else 0):
+                    reached = index
+                    while target is not None and target < index:  # a frame the stream skipped
+                        yield target, None, None, f"frame {target} not in the stream (frames went from {index - 1} to {index})"
+                        target = next(todo, None)
+                    if target is None:
+                        break
+                    if index == target:
+                        seconds = float(frame.pts * stream.time_base) if frame.pts is not None else None
+                        yield index, seconds, frame.to_ndarray(format="rgb24"), None
+                        target = next(todo, None)
+                        if target is None:
+                            break
+            except Exception as exc:
+                error = f"decoding failed at frame {reached + 1}: {type(exc).__name__}: {exc}"
+            if target is not None:
+                why = error or f"the video ended after frame {reached} (its frames were counted before the run)"
+                while target is not None:
+                    yield target, None, None, why
+                    target = next(todo, None)
+
+
+def _frames_from(container: Any, stream: Any, first: int) -> Iterator[tuple[int, Any]]:
+    """(index, frame) of the stream's frames from the keyframe at or before frame `first` on: a seek
+    when first > 0, the keyframe's index from its timestamp (see the module's docstring); from the
+    start, counted, where the demuxer lands past `first`."""
+    if first > 0:
+        rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate)
+        time_base, start = stream.time_base, stream.start_time or 0
+        container.seek(start + math.floor(Fraction(first) / rate / time_base), stream=stream, backward=True)
+        frames = container.decode(stream)
+        head = next(frames, None)
+        if head is None:
+            return
+        position = round((head.pts - start) * time_base * rate) if head.pts is not None else 0
+        if position <= first:
+            yield position, head
+            yield from enumerate(frames, start=position + 1)
+            return
+        frames.close()
+        container.seek(start, stream=stream, backward=True)
+    yield from enumerate(container.decode(stream))
+
+
+def read_video_unit(
+    unit_index: int,
+    uris: tuple[str, ...],
+    image_ids: tuple[str, ...],
+    label_uris: tuple[str | None, ...],
+    cfg: Any,
+    stats: StoreStats | None = None,
+) -> Iterator[RawSample]:
+    """A video unit's samples: each frame decoded (RGB pixels, its timestamp, its label's bytes), or an
+    errors row. cfg: the job's InputConfig. A unit whose id is the video's key (it failed at listing)
+    is that video's errors row."""
+    labels_required = cfg.labels is not None and cfg.labels.required
+    lfs = open_fs(cfg.labels.uri, cfg.storage_options)[0] if cfg.labels else None
+    frames = [(i, split_frame_id(image_id)) for i, image_id in enumerate(image_ids)]
+    for i, parts in frames:
+        if parts is None:  # not probed at listing: say why now
+            sample = RawSample(unit_index, i, image_ids[i], None, None)
+            try:
+                probe_video(uris[i], cfg.storage_options, stats)
+                sample.error = "read: the video could not be opened when it was listed: rerun to segment its frames"
+            except Exception as exc:
+                sample.error = scrub(f"read: {exc}", cfg.storage_options)
+            yield sample
+    positions = {parts[1]: i for i, parts in frames if parts is not None}
+    if not positions:
+        return
+    uri = uris[next(iter(positions.values()))]
+    for index, seconds, pixels, error in decode_frames(uri, list(positions), cfg.storage_options, stats):
+        i = positions[index]
+        label_uri = label_uris[i] if label_uris else None
+        sample = RawSample(unit_index, i, image_ids[i], None, None, has_label=label_uri is not None, timestamp_s=seconds)
+        if error is not None:
+            sample.error = scrub(f"read: {error}", cfg.storage_options)
+            yield sample
+            continue
+        height, width = pixels.shape[:2]
+        if height * width > cfg.max_pixels:
+            sample.error = f"frame of {width} x {height} = {width * height} pixels is over the limit of {cfg.max_pixels} (input.max_pixels)"
+            yield sample
+            continue
+        sample.pixels = pixels
+        try:
+            if label_uri is not None:
+                sample.label_bytes = read_bytes(lfs, label_uri, stats=stats)
+            elif labels_required:
+                sample.error = f"no label for {image_ids[i]} under {cfg.labels.uri}"
+        except Exception as exc:
+            sample.error = scrub(f"read: label: {exc}", cfg.storage_options)
+        yield sample

@@ -1,0 +1,230 @@
+"""pipeline.io.video (input.format video): frames as written, their timestamps, every_n and fps
+sampling, units and their seeks, without Ray; then one run over two videos with labels, its export
+and its resume."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from fractions import Fraction
+from itertools import pairwise
+from pathlib import Path
+
+import av
+import numpy as np
+import pyarrow as pa
+import pytest
+from helpers import job_config, read_run_table, strict_json_load, write_png, write_video, write_yaml
+
+from jobs.cli import main
+from pipeline.config import load_config
+from pipeline.io.decode import decode_label
+from pipeline.io.source import reader_for
+from pipeline.io.video import _frames_from, decode_frames, probe_video, sampled_frames
+from pipeline.results.runstore import read_mask
+from pipeline.rows import IdSet
+
+FPS = 10
+
+
+def noise_frames(n: int, height: int = 48, width: int = 64, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory) -> tuple[Path, list[np.ndarray]]:
+    """12 frames of noise in FFV1 (.mkv: no frame count in the header), a keyframe every 4 frames."""
+    frames = noise_frames(12)
+    return write_video(tmp_path_factory.mktemp("video") / "a.mkv", frames, FPS, gop=4), frames
+
+
+def test_frames_of_a_lossless_video_equal_the_frames_written_with_their_timestamps(lossless):
+    path, frames = lossless
+    info = probe_video(str(path))
+    assert (info.frames, info.rate, info.height, info.width, info.counted) == (12, Fraction(FPS), 48, 64, True)
+    decoded = list(decode_frames(str(path), list(range(12))))
+    assert [index for index, *_ in decoded] == list(range(12))
+    assert [error for *_, error in decoded] == [None] * 12
+    assert [seconds for _, seconds, _, _ in decoded] == pytest.approx([i / FPS for i in range(12)])
+    for index, _, pixels, _ in decoded:
+        assert pixels.dtype == np.uint8 and np.array_equal(pixels, frames[index]), index
+
+
+def test_a_unit_read_alone_seeks_to_its_keyframe_and_gives_the_frames_of_a_full_decode(lossless):
+    path, frames = lossless
+    with av.open(str(path)) as container:  # a seek: decoding starts at the keyframe before frame 9, not at 0
+        assert [index for index, _ in _frames_from(container, container.streams.video[0], 9)] == [8, 9, 10, 11]
+    alone = list(decode_frames(str(path), [5, 6, 9]))
+    assert [(index, seconds) for index, seconds, _, _ in alone] == [(5, 0.5), (6, 0.6), (9, 0.9)]
+    assert all(np.array_equal(pixels, frames[index]) for index, _, pixels, _ in alone)
+    # frames past the end (a frame count that was wrong) are each an errors row naming where it stopped
+    assert [(i, e) for i, _, _, e in decode_frames(str(path), [11, 12, 13])] == [
+        (11, None),
+        *[(i, "the video ended after frame 11 (its frames were counted before the run)") for i in (12, 13)],
+    ]
+
+
+def test_an_mp4_states_its_frame_count_and_seeks_as_a_full_decode_reads(tmp_path):
+    frames = noise_frames(12, seed=1)
+    path = write_video(tmp_path / "b.mp4", frames, FPS, codec="libx264", gop=5)
+    info = probe_video(str(path))
+    assert (info.frames, info.rate, info.counted) == (12, Fraction(FPS), False)  # from the header
+    full = {i: (s, p) for i, s, p, _ in decode_frames(str(path), list(range(12)))}
+    alone = list(decode_frames(str(path), [7, 8, 11]))
+    assert [i for i, *_ in alone] == [7, 8, 11]
+    for index, seconds, pixels, _ in alone:
+        assert seconds == pytest.approx(index / FPS) and np.array_equal(pixels, full[index][1])
+
+
+def test_every_n_and_fps_sample_the_frames_nearest_their_times():
+    assert sampled_frames(12, Fraction(10), every_n=1) == list(range(12))
+    assert sampled_frames(12, Fraction(10), every_n=5) == [0, 5, 10]
+    # 3 fps of a 10 fps video: the frames nearest 0, 1/3, 2/3, 1 s: 0, 3.33, 6.67, 10
+    assert sampled_frames(12, Fraction(10), fps=3) == [0, 3, 7, 10]
+    assert sampled_frames(12, Fraction(30000, 1001), fps=10) == [0, 3, 6, 9]  # 29.97 fps: 0, 2.997, 5.994, 8.991
+    assert sampled_frames(5, Fraction(10), fps=25) == [0, 1, 2, 3, 4]  # more than the video has: every frame once
+
+
+def test_units_hold_images_per_unit_sampled_frames_with_their_labels_and_a_resume_drops_what_was_done(lossless, tmp_path):
+    path, _ = lossless
+    root = tmp_path / "in"
+    (root / "cams").mkdir(parents=True)
+    shutil.copy(path, root / "cams" / "a.mkv")
+    write_video(root / "b.mp4", noise_frames(4, seed=3), FPS)
+    (root / "notes.txt").write_text("not a video")
+    for index in (0, 4):
+        write_png(tmp_path / "labels" / "cams" / "a" / f"{index}.png", np.zeros((48, 64), np.uint8))
+    cfg = load_config(
+        {
+            "input": {
+                "uri": str(root),
+                "format": "video",
+                "video": {"every_n": 2},
+                "images_per_unit": 4,
+                "labels": {"uri": str(tmp_path / "labels")},
+            },
+            "model": {"name": "segformer-b0"},
+        }
+    )
+    reader = reader_for(cfg.input)
+    units = reader.list_units()
+    assert [u.image_ids for u in units] == [
+        ("b.mp4#0", "b.mp4#2"),
+        ("cams/a.mkv#0", "cams/a.mkv#2", "cams/a.mkv#4", "cams/a.mkv#6"),
+        ("cams/a.mkv#8", "cams/a.mkv#10"),
+    ]
+    assert [u.index for u in units] == [0, 1, 2] and {u.format for u in units} == {"video"}
+    assert units[1].uris == (str(root / "cams" / "a.mkv"),) * 4
+    assert units[1].label_uris == (str(tmp_path / "labels/cams/a/0.png"), None, str(tmp_path / "labels/cams/a/4.png"), None)
+    # a resume: committed frames are dropped, a unit with none left is not read again
+    done = IdSet(pa.array(["b.mp4#0", "b.mp4#2", "cams/a.mkv#0", "cams/a.mkv#2"]))
+    left = reader.drop_done(units, done)
+    assert [u.image_ids for u in left] == [("cams/a.mkv#4", "cams/a.mkv#6"), ("cams/a.mkv#8", "cams/a.mkv#10")]
+    samples = list(reader.read_unit(left[0]))
+    assert [(s.image_id, s.timestamp_s, s.error, s.has_label) for s in samples] == [
+        ("cams/a.mkv#4", 0.4, None, True),
+        ("cams/a.mkv#6", 0.6, None, False),
+    ]
+    assert np.array_equal(samples[0].pixels, lossless[1][4]) and decode_label(samples[0].label_bytes).shape == (48, 64)
+
+
+def test_a_file_that_is_no_video_is_its_own_errors_row(tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "bad.mp4").write_bytes(b"no video here")
+    cfg = load_config({"input": {"uri": str(tmp_path / "v"), "format": "video"}, "model": {"name": "segformer-b0"}})
+    reader = reader_for(cfg.input)
+    units = reader.list_units()
+    assert [u.image_ids for u in units] == [("bad.mp4",)]
+    (sample,) = reader.read_unit(units[0])
+    assert sample.image_id == "bad.mp4" and sample.error.startswith("read: ") and "bad.mp4" not in sample.error[:6]
+
+
+def stability(masks: list[np.ndarray]) -> tuple[int, int, int]:
+    """(pairs, pixels, changed) over consecutive frames, by numpy."""
+    pairs = list(pairwise(masks))
+    return len(pairs), sum(a.size for a, _ in pairs), sum(int((a != b).sum()) for a, b in pairs)
+
+
+def test_a_video_run_segments_sampled_frames_with_timestamps_metrics_stability_export_and_resume(ray_session, tmp_path, checkpoint, capsys):
+    """Two videos (12 frames each, every 2nd sampled, units of 2 frames), labels for some frames: one
+    run, its png export, then a resume of a run whose first attempt committed only some units."""
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    write_video(videos / "a.mkv", noise_frames(12, seed=5), FPS, gop=4)
+    write_video(videos / "sub" / "b.mkv", noise_frames(12, seed=6), FPS, gop=4)
+    rng = np.random.default_rng(7)
+    labels = {}
+    for stem, indices in (("a", (0, 2, 4, 6)), ("sub/b", (2, 4, 10))):
+        for index in indices:
+            labels[f"{stem}/{index}"] = write_png(
+                tmp_path / "labels" / stem / f"{index}.png", rng.integers(0, 3, (48, 64)).astype(np.uint8)
+            )
+    cfg = job_config(
+        tmp_path, videos, checkpoint, labels=tmp_path / "labels", run_id="vid",
+        input={"format": "video", "video": {"every_n": 2}, "images_per_unit": 2},
+    )  # fmt: skip
+    path = write_yaml(tmp_path / "video.yaml", cfg)
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "vid"
+    ids = [f"{key}#{i}" for key in ("a.mkv", "sub/b.mkv") for i in range(0, 12, 2)]
+    masks = read_run_table(run, "masks")
+    assert sorted(masks.column("image_id").to_pylist()) == sorted(ids)
+    stamps = dict(zip(masks.column("image_id").to_pylist(), masks.column("timestamp_s").to_pylist()))
+    assert stamps == pytest.approx({i: int(i.split("#")[1]) / FPS for i in ids})
+    assert sorted(read_run_table(run, "metrics").column("image_id").to_pylist()) == sorted(
+        ["a.mkv#0", "a.mkv#2", "a.mkv#4", "a.mkv#6", "sub/b.mkv#2", "sub/b.mkv#4", "sub/b.mkv#10"]
+    )
+    # temporal stability against a numpy count of the masks and labels read back
+    summary = strict_json_load(run / "summary.json")
+    expected = np.zeros(3, np.int64)
+    labeled_pairs, label_counts, mask_counts = 0, np.zeros(2, np.int64), np.zeros(2, np.int64)
+    for key, stem in (("a.mkv", "a"), ("sub/b.mkv", "sub/b")):
+        frames = [read_mask(str(run), f"{key}#{i}") for i in range(0, 12, 2)]
+        expected += stability(frames)
+        for i in range(0, 10, 2):
+            if f"{stem}/{i}" in labels and f"{stem}/{i + 2}" in labels:
+                a, b = (decode_label(labels[f"{stem}/{j}"].read_bytes()) for j in (i, i + 2))
+                labeled_pairs += 1
+                label_counts += (a.size, int((a != b).sum()))
+                mask_counts += (a.size, int((frames[i // 2] != frames[i // 2 + 1]).sum()))
+    video = summary["video"]
+    stable = video["temporal_stability"]
+    assert (video["videos"], video["frames"]) == (2, 12)
+    assert (stable["pairs"], stable["pixels"], stable["changed_pixels"]) == tuple(expected) == (10, 10 * 48 * 64, expected[2])
+    assert stable["changed_share"] == pytest.approx(expected[2] / expected[1]) and 0 < stable["changed_share"] < 1
+    assert (
+        (stable["labels"]["pairs"], stable["labels"]["pixels"], stable["labels"]["changed_pixels"])
+        == (labeled_pairs, *label_counts)
+        == (4, 4 * 3072, label_counts[1])
+    )
+    assert stable["labels"]["masks_changed_share"] == pytest.approx(mask_counts[1] / mask_counts[0])
+    assert f"temporal stability: {100 * stable['changed_share']:.2f}% of pixels change label" in out
+    # the png export: one file per frame, <video stem>/<frame index>.png, no '#'
+    assert main(["export", str(run), "--to", str(tmp_path / "png"), "--format", "png"]) == 0
+    written = sorted(str(p.relative_to(tmp_path / "png")) for p in (tmp_path / "png").rglob("*.png"))
+    assert written == sorted(f"{stem}/{i}.png" for stem in ("a", "sub/b") for i in range(0, 12, 2))
+
+    # a resume: the first attempt committed units 0 and 2 of a.mkv's 3 and 3-5 of b.mkv's; the others' parts are gone
+    for part in (run / "masks").glob("*.parquet"):
+        if "-u000001-" in part.name or "-u000003-" in part.name:
+            part.unlink()
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    again = read_run_table(run, "masks").column("image_id").to_pylist()
+    assert sorted(again) == sorted(ids)  # every frame once
+    counts = strict_json_load(run / "run.json")["attempts"][-1]["counts"]
+    assert (counts["listed"], counts["done_earlier"], counts["to_do"], counts["processed"]) == (12, 8, 4, 4)
+
+
+def test_a_video_run_without_pyav_exits_2_with_one_line_naming_the_extra_and_writes_nothing(
+    ray_session, tmp_path, checkpoint, monkeypatch, capsys
+):
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "a.mkv", noise_frames(2), FPS)
+    cfg = job_config(tmp_path, tmp_path / "v", checkpoint, run_id="no-av", input={"format": "video"})
+    monkeypatch.setitem(sys.modules, "av", None)  # as where PyAV is not installed: `import av` fails
+    assert main(["run", str(write_yaml(tmp_path / "video.yaml", cfg))]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["segpipe: input.format: video needs av: pip install 'segpipe[video]'"]
+    assert not (tmp_path / "runs").exists()
