@@ -10,17 +10,21 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
-	# uv installs everything after torch: it resolves and unpacks the test extras' ~170 packages in
-	# seconds where pip took two minutes (CI's budget); pip keeps torch, whose local CPU wheel only pip finds
-	$(PY) -m pip install -q --upgrade pip uv
+	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 CPU: from this machine's local wheel when there is one, else from PyTorch's CPU index
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) || \
 	  $(PY) -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX)
 	touch $@
 
-EDITABLE := $(VENV)/bin/uv pip install -q --python $(PY) -e
+# uv installs everything after torch: it resolves and unpacks the test extras' ~170 packages in
+# seconds where pip took two minutes (CI's budget); pip keeps torch, whose local CPU wheel only pip finds
+UV := $(VENV)/bin/uv
+EDITABLE := $(UV) pip install -q --python $(PY) -e
 
-$(VENV)/.core: $(VENV)/.torch pyproject.toml
+$(UV): | $(VENV)/.torch
+	$(PY) -m pip install -q uv
+
+$(VENV)/.core: $(VENV)/.torch pyproject.toml | $(UV)
 	$(EDITABLE) .
 	touch $@
 
