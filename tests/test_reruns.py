@@ -18,13 +18,13 @@ from helpers import (
     kill_session,
     labeled_folder,
     read_run_table,
+    run_iou,
     segpipe_run,
     strict_json_load,
     tiny_checkpoint,
     write_png,
     write_yaml,
 )
-from PIL import Image
 
 from jobs.cli import main
 
@@ -235,20 +235,6 @@ def stop_after_first_part(config: Path, run_dir: Path, attempt: int, signum: int
         proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def run_iou(run_dir: Path, labels: Path, num_classes: int) -> list[float]:
-    """Per-class IoU of a run's committed masks against their labels, counted here in numpy (mmseg's
-    convention: areas summed over images, then divided)."""
-    from pipeline.results.runstore import read_mask
-
-    inter, union = np.zeros(num_classes), np.zeros(num_classes)
-    for image_id in read_run_table(run_dir, "masks").column("image_id").to_pylist():
-        pred, label = read_mask(str(run_dir), image_id), np.asarray(Image.open(labels / image_id))
-        for c in range(num_classes):
-            inter[c] += np.sum((pred == c) & (label == c))
-            union[c] += np.sum((pred == c) | (label == c))
-    return [float(i / u) if u else None for i, u in zip(inter, union)]
 
 
 def test_a_run_stopped_by_ctrl_c_sigterm_and_sigkill_resumes_each_time_and_ends_with_every_image_once(
