@@ -65,6 +65,9 @@ from models.mask_classification import DetrDecoderLayer, MLPHead, sine_position_
 # ---------------------------------------------------------------------------------------------
 
 
+_DEFORM_CHUNK_BYTES = 128 << 20
+
+
 def deform_conv2d(
     x: torch.Tensor,
     offset: torch.Tensor,
@@ -98,22 +101,31 @@ def deform_conv2d(
     ox = torch.arange(out_w, device=x.device) * stride - padding
     base_y = (ky.reshape(-1, 1, 1) * dilation + oy.view(1, -1, 1)).to(x.dtype)
     base_x = (kx.reshape(-1, 1, 1) * dilation + ox.view(1, 1, -1)).to(x.dtype)
-    offset = offset.view(n * offset_groups, points, 2, out_h, out_w)
-    y = base_y + offset[:, :, 0]
-    xs = base_x + offset[:, :, 1]
-    # grid_sample's (align_corners=False) coordinates of pixel centres; zeros padding = DCN's
-    # bilinear weights with the corners outside the input counted as zero
-    grid = torch.stack(((2 * xs + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1)  # N*G x points x Ho x Wo x 2
-    sampled = F.grid_sample(
-        x.reshape(n * offset_groups, channels // offset_groups, height, width),
-        grid.view(n * offset_groups, points * out_h, out_w, 2),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )  # N*G x C/G x points*Ho x Wo
-    columns = sampled.view(n, groups, group_channels * points, out_h * out_w)
     kernels = weight.view(groups, out_channels // groups, group_channels * points)
-    out = torch.einsum("gok,ngkp->ngop", kernels, columns).reshape(n, out_channels, out_h, out_w)
+    # the sampled columns are kh * kw times the input (2.8 GB for VisTR's 360 query maps of a
+    # 36-frame clip at 224 x 320): in chunks of the batch whose columns stay near the budget
+    per_item = channels * points * out_h * out_w * x.element_size()
+    step = max(1, _DEFORM_CHUNK_BYTES // per_item)
+    out = x.new_empty(n, groups, out_channels // groups, out_h * out_w)
+    for i in range(0, n, step):
+        chunk = x[i : i + step]
+        m = chunk.shape[0]
+        shifts = offset[i : i + step].reshape(m * offset_groups, points, 2, out_h, out_w)
+        y = base_y + shifts[:, :, 0]
+        xs = base_x + shifts[:, :, 1]
+        # grid_sample's (align_corners=False) coordinates of pixel centres; zeros padding = DCN's
+        # bilinear weights with the corners outside the input counted as zero
+        grid = torch.stack(((2 * xs + 1) / width - 1, (2 * y + 1) / height - 1), dim=-1)  # M*G x points x Ho x Wo x 2
+        sampled = F.grid_sample(
+            chunk.reshape(m * offset_groups, channels // offset_groups, height, width),
+            grid.view(m * offset_groups, points * out_h, out_w, 2),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )  # M*G x C/G x points*Ho x Wo
+        columns = sampled.view(m, groups, group_channels * points, out_h * out_w)
+        torch.matmul(kernels, columns, out=out[i : i + m])  # (g, O/g, K) @ (m, g, K, P)
+    out = out.view(n, out_channels, out_h, out_w)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
@@ -212,7 +224,13 @@ class InstanceHead(nn.Module):
     def forward(self, frame_maps: torch.Tensor) -> torch.Tensor:
         """frame_maps T x I x c x h x w -> mask logits T x I x h x w."""
         volumes = frame_maps.permute(1, 2, 0, 3, 4)  # I x c x T x h x w: the instances are the batch
-        return self.output(self.convs(volumes))[:, 0].transpose(0, 1)
+        if volumes.device.type == "cpu" and not torch.compiler.is_compiling():
+            # one instance at a time on a CPU: the dilated 3-D conv unfolds its input 27-fold (4 GB
+            # for 10 instances of 36 frames at 56 x 80), one instance's share is a tenth of it
+            logits = torch.cat([self.output(self.convs(volume[None])) for volume in volumes])
+        else:
+            logits = self.output(self.convs(volumes))
+        return logits[:, 0].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import rel_error
 
-from models import build_model, list_models, load_model
+from models import build_model, list_models, load_model, save_native, vistr
 from models.base import CheckpointError, describe_misfit, rename_keys
 from models.vistr import _REPOSITORY_IGNORED, _REPOSITORY_RULES, VisTR, _split_in_proj, deform_conv2d, instance_sequences
 
@@ -98,6 +98,16 @@ def test_deformable_convolution_with_zero_offsets_is_a_convolution(stride, paddi
     offset = torch.zeros(2, 18, *expected.shape[-2:])
     out = deform_conv2d(x, offset, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
     assert rel_error(out, expected) <= 1e-5
+
+
+def test_deformable_convolution_in_chunks_of_the_batch_equals_it_whole(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 4, 6, 5, generator=generator)
+    offset = 2 * torch.randn(7, 36, 6, 5, generator=generator)
+    weight, bias = torch.randn(6, 2, 3, 3, generator=generator), torch.randn(6, generator=generator)
+    whole = deform_conv2d(x, offset, weight, bias, padding=1, groups=2, offset_groups=2)
+    monkeypatch.setattr(vistr, "_DEFORM_CHUNK_BYTES", 3 * 4 * 9 * 30 * 4)  # 3 inputs' columns: chunks of 3, 3, 1
+    assert torch.equal(deform_conv2d(x, offset, weight, bias, padding=1, groups=2, offset_groups=2), whole)
 
 
 def test_deformable_convolution_refuses_offsets_of_another_shape():
@@ -346,3 +356,12 @@ def test_instance_sequences_follow_the_original_inference():
     assert first.label == 2 and first.score == pytest.approx(float(softmax[:, 0].max(-1).values.mean()))
     assert first.masks.shape == (4, 8, 12) and first.masks[:, 2:6, 4:8].all() and first.masks.sum() == 4 * 16
     assert first.present.all() and not last.present[3] and last.present[:3].all()
+
+
+def test_a_native_checkpoint_keeps_the_clip_layout(tiny_vistr, tmp_path):
+    save_native(tiny_vistr, tmp_path / "vistr.safetensors")
+    again = load_model(tmp_path / "vistr.safetensors", name="vistr-r50")
+    assert type(again) is VisTR and again.arch == tiny_vistr.arch and (again.num_frames, again.num_instances) == (36, 2)
+    with torch.no_grad():
+        for a, b in zip(again(clip(4)), tiny_vistr(clip(4))):
+            assert torch.equal(a, b)
