@@ -246,7 +246,6 @@ class VisTR(SegmentationModel):
     """A clip model: `forward(clip)` takes T <= num_frames frames, not a batch of images."""
 
     family = "vistr"
-    score_kind = "probabilities"
     input_kind = "clip"  # the pipeline's image models take N images; this one a clip of frames
 
     def __init__(

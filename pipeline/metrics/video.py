@@ -1,4 +1,5 @@
-"""Video instance segmentation's mask AP (YouTube-VIS's definitions), in numpy.
+"""Video metrics in numpy: video instance segmentation's mask AP (YouTube-VIS's definitions), and
+a semantic run's temporal stability (`TemporalStability`, at the end).
 
 YouTube-VIS scores tracks, not masks: its evaluation (the youtubevos/cocoapi fork, `YTVOSeval`) is
 COCOeval with a video in the place of an image and one change, the IoU of a predicted track and a
@@ -235,3 +236,51 @@ class VideoMaskAP:
             ar_large=mean(recall[:, :, area["large"], at_100]),
             per_class={c: mean(precision[:, :, k, everything, at_100]) for k, c in enumerate(self.categories)},
         )
+
+
+# -----------------------------------------------------------------------------------------------
+# Temporal stability of a semantic run: how much of a frame's label map changes from the frame before
+
+
+@dataclass
+class TemporalStability:
+    """The share of pixels whose class changes between consecutive frames, in the predictions and
+    in the labels: a prediction that flickers more than its labels change is unstable (an object
+    standing still keeps its labels; a moving camera changes both). Counts add up over pairs of
+    consecutive frames (`add`) and over accumulators (`merge`); the pairs are the caller's to form
+    (frames of one video, in order, of one size)."""
+
+    pairs: int = 0
+    pixels: int = 0
+    changed: int = 0
+    label_pairs: int = 0
+    label_pixels: int = 0
+    label_changed: int = 0
+
+    def add(
+        self, previous: np.ndarray, current: np.ndarray, previous_label: np.ndarray | None = None, label: np.ndarray | None = None
+    ) -> None:
+        if previous.shape != current.shape:
+            raise ValueError(f"consecutive frames of {previous.shape} and {current.shape}: not one size")
+        self.pairs += 1
+        self.pixels += current.size
+        self.changed += int(np.count_nonzero(previous != current))
+        if previous_label is not None and label is not None:
+            if previous_label.shape != label.shape:
+                raise ValueError(f"consecutive labels of {previous_label.shape} and {label.shape}: not one size")
+            self.label_pairs += 1
+            self.label_pixels += label.size
+            self.label_changed += int(np.count_nonzero(previous_label != label))
+
+    def merge(self, other: TemporalStability) -> None:
+        for name in ("pairs", "pixels", "changed", "label_pairs", "label_pixels", "label_changed"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def changed_share(self) -> float:
+        """Changed pixels over all pixels of the pairs; NaN before any pair."""
+        return self.changed / self.pixels if self.pixels else float("nan")
+
+    @property
+    def label_changed_share(self) -> float:
+        return self.label_changed / self.label_pixels if self.label_pixels else float("nan")
