@@ -258,6 +258,9 @@ class FamilyContract:
                 `from_hf(config, state_dict, origin=...)` reads
     from_mmseg  `from_mmseg(name, num_classes, state_dict, origin=...)`: an mmsegmentation .pth
                 loaded under any of the `variants` names
+    from_repository
+                `from_repository(name, state_dict, origin=...)`: a research repository's own .pth
+                (its model's state dict under "model", e.g. VisTR's) loaded under a `variants` name
     """
 
     model: type[SegmentationModel]
@@ -265,6 +268,7 @@ class FamilyContract:
     hf_model_types: tuple[str, ...] = ()
     from_hf: Callable[..., SegmentationModel] | None = None
     from_mmseg: Callable[..., SegmentationModel] | None = None
+    from_repository: Callable[..., SegmentationModel] | None = None
 
     def __post_init__(self) -> None:
         if not self.model.family:

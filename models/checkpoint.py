@@ -7,7 +7,9 @@ Three layouts come in:
 - a native segpipe .safetensors file: its metadata (key "segpipe", JSON) names the family, the
   architecture, the classes and the normalization;
 - an mmsegmentation .pth file (`state_dict` and `meta`): the registry name passed as `name`
-  picks the family that registers it, and that family's `from_mmseg(name, num_classes, state_dict)`.
+  picks the family that registers it, and that family's `from_mmseg(name, num_classes, state_dict)`;
+- a research repository's .pth (its state dict under `model`, as VisTR's training writes it): when
+  the `name` is of a family with `from_repository`, that family's `from_repository(name, state_dict)`.
 Which family loads what is read from the families' contracts (models/registry.py); this file keeps
 no table of its own. Pickles load with `torch.load(weights_only=True)` only.
 """
@@ -243,6 +245,9 @@ def _load_native(path: Path, source: str) -> SegmentationModel:
 
 def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | None) -> SegmentationModel:
     obj = read_state_dict(path, source)
+    family = FAMILY_OF.get(name or "")
+    if family is not None and family.from_repository is not None and isinstance(obj, dict) and "model" in obj and "state_dict" not in obj:
+        return _load_repository(obj, source, name)
     state_dict = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{source}: no state_dict in this checkpoint")
@@ -253,7 +258,9 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
         classes = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
         num_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
     if not name:
-        raise CheckpointError(f"{source}: an mmsegmentation checkpoint needs the model name (model.name / --name)")
+        raise CheckpointError(
+            f"{source}: a .pth checkpoint (mmsegmentation's or a model repository's) needs the model name (model.name / --name)"
+        )
     if num_classes is None:
         raise CheckpointError(f"{source}: the checkpoint does not say its classes: give num_classes")
     family = FAMILY_OF.get(name)
@@ -261,6 +268,18 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
         raise CheckpointError(f"{source}: no mmsegmentation layout is known for {name!r}")
     with _weights_fault(source, name):
         model = family.from_mmseg(name, num_classes, state_dict, origin=source)
+    model.name = name
+    return model
+
+
+def _load_repository(obj: Any, source: str, name: str) -> SegmentationModel:
+    """A .pth whose "model" is the state dict (the layout of a research repository's training),
+    under the name of a family that reads that layout (FamilyContract.from_repository)."""
+    state_dict = obj.get("model") if isinstance(obj, dict) else None
+    if not _is_tensor_dict(state_dict):
+        raise CheckpointError(f'{source}: {name} loads a .pth whose "model" is a flat dict of named tensors (its repository\'s layout)')
+    with _weights_fault(source, name):
+        model = FAMILY_OF[name].from_repository(name, state_dict, origin=source)
     model.name = name
     return model
 

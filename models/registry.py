@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from models import detr, mask2former, maskformer, segformer, segmenter, setr
+from models import detr, mask2former, maskformer, segformer, segmenter, setr, vistr
 from models.base import FamilyContract, SegmentationModel, UnknownModelError
 
 # family name -> contract; a new family is one more module in this tuple
 CONTRACTS: dict[str, FamilyContract] = {
-    module.CONTRACT.name: module.CONTRACT for module in (segformer, maskformer, mask2former, setr, segmenter, detr)
+    module.CONTRACT.name: module.CONTRACT for module in (segformer, maskformer, mask2former, setr, segmenter, detr, vistr)
 }
 
 # model name -> builder

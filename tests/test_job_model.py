@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 from helpers import CLASS_NAMES, tiny_checkpoint, tiny_model
 
+from models import build_model
 from models.base import CheckpointError, ModelError
 from pipeline.config import ModelConfig
 from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
@@ -37,4 +39,12 @@ def test_object_tasks_refuse_a_model_without_queries():
     check_task("semantic", model)
     for task in ("instance", "panoptic"):
         with pytest.raises(ModelError, match=f"inference.task {task} needs a query-based model"):
+            check_task(task, model)
+
+
+def test_every_task_refuses_a_clip_model_until_runs_feed_clips():
+    with torch.device("meta"):
+        model = build_model("vistr-r50", num_classes=41)
+    for task in ("semantic", "instance", "panoptic"):
+        with pytest.raises(ModelError, match="vistr-r50 is a clip model"):
             check_task(task, model)

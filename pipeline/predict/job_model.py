@@ -55,7 +55,10 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def check_task(task: str, model: SegmentationModel) -> None:
-    """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries."""
+    """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries,
+    or any task a clip model (VisTR: its forward takes a clip of frames, which runs do not form yet)."""
+    if getattr(model, "input_kind", "image") == "clip":
+        raise ModelError(f"{model.name or model.family} is a clip model (frames of a video at once): segpipe runs do not feed clips yet")
     if task != "semantic" and not hasattr(model, "forward_queries"):
         raise ModelError(
             f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {model.name or model.family} predicts class maps only"
