@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from pipeline.io.coco_codec import encode_rle
-from pipeline.metrics.video import TemporalStability, TrackDetection, TrackTruth, VideoMaskAP, spatiotemporal_ious
+from pipeline.metrics.video import FrameChanges, TrackDetection, TrackTruth, VideoMaskAP, spatiotemporal_ious
 
 SHAPE = (48, 56)  # 2,688 px: mean areas fall in the small (< 32^2) and medium ranges
 FRAMES = 6
@@ -200,20 +200,13 @@ def test_a_video_added_twice_or_an_undeclared_category_is_refused():
         metric.update(2, [TrackDetection(2, 0.5, {})], [])
 
 
-def test_temporal_stability_counts_the_pixels_whose_class_changes_between_frames():
+def test_frame_changes_count_the_pixels_whose_class_changes_between_frames():
     frames = [np.zeros((4, 5), np.uint8) for _ in range(3)]
     frames[1][0, :] = 2  # 5 of 20 change, then 5 change back and 1 more
     frames[2][3, 4] = 1
-    labels = [np.zeros((4, 5), np.uint8)] * 3  # the labels stand still
-    stability = TemporalStability()
-    for t in range(1, 3):
-        stability.add(frames[t - 1], frames[t], labels[t - 1], labels[t])
-    assert (stability.pairs, stability.pixels, stability.changed) == (2, 40, 11)
-    assert stability.changed_share == 11 / 40 and stability.label_changed_share == 0
-    other = TemporalStability()
-    other.add(frames[0], frames[0])  # no labels: counted for the predictions only
-    stability.merge(other)
-    assert stability.changed_share == 11 / 60 and stability.label_pixels == 40
-    assert np.isnan(TemporalStability().changed_share)
+    changes = FrameChanges()
+    assert changes.share is None
+    assert [changes.add(frames[t - 1], frames[t]) for t in (1, 2)] == [5, 6]
+    assert (changes.pairs, changes.pixels, changes.changed, changes.share) == (2, 40, 11, 11 / 40)
     with pytest.raises(ValueError, match="not one size"):
-        stability.add(frames[0], np.zeros((5, 4), np.uint8))
+        changes.add(frames[0], np.zeros((5, 4), np.uint8))

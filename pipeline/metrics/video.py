@@ -1,5 +1,5 @@
 """Video metrics in numpy: video instance segmentation's mask AP (YouTube-VIS's definitions), and
-a semantic run's temporal stability (`TemporalStability`, at the end).
+a semantic run's temporal stability (`FrameChanges`, counted at the end by pipeline.results.temporal).
 
 YouTube-VIS scores tracks, not masks: its evaluation (the youtubevos/cocoapi fork, `YTVOSeval`) is
 COCOeval with a video in the place of an image and one change, the IoU of a predicted track and a
@@ -243,44 +243,26 @@ class VideoMaskAP:
 
 
 @dataclass
-class TemporalStability:
-    """The share of pixels whose class changes between consecutive frames, in the predictions and
-    in the labels: a prediction that flickers more than its labels change is unstable (an object
-    standing still keeps its labels; a moving camera changes both). Counts add up over pairs of
-    consecutive frames (`add`) and over accumulators (`merge`); the pairs are the caller's to form
-    (frames of one video, in order, of one size)."""
+class FrameChanges:
+    """Pixels whose class changes between consecutive frames, counted over pairs of frames (the pairs
+    are the caller's to form: frames of one video, in order, of one size); pipeline.results.temporal
+    counts a run's masks and its labels with it."""
 
     pairs: int = 0
     pixels: int = 0
     changed: int = 0
-    label_pairs: int = 0
-    label_pixels: int = 0
-    label_changed: int = 0
 
-    def add(
-        self, previous: np.ndarray, current: np.ndarray, previous_label: np.ndarray | None = None, label: np.ndarray | None = None
-    ) -> None:
+    def add(self, previous: np.ndarray, current: np.ndarray) -> int:
+        """Count one pair; the pixels that changed in it."""
         if previous.shape != current.shape:
             raise ValueError(f"consecutive frames of {previous.shape} and {current.shape}: not one size")
+        changed = int(np.count_nonzero(previous != current))
         self.pairs += 1
         self.pixels += current.size
-        self.changed += int(np.count_nonzero(previous != current))
-        if previous_label is not None and label is not None:
-            if previous_label.shape != label.shape:
-                raise ValueError(f"consecutive labels of {previous_label.shape} and {label.shape}: not one size")
-            self.label_pairs += 1
-            self.label_pixels += label.size
-            self.label_changed += int(np.count_nonzero(previous_label != label))
-
-    def merge(self, other: TemporalStability) -> None:
-        for name in ("pairs", "pixels", "changed", "label_pairs", "label_pixels", "label_changed"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.changed += changed
+        return changed
 
     @property
-    def changed_share(self) -> float:
-        """Changed pixels over all pixels of the pairs; NaN before any pair."""
-        return self.changed / self.pixels if self.pixels else float("nan")
-
-    @property
-    def label_changed_share(self) -> float:
-        return self.label_changed / self.label_pixels if self.label_pixels else float("nan")
+    def share(self) -> float | None:
+        """Changed pixels over all pixels of the pairs; None before any pair."""
+        return self.changed / self.pixels if self.pixels else None

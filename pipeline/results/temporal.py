@@ -24,23 +24,9 @@ from pipeline.io.decode import decode_label
 from pipeline.io.source import list_labels
 from pipeline.io.storage import open_fs, read_bytes
 from pipeline.io.video import split_frame_id, video_stem
+from pipeline.metrics.video import FrameChanges
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 from pipeline.results.runstore import RunStore, read_mask
-
-
-class _Changes:
-    def __init__(self) -> None:
-        self.pairs = self.pixels = self.changed = 0
-
-    def add(self, a: np.ndarray, b: np.ndarray) -> int:
-        changed = int(np.count_nonzero(a != b))
-        self.pairs += 1
-        self.pixels += a.size
-        self.changed += changed
-        return changed
-
-    def share(self) -> float | None:
-        return self.changed / self.pixels if self.pixels else None
 
 
 def video_summary(store: RunStore, cfg: JobConfig) -> dict[str, Any]:
@@ -77,7 +63,7 @@ def video_summary(store: RunStore, cfg: JobConfig) -> dict[str, Any]:
         data = read_bytes(lfs, uri)
         return decode_label(data, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose)
 
-    masks, label_changes, masks_on_labeled = _Changes(), _Changes(), _Changes()
+    masks, label_changes, masks_on_labeled = FrameChanges(), FrameChanges(), FrameChanges()
     size_changes = 0
     for key in sorted(videos):
         before: tuple[np.ndarray, np.ndarray | None] | None = None
@@ -96,7 +82,7 @@ def video_summary(store: RunStore, cfg: JobConfig) -> dict[str, Any]:
         "pairs": masks.pairs,
         "pixels": masks.pixels,
         "changed_pixels": masks.changed,
-        "changed_share": masks.share(),
+        "changed_share": masks.share,
         "size_changes": size_changes,
         "labels": None,
     }
@@ -105,8 +91,8 @@ def video_summary(store: RunStore, cfg: JobConfig) -> dict[str, Any]:
             "pairs": label_changes.pairs,
             "pixels": label_changes.pixels,
             "changed_pixels": label_changes.changed,
-            "changed_share": label_changes.share(),
-            "masks_changed_share": masks_on_labeled.share(),  # the masks over the same pairs
+            "changed_share": label_changes.share,
+            "masks_changed_share": masks_on_labeled.share,  # the masks over the same pairs
         }
     out["temporal_stability"] = stability
     return out
