@@ -268,6 +268,9 @@ class Prediction(_StageRow):
     # slides: the mask's microns per pixel (None: not stated) and level-0 pixels per mask pixel (None: not a slide)
     mpp: float | None = None
     level0_scale: float | None = None
+    # rasters and slides: per-class areas in a physical unit (pipeline.metrics.areas), {"unit": "m2" | "um2",
+    # "pred": [...], "label": [...] or None}; None where the pixel's size is not known
+    physical: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -275,7 +278,9 @@ class Prediction(_StageRow):
         return cls(image.unit, image.image_id, image.height, image.width, error=image.error, stage=image.stage, unit_rows=image.unit_rows)
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None)
+        return replace(
+            super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None, physical=None
+        )
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -297,6 +302,7 @@ class Prediction(_StageRow):
             "raster": json.dumps(self.raster) if self.raster is not None else "",
             "mpp": self.mpp if self.mpp is not None else float("nan"),  # NaN: None (a float column either way)
             "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
+            "physical": json.dumps(self.physical) if self.physical is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -329,6 +335,7 @@ class Prediction(_StageRow):
             raster=json.loads(batch["raster"][i]) if "raster" in batch and batch["raster"][i] else None,
             mpp=_number(batch, "mpp", i),
             level0_scale=_number(batch, "level0_scale", i),
+            physical=json.loads(batch["physical"][i]) if "physical" in batch and batch["physical"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

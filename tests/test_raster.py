@@ -16,7 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import torch
-from helpers import TINY_SEGFORMER, UTM_33N, UTM_TRANSFORM, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
+from helpers import (
+    LONLAT_TRANSFORM,
+    TINY_SEGFORMER,
+    UTM_33N,
+    UTM_TRANSFORM,
+    job_config,
+    pixel_area_by_geod,
+    scene_12bit,
+    segpipe_run,
+    tiny_checkpoint,
+    write_raster,
+)
 
 from models import build_model
 from pipeline.config import ConfigError, InputConfig, load_config
@@ -236,6 +247,8 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     data = scene_12bit()
     write_raster(tmp_path / "in" / "scene.tif", data, nodata=0, tile=64)
     write_raster(tmp_path / "in" / "plain.tif", scene_12bit(40, 50, border=5), crs=None, nodata=0)
+    lonlat = scene_12bit(40, 50, border=5, seed=2)
+    write_raster(tmp_path / "in" / "lonlat.tif", lonlat, crs="EPSG:4326", transform=LONLAT_TRANSFORM, nodata=0)
     label = (np.arange(160)[None, :] // 40 % 3).repeat(120, 0).astype(np.uint8)[None]
     write_raster(tmp_path / "labels" / "scene.tif", label)
     ckpt = tiny_checkpoint(tmp_path / "four.safetensors", 3, seed=1, in_channels=4)
@@ -248,7 +261,8 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
         output={"chunk_size": 64},
     )
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    assert capsys.readouterr().out.count("without a CRS (first: plain.tif)") == 1  # said once
+    printed = capsys.readouterr().out
+    assert printed.count("without a CRS (first: plain.tif)") == 1  # said once
     run = tmp_path / "runs" / "t1"
     masks = pq.read_table(run / "masks").to_pylist()
     scene_rows = [r for r in masks if r["image_id"] == "scene.tif"]
@@ -258,16 +272,32 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     mask = assemble_mask(scene_rows)
     valid = (data != 0).all(axis=0)
     assert (mask[~valid] == NODATA_LABEL).all() and (mask[valid] < 3).all()
-    metrics = pq.read_table(run / "metrics").to_pylist()
-    assert [m["image_id"] for m in metrics] == ["scene.tif"] and sum(metrics[0]["label_area"]) == valid.sum()
+    # a metrics row per raster: the labeled one's counts, every one's areas in m^2 (null without a CRS)
+    metrics = {m["image_id"]: m for m in pq.read_table(run / "metrics").to_pylist()}
+    assert sorted(metrics) == ["lonlat.tif", "plain.tif", "scene.tif"] and sum(metrics["scene.tif"]["label_area"]) == valid.sum()
+    scene = metrics["scene.tif"]
+    assert scene["pred_area_m2"] == [100.0 * (mask == k).sum() for k in range(3)]  # 10 m pixels; no data (255) in none
+    assert scene["label_area_m2"] == [100.0 * (label[0][valid] == k).sum() for k in range(3)]
+    plain = metrics["plain.tif"]
+    assert plain["pred_area_m2"] is None and plain["label_area_m2"] is None and plain["label_area"] is None and plain["union"] is None
+    lonlat_mask = assemble_mask([r for r in masks if r["image_id"] == "lonlat.tif"])
+    pixel_m2 = np.array([pixel_area_by_geod(LONLAT_TRANSFORM, row, 0) for row in range(40)])[:, None].repeat(50, 1)
+    assert (lonlat_mask[~(lonlat != 0).all(axis=0)] == NODATA_LABEL).all()
+    assert metrics["lonlat.tif"]["pred_area_m2"] == pytest.approx([pixel_m2[lonlat_mask == k].sum() for k in range(3)], rel=1e-9)
+    assert metrics["lonlat.tif"]["label_area_m2"] is None and metrics["lonlat.tif"]["label_area"] is None
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["labeled_images"] == 1  # the rows without a label are in no IoU
+    area = summary["area_m2"]
+    assert area["images"] == 2 and area["labeled_images"] == 1 and list(area["predicted"]) == ["0", "1", "2"]
+    assert area["predicted"] == pytest.approx(
+        {str(k): scene["pred_area_m2"][k] + metrics["lonlat.tif"]["pred_area_m2"][k] for k in range(3)}
+    )
+    assert sum(area["labeled"].values()) == pytest.approx(valid.sum() * 100.0)
+    assert "predicted m²" in printed and "areas in m² over 2 images, labels of 1" in printed
     info = json.loads((run / "run.json").read_text())
     raster = info["raster"]
     assert raster["without_crs"] == ["plain.tif"] and raster["nodata_windows"] >= scene_rows[0]["nodata_windows"]
     assert np.allclose(raster["rasters"]["scene.tif"]["band_scale"], by_hand(data, BANDS, 2, 98)[2])
-    areas = summary["raster"]["class_area_m2"]
-    assert sum(areas.values()) == pytest.approx(valid.sum() * 100.0)  # 10 m pixels, no data in no class
-    assert set(areas) == {"0", "1", "2"}
 
     # the COG of the run: its input's CRS, transform and nodata, overviews, a valid COG
     from rio_cogeo.cogeo import cog_validate

@@ -27,6 +27,7 @@ from pipeline.config import JobConfig
 from pipeline.io.coco_codec import encode_rle
 from pipeline.io.raster import NODATA_LABEL, RASTER_STREAM, RasterWindows
 from pipeline.io.tiff import StreamError, TiffWindows
+from pipeline.metrics.areas import PhysicalAreas, PixelAreas
 from pipeline.metrics.coco_labels import PanopticLabels, image_key
 from pipeline.metrics.cod import cod_image_stats
 from pipeline.metrics.panoptic import PanopticQuality, Segment
@@ -187,6 +188,7 @@ def finish_image(
     on_rows: Callable[[int, int], None] | None = None,
     valid_rows: LabelRows | None = None,
     pixel_counts: np.ndarray | None = None,
+    physical: PhysicalAreas | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
@@ -195,9 +197,10 @@ def finish_image(
     (a binary task's foreground probability, or the confidence of output.confidence), encoded too.
     `valid_rows(y0, n)`: a raster's valid-data mask of those rows; pixels outside it are
     NODATA_LABEL in the mask (probability 0) and count in no class area. `pixel_counts`: the mask's
-    pixels per value are added to it (its length: the values counted)."""
+    pixels per value are added to it (its length: the values counted). `physical`: the per-class areas
+    in square metres or microns (pipeline.metrics.areas) of the mask's pixels and the label's are added to it."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
-    areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
+    areas = LabelAreas(reading or LabelReading(num_classes, ignore_index), physical) if label_rows is not None else None
     finished = 0
     for y0, labels, probability in bands:
         valid = valid_rows(y0, labels.shape[0]) if valid_rows is not None else None
@@ -207,10 +210,12 @@ def finish_image(
         writer.add(y0, labels, probability)
         if pixel_counts is not None:
             pixel_counts += np.bincount(labels.ravel(), minlength=len(pixel_counts))[: len(pixel_counts)]
+        if physical is not None:
+            physical.add_pred(y0, labels)
         if areas is not None:
             for top in range(0, labels.shape[0], AREA_ROWS):
                 rows = labels[top : top + AREA_ROWS]
-                areas.add(rows, label_rows(y0 + top, rows.shape[0]), valid[top : top + AREA_ROWS] if valid is not None else None)
+                areas.add(rows, label_rows(y0 + top, rows.shape[0]), valid[top : top + AREA_ROWS] if valid is not None else None, y0 + top)
         finished += labels.shape[0]  # bands come top to bottom and cover each row once
         if on_rows is not None:
             on_rows(finished, height)
@@ -506,6 +511,7 @@ class Predictor:
                 on_rows=on_rows,
                 batch_sizes=self.batch_sizes,
             )
+            row.physical = row.raster.pop("physical")
             log.info("raster %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
             return row
         found: list[ImageObject] = []
@@ -552,6 +558,7 @@ class Predictor:
             batch_sizes=self.batch_sizes,
         )
         row.chunks, row.mpp, row.level0_scale = result.chunks, result.grid.mpp, result.grid.level0_scale
+        row.physical = result.physical
         if self.run_store is None:
             from pipeline.results.runstore import RunStore
 
@@ -655,6 +662,8 @@ def segment_raster(
                     f"label {source.label_uri} is {label.width} x {label.height} but the raster is {source.width} x {source.height}"
                 )
             counts = np.zeros(NODATA_LABEL + 1, np.int64)
+            pixel_areas = PixelAreas.of_raster(raster.georef(), source.height, source.width)
+            physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
             bands = segment_streaming(
                 score_fn,
                 raster.read,
@@ -677,6 +686,7 @@ def segment_raster(
                 on_rows=on_rows,
                 valid_rows=raster.valid_rows,
                 pixel_counts=counts,
+                physical=physical,
             )
         finally:
             if label is not None:
@@ -687,6 +697,8 @@ def segment_raster(
             "nodata_windows": raster.skipped,
             "class_pixels": counts[:num_classes].tolist(),  # valid pixels per class (no-data ones are NODATA_LABEL)
             "nodata_pixels": int(counts[NODATA_LABEL]),
+            # per class the mask's and the label's square metres (None: no CRS); the predictor moves it to Prediction.physical
+            "physical": physical.record(areas.reading if areas is not None else None) if physical is not None else None,
         }
     return chunks, areas, facts
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline.io.slide import SlideGrid, SlideWindows, TissueMap, tissue_mask
 from pipeline.io.tiff import StreamError
+from pipeline.metrics.areas import PhysicalAreas, PixelAreas
 from pipeline.predict.tiling import BatchSizes, TilingSettings, segment_streaming
 from pipeline.rows import MaskChunk, StreamSource
 
@@ -31,6 +32,7 @@ class SlideResult:
     tissue_shape: tuple[int, int]
     windows_run: int = 0
     windows_skipped: int = 0
+    physical: dict | None = None  # per class the mask's square microns (pipeline.metrics.areas; None: no mpp)
 
     @property
     def note(self) -> str:
@@ -82,6 +84,8 @@ def segment_slide(
             return skipped
 
         bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        pixel_areas = PixelAreas.of_slide(slide.grid.mpp)
+        physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
         result.chunks, _ = finish(
             bands,
             slide.height,
@@ -91,5 +95,7 @@ def segment_slide(
             chunk_size=chunk_size,
             binary=settings.beside is not None,
             on_rows=(lambda done, total: on_rows(done, total, result.note)) if on_rows else None,
+            physical=physical,
         )
+        result.physical = physical.record(None) if physical is not None else None
     return result

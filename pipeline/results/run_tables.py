@@ -89,9 +89,27 @@ OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
 READING_FIELD = pa.field("label_reading", pa.string())
 
 
-def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
+# raster and slide runs: per class the area of the mask's pixels and of the label's in square metres (rasters:
+# `pred_area_m2`, `label_area_m2`) or square microns (slides: `pred_area_um2`, `label_area_um2`), see
+# pipeline.metrics.areas; null where the pixel's size is not known (a raster without a CRS, a slide without mpp)
+# and, label_area_*, for an image without a label. These runs have a metrics row for every image segmented: an
+# image without a label has its physical areas there and null `intersection`, `union`, `pred_area`, `label_area`.
+AREA_UNITS = {"raster": "m2", "slide": "um2"}  # input.format -> the unit of its physical areas
+
+
+def physical_fields(unit: str) -> list[pa.Field]:
+    return [pa.field(f"pred_area_{unit}", pa.list_(pa.float64())), pa.field(f"label_area_{unit}", pa.list_(pa.float64()))]
+
+
+def metrics_schema(cod: bool, panoptic: bool = False, area_unit: str | None = None) -> pa.Schema:
     return pa.schema(
-        [*METRICS_SCHEMA, OUTSIDE_FIELD, *([READING_FIELD, *COD_FIELDS] if cod else []), *(PANOPTIC_FIELDS if panoptic else [])]
+        [
+            *METRICS_SCHEMA,
+            OUTSIDE_FIELD,
+            *([READING_FIELD, *COD_FIELDS] if cod else []),
+            *(PANOPTIC_FIELDS if panoptic else []),
+            *(physical_fields(area_unit) if area_unit else []),
+        ]
     )
 
 

@@ -58,6 +58,7 @@ from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, 
 from pipeline.redaction import scrub
 from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import (
+    AREA_UNITS,
     AREAS,
     ERRORS,
     ERRORS_SCHEMA,
@@ -411,15 +412,13 @@ RASTER_IMAGES_LISTED = 1000  # run.json lists the georeferencing of this many ra
 
 def raster_summary(table: pa.Table | None, class_names: list[str]) -> dict:
     """What a raster run's masks rows say, summed: windows and pixels without valid data, the rasters
-    without a CRS, the CRSs seen, per class the area in square metres (rasters of a projected CRS;
-    pixels of no data in none), and per raster (the first RASTER_IMAGES_LISTED by id) its CRS,
+    without a CRS, the CRSs seen (per class areas in square metres: summary.json's `area_m2`, from the
+    metrics table), and per raster (the first RASTER_IMAGES_LISTED by id) its CRS,
     transform, resolution and the scale applied to its bands."""
     out: dict[str, Any] = {"images": 0, "nodata_windows": 0, "nodata_pixels": 0, "without_crs": [], "crs": []}
     if table is None or not table.num_rows:
         return out
     first = table.filter(pc.and_(pc.equal(table.column("chunk_y"), 0), pc.equal(table.column("chunk_x"), 0)))
-    area_m2 = np.zeros(len(class_names))
-    projected = 0
     per_image: dict[str, dict] = {}
     crs_seen: set[str] = set()
     for row in first.to_pylist():
@@ -430,14 +429,9 @@ def raster_summary(table: pa.Table | None, class_names: list[str]) -> dict:
             out["without_crs"].append(row["image_id"])
         else:
             crs_seen.add(row["crs"])
-        if row["pixel_area_m2"] is not None and row["class_pixels"] is not None:
-            projected += 1
-            area_m2 += np.asarray(row["class_pixels"][: len(class_names)], np.float64) * row["pixel_area_m2"]
         if len(per_image) < RASTER_IMAGES_LISTED:
             per_image[row["image_id"]] = {k: row[k] for k in ("crs", "transform", "resolution", "band_scale", "nodata_windows")}
     out["crs"] = sorted(crs_seen)
-    out["class_area_m2"] = dict(zip(class_names, area_m2.tolist())) if projected else None
-    out["area_images"] = projected  # the rasters of a projected CRS, whose areas are summed
     out["rasters"] = per_image
     return out
 
@@ -471,11 +465,19 @@ def latest_metrics(metrics: list[pa.Table | None]) -> pa.Table | None:
     return table.take(last).drop_columns(["_row"])
 
 
-def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAreas, int]:
-    """Class areas summed over metrics tables, each image once (see `latest_metrics`); and how many
-    images that is. One row per image in int64 arrays."""
-    table = latest_metrics(metrics)
+def labeled_rows(table: pa.Table | None) -> pa.Table | None:
+    """The metrics rows of labeled images: raster and slide runs also have rows of images without a label
+    (their physical areas), whose label_area is null."""
     if table is None:
+        return None
+    return table.filter(pc.is_valid(table.column("label_area")))
+
+
+def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAreas, int]:
+    """Class areas summed over metrics tables, each image once (see `latest_metrics`), labeled images
+    only; and how many images that is. One row per image in int64 arrays."""
+    table = labeled_rows(latest_metrics(metrics))
+    if table is None or not table.num_rows:
         return ClassAreas.zeros(num_classes), 0
     areas = [
         np.asarray(table.column(a).combine_chunks().flatten(), dtype=np.int64).reshape(table.num_rows, num_classes).sum(axis=0)
@@ -496,9 +498,31 @@ def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: 
         **summarize(total),
     }
     latest = latest_metrics(metrics)
+    summary.update(physical_summary(latest, class_names))
+    latest = labeled_rows(latest)
     summary.update(labels_summary(latest))
     summary.update(cod_summary(latest))
     return summary
+
+
+def physical_summary(metrics: pa.Table | None, class_names: list[str]) -> dict:
+    """Raster and slide runs: per class the summed areas in square metres (`area_m2`) or microns
+    (`area_um2`) of the masks (`predicted`, over the `images` whose pixel size is known) and of the
+    labels (`labeled`, over `labeled_images`; null without any); {} for other runs."""
+    if metrics is None:
+        return {}
+    out: dict[str, Any] = {}
+    for unit in AREA_UNITS.values():
+        if f"pred_area_{unit}" not in metrics.column_names:
+            continue
+        section: dict[str, Any] = {}
+        for side, column in (("predicted", f"pred_area_{unit}"), ("labeled", f"label_area_{unit}")):
+            known = metrics.column(column).drop_null()
+            total = np.asarray(known.combine_chunks().flatten(), np.float64).reshape(len(known), -1).sum(axis=0) if len(known) else None
+            section["images" if side == "predicted" else "labeled_images"] = len(known)
+            section[side] = dict(zip(class_names, total.tolist())) if total is not None else None
+        out[f"area_{unit}"] = section
+    return out
 
 
 def labels_summary(metrics: pa.Table | None) -> dict:

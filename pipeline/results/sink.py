@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.metrics.cod import CodImageStats
 from pipeline.results.run_tables import (
+    AREA_UNITS,
     CHUNK_FIELDS,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
@@ -81,13 +82,18 @@ def part_tables(
             if raster:
                 for name in RASTER_COLUMNS:
                     masks[name].append((r.raster or {}).get(name))
-    labeled = [r for r in ok if r.areas is not None]
+    area_unit = AREA_UNITS["raster" if raster else "slide"] if raster or slide else None
+    # one row per labeled image; with physical areas (rasters, slides) one per image, the label's columns null without one
+    labeled = [r for r in ok if r.areas is not None or area_unit]
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
-        metrics[area] = [getattr(r.areas, area).tolist() for r in labeled]
-    metrics[OUTSIDE_FIELD.name] = [r.areas.outside for r in labeled]
+        metrics[area] = [getattr(r.areas, area).tolist() if r.areas is not None else None for r in labeled]
+    metrics[OUTSIDE_FIELD.name] = [r.areas.outside if r.areas is not None else None for r in labeled]
+    if area_unit:
+        metrics[f"pred_area_{area_unit}"] = [r.physical["pred"] if r.physical else None for r in labeled]
+        metrics[f"label_area_{area_unit}"] = [r.physical["label"] if r.physical else None for r in labeled]
     if cod:  # a binary task: the camouflaged-object stats beside the areas (null for a streamed image)
-        metrics[READING_FIELD.name] = [r.areas.reading for r in labeled]
+        metrics[READING_FIELD.name] = [r.areas.reading if r.areas is not None else None for r in labeled]
         stats = [CodImageStats.from_flat(r.cod).to_record() if r.cod else None for r in labeled]
         for name in (*CodImageStats.SCALARS, *CodImageStats.CURVES):
             metrics[name] = [s[name] if s else None for s in stats]
@@ -103,7 +109,7 @@ def part_tables(
     }
     return (
         pa.Table.from_pydict(masks, schema=schema),
-        pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic)),
+        pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic, area_unit)),
         pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
 
