@@ -601,8 +601,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
             "classes, whose masks carry the foreground probability (column probability) already"
         )
     if cfg.input.format == "raster":  # the first raster against the bands, the scale and the model
-        if cfg.inference.task != "semantic":
-            raise ConfigError(f"input.format raster: rasters are segmented by the semantic task, not {cfg.inference.task}")
+        if cfg.inference.task == "panoptic":  # its segment map is painted whole: rasters are read window by window
+            raise ConfigError("input.format raster: rasters are segmented by the semantic or the instance task, not panoptic")
         check_raster_job(cfg.input, first[0].uris[0], model.in_channels, model.num_classes)
     elif model.in_channels != 3:
         raise ConfigError(

@@ -308,3 +308,55 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
         assert cog.crs == src.crs and cog.transform == src.transform and cog.nodata == NODATA_LABEL
         assert np.array_equal(cog.read(1), mask) and cog.colormap(1)[NODATA_LABEL] == (0, 0, 0, 0)
     assert cog_validate(str(tmp_path / "cog" / "scene.tif"))[0]
+
+
+def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodata_and_exports_a_polygon_per_instance(ray_session, tmp_path):
+    """The instance task through `segpipe run` over an 8-bit three-band raster with a no-data block:
+    windows of no data are not run, objects come merged across windows (the streaming instance merger)
+    into the instances table, the label map has 255 over no data, the metrics row its m^2; the
+    GeoParquet export has one (multi)polygon per instance that rasterises back to its mask."""
+    import geopandas as gpd
+    from affine import Affine
+    from helpers import tiny_hf_checkpoint
+    from pycocotools import mask as coco_mask
+    from rasterio.features import rasterize
+
+    from pipeline.analysis.export import export_run
+
+    rng = np.random.default_rng(4)
+    data = rng.integers(1, 256, (3, 128, 192)).astype(np.uint8)
+    data[:, :, :70] = 0  # no data: the windows of the first column are not run
+    write_raster(tmp_path / "in" / "rgb.tif", data, nodata=0)
+    tiny_hf_checkpoint("maskformer", tmp_path / "maskformer", seed=3)  # seed 3: its queries name classes
+    cfg = job_config(
+        tmp_path,
+        tmp_path / "in",
+        tmp_path / "maskformer",
+        run_id="inst",
+        input={"format": "raster"},
+        inference={"task": "instance", "window": [64, 64], "stride": [48, 48], "objects": {"threshold": 0.0, "top_k": 4}},
+        output={"chunk_size": 64},
+    )
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    run = tmp_path / "runs" / "inst"
+    masks = pq.read_table(run / "masks").to_pylist()
+    assert masks[0]["nodata_windows"] > 0
+    valid = (data != 0).all(axis=0)
+    label_map = assemble_mask(masks)
+    assert (label_map[~valid] == NODATA_LABEL).all() and (label_map[valid] < 7).all()
+    metrics = pq.read_table(run / "metrics").to_pylist()
+    assert sum(metrics[0]["pred_area_m2"]) == pytest.approx(valid.sum() * 100.0)
+    instances = sorted(pq.read_table(run / "instances").to_pylist(), key=lambda r: r["instance_id"])
+    assert instances and all((r["height"], r["width"]) == (128, 192) for r in instances)
+    rle = lambda r: {"size": [128, 192], "counts": r["rle"]}
+    # an object merged across windows spans more than one window's columns; none lies in the skipped no-data windows alone
+    assert any(r["bbox"][2] > 64 for r in instances)
+    assert all(coco_mask.decode(rle(r))[:, 64:].any() for r in instances)
+
+    assert export_run(str(run), str(tmp_path / "gpq"), "geoparquet").written == ["rgb.parquet"]
+    frame = gpd.read_parquet(tmp_path / "gpq" / "rgb.parquet")
+    assert list(frame.instance_id) == [r["instance_id"] for r in instances] and frame.crs.to_epsg() == 32633
+    assert frame.score.tolist() == pytest.approx([r["score"] for r in instances])
+    for geometry, r, area in zip(frame.geometry, instances, frame["area"]):
+        back = rasterize([(geometry, 1)], out_shape=(128, 192), transform=Affine(*UTM_TRANSFORM), fill=0, dtype="uint8")
+        assert np.array_equal(back, coco_mask.decode(rle(r))) and area == pytest.approx(r["area"] * 100.0)

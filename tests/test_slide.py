@@ -136,7 +136,7 @@ def test_slide_config_takes_mpp_or_level_and_only_with_format_slide():
         load_config({**base, "input": {"uri": "/images", "slide": {"mpp": 1.0}}})
     with pytest.raises(ConfigError, match="takes no labels"):
         load_config({**base, "input": {**base["input"], "labels": {"uri": "/labels"}}})
-    for inference in ({"task": "instance"}, {"mode": "whole"}):
+    for inference in ({"task": "panoptic"}, {"mode": "whole"}):
         with pytest.raises(ConfigError, match="input.format slide is segmented window by window"):
             load_config({**base, "inference": inference})
 

@@ -495,9 +495,9 @@ class Predictor:
         started = time.time()
         if image.stream.kind == "slide":
             return self._predict_slide(image, row)
+        found: list[ImageObject] = []
+        objects = (self.query_fn, self.objects, found) if self.objects is not None else None
         if image.stream.kind == RASTER_STREAM:
-            if self.objects is not None:
-                raise StreamError(f"rasters are segmented by the semantic task, not {self.objects.task}")
             row.chunks, row.areas, row.raster = segment_raster(
                 self.score_fn,
                 image.stream,
@@ -510,11 +510,13 @@ class Predictor:
                 max_pixels=self.max_pixels,
                 on_rows=on_rows,
                 batch_sizes=self.batch_sizes,
+                objects=objects,
             )
             row.physical = row.raster.pop("physical")
+            if objects is not None:
+                row.objects = instance_records(found, row.height, row.width)
             log.info("raster %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
             return row
-        found: list[ImageObject] = []
         row.chunks, row.areas = segment_tiff(
             self.score_fn,
             image.stream,
@@ -524,10 +526,10 @@ class Predictor:
             reading=self.label_reading,
             storage_options=self.input_storage_options,
             on_rows=on_rows,
-            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
+            objects=objects,
             batch_sizes=self.batch_sizes,
         )
-        if self.objects is not None:
+        if objects is not None:
             row.objects = instance_records(found, row.height, row.width)
         log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
         return row
@@ -540,9 +542,8 @@ class Predictor:
             if self.monitor is not None:
                 self.monitor.stream_rows.remote(image.image_id, done, total, note)  # fire and forget
 
-        if self.objects is not None:
-            raise StreamError(f"slides are segmented by the semantic task, not {self.objects.task}")
         started, settings = time.time(), self.slide_settings
+        found: list[ImageObject] = []
         result = segment_slide(
             self.score_fn,
             image.stream,
@@ -556,8 +557,11 @@ class Predictor:
             on_rows=on_rows,
             finish=finish_image,
             batch_sizes=self.batch_sizes,
+            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
         )
         row.chunks, row.mpp, row.level0_scale = result.chunks, result.grid.mpp, result.grid.level0_scale
+        if self.objects is not None:
+            row.objects = instance_records(found, row.height, row.width)
         row.physical = result.physical
         if self.run_store is None:
             from pipeline.results.runstore import RunStore
@@ -641,11 +645,13 @@ def segment_raster(
     max_pixels: int | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     batch_sizes: BatchSizes | None = None,
+    objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None, dict]:
     """A raster read window by window (pipeline.io.raster): its selected bands scaled, windows without
     valid data skipped, no-data pixels NODATA_LABEL in the mask and in no metric; the label raster's
     rows read alongside. Returns the chunks, the class areas and the raster's facts (georeferencing,
-    the scale applied, the windows skipped)."""
+    the scale applied, the windows skipped, the per-class areas in square metres). `objects` (query_fn,
+    settings, found): the instance task, its objects merged across windows into `found` as a TIFF's."""
     if settings.mode != "slide" and max_pixels is not None and source.height * source.width > max_pixels:
         raise StreamError(
             f"a {source.width} x {source.height} raster over input.max_pixels ({max_pixels}) is segmented window by window: "
@@ -664,16 +670,22 @@ def segment_raster(
             counts = np.zeros(NODATA_LABEL + 1, np.int64)
             pixel_areas = PixelAreas.of_raster(raster.georef(), source.height, source.width)
             physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
-            bands = segment_streaming(
-                score_fn,
-                raster.read,
-                source.height,
-                source.width,
-                settings,
-                skip_window=raster.empty,
-                channels=None,
-                batch_sizes=batch_sizes,
-            )
+            if objects is None:
+                bands = segment_streaming(
+                    score_fn,
+                    raster.read,
+                    source.height,
+                    source.width,
+                    settings,
+                    skip_window=raster.empty,
+                    channels=None,
+                    batch_sizes=batch_sizes,
+                )
+            else:
+                query_fn, object_config, found = objects
+                bands = find_objects(
+                    query_fn, raster.read, source.height, source.width, settings, object_config, found, batch_sizes, raster.empty
+                )
             chunks, areas = finish_image(
                 bands,
                 source.height,

@@ -18,6 +18,8 @@ from PIL import Image
 from pipeline.io.slide import SlideGrid, SlideWindows, TissueMap, tissue_mask
 from pipeline.io.tiff import StreamError
 from pipeline.metrics.areas import PhysicalAreas, PixelAreas
+from pipeline.predict.object_windows import ObjectSettings, find_objects
+from pipeline.predict.objects import ImageObject
 from pipeline.predict.tiling import BatchSizes, TilingSettings, segment_streaming
 from pipeline.rows import MaskChunk, StreamSource
 
@@ -59,10 +61,12 @@ def segment_slide(
     on_rows: Callable[[int, int, str], None] | None = None,
     finish: Callable | None = None,
     batch_sizes: BatchSizes | None = None,
+    objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> SlideResult:
     """Segment one slide on its target grid. Windows whose tissue fraction (`TissueMap`) is under
     `min_tissue` are neither read nor run. on_rows(rows finished, total, "N windows run, M skipped"). `finish`: pipeline.predict.predictor.finish_image (the
-    loop every image takes), passed in so that this module needs no predictor."""
+    loop every image takes), passed in so that this module needs no predictor. `objects` (query_fn,
+    settings, found): the instance task, its objects merged across the windows run into `found`."""
     if settings.mode != "slide":
         raise StreamError(f"a slide is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}")
     if num_classes > SKIPPED_LABEL:
@@ -83,7 +87,11 @@ def segment_slide(
             result.windows_run += not skipped
             return skipped
 
-        bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        if objects is None:
+            bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        else:
+            query_fn, object_config, found = objects
+            bands = find_objects(query_fn, slide.rgb, slide.height, slide.width, settings, object_config, found, batch_sizes, skip)
         pixel_areas = PixelAreas.of_slide(slide.grid.mpp)
         physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
         result.chunks, _ = finish(
