@@ -269,7 +269,8 @@ class Prediction(_StageRow):
     mpp: float | None = None
     level0_scale: float | None = None
     # rasters and slides: per-class areas in a physical unit (pipeline.metrics.areas), {"unit": "m2" | "um2",
-    # "pred": [...], "label": [...] or None}; None where the pixel's size is not known
+    # "pred": [...] (the image's), "chunks": [[...], ...] (each chunk's, in the order of `chunks`), "label": [...]
+    # or None}; None where the pixel's size is not known
     physical: dict[str, Any] | None = None
 
     @classmethod

@@ -28,13 +28,13 @@ def test_a_geographic_rasters_class_areas_are_the_sum_of_each_pixels_area_on_the
     mask = np.array([[0, 0, 1, 1], [0, 1, 1, 255], [2, 2, 2, 2], [0, 0, 0, 0], [1, 255, 255, 1]], np.uint8)
     label = np.array([[0, 0, 0, 1], [1, 1, 1, 1], [2, 2, 9, 2], [0, 0, 0, 0], [1, 1, 1, 1]], np.uint8)  # 9: ignored
     physical = PhysicalAreas(pixels, 3)
-    _, areas = finish_image(
-        iter([(0, mask[:2], None), (2, mask[2:], None)]),
+    chunks, areas = finish_image(
+        iter([(0, mask[:2], None), (2, mask[2:], None)]),  # the second band straddles the chunk rows
         5,
         4,
         lambda y, n: label[y : y + n],
         num_classes=3,
-        chunk_size=None,
+        chunk_size=3,
         binary=False,
         ignore_index=9,
         physical=physical,
@@ -44,6 +44,11 @@ def test_a_geographic_rasters_class_areas_are_the_sum_of_each_pixels_area_on_the
     assert record["unit"] == M2
     assert np.allclose(record["pred"], [direct[mask == k].sum() for k in range(3)], rtol=1e-12)
     assert np.allclose(record["label"], [direct[label == k].sum() for k in range(3)], rtol=1e-12)
+    # each chunk of the mask (3 x 3, cut at the edges): its own pixels' areas, in the order of the chunks
+    assert [(c.y, c.x, c.height, c.width) for c in chunks] == [(0, 0, 3, 3), (0, 3, 3, 1), (3, 0, 2, 3), (3, 3, 2, 1)]
+    for c, chunk_areas in zip(chunks, record["chunks"], strict=True):
+        box = (slice(c.y, c.y + c.height), slice(c.x, c.x + c.width))
+        assert np.allclose(chunk_areas, [direct[box][mask[box] == k].sum() for k in range(3)], rtol=1e-12)
 
 
 def test_a_projected_rasters_pixels_are_its_pixel_area_and_one_without_crs_has_none():
@@ -61,7 +66,8 @@ def test_slide_areas_are_mpp_squared_times_the_class_pixels_and_skipped_pixels_c
     for y0 in range(0, 37, 8):
         physical.add_pred(y0, mask[y0 : y0 + 8])
     record = physical.record(None)
-    assert record == {"unit": UM2, "pred": pytest.approx([0.25 * (mask == k).sum() for k in range(3)]), "label": None}
+    expected = pytest.approx([0.25 * (mask == k).sum() for k in range(3)])
+    assert record == {"unit": UM2, "pred": expected, "chunks": [expected], "label": None}  # unchunked: one chunk, the whole mask
 
 
 def test_a_binary_mask_labels_physical_area_follows_the_reading_it_gets():

@@ -272,26 +272,30 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     mask = assemble_mask(scene_rows)
     valid = (data != 0).all(axis=0)
     assert (mask[~valid] == NODATA_LABEL).all() and (mask[valid] < 3).all()
-    # a metrics row per raster: the labeled one's counts, every one's areas in m^2 (null without a CRS)
-    metrics = {m["image_id"]: m for m in pq.read_table(run / "metrics").to_pylist()}
-    assert sorted(metrics) == ["lonlat.tif", "plain.tif", "scene.tif"] and sum(metrics["scene.tif"]["label_area"]) == valid.sum()
-    scene = metrics["scene.tif"]
+    # the metrics table: one row per LABELED image (the public contract), its counts and its areas in m^2
+    metrics = pq.read_table(run / "metrics").to_pylist()
+    assert [m["image_id"] for m in metrics] == ["scene.tif"] and sum(metrics[0]["label_area"]) == valid.sum()
+    scene = metrics[0]
     assert scene["pred_area_m2"] == [100.0 * (mask == k).sum() for k in range(3)]  # 10 m pixels; no data (255) in none
     assert scene["label_area_m2"] == [100.0 * (label[0][valid] == k).sum() for k in range(3)]
-    plain = metrics["plain.tif"]
-    assert plain["pred_area_m2"] is None and plain["label_area_m2"] is None and plain["label_area"] is None and plain["union"] is None
-    lonlat_mask = assemble_mask([r for r in masks if r["image_id"] == "lonlat.tif"])
+    # every raster's predicted m^2 in its masks rows, each chunk's row its own pixels' (null without a CRS)
+    assert len(scene_rows) == 6  # 120 x 160 in chunks of 64
+    for r in scene_rows:
+        chunk = mask[r["chunk_y"] : r["chunk_y"] + r["chunk_height"], r["chunk_x"] : r["chunk_x"] + r["chunk_width"]]
+        assert r["class_area_m2"] == [100.0 * (chunk == k).sum() for k in range(3)]
+    assert {tuple(r["class_area_m2"] or ()) for r in masks if r["image_id"] == "plain.tif"} == {()}
+    lonlat_rows = [r for r in masks if r["image_id"] == "lonlat.tif"]
+    lonlat_mask = assemble_mask(lonlat_rows)
     pixel_m2 = np.array([pixel_area_by_geod(LONLAT_TRANSFORM, row, 0) for row in range(40)])[:, None].repeat(50, 1)
     assert (lonlat_mask[~(lonlat != 0).all(axis=0)] == NODATA_LABEL).all()
-    assert metrics["lonlat.tif"]["pred_area_m2"] == pytest.approx([pixel_m2[lonlat_mask == k].sum() for k in range(3)], rel=1e-9)
-    assert metrics["lonlat.tif"]["label_area_m2"] is None and metrics["lonlat.tif"]["label_area"] is None
+    lonlat_m2 = [pixel_m2[lonlat_mask == k].sum() for k in range(3)]
+    assert len(lonlat_rows) == 1 and lonlat_rows[0]["class_area_m2"] == pytest.approx(lonlat_m2, rel=1e-9)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["labeled_images"] == 1  # the rows without a label are in no IoU
+    assert summary["labeled_images"] == 1
     area = summary["area_m2"]
     assert area["images"] == 2 and area["labeled_images"] == 1 and list(area["predicted"]) == ["0", "1", "2"]
-    assert area["predicted"] == pytest.approx(
-        {str(k): scene["pred_area_m2"][k] + metrics["lonlat.tif"]["pred_area_m2"][k] for k in range(3)}
-    )
+    assert area["predicted"] == pytest.approx({str(k): scene["pred_area_m2"][k] + lonlat_m2[k] for k in range(3)}, rel=1e-9)
+    assert area["predicted_labeled"] == dict(zip(["0", "1", "2"], scene["pred_area_m2"]))
     assert sum(area["labeled"].values()) == pytest.approx(valid.sum() * 100.0)
     assert "predicted m²" in printed and "areas in m² over 2 images, labels of 1" in printed
     info = json.loads((run / "run.json").read_text())
@@ -313,7 +317,7 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
 def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodata_and_exports_a_polygon_per_instance(ray_session, tmp_path):
     """The instance task through `segpipe run` over an 8-bit three-band raster with a no-data block:
     windows of no data are not run, objects come merged across windows (the streaming instance merger)
-    into the instances table, the label map has 255 over no data, the metrics row its m^2; the
+    into the instances table, the label map has 255 over no data, its masks rows their m^2 (no label, no metrics row); the
     GeoParquet export has one (multi)polygon per instance that rasterises back to its mask."""
     import geopandas as gpd
     from affine import Affine
@@ -324,8 +328,8 @@ def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodat
     from pipeline.analysis.export import export_run
 
     rng = np.random.default_rng(4)
-    data = rng.integers(1, 256, (3, 128, 192)).astype(np.uint8)
-    data[:, :, :70] = 0  # no data: the windows of the first column are not run
+    data = rng.integers(1, 256, (3, 64, 160)).astype(np.uint8)
+    data[:, :, :64] = 0  # no data: the first window (columns 0-63) is not run, the two after it are
     write_raster(tmp_path / "in" / "rgb.tif", data, nodata=0)
     tiny_hf_checkpoint("maskformer", tmp_path / "maskformer", seed=3)  # seed 3: its queries name classes
     cfg = job_config(
@@ -344,11 +348,11 @@ def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodat
     valid = (data != 0).all(axis=0)
     label_map = assemble_mask(masks)
     assert (label_map[~valid] == NODATA_LABEL).all() and (label_map[valid] < 7).all()
-    metrics = pq.read_table(run / "metrics").to_pylist()
-    assert sum(metrics[0]["pred_area_m2"]) == pytest.approx(valid.sum() * 100.0)
+    assert pq.read_table(run / "metrics").num_rows == 0  # no label: no metrics row
+    assert sum(sum(r["class_area_m2"]) for r in masks) == pytest.approx(valid.sum() * 100.0)  # its chunks' m^2
     instances = sorted(pq.read_table(run / "instances").to_pylist(), key=lambda r: r["instance_id"])
-    assert instances and all((r["height"], r["width"]) == (128, 192) for r in instances)
-    rle = lambda r: {"size": [128, 192], "counts": r["rle"]}
+    assert instances and all((r["height"], r["width"]) == (64, 160) for r in instances)
+    rle = lambda r: {"size": [64, 160], "counts": r["rle"]}
     # an object merged across windows spans more than one window's columns; none lies in the skipped no-data windows alone
     assert any(r["bbox"][2] > 64 for r in instances)
     assert all(coco_mask.decode(rle(r))[:, 64:].any() for r in instances)
@@ -358,5 +362,5 @@ def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodat
     assert list(frame.instance_id) == [r["instance_id"] for r in instances] and frame.crs.to_epsg() == 32633
     assert frame.score.tolist() == pytest.approx([r["score"] for r in instances])
     for geometry, r, area in zip(frame.geometry, instances, frame["area"]):
-        back = rasterize([(geometry, 1)], out_shape=(128, 192), transform=Affine(*UTM_TRANSFORM), fill=0, dtype="uint8")
+        back = rasterize([(geometry, 1)], out_shape=(64, 160), transform=Affine(*UTM_TRANSFORM), fill=0, dtype="uint8")
         assert np.array_equal(back, coco_mask.decode(rle(r))) and area == pytest.approx(r["area"] * 100.0)

@@ -385,13 +385,15 @@ def test_a_folder_of_slides_through_segpipe_run_and_the_qupath_export(ray_sessio
     assert 0 < slides_record["windows_run"] <= 0.4 * total
     with Image.open(run / "tissue" / "tissue.svs.png") as tissue:
         assert tissue.size == (512, 384) and tissue.mode == "L"
-    # per class the mask's square microns: 0.5^2 per pixel, pixels without tissue (255) in none; no labels
-    metrics = read_run_table(run, "metrics").to_pylist()
-    assert [m["image_id"] for m in metrics] == ["tissue.svs"] and metrics[0]["label_area"] is None
-    assert metrics[0]["pred_area_um2"] == [0.25 * (mask == k).sum() for k in range(3)] and metrics[0]["label_area_um2"] is None
+    # per class the mask's square microns (0.5^2 per pixel, pixels without tissue, 255, in none) in each chunk's
+    # masks row; no labels: no metrics row
+    assert read_run_table(run, "metrics").num_rows == 0
+    for r in masks.to_pylist():
+        chunk = mask[r["chunk_y"] : r["chunk_y"] + r["chunk_height"], r["chunk_x"] : r["chunk_x"] + r["chunk_width"]]
+        assert r["class_area_um2"] == [0.25 * (chunk == k).sum() for k in range(3)]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["labeled_images"] == 0 and summary["area_um2"]["images"] == 1 and summary["area_um2"]["labeled"] is None
-    assert summary["area_um2"]["predicted"] == dict(zip(["background", "tissue", "tumour"], metrics[0]["pred_area_um2"]))
+    assert summary["area_um2"]["predicted"] == dict(zip(["background", "tissue", "tumour"], [0.25 * (mask == k).sum() for k in range(3)]))
 
     assert main(["export", str(run), "--to", str(tmp_path / "qupath"), "--format", "qupath"]) == 0
     collection = json.loads((tmp_path / "qupath" / "tissue.geojson").read_text())

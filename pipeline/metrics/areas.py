@@ -11,8 +11,10 @@ cell of 0.01 degrees. For a rotated geographic grid the cells of one row differ;
 column's cell stands for them (an approximation, said in README).
 
 `PhysicalAreas` adds them up band by band: per class the area of the mask's pixels (every pixel of a
-class; no-data and skipped pixels, 255, hold no class) and, where the image has a label, of the label's
-pixels under each reading the label may get (pixels ignored or outside the valid data count in none).
+class; no-data and skipped pixels, 255, hold no class), for the whole image and for each chunk of its
+mask (the masks table's `class_area_m2` / `class_area_um2`, one list per masks row), and, where the
+image has a label, of the label's pixels under each reading the label may get (pixels ignored or
+outside the valid data count in none; the metrics table's `label_area_m2` / `label_area_um2`).
 """
 
 from __future__ import annotations
@@ -90,16 +92,35 @@ def weighted_class_sums(values: np.ndarray, row_areas: np.ndarray, num_classes: 
 
 
 class PhysicalAreas:
-    """One image's per-class areas in `pixels.unit`, added band by band: the mask's (`add_pred`) and the
-    label's under each reading it may get (`add_label`, called by pipeline.metrics.semantic.LabelAreas)."""
+    """One image's per-class areas in `pixels.unit`, added band by band: the mask's (`add_pred`), per
+    chunk of the mask too, and the label's under each reading it may get (`add_label`, called by
+    pipeline.metrics.semantic.LabelAreas). The chunks: `chunk_grid(ys, xs)`, the first row and column of
+    each chunk row and column (pipeline.results.masks.ChunkedMaskWriter's); one chunk, the whole mask, until told."""
 
     def __init__(self, pixels: PixelAreas, num_classes: int) -> None:
         self.pixels, self.num_classes = pixels, num_classes
-        self.pred = np.zeros(num_classes, np.float64)
+        self.chunk_grid([0], [0])
         self.label: dict[str, np.ndarray] = {}
 
+    def chunk_grid(self, ys: list[int], xs: list[int]) -> None:
+        self.ys, self.xs = list(ys), list(xs)
+        self.chunks = np.zeros((len(self.ys), len(self.xs), self.num_classes), np.float64)
+
+    @property
+    def pred(self) -> np.ndarray:
+        """The mask's per-class areas over the whole image: its chunks' summed."""
+        return self.chunks.sum(axis=(0, 1))
+
     def add_pred(self, y0: int, labels: np.ndarray) -> None:
-        self.pred += weighted_class_sums(labels, self.pixels.rows(y0, labels.shape[0]), self.num_classes)
+        row_areas = self.pixels.rows(y0, labels.shape[0])
+        x_bounds = [*self.xs, labels.shape[1]]
+        # a band may straddle chunk rows: each of its rows goes to the chunk row that holds it
+        chunk_rows = np.searchsorted(self.ys, np.arange(y0, y0 + labels.shape[0]), side="right") - 1
+        for i in np.unique(chunk_rows):
+            rows = chunk_rows == i
+            for j in range(len(self.xs)):
+                values = labels[rows, x_bounds[j] : x_bounds[j + 1]]
+                self.chunks[i, j] += weighted_class_sums(values, row_areas[rows], self.num_classes)
 
     def add_label(self, y0: int, reading: str, classes: np.ndarray, ignore: int | None, valid: np.ndarray | None) -> None:
         keep = classes != ignore if ignore is not None else None
@@ -109,8 +130,14 @@ class PhysicalAreas:
         self.label[reading] = self.label.get(reading, 0) + sums
 
     def record(self, reading: str | None) -> dict:
-        """What a Prediction carries: the unit, the mask's areas, the label's under `reading` (None: no label)."""
+        """What a Prediction carries: the unit, the mask's areas (`pred`: the image's; `chunks`: each
+        chunk's, row-major as the mask's chunks), the label's under `reading` (None: no label)."""
         label = self.label.get("class_index" if reading == "empty" else reading) if reading is not None else None
         if reading is not None and label is None:
             label = np.zeros(self.num_classes)
-        return {"unit": self.pixels.unit, "pred": self.pred.tolist(), "label": label.tolist() if label is not None else None}
+        return {
+            "unit": self.pixels.unit,
+            "pred": self.pred.tolist(),
+            "chunks": self.chunks.reshape(-1, self.num_classes).tolist(),
+            "label": label.tolist() if label is not None else None,
+        }

@@ -198,8 +198,10 @@ def finish_image(
     `valid_rows(y0, n)`: a raster's valid-data mask of those rows; pixels outside it are
     NODATA_LABEL in the mask (probability 0) and count in no class area. `pixel_counts`: the mask's
     pixels per value are added to it (its length: the values counted). `physical`: the per-class areas
-    in square metres or microns (pipeline.metrics.areas) of the mask's pixels and the label's are added to it."""
+    in square metres or microns (pipeline.metrics.areas) of the mask's pixels (per chunk too) and the label's are added to it."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
+    if physical is not None:
+        physical.chunk_grid(writer.ys, writer.xs)  # each masks row gets its chunk's areas
     areas = LabelAreas(reading or LabelReading(num_classes, ignore_index), physical) if label_rows is not None else None
     finished = 0
     for y0, labels, probability in bands:

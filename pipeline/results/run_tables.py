@@ -48,10 +48,26 @@ RASTER_COLUMNS = [f.name for f in RASTER_FIELDS]
 SLIDE_FIELDS = (pa.field("mpp", pa.float64()), pa.field("level0_scale", pa.float64()))
 
 
+# raster and slide runs: per-class areas in square metres (rasters: `*_m2`) or square microns (slides: `*_um2`),
+# see pipeline.metrics.areas. The masks table has every image's predicted areas, each row those of ITS chunk's
+# pixels (`class_area_m2` / `class_area_um2`: an image's rows summed give the image's); the metrics table, one
+# row per labeled image, has the image's `pred_area_*` and `label_area_*`. Null where the pixel's size is not
+# known (a raster without a CRS, a slide without mpp). Runs of other inputs, and older runs, lack the columns.
+AREA_UNITS = {"raster": "m2", "slide": "um2"}  # input.format -> the unit of its physical areas
+
+
+def class_area_field(unit: str) -> pa.Field:
+    return pa.field(f"class_area_{unit}", pa.list_(pa.float64()))
+
+
+def physical_fields(unit: str) -> list[pa.Field]:
+    return [pa.field(f"pred_area_{unit}", pa.list_(pa.float64())), pa.field(f"label_area_{unit}", pa.list_(pa.float64()))]
+
+
 def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, slide: bool = False) -> pa.Schema:
     """binary: the foreground probability's column; confidence (output.confidence, multi-class):
     each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS;
-    slide: SLIDE_FIELDS."""
+    slide: SLIDE_FIELDS; raster and slide: their class_area_m2 / class_area_um2 (AREA_UNITS)."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -64,9 +80,9 @@ def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, s
     if confidence:
         fields.append(pa.field("confidence", pa.binary()))
     if raster:
-        fields.extend(RASTER_FIELDS)
+        fields.extend([*RASTER_FIELDS, class_area_field(AREA_UNITS["raster"])])
     if slide:
-        fields.extend(SLIDE_FIELDS)
+        fields.extend([*SLIDE_FIELDS, class_area_field(AREA_UNITS["slide"])])
     return pa.schema(fields)
 
 
@@ -87,18 +103,6 @@ PANOPTIC_FIELDS = [pa.field(PANOPTIC_COUNTS[0], pa.list_(pa.float64()))] + [pa.f
 OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
 # a binary task: how each image's label was read (pipeline.metrics.semantic.LabelReading: mask, class_index, empty)
 READING_FIELD = pa.field("label_reading", pa.string())
-
-
-# raster and slide runs: per class the area of the mask's pixels and of the label's in square metres (rasters:
-# `pred_area_m2`, `label_area_m2`) or square microns (slides: `pred_area_um2`, `label_area_um2`), see
-# pipeline.metrics.areas; null where the pixel's size is not known (a raster without a CRS, a slide without mpp)
-# and, label_area_*, for an image without a label. These runs have a metrics row for every image segmented: an
-# image without a label has its physical areas there and null `intersection`, `union`, `pred_area`, `label_area`.
-AREA_UNITS = {"raster": "m2", "slide": "um2"}  # input.format -> the unit of its physical areas
-
-
-def physical_fields(unit: str) -> list[pa.Field]:
-    return [pa.field(f"pred_area_{unit}", pa.list_(pa.float64())), pa.field(f"label_area_{unit}", pa.list_(pa.float64()))]
 
 
 def metrics_schema(cod: bool, panoptic: bool = False, area_unit: str | None = None) -> pa.Schema:

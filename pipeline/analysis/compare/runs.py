@@ -191,11 +191,6 @@ def read_image_table(run: Run) -> ImageTable:
         names = set(run.store.part_schema(METRICS, part).names)
         wanted = ["image_id", *AREAS] + [n for n in (*CodImageStats.SCALARS, *CodImageStats.CURVES) if n in names]
         table = run.store.read_part(METRICS, part, wanted)
-        if table.column("label_area").null_count:  # a raster or slide run's rows of images without a label
-            rows_read = pc.indices_nonzero(pc.is_valid(table.column("label_area"))).to_numpy()
-            table = table.take(rows_read)
-        else:
-            rows_read = np.arange(table.num_rows)
         n = table.num_rows
         if not n:
             continue
@@ -211,7 +206,7 @@ def read_image_table(run: Run) -> ImageTable:
                 if name in names:
                     cod[:, j] = _curve_means(table.column(name))
         cods.append(cod)
-        where.extend((part, int(i)) for i in rows_read)
+        where.extend((part, i) for i in range(n))
     if not ids:
         return ImageTable([], {a: np.zeros((0, c), np.int64) for a in AREAS}, None, {})
     all_ids = np.concatenate(ids)
