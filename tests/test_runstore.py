@@ -347,3 +347,10 @@ def test_a_raster_runs_area_summary_sums_every_images_masks_rows_and_the_labeled
     assert area["labeled"] == {"bg": 5.0, "fg": 3.0} and area["predicted_labeled"] == {"bg": 4.0, "fg": 4.0}
     assert area["labeled_images"] == 1
     assert "area_m2" not in RunStore(str(tmp_path), {}, "none").summarize(2, ["bg", "fg"])  # a run without rasters: no section
+
+    # a job's roll-up over two nights: an image's areas from the latest run that segmented it
+    for run_id, rows in (("n1", first), ("n2", [raster("a.tif", [[10.0, 20.0]], None)])):
+        job_run(str(tmp_path / "jobs"), run_id, {}, [])
+        RunStore(str(tmp_path / "jobs"), {}, run_id).write_part(part_name(1, 0, 0), *part_tables(rows, False, 1, raster=True))
+    rollup = job_summary(str(tmp_path / "jobs"), {}, "nightly")["area_m2"]
+    assert rollup["predicted"] == {"bg": 14.0, "fg": 24.0} and rollup["images"] == 2 and rollup["labeled"] == {"bg": 5.0, "fg": 3.0}
