@@ -505,6 +505,54 @@ def test_an_instance_runs_polygons_are_one_per_instance_with_its_class_score_and
     assert feature["properties"]["instance_id"] == 0 and feature["properties"]["class_name"] == "car"
 
 
+def test_a_slides_tiff_is_a_pyramid_with_its_mpp_that_tiffslide_reads_back_level_by_level(tmp_path):
+    """A slide run's tiff export: level 0 the mask with the target mpp as pixels per centimetre, then
+    SubIFDs halving down to one tile, each every 2^k-th pixel of the mask (nearest: classes, never
+    blends), whatever the chunks' cut (chunks of 21 rows and columns: no level's grid lines up with
+    them); a slide that states no mpp gets the pyramid without resolution tags; other images stay one level."""
+    pytest.importorskip("tiffslide")
+    import tifffile
+    import tiffslide
+
+    from pipeline.analysis.export import image_masks, mask_tiles, pyramid_factors, write_slide_tiff
+
+    mask = np.random.default_rng(5).integers(0, 3, (70, 100)).astype(np.uint8)
+    mask[:8] = 255  # no tissue
+    store = new_run(str(tmp_path / "runs"), "slides")
+    slide_rows = [r | {"mpp": mpp, "level0_scale": 2.0} for name, mpp in (("s.svs", 0.5), ("nompp.tif", None))
+                  for r in masks_rows(name, encode_chunks(mask, None, 21, 3), 70, 100)]  # fmt: skip
+    assert store.write_part(
+        part(1),
+        pa.Table.from_pylist(slide_rows, masks_schema(False, slide=True)),
+        METRICS_SCHEMA.empty_table(),
+        ERRORS_SCHEMA.empty_table(),
+    )
+    assert pyramid_factors(70, 100, 16) == [1, 2, 4, 8] and pyramid_factors(70, 100) == [1]
+    assert export_run(str(tmp_path / "runs" / "slides"), str(tmp_path / "tiff"), "tiff").written == ["nompp.tif", "s.tif"]
+    with tiffslide.TiffSlide(tmp_path / "tiff" / "s.tif") as slide:  # 512-tiles: one level here
+        assert slide.properties["tiffslide.mpp-x"] == pytest.approx(0.5) and slide.level_dimensions == ((100, 70),)
+        assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (100, 70), as_array=True))[..., 0], mask)
+    with tiffslide.TiffSlide(tmp_path / "tiff" / "nompp.tif") as slide:  # no mpp stated: none made up
+        assert slide.properties["tiffslide.mpp-x"] is None and slide.properties["tiff.ResolutionUnit"] == "NONE"
+
+    # 16-tiles: four levels
+    image = next(i for i in image_masks(store) if i.image_id == "s.svs")
+    write_slide_tiff(image, str(tmp_path / "pyramid.tif"), 0.5, tile=16)
+    with tiffslide.TiffSlide(tmp_path / "pyramid.tif") as slide:
+        assert slide.properties["tiffslide.mpp-x"] == pytest.approx(0.5) and slide.properties["tiffslide.mpp-y"] == pytest.approx(0.5)
+        assert slide.level_dimensions == ((100, 70), (50, 35), (25, 18), (13, 9))
+        assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0, 8.0), rel=0.1)
+        for level, factor in enumerate([1, 2, 4, 8]):
+            region = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level], as_array=True))[..., 0]
+            assert np.array_equal(region, mask[::factor, ::factor]), level
+    with tifffile.TiffFile(tmp_path / "pyramid.tif") as tif:  # each level's resolution: the mpp it has
+        levels = tif.series[0].levels
+        assert [v for lvl in levels for v in lvl.keyframe.resolution] == pytest.approx([2e4 / f for f in (1, 2, 4, 8) for _ in "xy"])
+        assert {lvl.keyframe.resolutionunit for lvl in levels} == {tifffile.RESUNIT.CENTIMETER}
+    tiles = list(mask_tiles(image, 16, 4))
+    assert len(tiles) == 2 * 2 and np.array_equal(np.block([tiles[:2], tiles[2:]])[:18, :25], mask[::4, ::4])
+
+
 # --------------------------------------------------------------------------- qupath
 
 

@@ -14,6 +14,8 @@ Formats, one function each, read top to bottom:
          Any size: the mask is never held whole. Tiles are cut from one band of chunks at a time
          (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
          generator, so memory is one band of chunks and one row of tiles, whatever the height.
+         A slide's (`write_slide_tiff`): a pyramid (SubIFDs, nearest-neighbour levels) with the
+         target mpp in its resolution tags, as slide viewers read it.
   geotiff, cog  `export_geotiff` (the `geo` extra; runs of input.format raster): one GeoTIFF per raster
          with the input's CRS and transform, nodata 255 (pixels outside the raster's valid data),
          512 x 512 deflate tiles and the classes as a colour table; cog: a Cloud Optimized GeoTIFF
@@ -353,10 +355,20 @@ def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
 
 
 def export_tiff(run: Run, dest: Destination, result: ExportResult) -> None:
-    """One tiled, deflate-compressed TIFF per image (`output_name(image_id, ".tif")`), any size."""
+    """One tiled, deflate-compressed TIFF per image (`output_name(image_id, ".tif")`), any size; a
+    slide's (the masks table's `mpp` column) as a pyramid with its resolution (`write_slide_tiff`)."""
+    slide_mpp: dict[str, float | None] = {}
+    for part in run.store.parts_of(MASKS):
+        if "mpp" in run.store.part_schema(MASKS, part).names:
+            table = run.store.read_part(MASKS, part, ["image_id", "mpp"])
+            slide_mpp.update(zip(table.column("image_id").to_pylist(), table.column("mpp").to_pylist()))
     for image in image_masks(run.store):
         name = _unique_name(image.image_id, ".tif", result)
-        dest.write_with(name, lambda path, image=image: write_tiff(image, path))
+        if image.image_id in slide_mpp:
+            mpp = slide_mpp[image.image_id]
+            dest.write_with(name, lambda path, image=image, mpp=mpp: write_slide_tiff(image, path, mpp))
+        else:
+            dest.write_with(name, lambda path, image=image: write_tiff(image, path))
         result.written.append(name)
 
 
@@ -381,23 +393,69 @@ def write_tiff(image: ImageMask, path: str, tile: int = TIFF_TILE) -> None:
     )
 
 
-def mask_tiles(image: ImageMask, tile: int = TIFF_TILE) -> Iterator[np.ndarray]:
+def pyramid_factors(height: int, width: int, tile: int = TIFF_TILE) -> list[int]:
+    """The downsampling of each level of a pyramid: 1, 2, 4, ... until a level fits in one tile."""
+    factors = [1]
+    while -(-max(height, width) // factors[-1]) > tile:
+        factors.append(factors[-1] * 2)
+    return factors
+
+
+def write_slide_tiff(image: ImageMask, path: str, mpp: float | None, tile: int = TIFF_TILE) -> None:
+    """A slide's mask as a tiled pyramidal TIFF that slide viewers open (tiffslide, QuPath): level 0
+    the mask at the run's target resolution, its resolution tags the mpp as pixels per centimetre
+    (ResolutionUnit centimetre; none where the slide stated no mpp), then SubIFDs downsampled by 2, 4, ...
+    (`pyramid_factors`) by nearest neighbour: every pixel of a level is a pixel of the mask, never a
+    blend of classes. Each level is cut from the chunks as `write_tiff`'s (one band at a time: the
+    chunks are decoded once per level)."""
+    import tifffile  # the `tiff` extra, required by export_run
+
+    dtype = mask_dtype(image)
+    factors = pyramid_factors(image.height, image.width, tile)
+    bigtiff = image.pixels * dtype.itemsize * 4 // 3 > 2**32 - 2**25  # the levels add a third at most; offsets end at 4 GB
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for level, factor in enumerate(factors):
+            width = -(-image.width // factor)
+            resolution = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+            tif.write(
+                mask_tiles(image, tile, factor),
+                shape=(-(-image.height // factor), width),
+                dtype=dtype,
+                tile=(tile, tile),
+                photometric="minisblack",
+                compression="zlib",
+                compressionargs={"level": 6},
+                buffersize=tile * width * dtype.itemsize,
+                subifds=len(factors) - 1 if level == 0 else None,
+                subfiletype=1 if level else 0,  # a reduced-resolution image of level 0
+                metadata=None,
+                **resolution,
+            )
+
+
+def mask_tiles(image: ImageMask, tile: int = TIFF_TILE, factor: int = 1) -> Iterator[np.ndarray]:
     """tile x tile arrays in TIFF order (row-major, zeros past the image's edges), cut from one band
     of chunks at a time (`mask_bands`) through a strip of `tile` rows of the image's width (tile
-    rows need not line up with the chunks)."""
-    strip = np.zeros((tile, image.width), mask_dtype(image))
-    filled = 0
+    rows need not line up with the chunks). `factor`: every factor-th row and column (rows and
+    columns 0, factor, 2 factor, ... of the image, wherever the chunks are cut), a pyramid's level."""
+    strip = np.zeros((tile, -(-image.width // factor)), mask_dtype(image))
+    filled, y = 0, 0
     for band in mask_bands(image):
-        rows, start = band[0][1].shape[0], 0
+        height = band[0][1].shape[0]
+        # the band's rows and each chunk's columns that fall on the level's grid, and where they go
+        first_row = -y % factor
+        picked = [((x + (-x % factor)) // factor, chunk[first_row::factor, -x % factor :: factor]) for x, chunk in band]
+        y += height
+        rows, start = picked[0][1].shape[0], 0
         while start < rows:
             take = min(tile - filled, rows - start)
-            for x, chunk in band:
+            for x, chunk in picked:
                 strip[filled : filled + take, x : x + chunk.shape[1]] = chunk[start : start + take]
             filled, start = filled + take, start + take
             if filled == tile:
                 yield from _cut_strip(strip, tile)
                 filled = 0
-        del band  # before the next band is decoded: one band at a time
+        del band, picked  # before the next band is decoded: one band at a time
     if filled:
         strip[filled:] = 0
         yield from _cut_strip(strip, tile)

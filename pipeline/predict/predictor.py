@@ -571,7 +571,8 @@ class Predictor:
             self.run_store = RunStore.of_job(self.cfg)
         self.run_store.write_bytes(f"tissue/{image.image_id}.png", result.tissue_png)
         if self.monitor is not None:
-            self.monitor.add_slide.remote(result.windows_run, result.windows_skipped, result.grid.mpp)
+            grid = result.grid
+            self.monitor.add_slide.remote(result.windows_run, result.windows_skipped, grid.mpp, grid.level0_mpp, result.objective_power)
         log.info(
             "slide %s (%d x %d at level %d) in %.1f s: %d windows run, %d skipped",
             image.image_id, image.width, image.height, result.grid.level, time.time() - started,

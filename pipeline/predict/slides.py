@@ -35,10 +35,20 @@ class SlideResult:
     windows_run: int = 0
     windows_skipped: int = 0
     physical: dict | None = None  # per class the mask's square microns (pipeline.metrics.areas; None: no mpp)
+    objective_power: float | None = None  # the scanner's objective (tiffslide.objective-power; None: not stated)
 
     @property
     def note(self) -> str:
         return f"{self.windows_run} windows run, {self.windows_skipped} skipped (no tissue)"
+
+
+def objective_power(value: object) -> float | None:
+    """A slide's objective power as its metadata states it (Aperio's AppMag: "40", "20.0"); None when absent or no number."""
+    try:
+        power = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return power if power > 0 else None
 
 
 def tissue_png(mask: np.ndarray) -> bytes:
@@ -78,7 +88,7 @@ def segment_slide(
             )
         tissue = tissue_mask(slide.overview())
         tissue_map = TissueMap(tissue, slide.height, slide.width)
-        result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape)
+        result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape, objective_power=objective_power(slide.objective_power))
 
         def skip(top: int, left: int, h: int, w: int) -> bool:  # the window's part inside the slide
             fraction = tissue_map.fraction(top, left, h, w)
