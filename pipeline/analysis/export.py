@@ -15,7 +15,7 @@ Formats, one function each, read top to bottom:
          (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
          generator, so memory is one band of chunks and one row of tiles, whatever the height.
          A slide's (`write_slide_tiff`): a pyramid (SubIFDs, nearest-neighbour levels) with the
-         target mpp in its resolution tags, as slide viewers read it.
+         target mpp in its resolution tags, as slide readers (tiffslide) open it.
   geotiff, cog  `export_geotiff` (the `geo` extra; runs of input.format raster): one GeoTIFF per raster
          with the input's CRS and transform, nodata 255 (pixels outside the raster's valid data),
          512 x 512 deflate tiles and the classes as a colour table; cog: a Cloud Optimized GeoTIFF
@@ -402,7 +402,7 @@ def pyramid_factors(height: int, width: int, tile: int = TIFF_TILE) -> list[int]
 
 
 def write_slide_tiff(image: ImageMask, path: str, mpp: float | None, tile: int = TIFF_TILE) -> None:
-    """A slide's mask as a tiled pyramidal TIFF that slide viewers open (tiffslide, QuPath): level 0
+    """A slide's mask as a tiled pyramidal TIFF as slide readers open it (tiffslide: its levels and mpp): level 0
     the mask at the run's target resolution, its resolution tags the mpp as pixels per centimetre
     (ResolutionUnit centimetre; none where the slide stated no mpp), then SubIFDs downsampled by 2, 4, ...
     (`pyramid_factors`) by nearest neighbour: every pixel of a level is a pixel of the mask, never a
