@@ -426,8 +426,10 @@ class JobConfig(_Strict):
         if self.output.confidence and (task != "semantic" or self.metrics.task == "binary"):
             what = f"inference.task {task} writes objects" if task != "semantic" else "a binary task writes its foreground probability"
             raise ValueError(f"output.confidence is for multi-class semantic runs: {what}")
-        if self.input.format == "slide" and (task != "semantic" or self.inference.mode != "slide"):
-            raise ValueError("input.format slide is segmented window by window: it needs inference.task semantic and mode slide")
+        if self.input.format == "slide" and (task == "panoptic" or self.inference.mode != "slide"):
+            raise ValueError(
+                "input.format slide is segmented window by window: it needs inference.task semantic or instance, and mode slide"
+            )
         if self.inference.backend == "onnxruntime" and self.resources.gpus_per_actor > 0:
             raise ValueError("inference.backend onnxruntime runs on CPU actors: resources.gpus_per_actor must be 0")
         return self

@@ -99,7 +99,7 @@ def _run_monitor_class():
             self.streams: dict[str, tuple[int, int]] = {}
             self.stages = dict.fromkeys(STAGES, 0.0)
             self.batch_sizes: dict[str, int] = {}
-            self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": []}
+            self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": [], "scanned": []}
             self.call_seconds = 0.0  # the predictor actors' calls, wall time summed (StageClock.call_seconds)
 
         def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
@@ -132,14 +132,21 @@ def _run_monitor_class():
         def store_stats(self) -> dict:
             return self.total.as_dict()
 
-        def add_slide(self, run: int, skipped: int, mpp: float | None) -> None:
-            """A slide segmented (pipeline.predict.slides): its windows run and skipped (no tissue), its mpp."""
+        def add_slide(
+            self, run: int, skipped: int, mpp: float | None, level0_mpp: float | None = None, objective_power: float | None = None
+        ) -> None:
+            """A slide segmented (pipeline.predict.slides): its windows run and skipped (no tissue), its
+            target mpp, and as scanned its level 0's mpp with its objective power (each pair seen once)."""
             counts = self.slide_windows
             counts["slides"] += 1
             counts["windows_run"] += run
             counts["windows_skipped"] += skipped
             if mpp not in counts["mpp"]:
                 counts["mpp"] = sorted([*counts["mpp"], mpp], key=lambda v: (v is None, v or 0))
+            scanned = {"mpp": level0_mpp, "objective_power": objective_power}
+            if scanned not in counts["scanned"]:
+                order = lambda s: (s["objective_power"] is None, s["objective_power"] or 0, s["mpp"] is None, s["mpp"] or 0)
+                counts["scanned"] = sorted([*counts["scanned"], scanned], key=order)
 
         def slides(self) -> dict | None:
             return dict(self.slide_windows) if self.slide_windows["slides"] else None
@@ -605,8 +612,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
             "classes, whose masks carry the foreground probability (column probability) already"
         )
     if cfg.input.format == "raster":  # the first raster against the bands, the scale and the model
-        if cfg.inference.task != "semantic":
-            raise ConfigError(f"input.format raster: rasters are segmented by the semantic task, not {cfg.inference.task}")
+        if cfg.inference.task == "panoptic":  # its segment map is painted whole: rasters are read window by window
+            raise ConfigError("input.format raster: rasters are segmented by the semantic or the instance task, not panoptic")
         check_raster_job(cfg.input, first[0].uris[0], model.in_channels, model.num_classes)
     elif model.in_channels != 3:
         raise ConfigError(

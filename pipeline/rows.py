@@ -274,6 +274,10 @@ class Prediction(_StageRow):
     mpp: float | None = None
     level0_scale: float | None = None
     timestamp_s: float | None = None  # a video frame's presentation timestamp (pipeline.io.video)
+    # rasters and slides: per-class areas in a physical unit (pipeline.metrics.areas), {"unit": "m2" | "um2",
+    # "pred": [...] (the image's), "chunks": [[...], ...] (each chunk's, in the order of `chunks`), "label": [...]
+    # or None}; None where the pixel's size is not known
+    physical: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -290,7 +294,9 @@ class Prediction(_StageRow):
         )
 
     def failed(self, stage: str, error: str) -> Prediction:
-        return replace(super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None)
+        return replace(
+            super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None, physical=None
+        )
 
     def to_record(self) -> dict[str, Any]:
         a = self.areas
@@ -313,6 +319,7 @@ class Prediction(_StageRow):
             "mpp": self.mpp if self.mpp is not None else float("nan"),  # NaN: None (a float column either way)
             "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
             "timestamp_s": self.timestamp_s if self.timestamp_s is not None else float("nan"),
+            "physical": json.dumps(self.physical) if self.physical is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -346,6 +353,7 @@ class Prediction(_StageRow):
             mpp=_number(batch, "mpp", i),
             level0_scale=_number(batch, "level0_scale", i),
             timestamp_s=_number(batch, "timestamp_s", i),
+            physical=json.loads(batch["physical"][i]) if "physical" in batch and batch["physical"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

@@ -485,3 +485,17 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str 
         for packet in stream.encode():
             container.mux(packet)
     return path
+
+
+# 0.5-degree pixels from 62N southwards: each row's pixels are ~2% larger than the row above
+LONLAT_TRANSFORM = (0.5, 0.0, 10.0, 0.0, -0.5, 62.0)
+
+
+def pixel_area_by_geod(transform, row: int, col: int) -> float:
+    """One pixel's area on WGS84, computed directly: its four corners as a polygon (pyproj.Geod)."""
+    a, b, c, d, e, f = transform
+    corners = [(col, row), (col + 1, row), (col + 1, row + 1), (col, row + 1)]
+    from pyproj import Geod
+
+    area, _ = Geod(ellps="WGS84").polygon_area_perimeter([a * x + b * y + c for x, y in corners], [d * x + e * y + f for x, y in corners])
+    return abs(area)

@@ -384,15 +384,22 @@ def test_tiff_without_tifffile_exits_2_with_one_line_naming_the_tiff_extra_and_c
 ROTATED = (8.0, 1.5, 600_000.0, 1.2, -8.0, 5_100_000.0)  # 8 m pixels, turned a little
 
 
-def raster_run(tmp_path, images: dict[str, tuple[np.ndarray, str | None, tuple | None]], chunk: int = 512) -> RunStore:
-    """A raster run: each image's mask (chunked), CRS and transform in the masks table's raster columns."""
-    store = new_run(str(tmp_path / "runs"), "geo")
+def raster_run(
+    tmp_path, images: dict[str, tuple[np.ndarray, str | None, tuple | None]], chunk: int = 512, instances: pa.Table | None = None
+) -> RunStore:
+    """A raster run: each image's mask (chunked), CRS and transform in the masks table's raster columns;
+    with `instances`, an instance run's, that table beside them."""
+    store = new_run(str(tmp_path / "runs"), "geo", task="instance" if instances is not None else "semantic")
     rows = []
     for image_id, (mask, crs, transform) in images.items():
         for row in masks_rows(image_id, encode_chunks(mask, None, chunk, 3), *mask.shape):
             rows.append(row | {"crs": crs, "transform": list(transform) if transform else None, "resolution": None})
     assert store.write_part(
-        part(1), pa.Table.from_pylist(rows, masks_schema(False, raster=True)), METRICS_SCHEMA.empty_table(), ERRORS_SCHEMA.empty_table()
+        part(1),
+        pa.Table.from_pylist(rows, masks_schema(False, raster=True)),
+        METRICS_SCHEMA.empty_table(),
+        ERRORS_SCHEMA.empty_table(),
+        objects={"instances": instances} if instances is not None else None,
     )
     return store
 
@@ -467,7 +474,129 @@ def test_polygons_rasterise_back_to_the_mask_join_pieces_cut_by_chunks_and_geojs
     assert (lon > 14).all() and (lon < 18).all() and (lat > 45).all() and (lat < 47).all()  # UTM 33N, 600 km E, 5100 km N
 
 
+def test_an_instance_runs_polygons_are_one_per_instance_with_its_class_score_and_area_and_rasterise_back(tmp_path):
+    import geopandas as gpd
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    objects = instance_masks(150, 130, [(10, 10, 60, 40), (80, 70, 30, 50)])
+    objects[1][100:104, 70:120] = False  # the second instance in two pieces: one MultiPolygon
+    instances = pa.concat_tables([instances_table("scene.tif", objects, [2, 1], [0.9, 0.6]), instances_table("empty.tif", [], [], [])])
+    mask = np.zeros((150, 130), np.uint8)  # the instance run's label map (not what its polygons come from)
+    images = {"scene.tif": (mask, "EPSG:32633", ROTATED), "empty.tif": (mask[:20, :20], "EPSG:32633", ROTATED)}
+    raster_run(tmp_path, images, chunk=64, instances=instances)
+    run = str(tmp_path / "runs" / "geo")
+    for fmt in ("geoparquet", "gpkg", "geojson"):
+        assert sorted(export_run(run, str(tmp_path / fmt), fmt).written) == sorted(
+            f"{name}{ {'geoparquet': '.parquet', 'gpkg': '.gpkg', 'geojson': '.geojson'}[fmt] }" for name in ("scene", "empty")
+        )
+    frame = gpd.read_parquet(tmp_path / "geoparquet" / "scene.parquet")
+    assert frame.crs.to_epsg() == 32633 and list(frame.instance_id) == [0, 1] and list(frame.class_id) == [2, 1]
+    assert list(frame.class_name) == ["car", "road"] and frame.score.tolist() == pytest.approx([0.9, 0.6])
+    assert list(frame.geometry.geom_type) == ["Polygon", "MultiPolygon"]
+    pixel = abs(ROTATED[0] * ROTATED[4] - ROTATED[1] * ROTATED[3])
+    for geometry, instance, area in zip(frame.geometry, objects, frame["area"]):
+        back = rasterize([(geometry, 1)], out_shape=(150, 130), transform=Affine(*ROTATED), fill=0, dtype="uint8")
+        assert np.array_equal(back.astype(bool), instance) and area == pytest.approx(instance.sum() * pixel)
+    assert len(gpd.read_parquet(tmp_path / "geoparquet" / "empty.parquet")) == 0
+    gpkg = gpd.read_file(tmp_path / "gpkg" / "scene.gpkg")
+    assert list(gpkg.instance_id) == [0, 1] and gpkg.score.tolist() == pytest.approx([0.9, 0.6])
+    feature = json.loads((tmp_path / "geojson" / "scene.geojson").read_text())["features"][0]
+    assert feature["properties"]["instance_id"] == 0 and feature["properties"]["class_name"] == "car"
+
+
+def test_a_slides_tiff_is_a_pyramid_with_its_mpp_that_tiffslide_reads_back_level_by_level(tmp_path):
+    """A slide run's tiff export: level 0 the mask with the target mpp as pixels per centimetre, then
+    SubIFDs halving down to one tile, each every 2^k-th pixel of the mask (nearest: classes, never
+    blends), whatever the chunks' cut (chunks of 21 rows and columns: no level's grid lines up with
+    them); a slide that states no mpp gets the pyramid without resolution tags; other images stay one level."""
+    pytest.importorskip("tiffslide")
+    import tifffile
+    import tiffslide
+
+    from pipeline.analysis.export import image_masks, mask_tiles, pyramid_factors, write_slide_tiff
+
+    mask = np.random.default_rng(5).integers(0, 3, (70, 100)).astype(np.uint8)
+    mask[:8] = 255  # no tissue
+    store = new_run(str(tmp_path / "runs"), "slides")
+    slide_rows = [r | {"mpp": mpp, "level0_scale": 2.0} for name, mpp in (("s.svs", 0.5), ("nompp.tif", None))
+                  for r in masks_rows(name, encode_chunks(mask, None, 21, 3), 70, 100)]  # fmt: skip
+    assert store.write_part(
+        part(1),
+        pa.Table.from_pylist(slide_rows, masks_schema(False, slide=True)),
+        METRICS_SCHEMA.empty_table(),
+        ERRORS_SCHEMA.empty_table(),
+    )
+    assert pyramid_factors(70, 100, 16) == [1, 2, 4, 8] and pyramid_factors(70, 100) == [1]
+    assert export_run(str(tmp_path / "runs" / "slides"), str(tmp_path / "tiff"), "tiff").written == ["nompp.tif", "s.tif"]
+    with tiffslide.TiffSlide(tmp_path / "tiff" / "s.tif") as slide:  # 512-tiles: one level here
+        assert slide.properties["tiffslide.mpp-x"] == pytest.approx(0.5) and slide.level_dimensions == ((100, 70),)
+        assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (100, 70), as_array=True))[..., 0], mask)
+    with tiffslide.TiffSlide(tmp_path / "tiff" / "nompp.tif") as slide:  # no mpp stated: none made up
+        assert slide.properties["tiffslide.mpp-x"] is None and slide.properties["tiff.ResolutionUnit"] == "NONE"
+
+    # 16-tiles: four levels
+    image = next(i for i in image_masks(store) if i.image_id == "s.svs")
+    write_slide_tiff(image, str(tmp_path / "pyramid.tif"), 0.5, tile=16)
+    with tiffslide.TiffSlide(tmp_path / "pyramid.tif") as slide:
+        assert slide.properties["tiffslide.mpp-x"] == pytest.approx(0.5) and slide.properties["tiffslide.mpp-y"] == pytest.approx(0.5)
+        assert slide.level_dimensions == ((100, 70), (50, 35), (25, 18), (13, 9))
+        assert slide.level_downsamples == pytest.approx((1.0, 2.0, 4.0, 8.0), rel=0.1)
+        for level, factor in enumerate([1, 2, 4, 8]):
+            region = np.asarray(slide.read_region((0, 0), level, slide.level_dimensions[level], as_array=True))[..., 0]
+            assert np.array_equal(region, mask[::factor, ::factor]), level
+    with tifffile.TiffFile(tmp_path / "pyramid.tif") as tif:  # each level's resolution: the mpp it has
+        levels = tif.series[0].levels
+        assert [v for lvl in levels for v in lvl.keyframe.resolution] == pytest.approx([2e4 / f for f in (1, 2, 4, 8) for _ in "xy"])
+        assert {lvl.keyframe.resolutionunit for lvl in levels} == {tifffile.RESUNIT.CENTIMETER}
+    tiles = list(mask_tiles(image, 16, 4))
+    assert len(tiles) == 2 * 2 and np.array_equal(np.block([tiles[:2], tiles[2:]])[:18, :25], mask[::4, ::4])
+
+
 # --------------------------------------------------------------------------- qupath
+
+
+def test_qupath_of_an_instance_run_is_a_detection_per_instance_at_level_0_that_rasterises_back(tmp_path):
+    store = new_run(str(tmp_path / "runs"), "qpi", task="instance")
+    objects = instance_masks(30, 40, [(2, 3, 10, 12), (15, 20, 12, 18)])
+    objects[1][20:22, :] = False  # in two pieces
+    rows = [
+        r | {"mpp": 0.5, "level0_scale": 4.0}
+        for r in masks_rows("s.svs", encode_chunks(np.zeros((30, 40), np.uint8), None, None, 3), 30, 40)
+    ]
+    rows_other = [
+        r | {"mpp": 0.5, "level0_scale": 4.0}
+        for r in masks_rows("none.svs", encode_chunks(np.zeros((5, 5), np.uint8), None, None, 3), 5, 5)
+    ]
+    assert store.write_part(
+        part(1),
+        pa.Table.from_pylist(rows + rows_other, masks_schema(False, slide=True)),
+        METRICS_SCHEMA.empty_table(),
+        ERRORS_SCHEMA.empty_table(),
+        objects={"instances": instances_table("s.svs", objects, [2, 0], [0.8, 0.4])},
+    )
+    result = export_run(str(tmp_path / "runs" / "qpi"), str(tmp_path / "qp"), "qupath")
+    assert result.written == ["none.geojson", "s.geojson"]
+    assert json.loads((tmp_path / "qp" / "none.geojson").read_text())["features"] == []
+    found = json.loads((tmp_path / "qp" / "s.geojson").read_text())["features"]
+    assert [f["properties"]["objectType"] for f in found] == ["detection", "detection"]
+    assert [f["properties"]["classification"] for f in found] == [
+        {"name": "car", "color": [44, 160, 44]},
+        {"name": "sky", "color": [31, 119, 180]},
+    ]
+    assert [f["properties"]["measurements"]["instance_id"] for f in found] == [0, 1]
+    assert [f["geometry"]["type"] for f in found] == ["Polygon", "MultiPolygon"]
+    from PIL import ImageDraw
+
+    for feature, instance in zip(found, objects):  # level 0 (4 x the mask), rasterised at the mask's pixel centres
+        polygons = [feature["geometry"]["coordinates"]] if feature["geometry"]["type"] == "Polygon" else feature["geometry"]["coordinates"]
+        canvas = Image.new("L", (40 * 4, 30 * 4), 0)
+        draw = ImageDraw.Draw(canvas)
+        for rings in polygons:
+            for k, ring in enumerate(rings):
+                draw.polygon([tuple(p) for p in ring], fill=255 if k == 0 else 0)
+        back = np.asarray(canvas)[2::4, 2::4] > 0
+        assert np.array_equal(back, instance)
 
 
 def test_qupath_scales_a_slide_to_level_0_and_reads_a_run_written_before_the_mpp_columns(tmp_path):

@@ -90,3 +90,29 @@ def test_an_image_without_objects_gives_none_and_a_void_map(mode):
     tiling = TilingSettings(mode=mode, window=(48, 48), stride=(32, 32), score_kind="probabilities")
     segments = find_segments(colour_queries, image, tiling, ObjectSettings("panoptic", threshold=0.8))
     assert len(segments) == 0 and not segments.segment_map.any()
+
+
+def test_windows_a_skip_refuses_are_not_run_have_no_objects_and_leave_their_pixels_255_in_the_plans_order():
+    """Rasters' no-data windows and slides' windows without tissue: find_objects' skip_window. The
+    windows over black only are skipped (their place in the stitcher's order kept, in batches that mix
+    both); the objects and the labels of the windows run are those of running every window."""
+    image = np.concatenate([scene(), np.zeros((100, 68, 3), np.uint8)], axis=1)  # on the right: black, no object
+    tiling = TilingSettings(mode="slide", window=(48, 48), stride=(32, 32), batch_size=3, score_kind="probabilities")
+    read = lambda y, x, h, w: image[y : y + h, x : x + w]
+    black = lambda top, left, h, w: not image[top : top + h, left : left + w].any()
+    calls: list[int] = []
+    counting = lambda pixels: calls.append(len(pixels)) or colour_queries(pixels)
+    found: list[ImageObject] = []
+    labels = np.full(image.shape[:2], 7, np.uint8)
+    bands = find_objects(counting, read, *image.shape[:2], tiling, ObjectSettings("instance", threshold=0.5), found, skip_window=black)
+    for y0, rows, _ in bands:
+        labels[y0 : y0 + rows.shape[0]] = rows
+    every, every_labels = run(image, "slide", "instance")
+    from pipeline.predict.tiling import plan_windows
+
+    windows = plan_windows(100, 160, (48, 48), (32, 32)).windows
+    assert 0 < sum(calls) < len(windows) and (labels != 7).all()  # some windows skipped; every row came once
+    assert [(o.class_id, o.bbox, o.area) for o in found] == [(o.class_id, o.bbox, o.area) for o in every]
+    run_pixels = labels != 255
+    # windows at the edge of those run blend with fewer neighbours (as a slide's, tests/test_slide.py)
+    assert not run_pixels.all() and (labels[run_pixels] == every_labels[run_pixels]).mean() > 0.99

@@ -16,7 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import torch
-from helpers import TINY_SEGFORMER, UTM_33N, UTM_TRANSFORM, job_config, scene_12bit, segpipe_run, tiny_checkpoint, write_raster
+from helpers import (
+    LONLAT_TRANSFORM,
+    TINY_SEGFORMER,
+    UTM_33N,
+    UTM_TRANSFORM,
+    job_config,
+    pixel_area_by_geod,
+    scene_12bit,
+    segpipe_run,
+    tiny_checkpoint,
+    write_raster,
+)
 
 from models import build_model
 from pipeline.config import ConfigError, InputConfig, load_config
@@ -236,6 +247,8 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     data = scene_12bit()
     write_raster(tmp_path / "in" / "scene.tif", data, nodata=0, tile=64)
     write_raster(tmp_path / "in" / "plain.tif", scene_12bit(40, 50, border=5), crs=None, nodata=0)
+    lonlat = scene_12bit(40, 50, border=5, seed=2)
+    write_raster(tmp_path / "in" / "lonlat.tif", lonlat, crs="EPSG:4326", transform=LONLAT_TRANSFORM, nodata=0)
     label = (np.arange(160)[None, :] // 40 % 3).repeat(120, 0).astype(np.uint8)[None]
     write_raster(tmp_path / "labels" / "scene.tif", label)
     ckpt = tiny_checkpoint(tmp_path / "four.safetensors", 3, seed=1, in_channels=4)
@@ -248,7 +261,8 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
         output={"chunk_size": 64},
     )
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    assert capsys.readouterr().out.count("without a CRS (first: plain.tif)") == 1  # said once
+    printed = capsys.readouterr().out
+    assert printed.count("without a CRS (first: plain.tif)") == 1  # said once
     run = tmp_path / "runs" / "t1"
     masks = pq.read_table(run / "masks").to_pylist()
     scene_rows = [r for r in masks if r["image_id"] == "scene.tif"]
@@ -258,16 +272,36 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     mask = assemble_mask(scene_rows)
     valid = (data != 0).all(axis=0)
     assert (mask[~valid] == NODATA_LABEL).all() and (mask[valid] < 3).all()
+    # the metrics table: one row per LABELED image (the public contract), its counts and its areas in m^2
     metrics = pq.read_table(run / "metrics").to_pylist()
     assert [m["image_id"] for m in metrics] == ["scene.tif"] and sum(metrics[0]["label_area"]) == valid.sum()
+    scene = metrics[0]
+    assert scene["pred_area_m2"] == [100.0 * (mask == k).sum() for k in range(3)]  # 10 m pixels; no data (255) in none
+    assert scene["label_area_m2"] == [100.0 * (label[0][valid] == k).sum() for k in range(3)]
+    # every raster's predicted m^2 in its masks rows, each chunk's row its own pixels' (null without a CRS)
+    assert len(scene_rows) == 6  # 120 x 160 in chunks of 64
+    for r in scene_rows:
+        chunk = mask[r["chunk_y"] : r["chunk_y"] + r["chunk_height"], r["chunk_x"] : r["chunk_x"] + r["chunk_width"]]
+        assert r["class_area_m2"] == [100.0 * (chunk == k).sum() for k in range(3)]
+    assert {tuple(r["class_area_m2"] or ()) for r in masks if r["image_id"] == "plain.tif"} == {()}
+    lonlat_rows = [r for r in masks if r["image_id"] == "lonlat.tif"]
+    lonlat_mask = assemble_mask(lonlat_rows)
+    pixel_m2 = np.array([pixel_area_by_geod(LONLAT_TRANSFORM, row, 0) for row in range(40)])[:, None].repeat(50, 1)
+    assert (lonlat_mask[~(lonlat != 0).all(axis=0)] == NODATA_LABEL).all()
+    lonlat_m2 = [pixel_m2[lonlat_mask == k].sum() for k in range(3)]
+    assert len(lonlat_rows) == 1 and lonlat_rows[0]["class_area_m2"] == pytest.approx(lonlat_m2, rel=1e-9)
     summary = json.loads((run / "summary.json").read_text())
+    assert summary["labeled_images"] == 1
+    area = summary["area_m2"]
+    assert area["images"] == 2 and area["labeled_images"] == 1 and list(area["predicted"]) == ["0", "1", "2"]
+    assert area["predicted"] == pytest.approx({str(k): scene["pred_area_m2"][k] + lonlat_m2[k] for k in range(3)}, rel=1e-9)
+    assert area["predicted_labeled"] == dict(zip(["0", "1", "2"], scene["pred_area_m2"]))
+    assert sum(area["labeled"].values()) == pytest.approx(valid.sum() * 100.0)
+    assert "predicted m²" in printed and "areas in m² over 2 images, labels of 1" in printed
     info = json.loads((run / "run.json").read_text())
     raster = info["raster"]
     assert raster["without_crs"] == ["plain.tif"] and raster["nodata_windows"] >= scene_rows[0]["nodata_windows"]
     assert np.allclose(raster["rasters"]["scene.tif"]["band_scale"], by_hand(data, BANDS, 2, 98)[2])
-    areas = summary["raster"]["class_area_m2"]
-    assert sum(areas.values()) == pytest.approx(valid.sum() * 100.0)  # 10 m pixels, no data in no class
-    assert set(areas) == {"0", "1", "2"}
 
     # the COG of the run: its input's CRS, transform and nodata, overviews, a valid COG
     from rio_cogeo.cogeo import cog_validate
@@ -278,3 +312,55 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
         assert cog.crs == src.crs and cog.transform == src.transform and cog.nodata == NODATA_LABEL
         assert np.array_equal(cog.read(1), mask) and cog.colormap(1)[NODATA_LABEL] == (0, 0, 0, 0)
     assert cog_validate(str(tmp_path / "cog" / "scene.tif"))[0]
+
+
+def test_an_instance_run_over_a_raster_merges_objects_across_windows_skips_nodata_and_exports_a_polygon_per_instance(ray_session, tmp_path):
+    """The instance task through `segpipe run` over an 8-bit three-band raster with a no-data block:
+    windows of no data are not run, objects come merged across windows (the streaming instance merger)
+    into the instances table, the label map has 255 over no data, its masks rows their m^2 (no label, no metrics row); the
+    GeoParquet export has one (multi)polygon per instance that rasterises back to its mask."""
+    import geopandas as gpd
+    from affine import Affine
+    from helpers import tiny_hf_checkpoint
+    from pycocotools import mask as coco_mask
+    from rasterio.features import rasterize
+
+    from pipeline.analysis.export import export_run
+
+    rng = np.random.default_rng(4)
+    data = rng.integers(1, 256, (3, 64, 160)).astype(np.uint8)
+    data[:, :, :64] = 0  # no data: the first window (columns 0-63) is not run, the two after it are
+    write_raster(tmp_path / "in" / "rgb.tif", data, nodata=0)
+    tiny_hf_checkpoint("maskformer", tmp_path / "maskformer", seed=3)  # seed 3: its queries name classes
+    cfg = job_config(
+        tmp_path,
+        tmp_path / "in",
+        tmp_path / "maskformer",
+        run_id="inst",
+        input={"format": "raster"},
+        inference={"task": "instance", "window": [64, 64], "stride": [48, 48], "objects": {"threshold": 0.0, "top_k": 4}},
+        output={"chunk_size": 64},
+    )
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
+    run = tmp_path / "runs" / "inst"
+    masks = pq.read_table(run / "masks").to_pylist()
+    assert masks[0]["nodata_windows"] > 0
+    valid = (data != 0).all(axis=0)
+    label_map = assemble_mask(masks)
+    assert (label_map[~valid] == NODATA_LABEL).all() and (label_map[valid] < 7).all()
+    assert pq.read_table(run / "metrics").num_rows == 0  # no label: no metrics row
+    assert sum(sum(r["class_area_m2"]) for r in masks) == pytest.approx(valid.sum() * 100.0)  # its chunks' m^2
+    instances = sorted(pq.read_table(run / "instances").to_pylist(), key=lambda r: r["instance_id"])
+    assert instances and all((r["height"], r["width"]) == (64, 160) for r in instances)
+    rle = lambda r: {"size": [64, 160], "counts": r["rle"]}
+    # an object merged across windows spans more than one window's columns; none lies in the skipped no-data windows alone
+    assert any(r["bbox"][2] > 64 for r in instances)
+    assert all(coco_mask.decode(rle(r))[:, 64:].any() for r in instances)
+
+    assert export_run(str(run), str(tmp_path / "gpq"), "geoparquet").written == ["rgb.parquet"]
+    frame = gpd.read_parquet(tmp_path / "gpq" / "rgb.parquet")
+    assert list(frame.instance_id) == [r["instance_id"] for r in instances] and frame.crs.to_epsg() == 32633
+    assert frame.score.tolist() == pytest.approx([r["score"] for r in instances])
+    for geometry, r, area in zip(frame.geometry, instances, frame["area"]):
+        back = rasterize([(geometry, 1)], out_shape=(64, 160), transform=Affine(*UTM_TRANSFORM), fill=0, dtype="uint8")
+        assert np.array_equal(back, coco_mask.decode(rle(r))) and area == pytest.approx(r["area"] * 100.0)

@@ -331,3 +331,37 @@ def test_a_video_run_without_any_label_is_told_where_a_frame_s_label_goes():
         labels_report(cfg, 12, 0)["note"]
         == "none of the 12 images has a label under /l (a frame's label is <video stem>/<frame index>.png)"
     )
+
+
+def test_a_raster_runs_area_summary_sums_every_images_masks_rows_and_the_labeled_ones_metrics(tmp_path):
+    """summary.json's area_m2: `predicted` over every image from the masks table (each image's latest
+    result, its chunk rows summed; a part written before the areas were recorded counts in none),
+    `labeled` and `predicted_labeled` over the labeled images from the metrics table."""
+    from pipeline.metrics.semantic import ClassAreas
+
+    store = RunStore(str(tmp_path), {}, "r")
+
+    def raster(image_id: str, chunks: list[list[float]], label: list[float] | None) -> Prediction:
+        labels = np.zeros((3, 4), np.uint8)
+        areas = ClassAreas(*(np.ones(2, np.int64) for _ in ClassAreas.FIELDS)) if label else None
+        pred = np.sum(chunks, axis=0).tolist()
+        physical = {"unit": "m2", "pred": pred, "chunks": chunks, "label": label}
+        return Prediction(0, image_id, 3, 4, encode_chunks(labels, None, 2 if len(chunks) > 1 else None, 2), areas, physical=physical)
+
+    older, _, _ = tables(["old.tif"])  # a part of an older segpipe: no class_area_m2
+    store.write_part(part_name(1, 0, 0), older, *tables([])[1:])
+    first = [raster("a.tif", [[1.0, 2.0]], None), raster("b.tif", [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]], [5.0, 3.0])]
+    store.write_part(part_name(1, 1, 0), *part_tables(first, False, 1, raster=True))
+    store.write_part(part_name(2, 1, 0), *part_tables([raster("a.tif", [[10.0, 20.0]], None)], False, 2, raster=True))  # a rerun of a.tif
+    area = store.summarize(2, ["bg", "fg"])["area_m2"]
+    assert area["predicted"] == {"bg": 14.0, "fg": 24.0} and area["images"] == 2  # a.tif's latest, b.tif's four chunks
+    assert area["labeled"] == {"bg": 5.0, "fg": 3.0} and area["predicted_labeled"] == {"bg": 4.0, "fg": 4.0}
+    assert area["labeled_images"] == 1
+    assert "area_m2" not in RunStore(str(tmp_path), {}, "none").summarize(2, ["bg", "fg"])  # a run without rasters: no section
+
+    # a job's roll-up over two nights: an image's areas from the latest run that segmented it
+    for run_id, rows in (("n1", first), ("n2", [raster("a.tif", [[10.0, 20.0]], None)])):
+        job_run(str(tmp_path / "jobs"), run_id, {}, [])
+        RunStore(str(tmp_path / "jobs"), {}, run_id).write_part(part_name(1, 0, 0), *part_tables(rows, False, 1, raster=True))
+    rollup = job_summary(str(tmp_path / "jobs"), {}, "nightly")["area_m2"]
+    assert rollup["predicted"] == {"bg": 14.0, "fg": 24.0} and rollup["images"] == 2 and rollup["labeled"] == {"bg": 5.0, "fg": 3.0}

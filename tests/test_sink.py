@@ -76,3 +76,32 @@ def test_an_image_that_arrives_twice_is_committed_once(tmp_path):
     w(batch(prediction(0, "a"), prediction(0, "b")))
     out = w(batch(prediction(0, "a"), Prediction(0, "", unit_rows=2)))  # a retried batch sends "a" again
     assert 0 in out["unit_done"] and part_ids(tmp_path) == [["a", "b"]]
+
+
+def raster_prediction(image_id: str, physical: dict | None, labeled: bool) -> Prediction:
+    """A 3 x 4 raster's prediction cut into chunks of 2 (four masks rows), with its areas in m^2."""
+    row = prediction(0, image_id, labeled=labeled)
+    row.chunks = encode_chunks(np.zeros((3, 4), np.uint8), None, 2, 2)
+    row.physical = physical
+    return row
+
+
+def test_a_raster_parts_metrics_hold_labeled_images_only_and_each_masks_row_its_chunks_areas():
+    """The metrics table is one row per labeled image (the public contract); every image's predicted
+    m^2 go in its masks rows, each row its own chunk's (null without a CRS)."""
+    chunks = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]
+    physical = {"unit": "m2", "pred": [16.0, 20.0], "chunks": chunks, "label": None}
+    rows = [
+        raster_prediction("labeled.tif", {**physical, "label": [30.0, 6.0]}, labeled=True),
+        raster_prediction("unlabeled.tif", physical, labeled=False),
+        raster_prediction("no_crs.tif", None, labeled=False),
+    ]
+    masks, metrics, _ = part_tables(rows, False, 1, raster=True)
+    assert metrics.column("image_id").to_pylist() == ["labeled.tif"]
+    assert metrics.column("pred_area_m2").to_pylist() == [[16.0, 20.0]] and metrics.column("label_area_m2").to_pylist() == [[30.0, 6.0]]
+    by_image = {}
+    for r in masks.to_pylist():
+        by_image.setdefault(r["image_id"], []).append(((r["chunk_y"], r["chunk_x"]), r["class_area_m2"]))
+    assert by_image["unlabeled.tif"] == list(zip([(0, 0), (0, 2), (2, 0), (2, 2)], chunks))
+    assert by_image["labeled.tif"] == by_image["unlabeled.tif"] and [a for _, a in by_image["no_crs.tif"]] == [None] * 4
+    assert "class_area_m2" not in part_tables(rows[2:], False, 1)[0].column_names  # other runs: no such column

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import tiffslide
 import torch
 from helpers import job_config, read_run_table, segpipe_run, tiny_checkpoint
 from PIL import Image
@@ -27,7 +28,7 @@ from pipeline.io.slide import (
 )
 from pipeline.io.tiff import StreamError
 from pipeline.predict.predictor import finish_image
-from pipeline.predict.slides import SKIPPED_LABEL, segment_slide
+from pipeline.predict.slides import SKIPPED_LABEL, objective_power, segment_slide
 from pipeline.predict.tiling import StreamingStitcher, TilingSettings, plan_windows, segment_images
 from pipeline.results.masks import assemble_mask
 from pipeline.rows import StreamSource
@@ -120,6 +121,10 @@ def _mask_table(chunks):
 # --------------------------------------------------------------------------- config
 
 
+def test_a_slides_objective_power_is_the_number_its_metadata_states_or_none():
+    assert [objective_power(v) for v in ("40", "20.0", 40, None, "", "unknown", "0")] == [40.0, 20.0, 40.0, None, None, None, None]
+
+
 def test_slide_config_takes_mpp_or_level_and_only_with_format_slide():
     base = {"input": {"uri": "/slides", "format": "slide"}, "model": {"name": "segformer-b0"}}
     assert load_config(base).input.slide.model_dump() == {"mpp": 0.5, "level": None, "min_tissue": 0.1}
@@ -136,7 +141,7 @@ def test_slide_config_takes_mpp_or_level_and_only_with_format_slide():
         load_config({**base, "input": {"uri": "/images", "slide": {"mpp": 1.0}}})
     with pytest.raises(ConfigError, match="takes no labels"):
         load_config({**base, "input": {**base["input"], "labels": {"uri": "/labels"}}})
-    for inference in ({"task": "instance"}, {"mode": "whole"}):
+    for inference in ({"task": "panoptic"}, {"mode": "whole"}):
         with pytest.raises(ConfigError, match="input.format slide is segmented window by window"):
             load_config({**base, "inference": inference})
 
@@ -381,10 +386,27 @@ def test_a_folder_of_slides_through_segpipe_run_and_the_qupath_export(ray_sessio
     slides_record = json.loads((run / "run.json").read_text())["attempts"][-1]["slides"]
     total = len(plan_windows(768, 1024, (128, 128), (96, 96)))
     assert slides_record["slides"] == 1 and slides_record["mpp"] == [0.5]
+    assert slides_record["scanned"] == [{"mpp": 0.25, "objective_power": 40.0}]  # level 0 as scanned: Aperio's MPP and AppMag
     assert slides_record["windows_run"] + slides_record["windows_skipped"] == total
     assert 0 < slides_record["windows_run"] <= 0.4 * total
     with Image.open(run / "tissue" / "tissue.svs.png") as tissue:
         assert tissue.size == (512, 384) and tissue.mode == "L"
+    # per class the mask's square microns (0.5^2 per pixel, pixels without tissue, 255, in none) in each chunk's
+    # masks row; no labels: no metrics row
+    assert read_run_table(run, "metrics").num_rows == 0
+    for r in masks.to_pylist():
+        chunk = mask[r["chunk_y"] : r["chunk_y"] + r["chunk_height"], r["chunk_x"] : r["chunk_x"] + r["chunk_width"]]
+        assert r["class_area_um2"] == [0.25 * (chunk == k).sum() for k in range(3)]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["labeled_images"] == 0 and summary["area_um2"]["images"] == 1 and summary["area_um2"]["labeled"] is None
+    assert summary["area_um2"]["predicted"] == dict(zip(["background", "tissue", "tumour"], [0.25 * (mask == k).sum() for k in range(3)]))
+
+    # the mask as a slide: a pyramid with the target mpp that a slide reader opens, level by level
+    assert main(["export", str(run), "--to", str(tmp_path / "tiff"), "--format", "tiff"]) == 0
+    with tiffslide.TiffSlide(tmp_path / "tiff" / "tissue.tif") as exported:
+        assert exported.properties["tiffslide.mpp-x"] == pytest.approx(0.5) and exported.level_dimensions == ((1024, 768), (512, 384))
+        assert np.array_equal(np.asarray(exported.read_region((0, 0), 0, (1024, 768), as_array=True))[..., 0], mask)
+        assert np.array_equal(np.asarray(exported.read_region((0, 0), 1, (512, 384), as_array=True))[..., 0], mask[::2, ::2])
 
     assert main(["export", str(run), "--to", str(tmp_path / "qupath"), "--format", "qupath"]) == 0
     collection = json.loads((tmp_path / "qupath" / "tissue.geojson").read_text())

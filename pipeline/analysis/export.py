@@ -15,6 +15,8 @@ Formats, one function each, read top to bottom:
          Any size: the mask is never held whole. Tiles are cut from one band of chunks at a time
          (a row of chunk_size x chunk_size chunks, see `mask_bands`) and handed to tifffile as a
          generator, so memory is one band of chunks and one row of tiles, whatever the height.
+         A slide's (`write_slide_tiff`): a pyramid (SubIFDs, nearest-neighbour levels) with the
+         target mpp in its resolution tags, as slide readers (tiffslide) open it.
   geotiff, cog  `export_geotiff` (the `geo` extra; runs of input.format raster): one GeoTIFF per raster
          with the input's CRS and transform, nodata 255 (pixels outside the raster's valid data),
          512 x 512 deflate tiles and the classes as a colour table; cog: a Cloud Optimized GeoTIFF
@@ -55,7 +57,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.extras import require
-from pipeline.io.coco_codec import encode_rle, id_to_rgb
+from pipeline.io.coco_codec import decode_rle_box, encode_rle, id_to_rgb
 from pipeline.io.storage import open_fs, with_retries
 from pipeline.io.video import split_frame_id, video_stem
 from pipeline.results.masks import PngRows, decode_png
@@ -335,8 +337,9 @@ def export_png(run: Run, dest: Destination, result: ExportResult, max_pixels: in
 
 def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
     """One GeoJSON per image: its class regions as QuPath annotations, scaled to the slide's level 0
-    by the masks table's `level0_scale` (1 for images that are no slide, and for runs before it)."""
-    from pipeline.analysis.qupath import RegionTracer, features, qupath_classes
+    by the masks table's `level0_scale` (1 for images that are no slide, and for runs before it);
+    an instance run's: its instances as QuPath detections (pipeline.analysis.qupath.detection)."""
+    from pipeline.analysis.qupath import RegionTracer, detection, features, qupath_classes
 
     scales: dict[str, float] = {}
     for part in run.store.parts_of(MASKS):
@@ -344,6 +347,13 @@ def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
             table = run.store.read_part(MASKS, part, ["image_id", "level0_scale"])
             scales.update(zip(table.column("image_id").to_pylist(), table.column("level0_scale").to_pylist()))
     classes = qupath_classes(run.class_names)
+    if run.task == "instance":
+        instances = instance_rows(run.store)
+        for image_id in sorted(image.image_id for image in _mask_sizes(run.store)):  # every image, with or without instances
+            rows, scale = instances.get(image_id, []), scales.get(image_id) or 1.0
+            found = [f for f in (detection(r, classes, scale) for r in rows) if f is not None]
+            _write_json(dest, _unique_name(image_id, ".geojson", result), {"type": "FeatureCollection", "features": found}, result)
+        return
     for image in image_masks(run.store):
         tracer = RegionTracer(image.height, image.width)
         y = 0
@@ -360,10 +370,20 @@ def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
 
 
 def export_tiff(run: Run, dest: Destination, result: ExportResult) -> None:
-    """One tiled, deflate-compressed TIFF per image (`output_name(image_id, ".tif")`), any size."""
+    """One tiled, deflate-compressed TIFF per image (`output_name(image_id, ".tif")`), any size; a
+    slide's (the masks table's `mpp` column) as a pyramid with its resolution (`write_slide_tiff`)."""
+    slide_mpp: dict[str, float | None] = {}
+    for part in run.store.parts_of(MASKS):
+        if "mpp" in run.store.part_schema(MASKS, part).names:
+            table = run.store.read_part(MASKS, part, ["image_id", "mpp"])
+            slide_mpp.update(zip(table.column("image_id").to_pylist(), table.column("mpp").to_pylist()))
     for image in image_masks(run.store):
         name = _unique_name(image.image_id, ".tif", result)
-        dest.write_with(name, lambda path, image=image: write_tiff(image, path))
+        if image.image_id in slide_mpp:
+            mpp = slide_mpp[image.image_id]
+            dest.write_with(name, lambda path, image=image, mpp=mpp: write_slide_tiff(image, path, mpp))
+        else:
+            dest.write_with(name, lambda path, image=image: write_tiff(image, path))
         result.written.append(name)
 
 
@@ -388,23 +408,69 @@ def write_tiff(image: ImageMask, path: str, tile: int = TIFF_TILE) -> None:
     )
 
 
-def mask_tiles(image: ImageMask, tile: int = TIFF_TILE) -> Iterator[np.ndarray]:
+def pyramid_factors(height: int, width: int, tile: int = TIFF_TILE) -> list[int]:
+    """The downsampling of each level of a pyramid: 1, 2, 4, ... until a level fits in one tile."""
+    factors = [1]
+    while -(-max(height, width) // factors[-1]) > tile:
+        factors.append(factors[-1] * 2)
+    return factors
+
+
+def write_slide_tiff(image: ImageMask, path: str, mpp: float | None, tile: int = TIFF_TILE) -> None:
+    """A slide's mask as a tiled pyramidal TIFF as slide readers open it (tiffslide: its levels and mpp): level 0
+    the mask at the run's target resolution, its resolution tags the mpp as pixels per centimetre
+    (ResolutionUnit centimetre; none where the slide stated no mpp), then SubIFDs downsampled by 2, 4, ...
+    (`pyramid_factors`) by nearest neighbour: every pixel of a level is a pixel of the mask, never a
+    blend of classes. Each level is cut from the chunks as `write_tiff`'s (one band at a time: the
+    chunks are decoded once per level)."""
+    import tifffile  # the `tiff` extra, required by export_run
+
+    dtype = mask_dtype(image)
+    factors = pyramid_factors(image.height, image.width, tile)
+    bigtiff = image.pixels * dtype.itemsize * 4 // 3 > 2**32 - 2**25  # the levels add a third at most; offsets end at 4 GB
+    with tifffile.TiffWriter(path, bigtiff=bigtiff) as tif:
+        for level, factor in enumerate(factors):
+            width = -(-image.width // factor)
+            resolution = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+            tif.write(
+                mask_tiles(image, tile, factor),
+                shape=(-(-image.height // factor), width),
+                dtype=dtype,
+                tile=(tile, tile),
+                photometric="minisblack",
+                compression="zlib",
+                compressionargs={"level": 6},
+                buffersize=tile * width * dtype.itemsize,
+                subifds=len(factors) - 1 if level == 0 else None,
+                subfiletype=1 if level else 0,  # a reduced-resolution image of level 0
+                metadata=None,
+                **resolution,
+            )
+
+
+def mask_tiles(image: ImageMask, tile: int = TIFF_TILE, factor: int = 1) -> Iterator[np.ndarray]:
     """tile x tile arrays in TIFF order (row-major, zeros past the image's edges), cut from one band
     of chunks at a time (`mask_bands`) through a strip of `tile` rows of the image's width (tile
-    rows need not line up with the chunks)."""
-    strip = np.zeros((tile, image.width), mask_dtype(image))
-    filled = 0
+    rows need not line up with the chunks). `factor`: every factor-th row and column (rows and
+    columns 0, factor, 2 factor, ... of the image, wherever the chunks are cut), a pyramid's level."""
+    strip = np.zeros((tile, -(-image.width // factor)), mask_dtype(image))
+    filled, y = 0, 0
     for band in mask_bands(image):
-        rows, start = band[0][1].shape[0], 0
+        height = band[0][1].shape[0]
+        # the band's rows and each chunk's columns that fall on the level's grid, and where they go
+        first_row = -y % factor
+        picked = [((x + (-x % factor)) // factor, chunk[first_row::factor, -x % factor :: factor]) for x, chunk in band]
+        y += height
+        rows, start = picked[0][1].shape[0], 0
         while start < rows:
             take = min(tile - filled, rows - start)
-            for x, chunk in band:
+            for x, chunk in picked:
                 strip[filled : filled + take, x : x + chunk.shape[1]] = chunk[start : start + take]
             filled, start = filled + take, start + take
             if filled == tile:
                 yield from _cut_strip(strip, tile)
                 filled = 0
-        del band  # before the next band is decoded: one band at a time
+        del band, picked  # before the next band is decoded: one band at a time
     if filled:
         strip[filled:] = 0
         yield from _cut_strip(strip, tile)
@@ -558,20 +624,58 @@ def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str,
     lon/lat in EPSG:4326). `simplify`: each polygon simplified with that tolerance in map units,
     topology kept. Rasters without a CRS are skipped."""
     georefs = image_georefs(run.store)
+    instances = instance_rows(run.store) if run.task == "instance" else None
     for image in image_masks(run.store):
         crs, transform = georefs.get(image.image_id, (None, None))
         if crs is None or transform is None:
             result.skipped.append(f"{image.image_id}: its raster has no CRS, so its polygons have no place on a map")
             continue
-        found = list(mask_polygons(image, transform))
+        extra = None
+        if instances is None:
+            found = list(mask_polygons(image, transform))
+        else:  # an instance run: one (multi)polygon per instance, merged across windows by the run already
+            rows = instances.get(image.image_id, [])
+            found = [(int(r["class_id"]), instance_polygon(r, transform)) for r in rows]
+            extra = {"instance_id": [int(r["instance_id"]) for r in rows], "score": [float(r["score"]) for r in rows]}
         name = _unique_name(image.image_id, POLYGON_FORMATS[fmt], result)
         dest.write_with(
             name,
-            lambda path, image=image, crs=crs, found=found: write_polygons(
-                path, fmt, image.image_id, found, crs, run.class_names, simplify
+            lambda path, image=image, crs=crs, found=found, extra=extra: write_polygons(
+                path, fmt, image.image_id, found, crs, run.class_names, simplify, extra
             ),
         )
         result.written.append(name)
+
+
+def instance_rows(store: RunStore) -> dict[str, list[dict]]:
+    """An instance run's `instances/` rows (the latest of each image), by image, in instance_id order."""
+    table = store.latest_rows(INSTANCES)
+    by_image: dict[str, list[dict]] = {}
+    for r in sorted(table.to_pylist() if table is not None else [], key=lambda r: (r["image_id"], r["instance_id"])):
+        by_image.setdefault(r["image_id"], []).append(r)
+    return by_image
+
+
+def instance_mask_rings(row: dict):
+    """An `instances/` row's mask as a shapely (Multi)Polygon in the image's pixel coordinates: its box
+    decoded from the RLE (never the whole image) and traced (rasterio.features.shapes, 4-connected)."""
+    import shapely
+    import shapely.affinity
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    x, y, w, h = (int(v) for v in row["bbox"])
+    crop = decode_rle_box({"size": [int(row["height"]), int(row["width"])], "counts": row["rle"]}, (x, y, w, h))
+    pieces = [shape(g) for g, _ in shapes(crop.astype(np.uint8), mask=crop, connectivity=4)]
+    return shapely.affinity.translate(shapely.union_all(pieces), x, y)
+
+
+def instance_polygon(row: dict, transform: list[float]):
+    """An instance's (Multi)Polygon in the raster's CRS (a mask in pieces is one MultiPolygon)."""
+    import shapely.affinity
+
+    a, b, c, d, e, f = transform[:6]
+    return shapely.affinity.affine_transform(instance_mask_rings(row), [a, b, d, e, c, f])
 
 
 def polygon_areas(geometries: list, crs) -> list[float]:
@@ -594,11 +698,15 @@ def write_polygons(
     crs: str,
     class_names: list[str],
     simplify: float | None = None,
+    extra: dict[str, list] | None = None,
 ) -> None:
+    """One file of `found` (class id, polygon) in `fmt`; `extra`: more columns, one value per polygon
+    (an instance run's instance_id and score)."""
     import pyproj
     import shapely
     import shapely.geometry
 
+    extra = extra or {}
     source = pyproj.CRS.from_user_input(crs)
     geometries = [polygon for _, polygon in found]
     class_ids = [class_id for class_id, _ in found]
@@ -611,17 +719,24 @@ def write_polygons(
         features = [
             {
                 "type": "Feature",
-                "properties": {"image_id": image_id, "class_id": k, "class_name": n, "area": a},
+                "properties": {
+                    "image_id": image_id,
+                    "class_id": k,
+                    "class_name": n,
+                    "area": a,
+                    **{column: values[i] for column, values in extra.items()},
+                },
                 "geometry": shapely.geometry.mapping(
                     shapely.transform(polygon, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
                 ),
             }
-            for k, n, a, polygon in zip(class_ids, names, areas, geometries)
+            for i, (k, n, a, polygon) in enumerate(zip(class_ids, names, areas, geometries))
         ]
         with open(path, "w") as f:
             json.dump({"type": "FeatureCollection", "features": features}, f)
         return
     wkb = shapely.to_wkb(np.asarray(geometries, dtype=object)) if geometries else np.array([], dtype=object)
+    kinds = sorted({g.geom_type for g in geometries}) or ["Polygon"]  # an instance in pieces: MultiPolygon
     if fmt == "gpkg":
         from pyogrio.raw import write
 
@@ -630,15 +745,16 @@ def write_polygons(
             np.array(class_ids, np.int32),
             np.array(names, dtype=object),
             np.array(areas),
+            *(np.array(values, np.int32 if column == "instance_id" else np.float64) for column, values in extra.items()),
         ]
         write(
             path,
             wkb,
             fields,
-            ["image_id", "class_id", "class_name", "area"],
+            ["image_id", "class_id", "class_name", "area", *extra],
             layer="polygons",
             driver="GPKG",
-            geometry_type="Polygon",
+            geometry_type=kinds[0] if len(kinds) == 1 else "Unknown",
             crs=source.to_wkt(),
         )
         return
@@ -649,7 +765,7 @@ def write_polygons(
         "version": "1.1.0",
         "primary_column": "geometry",
         "columns": {
-            "geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": source.to_json_dict(), "bbox": [minx, miny, maxx, maxy]}
+            "geometry": {"encoding": "WKB", "geometry_types": kinds, "crs": source.to_json_dict(), "bbox": [minx, miny, maxx, maxy]}
         },
     }
     table = pa.table(
@@ -658,6 +774,7 @@ def write_polygons(
             "class_id": pa.array(class_ids, pa.int32()),
             "class_name": pa.array(names, pa.string()),
             "area": pa.array(areas, pa.float64()),
+            **{column: pa.array(values, pa.int32() if column == "instance_id" else pa.float64()) for column, values in extra.items()},
             "geometry": pa.array(list(wkb), pa.binary()),
         }
     ).replace_schema_metadata({b"geo": json.dumps(geo).encode()})

@@ -18,6 +18,10 @@ direction does not change are dropped, and rings of negative area (counter-clock
 are holes, each given to the smallest outline that holds a pixel next to it. Features come class
 by class, the largest regions first. Rasterising the
 polygons (pixel centres inside, even-odd) gives the mask back exactly.
+
+An instance run's objects (its `instances/` table) are exported as QuPath detections instead
+(`detection`): one Feature per instance, objectType "detection", its classification, its score and
+instance id as measurements, traced the same way from its mask's box.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.io.coco_codec import decode_rle_box
 
 SKIPPED_LABEL = 255  # pipeline.predict.slides: pixels not segmented (no tissue)
 # class colours (QuPath's classification colour, RGB): a fixed cycle, so that runs compare
@@ -174,6 +180,35 @@ def features(tracer: RegionTracer, classes: dict[int, QupathClass], scale: float
             }
         )
     return out
+
+
+def detection(row: dict, classes: dict[int, QupathClass], scale: float) -> dict | None:
+    """An instance run's `instances/` row as a QuPath detection (objectType "detection"): its mask's box
+    decoded from the RLE (never the whole image) and traced as the class regions are, offset to the
+    image and times `scale` (level 0); a mask in pieces is one MultiPolygon. Its score and instance_id
+    as QuPath measurements. None for an empty mask."""
+    x, y, w, h = (int(v) for v in row["bbox"])
+    crop = decode_rle_box({"size": [int(row["height"]), int(row["width"])], "counts": row["rle"]}, (x, y, w, h))
+    tracer = RegionTracer(h, w, skipped=0)  # 0: outside the instance
+    tracer.add(0, 0, crop.astype(np.uint8))
+    polygons = [
+        [[[_number((px + x) * scale), _number((py + y) * scale)] for px, py in ring.tolist()] for ring in rings]
+        for _, rings in tracer.regions()
+    ]
+    if not polygons:
+        return None
+    class_id = int(row["class_id"])
+    cls = classes.get(class_id, QupathClass(str(class_id), PALETTE[class_id % len(PALETTE)]))
+    geometry = {"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1 else {"type": "MultiPolygon", "coordinates": polygons}
+    return {
+        "type": "Feature",
+        "geometry": geometry,
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": cls.name, "color": list(cls.color)},
+            "measurements": {"score": float(row["score"]), "instance_id": int(row["instance_id"])},
+        },
+    }
 
 
 def _number(v: float) -> float | int:

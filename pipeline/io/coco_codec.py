@@ -126,6 +126,26 @@ def decode_rle(rle: dict) -> np.ndarray:
     return np.repeat(values, counts).reshape(width, height).T
 
 
+def decode_rle_box(rle: dict, box: list[int] | tuple[int, ...]) -> np.ndarray:
+    """The part of a COCO RLE's mask inside `box` (x, y, w, h) as an h x w bool array, without decoding
+    the whole image (an instance of a huge raster or slide is a small box of it)."""
+    height = int(rle["size"][0])
+    x, y, w, h = (int(v) for v in box)
+    out = np.zeros((h, w), bool)
+    bounds = np.cumsum(_rle_counts(rle))
+    ones = np.arange(1, len(bounds), 2)  # runs of 1s: [bounds[i - 1], bounds[i]) in column-major order
+    for start, end in zip(bounds[ones - 1].tolist(), bounds[ones].tolist()):
+        while start < end:  # a run may go on past its column's last row into the next column
+            col, row = divmod(start, height)
+            stop = min(end, (col + 1) * height)
+            if x <= col < x + w:
+                top, bottom = max(row, y), min(row + stop - start, y + h)
+                if top < bottom:
+                    out[top - y : bottom - y, col - x] = True
+            start = stop
+    return out
+
+
 def rle_area(rle: dict) -> int:
     """The number of set pixels (pycocotools' `mask.area`)."""
     return int(_rle_counts(rle)[1::2].sum())

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import MASK_THRESHOLD
+from pipeline.metrics.areas import PhysicalAreas
 from pipeline.rows import ClassAreas  # what the rows carry; counted here
 
 
@@ -194,14 +195,14 @@ class LabelAreas:
     """One image's class areas, added band by band, under every reading it may get (`auto`: both,
     until `finish` has seen the whole label and decides)."""
 
-    def __init__(self, reading: LabelReading) -> None:
-        self.reading = reading
+    def __init__(self, reading: LabelReading, physical: PhysicalAreas | None = None) -> None:
+        self.reading, self.physical = reading, physical  # physical: the label's areas in square metres or microns too
         self.areas = {r: ClassAreas.zeros(reading.num_classes) for r in reading.candidates}
         self.counts = np.zeros(256, np.int64)  # the 8-bit values seen (auto and mask decide on them)
         self.wide: set[int] = set()  # values of wider labels, seen as they come
 
-    def add(self, pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None) -> None:
-        """One band: predicted rows, their label rows; `valid`: where false, pixels count nowhere."""
+    def add(self, pred: np.ndarray, label: np.ndarray, valid: np.ndarray | None = None, y0: int = 0) -> None:
+        """One band: predicted rows, their label rows (the first is row `y0`); `valid`: where false, pixels count nowhere."""
         if self.reading.binary in ("auto", "mask"):
             seen = label[valid] if valid is not None else label.ravel()  # a reading decides on valid pixels only
             if seen.dtype == np.uint8:
@@ -211,6 +212,8 @@ class LabelAreas:
         for name, areas in self.areas.items():
             classes, ignore = self.reading.class_map(label, name)
             areas += class_areas(pred, classes, self.reading.num_classes, ignore, valid)
+            if self.physical is not None:
+                self.physical.add_label(y0, name, classes, ignore, valid)
 
     def finish(self) -> ClassAreas:
         """The image's areas under its reading (ClassAreas.reading says which)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 import torch
@@ -37,8 +36,10 @@ from pipeline.predict.objects import (
     tight_boxes,
 )
 from pipeline.predict.tiling import (
+    SKIPPED_PER_BATCH,
     BatchSizes,
     ReadWindow,
+    SkipWindow,
     StreamingStitcher,
     TilingSettings,
     plan_windows,
@@ -99,10 +100,13 @@ def find_objects(
     settings: ObjectSettings,
     found: list[ImageObject],
     batch_sizes: BatchSizes | None = None,
+    skip_window: SkipWindow | None = None,
 ) -> Iterator[SemanticBand]:
     """The objects of one image into `found` (highest score first once the generator is done),
     and meanwhile its semantic label rows from the same forward passes, top to bottom. Batches of
-    tiling.batch_size windows, fewer where one ran out of memory (tiling.BatchSizes)."""
+    tiling.batch_size windows, fewer where one ran out of memory (tiling.BatchSizes). `skip_window`
+    (top, left, h, w) -> true: a window not read nor run (a raster's without valid data, a slide's
+    without tissue): it has no objects, and its pixels that no run window covers are the stitcher's 255."""
     if tiling.mode == "whole":
         plan = plan_windows(height, width, (height, width), (height, width))  # one window: the image
     else:
@@ -111,9 +115,19 @@ def find_objects(
     merger = WindowInstanceMerger(settings.merge_iou)
     windows = iter(plan.windows)
     sizes = batch_sizes or BatchSizes(tiling.batch_size)
-    while batch := list(islice(windows, sizes.of(plan.window))):
-        pixels = to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in batch])
-        for (y0, x0), (class_logit, mask_logit) in zip(batch, score_within_memory(query_fn, pixels, plan.window, sizes)):
+    while batch := _next_batch(windows, plan, sizes.of(plan.window), skip_window):
+        run = [w for w in batch if w != SKIP]
+        logits = (
+            iter(score_within_memory(query_fn, to_pixels([read_padded(read_window, plan, y0, x0) for y0, x0 in run]), plan.window, sizes))
+            if run
+            else iter(())
+        )
+        for y0, x0 in batch:  # in the plan's order: a skipped window has its place in the stitcher's
+            if (y0, x0) == SKIP:
+                for band in stitcher.skip():
+                    yield band.y0, band.labels, None
+                continue
+            class_logit, mask_logit = next(logits)
             top, left, oy, ox, h, w = window_inside(plan, y0, x0)
             view = window_objects(class_logit, mask_logit, plan.window, settings)
             if (oy, ox, h, w) != (0, 0, *plan.window):  # the window's padding is not the image's
@@ -124,6 +138,28 @@ def find_objects(
                 yield band.y0, band.labels, None
     found += merger.finish()
     found.sort(key=lambda o: -o.score)
+
+
+SKIP = (-1, -1)  # a window that find_objects' skip_window refused
+
+
+def _next_batch(windows: Iterator[tuple[int, int]], plan, size: int, skip_window: SkipWindow | None) -> list[tuple[int, int]]:
+    """The next `size` windows to run, in the plan's order, with SKIP in the place of each window
+    `skip_window` refuses among them (at most SKIPPED_PER_BATCH of those, so that bands keep coming)."""
+    batch, run, skipped = [], 0, 0
+    for y0, x0 in windows:
+        top, left, _, _, h, w = window_inside(plan, y0, x0)
+        if skip_window is not None and skip_window(top, left, h, w):
+            batch.append(SKIP)
+            skipped += 1
+            if skipped == SKIPPED_PER_BATCH:
+                break
+            continue
+        batch.append((y0, x0))
+        run += 1
+        if run == size:
+            break
+    return batch
 
 
 def find_segments(

@@ -27,6 +27,7 @@ from pipeline.config import JobConfig
 from pipeline.io.coco_codec import encode_rle
 from pipeline.io.raster import NODATA_LABEL, RASTER_STREAM, RasterWindows
 from pipeline.io.tiff import StreamError, TiffWindows
+from pipeline.metrics.areas import PhysicalAreas, PixelAreas
 from pipeline.metrics.coco_labels import PanopticLabels, image_key
 from pipeline.metrics.cod import cod_image_stats
 from pipeline.metrics.panoptic import PanopticQuality, Segment
@@ -187,6 +188,7 @@ def finish_image(
     on_rows: Callable[[int, int], None] | None = None,
     valid_rows: LabelRows | None = None,
     pixel_counts: np.ndarray | None = None,
+    physical: PhysicalAreas | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None]:
     """The one loop every image takes: bands of finished rows, top to bottom, into PNG chunks and,
     where the image has a label, class areas against the same rows of it, read as `reading` says
@@ -195,9 +197,12 @@ def finish_image(
     (a binary task's foreground probability, or the confidence of output.confidence), encoded too.
     `valid_rows(y0, n)`: a raster's valid-data mask of those rows; pixels outside it are
     NODATA_LABEL in the mask (probability 0) and count in no class area. `pixel_counts`: the mask's
-    pixels per value are added to it (its length: the values counted)."""
+    pixels per value are added to it (its length: the values counted). `physical`: the per-class areas
+    in square metres or microns (pipeline.metrics.areas) of the mask's pixels (per chunk too) and the label's are added to it."""
     writer = ChunkedMaskWriter(height, width, chunk_size, num_classes, binary)
-    areas = LabelAreas(reading or LabelReading(num_classes, ignore_index)) if label_rows is not None else None
+    if physical is not None:
+        physical.chunk_grid(writer.ys, writer.xs)  # each masks row gets its chunk's areas
+    areas = LabelAreas(reading or LabelReading(num_classes, ignore_index), physical) if label_rows is not None else None
     finished = 0
     for y0, labels, probability in bands:
         valid = valid_rows(y0, labels.shape[0]) if valid_rows is not None else None
@@ -207,10 +212,12 @@ def finish_image(
         writer.add(y0, labels, probability)
         if pixel_counts is not None:
             pixel_counts += np.bincount(labels.ravel(), minlength=len(pixel_counts))[: len(pixel_counts)]
+        if physical is not None:
+            physical.add_pred(y0, labels)
         if areas is not None:
             for top in range(0, labels.shape[0], AREA_ROWS):
                 rows = labels[top : top + AREA_ROWS]
-                areas.add(rows, label_rows(y0 + top, rows.shape[0]), valid[top : top + AREA_ROWS] if valid is not None else None)
+                areas.add(rows, label_rows(y0 + top, rows.shape[0]), valid[top : top + AREA_ROWS] if valid is not None else None, y0 + top)
         finished += labels.shape[0]  # bands come top to bottom and cover each row once
         if on_rows is not None:
             on_rows(finished, height)
@@ -490,9 +497,9 @@ class Predictor:
         started = time.time()
         if image.stream.kind == "slide":
             return self._predict_slide(image, row)
+        found: list[ImageObject] = []
+        objects = (self.query_fn, self.objects, found) if self.objects is not None else None
         if image.stream.kind == RASTER_STREAM:
-            if self.objects is not None:
-                raise StreamError(f"rasters are segmented by the semantic task, not {self.objects.task}")
             row.chunks, row.areas, row.raster = segment_raster(
                 self.score_fn,
                 image.stream,
@@ -505,10 +512,13 @@ class Predictor:
                 max_pixels=self.max_pixels,
                 on_rows=on_rows,
                 batch_sizes=self.batch_sizes,
+                objects=objects,
             )
+            row.physical = row.raster.pop("physical")
+            if objects is not None:
+                row.objects = instance_records(found, row.height, row.width)
             log.info("raster %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
             return row
-        found: list[ImageObject] = []
         row.chunks, row.areas = segment_tiff(
             self.score_fn,
             image.stream,
@@ -518,10 +528,10 @@ class Predictor:
             reading=self.label_reading,
             storage_options=self.input_storage_options,
             on_rows=on_rows,
-            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
+            objects=objects,
             batch_sizes=self.batch_sizes,
         )
-        if self.objects is not None:
+        if objects is not None:
             row.objects = instance_records(found, row.height, row.width)
         log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
         return row
@@ -534,9 +544,8 @@ class Predictor:
             if self.monitor is not None:
                 self.monitor.stream_rows.remote(image.image_id, done, total, note)  # fire and forget
 
-        if self.objects is not None:
-            raise StreamError(f"slides are segmented by the semantic task, not {self.objects.task}")
         started, settings = time.time(), self.slide_settings
+        found: list[ImageObject] = []
         result = segment_slide(
             self.score_fn,
             image.stream,
@@ -550,15 +559,20 @@ class Predictor:
             on_rows=on_rows,
             finish=finish_image,
             batch_sizes=self.batch_sizes,
+            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
         )
         row.chunks, row.mpp, row.level0_scale = result.chunks, result.grid.mpp, result.grid.level0_scale
+        if self.objects is not None:
+            row.objects = instance_records(found, row.height, row.width)
+        row.physical = result.physical
         if self.run_store is None:
             from pipeline.results.runstore import RunStore
 
             self.run_store = RunStore.of_job(self.cfg)
         self.run_store.write_bytes(f"tissue/{image.image_id}.png", result.tissue_png)
         if self.monitor is not None:
-            self.monitor.add_slide.remote(result.windows_run, result.windows_skipped, result.grid.mpp)
+            grid = result.grid
+            self.monitor.add_slide.remote(result.windows_run, result.windows_skipped, grid.mpp, grid.level0_mpp, result.objective_power)
         log.info(
             "slide %s (%d x %d at level %d) in %.1f s: %d windows run, %d skipped",
             image.image_id, image.width, image.height, result.grid.level, time.time() - started,
@@ -634,11 +648,13 @@ def segment_raster(
     max_pixels: int | None = None,
     on_rows: Callable[[int, int], None] | None = None,
     batch_sizes: BatchSizes | None = None,
+    objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> tuple[list[MaskChunk], ClassAreas | None, dict]:
     """A raster read window by window (pipeline.io.raster): its selected bands scaled, windows without
     valid data skipped, no-data pixels NODATA_LABEL in the mask and in no metric; the label raster's
     rows read alongside. Returns the chunks, the class areas and the raster's facts (georeferencing,
-    the scale applied, the windows skipped)."""
+    the scale applied, the windows skipped, the per-class areas in square metres). `objects` (query_fn,
+    settings, found): the instance task, its objects merged across windows into `found` as a TIFF's."""
     if settings.mode != "slide" and max_pixels is not None and source.height * source.width > max_pixels:
         raise StreamError(
             f"a {source.width} x {source.height} raster over input.max_pixels ({max_pixels}) is segmented window by window: "
@@ -655,16 +671,24 @@ def segment_raster(
                     f"label {source.label_uri} is {label.width} x {label.height} but the raster is {source.width} x {source.height}"
                 )
             counts = np.zeros(NODATA_LABEL + 1, np.int64)
-            bands = segment_streaming(
-                score_fn,
-                raster.read,
-                source.height,
-                source.width,
-                settings,
-                skip_window=raster.empty,
-                channels=None,
-                batch_sizes=batch_sizes,
-            )
+            pixel_areas = PixelAreas.of_raster(raster.georef(), source.height, source.width)
+            physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
+            if objects is None:
+                bands = segment_streaming(
+                    score_fn,
+                    raster.read,
+                    source.height,
+                    source.width,
+                    settings,
+                    skip_window=raster.empty,
+                    channels=None,
+                    batch_sizes=batch_sizes,
+                )
+            else:
+                query_fn, object_config, found = objects
+                bands = find_objects(
+                    query_fn, raster.read, source.height, source.width, settings, object_config, found, batch_sizes, raster.empty
+                )
             chunks, areas = finish_image(
                 bands,
                 source.height,
@@ -677,6 +701,7 @@ def segment_raster(
                 on_rows=on_rows,
                 valid_rows=raster.valid_rows,
                 pixel_counts=counts,
+                physical=physical,
             )
         finally:
             if label is not None:
@@ -687,6 +712,8 @@ def segment_raster(
             "nodata_windows": raster.skipped,
             "class_pixels": counts[:num_classes].tolist(),  # valid pixels per class (no-data ones are NODATA_LABEL)
             "nodata_pixels": int(counts[NODATA_LABEL]),
+            # per class the mask's and the label's square metres (None: no CRS); the predictor moves it to Prediction.physical
+            "physical": physical.record(areas.reading if areas is not None else None) if physical is not None else None,
         }
     return chunks, areas, facts
 

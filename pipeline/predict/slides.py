@@ -17,6 +17,9 @@ from PIL import Image
 
 from pipeline.io.slide import SlideGrid, SlideWindows, TissueMap, tissue_mask
 from pipeline.io.tiff import StreamError
+from pipeline.metrics.areas import PhysicalAreas, PixelAreas
+from pipeline.predict.object_windows import ObjectSettings, find_objects
+from pipeline.predict.objects import ImageObject
 from pipeline.predict.tiling import BatchSizes, TilingSettings, segment_streaming
 from pipeline.rows import MaskChunk, StreamSource
 
@@ -31,10 +34,21 @@ class SlideResult:
     tissue_shape: tuple[int, int]
     windows_run: int = 0
     windows_skipped: int = 0
+    physical: dict | None = None  # per class the mask's square microns (pipeline.metrics.areas; None: no mpp)
+    objective_power: float | None = None  # the scanner's objective (tiffslide.objective-power; None: not stated)
 
     @property
     def note(self) -> str:
         return f"{self.windows_run} windows run, {self.windows_skipped} skipped (no tissue)"
+
+
+def objective_power(value: object) -> float | None:
+    """A slide's objective power as its metadata states it (Aperio's AppMag: "40", "20.0"); None when absent or no number."""
+    try:
+        power = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return power if power > 0 else None
 
 
 def tissue_png(mask: np.ndarray) -> bytes:
@@ -57,10 +71,12 @@ def segment_slide(
     on_rows: Callable[[int, int, str], None] | None = None,
     finish: Callable | None = None,
     batch_sizes: BatchSizes | None = None,
+    objects: tuple[Callable, ObjectSettings, list[ImageObject]] | None = None,
 ) -> SlideResult:
     """Segment one slide on its target grid. Windows whose tissue fraction (`TissueMap`) is under
     `min_tissue` are neither read nor run. on_rows(rows finished, total, "N windows run, M skipped"). `finish`: pipeline.predict.predictor.finish_image (the
-    loop every image takes), passed in so that this module needs no predictor."""
+    loop every image takes), passed in so that this module needs no predictor. `objects` (query_fn,
+    settings, found): the instance task, its objects merged across the windows run into `found`."""
     if settings.mode != "slide":
         raise StreamError(f"a slide is segmented window by window: inference.mode must be 'slide', not {settings.mode!r}")
     if num_classes > SKIPPED_LABEL:
@@ -72,7 +88,7 @@ def segment_slide(
             )
         tissue = tissue_mask(slide.overview())
         tissue_map = TissueMap(tissue, slide.height, slide.width)
-        result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape)
+        result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape, objective_power=objective_power(slide.objective_power))
 
         def skip(top: int, left: int, h: int, w: int) -> bool:  # the window's part inside the slide
             fraction = tissue_map.fraction(top, left, h, w)
@@ -81,7 +97,13 @@ def segment_slide(
             result.windows_run += not skipped
             return skipped
 
-        bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        if objects is None:
+            bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
+        else:
+            query_fn, object_config, found = objects
+            bands = find_objects(query_fn, slide.rgb, slide.height, slide.width, settings, object_config, found, batch_sizes, skip)
+        pixel_areas = PixelAreas.of_slide(slide.grid.mpp)
+        physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
         result.chunks, _ = finish(
             bands,
             slide.height,
@@ -91,5 +113,7 @@ def segment_slide(
             chunk_size=chunk_size,
             binary=settings.beside is not None,
             on_rows=(lambda done, total: on_rows(done, total, result.note)) if on_rows else None,
+            physical=physical,
         )
+        result.physical = physical.record(None) if physical is not None else None
     return result

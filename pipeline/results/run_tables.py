@@ -51,11 +51,26 @@ SLIDE_FIELDS = (pa.field("mpp", pa.float64()), pa.field("level0_scale", pa.float
 # seconds (null where the stream gave none). Runs of other inputs, and older runs, lack the column.
 VIDEO_FIELDS = (pa.field("timestamp_s", pa.float64()),)
 
+# raster and slide runs: per-class areas in square metres (rasters: `*_m2`) or square microns (slides: `*_um2`),
+# see pipeline.metrics.areas. The masks table has every image's predicted areas, each row those of ITS chunk's
+# pixels (`class_area_m2` / `class_area_um2`: an image's rows summed give the image's); the metrics table, one
+# row per labeled image, has the image's `pred_area_*` and `label_area_*`. Null where the pixel's size is not
+# known (a raster without a CRS, a slide without mpp). Runs of other inputs, and older runs, lack the columns.
+AREA_UNITS = {"raster": "m2", "slide": "um2"}  # input.format -> the unit of its physical areas
+
+
+def class_area_field(unit: str) -> pa.Field:
+    return pa.field(f"class_area_{unit}", pa.list_(pa.float64()))
+
+
+def physical_fields(unit: str) -> list[pa.Field]:
+    return [pa.field(f"pred_area_{unit}", pa.list_(pa.float64())), pa.field(f"label_area_{unit}", pa.list_(pa.float64()))]
+
 
 def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, slide: bool = False, video: bool = False) -> pa.Schema:
     """binary: the foreground probability's column; confidence (output.confidence, multi-class):
     each pixel's largest class probability's, in the same 8-bit PNG chunks; raster: RASTER_FIELDS;
-    slide: SLIDE_FIELDS; video: VIDEO_FIELDS."""
+    slide: SLIDE_FIELDS; video: VIDEO_FIELDS; raster and slide: their class_area_m2 / class_area_um2 (AREA_UNITS)."""
     fields = [
         pa.field("image_id", pa.string()),
         pa.field("height", pa.int32()),
@@ -68,9 +83,9 @@ def masks_schema(binary: bool, confidence: bool = False, raster: bool = False, s
     if confidence:
         fields.append(pa.field("confidence", pa.binary()))
     if raster:
-        fields.extend(RASTER_FIELDS)
+        fields.extend([*RASTER_FIELDS, class_area_field(AREA_UNITS["raster"])])
     if slide:
-        fields.extend(SLIDE_FIELDS)
+        fields.extend([*SLIDE_FIELDS, class_area_field(AREA_UNITS["slide"])])
     if video:
         fields.extend(VIDEO_FIELDS)
     return pa.schema(fields)
@@ -95,9 +110,15 @@ OUTSIDE_FIELD = pa.field("label_outside_pixels", pa.int64())
 READING_FIELD = pa.field("label_reading", pa.string())
 
 
-def metrics_schema(cod: bool, panoptic: bool = False) -> pa.Schema:
+def metrics_schema(cod: bool, panoptic: bool = False, area_unit: str | None = None) -> pa.Schema:
     return pa.schema(
-        [*METRICS_SCHEMA, OUTSIDE_FIELD, *([READING_FIELD, *COD_FIELDS] if cod else []), *(PANOPTIC_FIELDS if panoptic else [])]
+        [
+            *METRICS_SCHEMA,
+            OUTSIDE_FIELD,
+            *([READING_FIELD, *COD_FIELDS] if cod else []),
+            *(PANOPTIC_FIELDS if panoptic else []),
+            *(physical_fields(area_unit) if area_unit else []),
+        ]
     )
 
 

@@ -58,6 +58,7 @@ from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, 
 from pipeline.redaction import scrub
 from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import (
+    AREA_UNITS,
     AREAS,
     ERRORS,
     ERRORS_SCHEMA,
@@ -72,6 +73,7 @@ from pipeline.results.run_tables import (
     READING_FIELD,
     TABLES,
     TMP_PREFIX,
+    class_area_field,
     part_attempt,
 )
 from pipeline.rows import IdSet
@@ -259,19 +261,32 @@ class RunStore:
         """The committed rows of table `kind`, each image's from the latest committed part that holds
         it (an image has several rows there: its instances, segments or chunks); sorted by image_id,
         then in part order. None when no committed part has the table."""
-        tables = []
-        for i, part in enumerate(self.parts_of(kind)):
-            table = self.read_part(kind, part, columns)
-            tables.append(table.append_column("_part", pa.array(np.full(table.num_rows, i, np.int32))))
-        if not tables:
-            return None
-        table = pa.concat_tables(tables, promote_options="default")
-        table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
-        last = table.group_by("image_id").aggregate([("_part", "max")])
-        # each row's image's latest part (no join: Arrow joins refuse list columns such as bbox)
-        latest = last.column("_part_max").take(pc.index_in(table.column("image_id"), value_set=last.column("image_id")))
-        table = table.filter(pc.equal(table.column("_part"), latest))
-        return table.sort_by([("image_id", "ascending"), ("_row", "ascending")]).drop_columns(["_part", "_row"])
+        return latest_of([self.read_part(kind, part, columns) for part in self.parts_of(kind)])
+
+    def class_area_rows(self) -> tuple[pa.Table | None, list[str]]:
+        """A raster or slide run's predicted areas in physical units: each image's masks rows (one per
+        chunk) from its latest committed part, `image_id` and `class_area_m2`, `class_area_um2` (a chunk's
+        per-class areas; null in parts written before they were recorded); and the units that some part
+        records (none: a run of other inputs, or an older one)."""
+        fields = [class_area_field(unit) for unit in AREA_UNITS.values()]
+        tables, units = [], set()
+        for part in self.parts_of(MASKS):
+            path = self.path(MASKS, part + ".parquet")
+
+            def read(path: str = path) -> pa.Table:
+                with self.fs.open(path, "rb") as handle:
+                    file = pq.ParquetFile(handle)  # one read: the footer says which columns this part has
+                    names = file.schema_arrow.names
+                    return file.read(columns=["image_id", *(f.name for f in fields if f.name in names)])
+
+            table = with_retries(read, what="read", uri=f"{self.uri}/{MASKS}/{part}.parquet")
+            for unit, area_field in zip(AREA_UNITS.values(), fields):
+                if area_field.name in table.column_names:
+                    units.add(unit)
+                else:
+                    table = table.append_column(area_field, pa.nulls(table.num_rows, area_field.type))
+            tables.append(table.select(["image_id", *(f.name for f in fields)]))
+        return latest_of(tables), sorted(units)
 
     def mask_parts(self) -> dict[str, str]:
         """image_id -> the latest committed part holding its mask (a rerun's result supersedes an earlier one)."""
@@ -397,7 +412,7 @@ class RunStore:
     def summarize(self, num_classes: int, class_names: list[str], outcomes: Outcomes | None = None) -> dict:
         """summary.json's counts and metrics, from what the run directory holds (every attempt)."""
         outcomes = outcomes or self.outcomes()
-        return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names)
+        return summary_of([self.read_table(METRICS)], outcomes, num_classes, class_names, self.class_area_rows())
 
     def raster_summary(self, class_names: list[str]) -> dict:
         """A raster run's facts from its masks table (one row per image, its first chunk's): see
@@ -411,15 +426,13 @@ RASTER_IMAGES_LISTED = 1000  # run.json lists the georeferencing of this many ra
 
 def raster_summary(table: pa.Table | None, class_names: list[str]) -> dict:
     """What a raster run's masks rows say, summed: windows and pixels without valid data, the rasters
-    without a CRS, the CRSs seen, per class the area in square metres (rasters of a projected CRS;
-    pixels of no data in none), and per raster (the first RASTER_IMAGES_LISTED by id) its CRS,
+    without a CRS, the CRSs seen (per class areas in square metres: summary.json's `area_m2`, see
+    `physical_summary`), and per raster (the first RASTER_IMAGES_LISTED by id) its CRS,
     transform, resolution and the scale applied to its bands."""
     out: dict[str, Any] = {"images": 0, "nodata_windows": 0, "nodata_pixels": 0, "without_crs": [], "crs": []}
     if table is None or not table.num_rows:
         return out
     first = table.filter(pc.and_(pc.equal(table.column("chunk_y"), 0), pc.equal(table.column("chunk_x"), 0)))
-    area_m2 = np.zeros(len(class_names))
-    projected = 0
     per_image: dict[str, dict] = {}
     crs_seen: set[str] = set()
     for row in first.to_pylist():
@@ -430,16 +443,28 @@ def raster_summary(table: pa.Table | None, class_names: list[str]) -> dict:
             out["without_crs"].append(row["image_id"])
         else:
             crs_seen.add(row["crs"])
-        if row["pixel_area_m2"] is not None and row["class_pixels"] is not None:
-            projected += 1
-            area_m2 += np.asarray(row["class_pixels"][: len(class_names)], np.float64) * row["pixel_area_m2"]
         if len(per_image) < RASTER_IMAGES_LISTED:
             per_image[row["image_id"]] = {k: row[k] for k in ("crs", "transform", "resolution", "band_scale", "nodata_windows")}
     out["crs"] = sorted(crs_seen)
-    out["class_area_m2"] = dict(zip(class_names, area_m2.tolist())) if projected else None
-    out["area_images"] = projected  # the rasters of a projected CRS, whose areas are summed
     out["rasters"] = per_image
     return out
+
+
+def latest_of(tables: list[pa.Table]) -> pa.Table | None:
+    """Tables of rows by image (a run's parts, or runs, in order: a later one supersedes an earlier one) as one:
+    each image's rows from the last table that holds it (an image has several rows there: its instances,
+    segments or chunks); sorted by image_id, then in table order. None without a table."""
+    if not tables:
+        return None
+    table = pa.concat_tables(
+        [t.append_column("_part", pa.array(np.full(t.num_rows, i, np.int32))) for i, t in enumerate(tables)], promote_options="default"
+    )
+    table = table.append_column("_row", pa.array(np.arange(table.num_rows)))
+    last = table.group_by("image_id").aggregate([("_part", "max")])
+    # each row's image's latest table (no join: Arrow joins refuse list columns such as bbox)
+    latest = last.column("_part_max").take(pc.index_in(table.column("image_id"), value_set=last.column("image_id")))
+    table = table.filter(pc.equal(table.column("_part"), latest))
+    return table.sort_by([("image_id", "ascending"), ("_row", "ascending")]).drop_columns(["_part", "_row"])
 
 
 def read_mask(run_dir: str | pa.Table, image_id: str, column: str = "mask", storage_options: dict | None = None) -> np.ndarray:
@@ -484,9 +509,16 @@ def sum_areas(metrics: list[pa.Table | None], num_classes: int) -> tuple[ClassAr
     return ClassAreas(*areas), table.num_rows
 
 
-def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: int, class_names: list[str]) -> dict:
+def summary_of(
+    metrics: list[pa.Table | None],
+    outcomes: Outcomes,
+    num_classes: int,
+    class_names: list[str],
+    class_areas: tuple[pa.Table | None, list[str]] = (None, []),
+) -> dict:
     """Counts and dataset metrics (mmseg conventions: sums of areas, then ratios) of a run, or of
-    several runs of a job (metrics recomputed from the summed areas, never averaged over runs)."""
+    several runs of a job (metrics recomputed from the summed areas, never averaged over runs).
+    `class_areas`: the masks' areas in physical units, each image's latest (`RunStore.class_area_rows`)."""
     total, labeled = sum_areas(metrics, num_classes)
     summary = {
         "images": len(outcomes.segmented),
@@ -496,9 +528,41 @@ def summary_of(metrics: list[pa.Table | None], outcomes: Outcomes, num_classes: 
         **summarize(total),
     }
     latest = latest_metrics(metrics)
+    summary.update(physical_summary(*class_areas, latest, class_names))
     summary.update(labels_summary(latest))
     summary.update(cod_summary(latest))
     return summary
+
+
+def _summed(column: pa.ChunkedArray, class_names: list[str]) -> tuple[dict | None, int]:
+    """Per-class lists summed over the rows that have one, by class name; and how many rows had one."""
+    known = column.drop_null()
+    if not len(known):
+        return None, 0
+    total = np.asarray(known.combine_chunks().flatten(), np.float64).reshape(len(known), -1).sum(axis=0)
+    return dict(zip(class_names, total.tolist())), len(known)
+
+
+def physical_summary(masks: pa.Table | None, units: list[str], metrics: pa.Table | None, class_names: list[str]) -> dict:
+    """Raster and slide runs (`units`: those the masks table records): per class the summed areas in
+    square metres (`area_m2`) or microns (`area_um2`): `predicted` over every image whose pixel size is
+    known (`images`; the masks table's chunk rows, each image's latest), and over the labeled images
+    (`labeled_images`, the metrics table): the labels' (`labeled`) and the masks' (`predicted_labeled`),
+    null without any; {} for other runs."""
+    out: dict[str, Any] = {}
+    for unit in units:
+        predicted, _ = _summed(masks.column(f"class_area_{unit}"), class_names)
+        known = masks.filter(pc.is_valid(masks.column(f"class_area_{unit}")))
+        section: dict[str, Any] = {"predicted": predicted, "images": pc.count_distinct(known.column("image_id")).as_py()}
+        labeled, predicted_labeled, labeled_images = None, None, 0
+        if metrics is not None and f"label_area_{unit}" in metrics.column_names:
+            labeled, labeled_images = _summed(metrics.column(f"label_area_{unit}"), class_names)
+            predicted_labeled, _ = _summed(
+                metrics.filter(pc.is_valid(metrics.column(f"label_area_{unit}"))).column(f"pred_area_{unit}"), class_names
+            )
+        section.update(labeled=labeled, predicted_labeled=predicted_labeled, labeled_images=labeled_images)
+        out[f"area_{unit}"] = section
+    return out
 
 
 def labels_summary(metrics: pa.Table | None) -> dict:
@@ -952,7 +1016,9 @@ def job_summary(output_uri: str, storage_options: dict, job: str) -> dict:
     merged = Outcomes(segmented, IdSet.union(*(o.failed for o in outcomes)).minus(segmented))
     model = runs[-1].info.get("model", {})
     num_classes = int(model.get("mask_classes", model.get("num_classes", 0)))
-    summary = summary_of([r.store.read_table(METRICS) for r in runs], merged, num_classes, model.get("class_names") or [])
+    per_run = [r.store.class_area_rows() for r in runs]  # a later run's areas of an image supersede an earlier one's
+    class_areas = (latest_of([t for t, _ in per_run if t is not None]), sorted({u for _, units in per_run for u in units}))
+    summary = summary_of([r.store.read_table(METRICS) for r in runs], merged, num_classes, model.get("class_names") or [], class_areas)
     summary["job"] = job
     summary["identity"] = next((r.identity for r in runs if r.outcomes.parts and r.identity), None)
     summary["runs"] = [

@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipeline.config import JobConfig
 from pipeline.metrics.cod import CodImageStats
 from pipeline.results.run_tables import (
+    AREA_UNITS,
     CHUNK_FIELDS,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
@@ -58,14 +59,18 @@ def part_tables(
 ) -> tuple[pa.Table, pa.Table, pa.Table]:
     """The masks, metrics and errors tables of one part; `confidence`: the chunks' probability PNGs
     are a multi-class run's confidence (output.confidence), in the masks' confidence column;
-    `raster`, `slide`, `video`: the masks' raster, slide or video columns too."""
+    `raster`, `slide`, `video`: the masks' raster, slide or video columns too; raster and slide: the areas in
+    physical units (masks: each chunk's; metrics: each labeled image's, pipeline.results.run_tables.AREA_UNITS)."""
     rows = sorted(rows, key=lambda r: r.image_id)
     ok = [r for r in rows if not r.error]
     # one masks row per chunk (one chunk for most images); all chunks of an image land in this part
     schema = masks_schema(binary, confidence=confidence, raster=raster, slide=slide, video=video)
     masks: dict[str, list] = {k: [] for k in schema.names}
+    area_unit = AREA_UNITS["raster" if raster else "slide"] if raster or slide else None
     for r in ok:
-        for c in r.chunks:
+        # rasters and slides: each chunk's row its own pixels' per-class areas (null: the pixel's size unknown)
+        chunk_areas = (r.physical or {}).get("chunks") or [None] * len(r.chunks)
+        for c, chunk_area in zip(r.chunks, chunk_areas, strict=True):
             masks["image_id"].append(r.image_id)
             masks["height"].append(r.height)
             masks["width"].append(r.width)
@@ -84,11 +89,16 @@ def part_tables(
             if raster:
                 for name in RASTER_COLUMNS:
                     masks[name].append((r.raster or {}).get(name))
-    labeled = [r for r in ok if r.areas is not None]
+            if area_unit:
+                masks[f"class_area_{area_unit}"].append(chunk_area)
+    labeled = [r for r in ok if r.areas is not None]  # one metrics row per labeled image
     metrics: dict[str, list] = {"image_id": [r.image_id for r in labeled]}
     for area in METRICS_SCHEMA.names[1:]:
         metrics[area] = [getattr(r.areas, area).tolist() for r in labeled]
     metrics[OUTSIDE_FIELD.name] = [r.areas.outside for r in labeled]
+    if area_unit:  # rasters and slides: the labeled image's areas in square metres or microns, the mask's and the label's
+        metrics[f"pred_area_{area_unit}"] = [r.physical["pred"] if r.physical else None for r in labeled]
+        metrics[f"label_area_{area_unit}"] = [r.physical["label"] if r.physical else None for r in labeled]
     if cod:  # a binary task: the camouflaged-object stats beside the areas (null for a streamed image)
         metrics[READING_FIELD.name] = [r.areas.reading for r in labeled]
         stats = [CodImageStats.from_flat(r.cod).to_record() if r.cod else None for r in labeled]
@@ -106,7 +116,7 @@ def part_tables(
     }
     return (
         pa.Table.from_pydict(masks, schema=schema),
-        pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic)),
+        pa.Table.from_pydict(metrics, schema=metrics_schema(cod, panoptic, area_unit)),
         pa.Table.from_pydict(errors, schema=ERRORS_SCHEMA),
     )
 

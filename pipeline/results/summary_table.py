@@ -66,6 +66,26 @@ def _label_lines(s: dict, num_classes: int) -> list[str]:
     return lines
 
 
+AREA_UNIT_NAMES = {"m2": "m²", "um2": "µm²"}
+
+
+def _area_lines(s: dict) -> list[str]:
+    """Raster and slide runs: per class the predicted (and labeled) area in square metres or microns."""
+    lines = []
+    for unit, shown in AREA_UNIT_NAMES.items():
+        section = s.get(f"area_{unit}") or {}
+        predicted, labeled = section.get("predicted"), section.get("labeled")
+        if not predicted:
+            continue
+        width = max([len("class")] + [len(n) for n in predicted])
+        lines.append(f"{'class':<{width}} {'predicted ' + shown:>18}" + (f" {'labeled ' + shown:>18}" if labeled else ""))
+        for name, value in predicted.items():
+            lines.append(f"{name:<{width}} {value:18.6g}" + (f" {labeled.get(name, 0.0):18.6g}" if labeled else ""))
+        counted = f"{section.get('images', 0)} images" + (f", labels of {section.get('labeled_images', 0)}" if labeled else "")
+        lines.append(f"areas in {shown} over {counted} (no-data and skipped pixels in none)")
+    return lines
+
+
 def format_summary(summary: dict, run_dir: str = "") -> str:
     """The terminal's summary: the task's own metrics (per-class IoU and mIoU; the camouflaged-object
     measures of a binary task; mask AP of an instance task, PQ of a panoptic one, when labeled), then counts."""
@@ -83,6 +103,7 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
     if "Sm" in summary:
         lines.append(_cod_line(summary))
     lines.extend(_label_lines(summary, len(names)))
+    lines.extend(_area_lines(summary))
     mask_ap, panoptic = summary.get("mask_ap") or {}, summary.get("panoptic") or {}
     if mask_ap:
         lines.append(_mask_ap_line(mask_ap))
