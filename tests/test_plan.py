@@ -260,10 +260,12 @@ def test_bad_images_become_error_rows_and_over_the_error_budget_the_run_fails_wi
     assert "empty" in errors["empty.png"]["error"]
     masks = read_run_table(run, "masks").column("image_id").to_pylist()
     assert len(masks) == len(list((bad / "images").glob("*.png"))) - 2
-    # the same run with a tighter error budget fails with exit code 1
-    cfg = archive_job(tmp_path, bad, checkpoint, labels=False, run_id="bad2", max_error_fraction=0.1)
+    # a rerun with a tighter error budget: the two images fail again, over the run's budget: exit code 1
+    cfg = archive_job(tmp_path, bad, checkpoint, labels=False, run_id="bad", max_error_fraction=0.1)
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 1
-    assert json.loads((tmp_path / "runs" / "bad2" / "run.json").read_text())["status"] == "failed"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "failed" and [a["status"] for a in info["attempts"]] == ["succeeded", "failed"]
+    assert f"2 of {len(masks) + 2} images failed" in info["attempts"][-1]["message"]
 
 
 @pytest.mark.parametrize(
