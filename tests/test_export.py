@@ -510,7 +510,6 @@ def test_a_slides_tiff_is_a_pyramid_with_its_mpp_that_tiffslide_reads_back_level
     SubIFDs halving down to one tile, each every 2^k-th pixel of the mask (nearest: classes, never
     blends), whatever the chunks' cut (chunks of 21 rows and columns: no level's grid lines up with
     them); a slide that states no mpp gets the pyramid without resolution tags; other images stay one level."""
-    pytest.importorskip("tiffslide")
     import tifffile
     import tiffslide
 
