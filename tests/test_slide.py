@@ -13,6 +13,7 @@ import pytest
 import tifffile
 import tiffslide
 import torch
+import torch.nn.functional as F
 from helpers import job_config, read_run_table, segpipe_run, tiny_checkpoint
 from PIL import Image
 
@@ -415,3 +416,40 @@ def test_a_folder_of_slides_through_segpipe_run_and_the_qupath_export(ray_sessio
         mine = [f["geometry"]["coordinates"] for f in collection["features"] if f["properties"]["classification"]["name"] == name]
         # rasterised at level 0 (2048 x 1536: every other pixel centre is enough, scale 2 keeps the mask's)
         assert np.array_equal(rasterise(mine, 768, 1024, scale=2.0), (mask == value).astype(np.int32)), name
+
+
+def nuclei_queries(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stand-in query model: query 0 is class 0 ("nucleus") over the dark pixels (red under 100:
+    neither stain nor glass), query 1 is no object."""
+    dark = F.avg_pool2d(pixels, 4)[:, 0] < 100
+    masks = torch.stack([dark, torch.zeros_like(dark)], 1).float() * 20 - 10
+    return torch.tensor([[10.0, 0], [0, 10]]).expand(len(pixels), 2, 2).clone(), masks
+
+
+def test_an_instance_task_on_a_slide_finds_objects_across_windows_at_the_target_mpp_and_none_in_windows_without_tissue(tmp_path):
+    """segment_slide's objects path (what the predictor runs for `inference.task: instance` over a slide):
+    a nucleus in the tissue, cut by four windows' edges at 0.5 mpp, is one object in the target grid's
+    pixels; one on the glass lies in windows that are not run and is not found; the query model is called
+    for the windows run only."""
+    from pipeline.predict.object_windows import ObjectSettings
+    from pipeline.predict.objects import ImageObject
+
+    level0 = slide_pixels(tissue=0.3)
+    level0[360:440, 360:440] = (60, 20, 100)  # in the tissue band: 180..220 at 0.5 mpp, across the windows at 192
+    level0[200:240, 1800:1840] = (60, 20, 100)  # on the glass, top right
+    write_svs(tmp_path / "n.svs", level0)
+    settings = TilingSettings(mode="slide", window=(128, 128), stride=(96, 96), batch_size=4, score_kind="probabilities")
+    calls: list[int] = []
+    counting = lambda pixels: calls.append(len(pixels)) or nuclei_queries(pixels)
+    found: list[ImageObject] = []
+    source = StreamSource(str(tmp_path / "n.svs"), None, 768, 1024, kind="slide")
+    result = segment_slide(
+        score_fn, source, settings, mpp=0.5, level=None, min_tissue=0.1, num_classes=1, chunk_size=256, finish=finish_image,
+        objects=(counting, ObjectSettings("instance", threshold=0.5), found),
+    )  # fmt: skip
+    assert sum(calls) == result.windows_run and result.windows_skipped > 0
+    [nucleus] = found
+    x, y, w, h = nucleus.bbox
+    assert nucleus.class_id == 0 and max(abs(x - 180), abs(y - 180), abs(x + w - 220), abs(y + h - 220)) <= 2, nucleus.bbox
+    labels = assemble_mask(_mask_table(result.chunks))
+    assert labels.shape == (768, 1024) and (labels[100:120, 900:920] == SKIPPED_LABEL).all()
