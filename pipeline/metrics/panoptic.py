@@ -396,6 +396,31 @@ def _match(
     return _ImageMatches(scores, matched, ignored, int(np.count_nonzero(regular)))
 
 
+def precision_recall(evals: Sequence[_ImageMatches], max_detections: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """COCOeval.accumulate for one category and area range over the matches of its images (or videos),
+    each cut to its `max_detections` best: precision (T, R: made non-increasing in recall, read at the
+    101 recall points) and recall (T); None where no ground truth counts (COCOeval's -1)."""
+    counted = sum(e.counted_truths for e in evals)
+    if not evals or counted == 0:
+        return None
+    scores = np.concatenate([e.scores[:max_detections] for e in evals])
+    order = np.argsort(-scores, kind="mergesort")
+    matched = np.concatenate([e.matched[:, :max_detections] for e in evals], axis=1)[:, order]
+    ignored = np.concatenate([e.ignored[:, :max_detections] for e in evals], axis=1)[:, order]
+    tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(float)
+    fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(float)
+    precision, recall = np.zeros((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS))), np.zeros(len(IOU_THRESHOLDS))
+    for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum)):
+        rc = tp / counted
+        recall[t] = rc[-1] if len(tp) else 0
+        pr = tp / (fp + tp + np.spacing(1))
+        pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision made non-increasing in recall
+        at = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
+        reached = at < len(pr)
+        precision[t, reached] = pr[at[reached]]
+    return precision, recall
+
+
 class MaskAP:
     """COCO mask AP over a stream of images, as COCOeval(iouType="segm") with default parameters.
 
@@ -463,32 +488,13 @@ class MaskAP:
 
     def precision(self) -> np.ndarray:
         """COCOeval.accumulate's precision at maxDets 100: (T=10, R=101, K categories, A=4), -1 where undefined."""
-        t_count, r_count = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
-        precision = -np.ones((t_count, r_count, len(self.categories), len(AREA_RANGES)))
+        precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), len(self.categories), len(AREA_RANGES)))
         image_ids = sorted(self._images)
         for k in range(len(self.categories)):
             for a in range(len(AREA_RANGES)):
-                evals = [self._images[i][k, a] for i in image_ids if (k, a) in self._images[i]]
-                if not evals:
-                    continue
-                scores = np.concatenate([e.scores for e in evals])
-                order = np.argsort(-scores, kind="mergesort")
-                matched = np.concatenate([e.matched for e in evals], axis=1)[:, order]
-                ignored = np.concatenate([e.ignored for e in evals], axis=1)[:, order]
-                counted = sum(e.counted_truths for e in evals)
-                if counted == 0:
-                    continue
-                tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(float)
-                fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(float)
-                for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum)):
-                    recall = tp / counted
-                    pr = tp / (fp + tp + np.spacing(1))
-                    pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision made non-increasing in recall
-                    at = np.searchsorted(recall, RECALL_THRESHOLDS, side="left")
-                    reached = at < len(pr)
-                    q = np.zeros(r_count)
-                    q[reached] = pr[at[reached]]
-                    precision[t, :, k, a] = q
+                found = precision_recall([self._images[i][k, a] for i in image_ids if (k, a) in self._images[i]], MAX_DETECTIONS)
+                if found is not None:
+                    precision[:, :, k, a] = found[0]
         return precision
 
     def summary(self) -> MaskAPSummary:

@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline.io.coco_codec import decode_rle
-from pipeline.metrics.panoptic import AREA_RANGES, IOU_THRESHOLDS, MAX_DETECTIONS, RECALL_THRESHOLDS, _ImageMatches, _match
+from pipeline.metrics.panoptic import (
+    AREA_RANGES,
+    IOU_THRESHOLDS,
+    MAX_DETECTIONS,
+    RECALL_THRESHOLDS,
+    _ImageMatches,
+    _match,
+    precision_recall,
+)
 
 MAX_TRACKS = (1, 10, MAX_DETECTIONS)  # COCOeval's maxDets: AR1, AR10, AR100 (AP at 100)
 _IOU_50, _IOU_75 = 0, 5  # indices of 0.5 and 0.75 in IOU_THRESHOLDS
@@ -179,36 +187,17 @@ class VideoMaskAP:
     def accumulate(self) -> tuple[np.ndarray, np.ndarray]:
         """COCOeval.accumulate: precision (T, R, K, A, M) and recall (T, K, A, M), M over MAX_TRACKS,
         -1 where a category has no counted ground truth."""
-        t_count, r_count = len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS)
         k_count, a_count, m_count = len(self.categories), len(AREA_RANGES), len(MAX_TRACKS)
-        precision = -np.ones((t_count, r_count, k_count, a_count, m_count))
-        recall = -np.ones((t_count, k_count, a_count, m_count))
+        precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), k_count, a_count, m_count))
+        recall = -np.ones((len(IOU_THRESHOLDS), k_count, a_count, m_count))
         video_ids = sorted(self._videos)
         for k in range(k_count):
             for a in range(a_count):
                 evals = [self._videos[v][k, a] for v in video_ids if (k, a) in self._videos[v]]
-                if not evals:
-                    continue
-                counted = sum(e.counted_truths for e in evals)
-                if counted == 0:
-                    continue
                 for m, max_tracks in enumerate(MAX_TRACKS):
-                    scores = np.concatenate([e.scores[:max_tracks] for e in evals])
-                    order = np.argsort(-scores, kind="mergesort")
-                    matched = np.concatenate([e.matched[:, :max_tracks] for e in evals], axis=1)[:, order]
-                    ignored = np.concatenate([e.ignored[:, :max_tracks] for e in evals], axis=1)[:, order]
-                    tp_sum = np.cumsum(matched & ~ignored, axis=1).astype(float)
-                    fp_sum = np.cumsum(~matched & ~ignored, axis=1).astype(float)
-                    for t, (tp, fp) in enumerate(zip(tp_sum, fp_sum)):
-                        rc = tp / counted
-                        recall[t, k, a, m] = rc[-1] if len(tp) else 0
-                        pr = tp / (fp + tp + np.spacing(1))
-                        pr = np.maximum.accumulate(pr[::-1])[::-1]  # precision made non-increasing in recall
-                        at = np.searchsorted(rc, RECALL_THRESHOLDS, side="left")
-                        reached = at < len(pr)
-                        q = np.zeros(r_count)
-                        q[reached] = pr[at[reached]]
-                        precision[t, :, k, a, m] = q
+                    found = precision_recall(evals, max_tracks)
+                    if found is not None:
+                        precision[:, :, k, a, m], recall[:, k, a, m] = found
         return precision, recall
 
     def summary(self) -> VideoAPSummary:
