@@ -115,3 +115,15 @@ def test_a_vistr_run_writes_owned_frames_once_clips_tracks_a_ytvis_export_and_re
     counts = strict_json_load(run / "run.json")["attempts"][-1]["counts"]
     assert (counts["listed"], counts["done_earlier"], counts["to_do"], counts["processed"]) == (10, 8, 2, 2)
     assert sorted(r["track_id"] for r in read_run_table(run, "tracks").to_pylist()) == before  # the same weights, the same tracks
+
+
+def test_clips_longer_than_the_model_takes_exit_2_with_one_line_naming_both_and_write_nothing(ray_session, tmp_path, capsys):
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "a.mkv", [np.zeros((16, 16, 3), np.uint8)] * 2, FPS)
+    checkpoint = tiny_vistr_checkpoint(tmp_path / "vistr.safetensors")  # clips of 4 frames
+    cfg = job_config(tmp_path, tmp_path / "v", checkpoint, run_id="long", input={"format": "video"}, inference={"task": "instance"})
+    assert main(["run", str(write_yaml(tmp_path / "c.yaml", cfg))]) == 2  # clip_length: the default 36
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "segpipe: inference.clip_length 36 is more than the 4 frames vistr-r50 takes (its num_frames)"
+    ]
+    assert not (tmp_path / "runs").exists()
