@@ -993,7 +993,7 @@ def build_dataset(
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "num_threads": actors.threads, "monitor": monitor},
-        batch_size=IMAGES_PER_PREDICT_BATCH,
+        batch_size=1 if clips else IMAGES_PER_PREDICT_BATCH,  # a clip row holds clip_length frames
         batch_format="numpy",
         compute=actors.pool(),
         num_cpus=actors.num_cpus,
