@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         required=True,
-        choices=["png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson", "qupath"],
-        help="png | tiff | coco | geotiff | cog | geoparquet | gpkg | geojson | qupath",
+        choices=["png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson", "qupath", "ytvis"],
+        help="png | tiff | coco | geotiff | cog | geoparquet | gpkg | geojson | qupath | ytvis",
     )
     export.add_argument(
         "--simplify",

@@ -240,6 +240,7 @@ class InstanceHead(nn.Module):
 RESNET101 = dict(RESNET50, depths=[3, 4, 23, 3])
 NUM_FRAMES = 36  # the YouTube-VIS models: 36 frames of 10 instances, 360 queries
 NUM_INSTANCES = 10
+INPUT_SHORT_SIDE = 300  # inference.py's T.Resize(300): frames scaled so that their shorter side is 300
 
 
 class VisTR(SegmentationModel):
@@ -314,6 +315,14 @@ class VisTR(SegmentationModel):
         class_logits, boxes, mask_logits = self._forward_full(clip)
         keep = frames * self.num_instances
         return class_logits[:keep], boxes[:keep], mask_logits[:keep]
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size a height x width frame is scaled to before the forward, as the original inference.py's
+        T.Resize(300) does (torchvision's rule: the shorter side to INPUT_SHORT_SIDE, the longer one
+        int(300 * longer / shorter)); its masks are scaled back to the frame (`instance_sequences`' size)."""
+        short, long = sorted((height, width))
+        scaled = (INPUT_SHORT_SIDE, int(INPUT_SHORT_SIDE * long / short))
+        return scaled if height <= width else scaled[::-1]
 
     def _forward_full(self, clip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c2, c3, c4, c5 = self.backbone(clip)

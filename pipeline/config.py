@@ -282,6 +282,10 @@ class InferenceConfig(_Strict):
     # faster on a CPU for most families (benchmarks/model_speed.py --onnx); fp32, CPU actors, no compile
     backend: Literal["torch", "onnxruntime"] = "torch"
     tta: TTAConfig = Field(default_factory=TTAConfig)
+    # clip models (VisTR, input.format video): frames per clip and the step between clips, in sampled
+    # frames (pipeline.io.clip_plan); other models ignore them
+    clip_length: Int = Field(36, ge=1)
+    clip_stride: Int = Field(18, ge=1)
 
     @field_validator("window", "stride")
     @classmethod
@@ -294,6 +298,8 @@ class InferenceConfig(_Strict):
     def _stride_fits(self) -> InferenceConfig:
         if any(s > w for s, w in zip(self.stride, self.window)):
             raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
+        if self.clip_stride > self.clip_length:
+            raise ValueError(f"clip_stride {self.clip_stride} is larger than clip_length {self.clip_length}: frames would be skipped")
         if self.task != "semantic" and self.tta.views > 1:
             raise ValueError(f"tta: test-time augmentation averages class scores; the {self.task} task's objects take one view")
         if self.backend == "onnxruntime" and (self.compile or self.precision != "fp32"):

@@ -36,8 +36,9 @@ from pipeline.io.storage import StoreStats, is_local
 from pipeline.io.video import require_video
 from pipeline.local_ray import connect as connect_ray
 from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
-from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
+from pipeline.predict.job_model import check_clip_job, is_clip_model, load_job_model, weights_sha256
 from pipeline.predict.predictor import DIE_ON, Predictor
+from pipeline.predict.tracks import write_tracks
 from pipeline.redaction import scrub
 from pipeline.results.run_tables import INSTANCES
 from pipeline.results.runstore import (
@@ -484,9 +485,9 @@ class Listing:
     the driver holds a batch or two of keys, whatever the archive's size. An input that fits one
     batch is listed whole before anything starts, and its counts are known up front."""
 
-    def __init__(self, cfg: JobConfig, stats: StoreStats) -> None:
+    def __init__(self, cfg: JobConfig, stats: StoreStats, clips: tuple[int, int] | None = None) -> None:
         self.cfg = cfg
-        self.reader = reader_for(cfg.input)
+        self.reader = reader_for(cfg.input, clips)  # clips: a clip model's units (pipeline.io.source.VideoReader)
         self.done, self.held = IdSet(), None  # set by prepare_job once the run's outcomes are read
         self.units = self.reader.iter_units(stats)
         self.listed = 0  # images (shards: files) listed so far
@@ -508,7 +509,7 @@ class Listing:
         batch, images = [], 0
         for unit in self.units:
             batch.append(unit)
-            images += len(unit.uris)
+            images += unit.images
             if images >= self.cfg.input.listing_batch:
                 break
         else:
@@ -520,13 +521,13 @@ class Listing:
         return batch
 
     def drop_done(self, batch: list[SourceUnit]) -> list[SourceUnit]:
-        images = sum(len(u.uris) for u in batch)
+        images = sum(u.images for u in batch)
         if self.held is not None and self.cfg.input.lists_files:
             self.skipped += int(self.held.contains([i for u in batch for i in u.image_ids]).sum())
         todo = self.reader.drop_done(batch, self.done)
         if self.cfg.input.lists_files:
-            self.done_earlier += images - sum(len(u.uris) for u in todo)
-        self.to_do += sum(len(u.uris) for u in todo)
+            self.done_earlier += images - sum(u.images for u in todo)
+        self.to_do += sum(u.images for u in todo)
         return todo
 
 
@@ -604,7 +605,11 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if cfg.inference.backend == "onnxruntime" and not onnxruntime_available():
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
-    check_task(cfg.inference.task, model)
+    check_clip_job(cfg, model)  # the task of the model; a clip model's input and clip_length
+    if is_clip_model(model):  # a unit per clip: the first batch listed again, the clip plan in hand
+        list_stats = StoreStats()
+        listing = Listing(cfg, list_stats, clips=(cfg.inference.clip_length, cfg.inference.clip_stride))
+        first = listing.list_batch() or []
     check_metrics_against_model(cfg.metrics, model.num_classes, model.name or model.family)
     if cfg.output.confidence and model.num_classes <= 2:
         raise ConfigError(
@@ -633,6 +638,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         "class_names": class_names,
         "checkpoint": cfg.model.checkpoint,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "input_kind": getattr(model, "input_kind", "image"),  # "clip": VisTR's runs (units of clips, tracks)
     }
     record = RunRecord.load(store, cfg, run_identity(cfg, model.name, model.num_classes, weights_sha256(model)))  # refuses a changed run
     store.discard_uncommitted()
@@ -790,6 +796,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
                     attempt=job.record.attempt,
                     binary=cfg.metrics.task == "binary" or job.model_info["mask_classes"] == 2,
                     monitor=monitor,
+                    clips=job.model_info.get("input_kind") == "clip",
                     done=listing.done if not cfg.input.lists_files and len(listing.done) else None,
                 )
                 run_batch(ds, result, progress, listing, started, known_total=cfg.input.lists_files and listing.exhausted)
@@ -943,6 +950,9 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
         summary["raster"] = job.store.raster_summary(job.model_info["class_names"])
     if cfg.input.format == "video":
         summary["video"] = video_summary(job.store, cfg)
+        if job.model_info.get("input_kind") == "clip":  # derived from the committed clips: rewritten each attempt
+            inference = cfg.inference
+            summary["video"].update(write_tracks(job.store, inference.clip_length, inference.clip_stride, inference.objects.merge_iou))
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
     if job.object_labels.panoptic is not None:
@@ -967,10 +977,19 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
 
 
 def build_dataset(
-    cfg: JobConfig, units: list[SourceUnit], actors: ActorPlan, *, attempt: int, binary: bool, monitor=None, done: IdSet | None = None
+    cfg: JobConfig,
+    units: list[SourceUnit],
+    actors: ActorPlan,
+    *,
+    attempt: int,
+    binary: bool,
+    monitor=None,
+    done: IdSet | None = None,
+    clips: bool = False,
 ):
     """The Ray Data plan. The validated config crosses into Ray as it is (a frozen object): no stage
-    validates it again. `done`: ids the read tasks drop (shards: known once read)."""
+    validates it again. `done`: ids the read tasks drop (shards: known once read). `clips`: a clip
+    model's run (units of clips, their pieces of tracks committed with them)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -981,7 +1000,7 @@ def build_dataset(
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"cfg": cfg, "num_threads": actors.threads, "monitor": monitor},
-        batch_size=IMAGES_PER_PREDICT_BATCH,
+        batch_size=1 if clips else IMAGES_PER_PREDICT_BATCH,  # a clip row holds clip_length frames
         batch_format="numpy",
         compute=actors.pool(),
         num_cpus=actors.num_cpus,
@@ -995,7 +1014,7 @@ def build_dataset(
     # one writer, holding no CPU: every row of a unit must meet in one place to commit it as parts
     return ds.map_batches(
         PartWriter,
-        fn_constructor_kwargs={"cfg": cfg, "attempt": attempt, "binary": binary, "monitor": monitor},
+        fn_constructor_kwargs={"cfg": cfg, "attempt": attempt, "binary": binary, "monitor": monitor, "clips": clips},
         batch_size=None,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=1),

@@ -117,13 +117,23 @@ class SourceUnit:
     uris: tuple[str, ...]
     label_uris: tuple[str | None, ...] = ()
     image_ids: tuple[str, ...] = ()  # images: each uri's id; tar/parquet: the file's path relative to input.uri
+    # format "clip" (a clip model's unit, pipeline.io.source.VideoReader): one clip of a video, its frames
+    # in image_ids; clip = (clip index in the video, first and stop position in the video's sampled
+    # frames, the video's sampled frames); owned: per frame, whether this clip writes its mask
+    clip: tuple[int, ...] = ()
+    owned: tuple[bool, ...] = ()
+
+    @property
+    def images(self) -> int:
+        """The image rows this unit writes: its frames, a clip unit's owned frames only."""
+        return sum(bool(o) for o in self.owned) if self.format == "clip" else len(self.uris)
 
     def to_record(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> SourceUnit:
-        tuples = ("uris", "label_uris", "image_ids")
+        tuples = ("uris", "label_uris", "image_ids", "clip", "owned")
         return cls(
             index=int(data["index"]),
             format=str(data["format"]),
@@ -188,6 +198,10 @@ class DecodedImage(_StageRow):
     width: int = 0
     stream: StreamSource | None = None
     timestamp_s: float | None = None  # a video frame's presentation timestamp (pipeline.io.video)
+    # a clip model's row (pipeline.io.source.read_clip): a whole clip of T frames as one row, `image` its
+    # frames stacked as (T * height) x width x 3 (one 3-D array, as every other row's), height x width a
+    # frame's; clip: {"video", "index", "start", "stop", "video_frames", "ids", "timestamps", "owned"}
+    clip: dict[str, Any] | None = None
 
     @property
     def has_label(self) -> bool:
@@ -207,6 +221,7 @@ class DecodedImage(_StageRow):
             "stream_label_uri": (s.label_uri or "") if s else "",
             "stream_kind": s.kind if s else "",
             "timestamp_s": self.timestamp_s if self.timestamp_s is not None else float("nan"),
+            "clip": json.dumps(self.clip) if self.clip is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -227,6 +242,7 @@ class DecodedImage(_StageRow):
             width=width,
             stream=stream,
             timestamp_s=_number(batch, "timestamp_s", i),
+            clip=json.loads(batch["clip"][i]) if "clip" in batch and batch["clip"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),
@@ -278,6 +294,9 @@ class Prediction(_StageRow):
     # "pred": [...] (the image's), "chunks": [[...], ...] (each chunk's, in the order of `chunks`), "label": [...]
     # or None}; None where the pixel's size is not known
     physical: dict[str, Any] | None = None
+    # a clip model's run: the clips table's rows of the clip this frame came from (on one owned frame
+    # of each clip: pipeline.results.run_tables.CLIPS_SCHEMA's columns)
+    clip_rows: list[dict[str, Any]] | None = None
 
     @classmethod
     def of(cls, image: DecodedImage) -> Prediction:
@@ -295,7 +314,15 @@ class Prediction(_StageRow):
 
     def failed(self, stage: str, error: str) -> Prediction:
         return replace(
-            super().failed(stage, error), chunks=[], areas=None, cod=None, objects=None, panoptic=None, raster=None, physical=None
+            super().failed(stage, error),
+            chunks=[],
+            areas=None,
+            cod=None,
+            objects=None,
+            panoptic=None,
+            raster=None,
+            physical=None,
+            clip_rows=None,
         )
 
     def to_record(self) -> dict[str, Any]:
@@ -320,6 +347,7 @@ class Prediction(_StageRow):
             "level0_scale": self.level0_scale if self.level0_scale is not None else float("nan"),
             "timestamp_s": self.timestamp_s if self.timestamp_s is not None else float("nan"),
             "physical": json.dumps(self.physical) if self.physical is not None else "",
+            "clip_rows": json.dumps(self.clip_rows) if self.clip_rows is not None else "",
             "error": self.error,
             "stage": self.stage,
             "unit_rows": self.unit_rows,
@@ -354,6 +382,7 @@ class Prediction(_StageRow):
             level0_scale=_number(batch, "level0_scale", i),
             timestamp_s=_number(batch, "timestamp_s", i),
             physical=json.loads(batch["physical"][i]) if "physical" in batch and batch["physical"][i] else None,
+            clip_rows=json.loads(batch["clip_rows"][i]) if "clip_rows" in batch and batch["clip_rows"][i] else None,
             error=str(batch["error"][i]),
             stage=str(batch["stage"][i]),
             unit_rows=int(batch["unit_rows"][i]),

@@ -109,6 +109,22 @@ def tiny_checkpoint(path: Path, num_classes: int, seed: int = 0, class_names: li
     return path
 
 
+# a tiny VisTR: ResNet-50's block counts with small widths, the real hidden width (384: the mask head's
+# GroupNorm(8) of d/16 and the positions' thirds need it), one layer each, clips of 4 frames, 3 instances
+TINY_VISTR = dict(stem_width=8, widths=[16, 32, 64, 128], ffn_dim=32, encoder_layers=1, decoder_layers=1, num_frames=4, num_instances=3)
+
+
+def tiny_vistr_checkpoint(path: Path, num_classes: int = 3, seed: int = 0) -> Path:
+    """A native .safetensors of a tiny random VisTR (TINY_VISTR), named vistr-r50. Seed 0: on noise
+    frames its instances hold masks of about a third of the frame."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model("vistr-r50", num_classes=num_classes, **TINY_VISTR)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_native(model, path)
+    return path
+
+
 def job_config(tmp_path: Path, images: Path, checkpoint: Path, *, labels: Path | None = None, run_id: str = "t1", **sections) -> dict:
     """A small job: slide windows of 32, one actor, output under tmp_path/runs. Sections given as
     dicts update the defaults (input={"images_per_unit": 2}); other values replace them."""

@@ -70,6 +70,7 @@ def test_a_square_moving_across_clip_boundaries_is_one_track():
     assert (track.video_id, track.track_id, track.label, track.first_frame, track.last_frame) == ("video.mp4", 1, 3, 0, 19)
     assert track.score == pytest.approx(0.9)
     assert sorted(track.masks) == list(range(20))
+    assert track.pieces == [(k, 0) for k in range(len(clips))]  # (clip, the sequence's instance or position): each clip's one
     for frame, rle in track.masks.items():
         assert np.array_equal(decode_rle(rle), square(frame, (2, 0), (0, 1)))
 

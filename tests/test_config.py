@@ -37,6 +37,9 @@ def test_set_overrides_are_read_as_yaml_and_run_id_defaults_to_a_timestamped_one
         (["inference.backend=onnxruntime", "inference.compile=true"], "backend onnxruntime"),
         (["inference.backend=onnxruntime", "inference.precision=bf16"], "backend onnxruntime"),
         (["inference.backend=onnxruntime", "resources.gpus_per_actor=1"], "CPU actors"),
+        (["inference.clip_length=4", "inference.clip_stride=5"], "clip_stride 5 is larger than clip_length 4"),
+        (["inference.clip_length=0"], "inference.clip_length: Input should be greater than or equal to 1"),
+        (["inference.clip_stride=0"], "inference.clip_stride: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

@@ -10,8 +10,8 @@ from helpers import CLASS_NAMES, tiny_checkpoint, tiny_model
 
 from models import build_model
 from models.base import CheckpointError, ModelError
-from pipeline.config import ModelConfig
-from pipeline.predict.job_model import check_task, load_job_model, weights_sha256
+from pipeline.config import ModelConfig, load_config
+from pipeline.predict.job_model import check_clip_job, check_task, load_job_model, weights_sha256
 
 
 def test_weights_hash_follows_the_weights_not_the_file(tmp_path):
@@ -42,9 +42,40 @@ def test_object_tasks_refuse_a_model_without_queries():
             check_task(task, model)
 
 
-def test_every_task_refuses_a_clip_model_until_runs_feed_clips():
+def test_a_clip_model_takes_the_instance_task_only():
     with torch.device("meta"):
         model = build_model("vistr-r50", num_classes=41)
-    for task in ("semantic", "instance", "panoptic"):
-        with pytest.raises(ModelError, match="vistr-r50 is a clip model"):
+    check_task("instance", model)  # video instance segmentation: tracks
+    for task in ("semantic", "panoptic"):
+        with pytest.raises(ModelError, match=f"vistr-r50 is a clip model .*: inference.task must be instance, not {task}"):
             check_task(task, model)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"input": {"uri": "/data", "format": "images"}},
+            "vistr-r50 is a clip model: it segments videos (input.format: video), not input.format images",
+        ),
+        (
+            {"inference": {"task": "instance", "clip_length": 37, "clip_stride": 18}},
+            "inference.clip_length 37 is more than the 36 frames vistr-r50 takes",
+        ),
+        ({"input": {"uri": "/v", "format": "video", "labels": {"uri": "/l"}}}, "remove input.labels"),
+        ({"inference": {"task": "semantic"}}, "inference.task must be instance, not semantic"),
+    ],
+)
+def test_a_clip_models_job_needs_videos_clips_it_can_take_and_the_instance_task(overrides, message):
+    with torch.device("meta"):
+        model = build_model("vistr-r50", num_classes=41)
+    base = {"input": {"uri": "/v", "format": "video"}, "model": {"name": "vistr-r50"}, "inference": {"task": "instance"}}
+    check_clip_job(load_config(base), model)  # videos, clips of 36 frames at most, the instance task: fine
+    with pytest.raises(ModelError) as err:
+        check_clip_job(load_config({**base, **overrides}), model)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_clip_settings_are_not_checked_against_an_image_model():
+    model = tiny_model("segformer-b0", num_classes=3)
+    check_clip_job(load_config({"input": {"uri": "/i"}, "model": {"name": "segformer-b0"}, "inference": {"clip_length": 99}}), model)

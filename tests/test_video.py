@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
@@ -19,7 +20,7 @@ from helpers import job_config, read_run_table, strict_json_load, write_png, wri
 from jobs.cli import main
 from pipeline.config import load_config
 from pipeline.io.decode import decode_label
-from pipeline.io.source import reader_for
+from pipeline.io.source import read_clip, reader_for
 from pipeline.io.video import _frames_from, decode_frames, probe_video, sampled_frames
 from pipeline.results.runstore import read_mask
 from pipeline.rows import IdSet
@@ -228,3 +229,41 @@ def test_a_video_run_without_pyav_exits_2_with_one_line_naming_the_extra_and_wri
     assert main(["run", str(write_yaml(tmp_path / "video.yaml", cfg))]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["segpipe: input.format: video needs av: pip install 'segpipe[video]'"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_clip_models_units_are_clips_owning_their_frames_and_a_resume_keeps_a_clip_whole_owning_what_is_left(lossless, tmp_path):
+    path, frames = lossless
+    (tmp_path / "in").mkdir()
+    shutil.copy(path, tmp_path / "in" / "a.mkv")
+    cfg = load_config(
+        {
+            "input": {"uri": str(tmp_path / "in"), "format": "video", "video": {"every_n": 2}},
+            "model": {"name": "vistr-r50"},
+            "inference": {"task": "instance", "clip_length": 4, "clip_stride": 2},
+        }
+    )
+    reader = reader_for(cfg.input, clips=(4, 2))
+    units = reader.list_units()
+    # 6 sampled frames (0, 2, .., 10): clips at positions [0, 4) and [2, 6), each frame owned once
+    assert [(u.format, u.image_ids, u.clip, u.owned) for u in units] == [
+        ("clip", ("a.mkv#0", "a.mkv#2", "a.mkv#4", "a.mkv#6"), (0, 0, 4, 6), (True, True, True, False)),
+        ("clip", ("a.mkv#4", "a.mkv#6", "a.mkv#8", "a.mkv#10"), (1, 2, 6, 6), (False, True, True, True)),
+    ]
+    assert [u.images for u in units] == [3, 3]  # image rows: the owned frames (a frame in two clips counts once)
+    # a resume: a clip whose owned frames are all committed is dropped; one with some left runs whole, owning those
+    left = reader.drop_done(units, IdSet(pa.array(["a.mkv#0", "a.mkv#2", "a.mkv#4", "a.mkv#6"])))
+    assert [(u.image_ids, u.owned) for u in left] == [(units[1].image_ids, (False, False, True, True))]
+    # its read: ONE row, the clip's frames stacked, which frames it owns, their timestamps
+    [row] = list(read_clip(left[0], cfg.input))
+    assert (row.image.shape, row.height, row.width, row.image_id) == ((4 * 48, 64, 3), 48, 64, "a.mkv#8")
+    assert np.array_equal(row.image, np.concatenate([frames[i] for i in (4, 6, 8, 10)]))
+    assert row.clip == {
+        "video": "a.mkv", "index": 1, "start": 2, "stop": 6, "video_frames": 6,
+        "ids": list(units[1].image_ids), "timestamps": pytest.approx([0.4, 0.6, 0.8, 1.0]), "owned": [False, False, True, True],
+    }  # fmt: skip
+    # a clip with a frame that fails: no clip, an errors row for each frame it owns, naming the frame
+    broken = replace(units[1], image_ids=("a.mkv#8", "a.mkv#10", "a.mkv#12", "a.mkv#14"), owned=(True, True, True, False))
+    rows = list(read_clip(broken, cfg.input))
+    assert [(r.image_id, r.stage) for r in rows] == [("a.mkv#8", "read"), ("a.mkv#10", "read"), ("a.mkv#12", "read")]
+    assert rows[0].error.startswith("read: clip 1 of a.mkv not segmented: frame a.mkv#12: read: the video ended after frame 11")
+    assert rows[2].error.startswith("read: the video ended after frame 11")

@@ -40,6 +40,12 @@ Formats, one function each, read top to bottom:
          ".geojson")`) that QuPath imports as annotations: a feature per connected region of a
          class, in level-0 pixel coordinates of a slide (pipeline.analysis.qupath). Traced one band
          of chunks at a time; the regions cut by chunk edges are joined.
+  ytvis  `export_ytvis` (runs of a clip model, VisTR): `<DIR>/results.json`, YouTube-VIS results (a list
+         of {video_id, category_id, score, segmentations}: one per track of the `tracks` table, one
+         COCO RLE or null per segmented frame of its video, in frame order), `<DIR>/videos.json` (the
+         videos as YouTube-VIS numbers them here: id 1..N in key order, file_name its key, length, the
+         frames' numbers in the file, height, width) and the frames' instance-id maps as PNGs, named as
+         png names a video's frames (`<video stem>/<frame index>.png`).
 """
 
 from __future__ import annotations
@@ -61,10 +67,10 @@ from pipeline.io.coco_codec import decode_rle_box, encode_rle, id_to_rgb
 from pipeline.io.storage import open_fs, with_retries
 from pipeline.io.video import split_frame_id, video_stem
 from pipeline.results.masks import PngRows, decode_png
-from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
+from pipeline.results.run_tables import CHUNK_FIELDS, MASKS, TRACKS
 from pipeline.results.runstore import RunStore, strict_json
 
-FORMATS = ("png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson", "qupath")
+FORMATS = ("png", "tiff", "coco", "geotiff", "cog", "geoparquet", "gpkg", "geojson", "qupath", "ytvis")
 GEO_FORMATS = ("geotiff", "cog")
 POLYGON_FORMATS = {"geoparquet": ".parquet", "gpkg": ".gpkg", "geojson": ".geojson"}
 PNG_MAX_PIXELS = 50_000_000  # an image assembled whole (png, coco): at most 50 MB as uint8
@@ -118,6 +124,8 @@ def export_run(
         export_polygons(run, dest, result, fmt, simplify)
     elif fmt == "qupath":
         export_qupath(run, dest, result)
+    elif fmt == "ytvis":
+        export_ytvis(run, dest, result, max_pixels)
     else:
         export_coco(run, dest, result, max_pixels)
     return result
@@ -330,6 +338,56 @@ def export_png(run: Run, dest: Destination, result: ExportResult, max_pixels: in
         name = _unique_name(image.image_id, ".png", result)
         dest.write_bytes(name, _png(assemble(image)))
         result.written.append(name)
+
+
+# --------------------------------------------------------------------------- ytvis
+
+
+def export_ytvis(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
+    """YouTube-VIS results and videos JSON from the tracks table, and the frames' PNGs (module docstring)."""
+    tracks_file = run.store.path(TRACKS, f"{TRACKS}.parquet")
+    if not run.store.fs.exists(tracks_file):
+        raise ExportError(f"{run.uri}: no tracks table: --format ytvis exports runs of a clip model (vistr-r50)")
+    tracks = run.store.read_part(TRACKS, TRACKS).to_pylist()
+    frames: dict[str, list[int]] = {}
+    sizes: dict[str, tuple[int, int]] = {}
+    for image in _mask_sizes(run.store):
+        found = split_frame_id(image.image_id)
+        if found is not None:
+            frames.setdefault(found[0], []).append(found[1])
+            sizes.setdefault(found[0], (image.height, image.width))
+    videos = sorted(frames)
+    numbers = {key: i + 1 for i, key in enumerate(videos)}
+    positions = {key: {frame: i for i, frame in enumerate(sorted(frames[key]))} for key in videos}
+    results: dict[tuple[str, int], dict] = {}
+    for r in tracks:
+        key = r["video_id"]
+        if key not in positions or r["frame"] not in positions[key]:
+            continue  # a frame whose mask is not committed (a run in progress)
+        entry = results.setdefault(
+            (key, r["track_id"]),
+            {
+                "video_id": numbers[key],
+                "category_id": int(r["class_id"]),
+                "score": float(r["score"]),
+                "segmentations": [None] * len(frames[key]),
+            },
+        )
+        entry["segmentations"][positions[key][r["frame"]]] = {"size": [int(r["height"]), int(r["width"])], "counts": r["rle"]}
+    _write_json(dest, "results.json", [results[k] for k in sorted(results)], result)
+    described = [
+        {
+            "id": numbers[k],
+            "file_name": k,
+            "length": len(frames[k]),
+            "frames": sorted(frames[k]),
+            "height": sizes[k][0],
+            "width": sizes[k][1],
+        }
+        for k in videos
+    ]
+    _write_json(dest, "videos.json", described, result)
+    export_png(run, dest, result, max_pixels)
 
 
 # --------------------------------------------------------------------------- qupath

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import InputConfig, JobConfig
+from pipeline.io.clip_plan import frame_owners, plan_clips
 from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.io.raster import RASTER_EXTENSIONS, probe_raster
 from pipeline.io.shards import ParquetReader, TarReader
@@ -274,7 +275,18 @@ class VideoReader(ImageFolderReader):
     (input.video) in units of images_per_unit frames, one video per unit, each frame with its label
     `<labels uri>/<video stem>/<frame index>.png` where there is one. The driver reads each video's
     header here (its frame count: one demux pass where the header states none); the read tasks decode.
-    A video that cannot be opened here is a unit of its own, its key for an id: its errors row."""
+    A video that cannot be opened here is a unit of its own, its key for an id: its errors row.
+
+    With `clips` (clip_length, clip_stride: a clip model's run) a unit is one clip of a video's sampled
+    frames (pipeline.io.clip_plan.plan_clips; format "clip"): its frames' ids, the clip's place in the
+    video (`SourceUnit.clip`) and which of its frames it owns (`frame_owners`: the clip writes their
+    masks; its other frames are context shared with the clips beside it). Its read task sends the
+    whole clip as one row (`read_clip`). A resume re-runs a clip while any frame it owns is not
+    committed, writing only those frames."""
+
+    def __init__(self, cfg: InputConfig, clips: tuple[int, int] | None = None) -> None:
+        super().__init__(cfg)
+        self.clips = clips
 
     unit_format = "video"
     suffixes = VIDEO_SUFFIXES
@@ -299,6 +311,11 @@ class VideoReader(ImageFolderReader):
                 continue
             stem = video_stem(key)
             frames = sampled_frames(info.frames, info.rate, cfg.video.every_n, cfg.video.fps)
+            if self.clips is not None:
+                for unit in clip_units(index, uri, key, frames, *self.clips):
+                    yield unit
+                    index += 1
+                continue
             for block in batched(frames, cfg.images_per_unit):
                 yield SourceUnit(
                     index=index,
@@ -312,6 +329,77 @@ class VideoReader(ImageFolderReader):
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats)
 
+    def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
+        """Frame units as image folders drop ids; a clip unit stays whole (its frames are the model's
+        context) while a frame it owns is not in `done`, owning only those now; else it is dropped."""
+        clips = [u for u in units if u.format == "clip"]
+        if not clips:
+            return super().drop_done(units, done)
+        frames = super().drop_done([u for u in units if u.format != "clip"], done)
+        ids = [i for u in clips for i in u.image_ids]
+        held = done.contains(ids) if len(done) else np.zeros(len(ids), bool)
+        out, start = [], 0
+        for unit in clips:
+            owned = tuple(bool(o) and not bool(h) for o, h in zip(unit.owned, held[start : start + len(unit.image_ids)]))
+            start += len(unit.image_ids)
+            if any(owned):
+                out.append(replace(unit, owned=owned))
+        return sorted(frames + out, key=lambda u: u.index)
+
+
+def clip_units(first_index: int, uri: str, key: str, frames: list[int], clip_length: int, clip_stride: int) -> Iterator[SourceUnit]:
+    """A video's clip units (VideoReader with clips), numbered from `first_index`: `frames` are its
+    sampled frames' numbers; the clips are planned over their positions."""
+    clips = plan_clips(len(frames), clip_length, clip_stride)
+    owners = frame_owners(clips)
+    for k, clip in enumerate(clips):
+        positions = range(clip.start, clip.stop)
+        yield SourceUnit(
+            index=first_index + k,
+            format="clip",
+            uris=(uri,) * clip.length,
+            image_ids=tuple(frame_id(key, frames[p]) for p in positions),
+            clip=(k, clip.start, clip.stop, len(frames)),
+            owned=tuple(bool(owners[p] == k) for p in positions),
+        )
+
+
+def read_clip(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None) -> Iterator[DecodedImage]:
+    """A clip unit's read: its frames decoded and sent as ONE row (DecodedImage.clip), so that Ray Data
+    never splits a clip between predictor calls or actors; where a frame fails (or the frames differ
+    in size), no clip: an errors row for each frame it owns, naming the frame that failed."""
+    samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats))
+    owned = [bool(o) for o in unit.owned]
+    key = unit.image_ids[0].rsplit("#", 1)[0]
+    problem = next((f"frame {s.image_id}: {s.error}" for s in samples if s.error), None)
+    if problem is None and len({s.pixels.shape for s in samples}) > 1:
+        problem = "its frames differ in size: " + ", ".join(sorted({f"{s.pixels.shape[1]} x {s.pixels.shape[0]}" for s in samples}))
+    if problem is not None:
+        for sample, own in zip(samples, owned):
+            if own:
+                error = sample.error or f"read: clip {int(unit.clip[0])} of {key} not segmented: {problem}"
+                yield DecodedImage(unit=unit.index, image_id=sample.image_id, timestamp_s=sample.timestamp_s).failed("read", error)
+        return
+    height, width = samples[0].pixels.shape[:2]
+    clip_index, start, stop, video_frames = (int(v) for v in unit.clip)
+    yield DecodedImage(
+        unit=unit.index,
+        image_id=next(s.image_id for s, own in zip(samples, owned) if own),
+        image=np.concatenate([s.pixels for s in samples], axis=0),  # (T * height) x width x 3
+        height=height,
+        width=width,
+        clip={
+            "video": key,
+            "index": clip_index,
+            "start": start,
+            "stop": stop,
+            "video_frames": video_frames,
+            "ids": [s.image_id for s in samples],
+            "timestamps": [s.timestamp_s for s in samples],
+            "owned": owned,
+        },
+    )
+
 
 READERS: dict[str, type] = {
     "images": ImageFolderReader,
@@ -323,7 +411,10 @@ READERS: dict[str, type] = {
 }
 
 
-def reader_for(cfg: InputConfig) -> Reader:
+def reader_for(cfg: InputConfig, clips: tuple[int, int] | None = None) -> Reader:
+    """The reader of input.format; `clips` (clip_length, clip_stride): a clip model's video units."""
+    if clips is not None:
+        return VideoReader(cfg, clips)
     return READERS[cfg.format](cfg)
 
 
@@ -339,6 +430,14 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
     panoptic = cfg.metrics.panoptic_labels is not None
     sent = 0
     try:
+        if unit.format == "clip":  # one row for the clip (or errors rows for the frames it owns)
+            started = time.perf_counter()
+            for decoded in read_clip(unit, cfg.input, stats):
+                yield decoded.to_record()
+            clock.add("read", time.perf_counter() - started)
+            # the writer gets one image row per frame the clip owns (the predictor makes them)
+            yield DecodedImage.unit_end(unit.index, sum(bool(o) for o in unit.owned)).to_record()
+            return
         samples = iter(reader_for(cfg.input).read_unit(unit, stats))
         while True:
             started = time.perf_counter()

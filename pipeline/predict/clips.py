@@ -3,7 +3,7 @@ owns each frame's mask, and the instance sequences of consecutive clips joined i
 
 Pure numpy (masks leave as COCO RLE, pipeline.io.coco_codec): no torch, no Ray, no I/O. Read top
 to bottom:
-  the plan      `plan_clips`, `Clip`, `frame_owners`
+  the plan      `plan_clips`, `Clip`, `frame_owners` (defined in pipeline.io.clip_plan: the reader's too)
   tracks        `Track`, `TrackJoiner` (incremental, clip by clip) and `join_tracks`
 
 Frames are counted by position in the video's sampled frames (0..N-1: every frame, or every n-th,
@@ -41,63 +41,19 @@ next, and the open tracks' masks as RLE.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from pipeline.io.clip_plan import Clip, frame_owners, plan_clips
 from pipeline.io.coco_codec import decode_rle, encode_rle
 
-# ---------------------------------------------------------------------------------------------
-# The plan
-# ---------------------------------------------------------------------------------------------
+__all__ = ["Clip", "Track", "TrackJoiner", "frame_owners", "join_tracks", "plan_clips"]
 
-
-@dataclass(frozen=True)
-class Clip:
-    """Frames start..stop-1 (positions in the video's sampled frames)."""
-
-    start: int
-    stop: int
-
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def centre(self) -> float:
-        return (self.start + self.stop - 1) / 2
-
-
-def plan_clips(num_frames: int, clip_length: int, clip_stride: int) -> list[Clip]:
-    """The clips of a video of `num_frames` sampled frames (the rule: the module's docstring)."""
-    if clip_length < 1 or clip_stride < 1:
-        raise ValueError(f"clip_length {clip_length} and clip_stride {clip_stride} must be at least 1")
-    if clip_stride > clip_length:
-        raise ValueError(f"clip_stride {clip_stride} is larger than clip_length {clip_length}: frames would be skipped")
-    if num_frames < 1:
-        return []
-    if num_frames <= clip_length:
-        return [Clip(0, num_frames)]
-    count = math.ceil((num_frames - clip_length) / clip_stride) + 1
-    return [Clip(start, start + clip_length) for start in (min(i * clip_stride, num_frames - clip_length) for i in range(count))]
-
-
-def frame_owners(clips: Sequence[Clip]) -> np.ndarray:
-    """For each frame 0..N-1, the index of the clip that owns its masks: of the clips that hold
-    the frame, the one whose centre is nearest (the earlier on a tie)."""
-    num_frames = max((c.stop for c in clips), default=0)
-    owners = np.full(num_frames, -1, np.int64)
-    best = np.full(num_frames, np.inf)
-    for k, clip in enumerate(clips):
-        frames = np.arange(clip.start, clip.stop)
-        distance = np.abs(frames - clip.centre)
-        better = distance < best[frames]
-        owners[frames[better]], best[frames[better]] = k, distance[better]
-    return owners
-
+# The plan (`plan_clips`, `Clip`, `frame_owners`) lives in pipeline.io.clip_plan, where the video reader
+# plans a unit per clip; imported here so that this module reads as one.
 
 # ---------------------------------------------------------------------------------------------
 # Tracks
@@ -126,6 +82,9 @@ class Track:
     first_frame: int
     last_frame: int
     masks: dict[int, dict] = field(default_factory=dict)  # frame -> RLE, frames in order
+    # the instance sequences it joined: (clip index, the sequence's `instance` where it has one, else
+    # its position in that clip's sequences), in clip order
+    pieces: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +92,7 @@ class _Piece:
     """One clip's instance sequence: its masks as RLE per frame position where it has one."""
 
     clip: int
+    instance: int  # the sequence's `instance` (its slot), else its position in the clip's sequences
     label: int
     score: float
     area: int
@@ -180,7 +140,7 @@ class TrackJoiner:
         after = self.clips[k + 1] if k + 1 < len(self.clips) else None
         shared_after = range(after.start, clip.stop) if after is not None else range(0)
         current: dict[int, np.ndarray] = {}
-        for sequence in sequences:
+        for position, sequence in enumerate(sequences):
             masks = np.asarray(sequence.masks, bool)
             if masks.ndim != 3 or masks.shape[0] != clip.length:
                 raise ValueError(
@@ -194,6 +154,7 @@ class TrackJoiner:
             self._next_piece += 1
             self._pieces[i] = _Piece(
                 clip=k,
+                instance=int(getattr(sequence, "instance", position)),
                 label=int(sequence.label),
                 score=float(sequence.score),
                 area=int(areas.sum()),
@@ -255,6 +216,7 @@ class TrackJoiner:
             first_frame=min(masks),
             last_frame=max(masks),
             masks=masks,
+            pieces=sorted((p.clip, p.instance) for p in pieces),
         )
         self._next_track += 1
         return track

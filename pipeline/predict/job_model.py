@@ -14,7 +14,7 @@ import torch
 
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel
-from pipeline.config import ModelConfig
+from pipeline.config import JobConfig, ModelConfig
 from pipeline.io.storage import local_copy
 from pipeline.redaction import scrub
 
@@ -54,12 +54,38 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def is_clip_model(model: SegmentationModel) -> bool:
+    """A model whose forward takes a clip of frames (VisTR), not a batch of images."""
+    return getattr(model, "input_kind", "image") == "clip"
+
+
 def check_task(task: str, model: SegmentationModel) -> None:
     """ModelError (one line, exit 2) when the instance or panoptic task meets a model without queries,
-    or any task a clip model (VisTR: its forward takes a clip of frames, which runs do not form yet)."""
-    if getattr(model, "input_kind", "image") == "clip":
-        raise ModelError(f"{model.name or model.family} is a clip model (frames of a video at once): segpipe runs do not feed clips yet")
+    or a clip model (VisTR) any task but instance (video instance segmentation: tracks)."""
+    name = model.name or model.family
+    if is_clip_model(model):
+        if task != "instance":
+            raise ModelError(f"{name} is a clip model (video instance segmentation): inference.task must be instance, not {task}")
+        return
     if task != "semantic" and not hasattr(model, "forward_queries"):
         raise ModelError(
-            f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {model.name or model.family} predicts class maps only"
+            f"inference.task {task} needs a query-based model (maskformer, mask2former, detr); {name} predicts class maps only"
         )
+
+
+def check_clip_job(cfg: JobConfig, model: SegmentationModel) -> None:
+    """A clip model's job (ModelError, one line, exit 2): its task (`check_task`), videos for input,
+    clips no longer than the frames it was trained on, no frame labels (clip runs write tracks; their
+    metrics against labels are not there yet). Nothing for other models (they ignore clip_length)."""
+    check_task(cfg.inference.task, model)
+    if not is_clip_model(model):
+        return
+    name = model.name or model.family
+    if cfg.input.format != "video":
+        raise ModelError(f"{name} is a clip model: it segments videos (input.format: video), not input.format {cfg.input.format}")
+    if cfg.inference.clip_length > model.num_frames:
+        raise ModelError(
+            f"inference.clip_length {cfg.inference.clip_length} is more than the {model.num_frames} frames {name} takes (its num_frames)"
+        )
+    if cfg.input.labels is not None:
+        raise ModelError(f"{name} is a clip model: its runs write tracks, which are not scored against frame labels: remove input.labels")

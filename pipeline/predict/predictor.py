@@ -32,7 +32,8 @@ from pipeline.metrics.coco_labels import PanopticLabels, image_key
 from pipeline.metrics.cod import cod_image_stats
 from pipeline.metrics.panoptic import PanopticQuality, Segment
 from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
-from pipeline.predict.job_model import check_task, load_job_model
+from pipeline.predict.clip_frames import clip_inputs, clip_predictions, failed_frames
+from pipeline.predict.job_model import check_task, is_clip_model, load_job_model
 from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
 from pipeline.predict.objects import ImageObject, PanopticSegments
 from pipeline.predict.slides import segment_slide
@@ -246,6 +247,7 @@ class Predictor:
         inference = cfg.inference
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_job_model(cfg.model).to(self.device)
+        self.clip_model = model if is_clip_model(model) else None  # VisTR: clips in (pipeline.predict.clip_frames)
         self.input_config = cfg.input
         self.max_pixels = cfg.input.max_pixels
         self.channel_stats = model.channel_stats()  # a raster's standard scale: what the model's normalization undoes
@@ -328,6 +330,8 @@ class Predictor:
     def _predict_batch(self, batch: dict[str, np.ndarray], started: float) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]
         die_once_on([image.image_id for image in images])
+        if self.clip_model is not None:
+            return to_columns([p.to_record() for p in self._predict_clips(images, started)])
         out = [Prediction.of(image) for image in images]
         in_memory = [i for i, image in enumerate(images) if not image.error and not image.is_unit_end and image.stream is None]
         for i, image in enumerate(images):
@@ -340,6 +344,50 @@ class Predictor:
             self._segment_in_memory(images, out, in_memory)
         self._record_metrics(images, out, time.perf_counter() - started)
         return to_columns([p.to_record() for p in out])
+
+    def _predict_clips(self, images: list[DecodedImage], started: float) -> list[Prediction]:
+        """A clip model's rows: each clip row becomes one Prediction per frame it owns; error rows and
+        units' ends pass on."""
+        out: list[Prediction] = []
+        for image in images:
+            if image.error or image.is_unit_end:
+                out.append(Prediction.of(image))
+            elif image.clip is None:
+                out.append(Prediction.of(image).failed("predict", "a clip model takes clips: this row is a single frame"))
+            else:
+                try:
+                    out += self._predict_clip(image)
+                except Exception as exc:
+                    log.debug("clip of %s failed", image.image_id, exc_info=True)
+                    out += failed_frames(image, "predict", f"{type(exc).__name__}: {scrub(str(exc), self.input_storage_options)}")
+        seconds = (time.perf_counter() - started) / max(sum(1 for p in out if not p.is_unit_end), 1)
+        for p in out:
+            if not p.is_unit_end:
+                self.metrics.image(not p.error, seconds, 1)
+        return out
+
+    def _predict_clip(self, image: DecodedImage) -> list[Prediction]:
+        """One clip: one forward, its frames' masks, instances and track pieces (pipeline.predict.clip_frames)."""
+        model, precision = self.clip_model, self.cfg.inference.precision
+        frames = clip_inputs(model, image.image, len(image.clip["ids"]), image.height, image.width)
+
+        def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+                class_logits, _, mask_logits = model(model.normalize(x))
+                return class_logits, mask_logits
+
+        class_logits, mask_logits = scored_on_device(forward, frames, self.device, self.clock)
+        started = time.perf_counter()
+
+        def encode_mask(id_map: np.ndarray, values: int) -> list[MaskChunk]:
+            chunks, _ = finish_image(
+                iter([(0, id_map, None)]), image.height, image.width, None, num_classes=values, chunk_size=self.chunk_size, binary=False
+            )
+            return chunks
+
+        out = clip_predictions(image, class_logits, mask_logits, model.num_instances, encode_mask)
+        self.clock.add("encode", time.perf_counter() - started)
+        return out
 
     def _segment_in_memory(self, images: list[DecodedImage], out: list[Prediction], in_memory: list[int]) -> None:
         """The semantic task for the images at `in_memory` (held in memory), batched together, into

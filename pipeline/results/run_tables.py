@@ -17,7 +17,9 @@ from pipeline.metrics.semantic import ClassAreas
 MASKS, METRICS, ERRORS = "masks", "metrics", "errors"
 INSTANCES, SEGMENTS = "instances", "segments"  # the instance and panoptic tasks' object tables
 OBJECT_TABLES = {"instance": INSTANCES, "panoptic": SEGMENTS}  # inference.task -> its object table
-TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS)
+CLIPS = "clips"  # a clip model's run: each clip's instance sequences (the pieces of tracks), committed with its unit
+TRACKS, TRACK_IDS = "tracks", "track_ids"  # derived at the end of each attempt from the clips table (not parts)
+TABLES = (MASKS, METRICS, ERRORS, INSTANCES, SEGMENTS, CLIPS)
 AREAS = ClassAreas.FIELDS
 CHUNK_FIELDS = ("chunk_y", "chunk_x", "chunk_height", "chunk_width")
 TMP_PREFIX = ".tmp-"
@@ -154,6 +156,56 @@ SEGMENTS_SCHEMA = pa.schema(
     ]
 )
 OBJECT_SCHEMAS = {INSTANCES: INSTANCES_SCHEMA, SEGMENTS: SEGMENTS_SCHEMA}
+
+# a clip model's run (VisTR): one row per clip, instance and frame of the clip (every frame of the clip,
+# owned or not: the frames it shares with its neighbours join the tracks). clip_start / clip_stop: the
+# clip's positions in the video's sampled frames (stop excluded), video_frames: how many frames were
+# sampled (the clip plan follows from them); frame: the file's frame number; instance: the clip-local
+# instance id of the masks table's instance-id maps (the model's slot + 1); rle: COCO compressed
+# counts at height x width (empty where the instance has no mask in that frame).
+CLIPS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string()),
+        pa.field("clip", pa.int32()),
+        pa.field("clip_start", pa.int32()),
+        pa.field("clip_stop", pa.int32()),
+        pa.field("video_frames", pa.int32()),
+        pa.field("instance", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("frame", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("rle", pa.string()),
+    ]
+)
+# tracks/tracks.parquet: the clips joined into tracks (pipeline.predict.tracks), one row per track and
+# frame where it has a mask; track ids run 1.. per video; first_frame / last_frame: file frame numbers
+TRACKS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string()),
+        pa.field("track_id", pa.int32()),
+        pa.field("class_id", pa.int32()),
+        pa.field("score", pa.float32()),
+        pa.field("first_frame", pa.int32()),
+        pa.field("last_frame", pa.int32()),
+        pa.field("frame", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("width", pa.int32()),
+        pa.field("rle", pa.string()),
+    ]
+)
+# track_ids/track_ids.parquet: the masks table's instance-id maps read as tracks: in video_id's frame
+# `frame` (its owning clip `clip`), the pixels of value `instance` are track `track_id`
+TRACK_IDS_SCHEMA = pa.schema(
+    [
+        pa.field("video_id", pa.string()),
+        pa.field("frame", pa.int32()),
+        pa.field("clip", pa.int32()),
+        pa.field("instance", pa.int32()),
+        pa.field("track_id", pa.int32()),
+    ]
+)
 
 
 def part_name(attempt: int, unit: int, seq: int) -> str:

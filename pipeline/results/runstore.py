@@ -641,6 +641,9 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
         identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
     if cfg.input.format == "video":  # which frames are sampled decides the frame ids
         identity["input.video"] = cfg.input.video.model_dump(mode="json")
+        if model_name and model_name.startswith("vistr"):  # a clip model: the clips decide its masks and tracks
+            identity["inference.clip_length"] = inference.clip_length
+            identity["inference.clip_stride"] = inference.clip_stride
     return identity
 
 

@@ -20,6 +20,8 @@ from pipeline.metrics.cod import CodImageStats
 from pipeline.results.run_tables import (
     AREA_UNITS,
     CHUNK_FIELDS,
+    CLIPS,
+    CLIPS_SCHEMA,
     ERRORS_SCHEMA,
     METRICS_SCHEMA,
     OBJECT_SCHEMAS,
@@ -44,6 +46,11 @@ def object_table(rows: list[Prediction], kind: str) -> pa.Table:
     schema = OBJECT_SCHEMAS[kind]
     records = [{"image_id": r.image_id, **obj} for r in sorted(rows, key=lambda r: r.image_id) if not r.error for obj in r.objects or ()]
     return pa.Table.from_pylist(records, schema=schema)
+
+
+def clips_table(rows: list[Prediction]) -> pa.Table:
+    """The clips table of one part (a clip model's run): the track pieces its frames' rows carry."""
+    return pa.Table.from_pylist([r for p in rows if not p.error for r in p.clip_rows or ()], schema=CLIPS_SCHEMA)
 
 
 def part_tables(
@@ -131,11 +138,15 @@ class PartWriter:
     actor died) is taken once: every image of a unit is committed once.
     """
 
-    def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None) -> None:
+    def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None, clips: bool = False) -> None:
         self.monitor, self.clock = monitor, StageClock()
         self.store = RunStore.of_job(cfg)
         self.objects = OBJECT_TABLES.get(cfg.inference.task)  # the instances or segments table, if any
         self.attempt, self.binary, self.images_per_part = attempt, binary, cfg.input.images_per_unit
+        # a clip model's run: a clip's frames and its track pieces commit together, in one part
+        self.clips = clips
+        if clips:
+            self.images_per_part = cfg.inference.clip_length
         self.cod = cfg.metrics.task == "binary"
         self.confidence = cfg.output.confidence and not binary
         self.panoptic = cfg.metrics.panoptic_labels is not None
@@ -186,7 +197,9 @@ class PartWriter:
         started = time.perf_counter()
         seq = self.next_seq.get(unit, 0)
         self.next_seq[unit] = seq + 1
-        objects = {self.objects: object_table(rows, self.objects)} if self.objects else None
+        objects = {self.objects: object_table(rows, self.objects)} if self.objects else {}
+        if self.clips:
+            objects[CLIPS] = clips_table(rows)
         self.store.write_part(
             part_name(self.attempt, unit, seq),
             *part_tables(
