@@ -104,7 +104,8 @@ def _run_monitor_class():
             self.call_seconds = 0.0  # the predictor actors' calls, wall time summed (StageClock.call_seconds)
 
         def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
-            """Windows per forward an actor came down to (out of memory), by window size: the least of any actor."""
+            """Windows per forward an actor came down to (out of memory), by window size, and the device bytes from
+            which an actor stitches on the CPU (tiling.BatchSizes.report): the least of any actor."""
             for window, size in sizes.items():
                 self.batch_sizes[window] = min(size, self.batch_sizes.get(window, size))
 

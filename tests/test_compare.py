@@ -21,6 +21,7 @@ from models import load_model, save_native
 from pipeline.analysis.compare import (
     batch_metrics,
     bootstrap_metric_samples,
+    disagreement,
     interval,
     open_run,
     point_metrics,
@@ -29,6 +30,7 @@ from pipeline.analysis.compare import (
 )
 from pipeline.results.masks import decode_png
 from pipeline.results.run_tables import AREAS
+from pipeline.results.runstore import read_confidence, read_mask
 
 CLASSES = ["sky", "road", "tree"]
 SIZES = [(40, 50)] * 4
@@ -56,7 +58,8 @@ def labeled_run(root: Path, name: str, images: Path, checkpoint: Path, labels: P
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
     """Four runs over one labeled folder of 4 images (3 classes): model a, model b (another seed), a
-    model that predicts class 2 everywhere; and model a over a folder holding 2 of the 4 images."""
+    model that predicts class 2 everywhere (b and it with a confidence map, output.confidence); and
+    model a over a folder holding 2 of the 4 images."""
     root = tmp_path_factory.mktemp("compare")
     data = labeled_folder(root / "data", SIZES, len(CLASSES), seed=0)
     subset = labeled_folder(root / "subset", SIZES[:2], len(CLASSES), seed=0)  # the same first two images
@@ -65,8 +68,8 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
     const = constant_checkpoint(a, root / "const.safetensors", 2)
     return {
         "a": labeled_run(root, "model-a", data / "images", a, data / "labels"),
-        "b": labeled_run(root, "model-b", data / "images", b, data / "labels"),
-        "const": labeled_run(root, "constant", data / "images", const, data / "labels"),
+        "b": labeled_run(root, "model-b", data / "images", b, data / "labels", output={"confidence": True}),
+        "const": labeled_run(root, "constant", data / "images", const, data / "labels", output={"confidence": True}),
         "subset": labeled_run(root, "subset-a", subset / "images", a, subset / "labels"),
     }
 
@@ -129,6 +132,50 @@ def test_comparison_holds_each_runs_summary_and_per_image_rows_join(runs, compar
     assert ab["value_a"] == summary(runs["a"])["mIoU"] and ab["value_b"] == summary(runs["b"])["mIoU"]
 
 
+def test_disagreement_counts_each_runs_confident_pixels_where_the_runs_differ():
+    """masks.disagreement on arrays: the pixels where any mask differs, and per run with a confidence
+    map the share of the image's pixels that differ and where it is at least 0.9 sure (230 / 255 on
+    the stored scale), and its mean confidence there; a run without a map gets None."""
+    a = np.array([[0, 1, 2, 2], [1, 1, 0, 0]], np.uint8)
+    b = np.array([[0, 2, 2, 1], [1, 0, 0, 0]], np.uint8)  # differs at (0, 1), (0, 3), (1, 1)
+    c = np.array([[255, 230, 10, 229], [0, 100, 50, 40]], np.uint8)
+    differ, (none, sure) = disagreement([a, b], [None, c])
+    np.testing.assert_array_equal(differ, a != b)
+    assert none is None
+    assert sure.confident == 1 / 8  # 230 counts, 229 (0.898) does not
+    assert sure.mean == pytest.approx((230 + 229 + 100) / 255 / 3, abs=1e-15)
+    _, (agreeing,) = disagreement([a], [c])
+    assert agreeing.confident == 0.0 and math.isnan(agreeing.mean)
+
+
+def test_runs_with_a_confidence_map_give_their_confident_disagreement_per_image_and_in_the_report(runs, compared):
+    """per_image.parquet's confident_disagreement and disagreement_confidence of model-b and constant
+    (output.confidence) are a numpy count over their committed masks and confidence maps; model-a,
+    without a map, has nulls. Before: no such columns, and the strips did not say how sure a run was."""
+    per_image = pq.read_table(compared / "per_image.parquet").to_pylist()
+    some_confident = 0
+    for image_id in [f"img{i:03d}.png" for i in range(4)]:
+        masks = [read_mask(str(runs[k]), image_id) for k in ("a", "b", "const")]
+        differ = (masks[0] != masks[1]) | (masks[0] != masks[2])
+        assert differ.any()
+        rows = {r["run_id"]: r for r in per_image if r["image_id"] == image_id}
+        assert rows["model-a"]["confident_disagreement"] is None and rows["model-a"]["disagreement_confidence"] is None
+        for key, name in (("b", "model-b"), ("const", "constant")):
+            confidence = read_confidence(str(runs[key]), image_id)
+            expected = np.count_nonzero(differ & (confidence >= 230)) / differ.size
+            assert rows[name]["confident_disagreement"] == pytest.approx(expected, abs=1e-12)
+            assert rows[name]["disagreement_confidence"] == pytest.approx(confidence[differ].mean() / 255, abs=1e-12)
+            some_confident += expected > 0
+        # the constant model is sure everywhere (logits 10 against -10): all its disagreement is confident
+        assert rows["constant"]["confident_disagreement"] == pytest.approx(rows["constant"]["disagreement"], abs=1e-12)
+    assert some_confident
+    page = (compared / "report.html").read_text()
+    section = page[page.index("id='disagreements'") :]
+    section = section[: section.index("</section>")]
+    assert "runs differ, model-b, constant all sure (at least 90%)" in section and "one of them hesitates" in section
+    assert section.count("model-b · mIoU") == section.count("· confident disagreement") / 2 > 0
+
+
 def test_runs_over_different_images_are_refused_unless_intersect(runs, tmp_path, capsys):
     out = tmp_path / "refused"
     capsys.readouterr()
@@ -151,6 +198,9 @@ def test_runs_over_different_images_are_refused_unless_intersect(runs, tmp_path,
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
     assert {p["difference"] for p in pairs} == {0.0} and {(p["ci_low"], p["ci_high"]) for p in pairs} == {(0.0, 0.0)}
     assert "--intersect: 2 images every run segmented are compared" in (out / "report.html").read_text()
+    # runs without a confidence map: no confidence columns, no shading, the strips as before
+    assert per_image.column_names == ["run_id", "image_id", "labeled", "IoU", "mIoU", "pixel_accuracy", "disagreement"]
+    assert "sure" not in (out / "report.html").read_text()
 
 
 def test_bootstrap_of_a_run_against_itself_is_exactly_zero(runs):

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import tifffile
 import torch
-from helpers import job_config, read_run_table, scene_pixels, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
+from helpers import CLASS_NAMES, job_config, read_run_table, scene_pixels, segpipe_run, tiled_tiff, tiny_checkpoint, write_png
 
 from models import load_model
 from pipeline.io.tiff import StreamError
@@ -508,15 +508,17 @@ def test_every_query_family_gives_instances_and_panoptic_segments_through_the_ac
             assert all(int((mask == o["segment_id"]).sum()) == o["area"] for o in row.objects)
 
 
-def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports_the_size(ray_session, tmp_path, checkpoint):
+def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports_the_size(ray_session, tmp_path, checkpoint, monkeypatch):
     """The predictor (as a plain class) with a stand-in scorer that runs out of memory above 2
     windows a batch: every image segmented, the masks those of a scorer with room, the size 2
     remembered and sent to the run monitor (run.json's actors.lowered_batch_sizes). Before: the
     OutOfMemoryError reached the actor's image-by-image retry at the same batch size, and every
     image was an errors row. In whole mode (one image a forward) only the image that does not fit
-    alone is one."""
+    alone is one. The stitcher on the device (forced on the CPU) running out of memory once: the same
+    masks, and the bytes that stitch needed in run.json's lowered_batch_sizes."""
     import ray
 
+    import pipeline.predict.tiling as tiling
     from pipeline.config import load_config
     from pipeline.plan import _run_monitor_class
     from pipeline.predict.predictor import Predictor
@@ -552,6 +554,22 @@ def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports
     predictor(to_columns([images[0].to_record()]))  # the next batch keeps the size: nothing above 2 again
     assert max(calls[2:]) == 2
     assert ray.get(monitor.lowered_batch_sizes.remote(), timeout=30) == {"48x48": 2}
+    stitching, _ = predictor_out_of_memory(cfg, monitor, most_windows=8)
+    stitching.stitch_device, resize, resized = torch.device("cpu"), tiling._resize_on_device, []
+
+    def resize_out_of_memory_once(scores, size):
+        resized.append(size)
+        if len(resized) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return resize(scores, size)
+
+    monkeypatch.setattr(tiling, "_resize_on_device", resize_out_of_memory_once)
+    out = [Prediction.from_batch(stitching(batch), i) for i in range(3)]
+    for row, expected in zip(out, with_room):
+        assert not row.error and np.array_equal(decode_png(row.chunks[0].mask), decode_png(expected.chunks[0].mask))
+    bands = stitching.batch_sizes.stitch_on_cpu_from
+    assert len(resized) > 3 and bands == (len(CLASS_NAMES) + 1) * 48 * 90 * 4  # the first image's band (padded width 90)
+    assert ray.get(monitor.lowered_batch_sizes.remote(), timeout=30) == {"48x48": 2, "stitcher_on_cpu_from_bytes": bands}
     ray.kill(monitor)
     whole, _ = predictor_out_of_memory(
         load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"mode": "whole"})), most_pixels=64 * 64

@@ -534,6 +534,57 @@ def test_the_stitcher_on_the_models_device_forced_on_the_cpu_gives_todays_labels
                 np.testing.assert_array_equal(b.probability, a.probability)
 
 
+def test_the_device_stitcher_out_of_memory_goes_on_on_the_cpu_with_the_same_labels_and_remembers_the_size(monkeypatch, caplog):
+    """The stitcher on the model's device (forced on the CPU) with a stand-in for the device's memory:
+    its resize (tiling._resize_on_device) or its reduction to labels
+    (labels_and_probability's first call) raises torch.OutOfMemoryError once, in the middle of the
+    first image. That image goes on on the CPU; every image gets today's labels and confidence; the
+    bytes that stitch needed are remembered (BatchSizes.report(): run.json's lowered_batch_sizes),
+    so a later image as wide starts on the CPU while a narrower one stays on the device; one warning.
+    In whole mode the full-size resize runs out for images above 5000 pixels. Before: the error left
+    segment_images (the actor's retry then made each image an errors row)."""
+    score_fn = conv_score_fn(num_classes=5, seed=6)
+    images = [random_image(70, 90, 15), random_image(20, 40, 16), random_image(80, 100, 17)]  # wide, narrow, wider
+    settings = TilingSettings(window=(32, 48), stride=(20, 30), blend="gaussian", batch_size=3, confidence=True)
+    whole = TilingSettings(mode="whole", confidence=True)
+    interpolate, reduce = tiling._resize_on_device, tiling.labels_and_probability
+    for step, mode in (("resize", settings), ("reduction", settings), ("resize", whole)):
+        today = segment_images(score_fn, images, mode)
+        calls: list[int] = []
+
+        def resize(scores, size, calls=calls, whole=mode.mode == "whole", fails=step == "resize"):
+            calls.append(size[0] * size[1])
+            if fails and ((len(calls) == 2 and not whole) or (whole and size[0] * size[1] > 5000)):
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return interpolate(scores, size)
+
+        def reduction(scores, beside, calls=calls):
+            calls.append(-1)
+            if calls.count(-1) == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+            return reduce(scores, beside)
+
+        monkeypatch.setattr(tiling, "_resize_on_device", resize)
+        monkeypatch.setattr(tiling, "labels_and_probability", reduction if step == "reduction" else reduce)
+        sizes = BatchSizes(mode.batch_size)
+        caplog.clear()
+        result = segment_images(score_fn, images, mode, sizes, stitch_device=torch.device("cpu"))
+        for a, b in zip(today, result):
+            np.testing.assert_array_equal(b.labels, a.labels)
+            np.testing.assert_array_equal(b.probability, a.probability)
+        warned = [r for r in caplog.records if "out of device memory stitching" in r.getMessage()]
+        assert len(warned) == 1, (step, mode.mode)
+        if mode.mode == "whole":
+            assert sizes.stitch_on_cpu_from == 5 * 70 * 90 * 4 and calls == [70 * 90, 20 * 40]  # the wider one: the CPU's
+        else:
+            assert sizes.stitch_on_cpu_from == (5 + 1) * 32 * 90 * 4  # the first image's band
+        if step == "resize" and mode.mode == "slide":
+            # the narrow image's windows still resized on the device, none of the wider one's
+            assert len(calls) == 2 + len(plan_windows(20, 40, (32, 48), (20, 30)))
+        assert sizes.report() == {"stitcher_on_cpu_from_bytes": sizes.stitch_on_cpu_from} and sizes.lowered == {}
+        monkeypatch.undo()
+
+
 def test_many_classes_give_uint16_labels():
     image = random_image(12, 14, 12)
     result = segment_images(conv_score_fn(num_classes=300), [image], TilingSettings(window=(8, 8), stride=(4, 4)))[0]

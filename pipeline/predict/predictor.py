@@ -296,7 +296,7 @@ class Predictor:
         # windows per forward by window size: halved where a batch runs out of device memory, for the
         # actor's life; what it came down to goes to the run monitor (run.json's actors.lowered_batch_sizes)
         self.batch_sizes = BatchSizes(inference.batch_size)
-        self.reported_sizes: dict[tuple[int, int], int] = {}
+        self.reported_sizes: dict[str, int] = {}
         # one thread gathers the next batch of windows, one encodes finished images (PNG, class areas);
         # None: both in the actor's thread, one after the other (the serial path)
         self.gatherer = ThreadPoolExecutor(1, thread_name_prefix="segpipe-gather") if pipelined else None
@@ -322,10 +322,12 @@ class Predictor:
             self._report_batch_sizes()
 
     def _report_batch_sizes(self) -> None:
-        """Batch sizes lowered since the last report, to the run monitor (fire and forget)."""
-        if self.monitor is not None and self.batch_sizes.lowered != self.reported_sizes:
-            self.monitor.lower_batch_sizes.remote({f"{h}x{w}": n for (h, w), n in self.batch_sizes.lowered.items()})
-        self.reported_sizes = dict(self.batch_sizes.lowered)
+        """Batch sizes lowered since the last report (and where the device stitcher gave way to the CPU),
+        to the run monitor (fire and forget)."""
+        sizes = self.batch_sizes.report()
+        if self.monitor is not None and sizes != self.reported_sizes:
+            self.monitor.lower_batch_sizes.remote(sizes)
+        self.reported_sizes = sizes
 
     def _predict_batch(self, batch: dict[str, np.ndarray], started: float) -> dict[str, list]:
         images = [DecodedImage.from_batch(batch, i) for i in range(batch_length(batch))]

@@ -9,7 +9,8 @@ Read top to bottom:
   entry points            `segment_images` (in-memory images; `segmentations`: one at a time as
                           each is done, the predictor actor's call) and
                           `segment_streaming` (huge images read window by window, yields row bands),
-                          their batches halved where the device runs out of memory (`BatchSizes`)
+                          their batches halved where the device runs out of memory (`BatchSizes`;
+                          the stitcher on the device gives way to the CPU there)
   test-time augmentation  `TTAScoreFn`: a score_fn that averages flipped and rescaled views
 
 Conventions, shared with MONAI's `sliding_window_inference` and mmseg's `slide_inference` so that
@@ -488,6 +489,12 @@ def _interpolate(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
+def _resize_on_device(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The stitcher on the model's device: F.interpolate where the scores are (the CPU path's resizes go
+    through resize_scores and BilinearRows instead)."""
+    return _interpolate(scores, size)
+
+
 def bilinear_formula(scores: torch.Tensor, size: tuple[int, int]) -> BilinearFormula | None:
     """The formula of `BilinearRows` that gives F.interpolate's numbers for float32 scores of this
     shape and layout resized to `size`, or None where none does.
@@ -616,6 +623,9 @@ class StreamingStitcher:
     `device` (the model's, e.g. CUDA): the band lives there, windows' scores are resized (F.interpolate)
     and blended where the model left them, and only the label rows (and probability rows where
     asked) cross back to the CPU. On the CPU it gives the same float32 numbers as the other two ways.
+    Where the device runs out of memory (the band, a window's resize, the rows' reduction), the band
+    moves to the CPU and the image goes on there (`memory`, the actor's `BatchSizes`, remembers how much
+    that stitch needed: an image needing as much starts on the CPU); the labels are the same.
 
     Skipped windows (a raster's windows without valid data, a slide's without tissue: see
     `segment_streaming`): `skip()` takes the window's place in the plan and adds nothing; pixels that
@@ -631,8 +641,11 @@ class StreamingStitcher:
         keep_scores: bool = False,
         device: torch.device | None = None,
         skipped_label: int = 255,
+        memory: BatchSizes | None = None,
     ):
         self.plan = plan
+        self.memory = memory  # where the device stitch ran out of memory before (None: nothing remembered)
+        self.left_device = False  # the device ran out of memory: the band went on on the CPU
         self.skipped_label = skipped_label
         self._skipped = False  # a window was skipped: rows may be covered by none
         self.binary = _foreground(binary)
@@ -661,16 +674,55 @@ class StreamingStitcher:
             return self._skip()
         if scores.ndim != 3:
             raise ValueError(f"window scores must be C x h x w, got {tuple(scores.shape)}")
+        first_on_device = self._classes is None and self.device is not None and self.memory is not None
+        if first_on_device and not self.memory.stitch_fits(self.device_bytes(scores.shape[0])):
+            self.device = None  # as large a stitch ran out of device memory before: the CPU's from the start
+            self.weights = self.weights.cpu()
+        failed = False
+        try:
+            self._add_window(scores)
+        except torch.OutOfMemoryError:
+            if self.device is None:
+                raise
+            failed = True
+        if failed:  # outside the except block: its traceback held the failed step's tensors
+            self._leave_device(scores.shape[0])
+            self._add_window(scores)
+        return self._advance()
+
+    def device_bytes(self, num_classes: int) -> int:
+        """Device memory the band takes: C + 1 float32 planes of window height x padded width."""
+        return (num_classes + 1) * self.plan.window[0] * self.plan.padded_width * 4
+
+    def _leave_device(self, num_classes: int) -> None:
+        """The device ran out of memory: the band (if any) moves to the CPU, where the image goes on
+        (band mode there: the same float32 numbers), and the actor remembers what it needed."""
+        need = self.device_bytes(num_classes)
+        self.device, self.left_device = None, True
+        self.weights = self.weights.cpu()
+        if self._classes is None:  # out of memory at the first window: the CPU chooses its own way
+            self._scores = self._weight_sum = None
+        elif self._scores is not None and self._weight_sum is not None:
+            self._scores, self._weight_sum = self._scores.cpu(), self._weight_sum.cpu()
+        _free_device_cache()
+        if self.memory is not None:
+            self.memory.stitch_ran_out(need)
+        else:
+            log.warning("out of device memory stitching an image (%.1f MB on the device): it goes on on the CPU", need / 2**20)
+
+    def _add_window(self, scores: torch.Tensor) -> None:
+        """The next window's scores into the held windows or the band. Where it runs out of device
+        memory, nothing has changed yet: the band is only added to in place, after every allocation."""
         scores = scores.to(self.device or "cpu", torch.float32)
         window = self.plan.window
         at_window = tuple(scores.shape[1:]) == window
         if self._classes is None:
-            self._classes = scores.shape[0]
             if self.device is None and not at_window and bilinear_formula(scores, window) is not None:
                 self._held = []
             else:
-                self._scores = torch.zeros(self._classes, window[0], self.plan.padded_width, device=scores.device)
+                self._scores = torch.zeros(scores.shape[0], window[0], self.plan.padded_width, device=scores.device)
                 self._weight_sum = torch.zeros(window[0], self.plan.padded_width, device=scores.device)
+            self._classes = scores.shape[0]
         elif scores.shape[0] != self._classes:
             raise ValueError(f"windows disagree on the number of classes: {scores.shape[0]} != {self._classes}")
         y0, x0 = self._windows[self._next]
@@ -682,12 +734,13 @@ class StreamingStitcher:
             self._held.append(_HeldWindow(y0, x0, held, resize))
         else:
             assert self._scores is not None and self._weight_sum is not None
-            scores = resize_scores(scores, window) if self.device is None else scores if at_window else _interpolate(scores, window)
+            scores = resize_scores(scores, window) if self.device is None else scores if at_window else _resize_on_device(scores, window)
+            if not self._uniform:
+                scores = scores * self.weights
             row = y0 - self._band_top
             wh, ww = window
-            self._scores[:, row : row + wh, x0 : x0 + ww] += scores if self._uniform else scores * self.weights
+            self._scores[:, row : row + wh, x0 : x0 + ww] += scores
             self._weight_sum[row : row + wh, x0 : x0 + ww] += self.weights
-        return self._advance()
 
     def skip(self) -> list[Band]:
         """Pass the next window without scores (never run): it adds nothing, so pixels that only
@@ -752,7 +805,18 @@ class StreamingStitcher:
         cols = slice(plan.pad_left, plan.pad_left + plan.width)
         # divide in place: these rows leave the band anyway, and a copy would be one more band's worth
         blended = scores[:, rows, cols].div_(weight_sum[rows, cols])
-        labels, probability = labels_and_probability(blended, self.binary)
+        failed = False
+        try:
+            labels, probability = labels_and_probability(blended, self.binary)
+        except torch.OutOfMemoryError:
+            if self.device is None:
+                raise
+            failed = True
+        if failed:  # the rows are divided already: reduced on the CPU as they are
+            self._leave_device(scores.shape[0])
+            scores, weight_sum = self._scores, self._weight_sum
+            blended = scores[:, rows, cols]
+            labels, probability = labels_and_probability(blended, self.binary)
         self._mark_skipped(labels, probability, weight_sum[rows, cols])
         return Band(top - plan.pad_top, labels, probability, blended.clone() if self.keep_scores else None)
 
@@ -915,11 +979,40 @@ class BatchSizes:
     """Windows per forward pass, by window size: `start` (inference.batch_size) until a batch of that
     size runs out of device memory (torch.OutOfMemoryError: CUDA's); then half of it, remembered for
     the life of whoever holds this (the predictor actor: every later image of that window size).
-    `lowered` is what run.json reports."""
+    `lowered` is what run.json reports.
+
+    The stitcher on the model's device (`StreamingStitcher(device=...)`, whole mode's resize) lowers
+    its own way: an image whose stitch runs out of device memory goes on on the CPU (the same labels),
+    and `stitch_on_cpu_from` keeps the device bytes that stitch needed (`stitch_bytes`): every later
+    image that needs as much or more is stitched on the CPU from its start. `report()` is both, as
+    run.json's actors.lowered_batch_sizes holds them."""
+
+    STITCHER_KEY = "stitcher_on_cpu_from_bytes"  # run.json's name for stitch_on_cpu_from
 
     def __init__(self, start: int) -> None:
         self.start = start
         self.lowered: dict[tuple[int, int], int] = {}
+        self.stitch_on_cpu_from: int | None = None  # device bytes of the smallest stitch that ran out of memory
+
+    def stitch_fits(self, need: int) -> bool:
+        """Whether a stitch needing `need` bytes of device memory is still tried there."""
+        return self.stitch_on_cpu_from is None or need < self.stitch_on_cpu_from
+
+    def stitch_ran_out(self, need: int) -> None:
+        if self.stitch_fits(need):
+            self.stitch_on_cpu_from = need
+            log.warning(
+                "out of device memory stitching an image (%.1f MB on the device): that image and every later one needing "
+                "as much are stitched on the CPU",
+                need / 2**20,
+            )
+
+    def report(self) -> dict[str, int]:
+        """What run.json's actors.lowered_batch_sizes holds: windows per forward by "HxW", and the stitcher's bytes."""
+        out = {f"{h}x{w}": n for (h, w), n in self.lowered.items()}
+        if self.stitch_on_cpu_from is not None:
+            out[self.STITCHER_KEY] = self.stitch_on_cpu_from
+        return out
 
     def of(self, window: tuple[int, int]) -> int:
         return self.lowered.get(tuple(window), self.start)
@@ -1036,23 +1129,44 @@ def _inside_box(plan: WindowPlan, y0: int, x0: int) -> tuple[int, int, int, int]
     return top, left, height, width
 
 
+def _free_device_cache() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _segment_whole(
     score_fn: ScoreFn,
     image: np.ndarray,
     binary: Foreground | Confidence | None,
     device: torch.device | None = None,
     pin_memory: bool = False,
+    memory: BatchSizes | None = None,
 ) -> Segmentation:
+    """One image in one forward, its scores resized to it and reduced to labels: on `device` (the
+    model's) where given and its memory holds them (`memory`: a stitch as large ran out before), else
+    on the CPU; a device that runs out of memory here hands the image to the CPU (the same labels)."""
     height, width = image.shape[:2]
     scores = score_fn(to_pixels([image], pin_memory))
     if scores.ndim != 4 or scores.shape[0] != 1:
         raise ValueError(f"score_fn must return 1 x C x h x w for one image, got {tuple(scores.shape)}")
-    if device is None:
-        scores = resize_scores(scores[0], (height, width))
-    else:  # resized and reduced where the model ran: only the labels (and probability) cross back
-        scores = scores[0].to(device, torch.float32)
-        scores = scores if tuple(scores.shape[-2:]) == (height, width) else _interpolate(scores, (height, width))
-    labels, probability = labels_and_probability(scores, binary)
+    need = scores.shape[1] * height * width * 4  # the scores at full resolution, float32
+    if device is not None and (memory is None or memory.stitch_fits(need)):
+        failed = False
+        try:  # resized and reduced where the model ran: only the labels (and probability) cross back
+            on_device = scores[0].to(device, torch.float32)
+            on_device = on_device if tuple(on_device.shape[-2:]) == (height, width) else _resize_on_device(on_device, (height, width))
+            labels, probability = labels_and_probability(on_device, binary)
+        except torch.OutOfMemoryError:
+            failed = True
+        if not failed:
+            return Segmentation(labels, probability)
+        on_device = None
+        _free_device_cache()
+        if memory is not None:
+            memory.stitch_ran_out(need)
+        else:
+            log.warning("out of device memory resizing an image's scores (%.1f MB): it is stitched on the CPU", need / 2**20)
+    labels, probability = labels_and_probability(resize_scores(scores[0].cpu(), (height, width)), binary)
     return Segmentation(labels, probability)
 
 
@@ -1101,19 +1215,19 @@ def segmentations(
     `gather`, `pin_memory`: the next batch of windows gathered while this one runs (`_run_windows`)."""
     for image in images:
         _check_image(image)
+    sizes = batch_sizes or BatchSizes(settings.batch_size)
     if settings.mode == "whole":
         for index, image in enumerate(images):
-            yield index, _segment_whole(score_fn, image, settings.beside, stitch_device, pin_memory)
+            yield index, _segment_whole(score_fn, image, settings.beside, stitch_device, pin_memory, sizes)
         return
 
     def job(image: np.ndarray) -> _ImageJob:
         plan = plan_windows(image.shape[0], image.shape[1], settings.window, settings.stride)
-        stitcher = StreamingStitcher(plan, settings.blend, settings.beside, device=stitch_device)
+        stitcher = StreamingStitcher(plan, settings.blend, settings.beside, device=stitch_device, memory=sizes)
         return _ImageJob(plan, lambda y, x, h, w: image[y : y + h, x : x + w], stitcher)
 
     results: dict[int, Segmentation] = {}
     rows_left = [image.shape[0] for image in images]  # bands cover each row once
-    sizes = batch_sizes or BatchSizes(settings.batch_size)
     for index, band in _run_windows(score_fn, (job(image) for image in images), settings.window, sizes, gather, pin_memory):
         result = results.get(index)
         if result is None:

@@ -9,8 +9,9 @@ keeps the images every run holds. What is written under `out`:
                         summary.json says; recomputed over the common images with `intersect`),
                         per-class IoU and the class names
     per_image.parquet   one row per image and run: the image's IoU per class (NaN where its union
-                        is 0), pixel accuracy, binary measures where the run has them, and the
-                        fraction of its pixels on which the runs' masks do not all agree
+                        is 0), pixel accuracy, binary measures where the run has them, the
+                        fraction of its pixels on which the runs' masks do not all agree and, for
+                        runs with a confidence map, how sure each was there (masks.py)
     pairs.parquet       each ordered pair of runs (A, B) and headline metric: A - B and its 95%
                         paired bootstrap interval over images
     report.html         one self-contained page (every chart an inline base64 PNG): the table, IoU
@@ -21,7 +22,7 @@ The modules, in the order `compare_runs` (comparison.py) uses them:
 
     runs.py              the run directories opened, the images every run segmented, the metrics rows joined
     sources.py           the runs' images and labels (image folders): paired, read as the run read them
-    masks.py             one pass over the masks: disagreement per image, confusion matrices
+    masks.py             one pass over the masks: disagreement per image (and confidence there), confusion matrices
     bootstrap.py         the paired bootstrap: metrics of resampled images, the 95% interval
     tables.py            comparison.parquet, per_image.parquet, pairs.parquet
     receptive_fields.py  each run's model's effective receptive field (--receptive-field)
@@ -42,7 +43,7 @@ from pipeline.analysis.compare.bootstrap import (
     resample_counts,
 )
 from pipeline.analysis.compare.comparison import compare_runs
-from pipeline.analysis.compare.masks import MaskPass, mask_parts, scan_masks
+from pipeline.analysis.compare.masks import CONFIDENT, MaskPass, RunConfidence, disagreement, mask_parts, scan_masks
 from pipeline.analysis.compare.receptive_fields import receptive_fields
 from pipeline.analysis.compare.report import class_palette, render_report
 from pipeline.analysis.compare.result import Comparison, iter_pairs
@@ -63,6 +64,7 @@ from pipeline.analysis.compare.terminal import format_comparison
 __all__ = [
     "COD_HEADLINE",
     "COD_PER_IMAGE",
+    "CONFIDENT",
     "HEADLINE",
     "LOWER_IS_BETTER",
     "PAIRS_SCHEMA",
@@ -73,12 +75,14 @@ __all__ = [
     "ImageTable",
     "MaskPass",
     "Run",
+    "RunConfidence",
     "Sources",
     "batch_metrics",
     "bootstrap_metric_samples",
     "class_palette",
     "cod_values",
     "compare_runs",
+    "disagreement",
     "find_sources",
     "format_comparison",
     "interval",

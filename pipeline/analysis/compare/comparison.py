@@ -57,7 +57,7 @@ def compare_runs(
         runs, out_uri, len(images.ids), len(labeled.ids), recompute, resamples, seed,
         comparison_table(runs, labeled.joined, recompute, len(images.ids), labeled.cod_rows),
         pairs_table(runs, labeled.joined, resamples, seed, labeled.cod_rows),
-        per_image_table(runs, labeled.tables, images.ids, mask_pass.disagreement),
+        per_image_table(runs, labeled.tables, images.ids, mask_pass.disagreement, mask_pass.confidence),
         notes, mask_pass, src, labeled.binary,
     )  # fmt: skip
     if receptive_field:

@@ -1,12 +1,19 @@
 """Mask disagreement: one pass over the compared images' masks, the fraction of pixels where the runs
 do not all agree, the images where they disagree most and, with labels, each run's confusion matrix.
 
+Runs with a confidence map (output.confidence: each pixel's largest class probability, 8-bit) also
+say how sure each was where the runs disagree (`disagreement_confidence`): the share of the image's
+pixels where the runs disagree and that run is confident (at least CONFIDENT), and its mean
+confidence over those pixels. A disagreement both runs are sure of is one of them confidently wrong
+(what a reviewer looks at first); one where they hesitate is an ambiguous region.
+
 Masks are read one part per run at a time (PNG bytes, never decoded masks) and decoded one image at
 a time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +25,36 @@ from pipeline.metrics.semantic import LabelReadingError
 from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import CHUNK_FIELDS, MASKS
 
+CONFIDENT = 0.9  # a run is confident at a pixel whose largest class probability is at least this
+CONFIDENT_U8 = 230  # the same on the stored scale: round(255 p) >= 230 exactly where p >= 0.9 (229.5 / 255)
+
+
+@dataclass
+class RunConfidence:
+    """One run's confidence where the runs disagree, on one image."""
+
+    confident: float  # share of the image's pixels where the runs disagree and this run is confident
+    mean: float  # its mean confidence (0-1) over the pixels where the runs disagree; NaN where they agree everywhere
+
+
+def disagreement(masks: list[np.ndarray], confidences: list[np.ndarray | None]) -> tuple[np.ndarray, list[RunConfidence | None]]:
+    """The pixels where the runs' masks are not all the same (H x W bool) and, for each run with a
+    confidence map (uint8 round(255 p); None: the run has none), its `RunConfidence` there."""
+    differ = np.zeros(masks[0].shape, bool)
+    for m in masks[1:]:
+        differ |= m != masks[0]
+    pixels, disagreeing = differ.size, int(differ.sum())
+    measures: list[RunConfidence | None] = []
+    for confidence in confidences:
+        if confidence is None:
+            measures.append(None)
+            continue
+        at = confidence[differ]
+        confident = int(np.count_nonzero(at >= CONFIDENT_U8))
+        mean = float(at.sum(dtype=np.int64)) / (255 * disagreeing) if disagreeing else math.nan
+        measures.append(RunConfidence(confident / pixels if pixels else 0.0, mean))
+    return differ, measures
+
 
 @dataclass
 class MaskPass:
@@ -27,6 +64,8 @@ class MaskPass:
     confusion: list[np.ndarray] | None = None  # per run: C x C counts, rows label, columns prediction
     confusion_images: int = 0
     top: list[tuple[float, str]] = field(default_factory=list)  # (fraction, image_id): where the runs disagree most
+    with_confidence: list[bool] = field(default_factory=list)  # per run: it has a confidence map (output.confidence)
+    confidence: dict[str, list[RunConfidence | None]] = field(default_factory=dict)  # image_id -> per run (None: no map)
     notes: list[str] = field(default_factory=list)
 
 
@@ -35,15 +74,22 @@ class _PartCache:
 
     def __init__(self, run: Run) -> None:
         self.run, self.part, self.table, self.rows = run, None, None, {}
+        self.confidence = False  # the part holds a confidence column (output.confidence)
+        self.any_confidence = False  # some part read so far did
 
-    def image(self, part: str, image_id: str) -> np.ndarray:
+    def image(self, part: str, image_id: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """The image's mask and its confidence map (None where its part has none)."""
         if part != self.part:
-            self.table = self.run.store.read_part(MASKS, part, ["image_id", "height", "width", *CHUNK_FIELDS, "mask"])
+            self.confidence = "confidence" in self.run.store.part_schema(MASKS, part).names
+            self.any_confidence |= self.confidence
+            columns = ["image_id", "height", "width", *CHUNK_FIELDS, "mask", *(["confidence"] if self.confidence else [])]
+            self.table = self.run.store.read_part(MASKS, part, columns)
             self.rows = {}
             for i, image in enumerate(self.table.column("image_id").to_pylist()):
                 self.rows.setdefault(image, []).append(i)
             self.part = part
-        return assemble_mask(self.table.take(pa.array(self.rows[image_id], pa.int64())))
+        rows = self.table.take(pa.array(self.rows[image_id], pa.int64()))
+        return assemble_mask(rows), assemble_mask(rows, "confidence") if self.confidence else None
 
 
 def mask_parts(run: Run) -> dict[str, str]:
@@ -64,15 +110,15 @@ def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_opti
     order = sorted(image_ids, key=lambda i: (tuple(p.get(i, "") for p in parts), i))
     unreadable = 0
     for image_id in order:
-        masks = [cache.image(p[image_id], image_id) for cache, p in zip(caches, parts)]
+        masks, confidences = zip(*(cache.image(p[image_id], image_id) for cache, p in zip(caches, parts)))
         if any(m.shape != masks[0].shape for m in masks[1:]):
             result.notes.append(f"{image_id}: the runs' masks differ in size; left out of the disagreement")
             continue
-        differ = np.zeros(masks[0].shape, bool)
-        for m in masks[1:]:
-            differ |= m != masks[0]
+        differ, measures = disagreement(list(masks), list(confidences))
         fraction = float(differ.mean()) if differ.size else 0.0
         result.disagreement[image_id] = fraction
+        if any(m is not None for m in measures):
+            result.confidence[image_id] = measures
         if result.confusion is not None and image_id in src.labels:
             try:
                 label = read_label(src, image_id, storage_options)
@@ -95,6 +141,7 @@ def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_opti
             result.confusion_images += 1
     if unreadable:
         result.notes.append(f"{unreadable} labels could not be read or do not fit their mask: left out of the confusion matrices")
+    result.with_confidence = [cache.any_confidence for cache in caches]
     # the most disagreement first; among equal fractions the first image id
     result.top = [(f, i) for i, f in sorted(result.disagreement.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
     return result

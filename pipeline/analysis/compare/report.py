@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.analysis.compare.masks import CONFIDENT, disagreement
 from pipeline.analysis.compare.result import Comparison, excludes_zero, iter_pairs
 from pipeline.analysis.compare.sources import Sources, label_classes, read_label, read_photo
 from pipeline.analysis.compare.tables import LOWER_IS_BETTER, SUMMARY_SCALARS
@@ -445,7 +446,15 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
     names = result.runs[0].class_names
     palette = class_palette(max(len(names), 1))
     legend = "".join(f"<li>{_swatch(_hex(palette[i]))}{_esc(n)}</li>" for i, n in enumerate(names))
-    parts.append(f"<ul class='legend'>{legend}<li>{_swatch('#ff00ff')}runs differ</li></ul>")
+    sure = [r.label for r, has in zip(result.runs, mp.with_confidence) if has]
+    if sure:
+        legend += (
+            f"<li>{_swatch('#ff00ff')}runs differ, {_esc(', '.join(sure))} {'all ' if len(sure) > 1 else ''}sure "
+            f"(at least {100 * CONFIDENT:.0f}%)</li><li>{_swatch(_hex(_shade(0.0)))}runs differ, one of them hesitates</li>"
+        )
+    else:
+        legend += f"<li>{_swatch('#ff00ff')}runs differ</li>"
+    parts.append(f"<ul class='legend'>{legend}</ul>")
     top_ids = {i for _, i in mp.top}
     scores = {
         (r["run_id"], r["image_id"]): r["mIoU"]
@@ -461,6 +470,14 @@ def _section_disagreements(result: Comparison, storage_options: dict) -> str:
         f"The {len(mp.top)} images (of {len(mp.disagreement)}) with the largest fraction of pixels on which the runs' masks are not "
         "all the same; per_image.parquet has the fraction of every image (column disagreement)."
     )
+    if sure:
+        explain += (
+            f" Runs with a confidence map (output.confidence: {_esc(', '.join(sure))}) shade where the runs differ by the least "
+            f"sure of them: magenta where {'each' if len(sure) > 1 else 'it'} gave its class at least {100 * CONFIDENT:.0f}% "
+            "(a confident disagreement: one model is sure and wrong, or both are), paler as it hesitates. Each such run's "
+            "caption gives its confident disagreement: the share of the image's pixels where the runs differ and it is that "
+            "sure (per_image.parquet: confident_disagreement, and disagreement_confidence, its mean confidence there)."
+        )
     if missing_photo:
         explain += " Where the image could not be read (or the input is not an image folder) the masks are drawn without it."
     parts.append(f"<p class='caption'>{explain}</p></section>")
@@ -473,6 +490,9 @@ def _disagreement_case(
     """One image's strip (its photo, its label, each run's mask, where the runs differ) as a <figure>,
     and whether its photo is in it."""
     masks = [r.store.mask_of(image_id) for r in result.runs]
+    with_confidence = result.mask_pass.with_confidence or [False] * len(result.runs)
+    confidences = [r.store.mask_of(image_id, "confidence") if has else None for r, has in zip(result.runs, with_confidence)]
+    measures = result.mask_pass.confidence.get(image_id) or [None] * len(result.runs)
     shape = masks[0].shape
     photo = _case_photo(result.sources, image_id, shape, storage_options)
     label, label_ignore = _case_label(result.sources, image_id, shape, len(palette), storage_options)
@@ -486,12 +506,14 @@ def _disagreement_case(
         lab = _thumb(label, target)
         ignore = (lab < 0) | (lab >= len(palette)) | ((lab == label_ignore) if label_ignore is not None else False)
         tiles.append(("label", _png_uri(_colour(np.where(ignore, 0, lab), palette, photo_t, ignore)), "overlay label"))
-    for run, mask in zip(result.runs, masks):
+    for run, mask, measure in zip(result.runs, masks, measures):
         m = _thumb(mask, target)
         score = scores.get((run.label, image_id))
         caption = f"{run.label}" + (f" · mIoU {100 * score:.1f}%" if _isnum(score) else "")
+        if measure is not None:
+            caption += f" · confident disagreement {100 * measure.confident:.1f}%"
         tiles.append((caption, _png_uri(_colour(m, palette, photo_t)), "overlay mask"))
-    tiles.append(("runs differ", _png_uri(_difference(masks, photo_t, target)), "overlay difference"))
+    tiles.append(("runs differ", _png_uri(_difference(masks, photo_t, target, confidences)), "overlay difference"))
     strip = "".join(
         f"<figure><img class='{cls}' alt='{_esc(cap)}' src='{uri}'><figcaption>{_esc(cap)}</figcaption></figure>" for cap, uri, cls in tiles
     )
@@ -528,15 +550,30 @@ def _case_label(
         return None, None
 
 
-def _difference(masks: list[np.ndarray], photo: np.ndarray | None, target: int) -> np.ndarray:
-    """The pixels where the runs' masks are not all the same, in magenta over the greyed photo."""
-    differ = np.zeros(masks[0].shape, bool)
-    for m in masks[1:]:
-        differ |= m != masks[0]
+def _shade(sure: np.ndarray | float) -> np.ndarray:
+    """The colour of a disagreeing pixel by how sure the least sure run was (0: hesitates, CONFIDENT
+    and above: sure): from pale pink to magenta."""
+    t = np.clip(np.asarray(sure, np.float32), 0.0, 1.0)[..., None]
+    pale, full = np.array([250, 200, 250], np.float32), np.array([255, 0, 255], np.float32)
+    return (pale + t * (full - pale)).astype(np.uint8)
+
+
+def _difference(
+    masks: list[np.ndarray], photo: np.ndarray | None, target: int, confidences: list[np.ndarray | None] | None = None
+) -> np.ndarray:
+    """The pixels where the runs' masks are not all the same, in magenta over the greyed photo; with
+    confidence maps (uint8 round(255 p)), shaded by the least sure of the runs that have one: magenta
+    where it is at least CONFIDENT sure, paler down to 1 / classes."""
+    differ, _ = disagreement(masks, [None] * len(masks))
     d = _thumb(differ, target)
     base = (photo.mean(axis=2) if photo is not None else np.full(d.shape, 200.0)) * 0.5 + 60
     diff_img = np.repeat(base[:, :, None], 3, axis=2).astype(np.uint8)
-    diff_img[d] = (255, 0, 255)
+    maps = [c for c in confidences or [] if c is not None]
+    if not maps:
+        diff_img[d] = (255, 0, 255)
+        return diff_img
+    least = _thumb(np.minimum.reduce(maps), target)[d].astype(np.float32) / 255
+    diff_img[d] = _shade(np.minimum(least / CONFIDENT, 1.0) ** 2)
     return diff_img
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.analysis.compare.bootstrap import bootstrap_metric_samples, interval, point_metrics, ratio, row_nanmean
+from pipeline.analysis.compare.masks import RunConfidence
 from pipeline.analysis.compare.runs import COD_PER_IMAGE, ImageTable, Run, cod_values
 from pipeline.metrics.cod import KEYS as COD_KEYS
 
@@ -107,9 +108,19 @@ def _comparison_schema(cod_keys: list[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
-def per_image_table(runs: list[Run], tables: list[ImageTable], image_ids: list[str], disagreement: dict[str, float]) -> pa.Table:
-    """One row per compared image and run; columns built from arrays, not row by row."""
+def per_image_table(
+    runs: list[Run],
+    tables: list[ImageTable],
+    image_ids: list[str],
+    disagreement: dict[str, float],
+    confidence: dict[str, list[RunConfidence | None]] | None = None,
+) -> pa.Table:
+    """One row per compared image and run; columns built from arrays, not row by row. Where a run has
+    a confidence map (`confidence`: image_id -> per run, see masks.disagreement) two more columns:
+    confident_disagreement and disagreement_confidence (null for the runs without one); without any,
+    the table is as before."""
     n, c = len(image_ids), runs[0].num_classes
+    confidence = confidence or {}
     chunks = []
     has_cod = any(t.cod is not None for t in tables)
     fraction = np.array([disagreement.get(i, np.nan) for i in image_ids], dtype=np.float64)
@@ -136,6 +147,12 @@ def per_image_table(runs: list[Run], tables: list[ImageTable], image_ids: list[s
             "pixel_accuracy": pa.array(pixel_acc, pa.float64(), from_pandas=True),
             "disagreement": pa.array(fraction, pa.float64(), from_pandas=True),
         }
+        if confidence:
+            k = len(chunks)  # this run's index
+            measures = [(confidence.get(i) or [None] * len(runs))[k] for i in image_ids]
+            for name, attribute in (("confident_disagreement", "confident"), ("disagreement_confidence", "mean")):
+                values = np.array([np.nan if m is None else getattr(m, attribute) for m in measures], dtype=np.float64)
+                columns[name] = pa.array(values, pa.float64(), from_pandas=True)
         if has_cod:
             cod = table.cod[take] if table.cod is not None and len(table.ids) else np.full((n, len(COD_PER_IMAGE)), np.nan)
             for j, name in enumerate(COD_PER_IMAGE):
