@@ -52,6 +52,20 @@ class S3Server:
         fs.s3.meta.events.register("before-call.s3", count)
         return counts
 
+    def received(self):
+        """A Counter of the bytes of the bodies that GetObject calls returned from now on ("GetObject"),
+        and of those calls ("calls"): what a reader fetched, read-ahead included."""
+        counts: Counter = Counter()
+        fs = self.fs
+        fs.connect()
+
+        def count(parsed=None, **_):
+            counts["calls"] += 1
+            counts["GetObject"] += int((parsed or {}).get("ContentLength") or 0)
+
+        fs.s3.meta.events.register("after-call.s3.GetObject", count)
+        return counts
+
 
 @contextmanager
 def s3_endpoint() -> Iterator[S3Server]:
