@@ -53,17 +53,21 @@ class S3Server:
         return counts
 
     def received(self):
-        """A Counter of the bytes of the bodies that GetObject calls returned from now on ("GetObject"),
-        and of those calls ("calls"): what a reader fetched, read-ahead included."""
+        """A Counter, from now on, of the bytes of the bodies GetObject calls returned ("GetObject":
+        what a reader fetched, read-ahead included), of those calls ("calls"), and of the keys that
+        ListObjectsV2 pages returned ("listed")."""
         counts: Counter = Counter()
         fs = self.fs
         fs.connect()
 
-        def count(parsed=None, **_):
-            counts["calls"] += 1
-            counts["GetObject"] += int((parsed or {}).get("ContentLength") or 0)
+        def count(parsed=None, model=None, **_):
+            if model.name == "GetObject":
+                counts["calls"] += 1
+                counts["GetObject"] += int((parsed or {}).get("ContentLength") or 0)
+            elif model.name == "ListObjectsV2":
+                counts["listed"] += int((parsed or {}).get("KeyCount") or 0)
 
-        fs.s3.meta.events.register("after-call.s3.GetObject", count)
+        fs.s3.meta.events.register("after-call.s3", count)
         return counts
 
 

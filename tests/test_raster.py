@@ -171,6 +171,43 @@ def test_a_cog_on_s3_is_read_window_by_window_in_range_requests_never_whole(s3, 
     assert SECRET_KEY not in capfd.readouterr().err
 
 
+def test_a_remote_rasters_side_files_are_found_by_listing_the_names_of_its_stem_only(s3, tmp_path):
+    """A raster whose valid-data mask is a side file (`.msk`) in a folder of other rasters: read
+    from S3, its mask is the local one, and GDAL's look for side files listed the raster's own keys
+    (a listing prefixed by its stem), not the folder's."""
+    data = np.full((3, 64, 64), 100, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False),
+        rasterio.open(
+            tmp_path / "m.tif",
+            "w",
+            driver="GTiff",
+            width=64,
+            height=64,
+            count=3,
+            dtype="uint8",
+            crs=UTM_33N,
+            transform=Affine(*UTM_TRANSFORM),
+        ) as dst,
+    ):
+        dst.write(data)
+        dst.write_mask(mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "m.tif.msk"]
+    bucket = s3.bucket("sidecar")
+    for name in ("m.tif", "m.tif.msk"):
+        s3.fs.put(str(tmp_path / name), f"{bucket[5:]}/{name}")
+    for i in range(20):  # the archive's other rasters
+        s3.fs.pipe(f"{bucket[5:]}/n{i:02d}.tif", b"x")
+    received = s3.received()
+    cfg = raster_input(bucket, storage_options=s3.storage_options)
+    with RasterWindows.open(f"{bucket}/m.tif", s3.storage_options, cfg) as remote:
+        assert np.array_equal(remote.valid_rows(0, 64), mask > 0)
+        assert remote.empty(0, 0, 64, 32) and not remote.empty(0, 32, 64, 32)
+    assert 0 < received["listed"] <= 2 * 2  # m.tif and m.tif.msk, at most twice; not the 22 keys
+
+
 def test_a_raster_without_crs_has_no_georeferencing_and_one_in_utm_has_its_own(tmp_path):
     with open_dataset(str(write_raster(tmp_path / "plain.tif", scene_12bit(20, 30, 2), crs=None))) as ds:
         assert georef_of(ds) == {"crs": None, "transform": None, "resolution": None, "pixel_area_m2": None}

@@ -72,11 +72,25 @@ def require_geo(what: str = "input.format: raster") -> None:
 class RangeOpener:
     """A store as rasterio's `opener` wants it (the fsspec filesystem methods GDAL's virtual file
     system calls: size, ls, isfile, ...), whose files are `RetryingFile`s that read ahead at most
-    RANGE_READ_AHEAD bytes: each of GDAL's reads is one small range request, retried when transient."""
+    RANGE_READ_AHEAD bytes: each of GDAL's reads is one small range request, retried when transient.
 
-    def __init__(self, fs: Any, stats: StoreStats | None = None) -> None:
+    GDAL lists the raster's folder once to find its side files (`.msk`, `.ovr`, `.aux.xml`, world
+    files: all named after the raster's stem). In an archive that folder holds thousands of rasters,
+    so its listing here is of the names that start with the stem (one prefixed ListObjectsV2 on S3,
+    not the folder's pages); other folders are listed whole."""
+
+    def __init__(self, fs: Any, path: str, stats: StoreStats | None = None) -> None:
         self._fs = fs
+        self._folder, _, name = path.rstrip("/").rpartition("/")
+        self._stem = name.split(".", 1)[0]
         self.stats = stats if stats is not None else StoreStats()
+
+    def ls(self, path: str, detail: bool = False, **kwargs: Any) -> list:
+        if detail or path.rstrip("/") != self._folder or not self._stem:
+            return self._fs.ls(path, detail=detail, **kwargs)
+        # s3fs and gcsfs list by prefix; a store whose find ignores `prefix` lists the folder
+        found = self._fs.find(path, withdirs=True, prefix=self._stem)
+        return [p for p in found if p.rstrip("/").rpartition("/")[0] == self._folder and p.rpartition("/")[2].startswith(self._stem)]
 
     def open(self, path: str, mode: str = "rb", **_: Any) -> RetryingFile:
         if "r" not in mode or "+" in mode:
@@ -98,7 +112,7 @@ def open_dataset(uri: str, storage_options: dict | None = None):
         if is_local(uri):
             return rasterio.open(uri.removeprefix("file://"))
         fs, path = open_fs(uri, storage_options)
-        return rasterio.open(path, opener=RangeOpener(fs))
+        return rasterio.open(path, opener=RangeOpener(fs, path))
 
 
 def georef_of(ds) -> dict[str, Any]:
