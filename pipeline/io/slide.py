@@ -204,7 +204,7 @@ class TiffslideLevels:
             raise StreamError(f"{uri}: not a readable slide: {type(exc).__name__}: {exc}") from None
         self.mpp_x, self.mpp_y = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
         self.objective_power = props.get("tiffslide.objective-power")
-        self.cache_rows = 0  # level rows of tiles to keep beyond two tile rows (SlideWindows.keep_rows)
+        self.cache_rows = 0  # level rows of tiles to keep beyond two tile rows (`keep`, SlideWindows.keep_rows)
         self.tiles = TileCache(0)
         self._arrays: dict[int, Any] = {}
 
@@ -222,12 +222,15 @@ class TiffslideLevels:
         dtype = np.dtype(array.dtype)
         if dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise StreamError(f"{self.uri}: level {level} holds {dtype} samples of shape {array.shape} (slides are read as 8-bit RGB)")
-        # the cache holds cache_rows rows and two tile rows more of the widest level read
-        samples = array.shape[2] if array.ndim == 3 else 1
-        rows = self.cache_rows + 2 * int(array.chunks[0])
-        self.tiles.max_bytes = max(self.tiles.max_bytes, rows * int(array.shape[1]) * samples)
         self._arrays[level] = array
+        self.keep(self.cache_rows)
         return array
+
+    def keep(self, rows: int) -> None:
+        """Keep `rows` level rows of tiles and two tile rows more, of the widest level opened."""
+        self.cache_rows = rows
+        bounds = [(rows + 2 * int(a.chunks[0])) * int(a.shape[1]) * (a.shape[2] if a.ndim == 3 else 1) for a in self._arrays.values()]
+        self.tiles.max_bytes = max(bounds, default=0)
 
     def read(self, level: int, y0: int, x0: int, height: int, width: int) -> np.ndarray:
         """Rows y0.. and columns x0.. of a level as stored (height x width x samples), from whole tiles."""
@@ -352,14 +355,14 @@ class SlideWindows:
         self.close()
 
     def keep_rows(self, rows: int) -> None:
-        """Keep the decoded tiles of `rows` target rows (the windows' height; call before reading):
-        windows read left to right, top to bottom then decode each tile once. What is held is about
+        """Keep the decoded tiles of `rows` target rows (the windows' height): windows read left to
+        right, top to bottom then decode each tile once. What is held is about
         (rows + the resampling's reach + two tile rows) x the level's width x 3 bytes."""
-        if getattr(self.levels, "cache_rows", None) is None:
+        if self.levels.tiles is None:
             return  # OpenSlide caches its tiles itself
         grid = self.grid
         reach = math.ceil(max(grid.level_height / grid.height, 1.0)) + RESAMPLE_MARGIN
-        self.levels.cache_rows = math.ceil(rows * grid.level_height / grid.height) + 2 * reach
+        self.levels.keep(math.ceil(rows * grid.level_height / grid.height) + 2 * reach)
 
     @property
     def tiles_decoded(self) -> int | None:
