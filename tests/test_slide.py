@@ -255,7 +255,7 @@ def test_overlapping_windows_decode_each_tile_once(tmp_path):
             for _ in segment_streaming(score_fn, read, slide.height, slide.width, settings):
                 pass
             assert (slide.tiles_decoded, slide.levels.tiles.requested) == (level_tiles, requested), mpp
-        for box, window in reads[::5]:  # a window read alone, nothing cached, is the same
+        for box, window in reads[::20]:  # a window read alone, nothing cached, is the same
             with SlideWindows.open(str(tmp_path / "a.svs"), mpp=mpp, level=None) as fresh:
                 assert np.array_equal(fresh.rgb(*box), window), box
 
