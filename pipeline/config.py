@@ -137,7 +137,7 @@ class VideoConfig(_Strict):
 class InputConfig(_Strict):
     uri: str
     # raster: geospatial rasters read through rasterio (the `geo` extra), window by window (pipeline.io.raster);
-    # slide: whole-slide images through tiffslide (the `slides` extra), window by window (pipeline.io.slide)
+    # slide: whole-slide images through tiffslide or OpenSlide (the `slides` extra), window by window (pipeline.io.slide)
     # video: video files through PyAV (the `video` extra), frames decoded in the read tasks (pipeline.io.video)
     format: Literal["auto", "images", "tar", "parquet", "raster", "slide", "video"] = "auto"
     # raster: the bands that feed the model, 1-based as GDAL counts, in the model's channel order;

@@ -35,7 +35,8 @@ def ray_session():
 @pytest.fixture(scope="session")
 def s3() -> S3Server:
     """An S3 endpoint on 127.0.0.1 (moto) for the session: `s3.storage_options` point s3fs at it,
-    `s3.bucket(stem)` makes a fresh bucket, `s3.requests()` counts the calls made from then on."""
+    `s3.bucket(stem)` makes a fresh bucket, `s3.requests()` counts the calls made from then on,
+    `s3.received()` the bytes GetObject calls returned and the keys listings returned."""
     with s3_endpoint() as server:
         yield server
 

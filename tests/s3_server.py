@@ -52,6 +52,24 @@ class S3Server:
         fs.s3.meta.events.register("before-call.s3", count)
         return counts
 
+    def received(self):
+        """A Counter, from now on, of the bytes of the bodies GetObject calls returned ("GetObject":
+        what a reader fetched, read-ahead included), of those calls ("calls"), and of the keys that
+        ListObjectsV2 pages returned ("listed")."""
+        counts: Counter = Counter()
+        fs = self.fs
+        fs.connect()
+
+        def count(parsed=None, model=None, **_):
+            if model.name == "GetObject":
+                counts["calls"] += 1
+                counts["GetObject"] += int((parsed or {}).get("ContentLength") or 0)
+            elif model.name == "ListObjectsV2":
+                counts["listed"] += int((parsed or {}).get("KeyCount") or 0)
+
+        fs.s3.meta.events.register("after-call.s3", count)
+        return counts
+
 
 @contextmanager
 def s3_endpoint() -> Iterator[S3Server]:

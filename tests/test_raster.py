@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from helpers import (
     LONLAT_TRANSFORM,
     TINY_SEGFORMER,
@@ -28,10 +29,11 @@ from helpers import (
     tiny_checkpoint,
     write_raster,
 )
+from s3_server import SECRET_KEY
 
 from models import build_model
-from pipeline.config import ConfigError, InputConfig, load_config
-from pipeline.io.raster import NODATA_LABEL, RasterWindows, check_raster_job, georef_of, open_dataset
+from pipeline.config import ConfigError, InputConfig, PercentileScale, load_config
+from pipeline.io.raster import NODATA_LABEL, RasterWindows, check_raster_job, georef_of, open_dataset, percentile_scale
 from pipeline.metrics.semantic import LabelReading, class_areas
 from pipeline.predict.predictor import ModelScorer, segment_raster
 from pipeline.predict.tiling import TilingSettings, segment_streaming
@@ -130,6 +132,80 @@ def test_range_and_standard_scales_and_a_remote_raster_read_through_fsspec(tmp_p
     # the model's normalization (x - 100) / 50 gives back (v - 2000) / 500
     assert window.dtype == np.float32
     assert np.allclose((window - 100) / 50, (data[0, 20:25, 20:25] - 2000) / 500, atol=1e-4)
+
+
+def test_a_cog_on_s3_is_read_window_by_window_in_range_requests_never_whole(s3, tmp_path, capfd):
+    """A 2048 x 2048 RGB COG (256-pixel tiles, overviews 2, 4, 8; random pixels, so tiles do not
+    compress away) on the S3 endpoint, opened as the predictor opens it: its header and three windows
+    (six tiles) fetch a small part of the file, the windows equal a local read, and a decimated read
+    (the percentile scale's) is served from an overview. Before RangeOpener, s3fs's 50 MB read-ahead
+    fetched the whole file at the first header read."""
+    data = np.random.default_rng(0).integers(0, 256, (3, 2048, 2048), dtype=np.uint8)
+    path = tmp_path / "scene.tif"
+    profile = dict(driver="COG", width=2048, height=2048, count=3, dtype="uint8", blocksize=256, compress="deflate")
+    with rasterio.open(path, "w", crs=UTM_33N, transform=Affine(*UTM_TRANSFORM), **profile) as dst:
+        dst.write(data)
+    with rasterio.open(path) as local:
+        assert local.overviews(1) == [2, 4, 8]
+    bucket = s3.bucket("cog")
+    s3.fs.put(str(path), f"{bucket[5:]}/scene.tif")
+    size = path.stat().st_size
+    cfg = raster_input(bucket, storage_options=s3.storage_options)
+    windows = [(0, 0, 128, 128), (1000, 1000, 256, 256), (1800, 300, 128, 128)]  # 1 + 4 + 1 tiles
+    received = s3.received()
+    with RasterWindows.open(f"{bucket}/scene.tif", s3.storage_options, cfg) as remote, RasterWindows.open(str(path), {}, cfg) as local:
+        opened = received["GetObject"]
+        for box in windows:
+            assert not remote.empty(*box)  # as the predictor does: the window checked, then read
+            assert np.array_equal(remote.read(*box), local.read(*box))
+            top, left, h, w = box
+            assert np.array_equal(remote.read(*box), np.moveaxis(data[:, top : top + h, left : left + w], 0, -1))
+        windowed = received["GetObject"]
+        percentile_scale(remote.ds, [1, 2, 3], PercentileScale(mode="percentile", low=2, high=98), max_pixels=256 * 256)
+        decimated = received["GetObject"] - windowed
+    tile_bytes = 256 * 256 * 3  # random pixels: a tile compresses to about its raw size
+    assert opened < 300 * 1024  # the header: one read of RANGE_READ_AHEAD, not the file
+    assert windowed - opened < 6 * tile_bytes + 6 * 256 * 1024  # six tiles, each read with a read-ahead at most
+    assert windowed < size / 5, (windowed, size)
+    assert decimated < 2 * tile_bytes + 256 * 1024  # the 256 x 256 overview (one tile), not the full-resolution tiles
+    assert SECRET_KEY not in capfd.readouterr().err
+
+
+def test_a_remote_rasters_side_files_are_found_by_listing_the_names_of_its_stem_only(s3, tmp_path):
+    """A raster whose valid-data mask is a side file (`.msk`) in a folder of other rasters: read
+    from S3, its mask is the local one, and GDAL's look for side files listed the raster's own keys
+    (a listing prefixed by its stem), not the folder's."""
+    data = np.full((3, 64, 64), 100, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False),
+        rasterio.open(
+            tmp_path / "m.tif",
+            "w",
+            driver="GTiff",
+            width=64,
+            height=64,
+            count=3,
+            dtype="uint8",
+            crs=UTM_33N,
+            transform=Affine(*UTM_TRANSFORM),
+        ) as dst,
+    ):
+        dst.write(data)
+        dst.write_mask(mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "m.tif.msk"]
+    bucket = s3.bucket("sidecar")
+    for name in ("m.tif", "m.tif.msk"):
+        s3.fs.put(str(tmp_path / name), f"{bucket[5:]}/{name}")
+    for i in range(20):  # the archive's other rasters
+        s3.fs.pipe(f"{bucket[5:]}/n{i:02d}.tif", b"x")
+    received = s3.received()
+    cfg = raster_input(bucket, storage_options=s3.storage_options)
+    with RasterWindows.open(f"{bucket}/m.tif", s3.storage_options, cfg) as remote:
+        assert np.array_equal(remote.valid_rows(0, 64), mask > 0)
+        assert remote.empty(0, 0, 64, 32) and not remote.empty(0, 32, 64, 32)
+    assert 0 < received["listed"] <= 2 * 2  # m.tif and m.tif.msk, at most twice; not the 22 keys
 
 
 def test_a_raster_without_crs_has_no_georeferencing_and_one_in_utm_has_its_own(tmp_path):

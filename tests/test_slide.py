@@ -8,6 +8,7 @@ import json
 from itertools import pairwise
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import tifffile
@@ -20,17 +21,20 @@ from PIL import Image
 from pipeline.analysis.qupath import RegionTracer, features, qupath_classes
 from pipeline.config import ConfigError, load_config
 from pipeline.io.slide import (
+    OPENSLIDE_SUFFIXES,
+    SLIDE_SUFFIXES,
     SlideWindows,
     TissueMap,
     choose_grid,
     otsu_threshold,
     probe_slide,
+    slide_backend,
     tissue_mask,
 )
 from pipeline.io.tiff import StreamError
 from pipeline.predict.predictor import finish_image
 from pipeline.predict.slides import SKIPPED_LABEL, objective_power, segment_slide
-from pipeline.predict.tiling import StreamingStitcher, TilingSettings, plan_windows, segment_images
+from pipeline.predict.tiling import StreamingStitcher, TilingSettings, plan_windows, segment_images, segment_streaming
 from pipeline.results.masks import assemble_mask
 from pipeline.rows import StreamSource
 
@@ -199,6 +203,62 @@ def test_windows_between_levels_are_the_whole_target_image_resampled_once(tmp_pa
                 pieces[y : y + h, x : x + w] = slide.rgb(y, x, h, w)
     assert np.abs(pieces.astype(int) - whole).max() <= 1  # Pillow's fixed point may round a sum either way
     assert (pieces == whole).mean() > 0.99
+
+
+def test_openslide_reads_the_svs_as_tiffslide_does_levels_mpp_objective_and_windows(tmp_path):
+    """The same written SVS through both readers (OpenSlide forced): the same levels, mpp, objective
+    power and grid, and equal windows as stored (0.5 mpp: level 1) and resampled (0.4 mpp: from level 0)."""
+    path = str(tmp_path / "a.svs")
+    write_svs(tmp_path / "a.svs", slide_pixels(tissue=0.5))
+    for mpp in (0.5, 0.4):
+        with SlideWindows.open(path, mpp=mpp, level=None) as tiff, SlideWindows.open(path, mpp=mpp, level=None, backend="openslide") as osl:
+            assert (tiff.levels.backend, osl.levels.backend) == ("tiffslide", "openslide")
+            assert osl.level_sizes == tiff.level_sizes == [(1536, 2048), (768, 1024), (384, 512)]
+            assert osl.grid == tiff.grid and osl.grid.level0_mpp == 0.25
+            assert objective_power(osl.objective_power) == objective_power(tiff.objective_power) == 40
+            for box in ((0, 0, 128, 128), (100, 300, 200, 250), (tiff.height - 77, tiff.width - 93, 77, 93)):
+                assert np.array_equal(osl.rgb(*box), tiff.rgb(*box)), (mpp, box)
+            assert np.array_equal(osl.overview(), tiff.overview())
+
+
+def test_the_reader_is_chosen_per_suffix_and_openslide_formats_are_read_from_local_files_only(tmp_path):
+    """tiffslide for the TIFF family, OpenSlide for MRXS, DICOM, VMS, ...: both listed as slides. A
+    remote MRXS (OpenSlide opens its .dat files by path) and a local file OpenSlide cannot read are
+    errors naming why."""
+    names = ["a.svs", "b.NDPI", "c.scn", "d.bif", "e.tif", "f.mrxs", "g.dcm", "h.vms", "i.vmu", "j.svslide", "k.czi"]
+    assert [slide_backend(n) for n in names] == ["tiffslide"] * 5 + ["openslide"] * 6
+    assert set(OPENSLIDE_SUFFIXES) < set(SLIDE_SUFFIXES)
+    fsspec.filesystem("memory").pipe("/remote-slides/s.mrxs", b"x")
+    cfg = load_config({"input": {"uri": "memory://remote-slides", "format": "slide"}, "model": {"name": "segformer-b0"}}).input
+    with pytest.raises(StreamError, match="s.mrxs: MRXS slides are read by OpenSlide, which reads local files only"):
+        probe_slide("memory://remote-slides/s.mrxs", cfg)
+    (tmp_path / "broken.mrxs").write_bytes(b"not a slide")
+    with pytest.raises(StreamError, match="broken.mrxs: not a slide OpenSlide reads"):
+        SlideWindows.open(str(tmp_path / "broken.mrxs"), mpp=0.5, level=None)
+
+
+def test_overlapping_windows_decode_each_tile_once(tmp_path):
+    """Windows of 128 at a stride of 96 over 256-pixel tiles, as the stitcher reads them: with the
+    windows' rows kept (`keep_rows`, as segment_slide does) each tile of the level read is decoded
+    once; the tiles the reads asked for (each read decoded all of them before the cache) are 11.7x
+    (as stored, level 1) and 9x (resampled from level 0) as many. The windows are those read alone."""
+    write_svs(tmp_path / "a.svs", slide_pixels(tissue=0.5))
+    settings = TilingSettings(window=(128, 128), stride=(96, 96), batch_size=8)
+    for mpp, level_tiles, requested in ((0.5, 3 * 4, 140), (0.4, 6 * 8, 432)):
+        with SlideWindows.open(str(tmp_path / "a.svs"), mpp=mpp, level=None) as slide:
+            slide.keep_rows(settings.window[0])
+            reads = []
+
+            def read(y0, x0, h, w, slide=slide, reads=reads):
+                reads.append(((y0, x0, h, w), slide.rgb(y0, x0, h, w)))
+                return reads[-1][1]
+
+            for _ in segment_streaming(score_fn, read, slide.height, slide.width, settings):
+                pass
+            assert (slide.tiles_decoded, slide.levels.tiles.requested) == (level_tiles, requested), mpp
+        for box, window in reads[::20]:  # a window read alone, nothing cached, is the same
+            with SlideWindows.open(str(tmp_path / "a.svs"), mpp=mpp, level=None) as fresh:
+                assert np.array_equal(fresh.rgb(*box), window), box
 
 
 def test_probe_refuses_a_slide_bomb_on_its_header_and_a_slide_without_mpp(tmp_path):

@@ -163,3 +163,26 @@ def test_a_manifest_is_read_in_chunks_each_sorted(tmp_path):
     _, _, listed = iter_manifest(str(tmp_path / "m.parquet"), str(tmp_path / "data"), {}, chunk=4)
     chunks = [sorted(set(keys[i : i + 4])) for i in range(0, len(keys), 4)]
     assert list(listed) == [k for chunk in chunks for k in chunk]
+
+
+def test_slides_are_listed_by_every_reader_suffix_and_a_dicom_folder_once():
+    """Slides of both readers are listed (tiffslide's .svs, OpenSlide's .mrxs, ...); a DICOM WSI's
+    folder of .dcm files (one per level) is one slide, its first file; a MRXS's .dat files are not listed."""
+    fs = fsspec.filesystem("memory")
+    keys = [
+        "a.svs",
+        "b.mrxs",
+        "b/Data0000.dat",
+        "c/level-0.dcm",
+        "c/level-1.dcm",
+        "c/level-2.DCM",
+        "d/e/x.dcm",
+        "d/e/y.dcm",
+        "f.czi",
+        "g.vms",
+    ]
+    for key in keys:
+        fs.pipe(f"/slides-listed/{key}", b"x")
+    cfg = load_config({"input": {"uri": "memory://slides-listed", "format": "slide"}, "model": {"name": "segformer-b0"}}).input
+    listed = [i for unit in reader_for(cfg).list_units() for i in unit.image_ids]
+    assert listed == ["a.svs", "b.mrxs", "c/level-0.dcm", "d/e/x.dcm", "f.czi", "g.vms"]

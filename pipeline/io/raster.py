@@ -9,8 +9,13 @@ bounded as for TIFFs: GDAL reads the blocks a window touches (its block cache is
 GDAL_CACHEMAX), never the raster whole.
 
 Where it is read from: a local path through GDAL itself; any other URI (s3://, gs://, memory://, ...)
-through fsspec with input.storage_options, handed to rasterio as its `opener`: GDAL asks for byte
-ranges, so a COG on S3 is read window by window with range requests, never downloaded whole.
+through fsspec with input.storage_options, handed to rasterio as its `opener` (`RangeOpener`): GDAL
+seeks and reads the header, then only the tiles (or overview tiles) a read touches, each read a
+range request of what GDAL asks plus at most RANGE_READ_AHEAD bytes. So a COG on S3 is read window
+by window, never downloaded whole (tests/test_raster.py measures it on an S3 endpoint: three windows
+of a 16 MB COG fetch 2.1 MB, header included). fsspec's own file object would not do: s3fs reads ahead 50 MB
+by default, which is a whole COG of that size at the first header read. The files are the storage
+layer's `RetryingFile`s, so a transient error mid-read is retried as for every other input.
 Credentials stay in the storage options; errors are scrubbed of them where they are reported.
 
 Bands (`input.bands`, 1-based as GDAL counts; null: all) feed the model in that order; their number
@@ -43,13 +48,14 @@ import numpy as np
 
 from pipeline.config import ConfigError, InputConfig, PercentileScale, RangeScale, StandardScale
 from pipeline.extras import require
-from pipeline.io.storage import is_local, open_fs
+from pipeline.io.storage import RetryingFile, StoreStats, is_local, open_fs
 from pipeline.redaction import scrub
 from pipeline.rows import StreamSource
 
 # what `input.format: raster` lists (GDAL reads many more: `input.pattern` cannot add suffixes, this can)
 RASTER_EXTENSIONS = (".tif", ".tiff", ".gtiff", ".jp2", ".j2k", ".img", ".vrt", ".ntf", ".nitf", ".nc", ".hdf", ".h5", ".asc", ".dem")
 PERCENTILE_PIXELS = 2**22  # percentiles from at most this many pixels of each band (4 megapixels)
+RANGE_READ_AHEAD = 256 * 1024  # bytes read past each of GDAL's reads of a remote raster (headers, a row's next tile)
 CACHE_BYTES = 64 * 2**20  # windows read by `RasterWindows.empty` kept for `read` (a batch's worth)
 NODATA_LABEL = 255  # the masks' value for pixels outside the raster's valid data
 RASTER_STREAM = "raster"  # StreamSource.kind of a raster
@@ -63,9 +69,41 @@ def require_geo(what: str = "input.format: raster") -> None:
     require("rasterio", "geo", what)
 
 
+class RangeOpener:
+    """A store as rasterio's `opener` wants it (the fsspec filesystem methods GDAL's virtual file
+    system calls: size, ls, isfile, ...), whose files are `RetryingFile`s that read ahead at most
+    RANGE_READ_AHEAD bytes: each of GDAL's reads is one small range request, retried when transient.
+
+    GDAL lists the raster's folder once to find its side files (`.msk`, `.ovr`, `.aux.xml`, world
+    files: all named after the raster's stem). In an archive that folder holds thousands of rasters,
+    so its listing here is of the names that start with the stem (one prefixed ListObjectsV2 on S3,
+    not the folder's pages); other folders are listed whole."""
+
+    def __init__(self, fs: Any, path: str, stats: StoreStats | None = None) -> None:
+        self._fs = fs
+        self._folder, _, name = path.rstrip("/").rpartition("/")
+        self._stem = name.split(".", 1)[0]
+        self.stats = stats if stats is not None else StoreStats()
+
+    def ls(self, path: str, detail: bool = False, **kwargs: Any) -> list:
+        if detail or path.rstrip("/") != self._folder or not self._stem:
+            return self._fs.ls(path, detail=detail, **kwargs)
+        # s3fs and gcsfs list by prefix; a store whose find ignores `prefix` lists the folder
+        found = self._fs.find(path, withdirs=True, prefix=self._stem)
+        return [p for p in found if p.rstrip("/").rpartition("/")[0] == self._folder and p.rpartition("/")[2].startswith(self._stem)]
+
+    def open(self, path: str, mode: str = "rb", **_: Any) -> RetryingFile:
+        if "r" not in mode or "+" in mode:
+            raise OSError(f"{path}: rasters are read-only here (mode {mode!r})")
+        return RetryingFile(self._fs, path, stats=self.stats, block_size=RANGE_READ_AHEAD)
+
+    def __getattr__(self, name: str) -> Any:  # size, ls, isfile, isdir, modified, ...: the store's own
+        return getattr(self._fs, name)
+
+
 def open_dataset(uri: str, storage_options: dict | None = None):
     """The raster at `uri` opened with rasterio: GDAL reads a local path itself; a remote one is read
-    through fsspec (range requests, `storage_options`)."""
+    through fsspec (`storage_options`) in range requests (`RangeOpener`)."""
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning
 
@@ -74,7 +112,7 @@ def open_dataset(uri: str, storage_options: dict | None = None):
         if is_local(uri):
             return rasterio.open(uri.removeprefix("file://"))
         fs, path = open_fs(uri, storage_options)
-        return rasterio.open(path, opener=fs)
+        return rasterio.open(path, opener=RangeOpener(fs, path))
 
 
 def georef_of(ds) -> dict[str, Any]:

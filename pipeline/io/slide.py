@@ -2,9 +2,21 @@
 microns per pixel, window by window, and the tissue that decides which windows run.
 
 A slide is a pyramid: level 0 at the scanner's resolution (e.g. 0.25 mpp, "40x"), each further
-level a downsampled copy. tiffslide (on tifffile) opens SVS, NDPI, SCN, BIF and generic pyramidal
-TIFFs, from a local path or through the same fsspec file objects (`RetryingFile`, retries, store
-stats) as huge TIFFs; only the tiles a window touches are decoded.
+level a downsampled copy. The reader is chosen per file (`slide_backend`):
+- tiffslide (on tifffile) opens SVS, NDPI, SCN, BIF and generic pyramidal TIFFs
+  (`TIFFSLIDE_SUFFIXES`), from a local path or through the same fsspec file objects
+  (`RetryingFile`, retries, store stats) as huge TIFFs. Only the tiles a window touches are
+  decoded, tile by tile, and kept in a small LRU (`TileCache`, a window's height of level rows, the
+  resampling's reach and two tile rows, times the level's width): windows overlap, and without it a
+  tile was decoded once per window that touched it (4x for 512-pixel windows at stride 341 over
+  256-pixel tiles, 12x for 128 at 96; tests/test_slide.py counts them).
+- OpenSlide (openslide-python on the openslide-bin library) opens the formats tiffslide cannot:
+  MRXS, DICOM WSI, Hamamatsu VMS/VMU, Sakura SVSLIDE, Zeiss CZI (`OPENSLIDE_SUFFIXES`). It reads local
+  paths only (a C library that opens the slide's companion files itself, e.g. MRXS's folder of .dat
+  files): a remote one is its errors row saying so. It keeps its own cache of decoded tiles. Its
+  transparent pixels (outside the scanned area) are laid on the slide's background colour (white
+  where it states none). A DICOM WSI is a folder of .dcm files (one per level): the listing keeps
+  the first .dcm of each folder, and OpenSlide finds the others.
 
 The target grid. `input.slide.mpp: m` segments the slide at m microns per pixel: the target image
 is round(level-0 size x level-0 mpp / m) pixels on each side (`SlideGrid`). It is read from the
@@ -19,8 +31,8 @@ exactly the target's, and a window's pixels are those of the whole target image.
 level N as stored (mpp: level 0's times its downsample, where the slide states one).
 
 The slide's mpp comes from its metadata (tiffslide's `tiffslide.mpp-x` / `-y`: Aperio's `MPP`,
-the TIFF resolution tags, ...). A slide without one, when `mpp` is asked, cannot be placed on the
-grid: its errors row says so. A slide bomb (level 0, or the target grid, over
+the TIFF resolution tags, ...; OpenSlide's `openslide.mpp-x` / `-y`). A slide without one, when
+`mpp` is asked, cannot be placed on the grid: its errors row says so. A slide bomb (level 0, or the target grid, over
 `input.max_stream_pixels`) is refused on its header, no pixel read.
 
 Tissue. `tissue_mask` takes the slide's coarsest level (reduced by block means to at most
@@ -34,16 +46,20 @@ fraction of its pixels (inside the slide) that the mask, scaled to the target gr
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline.io.storage import RetryingFile, StoreStats, open_fs
+from pipeline.io.storage import RetryingFile, StoreStats, is_local, open_fs
 from pipeline.io.tiff import PROBE_BLOCK_BYTES, READ_BLOCK_BYTES, StreamError
 from pipeline.rows import StreamSource
 
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff")
+TIFFSLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif", ".tif", ".tiff")  # what tiffslide reads (Philips TIFF too)
+OPENSLIDE_SUFFIXES = (".mrxs", ".dcm", ".vms", ".vmu", ".svslide", ".czi")  # what only OpenSlide reads
+SLIDE_SUFFIXES = TIFFSLIDE_SUFFIXES + OPENSLIDE_SUFFIXES
+DICOM_SUFFIX = ".dcm"  # a DICOM WSI is a folder of them: one slide per folder
 MPP_TOLERANCE = 0.01  # a level up to 1% coarser than the target counts as at the target
 TISSUE_SIDE = 2048  # the tissue mask's longer side at most (pixels of the coarsest level, block-averaged)
 MIN_SATURATION = 20  # Otsu's threshold on saturation (0..255) never below this: glass is 0-10
@@ -106,6 +122,12 @@ def choose_grid(
     return SlideGrid(index, lh, lw, height, width, float(mpp), mpp0_mean, mpp / mpp0[1])
 
 
+def slide_backend(uri: str) -> str:
+    """The reader a slide is opened with, by its suffix: "openslide" for the formats only OpenSlide
+    reads, else "tiffslide"."""
+    return "openslide" if uri.lower().endswith(OPENSLIDE_SUFFIXES) else "tiffslide"
+
+
 def _tiffslide():
     try:
         import tiffslide
@@ -114,26 +136,194 @@ def _tiffslide():
     return tiffslide
 
 
-class SlideWindows:
-    """One slide, opened on its target grid: `rgb(y0, x0, h, w)` reads a window of it (target
-    coordinates) as h x w x 3 uint8, a `pipeline.predict.tiling.ReadWindow`."""
+def _openslide(uri: str):
+    try:
+        import openslide
+    except ImportError:
+        raise StreamError(
+            f"{uri}: this slide format is read by OpenSlide: pip install 'segpipe[slides]' (openslide-python, openslide-bin)"
+        ) from None
+    return openslide
 
-    def __init__(self, file: Any, uri: str, *, mpp: float | None, level: int | None) -> None:
+
+class TileCache:
+    """Decoded tiles of one open slide, least recently used dropped first beyond `max_bytes`.
+    For tests and benchmarks: `decoded` counts the tiles decoded (misses), `requested` the tiles
+    the reads asked for (what was decoded before there was a cache)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.decoded = 0
+        self.requested = 0
+        self._tiles: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple[int, int, int], decode) -> np.ndarray:
+        self.requested += 1
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+            return tile
+        tile = decode()
+        self.decoded += 1
+        if tile.nbytes <= self.max_bytes:
+            self._tiles[key] = tile
+            self._bytes += tile.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._tiles.popitem(last=False)
+                self._bytes -= old.nbytes
+        return tile
+
+    def clear(self) -> None:
+        self._tiles.clear()
+        self._bytes = 0
+
+
+def _as_rgb(region: np.ndarray) -> np.ndarray:
+    if region.ndim == 2:
+        region = region[..., None]
+    if region.shape[2] < 3:
+        region = np.repeat(region[..., :1], 3, axis=2)
+    return np.ascontiguousarray(region[..., :3])
+
+
+class TiffslideLevels:
+    """A slide's levels through tiffslide: regions decoded tile by tile (the level's zarr chunks),
+    the tiles kept in a TileCache."""
+
+    backend = "tiffslide"
+
+    def __init__(self, file: Any, uri: str) -> None:
         tiffslide = _tiffslide()
         self.uri, self._file = uri, file
         try:
             self._slide = tiffslide.TiffSlide(file)
             props = self._slide.properties
-            sizes = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+            self.level_sizes = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
         except Exception as exc:
             raise StreamError(f"{uri}: not a readable slide: {type(exc).__name__}: {exc}") from None
-        mpp_x, mpp_y = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
+        self.mpp_x, self.mpp_y = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
+        self.objective_power = props.get("tiffslide.objective-power")
+        self.cache_rows = 0  # level rows of tiles to keep beyond two tile rows (`keep`, SlideWindows.keep_rows)
+        self.tiles = TileCache(0)
+        self._arrays: dict[int, Any] = {}
+
+    def close(self) -> None:
+        self.tiles.clear()
+        self._slide.close()
+        self._file.close()
+
+    def _array(self, level: int) -> Any:
+        array = self._arrays.get(level)
+        if array is not None:
+            return array
+        group = self._slide.zarr_group
+        array = group[str(level)] if hasattr(group, "keys") else group
+        dtype = np.dtype(array.dtype)
+        if dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+            raise StreamError(f"{self.uri}: level {level} holds {dtype} samples of shape {array.shape} (slides are read as 8-bit RGB)")
+        self._arrays[level] = array
+        self.keep(self.cache_rows)
+        return array
+
+    def keep(self, rows: int) -> None:
+        """Keep `rows` level rows of tiles and two tile rows more, of the widest level opened."""
+        self.cache_rows = rows
+        bounds = [(rows + 2 * int(a.chunks[0])) * int(a.shape[1]) * (a.shape[2] if a.ndim == 3 else 1) for a in self._arrays.values()]
+        self.tiles.max_bytes = max(bounds, default=0)
+
+    def read(self, level: int, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+        """Rows y0.. and columns x0.. of a level as stored (height x width x samples), from whole tiles."""
+        array = self._array(level)
+        th, tw = int(array.chunks[0]), int(array.chunks[1])
+        lh, lw = int(array.shape[0]), int(array.shape[1])
+        out = np.empty((height, width, *array.shape[2:]), np.uint8)
+        for ty in range(y0 // th, (y0 + height - 1) // th + 1):
+            for tx in range(x0 // tw, (x0 + width - 1) // tw + 1):
+                top, left = ty * th, tx * tw
+                tile = self.tiles.get(
+                    (level, ty, tx), lambda top=top, left=left: np.asarray(array[top : min(top + th, lh), left : min(left + tw, lw)])
+                )
+                y_from, y_to = max(y0, top), min(y0 + height, top + tile.shape[0])
+                x_from, x_to = max(x0, left), min(x0 + width, left + tile.shape[1])
+                out[y_from - y0 : y_to - y0, x_from - x0 : x_to - x0] = tile[y_from - top : y_to - top, x_from - left : x_to - left]
+        return _as_rgb(out)
+
+
+class OpenslideLevels:
+    """A slide's levels through OpenSlide (local paths only): regions by `read_region`, RGBA laid on
+    the slide's background colour. read_region takes a level's region at integer level-0 coordinates
+    (x downsample): exact for the integral downsamples of most pyramids; where a level's downsample is
+    not an integer (4.0002), OpenSlide places the region at a fraction of a level pixel."""
+
+    backend = "openslide"
+
+    def __init__(self, path: str, uri: str) -> None:
+        openslide = _openslide(uri)
+        self.uri = uri
+        try:
+            self._slide = openslide.OpenSlide(path)
+            props = self._slide.properties
+            self.level_sizes = [(int(h), int(w)) for w, h in self._slide.level_dimensions]
+            self._downsamples = [float(d) for d in self._slide.level_downsamples]
+        except Exception as exc:
+            raise StreamError(f"{uri}: not a slide OpenSlide reads: {type(exc).__name__}: {exc}") from None
+        self.mpp_x, self.mpp_y = props.get("openslide.mpp-x"), props.get("openslide.mpp-y")
+        self.objective_power = props.get("openslide.objective-power")
+        colour = props.get("openslide.background-color") or "FFFFFF"
+        self._background = np.array([int(colour[i : i + 2], 16) for i in (0, 2, 4)], np.float32)
+        self.tiles = None  # OpenSlide caches decoded tiles itself
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def read(self, level: int, y0: int, x0: int, height: int, width: int) -> np.ndarray:
+        ds = self._downsamples[level]
+        try:
+            rgba = np.asarray(self._slide.read_region((round(x0 * ds), round(y0 * ds)), level, (width, height)))
+        except Exception as exc:
+            raise StreamError(f"{self.uri}: OpenSlide could not read level {level}: {type(exc).__name__}: {exc}") from None
+        alpha = rgba[..., 3:4]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(rgba[..., :3])
+        a = alpha.astype(np.float32) / 255.0
+        return np.rint(rgba[..., :3] * a + self._background * (1.0 - a)).astype(np.uint8)
+
+
+def open_levels(uri: str, storage_options: dict | None, *, backend: str | None, block_size: int, stats: StoreStats | None):
+    """A slide's levels with the backend `slide_backend` picks (or the one named); StreamError where
+    it cannot be read, naming why."""
+    backend = backend or slide_backend(uri)
+    if backend == "openslide":
+        if not is_local(uri):
+            raise StreamError(
+                f"{uri}: {uri.rsplit('.', 1)[-1].upper()} slides are read by OpenSlide, which reads local files only "
+                "(it opens the slide's companion files by path): copy the slide to a local disk"
+            )
+        return OpenslideLevels(uri.removeprefix("file://"), uri)
+    fs, path = open_fs(uri, storage_options)
+    file = RetryingFile(fs, path, uri=uri, stats=stats, block_size=block_size)
+    try:
+        return TiffslideLevels(file, uri)
+    except BaseException:
+        file.close()
+        raise
+
+
+class SlideWindows:
+    """One slide, opened on its target grid: `rgb(y0, x0, h, w)` reads a window of it (target
+    coordinates) as h x w x 3 uint8, a `pipeline.predict.tiling.ReadWindow`. `levels`: the backend
+    (TiffslideLevels or OpenslideLevels)."""
+
+    def __init__(self, levels: Any, uri: str, *, mpp: float | None, level: int | None) -> None:
+        self.uri, self.levels = uri, levels
+        sizes = levels.level_sizes
+        mpp_x, mpp_y = levels.mpp_x, levels.mpp_y
         mpp0 = (float(mpp_y or mpp_x), float(mpp_x)) if mpp_x and float(mpp_x) > 0 else None
         self.level_sizes = sizes
-        self.objective_power = props.get("tiffslide.objective-power")
+        self.objective_power = levels.objective_power
         self.grid = choose_grid(sizes, mpp0, mpp=mpp, level=level, what=uri)
         self.height, self.width = self.grid.height, self.grid.width
-        self._array: Any = None  # the level's zarr array, opened at the first read
 
     @classmethod
     def open(
@@ -145,18 +335,18 @@ class SlideWindows:
         level: int | None,
         block_size: int = READ_BLOCK_BYTES,
         stats: StoreStats | None = None,
+        backend: str | None = None,
     ) -> SlideWindows:
-        fs, path = open_fs(uri, storage_options)
-        file = RetryingFile(fs, path, uri=uri, stats=stats, block_size=block_size)
+        """`backend`: "tiffslide" or "openslide" to force one (None: `slide_backend`'s choice)."""
+        levels = open_levels(uri, storage_options, backend=backend, block_size=block_size, stats=stats)
         try:
-            return cls(file, uri, mpp=mpp, level=level)
+            return cls(levels, uri, mpp=mpp, level=level)
         except BaseException:
-            file.close()
+            levels.close()
             raise
 
     def close(self) -> None:
-        self._slide.close()
-        self._file.close()
+        self.levels.close()
 
     def __enter__(self) -> SlideWindows:
         return self
@@ -164,25 +354,24 @@ class SlideWindows:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _level_array(self, level: int) -> Any:
-        group = self._slide.zarr_group
-        array = group[str(level)] if hasattr(group, "keys") else group
-        dtype = np.dtype(array.dtype)
-        if dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-            raise StreamError(f"{self.uri}: level {level} holds {dtype} samples of shape {array.shape} (slides are read as 8-bit RGB)")
-        return array
+    def keep_rows(self, rows: int) -> None:
+        """Keep the decoded tiles of `rows` target rows (the windows' height): windows read left to
+        right, top to bottom then decode each tile once. What is held is about
+        (rows + the resampling's reach + two tile rows) x the level's width x 3 bytes."""
+        if self.levels.tiles is None:
+            return  # OpenSlide caches its tiles itself
+        grid = self.grid
+        reach = math.ceil(max(grid.level_height / grid.height, 1.0)) + RESAMPLE_MARGIN
+        self.levels.keep(math.ceil(rows * grid.level_height / grid.height) + 2 * reach)
+
+    @property
+    def tiles_decoded(self) -> int | None:
+        """Tiles decoded so far (tiffslide; None for OpenSlide, which does not say)."""
+        return self.levels.tiles.decoded if self.levels.tiles is not None else None
 
     def read_level(self, level: int, y0: int, x0: int, height: int, width: int) -> np.ndarray:
         """Rows y0.. and columns x0.. of a level, as stored, as height x width x 3 uint8."""
-        array = self._array if level == self.grid.level and self._array is not None else self._level_array(level)
-        if level == self.grid.level:
-            self._array = array
-        region = np.asarray(array[y0 : y0 + height, x0 : x0 + width])
-        if region.ndim == 2:
-            region = region[..., None]
-        if region.shape[2] < 3:
-            region = np.repeat(region[..., :1], 3, axis=2)
-        return np.ascontiguousarray(region[..., :3])
+        return self.levels.read(level, y0, x0, height, width)
 
     def rgb(self, y0: int, x0: int, height: int, width: int) -> np.ndarray:
         """Target rows y0..y0+height-1, columns x0..x0+width-1, as height x width x 3 uint8."""

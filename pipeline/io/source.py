@@ -28,7 +28,7 @@ from pipeline.io.clip_plan import frame_owners, plan_clips
 from pipeline.io.decode import IMAGE_EXTENSIONS, decode_sample
 from pipeline.io.raster import RASTER_EXTENSIONS, probe_raster
 from pipeline.io.shards import ParquetReader, TarReader
-from pipeline.io.slide import SLIDE_SUFFIXES, probe_slide
+from pipeline.io.slide import DICOM_SUFFIX, SLIDE_SUFFIXES, probe_slide
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes
 from pipeline.io.tiff import probe_stream
 from pipeline.io.video import VIDEO_SUFFIXES, frame_id, probe_video, read_video_unit, sampled_frames, video_stem
@@ -153,7 +153,7 @@ class ImageFolderReader:
                                            suffixes=self.suffixes, stats=stats)  # fmt: skip
         else:
             fs, root, keys = iter_files(cfg.uri, cfg.storage_options, suffixes=self.suffixes, stats=stats)
-        keys = (k for k in keys if regex.match(k))
+        keys = self.listed(k for k in keys if regex.match(k))
         first = next(keys, None)
         if first is None and not cfg.manifest and not fs.exists(root):
             raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
@@ -179,6 +179,10 @@ class ImageFolderReader:
                 label_uris=tuple(label for _, label in block) if cfg.labels else (),
                 image_ids=tuple(k for k, _ in block),
             )
+
+    def listed(self, keys: Iterator[str]) -> Iterator[str]:
+        """The listed keys that are inputs (all of them; slides keep one file of a DICOM folder)."""
+        return keys
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         """The bytes of each image (and label) of a unit; a read failure is an error sample."""
@@ -258,6 +262,18 @@ class SlideFolderReader(ImageFolderReader):
 
     unit_format = "slide"
     suffixes = SLIDE_SUFFIXES
+
+    def listed(self, keys: Iterator[str]) -> Iterator[str]:
+        """A DICOM WSI is a folder of .dcm files, one per level: its first .dcm stands for it (OpenSlide
+        opens the rest); every other slide is one file."""
+        dicom_folders: set[str] = set()
+        for key in keys:
+            if key.lower().endswith(DICOM_SUFFIX):
+                folder = key.rpartition("/")[0]
+                if folder in dicom_folders:
+                    continue
+                dicom_folders.add(folder)
+            yield key
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
         cfg = self.cfg

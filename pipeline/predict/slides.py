@@ -35,7 +35,7 @@ class SlideResult:
     windows_run: int = 0
     windows_skipped: int = 0
     physical: dict | None = None  # per class the mask's square microns (pipeline.metrics.areas; None: no mpp)
-    objective_power: float | None = None  # the scanner's objective (tiffslide.objective-power; None: not stated)
+    objective_power: float | None = None  # the scanner's objective (tiffslide./openslide.objective-power; None: not stated)
 
     @property
     def note(self) -> str:
@@ -86,6 +86,7 @@ def segment_slide(
             raise StreamError(
                 f"{source.uri} is {slide.width} x {slide.height} on its grid now, {source.width} x {source.height} when it was listed"
             )
+        slide.keep_rows(settings.window[0])  # overlapping windows decode each tile once
         tissue = tissue_mask(slide.overview())
         tissue_map = TissueMap(tissue, slide.height, slide.width)
         result = SlideResult([], slide.grid, tissue_png(tissue), tissue.shape, objective_power=objective_power(slide.objective_power))
