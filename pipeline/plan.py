@@ -571,7 +571,7 @@ class PreparedJob:
                 "uri": self.cfg.input.labels.uri,
                 "format": "youtube-vis",
                 "annotated_videos": len(videos.videos),
-            } | (self.video_labels_match)
+            } | self.video_labels_match
         return labels_report(self.cfg, self.listing.listed, self.listing.with_label)
 
     def report(self, outcome: Execution | None = None) -> AttemptReport:
