@@ -6,6 +6,12 @@ tasks (no pixels are decoded), counts pixels and sliding windows, times the mode
 windows in an actor sized like the job's, and writes `plan.json` in the run directory. It writes
 no masks, metrics or errors. The estimate is the run's fixed cost (listing, Ray's start, the actors'
 start and model load, the plan's start and end: each measured here) plus the batches' time.
+
+A clip model (VisTR) runs one forward per clip, not per window: its dry run counts the clips left to
+run (a clip whose owned frames are all committed is not run again; one partly committed runs whole)
+from the video headers, times one forward of a clip of `clip_length` frames at the first clip's
+frame size (the model scales frames to a shorter side of 300, so frames of one aspect ratio cost
+alike), and estimates clips x that forward / actors.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ HEADER_BYTES = 64 * 1024  # enough for the header of a PNG, a JPEG with its EXIF
 
 
 def read_headers(row: dict[str, Any], *, cfg: JobConfig) -> Iterator[dict[str, Any]]:
-    """A read task of the dry run: (image_id, height, width, error, seconds) per image of a unit, from
-    headers; `seconds`: the time its header took to read (what the plan's own overhead is not)."""
+    """A read task of the dry run: (image_id, height, width, error, clip_frames, seconds) per image of
+    a unit, from headers; `seconds`: the time its header took to read (what the plan's own overhead is
+    not); `clip_frames`: a clip unit's frames on its first row (one forward), else 0."""
     last = time.perf_counter()
     for header in _unit_headers(row, cfg):
         now = time.perf_counter()
-        yield {**header, "seconds": now - last}
+        yield {"clip_frames": 0, **header, "seconds": now - last}
         last = now
 
 
@@ -45,15 +52,20 @@ def _unit_headers(row: dict[str, Any], cfg: JobConfig) -> Iterator[dict[str, Any
     their shard's bytes, and only their headers are parsed."""
     unit = SourceUnit.from_record(row)
     inp = cfg.input
-    if unit.format == "video":  # every frame of a video has its header's size: no frame decoded
+    if unit.format in ("video", "clip"):  # every frame of a video has its header's size: no frame decoded
         from pipeline.io.video import probe_video
 
         try:
             info, error = probe_video(unit.uris[0], inp.storage_options), ""
         except Exception as exc:  # not a video: the real run's errors row
             info, error = None, scrub(f"{type(exc).__name__}: {exc}", inp.storage_options)
-        for image_id in unit.image_ids:
-            yield {"image_id": image_id, "height": info.height if info else 0, "width": info.width if info else 0, "error": error}
+        # a clip unit: the frames it writes (owns and has not committed), one forward of all its frames
+        owned = unit.owned if unit.format == "clip" else (True,) * len(unit.image_ids)
+        forward = len(unit.image_ids) if unit.format == "clip" and info is not None else 0
+        for image_id in (i for i, own in zip(unit.image_ids, owned) if own):
+            header = {"image_id": image_id, "height": info.height if info else 0, "width": info.width if info else 0, "error": error}
+            yield {**header, "clip_frames": forward} if forward else header
+            forward = 0
         return
     if unit.format != "images":
         for sample in reader_for(inp).read_unit(unit, StoreStats()):
@@ -107,42 +119,65 @@ def windows_of(height: int, width: int, cfg: JobConfig) -> int:
     return model_inputs(height, width, TilingSettings.from_config(inference), views=inference.tta.views)
 
 
-def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[str, Any]:
-    """Seconds for one forward pass of `inference.batch_size` windows, measured in an actor with the
-    job's actors' resources (its GPU where they get one), the median of `repeats` after a warm-up; and
+def time_forward(cfg: JobConfig, threads: int, repeats: int = 3, clip_frame: tuple[int, int] | None = None) -> dict[str, Any]:
+    """In the process it runs in: seconds for one forward pass, the median of `repeats` after a
+    warm-up, of `inference.batch_size` windows, or with `clip_frame` (a clip model: the frames' height
+    and width) of one clip of `inference.clip_length` such frames, scaled as the run scales them."""
+    loading = time.perf_counter()
+    import torch
+
+    from pipeline.predict.clip_frames import clip_inputs
+    from pipeline.predict.job_model import load_job_model
+    from pipeline.predict.predictor import DTYPES, ModelScorer
+
+    torch.set_num_threads(threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_job_model(cfg.model).to(device)
+    loaded = time.perf_counter()
+    if clip_frame is not None:
+        frames, (height, width) = cfg.inference.clip_length, clip_frame
+        pixels = np.random.default_rng(0).integers(0, 256, (frames * height, width, 3), dtype=np.uint8)
+        inputs = clip_inputs(model, pixels, frames, height, width)
+
+        precision = cfg.inference.precision
+
+        def forward() -> None:  # as the actors' clip forward (pipeline.predict.predictor)
+            with torch.inference_mode(), torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"):
+                model(model.normalize(inputs.to(device)))
+    else:
+        scorer = ModelScorer(model, device, cfg.inference.precision)
+        h, w = cfg.inference.window
+        windows = torch.randint(0, 256, (cfg.inference.batch_size, 3, h, w), dtype=torch.uint8).float()
+
+        def forward() -> None:
+            scorer(windows)
+
+    forward()  # warm-up: allocations, kernel selection
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return {
+        "seconds": float(np.median(seconds)),
+        "device": str(device),
+        "threads": threads,
+        "load_seconds": loaded - loading,  # imports and the model's load, as an actor's start does
+        "task_seconds": time.perf_counter() - loading,
+    }
+
+
+def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3, clip_frame: tuple[int, int] | None = None) -> dict[str, Any]:
+    """`time_forward` in an actor with the job's actors' resources (its GPU where they get one), and
     how long that actor took to start and load the model (`actor_start_seconds`)."""
     import ray
 
     @ray.remote(num_cpus=actors.num_cpus, num_gpus=actors.num_gpus)
     class TimedBatch:  # an actor, as the job's: a process of its own, started for it
         def run(self, cfg: JobConfig, threads: int) -> dict[str, Any]:
-            loading = time.perf_counter()
-            import torch
-
-            from pipeline.predict.job_model import load_job_model
-            from pipeline.predict.predictor import ModelScorer
-
-            torch.set_num_threads(threads)
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            scorer = ModelScorer(load_job_model(cfg.model).to(device), device, cfg.inference.precision)
-            loaded = time.perf_counter()
-            h, w = cfg.inference.window
-            windows = torch.randint(0, 256, (cfg.inference.batch_size, 3, h, w), dtype=torch.uint8).float()
-            scorer(windows)  # warm-up: allocations, kernel selection
-            seconds = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                scorer(windows)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds.append(time.perf_counter() - start)
-            return {
-                "seconds": float(np.median(seconds)),
-                "device": str(device),
-                "threads": threads,
-                "load_seconds": loaded - loading,  # imports and the model's load, as an actor's start does
-                "task_seconds": time.perf_counter() - loading,
-            }
+            return time_forward(cfg, threads, repeats, clip_frame)
 
     submitted = time.perf_counter()
     timer = TimedBatch.remote()
@@ -153,6 +188,17 @@ def time_one_batch(cfg: JobConfig, actors: ActorPlan, repeats: int = 3) -> dict[
     # the actor process's start (what its own clock misses) plus the imports and the model's load
     timing["actor_start_seconds"] = time.perf_counter() - submitted - timing["task_seconds"] + timing["load_seconds"]
     return timing
+
+
+def model_inputs_of(rows: list[dict[str, Any]], cfg: JobConfig, clip_model: bool) -> tuple[list[int], int]:
+    """What the model runs on for the readable `rows` (read_headers'): per image its windows, and the
+    forward passes: ceil(windows / batch_size) batches; a clip model's run: no windows, one forward per
+    clip to run (the rows that carry `clip_frames`)."""
+    ok = [r for r in rows if not r["error"]]
+    if clip_model:
+        return [], sum(1 for r in ok if r.get("clip_frames"))
+    windows = [windows_of(r["height"], r["width"], cfg) for r in ok]
+    return windows, math.ceil(int(sum(windows)) / cfg.inference.batch_size)
 
 
 def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False) -> dict[str, Any]:
@@ -175,11 +221,13 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
             ds = ray.data.from_items([u.to_record() for u in job.units], override_num_blocks=len(job.units))
             rows = ds.flat_map(read_headers, fn_kwargs={"cfg": cfg}).take_all()
         header_seconds = time.time() - header_start
-        timing = time_one_batch(cfg, actors)
-    ok = [r for r in rows if not r["error"]]
-    windows = [windows_of(r["height"], r["width"], cfg) for r in ok]
+        clip_model = job.model_info.get("input_kind") == "clip"
+        ok = [r for r in rows if not r["error"]]
+        # a clip model is timed on a clip of the first clip's frame size
+        clip_frame = next(((r["height"], r["width"]) for r in ok if r.get("clip_frames")), None) if clip_model else None
+        timing = time_one_batch(cfg, actors, clip_frame=clip_frame)
+    windows, batches = model_inputs_of(rows, cfg, clip_model)
     total_windows = int(sum(windows))
-    batches = math.ceil(total_windows / cfg.inference.batch_size)
     segmenting = batches * timing["seconds"] / max(actors.actors, 1)
     # what a run costs whatever its size, each part measured by this dry run but the plan's own
     fixed = {
@@ -207,8 +255,11 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
             "median": float(np.median(windows)) if windows else 0.0,
             "max": int(max(windows)) if windows else 0,
         },
-        "window": list(cfg.inference.window) if cfg.inference.mode == "slide" else None,
+        "window": list(cfg.inference.window) if cfg.inference.mode == "slide" and not clip_model else None,
         "batch_size": cfg.inference.batch_size,
+        # a clip model's run: the clips to run, one forward each (batch_seconds: one clip's), no windows
+        "clips": batches if clip_model else None,
+        "clip_length": cfg.inference.clip_length if clip_model else None,
         "listing_seconds": round(listing_seconds, 3),
         "header_seconds": round(header_seconds, 3),
         "batch_seconds": round(timing["seconds"], 4),
@@ -218,8 +269,13 @@ def dry_run(cfg: JobConfig, *, incremental: bool = False, verbose: bool = False)
         "segmenting_seconds": round(segmenting, 1),
         "fixed_seconds": fixed,
         "estimate_basis": "fixed_seconds, each measured by this dry run (the listing, Ray's start, an actor's start and "
-        "model load, a Ray Data plan's start and end) + ceil(windows / batch_size) batches x the timed batch / actors; "
-        "decoding, reading and writing run beside the model, and the imports, summary and Ray's shutdown (a few "
+        "model load, a Ray Data plan's start and end) + "
+        + (
+            "clips x one clip's timed forward (clip_length frames at the first clip's frame size) / actors"
+            if clip_model
+            else "ceil(windows / batch_size) batches x the timed batch / actors"
+        )
+        + "; decoding, reading and writing run beside the model, and the imports, summary and Ray's shutdown (a few "
         "seconds) are not counted",
         "dry_run_seconds": round(time.time() - started, 1),
         "incremental": job.record.incremental,
@@ -239,14 +295,23 @@ def _fixed_words(plan: dict) -> str:
 
 
 def format_plan(plan: dict) -> str:
+    if plan.get("clips") is not None:  # a clip model: one forward per clip
+        work = f"  pixels {plan['pixels']:,}   clips {plan['clips']:,} of {plan['clip_length']} frames   unreadable {plan['images_unreadable']}"
+        forwards = f"{plan['clips']} clips at {plan['batch_seconds']:.3f} s each"
+    else:
+        work = (
+            f"  pixels {plan['pixels']:,}   windows {plan['windows']:,} (per image {plan['windows_per_image']['min']}"
+            f"..{plan['windows_per_image']['max']})   unreadable {plan['images_unreadable']}"
+        )
+        forwards = (
+            f"{math.ceil(plan['windows'] / plan['batch_size'])} batches of {plan['batch_size']} windows at {plan['batch_seconds']:.3f} s"
+        )
     lines = [
         f"dry run {plan['run_id']}: {plan['images']} of {plan['images_listed']} images to segment"
         + (f" ({plan['images_done_earlier']} done earlier)" if plan["images_done_earlier"] else ""),
-        f"  pixels {plan['pixels']:,}   windows {plan['windows']:,} (per image {plan['windows_per_image']['min']}"
-        f"..{plan['windows_per_image']['max']})   unreadable {plan['images_unreadable']}",
+        work,
         f"  estimate: about {format_seconds(plan['estimated_seconds'])} = {_fixed_words(plan)} + segmenting "
-        f"{format_seconds(plan['segmenting_seconds'])} ({math.ceil(plan['windows'] / plan['batch_size'])} batches of "
-        f"{plan['batch_size']} windows at {plan['batch_seconds']:.3f} s on {plan['timed_on']}, {plan['actors']['actors']} actors)",
+        f"{format_seconds(plan['segmenting_seconds'])} ({forwards} on {plan['timed_on']}, {plan['actors']['actors']} actors)",
         f"  this dry run took {format_seconds(plan['dry_run_seconds'])}: listing {plan['listing_seconds']:.1f} s, "
         f"headers {plan['header_seconds']:.1f} s",
         f"plan: {plan['path']}",

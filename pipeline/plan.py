@@ -35,7 +35,7 @@ from pipeline.io.source import read_and_decode, reader_for
 from pipeline.io.storage import StoreStats, is_local
 from pipeline.io.video import require_video
 from pipeline.local_ray import connect as connect_ray
-from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, mask_ap_of
+from pipeline.metrics.coco_labels import InstanceLabels, LabelsError, PanopticLabels, YtvisLabels, mask_ap_of
 from pipeline.predict.job_model import check_clip_job, is_clip_model, load_job_model, weights_sha256
 from pipeline.predict.predictor import DIE_ON, Predictor
 from pipeline.predict.tracks import write_tracks
@@ -546,6 +546,7 @@ class PreparedJob:
     model_info: dict
     list_stats: StoreStats
     log_path: str  # a local file for Ray's lines; copied into the run directory at the end
+    video_labels_match: dict = dataclasses.field(default_factory=dict)  # a clip run's labels against its videos (at the end)
 
     @property
     def listed(self) -> int:
@@ -563,6 +564,14 @@ class PreparedJob:
 
     @property
     def labels(self) -> dict:
+        videos = self.object_labels.videos
+        if videos is not None:  # a clip model's YouTube-VIS JSON: how its videos matched, once scored
+            return {
+                "configured": True,
+                "uri": self.cfg.input.labels.uri,
+                "format": "youtube-vis",
+                "annotated_videos": len(videos.videos),
+            } | self.video_labels_match
         return labels_report(self.cfg, self.listing.listed, self.listing.with_label)
 
     def report(self, outcome: Execution | None = None) -> AttemptReport:
@@ -626,7 +635,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
             f"model: {model.name or model.family} takes {model.in_channels} input channels; images give 3 "
             "(input.format: raster with input.bands feeds other counts)"
         )
-    object_labels = read_object_labels(cfg, model.num_classes)
+    object_labels = read_object_labels(cfg, model.num_classes, clips=is_clip_model(model))
     one_logit = cfg.metrics.task == "binary" and model.num_classes == 1  # sigmoid head: masks of 2 classes
     class_names = (model.class_names if not one_logit else None) or (
         ["background", "foreground"] if one_logit else [str(i) for i in range(model.num_classes)]
@@ -673,13 +682,17 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
 class ObjectLabels:
     panoptic: PanopticLabels | None = None  # metrics.panoptic_labels
     instances: InstanceLabels | None = None  # metrics.instance_labels
+    videos: YtvisLabels | None = None  # a clip model's input.labels.uri: YouTube-VIS annotations (track AP)
 
 
-def read_object_labels(cfg: JobConfig, num_classes: int) -> ObjectLabels:
+def read_object_labels(cfg: JobConfig, num_classes: int, clips: bool = False) -> ObjectLabels:
     """The object tasks' label files, read and fitted to the model before anything runs (ConfigError),
-    and kept for the run's summary."""
+    and kept for the run's summary; `clips`: a clip model's run, whose input.labels.uri is a YouTube-VIS JSON."""
     labels = ObjectLabels()
     try:
+        if clips and cfg.input.labels is not None:
+            labels.videos = YtvisLabels.load(cfg.input.labels.uri, cfg.input.storage_options)
+            labels.videos.check_classes(num_classes)
         if cfg.metrics.panoptic_labels:
             labels.panoptic = PanopticLabels.load(cfg.metrics.panoptic_labels, cfg.input.storage_options)
             labels.panoptic.categories.check_classes(num_classes, "metrics.panoptic_labels")
@@ -953,7 +966,12 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
         summary["video"] = video_summary(job.store, cfg)
         if job.model_info.get("input_kind") == "clip":  # derived from the committed clips: rewritten each attempt
             inference = cfg.inference
-            summary["video"].update(write_tracks(job.store, inference.clip_length, inference.clip_stride, inference.objects.merge_iou))
+            summary["video"].update(
+                write_tracks(job.store, inference.clip_length, inference.clip_stride, inference.objects.merge_iou, job.object_labels.videos)
+            )
+            if "mask_ap" in summary["video"]:  # what of the labels matched the run: run.json's labels
+                matched = ("videos", "videos_unlabeled", "frame_count_mismatches", "size_mismatches", "note")
+                job.video_labels_match = {k: v for k, v in summary["video"]["mask_ap"].items() if k in matched}
     if cfg.inference.task != "semantic":
         summary["objects"] = job.store.object_summary(cfg.inference.task, job.model_info["class_names"])
     if job.object_labels.panoptic is not None:

@@ -652,3 +652,13 @@ def test_polygon_areas_of_a_geographic_crs_are_square_metres_on_its_ellipsoid_an
     assert all(s.is_valid for s in simple.geometry)
     assert main(["export", run, "--to", str(tmp_path / "x"), "--format", "cog", "--simplify", "1"]) == 2
     assert "--simplify" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_export_modules_first_docstring_line_lists_every_format():
+    import re
+
+    from pipeline.analysis import export
+
+    first = export.__doc__.splitlines()[0]
+    listed = re.search(r"--format ([a-z|]+)", first).group(1).split("|")
+    assert listed == list(export.FORMATS)

@@ -114,3 +114,44 @@ def test_a_dry_run_sizes_a_video_unit_s_frames_from_the_video_header_without_dec
     rows = [r for unit in reader_for(cfg.input).list_units() for r in _unit_headers(unit.to_record(), cfg)]
     assert [(r["image_id"], r["height"], r["width"]) for r in rows] == [(f"a.mkv#{i}", 48, 64) for i in range(4)] + [("b.mp4", 0, 0)]
     assert [bool(r["error"]) for r in rows] == [False] * 4 + [True]
+
+
+def test_a_clip_models_dry_run_counts_the_clips_left_to_run_and_times_one_clip_forward(tmp_path):
+    """No Ray: the dry run's read task, what it counts and the forward it times, on a tiny VisTR."""
+    import numpy as np
+    import pyarrow as pa
+    from helpers import tiny_vistr_checkpoint, write_video
+
+    from pipeline.config import load_config
+    from pipeline.estimate import format_plan, model_inputs_of, read_headers, time_forward
+    from pipeline.io.source import reader_for
+    from pipeline.rows import IdSet
+
+    (tmp_path / "v").mkdir()
+    write_video(tmp_path / "v" / "a.mkv", [np.zeros((48, 64, 3), np.uint8)] * 10, 10)
+    checkpoint = tiny_vistr_checkpoint(tmp_path / "vistr.safetensors")
+    cfg = load_config(
+        {
+            "input": {"uri": str(tmp_path / "v"), "format": "video"},
+            "model": {"checkpoint": str(checkpoint)},
+            "inference": {"task": "instance", "clip_length": 4, "clip_stride": 2},
+        }
+    )
+    reader = reader_for(cfg.input, clips=(4, 2))  # clips [0,4) [2,6) [4,8) [6,10), owning 0-2, 3-4, 5-6, 7-9
+    done = IdSet(pa.array([f"a.mkv#{i}" for i in (0, 1, 2, 3)]))  # clip 0 committed, clip 1 partly
+    units = reader.drop_done(reader.list_units(), done)
+    rows = [r for unit in units for r in read_headers(unit.to_record(), cfg=cfg)]
+    # a row per frame to write (no frame decoded), one forward of the whole clip on each clip's first
+    assert [(r["image_id"], r["height"], r["width"], r["error"]) for r in rows] == [(f"a.mkv#{i}", 48, 64, "") for i in range(4, 10)]
+    assert [r["clip_frames"] for r in rows] == [4, 4, 0, 4, 0, 0]
+    assert model_inputs_of(rows, cfg, clip_model=True) == ([], 3)  # 3 clips to run: no windows
+    timing = time_forward(cfg, threads=1, repeats=1, clip_frame=(48, 64))  # a clip of 4 frames scaled as the run does
+    assert timing["seconds"] > 0 and timing["device"] == "cpu"
+    plan = {
+        "run_id": "r", "images": 6, "images_listed": 10, "images_done_earlier": 4, "pixels": 6 * 48 * 64, "clips": 3, "clip_length": 4,
+        "windows": 0, "batch_size": 8, "images_unreadable": 0, "estimated_seconds": 9.0, "segmenting_seconds": 0.3, "batch_seconds": 0.1,
+        "timed_on": "cpu", "actors": {"actors": 1}, "listing_seconds": 0.1, "header_seconds": 0.1, "dry_run_seconds": 9.5, "path": "p",
+        "fixed_seconds": {"listing": 0.1, "ray_start": 2.0, "actor_start": 3.0, "plan": 0.5},
+    }  # fmt: skip
+    printed = format_plan(plan)
+    assert "clips 3 of 4 frames" in printed and "(3 clips at 0.100 s each on cpu, 1 actors)" in printed and "windows" not in printed

@@ -62,7 +62,11 @@ def test_a_clip_model_takes_the_instance_task_only():
             {"inference": {"task": "instance", "clip_length": 37, "clip_stride": 18}},
             "inference.clip_length 37 is more than the 36 frames vistr-r50 takes",
         ),
-        ({"input": {"uri": "/v", "format": "video", "labels": {"uri": "/l"}}}, "remove input.labels"),
+        (
+            {"input": {"uri": "/v", "format": "video", "labels": {"uri": "/l.json", "required": True}}},
+            "its labels are one YouTube-VIS JSON (input.labels.uri) and a video it does not list is counted, not failed: "
+            "remove input.labels.required",
+        ),
         ({"inference": {"task": "semantic"}}, "inference.task must be instance, not semantic"),
     ],
 )
@@ -71,6 +75,8 @@ def test_a_clip_models_job_needs_videos_clips_it_can_take_and_the_instance_task(
         model = build_model("vistr-r50", num_classes=41)
     base = {"input": {"uri": "/v", "format": "video"}, "model": {"name": "vistr-r50"}, "inference": {"task": "instance"}}
     check_clip_job(load_config(base), model)  # videos, clips of 36 frames at most, the instance task: fine
+    # YouTube-VIS labels (read by the plan): fine
+    check_clip_job(load_config({**base, "input": {"uri": "/v", "format": "video", "labels": {"uri": "/l.json"}}}), model)
     with pytest.raises(ModelError) as err:
         check_clip_job(load_config({**base, **overrides}), model)
     assert message in str(err.value) and "\n" not in str(err.value)

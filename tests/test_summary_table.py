@@ -42,3 +42,17 @@ def test_a_semantic_run_prints_its_class_table_and_miou_as_before():
         lines[0] == "class    IoU    Acc   Dice" and lines[1] == "sky    50.00  60.00  66.00" and lines[2] == "road     nan    nan    nan"
     )
     assert "aAcc 70.00   mIoU 50.00   mAcc 60.00   mDice 66.00" in lines and lines[-1] == "images 2   errors 0   labeled 2"
+
+
+def test_a_clip_run_prints_its_track_ap_and_the_labels_note_in_one_line_each():
+    summary = {
+        "images": 10, "errors": 0, "labeled_images": 0, "class_names": ["a", "b"],
+        "objects": {"task": "instance", "table": "instances", "rows": 12},
+        "video": {"videos": 2, "frames": 10, "clips": 4, "tracks": 3, "mask_ap": {
+            "AP": 0.4123, "AP50": 0.7, "AP75": None, "AR1": 0.3, "AR10": 0.5, "videos": 1, "note": "1 of the run's videos are not in the labels",
+        }},
+    }  # fmt: skip
+    lines = format_summary(summary).splitlines()
+    assert "track mask AP 41.23   AP50 70.00   AP75 nan   AR1 30.00   AR10 50.00   (1 videos)" in lines
+    assert "labels: 1 of the run's videos are not in the labels" in lines
+    assert not any(line.startswith("mask AP") for line in lines)

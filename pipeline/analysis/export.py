@@ -1,4 +1,4 @@
-"""`segpipe export RUN --to DIR --format png|tiff|coco|geotiff|cog`: a run's results in formats other tools read.
+"""`segpipe export RUN --to DIR --format png|tiff|coco|geotiff|cog|geoparquet|gpkg|geojson|qupath|ytvis`: other tools' formats.
 
 RUN is a run directory (`<output.uri>/<run_id>`) and DIR any location, local or an fsspec URI
 (s3://...); both are opened with the same storage options. What is read is what the run committed

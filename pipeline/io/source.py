@@ -315,7 +315,10 @@ class VideoReader(ImageFolderReader):
         first = next(keys, None)
         if first is None and not fs.exists(root):
             raise FileNotFoundError(f"{cfg.uri} does not exist (input.uri)")
-        labels = list_labels(cfg.labels.uri, cfg.labels.extensions, cfg.storage_options, stats) if cfg.labels else None
+        # a clip model's labels are one YouTube-VIS JSON (pipeline.metrics.coco_labels.YtvisLabels), not frames
+        labels = (
+            list_labels(cfg.labels.uri, cfg.labels.extensions, cfg.storage_options, stats) if cfg.labels and self.clips is None else None
+        )
         index = 0
         for key in itertools.chain([first] if first is not None else [], keys):
             uri = full_uri(fs, root + "/" + key)

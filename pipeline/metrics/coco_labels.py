@@ -1,9 +1,19 @@
 """COCO label files for the object tasks' metrics: a panoptic JSON (with its PNGs as the run's labels)
-and an instances JSON, read once, matched to images by file name.
+and an instances JSON, read once, matched to images by file name; and a YouTube-VIS annotations JSON
+for a clip model's tracks (`YtvisLabels`), matched to videos by folder.
 
 Classes: class k of the model is the k-th category of the JSON's `categories` list (the dataset's
 order, as detectron2's contiguous ids and transformers' id2label of COCO models are made), whatever
-its `id`; a model with more classes than the JSON has categories is refused.
+its `id`; a model with more classes than the JSON has categories is refused. YouTube-VIS is the
+exception: a clip model's class index IS the category id (VisTR's YouTube-VIS checkpoints predict
+the dataset's ids 1..40 directly, as `segpipe export --format ytvis` writes them).
+
+YouTube-VIS matching: an annotated video (`videos[i]`, its `file_names` such as `cams/a/00000.jpg`)
+is the run's video whose stem (key without extension: `cams/a.mp4` -> `cams/a`) equals the folder
+of its file names; its k-th file name is that video's k-th SAMPLED frame (input.video: sample as the
+annotations were sampled, e.g. every_n 5 for YouTube-VIS 2019's every fifth frame). The file names'
+own numbers are not read: a video whose sampled frame count differs from its file names' count is
+scored as it stands and named in run.json's labels note.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from pathlib import PurePosixPath
 from pipeline.io.coco_codec import annotation_mask, decode_rle
 from pipeline.io.storage import open_fs, read_bytes
 from pipeline.metrics.panoptic import InstanceTruth, Segment, segments_from_coco
+from pipeline.metrics.video import TrackTruth
 
 
 class LabelsError(ValueError):
@@ -137,3 +148,67 @@ def mask_ap_of(instances, segmented: list[str], labels: InstanceLabels) -> dict:
         return {}
     summary = ap.summary()
     return {**summary.to_record(), "images": evaluated}
+
+
+@dataclass
+class YtvisVideo:
+    id: int
+    height: int
+    width: int
+    frames: int  # its file names: the sampled frames annotated
+
+
+@dataclass
+class YtvisLabels:
+    """A YouTube-VIS annotations JSON (`videos` with `file_names`, `annotations` with per-frame
+    `segmentations`: RLE, compressed or not, polygons, or null where the object is absent): its
+    categories, and the videos by stem (the folder of their file names: the module's docstring)."""
+
+    categories: CocoCategories
+    videos: dict[str, YtvisVideo]
+    annotations: dict[int, list[dict]]  # video id -> its annotations (one per object track)
+
+    @classmethod
+    def load(cls, uri: str, storage_options: dict, field: str = "input.labels.uri") -> YtvisLabels:
+        data = _read_json(uri, storage_options, field)
+        try:
+            videos: dict[str, YtvisVideo] = {}
+            for v in data["videos"]:
+                folders = {str(PurePosixPath(name).parent) for name in v["file_names"]}
+                if len(folders) != 1 or folders == {"."}:
+                    raise ValueError(
+                        f"video {v['id']}: its file_names must share one folder (<video stem>/<frame>.jpg), got {sorted(folders)[:3]}"
+                    )
+                stem = folders.pop()
+                if stem in videos:
+                    raise ValueError(f"two videos have the folder {stem}")
+                videos[stem] = YtvisVideo(int(v["id"]), int(v["height"]), int(v["width"]), len(v["file_names"]))
+            annotations: dict[int, list[dict]] = {}
+            for a in data.get("annotations", []):
+                if not isinstance(a["segmentations"], list):
+                    raise ValueError(f"annotation {a.get('id')}: segmentations is no list")
+                annotations.setdefault(int(a["video_id"]), []).append(a)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LabelsError(f"{field}: {uri}: not a YouTube-VIS annotations file ({type(exc).__name__}: {exc})") from None
+        return cls(CocoCategories.from_json(data, field), videos, annotations)
+
+    def check_classes(self, num_classes: int, field: str = "input.labels.uri") -> None:
+        """A clip model's class index is the category id: at least one category must be a class."""
+        if not any(0 <= c < num_classes for c in self.categories.ids):
+            raise LabelsError(
+                f"{field}: none of the file's category ids {self.categories.ids[:5]} is a class of the model (0..{num_classes - 1}):"
+                " a clip model's class index is the YouTube-VIS category id"
+            )
+
+    def truths(self, stem: str) -> list[TrackTruth] | None:
+        """The ground-truth tracks of the video of `stem`, masks keyed by the position of the frame
+        in the video's sampled frames (the k-th file name: k); None when the file does not list it."""
+        video = self.videos.get(stem)
+        if video is None:
+            return None
+        out = []
+        for a in self.annotations.get(video.id, []):
+            size = (int(a.get("height", video.height)), int(a.get("width", video.width)))
+            masks = {k: annotation_mask(s, size) for k, s in enumerate(a["segmentations"]) if s is not None}
+            out.append(TrackTruth(int(a["category_id"]), masks, bool(a.get("iscrowd", 0))))
+        return out

@@ -80,6 +80,11 @@ class VideoAPSummary:
     ar_large: float
     per_class: dict[int, float] = field(default_factory=dict)
 
+    def to_record(self) -> dict[str, float]:
+        """Flat values for a run summary, as YouTube-VIS's evaluation names them."""
+        names = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+        return dict(zip(names, self.stats()))
+
     def stats(self) -> list[float]:
         """In COCOeval.stats' order."""
         return [

@@ -28,6 +28,15 @@ def _mask_ap_line(ap: dict) -> str:
     return f"mask AP {_pct(ap.get('AP')).strip()}   {values}   ({ap.get('images', 0)} images)"
 
 
+def _track_ap_lines(ap: dict) -> list[str]:
+    """A clip model's track AP against YouTube-VIS labels (summary.json `video.mask_ap`), and what did not match."""
+    values = "   ".join(f"{key} {_pct(ap.get(key)).strip()}" for key in ("AP50", "AP75", "AR1", "AR10"))
+    lines = [f"track mask AP {_pct(ap.get('AP')).strip()}   {values}   ({ap.get('videos', 0)} videos)"]
+    if ap.get("note"):
+        lines.append(f"labels: {ap['note']}")
+    return lines
+
+
 def _panoptic_line(pq: dict) -> str:
     """A panoptic task's PQ, SQ, RQ (summary.json `panoptic`, panopticapi's), things and stuff apart."""
     return (
@@ -109,6 +118,8 @@ def format_summary(summary: dict, run_dir: str = "") -> str:
         lines.append(_mask_ap_line(mask_ap))
     if panoptic:
         lines.append(_panoptic_line(panoptic))
+    if (summary.get("video") or {}).get("mask_ap"):
+        lines.extend(_track_ap_lines(summary["video"]["mask_ap"]))
     if (summary.get("video") or {}).get("temporal_stability"):
         lines.append(_stability_line(summary["video"]))
     # labeled: the images scored against any labels (class maps, COCO instances, COCO panoptic)
