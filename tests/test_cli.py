@@ -98,3 +98,11 @@ def test_s3fs_is_a_core_dependency_with_boto3_and_botocore_pinned_as_aiobotocore
 
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     assert {"s3fs==2026.9.0", "boto3==1.43.117", "botocore==1.43.117"} <= set(project["dependencies"])
+
+
+def test_a_run_stopped_by_a_signal_exits_as_a_shell_reports_it():
+    import signal
+
+    from jobs.cli import exit_interrupted
+
+    assert (exit_interrupted(signal.SIGINT), exit_interrupted(signal.SIGTERM)) == (130, 143)
