@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -154,14 +155,17 @@ def read_run_table(run: Path, kind: str):
     return pq.read_table([str(f) for f in files]) if files else None
 
 
-def run_iou(run: Path | str, labels: Path, num_classes: int, storage_options: dict | None = None) -> list[float | None]:
+def run_iou(
+    run: Path | str, labels: Path, num_classes: int, storage_options: dict | None = None, label_name: Callable[[str], str] = str
+) -> list[float | None]:
     """Per-class IoU of a run's committed masks (a run directory or URI) against their labels in the
-    local folder `labels`, counted here in numpy with mmseg's convention (areas summed over images)."""
+    local folder `labels` (an image's label: labels / label_name(image id)), counted here in numpy with
+    mmseg's convention (areas summed over images)."""
     from pipeline.results.runstore import RunStore, read_mask
 
     inter, union = np.zeros(num_classes), np.zeros(num_classes)
     for image_id in RunStore.at(str(run), storage_options).read_table("masks", ["image_id"]).column("image_id").to_pylist():
-        pred, label = read_mask(str(run), image_id, storage_options=storage_options), np.asarray(Image.open(labels / image_id))
+        pred, label = read_mask(str(run), image_id, storage_options=storage_options), np.asarray(Image.open(labels / label_name(image_id)))
         for c in range(num_classes):
             inter[c] += np.sum((pred == c) & (label == c))
             union[c] += np.sum((pred == c) | (label == c))

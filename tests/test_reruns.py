@@ -23,6 +23,7 @@ from helpers import (
     strict_json_load,
     tiny_checkpoint,
     write_png,
+    write_video,
     write_yaml,
 )
 
@@ -237,14 +238,23 @@ def stop_after_first_part(config: Path, run_dir: Path, attempt: int, signum: int
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def test_a_run_stopped_by_sigterm_then_killed_resumes_each_time_and_ends_with_every_image_once(ray_session, tmp_path, seed0_checkpoint):
-    """Three attempts of one run: SIGTERM (as Kubernetes and KubeRay stop a pod; Ctrl-C's SIGINT takes the
-    same handler, tests/test_plan.py), SIGKILL (a lost machine), then to the end."""
-    data = labeled_folder(tmp_path / "data", [(64, 64)] * 16, NUM_CLASSES)
-    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="stopped", input={"images_per_unit": 2},
+def test_a_video_run_stopped_by_sigterm_then_killed_resumes_each_time_and_ends_with_every_frame_once(
+    ray_session, tmp_path, seed0_checkpoint
+):
+    """Three attempts of one run over a video (16 frames, units of 2): SIGTERM (as Kubernetes and KubeRay
+    stop a pod; Ctrl-C's SIGINT takes the same handler, tests/test_plan.py), SIGKILL (a lost machine),
+    then to the end: every frame once."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "cam.mkv", [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(16)], gop=4)
+    for index in range(16):
+        write_png(tmp_path / "labels" / "cam" / f"{index}.png", rng.integers(0, NUM_CLASSES, (64, 64)).astype(np.uint8))
+    cfg = job_config(tmp_path, tmp_path / "videos", seed0_checkpoint, labels=tmp_path / "labels", run_id="stopped",
+                     input={"format": "video", "images_per_unit": 2},
                      inference={"window": [16, 16], "stride": [8, 8], "batch_size": 4})  # fmt: skip
     config = write_yaml(tmp_path / "job.yaml", cfg)
     run_dir = tmp_path / "runs" / "stopped"
+    frames = [f"cam.mkv#{i}" for i in range(16)]
     # attempt 1: SIGTERM ends cleanly, exit 128 + 15, one line, and counts what its parts hold
     proc = stop_after_first_part(config, run_dir, 1, signal.SIGTERM)
     assert proc.returncode == 143, proc.stderr
@@ -267,10 +277,10 @@ def test_a_run_stopped_by_sigterm_then_killed_resumes_each_time_and_ends_with_ev
     assert 0 < len(committed) < 16 and images_of_attempt(run_dir, 2) > 0
     assert strict_json_load(run_dir / "run.json")["status"] == "running"
 
-    # attempt 3: to the end, every image once
+    # attempt 3: to the end, every frame once
     assert main(["run", str(config)]) == 0
     ids = read_run_table(run_dir, "masks").column("image_id").to_pylist()
-    assert sorted(ids) == [f"img{i:03d}.png" for i in range(16)]
+    assert sorted(ids) == sorted(frames)
     summary = strict_json_load(run_dir / "summary.json")
     assert summary["images"] == summary["throughput"]["images"] == summary["labeled_images"] == 16
     # the killed attempt, found running, is lost; each attempt counts by what its parts hold
@@ -279,7 +289,8 @@ def test_a_run_stopped_by_sigterm_then_killed_resumes_each_time_and_ends_with_ev
     assert "found running by attempt 3" in info["attempts"][1]["message"]
     assert [a["counts"]["processed"] for a in info["attempts"]] == [images_of_attempt(run_dir, a) for a in (1, 2, 3)]
     # the metrics summed over three attempts are the committed masks' own
-    assert summary["IoU"] == pytest.approx(run_iou(run_dir, data / "labels", NUM_CLASSES), abs=1e-4)
+    label_name = lambda frame: "cam/" + frame.split("#")[1] + ".png"
+    assert summary["IoU"] == pytest.approx(run_iou(run_dir, tmp_path / "labels", NUM_CLASSES, label_name=label_name), abs=1e-4)
 
 
 def test_a_predictor_that_dies_is_replaced_and_every_image_is_committed_once(ray_session, tmp_path, seed0_checkpoint, monkeypatch):
