@@ -399,20 +399,28 @@ _HF_RESNET_RULES: list[Rule] = [
         r"backbone.stages.\1.\2.shortcut.norm.\3",
     ),
 ]
-_TIMM_RESNET_RULES: list[Rule] = [
-    (_BACKBONE + r"conv1\.(weight)", r"backbone.stem.conv.\1"),
-    (_BACKBONE + r"bn1\." + _NORM_FIELD, r"backbone.stem.norm.\1"),
-    (
-        _BACKBONE + r"layer([1-4])\.(\d+)\.conv([123])\.(weight)",
-        lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "conv", m[4]),
-    ),
-    (
-        _BACKBONE + r"layer([1-4])\.(\d+)\.bn([123])\." + _NORM_FIELD,
-        lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "norm", m[4]),
-    ),
-    (_BACKBONE + r"layer([1-4])\.(\d+)\.downsample\.0\.(weight)", lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "conv", m[3])),
-    (_BACKBONE + r"layer([1-4])\.(\d+)\.downsample\.1\." + _NORM_FIELD, lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "norm", m[3])),
-]
+
+
+def torchvision_resnet_rules(prefix: str) -> list[Rule]:
+    """torchvision's (and timm's) ResNet layout under `prefix` (conv1, bn1, layerN.i.{conv,bn}{1,2,3},
+    downsample) -> ResNet's names; DETR's timm backbone and VisTR's repository share it."""
+    return [
+        (prefix + r"conv1\.(weight)", r"backbone.stem.conv.\1"),
+        (prefix + r"bn1\." + _NORM_FIELD, r"backbone.stem.norm.\1"),
+        (
+            prefix + r"layer([1-4])\.(\d+)\.conv([123])\.(weight)",
+            lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "conv", m[4]),
+        ),
+        (
+            prefix + r"layer([1-4])\.(\d+)\.bn([123])\." + _NORM_FIELD,
+            lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "norm", m[4]),
+        ),
+        (prefix + r"layer([1-4])\.(\d+)\.downsample\.0\.(weight)", lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "conv", m[3])),
+        (prefix + r"layer([1-4])\.(\d+)\.downsample\.1\." + _NORM_FIELD, lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "norm", m[3])),
+    ]
+
+
+_TIMM_RESNET_RULES = torchvision_resnet_rules(_BACKBONE)
 _HF_RULES: list[Rule] = [
     *_HF_RESNET_RULES,
     *_TIMM_RESNET_RULES,

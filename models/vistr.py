@@ -57,7 +57,7 @@ from models.base import (
     load_weights,
     rename_keys,
 )
-from models.detr import RESNET50, AttentionMaps, ConvGroupNorm, EncoderLayer, FusionStage, ResNet
+from models.detr import RESNET50, AttentionMaps, ConvGroupNorm, EncoderLayer, FusionStage, ResNet, torchvision_resnet_rules
 from models.mask_classification import DetrDecoderLayer, MLPHead, sine_position_embedding
 
 # ---------------------------------------------------------------------------------------------
@@ -439,28 +439,10 @@ def instance_sequences(
 # insmask_head.9.*                                        instance_head.output.*
 
 _BODY = r"vistr\.backbone\.0\.body\."
-_NORM_FIELD = r"(weight|bias|running_mean|running_var)"
-_BOTTLENECK = ("reduce", "spatial", "expand")
 _TRANSFORMER = r"vistr\.transformer\.(encoder|decoder)\.layers\.(\d+)\."
 
-
-def _block(stage: int, block: str, unit: str, part: str, field: str) -> str:
-    return f"backbone.stages.{stage}.{block}.{unit}.{part}.{field}"
-
-
 _REPOSITORY_RULES: list[Rule] = [
-    (_BODY + r"conv1\.(weight)", r"backbone.stem.conv.\1"),
-    (_BODY + r"bn1\." + _NORM_FIELD, r"backbone.stem.norm.\1"),
-    (
-        _BODY + r"layer([1-4])\.(\d+)\.conv([123])\.(weight)",
-        lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "conv", m[4]),
-    ),
-    (
-        _BODY + r"layer([1-4])\.(\d+)\.bn([123])\." + _NORM_FIELD,
-        lambda m: _block(int(m[1]) - 1, m[2], _BOTTLENECK[int(m[3]) - 1], "norm", m[4]),
-    ),
-    (_BODY + r"layer([1-4])\.(\d+)\.downsample\.0\.(weight)", lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "conv", m[3])),
-    (_BODY + r"layer([1-4])\.(\d+)\.downsample\.1\." + _NORM_FIELD, lambda m: _block(int(m[1]) - 1, m[2], "shortcut", "norm", m[3])),
+    *torchvision_resnet_rules(_BODY),
     (r"vistr\.input_proj\.(weight|bias)", r"input_projection.\1"),
     (r"vistr\.query_embed\.weight", "query_embed.weight"),
     # in_proj_* are split into q / k / v by _split_in_proj before these rules run

@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -64,33 +64,51 @@ class PercentileScale(_Strict):
         return self
 
 
-class RangeScale(_Strict):
+class _PerBandScale(_Strict):
+    """A scale given as two lists (`per_band` names them) of one entry each per band."""
+
+    per_band: ClassVar[tuple[str, str]]
+
+    @property
+    def bands(self) -> int:
+        """How many bands it gives values for."""
+        return len(getattr(self, self.per_band[0]))
+
+    @model_validator(mode="after")
+    def _one_of_each_per_band(self) -> _PerBandScale:
+        first, second = self.per_band
+        if len(getattr(self, first)) != len(getattr(self, second)):
+            raise ValueError(
+                f"{first} has {len(getattr(self, first))} entries, {second} {len(getattr(self, second))}: one of each per band"
+            )
+        return self
+
+
+class RangeScale(_PerBandScale):
     """Per band, `min` becomes 0 and `max` 255 (values clipped to [min, max] first): one entry per band."""
 
+    per_band = ("min", "max")
     mode: Literal["range"]
     min: list[Float] = Field(min_length=1)
     max: list[Float] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _ordered(self) -> RangeScale:
-        if len(self.min) != len(self.max):
-            raise ValueError(f"min has {len(self.min)} entries, max {len(self.max)}: one of each per band")
         if any(not lo < hi for lo, hi in zip(self.min, self.max)):
             raise ValueError("each band's min must be below its max")
         return self
 
 
-class StandardScale(_Strict):
+class StandardScale(_PerBandScale):
     """Per band, (value - mean) / std is what the model's normalization would give: one entry per band."""
 
+    per_band = ("mean", "std")
     mode: Literal["standard"]
     mean: list[Float] = Field(min_length=1)
     std: list[Float] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _positive(self) -> StandardScale:
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"mean has {len(self.mean)} entries, std {len(self.std)}: one of each per band")
         if any(not s > 0 for s in self.std):
             raise ValueError("std must be positive")
         return self
@@ -192,10 +210,8 @@ class InputConfig(_Strict):
             raise ValueError(f"labels.uri is needed for {what}")
         if self.format != "raster" and (self.bands is not None or self.scale is not None):
             raise ValueError("bands and scale are for input.format: raster")
-        if self.bands is not None and isinstance(self.scale, RangeScale | StandardScale):
-            entries = len(self.scale.min) if isinstance(self.scale, RangeScale) else len(self.scale.mean)
-            if entries != len(self.bands):
-                raise ValueError(f"scale has {entries} entries per band but bands lists {len(self.bands)}")
+        if self.bands is not None and isinstance(self.scale, _PerBandScale) and self.scale.bands != len(self.bands):
+            raise ValueError(f"scale has {self.scale.bands} entries per band but bands lists {len(self.bands)}")
         if self.format == "slide" and self.labels is not None:
             raise ValueError("input.format slide takes no labels (slides are segmented, not scored)")
         if self.format != "slide" and self.slide != SlideConfig():  # its defaults pass: a dumped config loads again

@@ -450,7 +450,7 @@ def run_job(
         outcome = Execution()
         try:
             with ray_lines_to(job.log_path, echo=verbose):
-                execute_job(job, progress, verbose=verbose, result=outcome)
+                execute_job(job, progress, verbose=verbose, result=outcome, stop=stop)
         except ConfigError:  # found before the first image (the cluster's shape): nothing written, exit 2
             raise
         except KeyboardInterrupt as exc:
@@ -756,14 +756,22 @@ class Execution:
     first_commit: tuple[float, int] | None = None  # when the first images came back, and how many: the ETA's start
 
 
-def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool = False, result: Execution | None = None) -> Execution:
+def execute_job(
+    job: PreparedJob,
+    progress: Callable[[str], None],
+    verbose: bool = False,
+    result: Execution | None = None,
+    stop: StopFlag | None = None,
+) -> Execution:
     """The plan over each batch of the listing in turn (one batch unless the archive is larger than
     input.listing_batch), the next batch listed while one runs. `result` is filled as it goes, so
-    that an interrupted attempt keeps its counts and seconds."""
+    that an interrupted attempt keeps its counts and seconds. `stop`: the run's flag (run_job's
+    `stop_signals`), which each batch checks as its rows come back."""
     import ray
 
     cfg = job.cfg
     result = result if result is not None else Execution()
+    stop = stop if stop is not None else StopFlag()
     init_ray(verbose)
     await_gpus(cfg, progress)  # before the nodes are counted: GPU nodes may join meanwhile
     nodes = alive_nodes()
@@ -813,7 +821,7 @@ def execute_job(job: PreparedJob, progress: Callable[[str], None], verbose: bool
                     clips=job.model_info.get("input_kind") == "clip",
                     done=listing.done if not cfg.input.lists_files and len(listing.done) else None,
                 )
-                run_batch(ds, result, progress, listing, started, known_total=cfg.input.lists_files and listing.exhausted)
+                run_batch(ds, result, progress, listing, started, cfg.input.lists_files and listing.exhausted, stop)
             batch = following()
     finally:
         stop_watch.set()
@@ -861,27 +869,30 @@ def list_ahead(listing: Listing) -> Callable[[], list[SourceUnit] | None]:
     return wait
 
 
-def run_batch(ds, result: Execution, progress: Callable[[str], None], listing: Listing, started: float, known_total: bool) -> None:
-    """Drain one batch's plan: count the rows the writer returns, a progress line every few seconds."""
+def run_batch(
+    ds, result: Execution, progress: Callable[[str], None], listing: Listing, started: float, known_total: bool, stop: StopFlag
+) -> None:
+    """Drain one batch's plan: count the rows the writer returns, a progress line every few seconds.
+    A signal `stop` remembers (its Stopped swallowed on the way: see `stop_signals`), before this
+    batch or during it, stops it at its next rows."""
     last = time.time()
-    with stop_signals() as interrupted:
-        for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if interrupted.is_set():
-                raise Stopped(interrupted.signum)
-            images = rows["unit_done"] < 0
-            result.processed += int(images.sum())
-            result.failed += int((~rows["ok"].astype(bool) & images).sum())
-            result.units_done += int((~images).sum())
-            now = time.time()
-            if result.first_commit is None and result.processed:
-                result.first_commit = (now, result.processed)  # the rate is counted from here (progress_line)
-            if now - last > PROGRESS_SECONDS or result.processed == listing.to_do:
-                first_at, first_images = result.first_commit or (now, result.processed)
-                steady = (result.processed - first_images, now - first_at)
-                progress(progress_line(result.processed, result.failed, listing.to_do, now - started, known_total, steady))
-                last = now
-        if interrupted.is_set():
-            raise Stopped(interrupted.signum)
+    for rows in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        if stop.is_set():
+            raise Stopped(stop.signum)
+        images = rows["unit_done"] < 0
+        result.processed += int(images.sum())
+        result.failed += int((~rows["ok"].astype(bool) & images).sum())
+        result.units_done += int((~images).sum())
+        now = time.time()
+        if result.first_commit is None and result.processed:
+            result.first_commit = (now, result.processed)  # the rate is counted from here (progress_line)
+        if now - last > PROGRESS_SECONDS or result.processed == listing.to_do:
+            first_at, first_images = result.first_commit or (now, result.processed)
+            steady = (result.processed - first_images, now - first_at)
+            progress(progress_line(result.processed, result.failed, listing.to_do, now - started, known_total, steady))
+            last = now
+    if stop.is_set():
+        raise Stopped(stop.signum)
 
 
 class StopFlag(threading.Event):

@@ -328,6 +328,22 @@ def tiny_mask2former_config(num_labels: int = 7, swin_depths=(1, 2, 2, 1), **ove
     return Mask2FormerConfig(**{**kwargs, **overrides})
 
 
+def perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """`model` with every parameter (by `scale` x N(0, 1)) and every floating-point buffer moved off
+    its initial value (ones, zeros), so that a swapped or dropped weight or frozen-norm term shows in
+    a parity test; running variances drawn in [0.5, 1.5), positive."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(scale * torch.randn(param.shape, generator=generator))
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
+            elif buffer.is_floating_point():
+                buffer.add_(0.1 * torch.randn(buffer.shape, generator=generator))
+    return model
+
+
 def saved_hf_model(model_class, config, path: Path, seed: int = 0, perturb: bool = True):
     """`model_class(config)` with random weights (seeded), written to `path` by save_pretrained and
     returned in eval mode. `perturb` moves every parameter off its initial value (ones, zeros), so

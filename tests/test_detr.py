@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import rel_error, tiny_detr_config
+from helpers import perturbed, rel_error, tiny_detr_config
 from safetensors.torch import load_file, save_file
 from transformers import DetrForObjectDetection, DetrForSegmentation
 
@@ -20,21 +20,6 @@ from models.detr import DETR, from_hf
 
 # transformers' DetrForSegmentation(ResNet-50, 250 labels): parameters (frozen norms are buffers)
 DETR_R50_PANOPTIC_PARAMS = 42_899_288
-
-
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter and every frozen-norm buffer moved off its initial value (ones, zeros), so
-    that a swapped norm term shows in a parity test; running variances stay positive."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-            elif buffer.is_floating_point():
-                buffer.add_(0.1 * torch.randn(buffer.shape, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")

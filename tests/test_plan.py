@@ -527,6 +527,27 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_while_it_finishes_is_only_rememb
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_signal_the_run_remembered_before_a_batch_stops_that_batch_at_its_first_rows(ray_session):
+    """run_batch checks the run's own flag (run_job's stop_signals), not one of its own: a SIGTERM whose
+    Stopped was swallowed on its way (as Ray's waits can) while the next batch was being listed still
+    stops that batch, before it counts a row."""
+    import contextlib
+    import signal
+    from types import SimpleNamespace
+
+    from pipeline.plan import Execution, Stopped, run_batch, stop_signals
+
+    rows = ray_session.data.from_items([{"unit_done": -1, "ok": True}] * 4)
+    result = Execution()
+    with stop_signals() as stop:
+        with contextlib.suppress(Stopped):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # never reached
+        with pytest.raises(Stopped) as stopped:
+            run_batch(rows, result, lambda _: None, SimpleNamespace(to_do=4), time.time(), True, stop)
+    assert stopped.value.signum == signal.SIGTERM and result.processed == 0
+
+
 def test_rays_lines_go_to_the_attempt_log_and_with_verbose_to_the_terminal_too_never_to_stdout(tmp_path, capfd):
     """Ray writes to fd 2 (its C++ core worker, its loggers, the processes it starts) and prints its
     copies of worker lines and raylet/GCS errors from its own threads to sys.stdout

@@ -85,6 +85,8 @@ def test_raster_config_takes_bands_and_the_three_scales_and_refuses_them_elsewhe
         "low 98.0 must be below high 2.0": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "percentile", "low": 98, "high": 2}},
         "input.bands.0: Input should be greater than or equal to 1": {"uri": str(tmp_path), "format": "raster", "bands": [0, 1, 2]},
         "std must be positive": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "standard", "mean": [0], "std": [0]}},
+        "min has 2 entries, max 1: one of each per band": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "range", "min": [0, 1], "max": [9]}},
+        "mean has 1 entries, std 2: one of each per band": {"uri": str(tmp_path), "format": "raster", "scale": {"mode": "standard", "mean": [0], "std": [0, 1]}},
     }  # fmt: skip
     for message, section in bad.items():
         with pytest.raises(ConfigError, match=message):

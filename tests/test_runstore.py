@@ -12,9 +12,10 @@ import pytest
 from helpers import strict_json_load
 
 from pipeline.config import ConfigError, load_config
-from pipeline.io.storage import StoreStats
+from pipeline.io import storage
+from pipeline.io.storage import RetryPolicy, StoreStats
 from pipeline.results.masks import encode_chunks
-from pipeline.results.run_tables import ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
+from pipeline.results.run_tables import ERRORS, ERRORS_SCHEMA, METRICS_SCHEMA, masks_schema, metrics_schema, part_name
 from pipeline.results.runstore import (
     LOST_AFTER_SECONDS,
     AttemptReport,
@@ -365,3 +366,32 @@ def test_a_raster_runs_area_summary_sums_every_images_masks_rows_and_the_labeled
         RunStore(str(tmp_path / "jobs"), {}, run_id).write_part(part_name(1, 0, 0), *part_tables(rows, False, 1, raster=True))
     rollup = job_summary(str(tmp_path / "jobs"), {}, "nightly")["area_m2"]
     assert rollup["predicted"] == {"bg": 14.0, "fg": 24.0} and rollup["images"] == 2 and rollup["labeled"] == {"bg": 5.0, "fg": 3.0}
+
+
+def test_a_runs_closing_reads_retry_a_flaky_store_not_fail_what_it_segmented(tmp_path, monkeypatch):
+    """What a run reads at its end (outcomes, the id index, summarize, latest rows, run.json, the job's
+    runs) goes through the store's retries, as its writes do: a flaky store costs a retry, never the run."""
+    job_run(str(tmp_path), "r", {"model.name": "m"}, [])
+    clean = RunStore(str(tmp_path), {}, "r")
+    clean.write_part(part_name(1, 0, 0), *tables(["a.png", "b.png"], failed=["x.png"]))
+    clean.write_index(clean.outcomes())
+    clean.write_part(part_name(2, 0, 0), *tables(["x.png", "c.png"], failed=["d.png"], attempt=2))  # not indexed yet
+    monkeypatch.setattr(storage, "DEFAULT_POLICY", RetryPolicy(initial_delay=0.001, max_delay=0.005))  # the retries, without their waits
+    # every file's first open (or whole read) fails with a connection reset
+    flaky_options = {"target_protocol": "file", "match": f"{tmp_path}/r/", "fail_opens": 1, "run": str(tmp_path)}
+    flaky = RunStore.at(f"flaky://{tmp_path}/r", flaky_options)
+
+    outcomes = flaky.outcomes()
+    assert (sorted(outcomes.segmented.to_pylist()), outcomes.failed.to_pylist()) == (["a.png", "b.png", "c.png", "x.png"], ["d.png"])
+    summary = strict_json(flaky.summarize(2, ["bg", "fg"], outcomes))  # no labels: NaN metrics, null here
+    assert summary == strict_json(clean.summarize(2, ["bg", "fg"])) and (summary["images"], summary["errors"]) == (4, 1)
+    assert flaky.latest_rows(ERRORS, ["image_id", "attempt"]).to_pylist() == [
+        {"image_id": "d.png", "attempt": 2},
+        {"image_id": "x.png", "attempt": 1},
+    ]
+    assert flaky.read_json("run.json")["job"] == "nightly" and flaky.read_json("summary.json") is None
+    assert flaky.has("run.json") and not flaky.has("summary.json")
+    assert [r.run_id for r in job_runs(f"flaky://{tmp_path}", flaky_options, "nightly")] == ["r"]
+    read = {path.removeprefix(f"{tmp_path}/r/") for path in flaky.fs.opens_failed}
+    assert {"ids.parquet", "run.json", f"masks/{part_name(2, 0, 0)}.parquet", f"errors/{part_name(2, 0, 0)}.parquet"} <= read
+    assert flaky.fs.injected == len(read)  # each failed once, and was read again

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import rel_error
+from helpers import perturbed, rel_error
 
 from models import build_model, list_models, load_model, save_native, vistr
 from models.base import CheckpointError, describe_misfit, rename_keys
@@ -210,25 +210,10 @@ def original_state_dict(model: VisTR) -> dict[str, torch.Tensor]:
 TINY = dict(stem_width=8, widths=[16, 32, 64, 128], ffn_dim=32, encoder_layers=1, decoder_layers=1, num_instances=2)
 
 
-def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight and frozen-norm term off its initial value (a zero-initialised offset conv, ones
-    and zeros of the norms), so that a swapped or dropped key shows in the outputs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-            elif buffer.is_floating_point():
-                buffer.add_(0.1 * torch.randn(buffer.shape, generator=generator))
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny_vistr():
     torch.manual_seed(0)
-    return perturbed(build_model("vistr-r50", num_classes=5, **TINY)).eval()
+    return perturbed(build_model("vistr-r50", num_classes=5, **TINY), scale=0.05).eval()
 
 
 def test_the_real_r50_layout_has_the_original_repositorys_key_names_and_shapes():

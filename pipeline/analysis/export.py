@@ -345,8 +345,7 @@ def export_png(run: Run, dest: Destination, result: ExportResult, max_pixels: in
 
 def export_ytvis(run: Run, dest: Destination, result: ExportResult, max_pixels: int) -> None:
     """YouTube-VIS results and videos JSON from the tracks table, and the frames' PNGs (module docstring)."""
-    tracks_file = run.store.path(TRACKS, f"{TRACKS}.parquet")
-    if not run.store.fs.exists(tracks_file):
+    if not run.store.has(TRACKS, f"{TRACKS}.parquet"):
         raise ExportError(f"{run.uri}: no tracks table: --format ytvis exports runs of a clip model (vistr-r50)")
     tracks = run.store.read_part(TRACKS, TRACKS).to_pylist()
     frames: dict[str, list[int]] = {}

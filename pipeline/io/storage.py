@@ -279,6 +279,11 @@ class StoreError(OSError):
         self.uri, self.reason, self.detail = uri, reason, detail
         super().__init__(f"{uri}: {reason}" + (f" ({detail})" if detail else ""))
 
+    @property
+    def missing(self) -> bool:
+        """The object is not there (rather than there and unreadable)."""
+        return self.reason == _REASONS["missing"]
+
 
 @dataclass(frozen=True)
 class RetryPolicy:

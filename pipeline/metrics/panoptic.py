@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -421,6 +422,32 @@ def precision_recall(evals: Sequence[_ImageMatches], max_detections: int) -> tup
     return precision, recall
 
 
+def per_category(
+    categories: list[int], detections: Sequence[Any], truths: Sequence[Any], detection_name: str
+) -> list[tuple[int, list, list]]:
+    """Per declared category with a detection or a ground truth (COCOeval's evaluateImg returns None
+    for the others): its detections by score (stable), at most MAX_DETECTIONS, and its ground truths.
+    ValueError naming categories that were not declared."""
+    for name, items in ((detection_name, detections), ("ground truth", truths)):
+        unknown = sorted({int(i.category_id) for i in items} - set(categories))
+        if unknown:
+            raise ValueError(f"{name} categories {unknown} were not declared")
+    out = []
+    for category in categories:
+        dts = [d for d in detections if d.category_id == category]
+        gts = [g for g in truths if g.category_id == category]
+        if dts or gts:
+            order = np.argsort([-float(d.score) for d in dts], kind="mergesort")[:MAX_DETECTIONS]
+            out.append((category, [dts[i] for i in order], gts))
+    return out
+
+
+def defined_mean(s: np.ndarray) -> float:
+    """COCOeval.summarize's mean over the defined entries (-1 is undefined); NaN when none is."""
+    defined = s[s > -1]
+    return float(np.mean(defined)) if defined.size else float("nan")
+
+
 class MaskAP:
     """COCO mask AP over a stream of images, as COCOeval(iouType="segm") with default parameters.
 
@@ -448,23 +475,14 @@ class MaskAP:
         image_id = int(image_id)
         if image_id in self._images:
             raise ValueError(f"image {image_id} was already added")
-        for name, items in (("detection", detections), ("ground truth", truths)):
-            unknown = sorted({int(i.category_id) for i in items} - set(self.categories))
-            if unknown:
-                raise ValueError(f"{name} categories {unknown} were not declared")
+        by_category = per_category(self.categories, detections, truths, "detection")  # checks them first
         shapes = {np.shape(i.mask) for i in (*detections, *truths)}
         if len(shapes) > 1:
             raise ValueError(f"masks of one image must be of one size, got {sorted(shapes)}")
         shape = shapes.pop() if shapes else None
 
         results: dict[tuple[int, int], _ImageMatches] = {}
-        for category in self.categories:
-            dts = [d for d in detections if d.category_id == category]
-            gts = [g for g in truths if g.category_id == category]
-            if not dts and not gts:
-                continue  # COCOeval's evaluateImg returns None
-            order = np.argsort([-float(d.score) for d in dts], kind="mergesort")[:MAX_DETECTIONS]
-            dts = [dts[i] for i in order]
+        for category, dts, gts in by_category:
             dt_masks = _as_masks([d.mask for d in dts], shape)
             gt_masks = _as_masks([g.mask for g in gts], shape)
             crowd = np.array([bool(g.iscrowd) for g in gts], dtype=bool)
@@ -498,12 +516,7 @@ class MaskAP:
         return precision
 
     def summary(self) -> MaskAPSummary:
-        precision = self.precision()
-
-        def mean(s: np.ndarray) -> float:  # COCOeval.summarize's mean over the defined entries
-            defined = s[s > -1]
-            return float(np.mean(defined)) if defined.size else float("nan")
-
+        precision, mean = self.precision(), defined_mean
         area = {name: a for a, name in enumerate(AREA_RANGES)}
         return MaskAPSummary(
             ap=mean(precision[:, :, :, area["all"]]),

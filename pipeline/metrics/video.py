@@ -35,6 +35,8 @@ from pipeline.metrics.panoptic import (
     RECALL_THRESHOLDS,
     _ImageMatches,
     _match,
+    defined_mean,
+    per_category,
     precision_recall,
 )
 
@@ -168,18 +170,8 @@ class VideoMaskAP:
         video_id = int(video_id)
         if video_id in self._videos:
             raise ValueError(f"video {video_id} was already added")
-        for name, items in (("track", detections), ("ground truth", truths)):
-            unknown = sorted({int(i.category_id) for i in items} - set(self.categories))
-            if unknown:
-                raise ValueError(f"{name} categories {unknown} were not declared")
         results: dict[tuple[int, int], _ImageMatches] = {}
-        for category in self.categories:
-            dts = [d for d in detections if d.category_id == category]
-            gts = [g for g in truths if g.category_id == category]
-            if not dts and not gts:
-                continue
-            order = np.argsort([-float(d.score) for d in dts], kind="mergesort")[:MAX_DETECTIONS]
-            dts = [dts[i] for i in order]
+        for category, dts, gts in per_category(self.categories, detections, truths, "track"):
             ious = spatiotemporal_ious(dts, gts)
             _, dt_areas = _per_frame(dts)
             _, gt_areas = _per_frame(gts)
@@ -206,12 +198,7 @@ class VideoMaskAP:
         return precision, recall
 
     def summary(self) -> VideoAPSummary:
-        precision, recall = self.accumulate()
-
-        def mean(s: np.ndarray) -> float:  # COCOeval.summarize's mean over the defined entries
-            defined = s[s > -1]
-            return float(np.mean(defined)) if defined.size else float("nan")
-
+        (precision, recall), mean = self.accumulate(), defined_mean
         area = {name: a for a, name in enumerate(AREA_RANGES)}
         at_100 = MAX_TRACKS.index(MAX_DETECTIONS)
         everything = area["all"]

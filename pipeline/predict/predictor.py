@@ -536,66 +536,56 @@ class Predictor:
         return [[c.iou, c.tp, c.fp, c.fn] for c in quality.counts.values()]
 
     def _predict_streamed(self, image: DecodedImage, row: Prediction) -> Prediction:
-        def on_rows(done: int, total: int) -> None:
+        """An image read window by window (a raster, a slide, a TIFF too large to decode whole): its
+        chunks and areas, and its instances when the task has them; rows reported to the monitor."""
+
+        def on_rows(done: int, total: int, note: str = "") -> None:
             if self.monitor is not None:
-                self.monitor.stream_rows.remote(image.image_id, done, total)  # fire and forget
+                self.monitor.stream_rows.remote(image.image_id, done, total, note)  # fire and forget
 
         if self.objects is not None and self.objects.task == "panoptic":
             raise StreamError(f"a {image.width} x {image.height} image is read window by window: the panoptic task needs it whole")
         if not self.heap_limited:  # band-sized temporaries, band after band, for the actor's life
             self.heap_limited = limit_heap_growth()
-        started = time.time()
-        if image.stream.kind == "slide":
-            return self._predict_slide(image, row)
+        started, kind = time.time(), image.stream.kind
         found: list[ImageObject] = []
-        objects = (self.query_fn, self.objects, found) if self.objects is not None else None
-        if image.stream.kind == RASTER_STREAM:
+        shared = {  # what every kind's segmenting takes alike
+            "num_classes": self.num_classes,
+            "chunk_size": self.chunk_size,
+            "on_rows": on_rows,
+            "batch_sizes": self.batch_sizes,
+            "objects": (self.query_fn, self.objects, found) if self.objects is not None else None,
+        }
+        if kind == "slide":
+            self._predict_slide(image, row, shared)
+        elif kind == RASTER_STREAM:
             row.chunks, row.areas, row.raster = segment_raster(
                 self.score_fn,
                 image.stream,
                 self.settings,
                 self.input_config,
-                num_classes=self.num_classes,
-                chunk_size=self.chunk_size,
                 reading=self.label_reading,
                 model_stats=self.channel_stats,
                 max_pixels=self.max_pixels,
-                on_rows=on_rows,
-                batch_sizes=self.batch_sizes,
-                objects=objects,
+                **shared,
             )
             row.physical = row.raster.pop("physical")
-            if objects is not None:
-                row.objects = instance_records(found, row.height, row.width)
-            log.info("raster %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
-            return row
-        row.chunks, row.areas = segment_tiff(
-            self.score_fn,
-            image.stream,
-            self.settings,
-            num_classes=self.num_classes,
-            chunk_size=self.chunk_size,
-            reading=self.label_reading,
-            storage_options=self.input_storage_options,
-            on_rows=on_rows,
-            objects=objects,
-            batch_sizes=self.batch_sizes,
-        )
-        if objects is not None:
+        else:
+            row.chunks, row.areas = segment_tiff(
+                self.score_fn, image.stream, self.settings, reading=self.label_reading, storage_options=self.input_storage_options, **shared
+            )
+        if self.objects is not None:
             row.objects = instance_records(found, row.height, row.width)
-        log.info("streamed %s (%d x %d) in %.1f s", image.image_id, image.width, image.height, time.time() - started)
+        if kind != "slide":  # a slide's line says more (see _predict_slide)
+            what = "raster" if kind == RASTER_STREAM else "streamed"
+            log.info("%s %s (%d x %d) in %.1f s", what, image.image_id, image.width, image.height, time.time() - started)
         return row
 
-    def _predict_slide(self, image: DecodedImage, row: Prediction) -> Prediction:
-        """A slide on its target grid, windows without tissue skipped; its tissue mask saved as
-        tissue/<image id>.png in the run directory, its windows counted for run.json and the progress line."""
-
-        def on_rows(done: int, total: int, note: str) -> None:
-            if self.monitor is not None:
-                self.monitor.stream_rows.remote(image.image_id, done, total, note)  # fire and forget
-
+    def _predict_slide(self, image: DecodedImage, row: Prediction, shared: dict) -> None:
+        """A slide on its target grid, windows without tissue skipped (`shared`: see _predict_streamed);
+        its tissue mask saved as tissue/<image id>.png in the run directory, its windows counted for
+        run.json and the progress line."""
         started, settings = time.time(), self.slide_settings
-        found: list[ImageObject] = []
         result = segment_slide(
             self.score_fn,
             image.stream,
@@ -603,17 +593,11 @@ class Predictor:
             mpp=settings.mpp,
             level=settings.level,
             min_tissue=settings.min_tissue,
-            num_classes=self.num_classes,
-            chunk_size=self.chunk_size,
             storage_options=self.input_storage_options,
-            on_rows=on_rows,
             finish=finish_image,
-            batch_sizes=self.batch_sizes,
-            objects=(self.query_fn, self.objects, found) if self.objects is not None else None,
+            **shared,
         )
         row.chunks, row.mpp, row.level0_scale = result.chunks, result.grid.mpp, result.grid.level0_scale
-        if self.objects is not None:
-            row.objects = instance_records(found, row.height, row.width)
         row.physical = result.physical
         if self.run_store is None:
             from pipeline.results.runstore import RunStore
@@ -628,7 +612,6 @@ class Predictor:
             image.image_id, image.width, image.height, result.grid.level, time.time() - started,
             result.windows_run, result.windows_skipped,
         )  # fmt: skip
-        return row
 
 
 def segment_tiff(

@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, JobConfig, public_config
-from pipeline.io.storage import StoreError, StoreStats, open_fs, with_retries
+from pipeline.io.storage import StoreError, StoreStats, full_uri, open_fs, read_bytes, with_retries
 from pipeline.metrics.cod import CONVENTIONS as COD_CONVENTIONS
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
 from pipeline.metrics.panoptic import CategoryCounts, PanopticQuality
@@ -135,6 +135,15 @@ class RunStore:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
+    def _uri(self, path: str) -> str:
+        """A path of this run directory as a URI, as messages name it."""
+        return self.uri + path[len(self.root) :]
+
+    def has(self, *parts: str) -> bool:
+        """Whether the run directory holds the file at `parts` (as `path` joins them), retried on transient errors."""
+        path = self.path(*parts)
+        return with_retries(lambda: self.fs.exists(path), what="stat", uri=self._uri(path))
+
     def _names(self, kind: str) -> list[str]:
         def listing() -> list[str]:
             try:
@@ -167,9 +176,10 @@ class RunStore:
     def _id_columns(self, parts: list[str]) -> tuple[list[pa.Array], list[pa.Array]]:
         """The image_id columns of these committed parts: of their masks files, of their errors files."""
         masks, errors = [], []
+        with_errors = self._parts(ERRORS) if parts else set()  # one listing, not a look-up per part
         for part in parts:
             masks.append(self._read(self.path(MASKS, part + ".parquet"), ["image_id"]).column("image_id"))
-            if self.fs.exists(self.path(ERRORS, part + ".parquet")):
+            if part in with_errors:
                 errors.append(self._read(self.path(ERRORS, part + ".parquet"), ["image_id"]).column("image_id"))
         return masks, errors
 
@@ -179,10 +189,13 @@ class RunStore:
         for kind in TABLES:
             for name in self._names(kind):
                 if name.startswith(TMP_PREFIX):
-                    self.fs.rm(self.path(kind, name))
+                    self._remove(self.path(kind, name))
             if kind != MASKS:
                 for part in self._parts(kind) - committed:
-                    self.fs.rm(self.path(kind, part + ".parquet"))
+                    self._remove(self.path(kind, part + ".parquet"))
+
+    def _remove(self, path: str) -> None:
+        with_retries(lambda: self.fs.rm(path), what="remove", uri=self._uri(path))
 
     def outcomes(self) -> Outcomes:
         """Segmented and failed image ids in committed parts (an image retried successfully is
@@ -217,12 +230,20 @@ class RunStore:
     def _read_index(self) -> pa.Table | None:
         try:
             return self._read(self.path(INDEX))
-        except FileNotFoundError:
-            return None
+        except StoreError as exc:
+            if exc.missing:
+                return None
+            raise
 
-    def _read(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
+    def _read(self, path: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
+        """One Parquet file of the run directory (`columns`, rows matching `filters`), retried on
+        transient errors: a store's hiccup at the end of a run must not fail what it segmented."""
+
+        def read() -> pa.Table:
+            with self.fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=columns, filters=filters)
+
+        return with_retries(read, what="read", uri=self._uri(path))
 
     def read_table(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
         """All committed parts of one table, in part order; None when there are none. Error rows of
@@ -239,13 +260,7 @@ class RunStore:
 
     def read_part(self, kind: str, part: str, columns: list[str] | None = None, filters: list | None = None) -> pa.Table:
         """One part's file of table `kind` (`columns`, rows matching `filters`), retried on transient errors."""
-        path = self.path(kind, part + ".parquet")
-
-        def read() -> pa.Table:
-            with self.fs.open(path, "rb") as f:
-                return pq.read_table(f, columns=columns, filters=filters)
-
-        return with_retries(read, what="read", uri=f"{self.uri}/{kind}/{part}.parquet")
+        return self._read(self.path(kind, part + ".parquet"), columns, filters)
 
     def part_schema(self, kind: str, part: str) -> pa.Schema:
         """The Parquet schema of one part's file of table `kind`, retried on transient errors."""
@@ -255,7 +270,7 @@ class RunStore:
             with self.fs.open(path, "rb") as f:
                 return pq.read_schema(f)
 
-        return with_retries(read, what="read", uri=f"{self.uri}/{kind}/{part}.parquet")
+        return with_retries(read, what="read", uri=self._uri(path))
 
     def latest_rows(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
         """The committed rows of table `kind`, each image's from the latest committed part that holds
@@ -279,7 +294,7 @@ class RunStore:
                     names = file.schema_arrow.names
                     return file.read(columns=["image_id", *(f.name for f in fields if f.name in names)])
 
-            table = with_retries(read, what="read", uri=f"{self.uri}/{MASKS}/{part}.parquet")
+            table = with_retries(read, what="read", uri=self._uri(path))
             for unit, area_field in zip(AREA_UNITS.values(), fields):
                 if area_field.name in table.column_names:
                     units.add(unit)
@@ -335,15 +350,15 @@ class RunStore:
             with self.fs.open(tmp, "wb") as f:
                 write(f)
 
-        with_retries(write_tmp, what="write", uri=path)
-        with_retries(lambda: self.fs.mv(tmp, path), what="commit", uri=path)
+        with_retries(write_tmp, what="write", uri=self._uri(path))
+        with_retries(lambda: self.fs.mv(tmp, path), what="commit", uri=self._uri(path))
 
     def write_part(
         self, name: str, masks: pa.Table, metrics: pa.Table, errors: pa.Table, objects: dict[str, pa.Table] | None = None
     ) -> bool:
         """Commit one part; False (and nothing written) when a part of that name is committed already,
         as when Ray retries a write that had finished. `objects`: the instances or segments table."""
-        if self.fs.exists(self.path(MASKS, name + ".parquet")):
+        if self.has(MASKS, name + ".parquet"):
             return False
         tables = [(METRICS, metrics), (ERRORS, errors), *(objects or {}).items(), (MASKS, masks)]
         for kind, table in tables:  # masks last: it commits the part
@@ -370,10 +385,14 @@ class RunStore:
         self._write_atomic(self.path(name), lambda f: f.write(data))
 
     def read_json(self, name: str) -> Any | None:
-        if not self.fs.exists(self.path(name)):
-            return None
-        with self.fs.open(self.path(name), "rb") as f:
-            return json.loads(f.read())
+        """A JSON file of the run directory (run.json, summary.json); None when there is none."""
+        path = self.path(name)
+        try:
+            return json.loads(read_bytes(self.fs, path, uri=self._uri(path)))
+        except StoreError as exc:
+            if exc.missing:
+                return None
+            raise
 
     def object_summary(self, task: str, class_names: list[str]) -> dict:
         """summary.json's account of the instance or panoptic task: objects written, per class."""
@@ -961,8 +980,7 @@ def job_runs(output_uri: str, storage_options: dict, job: str) -> list[JobRun]:
         return []
     infos = []
     for path in paths:
-        with fs.open(path, "rb") as f:
-            info = json.loads(f.read())
+        info = json.loads(read_bytes(fs, path, uri=full_uri(fs, path)))
         if info.get("job") == job and info.get("run_id"):
             infos.append(info)
     infos.sort(key=lambda i: (i.get("started") or "", i["run_id"]))
