@@ -149,3 +149,16 @@ def test_listing_on_s3_is_paged_list_calls_only(s3):
     assert keys == sorted(f"{i % 3}/{i:02d}.tar" for i in range(12))
     assert dict(requests) == {"ListObjectsV2": 1}
     assert stats.listed_keys == 12
+
+
+def test_an_operation_that_fails_for_good_is_named_in_its_error_a_write_as_a_write():
+    def refuse():
+        raise ValueError("the bucket is read-only")
+
+    for what in ("write", "read"):
+        with pytest.raises(StoreError) as failed:
+            with_retries(refuse, what=what, uri="s3://b/k")
+        assert (
+            failed.value.reason == f"{what} failed"
+            and str(failed.value) == f"s3://b/k: {what} failed (ValueError: the bucket is read-only)"
+        )

@@ -453,6 +453,8 @@ def with_retries(
             reason = _REASONS[kind]
             if kind == "transient":
                 reason = f"still failing after {policy.attempts} attempts"
+            elif kind == "permanent":
+                reason = f"{what} failed"  # a write, a listing or an open fails as itself, not as a read
             raise StoreError(uri, reason, _describe(exc)) from exc
     raise AssertionError("unreachable")  # the loop returns or raises
 
