@@ -93,7 +93,8 @@ def _run_monitor_class():
     @ray.remote(num_cpus=0)
     class RunMonitor:
         """What tasks and actors report on the side (fire and forget): store stats from read tasks
-        for run.json, and how far the predictor is inside a streamed image, for the progress line."""
+        for run.json, how far the predictor is inside a streamed image, for the progress line, and the
+        predictor actors' starts, calls and ends: the pool as it ran (run.json's actors)."""
 
         def __init__(self) -> None:
             self.total = StoreStats()
