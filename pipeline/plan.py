@@ -93,7 +93,8 @@ def _run_monitor_class():
     @ray.remote(num_cpus=0)
     class RunMonitor:
         """What tasks and actors report on the side (fire and forget): store stats from read tasks
-        for run.json, and how far the predictor is inside a streamed image, for the progress line."""
+        for run.json, how far the predictor is inside a streamed image, for the progress line, and the
+        predictor actors' starts, calls and ends: the pool as it ran (run.json's actors)."""
 
         def __init__(self) -> None:
             self.total = StoreStats()
@@ -102,6 +103,32 @@ def _run_monitor_class():
             self.batch_sizes: dict[str, int] = {}
             self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": [], "scanned": []}
             self.call_seconds = 0.0  # the predictor actors' calls, wall time summed (StageClock.call_seconds)
+            # the predictor pool as it ran, on this actor's clock (one clock however many nodes):
+            # seconds from the plan's start (start_clock) at which each report arrived
+            self.origin = time.monotonic()
+            self.actors_started: set[str] = set()
+            self.actors_alive: set[str] = set()
+            self.timeline: list[tuple[float, int]] = []  # (seconds, actors alive) at each change
+            self.serving: dict[str, list[float]] = {}  # actor id -> [its first call's start, its last call's end]
+
+        def start_clock(self) -> None:
+            self.origin = time.monotonic()
+
+        def _seconds(self) -> float:
+            return time.monotonic() - self.origin
+
+        def actor_started(self, actor_id: str) -> None:
+            """A predictor actor up, its model loaded (a restarted one again, under the same id)."""
+            self.actors_started.add(actor_id)
+            if actor_id not in self.actors_alive:
+                self.actors_alive.add(actor_id)
+                self.timeline.append((self._seconds(), len(self.actors_alive)))
+
+        def actor_stopped(self, actor_id: str) -> None:
+            """A predictor actor Ray Data let go (scaled down, or the plan done)."""
+            if actor_id in self.actors_alive:
+                self.actors_alive.discard(actor_id)
+                self.timeline.append((self._seconds(), len(self.actors_alive)))
 
         def lower_batch_sizes(self, sizes: dict[str, int]) -> None:
             """Windows per forward an actor came down to (out of memory), by window size, and the device bytes from
@@ -115,10 +142,28 @@ def _run_monitor_class():
         def add_store_stats(self, stats: dict) -> None:
             self.total.add(StoreStats(**stats))
 
-        def add_stage_seconds(self, seconds: dict, call_seconds: float = 0.0) -> None:
+        def add_stage_seconds(self, seconds: dict, call_seconds: float = 0.0, actor_id: str | None = None) -> None:
             for stage, value in seconds.items():
                 self.stages[stage] = self.stages.get(stage, 0.0) + value
             self.call_seconds += call_seconds
+            if actor_id is not None:  # a predictor's call, reported as it ended
+                end = self._seconds()
+                self.serving.setdefault(actor_id, [end - call_seconds, end])[1] = end
+
+        def pool(self) -> dict:
+            """run.json's record of the pool as it ran: the predictor actors that started, the most that
+            served at once (their spans from first call to last overlapping), and the actors alive over
+            the plan's seconds."""
+            ends = sorted([(first, 1) for first, _ in self.serving.values()] + [(last, -1) for _, last in self.serving.values()])
+            most = serving = 0
+            for _, step in ends:  # at a tie an end comes first: spans that only touch are not at once
+                serving += step
+                most = max(most, serving)
+            return {
+                "started": len(self.actors_started),
+                "most_serving": most,
+                "timeline": [[round(t, 2), alive] for t, alive in self.timeline],
+            }
 
         def forward_busy(self) -> dict:
             """The predictor actors' calls: their wall seconds summed, and the share of them the forward ran."""
@@ -782,7 +827,13 @@ def execute_job(
         progress(f"resources: {actor_plan.note}")
     # the pool as planned, the batch sizes its actors came down to where they ran out of memory, and
     # (at the end) the seconds of their calls and the share of them the forward ran
-    result.actors = {**vars(actor_plan), "lowered_batch_sizes": {}, "call_seconds": None, "forward_busy_share": None}
+    result.actors = {
+        **vars(actor_plan),
+        "lowered_batch_sizes": {},
+        "call_seconds": None,
+        "forward_busy_share": None,
+        **dict.fromkeys(("started", "most_serving", "timeline")),  # the pool as it ran (RunMonitor.pool), at the end
+    }
     job.record.write(job.report(), "running")
     listing = job.listing
     earlier = (f", {job.done} done earlier" if job.done else "") + (f", {job.retried} failed earlier and retried" if job.retried else "")
@@ -797,6 +848,7 @@ def execute_job(
         progress(f"labels: {job.labels['note']}")
 
     started = time.time()
+    monitor.start_clock.remote()  # the pool's timeline counts from here
     stop_watch = threading.Event()
 
     def heartbeat() -> None:  # run.json says how far the attempt got, should it be killed outright
@@ -833,6 +885,7 @@ def execute_job(
             result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
             result.slides = ray.get(monitor.slides.remote(), timeout=10)
             result.actors.update(ray.get(monitor.forward_busy.remote(), timeout=10))
+            result.actors.update(ray.get(monitor.pool.remote(), timeout=10))
             ray.kill(monitor)
         except Exception as exc:  # the record goes without what the monitor held, and says so in the log
             log.warning("the run monitor did not answer: %r", exc)

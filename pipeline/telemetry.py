@@ -70,9 +70,20 @@ class StageClock:
         """transfer + forward so far: what a generator that runs the model adds to the stage it is drained in."""
         return self.seconds["transfer"] + self.seconds["forward"]
 
-    def send(self, monitor) -> None:
-        """Fire and forget to the run monitor (pipeline.plan's RunMonitor), then start again."""
+    def send(self, monitor, actor_id: str | None = None) -> None:
+        """Fire and forget to the run monitor (pipeline.plan's RunMonitor), then start again. A
+        predictor actor's id rides along: the monitor counts the actors that served, and when."""
         if monitor is not None and (any(self.seconds.values()) or self.call_seconds):
-            monitor.add_stage_seconds.remote(dict(self.seconds), self.call_seconds)
+            monitor.add_stage_seconds.remote(dict(self.seconds), self.call_seconds, actor_id)
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self.call_seconds = 0.0
+
+
+def current_actor_id() -> str | None:
+    """The Ray actor this runs in (None outside one, or without Ray): what a predictor reports as."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
+    except Exception:  # a report is a nicety: never fail an actor over it
+        return None

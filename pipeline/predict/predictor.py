@@ -51,7 +51,7 @@ from pipeline.predict.tiling import (
 from pipeline.redaction import scrub
 from pipeline.results.masks import ChunkedMaskWriter, quantize_probability
 from pipeline.rows import DecodedImage, MaskChunk, Prediction, StreamSource, batch_length, to_columns
-from pipeline.telemetry import RunMetrics, StageClock
+from pipeline.telemetry import RunMetrics, StageClock, current_actor_id
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +304,11 @@ class Predictor:
         self.pin_memory = self.device.type == "cuda" and torch.cuda.is_available()
         self.encoded_apart = 0.0  # encode seconds spent on the encoder's thread during this call
         log.info("predictor on %s (pid %d), %d classes", self.device, os.getpid(), self.num_classes)
+        # the pool as it ran: this actor is up (its model loaded), its calls say when it served, and
+        # __del__ says when Ray Data let it go (run.json's actors.started, most_serving, timeline)
+        self.actor_id = current_actor_id() if monitor is not None else None
+        if self.actor_id is not None:
+            monitor.actor_started.remote(self.actor_id)  # fire and forget
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         started = time.perf_counter()
@@ -318,8 +323,22 @@ class Predictor:
             wall = time.perf_counter() - started
             self.clock.add("stitch", max(wall - inside, 0.0))
             self.clock.add_call(wall)
-            self.clock.send(self.monitor)
+            self.clock.send(self.monitor, self.actor_id)
             self._report_batch_sizes()
+
+    def __del__(self) -> None:
+        """Ray Data drops an actor it scales down or is done with (its __ray_shutdown__ deletes the
+        UDF): the monitor hears it, waited on briefly since the process exits next. Not called for
+        an actor killed outright (a crash, ray.kill at a forced shutdown)."""
+        actor_id, monitor = getattr(self, "actor_id", None), getattr(self, "monitor", None)
+        if actor_id is None or monitor is None:
+            return
+        try:
+            import ray
+
+            ray.get(monitor.actor_stopped.remote(actor_id), timeout=2)
+        except Exception:  # the monitor is gone (the plan's end): nothing to tell
+            pass
 
     def _report_batch_sizes(self) -> None:
         """Batch sizes lowered since the last report (and where the device stitcher gave way to the CPU),
