@@ -590,28 +590,3 @@ def test_the_eta_comes_from_the_rate_since_the_first_committed_images_not_from_t
     # only the first images so far: no rate to tell the rest by, so no ETA (the whole attempt's would say 2 min)
     assert "ETA" not in progress_line(10, 0, 30, 60.0, steady=(0, 0.0))
     assert progress_line(30, 1, 30, 70.0, steady=(20, 5.0)) == "  30/30 images, 1 errors, 4.00 images/s"
-
-
-def test_an_elastic_pool_on_two_cpus_grows_from_its_min_to_its_max_and_shrinks_at_the_end(ray_session, tmp_path, checkpoint):
-    """resources.actors {min: 1, max: 2} on the session's 2 CPUs (actors of 0.5 CPU): Ray Data 2.60 adds an
-    actor once the pool's utilization (batches in flight over actors) reaches 1.75, i.e. once its one
-    actor holds its 2 batches with more queued, and lets an idle actor go once every input is consumed.
-    48 images of 320 x 320 in windows of 32 (11-17 s of the actors' calls here) outlast the second
-    actor's start (torch and the model loaded: 6-8 s here, loaded), so that it serves. run.json shows it."""
-    rng = np.random.default_rng(0)
-    for i in range(48):
-        write_png(tmp_path / "images" / f"img{i:02d}.png", rng.integers(0, 256, (320, 320, 3), dtype=np.uint8))
-    cfg = job_config(tmp_path, tmp_path / "images", checkpoint, input={"images_per_unit": 2}, resources={"actors": {"min": 1, "max": 2}},
-                     inference={"window": [32, 32], "stride": [32, 32], "batch_size": 16})  # fmt: skip
-    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    run = tmp_path / "runs" / "t1"
-    ids = read_run_table(run, "masks").column("image_id").to_pylist()
-    assert sorted(ids) == [f"img{i:02d}.png" for i in range(48)]  # every image once, whichever actor had it
-    actors = json.loads((run / "run.json").read_text())["attempts"][0]["actors"]
-    assert (actors["min_actors"], actors["actors"], actors["num_cpus"]) == (1, 2, 0.5), actors
-    assert (actors["started"], actors["most_serving"]) == (2, 2), actors  # the second actor served beside the first
-    alive = [count for _, count in actors["timeline"]]
-    grown = alive.index(2)
-    assert alive[:grown] == [1] and min(alive[grown:]) < 2, actors  # from its min, up to its max, and down again
-    seconds = [t for t, _ in actors["timeline"]]
-    assert seconds == sorted(seconds), actors
