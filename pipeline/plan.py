@@ -58,6 +58,7 @@ from pipeline.telemetry import STAGES
 
 log = logging.getLogger(__name__)
 
+MAX_WARNINGS = 100  # warnings kept in run.json per attempt (each text once); more are counted
 IMAGES_PER_PREDICT_BATCH = 4  # rows per actor call; windows are batched inside by inference.batch_size
 PROGRESS_SECONDS = 5.0
 
@@ -102,6 +103,9 @@ def _run_monitor_class():
             self.stages = dict.fromkeys(STAGES, 0.0)
             self.batch_sizes: dict[str, int] = {}
             self.slide_windows = {"slides": 0, "windows_run": 0, "windows_skipped": 0, "mpp": [], "scanned": []}
+            self.warnings_seen: set[str] = set()
+            self.warnings_kept: list[str] = []
+            self.warnings_more = 0
             self.call_seconds = 0.0  # the predictor actors' calls, wall time summed (StageClock.call_seconds)
             # the predictor pool as it ran, on this actor's clock (one clock however many nodes):
             # seconds from the plan's start (start_clock) at which each report arrived
@@ -197,6 +201,19 @@ def _run_monitor_class():
 
         def slides(self) -> dict | None:
             return dict(self.slide_windows) if self.slide_windows["slides"] else None
+
+        def add_warning(self, text: str) -> None:
+            """A read task's warning (the run goes on): each text once, the first MAX_WARNINGS kept."""
+            if text in self.warnings_seen:
+                return
+            self.warnings_seen.add(text)
+            self.warnings_more += len(self.warnings_seen) > MAX_WARNINGS
+            if len(self.warnings_seen) <= MAX_WARNINGS:
+                self.warnings_kept.append(text)
+
+        def warnings(self) -> list[str]:
+            more = [f"{self.warnings_more} more warnings not kept"] if self.warnings_more else []
+            return [*self.warnings_kept, *more]
 
         def stream_rows(self, image_id: str, done: int, total: int, note: str = "") -> None:
             if done >= total:
@@ -634,6 +651,7 @@ class PreparedJob:
             stages=outcome.stages,
             store=outcome.store,
             slides=outcome.slides,
+            warnings=outcome.warnings,
         )
 
 
@@ -798,6 +816,7 @@ class Execution:
     actors: dict | None = None
     stages: dict | None = None  # seconds per stage, summed over the processes (pipeline.telemetry.StageClock)
     slides: dict | None = None  # slides segmented: windows run and skipped (RunMonitor.add_slide)
+    warnings: list[str] = dataclasses.field(default_factory=list)  # the read tasks' (RunMonitor.add_warning)
     first_commit: tuple[float, int] | None = None  # when the first images came back, and how many: the ETA's start
 
 
@@ -884,6 +903,9 @@ def execute_job(
             result.stages = ray.get(monitor.stage_seconds.remote(), timeout=10)
             result.actors["lowered_batch_sizes"] = ray.get(monitor.lowered_batch_sizes.remote(), timeout=10)
             result.slides = ray.get(monitor.slides.remote(), timeout=10)
+            result.warnings = ray.get(monitor.warnings.remote(), timeout=10)
+            for warning in result.warnings:
+                progress(f"warning: {warning}")
             result.actors.update(ray.get(monitor.forward_busy.remote(), timeout=10))
             result.actors.update(ray.get(monitor.pool.remote(), timeout=10))
             ray.kill(monitor)

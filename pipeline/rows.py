@@ -167,6 +167,7 @@ class RawSample:
     stream: StreamSource | None = None  # read by windows later, not decoded
     pixels: np.ndarray | None = None  # decoded already (a video's frame, pipeline.io.video): H x W x 3 uint8 RGB
     timestamp_s: float | None = None  # a video frame's presentation timestamp
+    warning: str | None = None  # said, not failed: the run goes on (run.json's attempt `warnings`, the terminal)
 
 
 @dataclass

@@ -190,8 +190,23 @@ def test_an_attempts_record_in_run_json_is_what_the_plan_reports(tmp_path):
     listing = StoreStats(list_calls=2)
     record.write(AttemptReport(7, 2, 1, 4, {"name": "segformer-b0"}, {"configured": False}, listing), "running")
     assert store.read_json("run.json")["attempts"][-1]["counts"]["processed"] == 0  # nothing run yet
+    assert "warnings" not in store.read_json("run.json")["attempts"][-1]  # none said
     ran = AttemptReport(
-        7, 2, 1, 4, {"name": "segformer-b0"}, {"configured": False}, listing, "ok", 2.5, 3, 1, {"actors": 1}, None, {"list_calls": 5}
+        7,
+        2,
+        1,
+        4,
+        {"name": "segformer-b0"},
+        {"configured": False},
+        listing,
+        "ok",
+        2.5,
+        3,
+        1,
+        {"actors": 1},
+        None,
+        {"list_calls": 5},
+        warnings=["v.mp4: the frame size changes mid-stream at frame 5"],
     )
     record.write(ran, "succeeded")
     written = store.read_json("run.json")
@@ -202,6 +217,8 @@ def test_an_attempts_record_in_run_json_is_what_the_plan_reports(tmp_path):
     assert (
         written["model"] == {"name": "segformer-b0"} and written["labels"] == {"configured": False} and written["counts"] == {"listed": 7}
     )
+    # what the read tasks said and went on (RunMonitor.add_warning) is in the attempt's record, when there is any
+    assert attempt["warnings"] == ["v.mp4: the frame size changes mid-stream at frame 5"]
 
 
 def test_a_run_running_without_a_heartbeat_for_long_is_lost():

@@ -267,3 +267,57 @@ def test_a_clip_models_units_are_clips_owning_their_frames_and_a_resume_keeps_a_
     assert [(r.image_id, r.stage) for r in rows] == [("a.mkv#8", "read"), ("a.mkv#10", "read"), ("a.mkv#12", "read")]
     assert rows[0].error.startswith("read: clip 1 of a.mkv not segmented: frame a.mkv#12: read: the video ended after frame 11")
     assert rows[2].error.startswith("read: the video ended after frame 11")
+
+
+def size_changing_video(path: Path) -> Path:
+    """Two MPEG-2 transport streams, 64 x 48 then 48 x 32, end to end: one video whose frame size changes
+    mid-stream (a transport stream concatenates; the decoder takes the new sequence header)."""
+    import io
+
+    def segment(height: int, width: int, frames: int, start: int) -> bytes:
+        out = io.BytesIO()
+        with av.open(out, mode="w", format="mpegts") as container:
+            stream = container.add_stream("mpeg2video", rate=FPS)
+            stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+            for t in range(frames):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * t, np.uint8), format="rgb24")
+                frame.pts = start + t
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return out.getvalue()
+
+    path.write_bytes(segment(48, 64, 6, 0) + segment(32, 48, 6, 6))
+    return path
+
+
+def test_a_video_whose_frame_size_changes_mid_stream_goes_on_at_each_frames_size_and_says_so_once(tmp_path, ray_session):
+    """The issue's bad input: frames keep their own size, one warning per change (decode_frames), carried by
+    the next frame's sample (read_video_unit) to the run monitor (read_and_decode), which keeps each text once
+    for run.json's attempt `warnings` and the terminal."""
+    import ray
+
+    from pipeline.io.source import read_and_decode
+    from pipeline.plan import _run_monitor_class
+    from pipeline.rows import SourceUnit
+
+    path = size_changing_video(tmp_path / "cam.ts")
+    warnings: list[str] = []
+    frames = list(decode_frames(str(path), list(range(9)), warnings=warnings))
+    sizes = [p.shape[:2] for _, _, p, e in frames if e is None]
+    changed = sizes.index((32, 48))
+    assert sizes[:changed] == [(48, 64)] * changed and set(sizes[changed:]) == {(32, 48)} and changed >= 4
+    assert warnings == [
+        f"{path}: the frame size changes mid-stream at frame {changed}, 64 x 48 -> 48 x 32: its frames are segmented at their own size"
+    ]
+    cfg = load_config(job_config(tmp_path, tmp_path, tmp_path / "m.safetensors", input={"format": "video"}))
+    ids = tuple(f"cam.ts#{i}" for i in range(changed + 2))  # from frame 0: decoded from the start, counted
+    unit = SourceUnit(0, "video", (str(path),) * len(ids), (None,) * len(ids), ids)
+    monitor = _run_monitor_class().remote()
+    rows = [r for r in read_and_decode(unit.to_record(), cfg=cfg, monitor=monitor) if r["image_id"]]
+    assert [(r["image_id"], r["image"].shape[:2], r["error"]) for r in rows] == [
+        (i, (48, 64) if k < changed else (32, 48), "") for k, i in enumerate(ids)
+    ]
+    monitor.add_warning.remote(warnings[0])  # said again by another unit: kept once
+    assert ray.get(monitor.warnings.remote(), timeout=30) == warnings

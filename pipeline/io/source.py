@@ -14,6 +14,7 @@ Parquet tables in pipeline.io.shards. A unit is one read task's worth of input: 
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -35,6 +36,8 @@ from pipeline.io.video import VIDEO_SUFFIXES, frame_id, probe_video, read_video_
 from pipeline.redaction import scrub
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.telemetry import RunMetrics, StageClock
+
+log = logging.getLogger("segpipe.source")
 
 
 class Reader(Protocol):
@@ -437,6 +440,15 @@ def reader_for(cfg: InputConfig, clips: tuple[int, int] | None = None) -> Reader
     return READERS[cfg.format](cfg)
 
 
+def say_warning(text: str, monitor=None) -> None:
+    """A warning of a read task: to the run monitor (run.json's attempt `warnings`, the terminal at the
+    run's end), fire and forget; to the log where there is no monitor (a reader called directly)."""
+    if monitor is not None:
+        monitor.add_warning.remote(text)
+    else:
+        log.warning("%s", text)
+
+
 def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: IdSet | None = None) -> Iterator[dict[str, Any]]:
     """The read stage (a Ray task per unit): one DecodedImage per image, then the unit's end (how
     many image rows came before it). A failure is a row with its error set. What the store did
@@ -464,6 +476,8 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
             clock.add("read", time.perf_counter() - started)
             if sample is None:
                 break
+            if sample.warning:
+                say_warning(sample.warning, monitor)
             if done is not None and sample.image_id in done:
                 continue
             metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))

@@ -132,10 +132,13 @@ def decode_frames(
     wanted: list[int],
     storage_options: dict | None = None,
     stats: StoreStats | None = None,
+    warnings: list[str] | None = None,
 ) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
     """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
     (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
-    first, (index, None, None, error) for each frame not reached."""
+    first, (index, None, None, error) for each frame not reached. A frame whose size is not the one
+    before it (the stream header's, for the first) is decoded at its own size, and said once per
+    change in `warnings`."""
     wanted = sorted(wanted)
     fs, path = open_fs(uri, storage_options)
     reached = -1  # the last frame decoded
@@ -153,8 +156,16 @@ def decode_frames(
             try:
                 stream = _video_stream(container, uri)
                 stream.thread_type = "AUTO"
+                size = (int(stream.width), int(stream.height))  # the header's
                 for index, frame in _frames_from(container, stream, wanted[0] if wanted else 0):
                     reached = index
+                    if (frame.width, frame.height) != size:
+                        if warnings is not None:
+                            warnings.append(
+                                f"{uri}: the frame size changes mid-stream at frame {index}, {size[0]} x {size[1]} -> "
+                                f"{frame.width} x {frame.height}: its frames are segmented at their own size"
+                            )
+                        size = (frame.width, frame.height)
                     while target is not None and target < index:  # a frame the stream skipped
                         yield target, None, None, f"frame {target} not in the stream (frames went from {index - 1} to {index})"
                         target = next(todo, None)
@@ -224,10 +235,14 @@ def read_video_unit(
     if not positions:
         return
     uri = uris[next(iter(positions.values()))]
-    for index, seconds, pixels, error in decode_frames(uri, list(positions), cfg.storage_options, stats):
+    warnings: list[str] = []  # said with the next frame's sample
+    for index, seconds, pixels, error in decode_frames(uri, list(positions), cfg.storage_options, stats, warnings):
         i = positions[index]
         label_uri = label_uris[i] if label_uris else None
         sample = RawSample(unit_index, i, image_ids[i], None, None, has_label=label_uri is not None, timestamp_s=seconds)
+        if warnings:
+            sample.warning = scrub("; ".join(warnings), cfg.storage_options)
+            warnings.clear()
         if error is not None:
             sample.error = scrub(f"read: {error}", cfg.storage_options)
             yield sample

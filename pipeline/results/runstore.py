@@ -774,6 +774,7 @@ class AttemptReport:
     stages: dict | None = None  # seconds per stage, summed over the processes that ran it
     store: dict | None = None  # the plan's store requests (StoreStats' fields)
     slides: dict | None = None  # slides: how many, windows run and skipped (no tissue), their mpp
+    warnings: list[str] | None = None  # what the read tasks said and went on (a video's frame size changing mid-stream)
 
 
 class RunRecord:
@@ -893,6 +894,7 @@ class RunRecord:
             "stages": report.stages,
             "store": stats.as_dict(),
             **({"slides": report.slides} if report.slides else {}),
+            **({"warnings": report.warnings} if report.warnings else {}),
             "versions": package_versions(),
         }
         if status == "running":
