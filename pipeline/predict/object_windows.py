@@ -46,6 +46,7 @@ from pipeline.predict.tiling import (
     read_padded,
     resize_scores,
     score_within_memory,
+    segment_streaming,
     to_pixels,
     window_inside,
 )
@@ -160,6 +161,28 @@ def _next_batch(windows: Iterator[tuple[int, int]], plan, size: int, skip_window
         if run == size:
             break
     return batch
+
+
+def stream_bands(
+    score_fn,
+    objects: tuple[QueryFn, ObjectSettings, list[ImageObject]] | None,
+    read_window: ReadWindow,
+    height: int,
+    width: int,
+    tiling: TilingSettings,
+    batch_sizes: BatchSizes | None = None,
+    skip_window: SkipWindow | None = None,
+    channels: int | None = 3,
+) -> Iterator[SemanticBand]:
+    """The label rows of one image read window by window (a huge TIFF, a raster, a slide): the semantic
+    task's (tiling.segment_streaming), or with `objects` = (query_fn, settings, found) the instance
+    task's (find_objects: its objects into `found`, from the same forward passes)."""
+    if objects is None:
+        return segment_streaming(
+            score_fn, read_window, height, width, tiling, batch_sizes=batch_sizes, skip_window=skip_window, channels=channels
+        )
+    query_fn, settings, found = objects
+    return find_objects(query_fn, read_window, height, width, tiling, settings, found, batch_sizes, skip_window)
 
 
 def find_segments(

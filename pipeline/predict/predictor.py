@@ -34,7 +34,7 @@ from pipeline.metrics.panoptic import PanopticQuality, Segment
 from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading
 from pipeline.predict.clip_frames import clip_inputs, clip_predictions, failed_frames
 from pipeline.predict.job_model import check_task, is_clip_model, load_job_model
-from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments
+from pipeline.predict.object_windows import TASK_THRESHOLDS, ObjectSettings, find_objects, find_segments, stream_bands
 from pipeline.predict.objects import ImageObject, PanopticSegments
 from pipeline.predict.slides import segment_slide
 from pipeline.predict.tiling import (
@@ -44,7 +44,6 @@ from pipeline.predict.tiling import (
     label_dtype,
     model_inputs,
     segment_images,
-    segment_streaming,
     segmentations,
     with_tta,
 )
@@ -665,11 +664,7 @@ def segment_tiff(
                 raise StreamError(
                     f"label {source.label_uri} is {label.width} x {label.height} but the image is {source.width} x {source.height}"
                 )
-            if objects is None:
-                bands = segment_streaming(score_fn, tiff.rgb, source.height, source.width, settings, batch_sizes=batch_sizes)
-            else:
-                query_fn, object_config, found = objects
-                bands = find_objects(query_fn, tiff.rgb, source.height, source.width, settings, object_config, found, batch_sizes)
+            bands = stream_bands(score_fn, objects, tiff.rgb, source.height, source.width, settings, batch_sizes)
             return finish_image(
                 bands,
                 source.height,
@@ -725,22 +720,9 @@ def segment_raster(
             counts = np.zeros(NODATA_LABEL + 1, np.int64)
             pixel_areas = PixelAreas.of_raster(raster.georef(), source.height, source.width)
             physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
-            if objects is None:
-                bands = segment_streaming(
-                    score_fn,
-                    raster.read,
-                    source.height,
-                    source.width,
-                    settings,
-                    skip_window=raster.empty,
-                    channels=None,
-                    batch_sizes=batch_sizes,
-                )
-            else:
-                query_fn, object_config, found = objects
-                bands = find_objects(
-                    query_fn, raster.read, source.height, source.width, settings, object_config, found, batch_sizes, raster.empty
-                )
+            bands = stream_bands(
+                score_fn, objects, raster.read, source.height, source.width, settings, batch_sizes, raster.empty, channels=None
+            )
             chunks, areas = finish_image(
                 bands,
                 source.height,

@@ -18,9 +18,9 @@ from PIL import Image
 from pipeline.io.slide import SlideGrid, SlideWindows, TissueMap, tissue_mask
 from pipeline.io.tiff import StreamError
 from pipeline.metrics.areas import PhysicalAreas, PixelAreas
-from pipeline.predict.object_windows import ObjectSettings, find_objects
+from pipeline.predict.object_windows import ObjectSettings, stream_bands
 from pipeline.predict.objects import ImageObject
-from pipeline.predict.tiling import BatchSizes, TilingSettings, segment_streaming
+from pipeline.predict.tiling import BatchSizes, TilingSettings
 from pipeline.rows import MaskChunk, StreamSource
 
 SKIPPED_LABEL = 255
@@ -98,11 +98,7 @@ def segment_slide(
             result.windows_run += not skipped
             return skipped
 
-        if objects is None:
-            bands = segment_streaming(score_fn, slide.rgb, slide.height, slide.width, settings, batch_sizes=batch_sizes, skip_window=skip)
-        else:
-            query_fn, object_config, found = objects
-            bands = find_objects(query_fn, slide.rgb, slide.height, slide.width, settings, object_config, found, batch_sizes, skip)
+        bands = stream_bands(score_fn, objects, slide.rgb, slide.height, slide.width, settings, batch_sizes, skip)
         pixel_areas = PixelAreas.of_slide(slide.grid.mpp)
         physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
         result.chunks, _ = finish(
