@@ -11,10 +11,12 @@ signal's number. Never a traceback (SEGPIPE_DEBUG=1 shows one).
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.config import ConfigError
@@ -165,6 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None
     args = build_parser().parse_args(argv)
     _log_to_stderr()
+    code = _command(args, program)
+    if program:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the program as soon as its work is done: the exit hooks run (logging's flush, Ray's),
+    then the process ends without Python's teardown of every module, 0.4-0.8 s with torch and
+    Ray imported, spent after the last line. Only when no other thread of ours still runs (an
+    executor's worker, a write in flight): then Python's own exit waits for it, as always."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        return
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _command(args: argparse.Namespace, program: bool) -> int:
     try:
         if args.command == "models":
             from models import list_models
