@@ -48,6 +48,31 @@ def test_an_unknown_command_and_an_unreadable_checkpoint_exit_2_without_tracebac
     assert main(["convert", "/nonexistent/dir", "/tmp/x.safetensors"]) == 2  # a checkpoint problem: usage
 
 
+# the program's end (jobs.cli._exit_now): exit hooks run, output flushed, then os._exit; unless a
+# thread of ours still runs, which Python's own exit then waits for
+PROGRAM_END = """
+import atexit, sys, threading, time
+from jobs.cli import _exit_now
+out = sys.argv[1]
+atexit.register(lambda: open(out, "a").write("hook\\n"))
+if sys.argv[2] == "thread":
+    threading.Thread(target=lambda: (time.sleep(0.5), open(out, "a").write("thread\\n"))).start()
+print("last line", end="")  # unflushed: a pipe is block-buffered
+_exit_now(3)
+open(out, "a").write("after\\n")
+sys.exit(4)
+"""
+
+
+def test_the_program_ends_at_once_with_its_code_output_and_exit_hooks_unless_a_thread_of_ours_still_runs(tmp_path):
+    done = subprocess.run([sys.executable, "-c", PROGRAM_END, str(tmp_path / "alone"), "alone"], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (3, "last line")
+    assert (tmp_path / "alone").read_text() == "hook\n"  # the hooks ran, nothing after _exit_now did
+    waited = subprocess.run([sys.executable, "-c", PROGRAM_END, str(tmp_path / "thread"), "thread"], capture_output=True, text=True)
+    assert (waited.returncode, waited.stdout) == (4, "last line")
+    assert (tmp_path / "thread").read_text() == "after\nthread\nhook\n"  # Python's exit: the thread, then the hooks
+
+
 def test_a_missing_input_uri_exits_2_with_one_line_naming_it_and_writes_nothing(tmp_path, checkpoint, capsys):
     cfg = job_config(tmp_path, tmp_path / "nowhere", checkpoint, run_id="none")
     capsys.readouterr()
