@@ -321,3 +321,47 @@ def test_a_video_whose_frame_size_changes_mid_stream_goes_on_at_each_frames_size
     ]
     monitor.add_warning.remote(warnings[0])  # said again by another unit: kept once
     assert ray.get(monitor.warnings.remote(), timeout=30) == warnings
+
+
+def understated_avi(path: Path, frames: list[np.ndarray], stated: int) -> Path:
+    """An AVI of `frames` (FFV1) whose header states `stated` frames (avih's total and strh's length
+    rewritten): what a recorder that died before it finished its header leaves."""
+    import struct
+
+    write_video(path, frames, FPS, codec="ffv1")  # lossless: frames read back equal
+    data = bytearray(path.read_bytes())
+    avih, strh = data.find(b"avih"), data.find(b"strh")
+    assert struct.unpack_from("<I", data, avih + 24)[0] == len(frames)  # dwTotalFrames
+    assert struct.unpack_from("<I", data, strh + 40)[0] == len(frames)  # dwLength
+    struct.pack_into("<I", data, avih + 24, stated)
+    struct.pack_into("<I", data, strh + 40, stated)
+    path.write_bytes(data)
+    return path
+
+
+def test_frames_past_the_count_a_header_states_are_said_by_the_videos_last_unit_not_left_out_silently(tmp_path):
+    frames = noise_frames(12, seed=5)
+    path = understated_avi(tmp_path / "rec.avi", frames, stated=8)
+    info = probe_video(str(path))
+    assert (info.frames, info.counted) == (8, False)  # what units are planned from: frames 8-11 never are
+    said = (
+        f"{path}: the stream goes on past the 8 frames its header states (frame 8 decoded): frames from 8 on are not "
+        "segmented; remux the file (ffmpeg -i in -c copy out) so that its header counts every frame"
+    )
+    for wanted, sampling, last in (([0, 1, 2, 3], (1, None), False), ([4, 5, 6, 7], (1, None), True), ([3, 6], (3, None), True)):
+        warnings: list[str] = []
+        seen = []
+        for index, _, pixels, error in decode_frames(str(path), wanted, warnings=warnings, sampling=sampling):
+            assert error is None and np.array_equal(pixels, frames[index])
+            seen.append((index, list(warnings)))  # the warning is there when the last frame comes: it rides on its row
+        assert seen == [(i, [said] if last and i == wanted[-1] else []) for i in wanted], wanted
+    assert list(decode_frames(str(path), [4, 5, 6, 7], warnings=(w := []))) and w == []  # no sampling: no check
+    # the reader: the video's last unit carries it on its last frame's sample
+    cfg = load_config(
+        {"input": {"uri": str(tmp_path), "pattern": "*.avi", "format": "video", "images_per_unit": 5}, "model": {"name": "segformer-b0"}}
+    )
+    reader = reader_for(cfg.input)
+    units = reader.list_units()
+    assert [len(u.image_ids) for u in units] == [5, 3]
+    assert [s.warning for s in reader.read_unit(units[0])] == [None] * 5
+    assert [s.warning for s in reader.read_unit(units[1])] == [None, None, said]

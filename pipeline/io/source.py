@@ -386,11 +386,15 @@ def clip_units(first_index: int, uri: str, key: str, frames: list[int], clip_len
         )
 
 
-def read_clip(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None) -> Iterator[DecodedImage]:
+def read_clip(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = None, monitor=None) -> Iterator[DecodedImage]:
     """A clip unit's read: its frames decoded and sent as ONE row (DecodedImage.clip), so that Ray Data
     never splits a clip between predictor calls or actors; where a frame fails (or the frames differ
-    in size), no clip: an errors row for each frame it owns, naming the frame that failed."""
+    in size), no clip: an errors row for each frame it owns, naming the frame that failed. The frames'
+    warnings are said (say_warning)."""
     samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats))
+    for sample in samples:
+        if sample.warning:
+            say_warning(sample.warning, monitor)
     owned = [bool(o) for o in unit.owned]
     key = unit.image_ids[0].rsplit("#", 1)[0]
     problem = next((f"frame {s.image_id}: {s.error}" for s in samples if s.error), None)
@@ -463,7 +467,7 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
     try:
         if unit.format == "clip":  # one row for the clip (or errors rows for the frames it owns)
             started = time.perf_counter()
-            for decoded in read_clip(unit, cfg.input, stats):
+            for decoded in read_clip(unit, cfg.input, stats, monitor):
                 yield decoded.to_record()
             clock.add("read", time.perf_counter() - started)
             # the writer gets one image row per frame the clip owns (the predictor makes them)

@@ -18,7 +18,10 @@ resumed run drops the ids committed earlier (`drop_done`) and reads only units w
 read task seeks to the keyframe at or before its unit's first frame (`container.seek`) and decodes
 from there to its last frame. After a seek the keyframe's index is its timestamp times the average
 frame rate (exact for constant-frame-rate video, which is what cameras and encoders write); a unit
-that starts at frame 0 decodes from the start and counts.
+that starts at frame 0 decodes from the start and counts. A header may state fewer frames than the
+stream holds (a recorder that died before it finished its header): the video's last unit decodes on
+past its last frame, and a frame at or past the stated count is a warning (`decode_frames`), never
+frames left out without a word.
 
 Labels: `<labels uri>/<video stem>/<frame index>.png` (any of input.labels.extensions), the video
 stem being its key without the extension: `cams/a.mp4` frame 12 -> `cams/a/12.png`.
@@ -133,12 +136,16 @@ def decode_frames(
     storage_options: dict | None = None,
     stats: StoreStats | None = None,
     warnings: list[str] | None = None,
+    sampling: tuple[int, float | None] | None = None,
 ) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
     """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
     (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
     first, (index, None, None, error) for each frame not reached. A frame whose size is not the one
     before it (the stream header's, for the first) is decoded at its own size, and said once per
-    change in `warnings`."""
+    change in `warnings`. `sampling` (every_n, fps): where `wanted` ends with the last frame sampled
+    of the frame count the header states, the stream is decoded on past it, and a frame at or past
+    that count is said in `warnings` before the last frame is yielded: those frames were never
+    planned (units come from the header's count), and would otherwise be left out without a word."""
     wanted = sorted(wanted)
     fs, path = open_fs(uri, storage_options)
     reached = -1  # the last frame decoded
@@ -157,7 +164,9 @@ def decode_frames(
                 stream = _video_stream(container, uri)
                 stream.thread_type = "AUTO"
                 size = (int(stream.width), int(stream.height))  # the header's
-                for index, frame in _frames_from(container, stream, wanted[0] if wanted else 0):
+                stated = _stated_end(stream, wanted, sampling)
+                decoded = _frames_from(container, stream, wanted[0] if wanted else 0)
+                for index, frame in decoded:
                     reached = index
                     if (frame.width, frame.height) != size:
                         if warnings is not None:
@@ -173,8 +182,17 @@ def decode_frames(
                         break
                     if index == target:
                         seconds = float(frame.pts * stream.time_base) if frame.pts is not None else None
-                        yield index, seconds, frame.to_ndarray(format="rgb24"), None
+                        pixels = frame.to_ndarray(format="rgb24")
                         target = next(todo, None)
+                        if target is None and stated is not None and warnings is not None:
+                            past = next((later for later, _ in decoded if later >= stated), None)
+                            if past is not None:
+                                warnings.append(
+                                    f"{uri}: the stream goes on past the {stated} frames its header states (frame {past} "
+                                    f"decoded): frames from {stated} on are not segmented; remux the file (ffmpeg -i in -c copy "
+                                    "out) so that its header counts every frame"
+                                )
+                        yield index, seconds, pixels, None
                         if target is None:
                             break
             except Exception as exc:
@@ -184,6 +202,17 @@ def decode_frames(
                 while target is not None:
                     yield target, None, None, why
                     target = next(todo, None)
+
+
+def _stated_end(stream: Any, wanted: list[int], sampling: tuple[int, float | None] | None) -> int | None:
+    """The frame count the header states, where `wanted` ends with the last frame sampled of it (the
+    video's last unit, planned from that count); else None."""
+    stated = int(stream.frames or 0)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if sampling is None or stated <= 0 or not wanted or not rate:
+        return None
+    planned = sampled_frames(stated, Fraction(rate), *sampling)
+    return stated if planned and wanted[-1] == planned[-1] else None
 
 
 def _frames_from(container: Any, stream: Any, first: int) -> Iterator[tuple[int, Any]]:
@@ -236,7 +265,9 @@ def read_video_unit(
         return
     uri = uris[next(iter(positions.values()))]
     warnings: list[str] = []  # said with the next frame's sample
-    for index, seconds, pixels, error in decode_frames(uri, list(positions), cfg.storage_options, stats, warnings):
+    for index, seconds, pixels, error in decode_frames(
+        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps)
+    ):
         i = positions[index]
         label_uri = label_uris[i] if label_uris else None
         sample = RawSample(unit_index, i, image_ids[i], None, None, has_label=label_uri is not None, timestamp_s=seconds)
