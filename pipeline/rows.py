@@ -122,6 +122,9 @@ class SourceUnit:
     # frames, the video's sampled frames); owned: per frame, whether this clip writes its mask
     clip: tuple[int, ...] = ()
     owned: tuple[bool, ...] = ()
+    # format "video" / "clip": False where the video's timestamps are not at a constant rate (a frame's
+    # index cannot be told from its timestamp after a seek): its read task decodes from the start
+    seek: bool = True
 
     @property
     def images(self) -> int:
@@ -138,6 +141,7 @@ class SourceUnit:
             index=int(data["index"]),
             format=str(data["format"]),
             **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples},
+            seek=bool(data.get("seek", True)),
         )
 
 

@@ -23,7 +23,7 @@ from pipeline.io.decode import decode_label
 from pipeline.io.source import read_clip, reader_for
 from pipeline.io.video import _frames_from, decode_frames, probe_video, sampled_frames
 from pipeline.results.runstore import read_mask
-from pipeline.rows import IdSet
+from pipeline.rows import IdSet, SourceUnit
 
 FPS = 10
 
@@ -365,3 +365,47 @@ def test_frames_past_the_count_a_header_states_are_said_by_the_videos_last_unit_
     assert [len(u.image_ids) for u in units] == [5, 3]
     assert [s.warning for s in reader.read_unit(units[0])] == [None] * 5
     assert [s.warning for s in reader.read_unit(units[1])] == [None, None, said]
+
+
+def variable_rate_mkv(path: Path, frames: list[np.ndarray], stamps_ms: list[int]) -> Path:
+    """FFV1 frames at the given presentation times (ms), the stream declared at FPS: a phone's
+    variable-rate recording in miniature."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("ffv1", rate=FPS)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.time_base = "bgr0", Fraction(1, 1000)
+        stream.codec_context.time_base = Fraction(1, 1000)  # the encoder keeps each frame's own time
+        for array, ms in zip(frames, stamps_ms):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_variable_rate_video_is_read_from_its_start_and_each_frame_keeps_its_own_index(tmp_path):
+    """After a seek a frame's index is its timestamp times the rate: wrong where the rate varies (frames
+    24-25 would be frames 12-13 of this video). The listing sees it on the packets and its units decode
+    from the start; a unit that seeks all the same (the listing did not see it) checks each frame up to
+    its first against the next and counts from the start on the first that disagrees."""
+    frames = noise_frames(40, height=24, width=32, seed=9)
+    stamps = [200 * i for i in range(20)] + [4000 + 50 * i for i in range(20)]  # 5 fps, then 20 fps
+    (tmp_path / "v").mkdir()
+    path = variable_rate_mkv(tmp_path / "v" / "phone.mkv", frames, stamps)
+    steady = write_video(tmp_path / "steady.mkv", frames[:12], FPS)
+    info = probe_video(str(path))
+    assert (info.frames, info.rate, info.counted, info.constant_rate) == (40, Fraction(FPS), True, False)
+    assert probe_video(str(steady)).constant_rate and probe_video(str(write_video(tmp_path / "c.mp4", frames[:12], FPS))).constant_rate
+    for seek in (False, True):  # the listing's flag, and the check a seek makes where it is missing
+        got = [(i, s, np.array_equal(p, frames[i])) for i, s, p, e in decode_frames(str(path), [24, 25, 33], seek=seek)]
+        assert got == [(24, 4.2, True), (25, 4.25, True), (33, 4.65, True)], seek
+    cfg = load_config({"input": {"uri": str(tmp_path / "v"), "format": "video", "images_per_unit": 16}, "model": {"name": "segformer-b0"}})
+    reader = reader_for(cfg.input)
+    units = reader.list_units()
+    assert [(len(u.image_ids), u.seek) for u in units] == [(16, False), (16, False), (8, False)]
+    assert units[1] == SourceUnit.from_record(units[1].to_record())  # the flag crosses into Ray and back
+    samples = list(reader.read_unit(units[1]))
+    assert [s.image_id for s in samples] == [f"phone.mkv#{i}" for i in range(16, 32)]
+    assert all(np.array_equal(s.pixels, frames[16 + k]) for k, s in enumerate(samples))

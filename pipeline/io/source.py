@@ -335,7 +335,7 @@ class VideoReader(ImageFolderReader):
             frames = sampled_frames(info.frames, info.rate, cfg.video.every_n, cfg.video.fps)
             if self.clips is not None:
                 for unit in clip_units(index, uri, key, frames, *self.clips):
-                    yield unit
+                    yield replace(unit, seek=info.constant_rate)
                     index += 1
                 continue
             for block in batched(frames, cfg.images_per_unit):
@@ -345,11 +345,12 @@ class VideoReader(ImageFolderReader):
                     uris=(uri,) * len(block),
                     label_uris=tuple(labels.get(f"{stem}/{i}") for i in block) if labels is not None else (),
                     image_ids=tuple(frame_id(key, i) for i in block),
+                    seek=info.constant_rate,
                 )
                 index += 1
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
-        return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats)
+        return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats, unit.seek)
 
     def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
         """Frame units as image folders drop ids; a clip unit stays whole (its frames are the model's
@@ -391,7 +392,7 @@ def read_clip(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = Non
     never splits a clip between predictor calls or actors; where a frame fails (or the frames differ
     in size), no clip: an errors row for each frame it owns, naming the frame that failed. The frames'
     warnings are said (say_warning)."""
-    samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats))
+    samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats, unit.seek))
     for sample in samples:
         if sample.warning:
             say_warning(sample.warning, monitor)

@@ -17,8 +17,11 @@ input.images_per_unit (one video per unit), each with the frames' ids and label 
 resumed run drops the ids committed earlier (`drop_done`) and reads only units with frames left. A
 read task seeks to the keyframe at or before its unit's first frame (`container.seek`) and decodes
 from there to its last frame. After a seek the keyframe's index is its timestamp times the average
-frame rate (exact for constant-frame-rate video, which is what cameras and encoders write); a unit
-that starts at frame 0 decodes from the start and counts. A header may state fewer frames than the
+frame rate: exact for constant-frame-rate video, wrong for a variable-rate one (a phone's, a screen
+capture's), whose units decode from the start and count (SourceUnit.seek False): the listing sees
+one on the packets it counts (`at_constant_rate`) or, where the header states the count, in a base
+rate other than the average; a unit that seeks all the same checks each frame up to its first
+against the next (`_frames_from`). A unit that starts at frame 0 decodes from the start and counts. A header may state fewer frames than the
 stream holds (a recorder that died before it finished its header): the video's last unit decodes on
 past its last frame, and a frame at or past the stated count is a warning (`decode_frames`), never
 frames left out without a word.
@@ -85,6 +88,9 @@ class VideoInfo:
     height: int
     width: int
     counted: bool  # frames counted by a demux pass (the header states none)
+    # each frame's index is its timestamp times `rate` (what a read task's seek relies on): checked on
+    # the packets where they are counted; from the header's rates where they are not
+    constant_rate: bool = True
 
 
 def _open_container(file: Any):
@@ -110,9 +116,19 @@ def probe_video(uri: str, storage_options: dict | None = None, stats: StoreStats
             raise ValueError(f"{uri}: the video stream states no frame rate")
         frames, counted = int(stream.frames or 0), False
         if frames <= 0:
-            frames = sum(1 for packet in container.demux(stream) if packet.size)
-            counted = True
-        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted)
+            stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+            frames, counted = len(stamps), True
+            constant = None not in stamps and at_constant_rate(sorted(stamps), stream.start_time or 0, stream.time_base, Fraction(rate))
+        else:  # no pass over the packets: a stream whose frames are not at its average rate states another base rate
+            constant = not stream.base_rate or Fraction(stream.base_rate) == Fraction(rate)
+        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted, constant)
+
+
+def at_constant_rate(stamps: list[int], start: int, time_base: Fraction, rate: Fraction) -> bool:
+    """Whether each presentation timestamp (in order), times `rate`, rounds to its frame's index: what
+    tells a frame's index after a seek (see the module's docstring). A variable-rate recording (a
+    phone's, a screen capture's) does not: its read tasks decode from the start and count."""
+    return all(round((stamp - start) * time_base * rate) == index for index, stamp in enumerate(stamps))
 
 
 def sampled_frames(frames: int, rate: Fraction, every_n: int = 1, fps: float | None = None) -> list[int]:
@@ -137,6 +153,7 @@ def decode_frames(
     stats: StoreStats | None = None,
     warnings: list[str] | None = None,
     sampling: tuple[int, float | None] | None = None,
+    seek: bool = True,
 ) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
     """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
     (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
@@ -145,7 +162,8 @@ def decode_frames(
     change in `warnings`. `sampling` (every_n, fps): where `wanted` ends with the last frame sampled
     of the frame count the header states, the stream is decoded on past it, and a frame at or past
     that count is said in `warnings` before the last frame is yielded: those frames were never
-    planned (units come from the header's count), and would otherwise be left out without a word."""
+    planned (units come from the header's count), and would otherwise be left out without a word.
+    `seek` False: decoded from the stream's start and counted (a stream not at a constant rate)."""
     wanted = sorted(wanted)
     fs, path = open_fs(uri, storage_options)
     reached = -1  # the last frame decoded
@@ -165,7 +183,7 @@ def decode_frames(
                 stream.thread_type = "AUTO"
                 size = (int(stream.width), int(stream.height))  # the header's
                 stated = _stated_end(stream, wanted, sampling)
-                decoded = _frames_from(container, stream, wanted[0] if wanted else 0)
+                decoded = _frames_from(container, stream, wanted[0] if wanted and seek else 0)
                 for index, frame in decoded:
                     reached = index
                     if (frame.width, frame.height) != size:
@@ -218,20 +236,36 @@ def _stated_end(stream: Any, wanted: list[int], sampling: tuple[int, float | Non
 def _frames_from(container: Any, stream: Any, first: int) -> Iterator[tuple[int, Any]]:
     """(index, frame) of the stream's frames from the keyframe at or before frame `first` on: a seek
     when first > 0, the keyframe's index from its timestamp (see the module's docstring); from the
-    start, counted, where the demuxer lands past `first`."""
+    start, counted, where the demuxer lands past `first`, or where a frame up to `first` has a
+    timestamp that does not give its index (a stream not at a constant rate, that the listing did not
+    see as one): nothing at or past `first` is yielded before its index is checked."""
     if first > 0:
         rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate)
         time_base, start = stream.time_base, stream.start_time or 0
         container.seek(start + math.floor(Fraction(first) / rate / time_base), stream=stream, backward=True)
+
+        def stamped(frame) -> int | None:  # the frame's index from its timestamp
+            return None if frame.pts is None else round((frame.pts - start) * time_base * rate)
+
         frames = container.decode(stream)
-        head = next(frames, None)
-        if head is None:
+        frame = next(frames, None)
+        if frame is None:
             return
-        position = round((head.pts - start) * time_base * rate) if head.pts is not None else 0
-        if position <= first:
-            yield position, head
-            yield from enumerate(frames, start=position + 1)
-            return
+        index = stamped(frame) or 0
+        if index <= first:
+            following, constant = next(frames, None), True
+            while following is not None and index <= first:  # each frame up to `first` against the next
+                if stamped(following) not in (None, index + 1):
+                    constant = False  # counted from the start below (the frames yielded so far are not wanted)
+                    break
+                yield index, frame
+                frame, index, following = following, index + 1, next(frames, None)
+            if constant:
+                yield index, frame
+                if following is not None:
+                    yield index + 1, following
+                    yield from enumerate(frames, start=index + 2)
+                return
         frames.close()
         container.seek(start, stream=stream, backward=True)
     yield from enumerate(container.decode(stream))
@@ -244,10 +278,11 @@ def read_video_unit(
     label_uris: tuple[str | None, ...],
     cfg: Any,
     stats: StoreStats | None = None,
+    seek: bool = True,
 ) -> Iterator[RawSample]:
     """A video unit's samples: each frame decoded (RGB pixels, its timestamp, its label's bytes), or an
     errors row. cfg: the job's InputConfig. A unit whose id is the video's key (it failed at listing)
-    is that video's errors row."""
+    is that video's errors row. `seek`: the unit's (SourceUnit.seek)."""
     labels_required = cfg.labels is not None and cfg.labels.required
     lfs = open_fs(cfg.labels.uri, cfg.storage_options)[0] if cfg.labels else None
     frames = [(i, split_frame_id(image_id)) for i, image_id in enumerate(image_ids)]
@@ -266,7 +301,7 @@ def read_video_unit(
     uri = uris[next(iter(positions.values()))]
     warnings: list[str] = []  # said with the next frame's sample
     for index, seconds, pixels, error in decode_frames(
-        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps)
+        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps), seek
     ):
         i = positions[index]
         label_uri = label_uris[i] if label_uris else None
