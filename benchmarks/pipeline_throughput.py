@@ -56,7 +56,7 @@ from models.base import SegmentationModel
 from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import load_config
 from pipeline.io.decode import decode_image, decode_label
-from pipeline.local_ray import ray_init_kwargs
+from pipeline.local_ray import lean_node, ray_init_kwargs, starts_local_ray
 from pipeline.plan import IMAGES_PER_PREDICT_BATCH, run_job
 from pipeline.predict.predictor import ModelScorer
 from pipeline.predict.tiling import TilingSettings, segment_images
@@ -205,6 +205,18 @@ def job_config(
     }
 
 
+def start_ray(**extra) -> None:
+    """A local Ray as the `segpipe` program starts one (pipeline.local_ray's lean node: no autoscaler
+    monitor, log monitor or API server), so that the run's wall time is the program's; a cluster
+    (RAY_ADDRESS) is joined as the program joins it."""
+    kwargs = {**ray_init_kwargs(False), **extra}
+    if not starts_local_ray():
+        ray.init(**kwargs)
+        return
+    with lean_node(kwargs["log_to_driver"]):
+        ray.init(**kwargs)
+
+
 def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, work: Path) -> float:
     """Wall seconds of `segpipe run` over one image in a process of its own (imports, Ray's start,
     the actors' start, the model loads, the run's files): what every run pays whatever its size."""
@@ -245,7 +257,7 @@ def main() -> None:
     if args.null_model:
         args.model, args.no_fixed_cost = "null", True  # the one-image run is a process of its own: no null model there
         register_null_model()
-        ray.init(**ray_init_kwargs(False), runtime_env={"worker_process_setup_hook": register_null_model})
+        start_ray(runtime_env={"worker_process_setup_hook": register_null_model})
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -268,6 +280,8 @@ def main() -> None:
         plain, plain_stages = plain_loop(model, images, settings, device, precision, args.classes)
         cfg = load_config(job_config(args, images_dir, labels_dir, checkpoint, work / "runs", precision, f"bench-{precision}"))
         started = time.perf_counter()
+        if not ray.is_initialized():
+            start_ray()  # in the timed span: a run pays for its Ray's start
         result = run_job(cfg, progress=lambda _: None)
         pipe = time.perf_counter() - started
         attempt = json.loads((Path(result.run_dir) / "run.json").read_text())["attempts"][-1]
