@@ -122,9 +122,9 @@ class SourceUnit:
     # frames, the video's sampled frames); owned: per frame, whether this clip writes its mask
     clip: tuple[int, ...] = ()
     owned: tuple[bool, ...] = ()
-    # format "video" / "clip": False where the video's timestamps are not at a constant rate (a frame's
-    # index cannot be told from its timestamp after a seek): its read task decodes from the start
-    seek: bool = True
+    # format "video" / "clip" of a variable-rate video (a frame's index cannot be told from its timestamp
+    # times the rate): (index, presentation timestamp) of the unit's first frame, which its read seeks by
+    seek_to: tuple[int, ...] = ()
 
     @property
     def images(self) -> int:
@@ -136,12 +136,11 @@ class SourceUnit:
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> SourceUnit:
-        tuples = ("uris", "label_uris", "image_ids", "clip", "owned")
+        tuples = ("uris", "label_uris", "image_ids", "clip", "owned", "seek_to")
         return cls(
             index=int(data["index"]),
             format=str(data["format"]),
             **{k: tuple(data.get(k) if data.get(k) is not None else ()) for k in tuples},
-            seek=bool(data.get("seek", True)),
         )
 
 

@@ -385,27 +385,44 @@ def variable_rate_mkv(path: Path, frames: list[np.ndarray], stamps_ms: list[int]
     return path
 
 
-def test_a_variable_rate_video_is_read_from_its_start_and_each_frame_keeps_its_own_index(tmp_path):
-    """After a seek a frame's index is its timestamp times the rate: wrong where the rate varies (frames
-    24-25 would be frames 12-13 of this video). The listing sees it on the packets and its units decode
-    from the start; a unit that seeks all the same (the listing did not see it) checks each frame up to
-    its first against the next and counts from the start on the first that disagrees."""
+def test_a_variable_rate_video_seeks_by_its_frames_timestamps_and_each_frame_keeps_its_own_index(tmp_path):
+    """After a seek by the rate a frame's index is its timestamp times the rate: wrong where the rate
+    varies (frames 24-25 would be frames 12-13 of this video). The listing sees it on the packets'
+    timestamps, and its units seek by their first frame's; a unit that seeks by the rate all the same
+    (the listing did not see it) checks each frame up to its first against the next and counts from
+    the start on the first that disagrees."""
     frames = noise_frames(40, height=24, width=32, seed=9)
-    stamps = [200 * i for i in range(20)] + [4000 + 50 * i for i in range(20)]  # 5 fps, then 20 fps
+    stamps = [200 * i for i in range(20)] + [4000 + 50 * i for i in range(20)]  # ms: 5 fps, then 20 fps
     (tmp_path / "v").mkdir()
     path = variable_rate_mkv(tmp_path / "v" / "phone.mkv", frames, stamps)
-    steady = write_video(tmp_path / "steady.mkv", frames[:12], FPS)
     info = probe_video(str(path))
-    assert (info.frames, info.rate, info.counted, info.constant_rate) == (40, Fraction(FPS), True, False)
-    assert probe_video(str(steady)).constant_rate and probe_video(str(write_video(tmp_path / "c.mp4", frames[:12], FPS))).constant_rate
-    for seek in (False, True):  # the listing's flag, and the check a seek makes where it is missing
-        got = [(i, s, np.array_equal(p, frames[i])) for i, s, p, e in decode_frames(str(path), [24, 25, 33], seek=seek)]
-        assert got == [(24, 4.2, True), (25, 4.25, True), (33, 4.65, True)], seek
+    assert (info.frames, info.rate, info.counted, info.stamps) == (40, Fraction(FPS), True, stamps)
+    assert probe_video(str(write_video(tmp_path / "steady.mkv", frames[:12], FPS))).stamps is None  # constant: seeks by the rate
+    assert probe_video(str(write_video(tmp_path / "c.mp4", frames[:12], FPS))).stamps is None
+    expected = [(24, 4.2, True), (25, 4.25, True), (33, 4.65, True)]
+    for seek_to in ((), (20, 4000), (22, 4100)):  # by the rate, checked; by a frame's timestamp at or before the first
+        got = [(i, s, np.array_equal(p, frames[i])) for i, s, p, e in decode_frames(str(path), [24, 25, 33], seek_to=seek_to)]
+        assert got == expected, seek_to
     cfg = load_config({"input": {"uri": str(tmp_path / "v"), "format": "video", "images_per_unit": 16}, "model": {"name": "segformer-b0"}})
     reader = reader_for(cfg.input)
     units = reader.list_units()
-    assert [(len(u.image_ids), u.seek) for u in units] == [(16, False), (16, False), (8, False)]
-    assert units[1] == SourceUnit.from_record(units[1].to_record())  # the flag crosses into Ray and back
+    assert [(len(u.image_ids), u.seek_to) for u in units] == [(16, (0, 0)), (16, (16, 3200)), (8, (32, 4600))]
+    assert units[1] == SourceUnit.from_record(units[1].to_record())  # it crosses into Ray and back
     samples = list(reader.read_unit(units[1]))
     assert [s.image_id for s in samples] == [f"phone.mkv#{i}" for i in range(16, 32)]
     assert all(np.array_equal(s.pixels, frames[16 + k]) for k, s in enumerate(samples))
+    left = reader.drop_done(units, IdSet(pa.array([f"phone.mkv#{i}" for i in range(35)])))  # a resume: the seek stays
+    assert [(u.image_ids, u.seek_to) for u in left] == [(tuple(f"phone.mkv#{i}" for i in range(35, 40)), (32, 4600))]
+    assert [s.timestamp_s for s in reader.read_unit(left[0])] == [s / 1000 for s in stamps[35:]]
+    # a clip model's units: each clip seeks by its first frame's timestamp, and reads its own frames
+    cfg = load_config(
+        {
+            "input": {"uri": str(tmp_path / "v"), "format": "video", "video": {"every_n": 2}},
+            "model": {"name": "vistr-r50"},
+            "inference": {"task": "instance", "clip_length": 4, "clip_stride": 4},
+        }
+    )
+    clips = reader_for(cfg.input, clips=(4, 4)).list_units()
+    assert [u.seek_to for u in clips] == [(8 * k, stamps[8 * k]) for k in range(5)]
+    [row] = list(read_clip(clips[3], cfg.input))
+    assert np.array_equal(row.image, np.concatenate([frames[i] for i in (24, 26, 28, 30)]))

@@ -32,7 +32,7 @@ from pipeline.io.shards import ParquetReader, TarReader
 from pipeline.io.slide import DICOM_SUFFIX, SLIDE_SUFFIXES, probe_slide
 from pipeline.io.storage import StoreStats, full_uri, iter_files, iter_manifest, list_files, open_fs, read_bytes
 from pipeline.io.tiff import probe_stream
-from pipeline.io.video import VIDEO_SUFFIXES, frame_id, probe_video, read_video_unit, sampled_frames, video_stem
+from pipeline.io.video import VIDEO_SUFFIXES, VideoInfo, frame_id, probe_video, read_video_unit, sampled_frames, video_stem
 from pipeline.redaction import scrub
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
 from pipeline.telemetry import RunMetrics, StageClock
@@ -335,7 +335,7 @@ class VideoReader(ImageFolderReader):
             frames = sampled_frames(info.frames, info.rate, cfg.video.every_n, cfg.video.fps)
             if self.clips is not None:
                 for unit in clip_units(index, uri, key, frames, *self.clips):
-                    yield replace(unit, seek=info.constant_rate)
+                    yield replace(unit, seek_to=stamp_of(info, frames[unit.clip[1]]))
                     index += 1
                 continue
             for block in batched(frames, cfg.images_per_unit):
@@ -345,12 +345,12 @@ class VideoReader(ImageFolderReader):
                     uris=(uri,) * len(block),
                     label_uris=tuple(labels.get(f"{stem}/{i}") for i in block) if labels is not None else (),
                     image_ids=tuple(frame_id(key, i) for i in block),
-                    seek=info.constant_rate,
+                    seek_to=stamp_of(info, block[0]),
                 )
                 index += 1
 
     def read_unit(self, unit: SourceUnit, stats: StoreStats | None = None) -> Iterator[RawSample]:
-        return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats, unit.seek)
+        return read_video_unit(unit.index, unit.uris, unit.image_ids, unit.label_uris, self.cfg, stats, unit.seek_to)
 
     def drop_done(self, units: list[SourceUnit], done: IdSet) -> list[SourceUnit]:
         """Frame units as image folders drop ids; a clip unit stays whole (its frames are the model's
@@ -368,6 +368,11 @@ class VideoReader(ImageFolderReader):
             if any(owned):
                 out.append(replace(unit, owned=owned))
         return sorted(frames + out, key=lambda u: u.index)
+
+
+def stamp_of(info: VideoInfo, index: int) -> tuple[int, ...]:
+    """A unit's SourceUnit.seek_to: (its first frame, that frame's timestamp) for a variable-rate video."""
+    return (index, info.stamps[index]) if info.stamps is not None else ()
 
 
 def clip_units(first_index: int, uri: str, key: str, frames: list[int], clip_length: int, clip_stride: int) -> Iterator[SourceUnit]:
@@ -392,7 +397,7 @@ def read_clip(unit: SourceUnit, cfg: InputConfig, stats: StoreStats | None = Non
     never splits a clip between predictor calls or actors; where a frame fails (or the frames differ
     in size), no clip: an errors row for each frame it owns, naming the frame that failed. The frames'
     warnings are said (say_warning)."""
-    samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats, unit.seek))
+    samples = list(read_video_unit(unit.index, unit.uris, unit.image_ids, (), cfg, stats, unit.seek_to))
     for sample in samples:
         if sample.warning:
             say_warning(sample.warning, monitor)

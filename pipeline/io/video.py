@@ -18,10 +18,12 @@ resumed run drops the ids committed earlier (`drop_done`) and reads only units w
 read task seeks to the keyframe at or before its unit's first frame (`container.seek`) and decodes
 from there to its last frame. After a seek the keyframe's index is its timestamp times the average
 frame rate: exact for constant-frame-rate video, wrong for a variable-rate one (a phone's, a screen
-capture's), whose units decode from the start and count (SourceUnit.seek False): the listing sees
-one on the packets it counts (`at_constant_rate`) or, where the header states the count, in a base
-rate other than the average; a unit that seeks all the same checks each frame up to its first
-against the next (`_frames_from`). A unit that starts at frame 0 decodes from the start and counts. A header may state fewer frames than the
+capture's). The listing sees one on its packets' timestamps (`at_constant_rate`), read in its demux
+pass where the header states no count or states a base rate other than the average: such a video's
+units seek by the timestamp of their first frame (SourceUnit.seek_to) and count from it. A unit that
+seeks by the rate all the same checks each frame up to its first against the next (`_frames_from`)
+and counts from the start at the first that disagrees. A unit that starts at frame 0 decodes from
+the start and counts. A header may state fewer frames than the
 stream holds (a recorder that died before it finished its header): the video's last unit decodes on
 past its last frame, and a frame at or past the stated count is a warning (`decode_frames`), never
 frames left out without a word.
@@ -88,9 +90,9 @@ class VideoInfo:
     height: int
     width: int
     counted: bool  # frames counted by a demux pass (the header states none)
-    # each frame's index is its timestamp times `rate` (what a read task's seek relies on): checked on
-    # the packets where they are counted; from the header's rates where they are not
-    constant_rate: bool = True
+    # a variable-rate stream's presentation timestamps, frame by frame (what its units seek by); None
+    # where each frame's index is its timestamp times `rate` (constant rate: a seek by the rate is exact)
+    stamps: list[int] | None = None
 
 
 def _open_container(file: Any):
@@ -114,20 +116,21 @@ def probe_video(uri: str, storage_options: dict | None = None, stats: StoreStats
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate:
             raise ValueError(f"{uri}: the video stream states no frame rate")
-        frames, counted = int(stream.frames or 0), False
-        if frames <= 0:
-            stamps = [packet.pts for packet in container.demux(stream) if packet.size]
+        frames, counted, stamps = int(stream.frames or 0), False, None
+        # the packets' timestamps where the header states no count, or states a base rate other than
+        # the average (a variable rate, likely): one demux pass, no frame decoded
+        if frames <= 0 or (stream.base_rate and Fraction(stream.base_rate) != Fraction(rate)):
+            stamps = sorted(packet.pts for packet in container.demux(stream) if packet.size and packet.pts is not None)
             frames, counted = len(stamps), True
-            constant = None not in stamps and at_constant_rate(sorted(stamps), stream.start_time or 0, stream.time_base, Fraction(rate))
-        else:  # no pass over the packets: a stream whose frames are not at its average rate states another base rate
-            constant = not stream.base_rate or Fraction(stream.base_rate) == Fraction(rate)
-        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted, constant)
+            if at_constant_rate(stamps, stream.start_time or 0, stream.time_base, Fraction(rate)):
+                stamps = None
+        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted, stamps)
 
 
 def at_constant_rate(stamps: list[int], start: int, time_base: Fraction, rate: Fraction) -> bool:
     """Whether each presentation timestamp (in order), times `rate`, rounds to its frame's index: what
     tells a frame's index after a seek (see the module's docstring). A variable-rate recording (a
-    phone's, a screen capture's) does not: its read tasks decode from the start and count."""
+    phone's, a screen capture's) does not: its units seek by the timestamp of a frame of theirs."""
     return all(round((stamp - start) * time_base * rate) == index for index, stamp in enumerate(stamps))
 
 
@@ -153,7 +156,7 @@ def decode_frames(
     stats: StoreStats | None = None,
     warnings: list[str] | None = None,
     sampling: tuple[int, float | None] | None = None,
-    seek: bool = True,
+    seek_to: tuple[int, ...] = (),
 ) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
     """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
     (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
@@ -163,7 +166,8 @@ def decode_frames(
     of the frame count the header states, the stream is decoded on past it, and a frame at or past
     that count is said in `warnings` before the last frame is yielded: those frames were never
     planned (units come from the header's count), and would otherwise be left out without a word.
-    `seek` False: decoded from the stream's start and counted (a stream not at a constant rate)."""
+    `seek_to` (index, timestamp) of a frame at or before the first of `wanted`: a variable-rate stream's
+    seek (SourceUnit.seek_to), by that timestamp, the frames counted from that frame."""
     wanted = sorted(wanted)
     fs, path = open_fs(uri, storage_options)
     reached = -1  # the last frame decoded
@@ -183,7 +187,7 @@ def decode_frames(
                 stream.thread_type = "AUTO"
                 size = (int(stream.width), int(stream.height))  # the header's
                 stated = _stated_end(stream, wanted, sampling)
-                decoded = _frames_from(container, stream, wanted[0] if wanted and seek else 0)
+                decoded = _frames_from(container, stream, wanted[0] if wanted else 0, seek_to)
                 for index, frame in decoded:
                     reached = index
                     if (frame.width, frame.height) != size:
@@ -233,12 +237,27 @@ def _stated_end(stream: Any, wanted: list[int], sampling: tuple[int, float | Non
     return stated if planned and wanted[-1] == planned[-1] else None
 
 
-def _frames_from(container: Any, stream: Any, first: int) -> Iterator[tuple[int, Any]]:
+def _frames_from(container: Any, stream: Any, first: int, seek_to: tuple[int, ...] = ()) -> Iterator[tuple[int, Any]]:
     """(index, frame) of the stream's frames from the keyframe at or before frame `first` on: a seek
     when first > 0, the keyframe's index from its timestamp (see the module's docstring); from the
     start, counted, where the demuxer lands past `first`, or where a frame up to `first` has a
     timestamp that does not give its index (a stream not at a constant rate, that the listing did not
-    see as one): nothing at or past `first` is yielded before its index is checked."""
+    see as one): nothing at or past `first` is yielded before its index is checked. `seek_to` (index,
+    timestamp): a seek by that frame's timestamp, the frames before it dropped, counted from it."""
+    if seek_to and seek_to[0] > 0:
+        index, stamp = seek_to
+        container.seek(stamp, stream=stream, backward=True)
+        frames = container.decode(stream)
+        for frame in frames:
+            if frame.pts is None or frame.pts > stamp:
+                break  # not the stream the listing read: counted from the start below
+            if frame.pts == stamp:
+                yield index, frame
+                yield from enumerate(frames, start=index + 1)
+                return
+        frames.close()
+        container.seek(stream.start_time or 0, stream=stream, backward=True)
+        first = 0
     if first > 0:
         rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate)
         time_base, start = stream.time_base, stream.start_time or 0
@@ -278,11 +297,11 @@ def read_video_unit(
     label_uris: tuple[str | None, ...],
     cfg: Any,
     stats: StoreStats | None = None,
-    seek: bool = True,
+    seek_to: tuple[int, ...] = (),
 ) -> Iterator[RawSample]:
     """A video unit's samples: each frame decoded (RGB pixels, its timestamp, its label's bytes), or an
     errors row. cfg: the job's InputConfig. A unit whose id is the video's key (it failed at listing)
-    is that video's errors row. `seek`: the unit's (SourceUnit.seek)."""
+    is that video's errors row. `seek_to`: the unit's (SourceUnit.seek_to)."""
     labels_required = cfg.labels is not None and cfg.labels.required
     lfs = open_fs(cfg.labels.uri, cfg.storage_options)[0] if cfg.labels else None
     frames = [(i, split_frame_id(image_id)) for i, image_id in enumerate(image_ids)]
@@ -301,7 +320,7 @@ def read_video_unit(
     uri = uris[next(iter(positions.values()))]
     warnings: list[str] = []  # said with the next frame's sample
     for index, seconds, pixels, error in decode_frames(
-        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps), seek
+        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps), seek_to
     ):
         i = positions[index]
         label_uri = label_uris[i] if label_uris else None
