@@ -147,36 +147,27 @@ def test_labels_missing_or_unmatched_are_said(ray_session, tmp_path, seed0_check
     assert [e["image_id"] for e in errors] == ["img001.png"] and "no label" in errors[0]["error"]
 
 
-def test_parts_follow_images_per_unit(ray_session, tmp_path, seed0_checkpoint):
+def test_parts_follow_images_per_unit_and_summary_json_is_strict_json_with_null_for_absent_classes(ray_session, tmp_path, seed0_checkpoint):
     data = labeled_folder(tmp_path / "data", [(20, 30)] * 5, NUM_CLASSES)
-    assert (
-        segpipe_run(
-            tmp_path / "job.yaml", job_config(tmp_path, data / "images", seed0_checkpoint, run_id="units", input={"images_per_unit": 2})
-        )
-        == 0
-    )
+    # labels of class 0 only: classes 1 and 2 may be absent from labels and predictions alike
+    for label in (data / "labels").glob("*.png"):
+        write_png(label, np.zeros((20, 30), np.uint8))
+    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="units", input={"images_per_unit": 2})
+    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     run_dir = tmp_path / "runs" / "units"
     parts = sorted((run_dir / "masks").glob("*.parquet"))
     sizes = sorted(len(read_run_table_file(p)) for p in parts)
     assert sizes == [1, 2, 2]
     assert not any(p.name.startswith(".") or p.name.startswith("_") for p in run_dir.iterdir())  # no temporary leftovers
+    summary = strict_json_load(run_dir / "summary.json")
+    assert None in summary["IoU"] and all(v is None or isinstance(v, float) for v in summary["IoU"])  # null, never NaN
+    strict_json_load(run_dir / "run.json")
 
 
 def read_run_table_file(path: Path) -> list:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).column("image_id").to_pylist()
-
-
-def test_summary_json_is_strict_json_with_null_for_absent_classes(ray_session, tmp_path, seed0_checkpoint):
-    data = labeled_folder(tmp_path / "data", [(20, 30)], NUM_CLASSES)
-    # labels of class 0 only: classes 1 and 2 may be absent from labels and predictions alike
-    write_png(data / "labels" / "img000.png", np.zeros((20, 30), np.uint8))
-    cfg = job_config(tmp_path, data / "images", seed0_checkpoint, labels=data / "labels", run_id="strict")
-    assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
-    summary = strict_json_load(tmp_path / "runs" / "strict" / "summary.json")
-    assert all(v is None or isinstance(v, float) for v in summary["IoU"])
-    strict_json_load(tmp_path / "runs" / "strict" / "run.json")
 
 
 def test_bad_checkpoints_and_model_names_are_one_line_exit_2(ray_session, tmp_path, seed0_checkpoint, capsys):
