@@ -1110,11 +1110,10 @@ def build_dataset(
         compute=actors.pool(),
         num_cpus=actors.num_cpus,
         num_gpus=actors.num_gpus,
-        # a dead actor is replaced and its batch redone (Ray Data's defaults, stated): the writer takes
-        # every image once; the test hook that kills one reaches the actors through their environment
-        max_restarts=-1,
-        max_task_retries=-1,
-        **({"runtime_env": {"env_vars": {DIE_ON: os.environ[DIE_ON]}}} if os.environ.get(DIE_ON) else {}),
+        # a dead actor is replaced and its batch redone (Ray Data's defaults for an actor pool:
+        # max_restarts and max_task_retries -1; passing them is deprecated): the writer takes every
+        # image once; the test hook that kills one reaches the actors through their environment
+        runtime_env={"env_vars": {DIE_ON: os.environ[DIE_ON]}} if os.environ.get(DIE_ON) else None,
     )
     # one writer, holding no CPU: every row of a unit must meet in one place to commit it as parts
     return ds.map_batches(
