@@ -181,8 +181,12 @@ def _exit_now(code: int) -> None:
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
         return
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: started without it
+                stream.flush()
+        except (OSError, ValueError):  # a reader that went away (a closed pipe): nothing more to tell it
+            pass
     os._exit(code)
 
 

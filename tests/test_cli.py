@@ -71,6 +71,12 @@ def test_the_program_ends_at_once_with_its_code_output_and_exit_hooks_unless_a_t
     waited = subprocess.run([sys.executable, "-c", PROGRAM_END, str(tmp_path / "thread"), "thread"], capture_output=True, text=True)
     assert (waited.returncode, waited.stdout) == (4, "last line")
     assert (tmp_path / "thread").read_text() == "after\nthread\nhook\n"  # Python's exit: the thread, then the hooks
+    # started without a stdout (sys.stdout None): the same end, no traceback
+    closed = subprocess.run(
+        [sys.executable, "-c", PROGRAM_END, str(tmp_path / "closed"), "alone"], stdout=None, stderr=subprocess.PIPE,
+        text=True, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert (closed.returncode, closed.stderr, (tmp_path / "closed").read_text()) == (3, "", "hook\n")
 
 
 def test_a_missing_input_uri_exits_2_with_one_line_naming_it_and_writes_nothing(tmp_path, checkpoint, capsys):
