@@ -23,10 +23,9 @@ pass where the header states no count or states a base rate other than the avera
 units seek by the timestamp of their first frame (SourceUnit.seek_to) and count from it. A unit that
 seeks by the rate all the same checks each frame up to its first against the next (`_frames_from`)
 and counts from the start at the first that disagrees. A unit that starts at frame 0 decodes from
-the start and counts. A header may state fewer frames than the
-stream holds (a recorder that died before it finished its header): the video's last unit decodes on
-past its last frame, and a frame at or past the stated count is a warning (`decode_frames`), never
-frames left out without a word.
+the start and counts. A header may state fewer frames than the stream holds (a recorder that died
+before it finished its header): the video's last unit decodes on past its last frame, and a frame
+at or past the stated count is a warning (`decode_frames`), never frames left out without a word.
 
 Labels: `<labels uri>/<video stem>/<frame index>.png` (any of input.labels.extensions), the video
 stem being its key without the extension: `cams/a.mp4` frame 12 -> `cams/a/12.png`.
