@@ -49,6 +49,7 @@ import numpy as np
 
 from pipeline.io.clip_plan import Clip, frame_owners, plan_clips
 from pipeline.io.coco_codec import decode_rle, encode_rle
+from pipeline.predict.piece_groups import PieceGroups
 
 __all__ = ["Clip", "Track", "TrackJoiner", "frame_owners", "join_tracks", "plan_clips"]
 
@@ -117,19 +118,11 @@ class TrackJoiner:
         if frame_numbers is not None and len(frame_numbers) < len(self._owners):
             raise ValueError(f"{len(frame_numbers)} frame numbers for {len(self._owners)} frames")
         self._numbers = None if frame_numbers is None else [int(n) for n in frame_numbers]
-        self._pieces: dict[int, _Piece] = {}
-        self._parent: dict[int, int] = {}
-        self._next_piece = 0
+        self._groups: PieceGroups[_Piece] = PieceGroups()
         self._next_track = 1
         self._clip = 0
         # the previous clip's pieces: arrival number -> masks on the frames it shares with the next clip
         self._previous: dict[int, np.ndarray] = {}
-
-    def _root(self, i: int) -> int:
-        while self._parent[i] != i:
-            self._parent[i] = self._parent[self._parent[i]]
-            i = self._parent[i]
-        return i
 
     def add(self, sequences: Iterable[InstanceSequenceLike]) -> list[Track]:
         if self._clip >= len(self.clips):
@@ -150,21 +143,20 @@ class TrackJoiner:
             if present is not None:
                 masks = masks & np.asarray(present, bool)[:, None, None]
             areas = masks.reshape(clip.length, -1).sum(1)
-            i = self._next_piece
-            self._next_piece += 1
-            self._pieces[i] = _Piece(
-                clip=k,
-                instance=int(getattr(sequence, "instance", position)),
-                label=int(sequence.label),
-                score=float(sequence.score),
-                area=int(areas.sum()),
-                frames={clip.start + t: encode_rle(masks[t]) for t in np.flatnonzero(areas)},
+            i = self._groups.add(
+                _Piece(
+                    clip=k,
+                    instance=int(getattr(sequence, "instance", position)),
+                    label=int(sequence.label),
+                    score=float(sequence.score),
+                    area=int(areas.sum()),
+                    frames={clip.start + t: encode_rle(masks[t]) for t in np.flatnonzero(areas)},
+                )
             )
-            self._parent[i] = i
             here = masks[shared_before.start - clip.start : shared_before.stop - clip.start]
             for j, before in self._previous.items():
-                if self._pieces[j].label == self._pieces[i].label and _same_track(before, here, self.iou_threshold):
-                    self._parent[self._root(i)] = self._root(j)
+                if self._groups[j].label == self._groups[i].label and _same_track(before, here, self.iou_threshold):
+                    self._groups.join(i, j)
             current[i] = masks[shared_after.start - clip.start : shared_after.stop - clip.start].copy()
         self._previous = current
         return self._pop_finished(lambda piece: piece.clip < k)
@@ -174,21 +166,8 @@ class TrackJoiner:
         return self._pop_finished(lambda piece: True)
 
     def _pop_finished(self, is_final) -> list[Track]:
-        groups: dict[int, list[int]] = {}
-        for i in self._pieces:
-            groups.setdefault(self._root(i), []).append(i)
-        tracks = []
-        for members in sorted(groups.values()):
-            pieces = [self._pieces[i] for i in members]
-            if all(is_final(piece) for piece in pieces):
-                track = self._track(pieces)
-                if track is not None:
-                    tracks.append(track)
-                for i in members:
-                    del self._pieces[i]
-        for i in [i for i in self._parent if i not in self._pieces]:
-            del self._parent[i]
-        return tracks
+        tracks = (self._track(pieces) for pieces in self._groups.pop_finished(is_final))
+        return [track for track in tracks if track is not None]
 
     def _track(self, pieces: list[_Piece]) -> Track | None:
         """One track from its pieces: each frame's mask from the owning clip (the docstring's rule)."""

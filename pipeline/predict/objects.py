@@ -62,6 +62,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.predict.piece_groups import PieceGroups
+
 Size = tuple[int, int]  # (height, width)
 
 # ---------------------------------------------------------------------------------------------
@@ -366,16 +368,8 @@ class WindowInstanceMerger:
 
     def __init__(self, iou_threshold: float = 0.5) -> None:
         self.iou_threshold = iou_threshold
-        self._pieces: dict[int, _Piece] = {}  # the open pieces, by arrival number
-        self._parent: dict[int, int] = {}  # union-find over arrival numbers
-        self._next = 0
+        self._groups: PieceGroups[_Piece] = PieceGroups()
         self._top: int | None = None  # the last window's top row
-
-    def _root(self, i: int) -> int:
-        while self._parent[i] != i:
-            self._parent[i] = self._parent[self._parent[i]]
-            i = self._parent[i]
-        return i
 
     def add(self, offset: Size, instances: Instances) -> list[ImageObject]:
         y, x = int(offset[0]), int(offset[1])
@@ -385,7 +379,7 @@ class WindowInstanceMerger:
         finished = self._pop_finished(lambda piece: piece.window[2] <= y)
         height, width = instances.masks.shape[1:]
         window = (y, x, y + height, x + width)
-        earlier = list(self._pieces.items())
+        earlier = self._groups.items()
         for k in range(len(instances)):
             if instances.area[k] == 0:
                 continue
@@ -398,12 +392,10 @@ class WindowInstanceMerger:
                 mask=instances.masks[k, by : by + bh, bx : bx + bw].copy(),
                 area=int(instances.area[k]),
             )
-            i = self._next
-            self._next += 1
-            self._pieces[i], self._parent[i] = piece, i
+            i = self._groups.add(piece)
             for j, other in earlier:
                 if other.window != window and _same_object(piece, other, self.iou_threshold):
-                    self._parent[self._root(i)] = self._root(j)
+                    self._groups.join(i, j)
         return finished
 
     def finish(self) -> list[ImageObject]:
@@ -412,20 +404,7 @@ class WindowInstanceMerger:
 
     def _pop_finished(self, is_final) -> list[ImageObject]:
         """Remove and merge the objects all of whose pieces are final, in order of their first piece."""
-        groups: dict[int, list[int]] = {}
-        for i in self._pieces:
-            groups.setdefault(self._root(i), []).append(i)
-        objects = []
-        for members in sorted(groups.values()):
-            pieces = [self._pieces[i] for i in members]
-            if all(is_final(piece) for piece in pieces):
-                objects.append(_merge(pieces))
-                for i in members:
-                    del self._pieces[i]
-        for i in list(self._parent):
-            if i not in self._pieces:
-                del self._parent[i]
-        return objects
+        return [_merge(pieces) for pieces in self._groups.pop_finished(is_final)]
 
 
 def _merge(pieces: list[_Piece]) -> ImageObject:
