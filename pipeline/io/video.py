@@ -106,24 +106,31 @@ def _video_stream(container: Any, uri: str):
     return container.streams.video[0]
 
 
+def _frame_rate(stream: Any) -> Fraction | None:
+    """The stream's average frame rate (else the guessed or base rate): what frame indices and
+    seeks are counted by; None where the stream states none."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    return Fraction(rate) if rate else None
+
+
 def probe_video(uri: str, storage_options: dict | None = None, stats: StoreStats | None = None) -> VideoInfo:
     """A video's frame count, average rate and size from its header; the frame count by one demux pass
     (packets counted, none decoded) where the header states none."""
     fs, path = open_fs(uri, storage_options)
     with RetryingFile(fs, path, uri=uri, stats=stats, block_size=PROBE_BLOCK_BYTES) as file, _open_container(file) as container:
         stream = _video_stream(container, uri)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        rate = _frame_rate(stream)
         if not rate:
             raise ValueError(f"{uri}: the video stream states no frame rate")
         frames, counted, stamps = int(stream.frames or 0), False, None
         # the packets' timestamps where the header states no count, or states a base rate other than
         # the average (a variable rate, likely): one demux pass, no frame decoded
-        if frames <= 0 or (stream.base_rate and Fraction(stream.base_rate) != Fraction(rate)):
+        if frames <= 0 or (stream.base_rate and Fraction(stream.base_rate) != rate):
             stamps = sorted(packet.pts for packet in container.demux(stream) if packet.size and packet.pts is not None)
             frames, counted = len(stamps), True
-            if at_constant_rate(stamps, stream.start_time or 0, stream.time_base, Fraction(rate)):
+            if at_constant_rate(stamps, stream.start_time or 0, stream.time_base, rate):
                 stamps = None
-        return VideoInfo(frames, Fraction(rate), int(stream.height), int(stream.width), counted, stamps)
+        return VideoInfo(frames, rate, int(stream.height), int(stream.width), counted, stamps)
 
 
 def at_constant_rate(stamps: list[int], start: int, time_base: Fraction, rate: Fraction) -> bool:
@@ -229,10 +236,10 @@ def _stated_end(stream: Any, wanted: list[int], sampling: tuple[int, float | Non
     """The frame count the header states, where `wanted` ends with the last frame sampled of it (the
     video's last unit, planned from that count); else None."""
     stated = int(stream.frames or 0)
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    rate = _frame_rate(stream)
     if sampling is None or stated <= 0 or not wanted or not rate:
         return None
-    planned = sampled_frames(stated, Fraction(rate), *sampling)
+    planned = sampled_frames(stated, rate, *sampling)
     return stated if planned and wanted[-1] == planned[-1] else None
 
 
@@ -258,7 +265,7 @@ def _frames_from(container: Any, stream: Any, first: int, seek_to: tuple[int, ..
         container.seek(stream.start_time or 0, stream=stream, backward=True)
         first = 0
     if first > 0:
-        rate = Fraction(stream.average_rate or stream.guessed_rate or stream.base_rate)
+        rate = _frame_rate(stream)
         time_base, start = stream.time_base, stream.start_time or 0
         container.seek(start + math.floor(Fraction(first) / rate / time_base), stream=stream, backward=True)
 
