@@ -56,7 +56,7 @@ from models.base import SegmentationModel
 from models.onnx_backend import run_with_onnxruntime
 from pipeline.config import load_config
 from pipeline.io.decode import decode_image, decode_label
-from pipeline.local_ray import lean_node, ray_init_kwargs, starts_local_ray
+from pipeline.local_ray import init_local, ray_init_kwargs, starts_local_ray
 from pipeline.plan import IMAGES_PER_PREDICT_BATCH, run_job
 from pipeline.predict.predictor import ModelScorer
 from pipeline.predict.tiling import TilingSettings, segment_images
@@ -209,12 +209,10 @@ def start_ray(**extra) -> None:
     """A local Ray as the `segpipe` program starts one (pipeline.local_ray's lean node: no autoscaler
     monitor, log monitor or API server), so that the run's wall time is the program's; a cluster
     (RAY_ADDRESS) is joined as the program joins it."""
-    kwargs = {**ray_init_kwargs(False), **extra}
-    if not starts_local_ray():
-        ray.init(**kwargs)
-        return
-    with lean_node(kwargs["log_to_driver"]):
-        ray.init(**kwargs)
+    if starts_local_ray():
+        init_local(**extra)
+    else:
+        ray.init(**{**ray_init_kwargs(False), **extra})
 
 
 def fixed_cost(args: argparse.Namespace, images: list[Path], checkpoint: Path, work: Path) -> float:

@@ -97,12 +97,8 @@ def _start(verbose: bool) -> None:
     records: _Records = _early["records"]
     last_resort, logging.lastResort = logging.lastResort, records
     try:
-        import ray
-
         if starts_local_ray():  # else a cluster: `connect` calls ray.init as always
-            kwargs = ray_init_kwargs(verbose)
-            with lean_node(kwargs["log_to_driver"]):
-                ray.init(**kwargs)
+            init_local(verbose)
             _warm_ray_data()
     except BaseException as exc:  # raised again by `connect`, in the driver's thread
         _early["error"] = exc
@@ -110,6 +106,15 @@ def _start(verbose: bool) -> None:
         logging.lastResort = last_resort
         _early["ready"].set()
     threading.Event().wait()
+
+
+def init_local(verbose: bool = False, **extra) -> None:
+    """`ray.init` of a new local Ray, lean (`lean_node`), with the run's arguments (`extra` beside them)."""
+    import ray
+
+    kwargs = {**ray_init_kwargs(verbose), **extra}
+    with lean_node(kwargs["log_to_driver"]):
+        ray.init(**kwargs)
 
 
 @contextlib.contextmanager
