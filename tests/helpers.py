@@ -503,9 +503,20 @@ def scene_12bit(height: int = 120, width: int = 160, border: int = 32, seed: int
     return data
 
 
-def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str | None = None, gop: int | None = None) -> Path:
+def write_video(
+    path: Path,
+    frames: list[np.ndarray],
+    fps: int = 10,
+    codec: str | None = None,
+    gop: int | None = None,
+    stamps_ms: list[int] | None = None,
+) -> Path:
     """A video of `frames` (H x W x 3 uint8 RGB) at `fps`, written by PyAV: lossless FFV1 for .mkv
-    (frames read back equal), else `codec` (default mpeg4). `gop`: frames between keyframes."""
+    (frames read back equal), else `codec` (default mpeg4). `gop`: frames between keyframes.
+    `stamps_ms`: each frame's presentation time in ms (a variable-rate recording; the stream still
+    declared at `fps`)."""
+    from fractions import Fraction
+
     import av
 
     codec = codec or ("ffv1" if path.suffix == ".mkv" else "mpeg4")
@@ -515,8 +526,13 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str 
         stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"  # ffv1 keeps RGB exactly
         if gop:
             stream.codec_context.gop_size = gop
-        for array in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+        if stamps_ms is not None:  # the encoder keeps each frame's own time
+            stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for k, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            if stamps_ms is not None:
+                frame.pts, frame.time_base = stamps_ms[k], Fraction(1, 1000)
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)

@@ -367,24 +367,6 @@ def test_frames_past_the_count_a_header_states_are_said_by_the_videos_last_unit_
     assert [s.warning for s in reader.read_unit(units[1])] == [None, None, said]
 
 
-def variable_rate_mkv(path: Path, frames: list[np.ndarray], stamps_ms: list[int]) -> Path:
-    """FFV1 frames at the given presentation times (ms), the stream declared at FPS: a phone's
-    variable-rate recording in miniature."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("ffv1", rate=FPS)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt, stream.time_base = "bgr0", Fraction(1, 1000)
-        stream.codec_context.time_base = Fraction(1, 1000)  # the encoder keeps each frame's own time
-        for array, ms in zip(frames, stamps_ms):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts, frame.time_base = ms, Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 def test_a_variable_rate_video_seeks_by_its_frames_timestamps_and_each_frame_keeps_its_own_index(tmp_path):
     """After a seek by the rate a frame's index is its timestamp times the rate: wrong where the rate
     varies (frames 24-25 would be frames 12-13 of this video). The listing sees it on the packets'
@@ -394,7 +376,7 @@ def test_a_variable_rate_video_seeks_by_its_frames_timestamps_and_each_frame_kee
     frames = noise_frames(40, height=24, width=32, seed=9)
     stamps = [200 * i for i in range(20)] + [4000 + 50 * i for i in range(20)]  # ms: 5 fps, then 20 fps
     (tmp_path / "v").mkdir()
-    path = variable_rate_mkv(tmp_path / "v" / "phone.mkv", frames, stamps)
+    path = write_video(tmp_path / "v" / "phone.mkv", frames, FPS, stamps_ms=stamps)
     info = probe_video(str(path))
     assert (info.frames, info.rate, info.counted, info.stamps) == (40, Fraction(FPS), True, stamps)
     assert probe_video(str(write_video(tmp_path / "steady.mkv", frames[:12], FPS))).stamps is None  # constant: seeks by the rate
