@@ -642,3 +642,57 @@ def test_the_pipelined_actor_gives_the_serial_actors_masks_areas_and_errors_in_o
     assert [r.image_id for r in rows[True]] == [f"{i}.png" for i in range(4)]
     assert [bool(r.error) for r in rows[True]] == [False, False, True, False] and rows[True][2].stage == "encode"
     assert all(r.areas is not None for i, r in enumerate(rows[True]) if i != 2)
+
+
+def test_scores_holding_nan_or_inf_make_their_images_errors_rows_never_masks(tmp_path, checkpoint):
+    """An argmax over NaN is a mask with nothing behind it (before: every pixel class 0, written without
+    a word). The predictor (as a plain class) over three images whose windows share batches, its model
+    giving NaN for the windows of one of them (a forward hook: where the input is white, as fp16's
+    overflow would for one image): that image an errors row naming NonFiniteScores, the other two the
+    masks of the model without the hook. A checkpoint with one NaN weight: every image an errors row,
+    in slide and whole mode. check_finite names how many of a forward's inputs are not finite and,
+    for fp16 or bf16, the precision."""
+    from models.checkpoint import save_native
+    from pipeline.config import load_config
+    from pipeline.predict.predictor import NonFiniteScores, Predictor, check_finite
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    crops = [RGB[:70, :90], np.full((60, 100, 3), 255, np.uint8), RGB[200:240, :50]]
+    images = [
+        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), height=c.shape[0], width=c.shape[1])
+        for i, c in enumerate(crops)
+    ]
+    batch = to_columns([image.to_record() for image in images])
+    cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [48, 48], "stride": [32, 32], "batch_size": 8}))
+    clean = [Prediction.from_batch(Predictor(cfg)(batch), i) for i in range(3)]
+    assert not any(row.error for row in clean)
+    predictor = Predictor(cfg)
+    model = predictor.score_fn.model
+    white = float(model.normalize(torch.full((1, 3, 1, 1), 250.0)).min())
+
+    def nan_where_white(module, inputs, output):
+        output[inputs[0].flatten(1).amin(1) >= white] = float("nan")
+
+    model.register_forward_hook(nan_where_white)
+    rows = [Prediction.from_batch(predictor(batch), i) for i in range(3)]
+    assert rows[1].error.startswith("NonFiniteScores: the model's outputs hold NaN or inf") and rows[1].stage == "predict"
+    assert not rows[1].chunks
+    for i in (0, 2):
+        assert not rows[i].error and np.array_equal(decode_png(rows[i].chunks[0].mask), decode_png(clean[i].chunks[0].mask))
+
+    broken = load_model(str(checkpoint))
+    with torch.no_grad():
+        next(p for p in broken.parameters() if p.ndim == 4)[0, 0, 0, 0] = float("nan")
+    save_native(broken, tmp_path / "nan.safetensors")
+    for mode in ("slide", "whole"):
+        cfg = load_config(job_config(tmp_path, tmp_path, tmp_path / "nan.safetensors", inference={"mode": mode}))
+        rows = [Prediction.from_batch(Predictor(cfg)(batch), i) for i in range(3)]
+        assert all(row.error.startswith("NonFiniteScores") and not row.chunks for row in rows), mode
+
+    scores = torch.zeros(3, 2, 4, 4)
+    check_finite((scores,), "fp32")
+    scores[1, 0, 2, 2] = float("inf")
+    with pytest.raises(NonFiniteScores, match=r"for 1 of the 3 inputs .*precision fp16"):
+        check_finite((scores, torch.zeros(3, 5)), "fp16")
+    with pytest.raises(NonFiniteScores, match=r"for 2 of the 3 inputs .*checkpoint's weights"):
+        check_finite((scores, torch.tensor([[0.0], [0.0], [float("nan")]])), "fp32")

@@ -57,16 +57,43 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class NonFiniteScores(ValueError):
+    """The model's outputs hold NaN or inf: an argmax over them would be a mask with nothing behind
+    it, so the images of those windows are errors rows instead (fp16's range overflowed, NaN in the
+    checkpoint's weights or in the input)."""
+
+    def __init__(self, windows: int, bad: int, precision: str) -> None:
+        why = (
+            f"precision {precision} overflowed? bf16 or fp32 may not"
+            if precision != "fp32"
+            else "NaN or inf in the checkpoint's weights or in the input?"
+        )
+        super().__init__(f"the model's outputs hold NaN or inf for {bad} of the {windows} inputs of a forward pass ({why})")
+
+
+def check_finite(outputs: tuple[torch.Tensor, ...], precision: str) -> None:
+    """Raise NonFiniteScores where any output (N x ...) holds NaN or inf, naming how many of the N inputs do."""
+    finite = [torch.isfinite(out).flatten(1).all(1) if out.ndim > 1 else torch.isfinite(out) for out in outputs]
+    if all(bool(f.all()) for f in finite):
+        return
+    n = outputs[0].shape[0]
+    per_input = [f for f in finite if f.shape == (n,)]
+    bad = int((~torch.stack(per_input).all(0)).sum()) if per_input else n
+    raise NonFiniteScores(n, bad, precision)
+
+
 def scored_on_device(
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     windows: torch.Tensor,
     device: torch.device,
     clock: StageClock | None,
     keep_on_device: bool = False,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, ...]:
     """forward(windows on `device`), its outputs back on the CPU in float32 (`keep_on_device`: left
-    where they are, for a stitcher on the device). With a clock, the time goes to two stages: transfer
-    (the copies to and from the device) and forward (the model: on a GPU its kernels are waited for
+    where they are, for a stitcher on the device); outputs holding NaN or inf raise NonFiniteScores
+    (`precision`: named in its message). With a clock, the time goes to two stages: transfer (the
+    copies to and from the device) and forward (the model: on a GPU its kernels are waited for
     before the copy back, so that the copy's time is the copy's)."""
     started = time.perf_counter()
     x = windows.to(device, non_blocking=True)
@@ -75,6 +102,7 @@ def scored_on_device(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     computed = time.perf_counter()
+    check_finite(outputs, precision)
     if not keep_on_device:
         outputs = tuple(out.cpu() for out in outputs)
     if clock is not None:
@@ -100,7 +128,7 @@ class ModelScorer:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
                 return (self.model(self.model.normalize(x)),)
 
-        return scored_on_device(forward, windows, self.device, self.clock, self.keep_on_device)[0]
+        return scored_on_device(forward, windows, self.device, self.clock, self.keep_on_device, self.precision)[0]
 
 
 @dataclass
@@ -118,7 +146,7 @@ class QueryScorer:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=DTYPES[self.precision], enabled=self.precision != "fp32"):
                 return self.model.forward_queries(self.model.normalize(x))
 
-        class_logits, mask_logits = scored_on_device(forward, windows, self.device, self.clock)
+        class_logits, mask_logits = scored_on_device(forward, windows, self.device, self.clock, precision=self.precision)
         return class_logits, mask_logits
 
 
@@ -396,7 +424,7 @@ class Predictor:
                 class_logits, _, mask_logits = model(model.normalize(x))
                 return class_logits, mask_logits
 
-        class_logits, mask_logits = scored_on_device(forward, frames, self.device, self.clock)
+        class_logits, mask_logits = scored_on_device(forward, frames, self.device, self.clock, precision=precision)
         started = time.perf_counter()
 
         def encode_mask(id_map: np.ndarray, values: int) -> list[MaskChunk]:
