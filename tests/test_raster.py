@@ -316,6 +316,43 @@ def test_masks_of_a_percentile_scaled_16_bit_raster_equal_the_hand_scaled_data_w
     assert areas.label_area.tolist() == np.bincount(label[0][valid], minlength=3).tolist()
 
 
+@pytest.mark.parametrize("scale", [{"mode": "percentile", "low": 2, "high": 98}, {"mode": "range", "min": [0] * 4, "max": [4095] * 4}])
+def test_nan_and_inf_in_a_float_raster_are_no_data_as_a_declared_nodata_value_is(tmp_path, scale):
+    """A float32 raster declaring no nodata, its no-data pixels NaN (one pixel inf), segments as the
+    same scene in uint16 with nodata 0 does: the same masks, percentiles, no-data pixels and skipped
+    windows. Before: GDAL's mask calls NaN data where no nodata is declared; one NaN made every
+    percentile NaN and the whole raster's input 0 (a mask of nothing, written without a word), and
+    a range scale cast NaN to 0, a black pixel segmented as one."""
+    data = scene_12bit()
+    data[:, 60, 80] = 0  # inside the scene: the inf pixel below
+    floats = data.astype(np.float32)
+    floats[data == 0] = np.nan
+    floats[2, 60, 80] = np.inf
+    declared = write_raster(tmp_path / "declared.tif", data, nodata=0, tile=64)
+    undeclared = write_raster(tmp_path / "nan.tif", floats, tile=64)
+    model = tiny_four_band_model()
+    settings = TilingSettings(window=(32, 32), stride=(24, 24), batch_size=16)
+    cfg = raster_input(tmp_path, bands=BANDS, scale=scale)
+    runs = [
+        segment_raster(
+            ModelScorer(model, torch.device("cpu")),
+            StreamSource(str(path), None, 120, 160, kind="raster"),
+            settings,
+            cfg,
+            num_classes=3,
+            chunk_size=64,
+            reading=LabelReading(3, 255),
+        )
+        for path in (declared, undeclared)
+    ]
+    (chunks, _, facts), (nan_chunks, _, nan_facts) = runs
+    assert [c.mask for c in nan_chunks] == [c.mask for c in chunks]
+    for key in ("band_scale", "nodata_windows", "nodata_pixels", "class_pixels"):
+        assert nan_facts[key] == facts[key], key
+    assert facts["nodata_pixels"] == int((data == 0).any(axis=0).sum()) and facts["nodata_windows"] > 0
+    assert all(np.isfinite(facts["band_scale"]).ravel())
+
+
 # --------------------------------------------------------------------------- one run, end to end
 
 

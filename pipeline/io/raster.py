@@ -31,8 +31,10 @@ How values become model input (`input.scale`, `BandScale`), per band:
   null        8-bit rasters as they are (other types need a scale: exit 2)
 
 Valid data: a pixel is valid where GDAL's mask of every selected band says so (the nodata value,
-an alpha band or an internal mask). Invalid pixels are 0 in the model's input, 255 in the masks,
-and count in no metric; a window with no valid pixel is neither read into the model nor scored
+an alpha band or an internal mask) and, in a floating-point raster, every selected band's value is
+finite: NaN and inf are no data whether or not the raster declares a nodata value (GDAL's mask
+counts them as data where it declares none, and one NaN would make a band's percentiles NaN).
+Invalid pixels are 0 in the model's input, 255 in the masks, and count in no metric; a window with no valid pixel is neither read into the model nor scored
 (`RasterWindows.empty`, counted per image).
 """
 
@@ -197,7 +199,7 @@ def percentile_scale(ds, bands: list[int], scale: PercentileScale, max_pixels: i
         values = ds.read(bands, out_shape=shape, resampling=Resampling.nearest)
         masks = ds.read_masks(bands, out_shape=shape, resampling=Resampling.nearest)
         source = f"decimated read, 1 pixel in {factor} x {factor}"
-    valid = masks.min(axis=0) > 0
+    valid = finite_valid(values, masks.min(axis=0) > 0)
     low, high = [], []
     for band in values:
         picked = band[valid]
@@ -210,6 +212,14 @@ def percentile_scale(ds, bands: list[int], scale: PercentileScale, max_pixels: i
         low.append(lo)
         high.append(hi)
     return BandScale("range", tuple(low), tuple(high), source=source)
+
+
+def finite_valid(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """`valid` (h x w) where every band of `values` (C x h x w) is finite too: a floating-point
+    raster's NaN and inf are no data, declared or not."""
+    if not np.issubdtype(values.dtype, np.floating):
+        return valid
+    return valid & np.isfinite(values).all(axis=0)
 
 
 # --------------------------------------------------------------------------- reading windows
@@ -281,8 +291,8 @@ class RasterWindows:
             return self._cache[box]
         window = Window(left, top, width, height)
         values = self.ds.read(self.bands, window=window)
-        valid = self.ds.read_masks(self.bands, window=window).min(axis=0) > 0
-        pixels = self.scale.apply(values)
+        valid = finite_valid(values, self.ds.read_masks(self.bands, window=window).min(axis=0) > 0)
+        pixels = self.scale.apply(np.where(valid, values, 0))  # no NaN into the scale's cast to uint8
         pixels[~valid] = 0
         self._cache[box] = (pixels, valid)
         self._cached_bytes += pixels.nbytes + valid.nbytes
@@ -305,7 +315,19 @@ class RasterWindows:
     def valid_rows(self, y0: int, rows: int) -> np.ndarray:
         from rasterio.windows import Window
 
-        return self.ds.read_masks(self.bands, window=Window(0, y0, self.width, rows)).min(axis=0) > 0
+        window = Window(0, y0, self.width, rows)
+        valid = self.ds.read_masks(self.bands, window=window).min(axis=0) > 0
+        if not self.nan_is_data:
+            return valid
+        return finite_valid(self.ds.read(self.bands, window=window), valid)
+
+    @property
+    def nan_is_data(self) -> bool:
+        """Whether GDAL's mask may call NaN or inf data: a floating-point raster without NaN as its nodata value."""
+        nodata = self.ds.nodata
+        return any(np.issubdtype(np.dtype(self.ds.dtypes[b - 1]), np.floating) for b in self.bands) and not (
+            nodata is not None and math.isnan(nodata)
+        )
 
     def labels(self, y0: int, rows: int) -> np.ndarray:
         from rasterio.windows import Window
