@@ -52,6 +52,9 @@ class SegmentationModel(nn.Module):
         self.pixel_std = tuple(float(v) for v in pixel_std)
         self.name: str = ""  # the registry name, where it has one
         self.class_names: list[str] | None = None
+        # a transformers checkpoint's image processor's do_reduce_labels (None: not stated): trained on
+        # labels whose value 0 was ignored and every other value v was class v - 1 (ADE20K's)
+        self.reduce_labels: bool | None = None
 
     @property
     def in_channels(self) -> int:

@@ -213,7 +213,61 @@ def _load_hf_directory(path: Path, source: str) -> SegmentationModel:
     id2label = config.get("id2label")
     if isinstance(id2label, dict) and id2label and len(id2label) == model.num_classes:
         model.class_names = [str(id2label[str(i)]) if str(i) in id2label else str(i) for i in range(model.num_classes)]
+    preprocessor = _read_preprocessor(path, source)
+    if preprocessor is not None:
+        _apply_preprocessor(model, preprocessor, _inside(source, PREPROCESSOR_FILE))
     return model
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"  # what a transformers image processor's save_pretrained writes
+
+
+def _read_preprocessor(path: Path, source: str) -> dict | None:
+    file = path / PREPROCESSOR_FILE
+    if not file.exists():
+        return None
+    origin = _inside(source, PREPROCESSOR_FILE)
+    try:
+        preprocessor = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{origin}: not a JSON file: {brief(exc)}") from exc
+    if not isinstance(preprocessor, dict):
+        raise CheckpointError(f"{origin}: holds a JSON {type(preprocessor).__name__}, not an object")
+    return preprocessor
+
+
+def _apply_preprocessor(model: SegmentationModel, preprocessor: dict, origin: str) -> None:
+    """The pixel normalization the checkpoint was trained with, where its image processor states it
+    (transformers: x * rescale_factor, then (x - image_mean) / image_std, each step where its do_ flag
+    is on), as mean and std on the 0-255 scale: a fine-tune's own statistics, not the family's
+    default, without a word. And `do_reduce_labels` (its classes are the labels' values minus one):
+    kept as `model.reduce_labels` for the run to compare with metrics.reduce_zero_label."""
+
+    def number(key: str, default: float) -> float:
+        value = preprocessor.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise CheckpointError(f"{origin}: {key} must be a positive number, got {value!r}")
+        return float(value)
+
+    def per_channel(key: str, default: tuple[float, ...]) -> tuple[float, float, float]:
+        value = preprocessor.get(key, default)
+        values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            raise CheckpointError(f"{origin}: {key} must be a number or three numbers (RGB), got {value!r}")
+        return tuple(float(v) for v in values)  # type: ignore[return-value]
+
+    scale = number("rescale_factor", 1 / 255) if preprocessor.get("do_rescale", True) else 1.0
+    if preprocessor.get("do_normalize", True):
+        mean, std = per_channel("image_mean", (0.0, 0.0, 0.0)), per_channel("image_std", (1.0, 1.0, 1.0))
+        if min(std) <= 0:
+            raise CheckpointError(f"{origin}: image_std must be positive, got {list(std)}")
+    else:
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    model.pixel_mean = tuple(m / scale for m in mean)
+    model.pixel_std = tuple(d / scale for d in std)
+    model.arch.update(pixel_mean=list(model.pixel_mean), pixel_std=list(model.pixel_std))
+    reduce = preprocessor.get("do_reduce_labels", preprocessor.get("reduce_labels"))
+    model.reduce_labels = reduce if isinstance(reduce, bool) else None
 
 
 def _is_tensor_dict(obj: Any) -> bool:

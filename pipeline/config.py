@@ -391,6 +391,17 @@ class MetricsConfig(_Strict):
     binary_labels: Literal["auto", "mask", "class_index"] = "auto"
     # null: 255 for class-index labels; masks (and binary auto) have no ignored value
     ignore_index: Int | None = None
+    # mmsegmentation's reduce_zero_label (ADE20K's labels): label value 0 counts nowhere and every other
+    # value v is class v - 1; null: as the checkpoint's image processor says (transformers'
+    # do_reduce_labels in preprocessor_config.json), else false. Decided once, before the run starts
+    reduce_zero_label: bool | None = None
+
+    @field_validator("reduce_zero_label")
+    @classmethod
+    def _semantic_only(cls, v: bool | None, info: ValidationInfo) -> bool | None:
+        if v and info.data.get("task") == "binary":
+            raise ValueError("is for the semantic task's class-index labels, not metrics.task binary")
+        return v
 
     @field_validator("ignore_index")
     @classmethod

@@ -655,6 +655,32 @@ class PreparedJob:
         )
 
 
+def decide_reduce_zero_label(cfg: JobConfig, stated: bool | None) -> JobConfig:
+    """metrics.reduce_zero_label decided once, on the driver, before the config reaches run.json and
+    the actors: null takes what the checkpoint's image processor states (`stated`: transformers'
+    do_reduce_labels, None where it states nothing), as transformers' processors reduce the labels
+    they are given; false where nothing is stated or for a binary task."""
+    if cfg.metrics.reduce_zero_label is not None:
+        return cfg
+    decided = bool(stated) and cfg.metrics.task == "semantic"
+    return cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"reduce_zero_label": decided})})
+
+
+def reduce_zero_label_note(cfg: JobConfig, stated: bool | None) -> str:
+    """One line for the terminal where labels are read with reduce_zero_label, or where the config
+    reads them otherwise than the checkpoint's image processor states."""
+    if cfg.input.labels is None or cfg.metrics.task != "semantic":
+        return ""
+    if cfg.metrics.reduce_zero_label:
+        why = "the checkpoint's image processor states do_reduce_labels" if stated else "metrics.reduce_zero_label"
+        return f"label value 0 counts nowhere and every other value v is class v - 1 ({why})"
+    if stated:
+        return (
+            "the checkpoint's image processor states do_reduce_labels, but metrics.reduce_zero_label is false: labels are read as they are"
+        )
+    return ""
+
+
 def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool = False) -> PreparedJob:
     if incremental and not cfg.job:
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
@@ -678,6 +704,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
     if cfg.inference.backend == "onnxruntime" and not onnxruntime_available():
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
+    cfg = decide_reduce_zero_label(cfg, model.reduce_labels)
     check_clip_job(cfg, model)  # the task of the model; a clip model's input and clip_length
     if is_clip_model(model):  # a unit per clip: the first batch listed again, the clip plan in hand
         list_stats = StoreStats()
@@ -712,6 +739,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         "checkpoint": cfg.model.checkpoint,
         "parameters": sum(p.numel() for p in model.parameters()),
         "input_kind": getattr(model, "input_kind", "image"),  # "clip": VisTR's runs (units of clips, tracks)
+        "reduce_labels": model.reduce_labels,  # what its image processor says (transformers' do_reduce_labels), null: nothing
     }
     record = RunRecord.load(store, cfg, run_identity(cfg, model.name, model.num_classes, weights_sha256(model)))  # refuses a changed run
     store.discard_uncommitted()
@@ -865,6 +893,9 @@ def execute_job(
     progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {what} to segment{earlier} -> {job.store.uri}")
     if job.labels.get("note") and listing.exhausted:
         progress(f"labels: {job.labels['note']}")
+    reduce_note = reduce_zero_label_note(cfg, job.model_info.get("reduce_labels"))
+    if reduce_note:
+        progress(f"labels: {reduce_note}")
 
     started = time.time()
     monitor.start_clock.remote()  # the pool's timeline counts from here

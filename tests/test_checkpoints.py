@@ -15,9 +15,11 @@ import json
 import pkgutil
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from helpers import (
+    rel_error,
     saved_hf_model,
     tiny_hf_checkpoint,
     tiny_mask2former_config,
@@ -189,6 +191,45 @@ def hf_segformer(tmp_path_factory):
     path = tmp_path_factory.mktemp("segformer-hf")
     tiny_hf_checkpoint("segformer", path)
     return path
+
+
+def test_an_hf_directorys_image_processor_sets_the_pixel_normalization_as_transformers_applies_it(tmp_path):
+    """A fine-tune's preprocessor_config.json (what an image processor's save_pretrained writes) with
+    statistics of its own: the loaded model normalizes pixels as transformers' SegformerImageProcessor
+    does, its scores on them equal transformers' model on the processor's pixel_values, the statistics
+    survive a native conversion, and do_reduce_labels is kept; do_normalize false is rescaling only; a
+    processor file that cannot be meant is one line. Before: the family's ImageNet statistics, whatever
+    the file said (a silently worse mask)."""
+    import transformers
+
+    directory = tmp_path / "hf"
+    hf = tiny_hf_checkpoint("segformer", directory, perturb=True)
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    for settings in (
+        dict(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3], do_reduce_labels=True),
+        dict(do_normalize=False, rescale_factor=1 / 127.5),
+    ):
+        processor = transformers.SegformerImageProcessor(do_resize=False, **settings)
+        processor.save_pretrained(directory)
+        pixel_values = processor(images=image, return_tensors="pt").pixel_values
+        model = load_model(directory)
+        assert rel_error(model.normalize(pixels), pixel_values) < 1e-6, settings
+        assert model.reduce_labels is settings.get("do_reduce_labels", False)
+        with torch.no_grad():
+            assert rel_error(model(model.normalize(pixels)), hf(pixel_values=pixel_values).logits) < 1e-4
+        save_native(model, tmp_path / "native.safetensors")
+        native = load_model(tmp_path / "native.safetensors")
+        assert (native.pixel_mean, native.pixel_std) == (model.pixel_mean, model.pixel_std)
+    assert model.pixel_mean == (0.0, 0.0, 0.0) and model.pixel_std == pytest.approx((127.5,) * 3)
+    (directory / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.2, 0, 0.3]}))
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    one_line(exc_info, "preprocessor_config.json", "image_std must be positive")
+    (directory / "preprocessor_config.json").write_text("{")
+    with pytest.raises(CheckpointError) as exc_info:
+        load_model(directory)
+    one_line(exc_info, "preprocessor_config.json: not a JSON file")
 
 
 def edited_copy(source, destination, edit) -> dict:

@@ -590,3 +590,55 @@ def test_the_eta_comes_from_the_rate_since_the_first_committed_images_not_from_t
     # only the first images so far: no rate to tell the rest by, so no ETA (the whole attempt's would say 2 min)
     assert "ETA" not in progress_line(10, 0, 30, 60.0, steady=(0, 0.0))
     assert progress_line(30, 1, 30, 70.0, steady=(20, 5.0)) == "  30/30 images, 1 errors, 4.00 images/s"
+
+
+def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegmentation_reduces_them(tmp_path):
+    """The driver's preparation (prepare_job, no Ray) over an HF SegFormer directory whose image
+    processor states do_reduce_labels (as ADE20K fine-tunes do), with labels of ADE20K's kind (0:
+    other, 1..C: the classes): metrics.reduce_zero_label null is decided true in the config that
+    run.json and the actors get and in the run's identity, with one terminal line; the predictor (as
+    a plain class) with that config counts each image's areas against mmsegmentation's reduction of its
+    label (tests/test_semantic.py writes it out). An explicit false is kept (the line says what the
+    checkpoint states); no statement and no setting read labels as they are, the identity as before
+    this setting existed; a binary task refuses true. Before: the labels read as they were, every
+    class off by one and the metrics of nothing, with only the count of values outside the classes."""
+    import transformers
+    from helpers import labeled_folder, tiny_hf_checkpoint
+    from test_semantic import _mmseg_reduce_zero_label
+
+    from pipeline.plan import prepare_job, reduce_zero_label_note
+    from pipeline.predict.predictor import Predictor
+    from pipeline.rows import DecodedImage, Prediction, to_columns
+
+    checkpoint = tmp_path / "ade-finetune"
+    tiny_hf_checkpoint("segformer", checkpoint)  # 3 classes
+    transformers.SegformerImageProcessor(do_reduce_labels=True).save_pretrained(checkpoint)
+    folder = labeled_folder(tmp_path / "data", [(40, 44), (37, 50)], num_classes=4)  # label values 0..3
+    base = job_config(tmp_path, folder / "images", checkpoint, labels=folder / "labels")
+    job = prepare_job(load_config(base))
+    assert job.cfg.metrics.reduce_zero_label is True and job.record.identity["metrics.reduce_zero_label"] is True
+    assert job.model_info["reduce_labels"] is True
+    assert "0 counts nowhere" in reduce_zero_label_note(job.cfg, True) and "image processor" in reduce_zero_label_note(job.cfg, True)
+
+    images = []
+    for name in ("img000", "img001"):
+        image = np.asarray(Image.open(folder / "images" / f"{name}.png"))
+        label = np.asarray(Image.open(folder / "labels" / f"{name}.png"))
+        images.append(DecodedImage(unit=0, image_id=f"{name}.png", image=image, label=label, height=image.shape[0], width=image.shape[1]))
+    out = Predictor(job.cfg)(to_columns([image.to_record() for image in images]))
+    for i, image in enumerate(images):
+        row = Prediction.from_batch(out, i)
+        expected = class_areas(decode_png(row.chunks[0].mask), _mmseg_reduce_zero_label(image.label), 3, 255)
+        for name in ClassAreas.FIELDS:
+            assert np.array_equal(getattr(row.areas, name), getattr(expected, name)), name
+        assert row.areas.outside == 0
+
+    kept = prepare_job(load_config({**base, "run_id": "t2", "metrics": {"reduce_zero_label": False}}))
+    assert kept.cfg.metrics.reduce_zero_label is False and "metrics.reduce_zero_label" not in kept.record.identity
+    assert "labels are read as they are" in reduce_zero_label_note(kept.cfg, True)
+    (checkpoint / "preprocessor_config.json").unlink()
+    plain = prepare_job(load_config({**base, "run_id": "t3"}))
+    assert plain.cfg.metrics.reduce_zero_label is False and plain.model_info["reduce_labels"] is None
+    assert "metrics.reduce_zero_label" not in plain.record.identity and reduce_zero_label_note(plain.cfg, None) == ""
+    with pytest.raises(ConfigError, match="reduce_zero_label"):
+        load_config({**base, "metrics": {"task": "binary", "reduce_zero_label": True}})

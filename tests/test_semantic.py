@@ -156,3 +156,45 @@ def test_explicit_readings_refuse_what_they_cannot_mean():
     # class_index: 255 is ignore_index by default, as a semantic task's
     areas = _areas(LabelReading.of("binary", "class_index", None, 1, 2), np.ones((1, 3), np.uint8), np.array([[0, 1, 255]], np.uint8))
     assert areas.label_area.tolist() == [1, 1] and areas.reading == "class_index"
+
+
+# --------------------------------------------------------------------------- reduce_zero_label
+
+
+def _mmseg_reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmsegmentation's LoadAnnotations with reduce_zero_label, its three lines as written there."""
+    gt_semantic_seg = label.copy()
+    gt_semantic_seg[gt_semantic_seg == 0] = 255
+    gt_semantic_seg = gt_semantic_seg - 1
+    gt_semantic_seg[gt_semantic_seg == 254] = 255
+    return gt_semantic_seg
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_reduce_zero_label_reads_labels_as_mmsegmentation_does_and_counts_the_same_areas(dtype):
+    """ADE20K's labels (0: other, 1..150: classes) under metrics.reduce_zero_label: the class map is
+    mmseg's reduction (0 and 255 count nowhere, v is class v - 1), band by band as the predictor adds
+    them; without it the same labels are read as they are (0 is class 0, 150 outside the classes)."""
+    from pipeline.metrics.semantic import reduce_zero_label
+
+    rng = np.random.default_rng(11)
+    num_classes = 150
+    label = rng.integers(0, num_classes + 1, (41, 37)).astype(dtype)
+    label[rng.random(label.shape) < 0.1] = 255
+    label[:3] = 0
+    pred = rng.integers(0, num_classes, label.shape).astype(np.uint8)
+    expected = _mmseg_reduce_zero_label(label)
+    assert np.array_equal(reduce_zero_label(label, 255), expected) and reduce_zero_label(label, 255).dtype == label.dtype
+    reading = LabelReading.of("semantic", "auto", None, 1, num_classes, reduce_zero=True)
+    classes, ignore = reading.class_map(label, "class_index")
+    assert np.array_equal(classes, expected) and ignore == 255
+    areas = _areas(reading, pred, label)
+    reference = class_areas(pred, expected, num_classes, 255)
+    for name in ClassAreas.FIELDS:
+        assert np.array_equal(getattr(areas, name), getattr(reference, name)), name
+    assert areas.outside == 0
+    as_they_are = _areas(LabelReading.of("semantic", "auto", None, 1, num_classes), pred, label)
+    assert as_they_are.outside == int((label == num_classes).sum()) > 0
+    # an ignore_index the label's type cannot hold: a wider map, 0 and that value ignored
+    wide = reduce_zero_label(np.array([[0, 1, 5]], np.uint8), 1000)
+    assert wide.tolist() == [[1000, 0, 4]]

@@ -107,14 +107,17 @@ class LabelReading:
     ignore: int | None = 255
     binary: str | None = None
     positive: int = 1
+    reduce_zero: bool = False  # class-index labels: 0 counts nowhere, v is class v - 1 (mmseg's reduce_zero_label)
 
     @classmethod
-    def of(cls, task: str, binary_labels: str, ignore_index: int | None, positive_class: int, num_classes: int) -> LabelReading:
+    def of(
+        cls, task: str, binary_labels: str, ignore_index: int | None, positive_class: int, num_classes: int, reduce_zero: bool = False
+    ) -> LabelReading:
         """The reading of a config's metrics section (plain values, so that run.json's config does too):
         ignore_index null is 255 for class-index maps and none for masks (and for `auto`, where 255
-        is a mask's foreground)."""
+        is a mask's foreground); `reduce_zero`: metrics.reduce_zero_label, as the run decided it."""
         if task != "binary":
-            return cls(num_classes, 255 if ignore_index is None else ignore_index)
+            return cls(num_classes, 255 if ignore_index is None else ignore_index, reduce_zero=bool(reduce_zero))
         if ignore_index is None and binary_labels == "class_index":
             ignore_index = 255
         return cls(num_classes, ignore_index, binary_labels, positive_class)
@@ -129,7 +132,7 @@ class LabelReading:
     def class_map(self, label: np.ndarray, reading: str) -> tuple[np.ndarray, int | None]:
         """(the class map of `label` under `reading`, the value in it that counts nowhere)."""
         if reading != "mask":
-            return label, self.ignore
+            return (reduce_zero_label(label, self.ignore) if self.reduce_zero else label), self.ignore
         classes = np.where(label > MASK_THRESHOLD, self.positive, 1 - self.positive).astype(np.uint8)
         if self.ignore is None:
             return classes, None
@@ -189,6 +192,19 @@ def _describe(values: set[int]) -> str:
         if len(ordered) <= 6
         else f"{', '.join(map(str, ordered[:4]))}, ... {ordered[-1]} ({len(ordered)} values)"
     )
+
+
+def reduce_zero_label(label: np.ndarray, ignore: int | None) -> np.ndarray:
+    """mmsegmentation's reduce_zero_label: 0 becomes `ignore` (255 where none is set), every other
+    value v becomes v - 1, and `ignore` stays itself; in the label's own type where `ignore` fits it."""
+    ignore = 255 if ignore is None else ignore
+    integer = np.issubdtype(label.dtype, np.integer)
+    fits = not integer or np.iinfo(label.dtype).min <= ignore <= np.iinfo(label.dtype).max
+    reduced = label.copy() if fits else label.astype(np.int64)
+    zero, ignored = label == 0, label == ignore
+    reduced -= 1
+    reduced[zero | ignored] = ignore
+    return reduced
 
 
 class LabelAreas:

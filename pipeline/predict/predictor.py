@@ -290,7 +290,7 @@ class Predictor:
         metrics = cfg.metrics
         # how labels become class maps (a binary task's masks or class indices): pipeline.metrics.semantic
         self.label_reading = LabelReading.of(
-            metrics.task, metrics.binary_labels, metrics.ignore_index, self.positive_class, self.num_classes
+            metrics.task, metrics.binary_labels, metrics.ignore_index, self.positive_class, self.num_classes, metrics.reduce_zero_label
         )
         self.ignore_index = self.label_reading.ignore
         self.chunk_size = cfg.output.chunk_size

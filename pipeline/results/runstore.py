@@ -650,6 +650,8 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     }
     if inference.task != "semantic":
         identity["inference.objects"] = inference.objects.model_dump(mode="json")
+    if cfg.metrics.reduce_zero_label:  # only when set: runs from before it read labels as they are
+        identity["metrics.reduce_zero_label"] = True
     if cfg.metrics.task == "binary":
         identity["metrics.binary_labels"] = cfg.metrics.binary_labels
         identity["metrics.positive_class"] = cfg.metrics.positive_class
@@ -717,6 +719,8 @@ def metrics_record(cfg: JobConfig, summary: dict | None = None) -> dict:
         "outside_classes": "labeled pixels whose value is no class of the model and not ignore_index count in no class's "
         "label area (their predictions still count in the predicted areas, as in mmsegmentation)",
     }
+    if metrics.reduce_zero_label:
+        out["reduce_zero_label"] = "mmsegmentation's: label value 0 counts nowhere and every other value v is class v - 1"
     if summary and "label_values_outside_classes" in summary:
         out["label_values_outside_classes"] = summary["label_values_outside_classes"]
     if metrics.task == "binary":

@@ -42,6 +42,7 @@ def find_sources(run: Run, image_ids: list[str], storage_options: dict) -> Sourc
             metrics.get("ignore_index"),
             int(metrics.get("positive_class", 1)) if run.num_classes == 2 and (run.info.get("model") or {}).get("num_classes") != 1 else 1,
             run.num_classes,
+            bool(metrics.get("reduce_zero_label")),  # as the run decided it (null never reaches run.json)
         ),
     )
     if fmt != "images":
