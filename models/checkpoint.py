@@ -61,6 +61,9 @@ class NativeMeta(BaseModel):
     pixel_mean: tuple[float, float, float]
     pixel_std: tuple[float, float, float]
     source: str = ""  # where the weights came from (a converted checkpoint's origin)
+    # an HF checkpoint's image processor's do_reduce_labels (SegmentationModel.reduce_labels), kept
+    # through a conversion; absent where nothing stated it
+    reduce_labels: bool | None = None
 
 
 def load_model(
@@ -121,9 +124,11 @@ def save_native(model: SegmentationModel, path: str | os.PathLike, source: str =
         pixel_mean=model.pixel_mean,
         pixel_std=model.pixel_std,
         source=source,
+        reduce_labels=model.reduce_labels,
     )
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={NATIVE_KEY: meta.model_dump_json()})
+    unstated = {"reduce_labels"} if model.reduce_labels is None else set()  # metadata as before it existed
+    save_file(tensors, str(path), metadata={NATIVE_KEY: meta.model_dump_json(exclude=unstated)})
     # safetensors writes a private temporary file (mode 0600) and renames it into place: give the
     # file the mode any new file gets here (0666 minus the umask), so others can read the model
     umask = os.umask(0)
@@ -294,6 +299,7 @@ def _load_native(path: Path, source: str) -> SegmentationModel:
     load_weights(model, state_dict, source)
     model.name = meta.name
     model.class_names = meta.class_names
+    model.reduce_labels = meta.reduce_labels
     return model
 
 

@@ -197,7 +197,7 @@ def test_an_hf_directorys_image_processor_sets_the_pixel_normalization_as_transf
     """A fine-tune's preprocessor_config.json (what an image processor's save_pretrained writes) with
     statistics of its own: the loaded model normalizes pixels as transformers' SegformerImageProcessor
     does, its scores on them equal transformers' model on the processor's pixel_values, the statistics
-    survive a native conversion, and do_reduce_labels is kept; do_normalize false is rescaling only; a
+    and do_reduce_labels survive a native conversion; do_normalize false is rescaling only; a
     processor file that cannot be meant is one line. Before: the family's ImageNet statistics, whatever
     the file said (a silently worse mask)."""
     import transformers
@@ -220,7 +220,7 @@ def test_an_hf_directorys_image_processor_sets_the_pixel_normalization_as_transf
             assert rel_error(model(model.normalize(pixels)), hf(pixel_values=pixel_values).logits) < 1e-4
         save_native(model, tmp_path / "native.safetensors")
         native = load_model(tmp_path / "native.safetensors")
-        assert (native.pixel_mean, native.pixel_std) == (model.pixel_mean, model.pixel_std)
+        assert (native.pixel_mean, native.pixel_std, native.reduce_labels) == (model.pixel_mean, model.pixel_std, model.reduce_labels)
     assert model.pixel_mean == (0.0, 0.0, 0.0) and model.pixel_std == pytest.approx((127.5,) * 3)
     (directory / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.2, 0, 0.3]}))
     with pytest.raises(CheckpointError) as exc_info:
