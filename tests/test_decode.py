@@ -174,3 +174,14 @@ def test_decode_sample_passes_a_tiff_to_stream_on_without_pixels():
     row = decode_sample(RawSample(0, 0, "big.tif", None, None, has_label=True, stream=stream), max_pixels=100)
     assert row.stream == stream and (row.height, row.width) == (30_000, 20_000)
     assert not row.error and row.image.size == 0 and row.has_label
+
+
+def test_a_floating_point_image_holding_nan_is_a_decode_error_not_black_pixels():
+    """A 32-bit float TIFF (mode F) with NaN: before, its maximum was NaN and every pixel came out 0
+    (a black image segmented without a word); now the image's errors row says why and where such
+    images are read. A finite one decodes, scaled by its maximum."""
+    values = np.linspace(0, 2000, 35, dtype=np.float32).reshape(7, 5)
+    assert decode_image(image_bytes(Image.fromarray(values), "TIFF"))[-1, -1, 0] == 255
+    values[2, 3] = np.nan
+    with pytest.raises(DecodeError, match=r"NaN or inf \(1 of 35 pixels\): input.format raster"):
+        decode_image(image_bytes(Image.fromarray(values), "TIFF"))

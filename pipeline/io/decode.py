@@ -131,6 +131,11 @@ def decode_image(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: 
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # high bit depth: scale the full range of the type to 0..255 (not clip), as viewers do
         arr = np.asarray(img)
+        if mode == "F" and not np.isfinite(arr).all():  # NaN has no grey: a black pixel would be segmented as one
+            raise DecodeError(
+                f"a floating-point image holding NaN or inf ({int((~np.isfinite(arr)).sum())} of {arr.size} pixels): "
+                "input.format raster reads such images, their NaN as no data"
+            )
         top = 65535.0 if mode.startswith("I;16") else float(max(arr.max(), 1))
         gray = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
