@@ -691,6 +691,7 @@ def test_scores_holding_nan_or_inf_make_their_images_errors_rows_never_masks(tmp
 
     scores = torch.zeros(3, 2, 4, 4)
     check_finite((scores,), "fp32")
+    check_finite((torch.full((2, 3), 3e38),), "fp32")  # finite values whose sum overflows: no error
     scores[1, 0, 2, 2] = float("inf")
     with pytest.raises(NonFiniteScores, match=r"for 1 of the 3 inputs .*precision fp16"):
         check_finite((scores, torch.zeros(3, 5)), "fp16")
