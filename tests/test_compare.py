@@ -197,10 +197,38 @@ def test_runs_over_different_images_are_refused_unless_intersect(runs, tmp_path,
     assert sorted(set(per_image.column("image_id").to_pylist())) == ["img000.png", "img001.png"]
     pairs = pq.read_table(out / "pairs.parquet").to_pylist()
     assert {p["difference"] for p in pairs} == {0.0} and {(p["ci_low"], p["ci_high"]) for p in pairs} == {(0.0, 0.0)}
-    assert "--intersect: 2 images every run segmented are compared" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "--intersect: 2 images every run segmented are compared" in report
+    # two folders: the report says the images and labels come from different places, matched by image_id
+    assert "the runs read their images from different places" in report and "the runs read their labels from different places" in report
     # runs without a confidence map: no confidence columns, no shading, the strips as before
     assert per_image.column_names == ["run_id", "image_id", "labeled", "IoU", "mIoU", "pixel_accuracy", "disagreement"]
     assert "sure" not in (out / "report.html").read_text()
+
+
+def test_runs_reading_other_places_or_reading_labels_otherwise_are_said_to_differ(compared):
+    """Runs whose images or labels come from different places (matched by image_id alone), or whose
+    labels were read otherwise (ignore_index, reduce_zero_label, binary_labels), get a note each: their
+    numbers differ by that too. Runs alike get none (the fixture's three runs share one folder)."""
+    from pipeline.analysis.compare.runs import Run, label_reading_words, source_notes
+
+    def run(label: str, images: str = "data/images", labels: str | None = "data/labels", **metrics) -> Run:
+        config = {"input": {"uri": images, "labels": {"uri": labels} if labels else None}, "metrics": metrics}
+        return Run(label, label, label, None, {"config": config}, {}, None, 3, [])
+
+    assert source_notes([run("a"), run("b", images="data/images/"), run("c", labels=None, ignore_index=0)]) == [
+        "the runs read their labels from different places (a: data/labels; b: data/labels; c: None): "
+        "images are matched by their image_id alone"
+    ]  # c has no labels: how it would read them does not matter
+    [note] = source_notes([run("a"), run("ade", reduce_zero_label=True)])
+    assert note.startswith(
+        "the runs read their labels differently (a: semantic, ignore_index 255; ade: semantic, ignore_index 255, reduce_zero_label)"
+    )
+    assert source_notes([run("a"), run("b", ignore_index=255, reduce_zero_label=False)]) == []  # the same reading, spelt out
+    assert label_reading_words({"metrics": {"task": "binary"}}) == "binary, ignore_index 255, binary_labels class_index"
+    assert label_reading_words({"metrics": {"task": "binary", "binary_labels": "mask"}}) == "binary, ignore_index none, binary_labels mask"
+    report = (compared / "report.html").read_text()
+    assert "different places" not in report and "read their labels differently" not in report
 
 
 def test_bootstrap_of_a_run_against_itself_is_exactly_zero(runs):

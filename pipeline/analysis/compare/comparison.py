@@ -13,7 +13,15 @@ from pipeline.analysis.compare.masks import scan_masks
 from pipeline.analysis.compare.receptive_fields import receptive_fields
 from pipeline.analysis.compare.report import render_report
 from pipeline.analysis.compare.result import Comparison
-from pipeline.analysis.compare.runs import CompareError, class_name_notes, common_images, join_labeled, open_runs, speed_notes
+from pipeline.analysis.compare.runs import (
+    CompareError,
+    class_name_notes,
+    common_images,
+    join_labeled,
+    open_runs,
+    source_notes,
+    speed_notes,
+)
 from pipeline.analysis.compare.sources import find_sources
 from pipeline.analysis.compare.tables import comparison_table, pairs_table, per_image_table
 from pipeline.extras import require
@@ -40,7 +48,7 @@ def compare_runs(
         raise CompareError(f"--resamples must be at least 1, got {resamples}")
     require("matplotlib", "report", "segpipe compare's report")  # its charts; before anything is read or written
     runs = open_runs(run_uris, storage_options)
-    notes: list[str] = [*speed_notes(runs), *class_name_notes(runs)]
+    notes: list[str] = [*speed_notes(runs), *class_name_notes(runs), *source_notes(runs)]
     images = common_images(runs, intersect)
     if images.note:
         notes.append(images.note)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
+from pipeline.metrics.semantic import LabelReading
 from pipeline.results.run_tables import AREAS, METRICS
 from pipeline.results.runstore import RunStore
 from pipeline.rows import IdSet
@@ -117,6 +118,40 @@ def class_name_notes(runs: list[Run]) -> list[str]:
     if len(set(names)) > 1:
         return [f"the runs name their classes differently; the names of {runs[0].label} are used"]
     return []
+
+
+def source_notes(runs: list[Run]) -> list[str]:
+    """Where the runs read their images or labels from different places (images are matched by
+    image_id alone), or read their labels otherwise (metrics.ignore_index, reduce_zero_label, a binary
+    task's binary_labels): their numbers then differ by that too, not only by their models."""
+    notes = []
+    places = {
+        "images": {r.label: (r.config.get("input") or {}).get("uri") for r in runs},
+        "labels": {r.label: ((r.config.get("input") or {}).get("labels") or {}).get("uri") for r in runs},
+    }
+    for what, where in places.items():
+        if len({str(v).rstrip("/") for v in where.values()}) > 1:
+            listed = "; ".join(f"{label}: {uri}" for label, uri in where.items())
+            notes.append(f"the runs read their {what} from different places ({listed}): images are matched by their image_id alone")
+    readings = {r.label: label_reading_words(r.config) for r in runs if (r.config.get("input") or {}).get("labels")}
+    if len(set(readings.values())) > 1:
+        listed = "; ".join(f"{label}: {words}" for label, words in readings.items())
+        notes.append(f"the runs read their labels differently ({listed}): their metrics differ by that too, not only by their models")
+    return notes
+
+
+def label_reading_words(config: dict) -> str:
+    """How a run's config reads labels, in words: its metrics task, ignore_index, reduce_zero_label, binary_labels."""
+    metrics = config.get("metrics") or {}
+    task = metrics.get("task", "semantic")
+    binary_labels = metrics.get("binary_labels", "class_index")  # runs from before binary_labels read class indices
+    ignore = LabelReading.of(task, binary_labels, metrics.get("ignore_index"), 1, 2).ignore  # null's meaning, as the run took it
+    words = [task, f"ignore_index {'none' if ignore is None else ignore}"]
+    if metrics.get("reduce_zero_label"):
+        words.append("reduce_zero_label")
+    if task == "binary":
+        words.append(f"binary_labels {binary_labels}")
+    return ", ".join(words)
 
 
 @dataclass
