@@ -90,11 +90,14 @@ def test_tar_shards_from_s3_to_s3_equal_local_and_no_credential_is_written_or_pr
 
 
 def test_a_parquet_table_as_input_segments_every_row_and_scores_the_labeled_ones(ray_session, samples, checkpoint, tmp_path):
+    # a last row repeats the id of the second (another image): only the first is segmented, with a
+    # warning. Before, the file's unit never completed (the writer took the id once and waited for
+    # one row more): the run failed without a mask, and every rerun the same way
     table = pa.table(
         {
-            "image_id": [k for k, _, _ in samples],
-            "image": [image_bytes(im) for _, im, _ in samples],
-            "label": [image_bytes(lab) for _, _, lab in samples[:-1]] + [None],
+            "image_id": [k for k, _, _ in samples] + [samples[1][0]],
+            "image": [image_bytes(im) for _, im, _ in samples] + [image_bytes(samples[0][1])],
+            "label": [image_bytes(lab) for _, _, lab in samples[:-1]] + [None, image_bytes(samples[0][2])],
         }
     )
     pq.write_table(table, tmp_path / "table.parquet", row_group_size=2)
@@ -105,3 +108,6 @@ def test_a_parquet_table_as_input_segments_every_row_and_scores_the_labeled_ones
     rows = tables(fsspec.filesystem("file"), str(tmp_path / "runs" / "s3job"))
     assert [r["image_id"] for r in rows["masks"]] == [k for k, _, _ in samples]
     assert [r["image_id"] for r in rows["metrics"]] == [k for k, _, _ in samples[:-1]]  # the last has no label
+    assert rows["masks"][1]["height"] == samples[1][1].shape[0]  # the first row of the id, not the last
+    [warning] = json.loads((tmp_path / "runs" / "s3job" / "run.json").read_text())["attempts"][-1]["warnings"]
+    assert f"image_id {samples[1][0]!r} comes again in the same parquet file" in warning

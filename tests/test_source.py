@@ -186,3 +186,42 @@ def test_slides_are_listed_by_every_reader_suffix_and_a_dicom_folder_once():
     cfg = load_config({"input": {"uri": "memory://slides-listed", "format": "slide"}, "model": {"name": "segformer-b0"}}).input
     listed = [i for unit in reader_for(cfg).list_units() for i in unit.image_ids]
     assert listed == ["a.svs", "b.mrxs", "c/level-0.dcm", "d/e/x.dcm", "f.czi", "g.vms"]
+
+
+def test_the_read_stage_gives_an_id_once_per_unit_and_says_what_it_left_out(tmp_path, caplog):
+    """A tar shard whose sample's label comes after another sample: the reader gives that key twice
+    (its image as a sample, then its late label as an error sample of the same id); the read stage
+    sends the first and says the second in a warning, and the unit's end counts what it sent. Before,
+    both went on, the writer took the id once and waited for a row more: the shard never committed,
+    its good samples neither, and the run failed every time."""
+    import io
+    import logging
+    import tarfile
+
+    import numpy as np
+    from helpers import image_bytes, job_config
+
+    from pipeline.io.source import read_and_decode
+
+    rng = np.random.default_rng(0)
+    members = [
+        ("j.png", image_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))),
+        ("k.png", image_bytes(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))),
+        ("j.label.png", image_bytes(np.zeros((8, 8), np.uint8))),
+    ]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "s.tar").write_bytes(buffer.getvalue())
+    cfg = load_config(job_config(tmp_path, tmp_path / "shards", tmp_path / "none.safetensors", input={"format": "tar"}))
+    [unit] = reader_for(cfg.input).list_units()
+    with caplog.at_level(logging.WARNING, logger="pipeline.io.source"):
+        rows = list(read_and_decode(unit.to_record(), cfg=cfg))
+    assert [(r["image_id"], r["error"]) for r in rows[:-1]] == [("s.tar/j", ""), ("s.tar/k", "")]
+    assert rows[-1]["unit_rows"] == 2
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "image_id 's.tar/j' comes again in the same tar file (sample 'j': members are not adjacent" in warning

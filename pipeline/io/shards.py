@@ -153,7 +153,8 @@ def read_tar_unit(
 
     A sample without an image, or with two, is an error sample. Members of a key met again after
     other keys are an error sample with that key's id (its earlier members already came back as a
-    sample: a stream cannot look ahead). A shard that breaks inside a member makes that sample an
+    sample: a stream cannot look ahead); the read stage sends an id once per unit, so that one is
+    said as a warning (pipeline.io.source.read_and_decode). A shard that breaks inside a member makes that sample an
     error; one that breaks between members (or cannot be opened, or is not a tar) gives one error
     sample whose image_id is the shard path. Samples read before the break come back as read.
     """

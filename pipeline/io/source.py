@@ -459,6 +459,16 @@ def say_warning(text: str, monitor=None) -> None:
         log.warning("%s", text)
 
 
+def again_in_unit(unit: SourceUnit, sample: RawSample) -> str:
+    """The warning for a sample whose image_id its unit gave already: it is left out (an id is one
+    image, one mask, one outcome), the first one with that id is the one segmented."""
+    why = sample.error.split(": ", 1)[-1] if sample.error else "another row with the same id"
+    return (
+        f"{unit.uris[0]}: image_id {sample.image_id!r} comes again in the same {unit.format} file ({why}); "
+        "only its first is segmented, this one is left out"
+    )
+
+
 def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: IdSet | None = None) -> Iterator[dict[str, Any]]:
     """The read stage (a Ray task per unit): one DecodedImage per image, then the unit's end (how
     many image rows came before it). A failure is a row with its error set. What the store did
@@ -480,6 +490,7 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
             yield DecodedImage.unit_end(unit.index, sum(bool(o) for o in unit.owned)).to_record()
             return
         samples = iter(reader_for(cfg.input).read_unit(unit, stats))
+        sent_ids: set[str] = set()  # an id comes once per unit: the writer commits a unit when each of its ids has
         while True:
             started = time.perf_counter()
             sample = next(samples, None)
@@ -490,6 +501,10 @@ def read_and_decode(row: dict[str, Any], *, cfg: JobConfig, monitor=None, done: 
                 say_warning(sample.warning, monitor)
             if done is not None and sample.image_id in done:
                 continue
+            if sample.image_id in sent_ids:  # a Parquet table's id twice, a tar key met again after other samples
+                say_warning(again_in_unit(unit, sample), monitor)
+                continue
+            sent_ids.add(sample.image_id)
             metrics.bytes_read(len(sample.image_bytes or b"") + len(sample.label_bytes or b""))
             started = time.perf_counter()
             decoded = decode_sample(sample, cfg.input.max_pixels, exif_transpose=cfg.input.exif_transpose, panoptic=panoptic)
