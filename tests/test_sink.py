@@ -24,11 +24,11 @@ def batch(*rows: Prediction) -> dict:
     return to_columns([r.to_record() for r in rows])
 
 
-def writer(tmp_path, images_per_unit: int) -> PartWriter:
+def writer(tmp_path, images_per_unit: int, fmt: str = "images") -> PartWriter:
     cfg = load_config(
         {
             "run_id": "r",
-            "input": {"uri": "/x", "images_per_unit": images_per_unit},
+            "input": {"uri": "/x", "images_per_unit": images_per_unit, "format": fmt},
             "model": {"name": "segformer-b0"},
             "output": {"uri": str(tmp_path)},
         }
@@ -76,6 +76,27 @@ def test_an_image_that_arrives_twice_is_committed_once(tmp_path):
     w(batch(prediction(0, "a"), prediction(0, "b")))
     out = w(batch(prediction(0, "a"), Prediction(0, "", unit_rows=2)))  # a retried batch sends "a" again
     assert 0 in out["unit_done"] and part_ids(tmp_path) == [["a", "b"]]
+
+
+def test_a_parquet_id_that_a_second_file_gives_again_is_left_out_said_and_the_file_still_completes(tmp_path, caplog):
+    """Parquet tables name their images: two files (units) giving the same image_id would write two
+    masks rows and two metrics rows for one id (metrics counting it twice, read_mask taking either).
+    The first to arrive is committed; the other file's row is left out with a warning, and that file
+    still completes (its end counts the row). Within a unit the read stage sends an id once; a retried
+    batch's row is still taken once, without a warning."""
+    import logging
+
+    w = writer(tmp_path, images_per_unit=10, fmt="parquet")
+    w(batch(prediction(0, "a"), prediction(0, "b")))
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.sink"):
+        out = w(batch(prediction(1, "a"), prediction(1, "c"), Prediction(1, "", unit_rows=2), Prediction(0, "", unit_rows=2)))
+        w(batch(prediction(0, "b")))  # a retried batch of the first file: no warning
+    assert sorted(out["unit_done"]) == [-1, 0, 1] and out["image_id"][:1] == ["c"]
+    assert part_ids(tmp_path) == [["a", "b"], ["c"]]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("image_id 'a' comes again in another Parquet file of the input: only its first is segmented")
+    # image folders' ids are their paths: unique, none is held
+    assert writer(tmp_path / "images", images_per_unit=10).first_unit is None
 
 
 def raster_prediction(image_id: str, physical: dict | None, labeled: bool) -> Prediction:

@@ -10,6 +10,7 @@ the actor pool.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -37,6 +38,8 @@ from pipeline.results.run_tables import (
 from pipeline.results.runstore import RunStore
 from pipeline.rows import Prediction, batch_length
 from pipeline.telemetry import StageClock
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- writing parts
 
@@ -136,6 +139,13 @@ class PartWriter:
     finished when its end row (the number of image rows its read task sent) has arrived and as many
     image rows have been committed. An image that arrives twice (a predictor batch retried after its
     actor died) is taken once: every image of a unit is committed once.
+
+    Parquet tables name their images themselves, so two files may give the same image_id (the read
+    stage sends an id once per file): the first file's row is taken, a later file's is left out (counted
+    as its unit's, so that the unit completes) and said as a warning. For that the writer holds every
+    id of the attempt's Parquet rows (about 100 bytes an id); other inputs' ids are unique by
+    construction (paths, `<shard>/<key>`, `<video>#<frame>`). Ids committed by earlier attempts are
+    dropped by the read stage (`done`).
     """
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None, clips: bool = False) -> None:
@@ -158,6 +168,9 @@ class PartWriter:
         self.committed: dict[int, int] = {}  # unit -> image rows committed
         self.next_seq: dict[int, int] = {}
         self.seen: dict[int, set[str]] = {}  # unit -> image ids taken (units in flight only)
+        # Parquet runs: image id -> the unit that gave it first (every unit of the attempt); None: ids are unique
+        self.first_unit: dict[str, int] | None = {} if cfg.input.format == "parquet" else None
+        self.left_out: dict[int, int] = {}  # unit -> its rows left out as another unit's id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         progress: dict[str, list] = {"image_id": [], "ok": [], "unit_done": []}
@@ -170,6 +183,9 @@ class PartWriter:
                 continue
             if row.image_id in self.seen.setdefault(row.unit, set()):
                 continue  # a retried batch's duplicate
+            if self.first_unit is not None and self.first_unit.setdefault(row.image_id, row.unit) != row.unit:
+                self._leave_out(row)
+                continue
             self.seen[row.unit].add(row.image_id)
             self.pending.setdefault(row.unit, []).append(row)
             progress["image_id"].append(row.image_id)
@@ -180,7 +196,7 @@ class PartWriter:
             while len(rows) >= self.images_per_part:
                 self._commit(unit, rows[: self.images_per_part])
                 rows = rows[self.images_per_part :]
-            complete = unit in self.expected and self.committed.get(unit, 0) + len(rows) == self.expected[unit]
+            complete = unit in self.expected and self.committed.get(unit, 0) + self.left_out.get(unit, 0) + len(rows) == self.expected[unit]
             if complete and rows:
                 self._commit(unit, rows)
                 rows = []
@@ -191,7 +207,19 @@ class PartWriter:
                 progress["unit_done"].append(unit)
                 del self.pending[unit], self.expected[unit]
                 self.seen.pop(unit, None)
+                self.left_out.pop(unit, None)
         return progress
+
+    def _leave_out(self, row: Prediction) -> None:
+        """A Parquet row whose image_id an earlier file gave: not committed, counted as its unit's, said."""
+        self.left_out[row.unit] = self.left_out.get(row.unit, 0) + 1
+        text = (
+            f"image_id {row.image_id!r} comes again in another Parquet file of the input: only its first is segmented, this one is left out"
+        )
+        if self.monitor is not None:
+            self.monitor.add_warning.remote(text)
+        else:
+            log.warning("%s", text)
 
     def _commit(self, unit: int, rows: list[Prediction]) -> None:
         started = time.perf_counter()
