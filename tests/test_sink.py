@@ -24,11 +24,11 @@ def batch(*rows: Prediction) -> dict:
     return to_columns([r.to_record() for r in rows])
 
 
-def writer(tmp_path, images_per_unit: int, fmt: str = "images") -> PartWriter:
+def writer(tmp_path, images_per_unit: int, fmt: str = "images", **inputs) -> PartWriter:
     cfg = load_config(
         {
             "run_id": "r",
-            "input": {"uri": "/x", "images_per_unit": images_per_unit, "format": fmt},
+            "input": {"uri": "/x", "images_per_unit": images_per_unit, "format": fmt, **inputs},
             "model": {"name": "segformer-b0"},
             "output": {"uri": str(tmp_path)},
         }
@@ -79,7 +79,8 @@ def test_an_image_that_arrives_twice_is_committed_once(tmp_path):
 
 
 def test_a_parquet_id_that_a_second_file_gives_again_is_left_out_said_and_the_file_still_completes(tmp_path, caplog):
-    """Parquet tables name their images: two files (units) giving the same image_id would write two
+    """Parquet tables name their images: two files (units) giving the same image_id (or a manifest
+    listing a key twice) would write two
     masks rows and two metrics rows for one id (metrics counting it twice, read_mask taking either).
     The first to arrive is committed; the other file's row is left out with a warning, and that file
     still completes (its end counts the row). Within a unit the read stage sends an id once; a retried
@@ -95,7 +96,12 @@ def test_a_parquet_id_that_a_second_file_gives_again_is_left_out_said_and_the_fi
     assert part_ids(tmp_path) == [["a", "b"], ["c"]]
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("image_id 'a' comes again in another Parquet file of the input: only its first is segmented")
-    # image folders' ids are their paths: unique, none is held
+    # a manifest may list a key twice, chunks apart: the same; a listed folder's keys are unique, none is held
+    listed = writer(tmp_path / "listed", images_per_unit=1, manifest="/keys.csv")
+    with caplog.at_level(logging.WARNING, logger="pipeline.results.sink"):
+        listed(batch(prediction(0, "k.png"), prediction(5, "k.png"), Prediction(5, "", unit_rows=1)))
+    assert caplog.records[-1].getMessage().startswith("image_id 'k.png' comes again in the manifest, further on")
+    assert part_ids(tmp_path / "listed") == [["k.png"]]
     assert writer(tmp_path / "images", images_per_unit=10).first_unit is None
 
 

@@ -141,11 +141,12 @@ class PartWriter:
     actor died) is taken once: every image of a unit is committed once.
 
     Parquet tables name their images themselves, so two files may give the same image_id (the read
-    stage sends an id once per file): the first file's row is taken, a later file's is left out (counted
-    as its unit's, so that the unit completes) and said as a warning. For that the writer holds every
-    id of the attempt's Parquet rows (about 100 bytes an id); other inputs' ids are unique by
-    construction (paths, `<shard>/<key>`, `<video>#<frame>`). Ids committed by earlier attempts are
-    dropped by the read stage (`done`).
+    stage sends an id once per file), and a manifest may list a key twice, chunks apart: the row that
+    arrives first is taken, a later unit's is left out (counted as its unit's, so that the unit
+    completes) and said as a warning. For that the writer holds every id of such a run's attempt
+    (about 100 bytes an id); other inputs' ids are unique by construction (listed paths,
+    `<shard>/<key>`, `<video>#<frame>`). Ids committed by earlier attempts are dropped by the read
+    stage (`done`).
     """
 
     def __init__(self, cfg: JobConfig, attempt: int, binary: bool, monitor=None, clips: bool = False) -> None:
@@ -168,8 +169,10 @@ class PartWriter:
         self.committed: dict[int, int] = {}  # unit -> image rows committed
         self.next_seq: dict[int, int] = {}
         self.seen: dict[int, set[str]] = {}  # unit -> image ids taken (units in flight only)
-        # Parquet runs: image id -> the unit that gave it first (every unit of the attempt); None: ids are unique
-        self.first_unit: dict[str, int] | None = {} if cfg.input.format == "parquet" else None
+        # Parquet tables and manifests (ids that may repeat across units): image id -> the unit that gave
+        # it first (every unit of the attempt); None: ids are unique by construction
+        self.repeats_in = "another Parquet file of the input" if cfg.input.format == "parquet" else "the manifest, further on"
+        self.first_unit: dict[str, int] | None = {} if cfg.input.format == "parquet" or cfg.input.manifest else None
         self.left_out: dict[int, int] = {}  # unit -> its rows left out as another unit's id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -213,9 +216,7 @@ class PartWriter:
     def _leave_out(self, row: Prediction) -> None:
         """A Parquet row whose image_id an earlier file gave: not committed, counted as its unit's, said."""
         self.left_out[row.unit] = self.left_out.get(row.unit, 0) + 1
-        text = (
-            f"image_id {row.image_id!r} comes again in another Parquet file of the input: only its first is segmented, this one is left out"
-        )
+        text = f"image_id {row.image_id!r} comes again in {self.repeats_in}: only its first is segmented, this one is left out"
         if self.monitor is not None:
             self.monitor.add_warning.remote(text)
         else:
