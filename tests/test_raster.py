@@ -37,7 +37,7 @@ from pipeline.io.raster import NODATA_LABEL, RasterWindows, check_raster_job, ge
 from pipeline.metrics.semantic import LabelReading, class_areas
 from pipeline.predict.predictor import ModelScorer, segment_raster
 from pipeline.predict.tiling import TilingSettings, segment_streaming
-from pipeline.results.masks import assemble_mask
+from pipeline.results.masks import assemble_mask, decode_png
 from pipeline.rows import StreamSource
 
 BANDS = [4, 3, 2, 1]
@@ -351,6 +351,35 @@ def test_nan_and_inf_in_a_float_raster_are_no_data_as_a_declared_nodata_value_is
         assert nan_facts[key] == facts[key], key
     assert facts["nodata_pixels"] == int((data == 0).any(axis=0).sum()) and facts["nodata_windows"] > 0
     assert all(np.isfinite(facts["band_scale"]).ravel())
+
+
+def test_a_label_rasters_nodata_pixels_count_in_no_class(tmp_path):
+    """A label raster that declares nodata 0 (land-cover labels often do) over classes 1 and 2: its
+    nodata pixels count nowhere, as ignore_index does, not as class 0 of the model; the same label
+    without the declaration counts them as class 0, as before. Before: class 0's label area was the
+    nodata pixels, its IoU and every mean with it."""
+    data = scene_12bit()
+    path = write_raster(tmp_path / "scene.tif", data, nodata=0, tile=64)
+    label = (1 + np.arange(160)[None, :] // 40 % 2).repeat(120, 0).astype(np.uint8)
+    label[:50] = 0  # the scene is valid from row 32
+    declared = write_raster(tmp_path / "declared.tif", label[None], nodata=0)
+    undeclared = write_raster(tmp_path / "undeclared.tif", label[None])
+    model = tiny_four_band_model()
+    settings = TilingSettings(window=(32, 32), stride=(24, 24), batch_size=16)
+    cfg = raster_input(tmp_path, bands=BANDS, scale={"mode": "percentile", "low": 2, "high": 98})
+    areas = {}
+    for name, label_path in (("declared", declared), ("undeclared", undeclared)):
+        source = StreamSource(str(path), str(label_path), 120, 160, kind="raster")
+        chunks, areas[name], _ = segment_raster(
+            ModelScorer(model, torch.device("cpu")), source, settings, cfg, num_classes=3, chunk_size=None, reading=LabelReading(3, 255)
+        )
+        mask = decode_png(chunks[0].mask)
+    valid = (data != 0).all(axis=0)
+    expected = class_areas(mask, np.where(label == 0, 255, label), 3, 255, valid)
+    for field in ("intersection", "union", "pred_area", "label_area"):
+        assert np.array_equal(getattr(areas["declared"], field), getattr(expected, field)), field
+    assert areas["declared"].label_area[0] == 0
+    assert areas["undeclared"].label_area[0] == int((valid & (label == 0)).sum()) > 0
 
 
 # --------------------------------------------------------------------------- one run, end to end

@@ -329,10 +329,22 @@ class RasterWindows:
             nodata is not None and math.isnan(nodata)
         )
 
-    def labels(self, y0: int, rows: int) -> np.ndarray:
+    def labels(self, y0: int, rows: int, ignore: int | None = None) -> np.ndarray:
+        """Rows of band 1 (a label raster); with `ignore` (the metrics' ignore_index), the pixels its
+        nodata value marks hold `ignore`: no class of the model may be given them (a label raster's
+        nodata 0 is no class 0)."""
         from rasterio.windows import Window
 
-        return self.ds.read(1, window=Window(0, y0, self.width, rows))
+        values = self.ds.read(1, window=Window(0, y0, self.width, rows))
+        nodata = self.ds.nodata
+        if ignore is None or nodata is None:
+            return values
+        missing = np.isnan(values) if math.isnan(nodata) else values == nodata
+        if not missing.any():
+            return values
+        out = values.astype(np.result_type(values.dtype, np.min_scalar_type(ignore)))
+        out[missing] = ignore
+        return out
 
     def georef(self) -> dict[str, Any]:
         return georef_of(self.ds)

@@ -751,6 +751,7 @@ def segment_raster(
                     f"label {source.label_uri} is {label.width} x {label.height} but the raster is {source.width} x {source.height}"
                 )
             counts = np.zeros(NODATA_LABEL + 1, np.int64)
+            ignore = (reading or LabelReading(num_classes)).ignore  # a label raster's nodata pixels hold it
             pixel_areas = PixelAreas.of_raster(raster.georef(), source.height, source.width)
             physical = PhysicalAreas(pixel_areas, num_classes) if pixel_areas is not None else None
             bands = stream_bands(
@@ -760,7 +761,7 @@ def segment_raster(
                 bands,
                 source.height,
                 source.width,
-                label.labels if label is not None else None,
+                (lambda y, n: label.labels(y, n, ignore)) if label is not None else None,
                 num_classes=num_classes,
                 chunk_size=chunk_size,
                 binary=settings.beside is not None,
