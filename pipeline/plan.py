@@ -43,6 +43,7 @@ from pipeline.redaction import scrub
 from pipeline.results.run_tables import INSTANCES
 from pipeline.results.runstore import (
     HEARTBEAT_SECONDS,
+    LOSSY_SUFFIXES,
     AttemptReport,
     RunRecord,
     RunStore,
@@ -557,6 +558,7 @@ class Listing:
         self.done_earlier = 0  # of them, held by earlier attempts or runs (image folders)
         self.skipped = 0  # of them, held by the job's other runs (--incremental, image folders)
         self.with_label = 0
+        self.jpeg_labels = 0  # of them, labels in a lossy format: class values move at edges
         self.to_do = 0
         self.exhausted = False
 
@@ -581,6 +583,7 @@ class Listing:
             return None
         self.listed += images
         self.with_label += sum(1 for u in batch for uri in u.label_uris if uri is not None)
+        self.jpeg_labels += sum(1 for u in batch for uri in u.label_uris if uri is not None and uri.lower().endswith(LOSSY_SUFFIXES))
         return batch
 
     def drop_done(self, batch: list[SourceUnit]) -> list[SourceUnit]:
@@ -634,7 +637,7 @@ class PreparedJob:
                 "format": "youtube-vis",
                 "annotated_videos": len(videos.videos),
             } | self.video_labels_match
-        return labels_report(self.cfg, self.listing.listed, self.listing.with_label)
+        return labels_report(self.cfg, self.listing.listed, self.listing.with_label, self.listing.jpeg_labels)
 
     def report(self, outcome: Execution | None = None) -> AttemptReport:
         """What run.json records of this attempt: the job's counts, and `outcome`'s once the plan runs."""

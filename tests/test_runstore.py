@@ -412,3 +412,31 @@ def test_a_runs_closing_reads_retry_a_flaky_store_not_fail_what_it_segmented(tmp
     read = {path.removeprefix(f"{tmp_path}/r/") for path in flaky.fs.opens_failed}
     assert {"ids.parquet", "run.json", f"masks/{part_name(2, 0, 0)}.parquet", f"errors/{part_name(2, 0, 0)}.parquet"} <= read
     assert flaky.fs.injected == len(read)  # each failed once, and was read again
+
+
+def test_jpeg_labels_read_as_class_indices_are_said_to_move_values_at_edges(tmp_path):
+    """Labels listed as .jpg beside their images: the listing counts them and the labels report (the
+    terminal's `labels:` line, run.json) says what JPEG does to class indices; a binary task reading
+    masks (thresholded) only counts them. Before: nothing said, and every edge pixel's value moved."""
+    from helpers import write_png
+    from PIL import Image
+
+    from pipeline.io.storage import StoreStats
+    from pipeline.plan import Listing
+    from pipeline.results.runstore import labels_report
+
+    for name in ("a", "b"):
+        write_png(tmp_path / "images" / f"{name}.png", np.zeros((4, 4, 3), np.uint8))
+    write_png(tmp_path / "labels" / "b.png", np.zeros((4, 4), np.uint8))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "labels" / "a.jpg")
+    raw = {"input": {"uri": str(tmp_path / "images"), "labels": {"uri": str(tmp_path / "labels")}}, "model": {"name": "segformer-b0"}}
+    listing = Listing(load_config(raw), StoreStats())
+    listing.list_batch()
+    assert (listing.with_label, listing.jpeg_labels) == (2, 1)
+    report = labels_report(load_config(raw), listing.listed, listing.with_label, listing.jpeg_labels)
+    assert report["jpeg_labels"] == 1 and report["note"].startswith("1 of the labels are JPEG files: their compression moves class values")
+    masks = load_config({**raw, "metrics": {"task": "binary", "binary_labels": "mask"}})
+    assert "note" not in labels_report(masks, 2, 2, 1) and labels_report(masks, 2, 2, 1)["jpeg_labels"] == 1
+    assert labels_report(load_config(raw), 3, 2, 1)["note"].startswith(
+        "2 of 3 images have a label; 1 have none and get no metrics; 1 of the labels are JPEG"
+    )

@@ -681,9 +681,15 @@ def config_changes(first: dict, now: dict, prefix: str = "") -> dict[str, list]:
     return out
 
 
-def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
+LOSSY_SUFFIXES = (".jpg", ".jpeg")  # label files whose compression moves class values at edges
+
+
+def labels_report(cfg: JobConfig, listed: int, with_label: int, jpeg_labels: int = 0) -> dict:
     """How many listed images have a label: said on the terminal and in run.json (image folders;
-    shards carry labels inside and are counted as they are read: summary.json's labeled_images)."""
+    shards carry labels inside and are counted as they are read: summary.json's labeled_images).
+    `jpeg_labels`: labels in a lossy format, said where they are read as class indices (JPEG moves
+    values at every edge, so pixels there count as other classes); masks are thresholded, and a
+    binary task's `auto` refuses values other than 0 and 255."""
     if cfg.input.labels is None:
         return {"configured": False}
     if not cfg.input.lists_files:
@@ -703,6 +709,14 @@ def labels_report(cfg: JobConfig, listed: int, with_label: int) -> dict:
         report["note"] = f"none of the {listed} images has a label under {cfg.input.labels.uri} {where}"
     elif with_label < listed:
         report["note"] = f"{with_label} of {listed} images have a label; {listed - with_label} have none and get no metrics"
+    if jpeg_labels:
+        report["jpeg_labels"] = jpeg_labels
+    if jpeg_labels and (cfg.metrics.task == "semantic" or cfg.metrics.binary_labels == "class_index"):
+        lossy = (
+            f"{jpeg_labels} of the labels are JPEG files: their compression moves class values at every edge, "
+            "so pixels there count as other classes (or none); PNG keeps them exact"
+        )
+        report["note"] = f"{report['note']}; {lossy}" if "note" in report else lossy
     return report
 
 
