@@ -144,6 +144,9 @@ class VideoConfig(_Strict):
 
     every_n: Int = Field(1, ge=1)
     fps: Float | None = Field(None, gt=0)
+    # frames turned upright by the stream's display matrix (a phone's portrait video is stored sideways),
+    # as players and FFmpeg's autorotate show them; false: as stored
+    autorotate: Bool = True
 
     @model_validator(mode="after")
     def _every_n_or_fps(self) -> VideoConfig:

@@ -510,11 +510,13 @@ def write_video(
     codec: str | None = None,
     gop: int | None = None,
     stamps_ms: list[int] | None = None,
+    rotation: int = 0,
 ) -> Path:
     """A video of `frames` (H x W x 3 uint8 RGB) at `fps`, written by PyAV: lossless FFV1 for .mkv
     (frames read back equal), else `codec` (default mpeg4). `gop`: frames between keyframes.
     `stamps_ms`: each frame's presentation time in ms (a variable-rate recording; the stream still
-    declared at `fps`)."""
+    declared at `fps`). `rotation`: a display matrix turning the frames that many degrees
+    counter-clockwise for display (a phone's portrait video, stored sideways)."""
     from fractions import Fraction
 
     import av
@@ -526,6 +528,8 @@ def write_video(
         stream.pix_fmt = "bgr0" if codec == "ffv1" else "yuv420p"  # ffv1 keeps RGB exactly
         if gop:
             stream.codec_context.gop_size = gop
+        if rotation:
+            stream.set_display_rotation(rotation)
         if stamps_ms is not None:  # the encoder keeps each frame's own time
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         for k, array in enumerate(frames):

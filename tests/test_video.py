@@ -408,3 +408,67 @@ def test_a_variable_rate_video_seeks_by_its_frames_timestamps_and_each_frame_kee
     assert [u.seek_to for u in clips] == [(8 * k, stamps[8 * k]) for k in range(5)]
     [row] = list(read_clip(clips[3], cfg.input))
     assert np.array_equal(row.image, np.concatenate([frames[i] for i in (24, 26, 28, 30)]))
+
+
+def test_a_video_with_a_display_rotation_is_read_upright_as_players_show_it(tmp_path):
+    """A phone's portrait video is stored sideways with a display matrix that players (and FFmpeg's
+    autorotate) apply. Its frames come upright: 90 degrees counter-clockwise is one turn of np.rot90,
+    -90 three, 180 two, the angle read from the matrix as libavutil reads it (PyAV's frame.rotation
+    agrees); input.video.autorotate false gives them as stored. The run's identity holds the setting,
+    and a video run recorded before it existed (its frames as stored) is held to false. Before: frames
+    segmented sideways, labels drawn on the upright frames of another size."""
+    from pipeline.io.video import read_video_unit
+    from pipeline.results.runstore import identity_changes, run_identity
+
+    frames = noise_frames(3, height=32, width=48)
+    for rotation, turns in ((90, 1), (-90, 3), (180, 2)):
+        path = write_video(tmp_path / f"phone{rotation}.mkv", frames, FPS, rotation=rotation)
+        with av.open(str(path)) as container:
+            assert next(container.decode(video=0)).rotation % 360 == rotation % 360
+        for autorotate in (True, False):
+            cfg = load_config(
+                {"input": {"uri": str(tmp_path), "format": "video", "video": {"autorotate": autorotate}}, "model": {"name": "segformer-b0"}}
+            )
+            ids = tuple(f"phone{rotation}.mkv#{i}" for i in range(3))
+            samples = list(read_video_unit(0, (str(path),) * 3, ids, (None,) * 3, cfg.input))
+            assert [s.error for s in samples] == [None] * 3 and not any(s.warning for s in samples)
+            for sample, frame in zip(samples, frames):
+                assert np.array_equal(sample.pixels, np.rot90(frame, turns) if autorotate else frame), (rotation, autorotate)
+    cfg = load_config({"input": {"uri": str(tmp_path), "format": "video"}, "model": {"name": "segformer-b0"}})
+    identity = run_identity(cfg, "segformer-b0", 3, "abc")
+    assert identity["input.video.autorotate"] is True and "autorotate" not in identity["input.video"]
+    before = {k: v for k, v in identity.items() if k != "input.video.autorotate"}  # recorded before the setting existed
+    assert identity_changes(before, identity) == {"input.video.autorotate": [False, True]}
+    as_stored = load_config(
+        {"input": {"uri": str(tmp_path), "format": "video", "video": {"autorotate": False}}, "model": {"name": "segformer-b0"}}
+    )
+    assert identity_changes(before, run_identity(as_stored, "segformer-b0", 3, "abc")) == {}
+
+
+def test_a_display_matrix_that_mirrors_or_turns_by_other_than_quarter_turns_leaves_frames_as_stored_and_says_so():
+    """`upright` on frames whose display matrix (16.16 fixed point, as libavutil stores it) mirrors
+    the picture or turns it by 45 degrees: the frame as stored, and a note; a quarter turn's matrix
+    turns it; no matrix leaves it."""
+    from pipeline.io.video import upright
+
+    class DisplayMatrix:
+        type = "Type.DISPLAYMATRIX"
+
+        def __init__(self, a: float, b: float, c: float, d: float) -> None:
+            self.values = [round(v * 65536) for v in (a, b, 0, c, d, 0)] + [0, 0, 1 << 30]
+
+        def __bytes__(self) -> bytes:
+            return np.asarray(self.values, np.int32).tobytes()
+
+    def frame(*matrix):
+        return type("Frame", (), {"side_data": [DisplayMatrix(*matrix)] if matrix else []})()
+
+    pixels = noise_frames(1, 6, 10)[0]
+    mirrored, note = upright(pixels, frame(-1, 0, 0, 1))
+    assert mirrored is pixels and "mirrors frames: they are segmented as stored" in note
+    half = 0.5**0.5
+    tilted, note = upright(pixels, frame(half, -half, half, half))
+    assert tilted is pixels and "turns frames by 45 degrees" in note
+    turned, note = upright(pixels, frame(0, -1, 1, 0))  # libavutil reads 90 (counter-clockwise) from it
+    assert note is None and np.array_equal(turned, np.rot90(pixels, 1))
+    assert upright(pixels, frame()) == (pixels, None)

@@ -163,6 +163,7 @@ def decode_frames(
     warnings: list[str] | None = None,
     sampling: tuple[int, float | None] | None = None,
     seek_to: tuple[int, ...] = (),
+    autorotate: bool = False,
 ) -> Iterator[tuple[int, float | None, np.ndarray | None, str | None]]:
     """(frame index, timestamp in seconds, H x W x 3 uint8 RGB, None) for each index of `wanted`
     (ascending), decoded from the keyframe at or before the first; where the stream fails or ends
@@ -173,7 +174,8 @@ def decode_frames(
     that count is said in `warnings` before the last frame is yielded: those frames were never
     planned (units come from the header's count), and would otherwise be left out without a word.
     `seek_to` (index, timestamp) of a frame at or before the first of `wanted`: a variable-rate stream's
-    seek (SourceUnit.seek_to), by that timestamp, the frames counted from that frame."""
+    seek (SourceUnit.seek_to), by that timestamp, the frames counted from that frame. `autorotate`:
+    each frame turned upright by its display matrix (`upright`)."""
     wanted = sorted(wanted)
     fs, path = open_fs(uri, storage_options)
     reached = -1  # the last frame decoded
@@ -192,6 +194,7 @@ def decode_frames(
                 stream = _video_stream(container, uri)
                 stream.thread_type = "AUTO"
                 size = (int(stream.width), int(stream.height))  # the header's
+                said_turn: set[str] = set()  # what `upright` said, once a video
                 stated = _stated_end(stream, wanted, sampling)
                 decoded = _frames_from(container, stream, wanted[0] if wanted else 0, seek_to)
                 for index, frame in decoded:
@@ -211,6 +214,11 @@ def decode_frames(
                     if index == target:
                         seconds = float(frame.pts * stream.time_base) if frame.pts is not None else None
                         pixels = frame.to_ndarray(format="rgb24")
+                        if autorotate:
+                            pixels, note = upright(pixels, frame)
+                            if note and note not in said_turn and warnings is not None:
+                                said_turn.add(note)
+                                warnings.append(f"{uri}: {note}")
                         target = next(todo, None)
                         if target is None and stated is not None and warnings is not None:
                             past = next((later for later, _ in decoded if later >= stated), None)
@@ -230,6 +238,27 @@ def decode_frames(
                 while target is not None:
                     yield target, None, None, why
                     target = next(todo, None)
+
+
+def upright(pixels: np.ndarray, frame: Any) -> tuple[np.ndarray, str | None]:
+    """The frame as a player shows it: turned by its display matrix (the stream's, which FFmpeg hands
+    every decoded frame), in quarter turns as FFmpeg's autorotate turns it (a rotation of 90 degrees
+    counter-clockwise is np.rot90 once). A matrix that mirrors the picture, or turns it by other than
+    quarter turns, leaves the frame as stored, and says so (the note)."""
+    matrix = next((np.frombuffer(bytes(d), np.int32) for d in frame.side_data if str(d.type).endswith("DISPLAYMATRIX")), None)
+    if matrix is None or len(matrix) != 9:
+        return pixels, None
+    a, b, c, d = (float(v) / 65536 for v in matrix[[0, 1, 3, 4]])  # 16.16 fixed point
+    if not (math.hypot(a, c) and math.hypot(b, d)):
+        return pixels, "its display matrix is singular: frames are left as stored"
+    # libavutil's av_display_rotation_get: degrees counter-clockwise
+    rotation = -math.degrees(math.atan2(b / math.hypot(b, d), a / math.hypot(a, c)))
+    turns = round(rotation / 90.0)
+    if a * d - b * c < 0:
+        return pixels, "its display matrix mirrors frames: they are segmented as stored, neither turned nor mirrored"
+    if abs(rotation - 90.0 * turns) > 1.0:
+        return pixels, f"its display matrix turns frames by {rotation:.4g} degrees, not a quarter turn: they are segmented as stored"
+    return (np.ascontiguousarray(np.rot90(pixels, turns % 4)) if turns % 4 else pixels), None
 
 
 def _stated_end(stream: Any, wanted: list[int], sampling: tuple[int, float | None] | None) -> int | None:
@@ -326,7 +355,7 @@ def read_video_unit(
     uri = uris[next(iter(positions.values()))]
     warnings: list[str] = []  # said with the next frame's sample
     for index, seconds, pixels, error in decode_frames(
-        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps), seek_to
+        uri, list(positions), cfg.storage_options, stats, warnings, (cfg.video.every_n, cfg.video.fps), seek_to, cfg.video.autorotate
     ):
         i = positions[index]
         label_uri = label_uris[i] if label_uris else None

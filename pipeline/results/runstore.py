@@ -661,7 +661,8 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
         identity["input.bands"] = cfg.input.bands
         identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
     if cfg.input.format == "video":  # which frames are sampled decides the frame ids
-        identity["input.video"] = cfg.input.video.model_dump(mode="json")
+        identity["input.video"] = cfg.input.video.model_dump(mode="json", exclude={"autorotate"})
+        identity["input.video.autorotate"] = cfg.input.video.autorotate  # which way up the frames are
         if model_name and model_name.startswith("vistr"):  # a clip model: the clips decide its masks and tracks
             identity["inference.clip_length"] = inference.clip_length
             identity["inference.clip_stride"] = inference.clip_stride
@@ -953,10 +954,17 @@ HEARTBEAT_SECONDS = 30.0  # a running attempt rewrites its record this often
 LOST_AFTER_SECONDS = 600.0  # a run whose running attempt has not been heard of for this long is lost
 
 
+# identity fields added after runs were recorded without them, whose behaviour then is not their default
+# now: a run recorded before the field existed is held to the value it behaved as
+BEFORE_THEY_EXISTED = {"input.video.autorotate": False}  # video frames were segmented as stored
+
+
 def identity_changes(known: dict, identity: dict) -> dict[str, list]:
     """The identity fields that differ: {field: [known, now]}. A field that only one side states was
     recorded by another version of segpipe (no field is ever optional within one version for a given
-    format and task, and those two are fields themselves): it is not held against the run."""
+    format and task, and those two are fields themselves): it is not held against the run, unless
+    the run behaved otherwise before it existed (BEFORE_THEY_EXISTED)."""
+    known = {**{k: v for k, v in BEFORE_THEY_EXISTED.items() if k in identity}, **known}
     return {k: [known[k], identity[k]] for k in sorted(set(identity) & set(known)) if identity[k] != known[k]}
 
 
