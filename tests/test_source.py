@@ -225,3 +225,22 @@ def test_the_read_stage_gives_an_id_once_per_unit_and_says_what_it_left_out(tmp_
     assert rows[-1]["unit_rows"] == 2
     [warning] = [r.getMessage() for r in caplog.records]
     assert "image_id 's.tar/j' comes again in the same tar file (sample 'j': members are not adjacent" in warning
+
+
+def test_a_file_listed_as_an_image_and_as_its_own_label_is_an_errors_row(tmp_path):
+    """Images and masks in one folder, labels.uri the same folder, the default pattern: x.jpg pairs
+    with the mask x.png, and x.png is listed as an image too, paired with itself. Before: the mask was
+    segmented as a photo and scored against itself, counted in the metrics; now its errors row says
+    why and what to change, and x.jpg is read with its label as before (rasters alike)."""
+    import numpy as np
+    from helpers import job_config, write_png
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "x.jpg")
+    write_png(tmp_path / "x.png", np.zeros((4, 4), np.uint8))
+    cfg = load_config(job_config(tmp_path, tmp_path, tmp_path / "none.safetensors", labels=tmp_path))
+    reader = reader_for(cfg.input)
+    samples = [s for unit in reader.list_units() for s in reader.read_unit(unit)]
+    assert [(s.image_id, s.has_label) for s in samples] == [("x.jpg", True), ("x.png", True)]
+    assert samples[0].error is None and samples[0].label_bytes is not None
+    assert samples[1].error.startswith("x.png is its own label: input.uri and input.labels.uri list the same files")

@@ -69,6 +69,12 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
+def own_label_error(image_id: str) -> str:
+    """The errors row of a file listed as an image and paired with itself as its label (the labels'
+    folder is the images' folder, the pattern takes both): a mask scored against itself is no metric."""
+    return f"{image_id} is its own label: input.uri and input.labels.uri list the same files (narrow input.pattern to the images)"
+
+
 def key_stem(key: str) -> str:
     """A relative key without its extension: what pairs an image with its label."""
     p = PurePosixPath(key)
@@ -195,6 +201,10 @@ class ImageFolderReader:
         for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
             label_uri = unit.label_uris[i] if unit.label_uris else None
             sample = RawSample(unit.index, i, image_id, None, None, has_label=label_uri is not None)
+            if label_uri is not None and label_uri == uri:
+                sample.error = own_label_error(image_id)
+                yield sample
+                continue
             try:
                 # a huge tiled/striped TIFF is not read here: the predictor reads it window by window
                 sample.stream = probe_stream(uri, label_uri, cfg, stats)
@@ -247,6 +257,10 @@ class RasterReader(ImageFolderReader):
         for i, (uri, image_id) in enumerate(zip(unit.uris, unit.image_ids)):
             label_uri = unit.label_uris[i] if unit.label_uris else None
             sample = RawSample(unit.index, i, image_id, None, None, has_label=label_uri is not None)
+            if label_uri is not None and label_uri == uri:
+                sample.error = own_label_error(image_id)
+                yield sample
+                continue
             try:
                 if label_uri is None and cfg.labels is not None and cfg.labels.required:
                     sample.error = f"no label for {image_id} under {cfg.labels.uri}"
