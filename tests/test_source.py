@@ -19,6 +19,29 @@ def test_glob_double_star_matches_any_depth_including_none():
     assert glob_regex("cam?/*.jpg").match("cam1/z.jpg")
 
 
+def test_wildcards_skip_hidden_names_as_glob_does_unless_the_pattern_names_the_dot(tmp_path):
+    """macOS's AppleDouble `._a.jpg` beside `a.jpg` (an archive copied from a Mac), a `.thumbnails/`
+    folder: before, both were listed as images (the one an errors row each, undecodable; the other
+    segmented as more images). As glob.glob and a shell's globs, a wildcard does not match a name's
+    leading dot, at any depth; a pattern naming the dot lists them."""
+    import numpy as np
+    from PIL import Image
+
+    for name in ("a.jpg", "x/b.jpg", ".thumbnails/a.jpg", "x/.cache/c.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "._a.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # AppleDouble: no JPEG
+
+    def listed(pattern: str) -> list[str]:
+        cfg = load_config({"input": {"uri": str(tmp_path), "pattern": pattern}, "model": {"name": "segformer-b0"}})
+        return [i for u in reader_for(cfg.input).list_units() for i in u.image_ids]
+
+    assert listed("**/*") == listed("**/*.jpg") == ["a.jpg", "x/b.jpg"]
+    assert listed(".thumbnails/*.jpg") == [".thumbnails/a.jpg"] and listed("x/.cache/*") == ["x/.cache/c.jpg"]
+    assert not glob_regex("?a.jpg").match(".a.jpg") and not glob_regex("**").match(".x/a.jpg")
+    assert glob_regex("a*.jpg").match("a.b.jpg")  # a dot inside a name is any character
+
+
 def test_listing_pairs_labels_of_other_extensions_preferring_png_and_drop_done_drops_ids_with_their_labels():
     fs = fsspec.filesystem("memory")
     fs.rm("/src", recursive=True) if fs.exists("/src") else None

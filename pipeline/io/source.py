@@ -48,20 +48,25 @@ class Reader(Protocol):
 
 
 def glob_regex(pattern: str) -> re.Pattern:
-    """A regex for a relative path glob: `**/` matches any number of directories (zero included)."""
+    """A regex for a relative path glob: `**/` matches any number of directories (zero included).
+    As glob.glob and a shell's globs, a wildcard never matches a name's leading dot: hidden files and
+    folders (macOS's `._x.jpg` AppleDouble files, `.thumbnails/`, `.ipynb_checkpoints/`) are listed
+    only by a pattern that names the dot itself (`.cache/*.png`), as the tar reader skips them too."""
+    visible = r"(?!\.)[^/]*"  # one name that does not start with a dot
     out, i = [], 0
     while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
+        at_name = i == 0 or pattern[i - 1] == "/"  # a wildcard here would match the name's first character
+        if pattern.startswith("**/", i) and at_name:
+            out.append(rf"(?:{visible}/)*")
             i += 3
         elif pattern.startswith("**", i):
-            out.append(".*")
+            out.append(rf"(?:{visible}/)*{visible}" if at_name else ".*")
             i += 2
         elif pattern[i] == "*":
-            out.append("[^/]*")
+            out.append(visible if at_name else "[^/]*")
             i += 1
         elif pattern[i] == "?":
-            out.append("[^/]")
+            out.append("[^/.]" if at_name else "[^/]")
             i += 1
         else:
             out.append(re.escape(pattern[i]))
