@@ -440,3 +440,17 @@ def test_jpeg_labels_read_as_class_indices_are_said_to_move_values_at_edges(tmp_
     assert labels_report(load_config(raw), 3, 2, 1)["note"].startswith(
         "2 of 3 images have a label; 1 have none and get no metrics; 1 of the labels are JPEG"
     )
+
+
+def test_a_slide_runs_identity_holds_its_pattern_as_listed_inputs_do():
+    """Slides are listed by input.pattern as image folders are: a rerun that lists other slides under
+    the same run_id is refused (before, their pattern was no part of the identity); shards and tables,
+    read whole, have none."""
+    from pipeline.results.runstore import run_identity
+
+    def identity(fmt: str) -> dict:
+        cfg = load_config({"input": {"uri": "/s", "format": fmt, "pattern": "**/*.svs"}, "model": {"name": "segformer-b0"}})
+        return run_identity(cfg, "segformer-b0", 3, "abc")
+
+    assert identity("slide")["input.pattern"] == identity("images")["input.pattern"] == "**/*.svs"
+    assert "input.pattern" not in identity("tar") and "input.pattern" not in identity("parquet")

@@ -655,7 +655,7 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     if cfg.metrics.task == "binary":
         identity["metrics.binary_labels"] = cfg.metrics.binary_labels
         identity["metrics.positive_class"] = cfg.metrics.positive_class
-    if cfg.input.lists_files:
+    if cfg.input.lists_files or cfg.input.format == "slide":  # the files a listing takes (shards and tables: every one)
         identity["input.pattern"] = cfg.input.pattern
     if cfg.input.format == "raster":  # which bands and how they are scaled decide the masks
         identity["input.bands"] = cfg.input.bands
