@@ -1098,7 +1098,7 @@ def finish_job(job: PreparedJob, outcome: Execution) -> RunResult:
         categories = job.object_labels.panoptic.categories
         summary["panoptic"] = job.store.panoptic_summary(categories.names, categories.ids, categories.is_thing)
     if job.object_labels.instances is not None:
-        summary["mask_ap"] = mask_ap_of(job.store.read_table(INSTANCES), outcomes.segmented.to_pylist(), job.object_labels.instances)
+        summary["mask_ap"] = mask_ap_of(job.store.latest_rows(INSTANCES), outcomes.segmented.to_pylist(), job.object_labels.instances)
     # what this attempt's parts hold: the driver's count misses rows in flight when it is interrupted
     outcome.processed, outcome.failed = job.store.committed_by(job.record.attempt)
     summary.update(job.record.throughput(outcome.processed, outcome.seconds, time.time() - job.record.started))

@@ -143,6 +143,17 @@ def test_images_whose_names_differ_only_by_extension_get_files_of_their_own(tmp_
     assert result.written == ["x.png", "x.png.png"]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png")), first)
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png" / "x.png.png")), second)
+    # an image named as another's fallback ("x.jpg.png"), exported before it (x.jpg retried in attempt
+    # 2): before, x.jpg's mask overwrote x.jpg.png's file, and the export counted three files
+    store = new_run(str(tmp_path / "runs"), "triplet")
+    third = labels(16, 16, 3, 2)
+    commit(store, part(1), masks_rows("x.jpg.png", encode_chunks(third, None, None, 3), 16, 16))
+    commit(store, part(1, 1), masks_rows("x.png", encode_chunks(second, None, None, 3), 16, 16))
+    commit(store, part(2), masks_rows("x.jpg", encode_chunks(first, None, None, 3), 16, 16))
+    result = export_run(str(tmp_path / "runs" / "triplet"), str(tmp_path / "png3"), "png")
+    assert sorted(result.written) == ["x.jpg-2.png", "x.jpg.png", "x.png"]
+    for name, want in (("x.jpg.png", third), ("x.png", second), ("x.jpg-2.png", first)):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "png3" / name)), want)
 
 
 def test_an_image_in_several_committed_parts_is_exported_from_the_latest(tmp_path):
@@ -319,6 +330,54 @@ def test_panoptic_png_ids_decode_to_the_segment_map_and_segments_info_matches_th
         {"id": r["segment_id"], "category_id": r["class_id"], "area": r["area"], "bbox": r["bbox"], "iscrowd": 0} for r in table
     ]
     assert [(c["id"], c["name"], c["isthing"]) for c in panoptic["categories"]] == [(0, "sky", 0), (1, "road", 0), (2, "car", 1)]
+
+
+def test_an_image_committed_again_without_objects_exports_none_of_the_parts_before(tmp_path):
+    """An image segmented again in a later part that found no instance (or segment): its export
+    follows its latest mask, so it has none. Before: the earlier part's instances went to
+    coco_results.json and QuPath, and segments_info listed a segment the exported PNG does not hold."""
+    empty_instances = pa.Table.from_pylist([], INSTANCES_SCHEMA)
+    store = new_run(str(tmp_path / "runs"), "inst", task="instance")
+    zeros = encode_chunks(np.zeros((20, 30), np.uint8), None, None, 3)
+    commit(
+        store,
+        part(1),
+        masks_rows("x.png", zeros, 20, 30),
+        instances=instances_table("x.png", instance_masks(20, 30, [(2, 3, 6, 7)]), [2], [0.9]),
+    )
+    commit(store, part(2), masks_rows("x.png", zeros, 20, 30), instances=empty_instances)
+    export_run(str(tmp_path / "runs" / "inst"), str(tmp_path / "coco"), "coco")
+    assert json.loads((tmp_path / "coco" / "coco_results.json").read_text()) == []
+    export_run(str(tmp_path / "runs" / "inst"), str(tmp_path / "qupath"), "qupath")
+    assert json.loads((tmp_path / "qupath" / "x.geojson").read_text())["features"] == []
+
+    store = new_run(str(tmp_path / "runs"), "pan", task="panoptic")
+    segment_map = np.zeros((16, 16), np.uint16)
+    segment_map[4:10, 4:10] = 7
+    segments = pa.Table.from_pylist(
+        [{"image_id": "y.png", "segment_id": 7, "class_id": 2, "is_thing": True, "score": 0.8, "area": 36, "bbox": [4.0, 4.0, 6.0, 6.0]}],
+        SEGMENTS_SCHEMA,
+    )
+    commit(store, part(1), masks_rows("y.png", encode_chunks(segment_map, None, None, 1000), 16, 16), segments=segments)
+    blank = encode_chunks(np.zeros((16, 16), np.uint16), None, None, 1000)
+    commit(store, part(2), masks_rows("y.png", blank, 16, 16), segments=pa.Table.from_pylist([], SEGMENTS_SCHEMA))
+    export_run(str(tmp_path / "runs" / "pan"), str(tmp_path / "pan"), "coco")
+    [ann] = json.loads((tmp_path / "pan" / "panoptic.json").read_text())["annotations"]
+    assert ann["segments_info"] == []
+
+
+def test_qupath_exports_class_255_of_a_run_that_is_no_slide_or_raster(tmp_path):
+    """255 marks pixels not segmented only in slide and raster runs; a run of 300 classes over images
+    has a class 255 like any other. Before: its regions were left out of the QuPath export."""
+    names = [f"c{i}" for i in range(300)]
+    store = new_run(str(tmp_path / "runs"), "wide", names=names)
+    mask = np.zeros((12, 12), np.uint16)
+    mask[:6] = 255
+    mask[6:, 6:] = 256
+    commit(store, part(1), masks_rows("img.png", encode_chunks(mask, None, None, 300), 12, 12))
+    export_run(str(tmp_path / "runs" / "wide"), str(tmp_path / "qupath"), "qupath")
+    features = json.loads((tmp_path / "qupath" / "img.geojson").read_text())["features"]
+    assert sorted(f["properties"]["classification"]["name"] for f in features) == ["c0", "c255", "c256"]
 
 
 def _bbox(mask: np.ndarray) -> list[int]:

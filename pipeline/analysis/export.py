@@ -293,18 +293,20 @@ def _unique_name(image_id: str, suffix: str, result: ExportResult) -> str:
     """`output_name`, or the whole id plus `suffix` where another image took that name ("a.jpg"
     beside "a.png": "a.png" and "a.jpg.png"), so no export overwrites another. A video run's frame
     `<key>#<index>`: `<video stem>/<index><suffix>` (no `#` in a file name), or `<key>/<index><suffix>`
-    where another video of the same stem took it ("a.mp4" beside "a.mkv")."""
+    where another video of the same stem took it ("a.mp4" beside "a.mkv"). Where that is taken too
+    (an image named "a.jpg.png" exported before "a.jpg"), a number goes before the suffix: "a.jpg-2.png"."""
     frame = split_frame_id(image_id) if result.video else None
     if frame is not None:
         key, index = frame
-        name = output_name(f"{video_stem(key)}/{index}", suffix)
-        if name in result.names:
-            name = output_name(f"{key}/{index}", suffix)
-        result.names.add(name)
-        return name
-    name = output_name(image_id, suffix)
+        first, second = f"{video_stem(key)}/{index}", f"{key}/{index}"
+    else:
+        first, second = image_id, image_id + suffix
+    name = output_name(first, suffix)
     if name in result.names:
-        name = output_name(image_id + suffix, suffix)
+        name = output_name(second, suffix)
+    n, stem = 2, name[: -len(suffix)] if suffix and name.endswith(suffix) else name
+    while name in result.names:  # every name another image of this export holds is refused
+        name, n = f"{stem}-{n}{suffix}", n + 1
     result.names.add(name)
     return name
 
@@ -396,7 +398,7 @@ def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
     """One GeoJSON per image: its class regions as QuPath annotations, scaled to the slide's level 0
     by the masks table's `level0_scale` (1 for images that are no slide, and for runs before it);
     an instance run's: its instances as QuPath detections (pipeline.analysis.qupath.detection)."""
-    from pipeline.analysis.qupath import RegionTracer, detection, features, qupath_classes
+    from pipeline.analysis.qupath import SKIPPED_LABEL, RegionTracer, detection, features, qupath_classes
 
     scales: dict[str, float] = {}
     for part in run.store.parts_of(MASKS):
@@ -411,8 +413,11 @@ def export_qupath(run: Run, dest: Destination, result: ExportResult) -> None:
             found = [f for f in (detection(r, classes, scale) for r in rows) if f is not None]
             _write_json(dest, _unique_name(image_id, ".geojson", result), {"type": "FeatureCollection", "features": found}, result)
         return
+    # 255 is no class only where it marks what was not segmented (a slide's glass, a raster's no data);
+    # elsewhere it is a class (models of 256 classes or more) or a segment id
+    skipped = SKIPPED_LABEL if run.input_format in ("slide", "raster") else None
     for image in image_masks(run.store):
-        tracer = RegionTracer(image.height, image.width)
+        tracer = RegionTracer(image.height, image.width, skipped)
         y = 0
         for band in mask_bands(image):
             for x, chunk in band:

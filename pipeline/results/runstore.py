@@ -275,8 +275,19 @@ class RunStore:
     def latest_rows(self, kind: str, columns: list[str] | None = None) -> pa.Table | None:
         """The committed rows of table `kind`, each image's from the latest committed part that holds
         it (an image has several rows there: its instances, segments or chunks); sorted by image_id,
-        then in part order. None when no committed part has the table."""
-        return latest_of([self.read_part(kind, part, columns) for part in self.parts_of(kind)])
+        then in part order. None when no committed part has the table. An object table (instances,
+        segments) follows the masks: an image's rows are those of the part holding its latest mask, so
+        one committed again with no object has none, not the objects of the part before."""
+        parts = self.parts_of(kind)
+        tables = [self.read_part(kind, part, columns) for part in parts]
+        if kind not in OBJECT_TABLES.values() or not tables:
+            return latest_of(tables)
+        latest = self.mask_parts()
+        kept = []
+        for part, table in zip(parts, tables):
+            ids = table.column("image_id").to_pylist()
+            kept.append(table.filter(pa.array([latest.get(i) == part for i in ids], pa.bool_())))
+        return latest_of(kept)
 
     def class_area_rows(self) -> tuple[pa.Table | None, list[str]]:
         """A raster or slide run's predicted areas in physical units: each image's masks rows (one per
