@@ -101,7 +101,7 @@ def export_run(
     simplify: float | None = None,
 ) -> ExportResult:
     """Export run `run_uri` to `out_uri` as `fmt` (see the module's docstring). `simplify`: the
-    polygon formats' tolerance in map units (Douglas-Peucker, topology kept; None: the pixels' edges)."""
+    polygon formats' tolerance in map units (Douglas-Peucker, each polygon valid on its own; None: the pixels' edges)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}: one of {', '.join(FORMATS)}")
     if simplify is not None and (fmt not in POLYGON_FORMATS or not simplify >= 0):
@@ -683,8 +683,9 @@ def export_polygons(run: Run, dest: Destination, result: ExportResult, fmt: str,
     projected CRS, square metres on its ellipsoid for a geographic one; of the pixels, before any
     simplification): geoparquet (GeoParquet 1.1, WKB, its `geo` metadata with the CRS as PROJJSON:
     geopandas and DuckDB read it as geometry), gpkg (GeoPackage through pyogrio), geojson (RFC 7946:
-    lon/lat in EPSG:4326). `simplify`: each polygon simplified with that tolerance in map units,
-    topology kept. Rasters without a CRS are skipped."""
+    lon/lat in EPSG:4326). `simplify`: each polygon simplified with that tolerance in map units, on
+    its own (valid, its holes kept; neighbours' shared edges are not: they may overlap or part by up
+    to the tolerance). Rasters without a CRS are skipped."""
     georefs = image_georefs(run.store)
     instances = instance_rows(run.store) if run.task == "instance" else None
     for image in image_masks(run.store):
