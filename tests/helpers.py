@@ -555,3 +555,73 @@ def pixel_area_by_geod(transform, row: int, col: int) -> float:
 
     area, _ = Geod(ellps="WGS84").polygon_area_perimeter([a * x + b * y + c for x, y in corners], [d * x + e * y + f for x, y in corners])
     return abs(area)
+
+
+def written_run(
+    out_root: Path,
+    run_id: str,
+    parts: list[dict[str, tuple]],
+    num_classes: int,
+    names: list[str],
+    *,
+    data_root: Path | None = None,
+    metrics: dict | None = None,
+) -> tuple[str, dict]:
+    """A run directory as the predictor and the writer leave it, without Ray: `parts` (one committed
+    part each, in attempt order) map image_id -> (mask, label or None); each labeled image's areas
+    (and a binary task's camouflaged-object stats) counted as the predictor counts them, run.json with
+    the config fields `compare` reads (`data_root`: the images and labels folders, see
+    `labeled_photos`), summary.json from the parts. Returns (its path, its summary)."""
+    from pipeline.metrics.cod import cod_image_stats
+    from pipeline.metrics.semantic import LabelAreas, LabelReading
+    from pipeline.results.masks import encode_chunks
+    from pipeline.results.run_tables import METRICS, part_name
+    from pipeline.results.runstore import RunStore, summary_of
+    from pipeline.results.sink import part_tables
+    from pipeline.rows import Prediction
+
+    metrics = {"task": "semantic", "binary_labels": "auto", "ignore_index": None, "positive_class": 1, "reduce_zero_label": False} | (
+        metrics or {}
+    )
+    binary = metrics["task"] == "binary"
+    reading = LabelReading.of(
+        metrics["task"],
+        metrics["binary_labels"],
+        metrics["ignore_index"],
+        metrics["positive_class"],
+        num_classes,
+        metrics["reduce_zero_label"],
+    )
+    store = RunStore(str(out_root), {}, run_id)
+    for attempt, part in enumerate(parts, start=1):
+        rows = []
+        for image_id, (mask, label) in part.items():
+            probability = (mask == metrics["positive_class"]).astype(np.float32) * 0.8 + 0.1 if binary else None
+            row = Prediction(0, image_id, *mask.shape, encode_chunks(mask, probability, None, num_classes))
+            if label is not None:
+                areas = LabelAreas(reading)
+                areas.add(mask, label)
+                row.areas = areas.finish()
+                if binary:
+                    foreground = reading.foreground(label, "class_index" if row.areas.reading == "empty" else row.areas.reading)
+                    quantized = np.rint(probability * 255).astype(np.uint8)
+                    row.cod = cod_image_stats(quantized, foreground.astype(np.uint8) * 255).to_flat()
+            rows.append(row)
+        store.write_part(part_name(attempt, 0, 0), *part_tables(rows, binary=binary, attempt=attempt, cod=binary))
+    config = {"run_id": run_id, "metrics": metrics}
+    if data_root is not None:
+        config["input"] = {"uri": str(data_root / "images"), "format": "images", "labels": {"uri": str(data_root / "labels")}}
+    model = {"name": "tiny", "num_classes": num_classes, "mask_classes": num_classes, "class_names": list(names)}
+    store.write_json("run.json", {"run_id": run_id, "status": "succeeded", "config": config, "model": model})
+    summary = summary_of([store.read_part(METRICS, p) for p in store.parts_of(METRICS)], store.outcomes(), num_classes, list(names))
+    summary["throughput"] = {"images_per_second": 1.0, "seconds": 1.0, "startup": "actors"}
+    store.write_json("summary.json", summary)
+    return str(out_root / run_id), summary
+
+
+def labeled_photos(root: Path, labels: dict[str, np.ndarray]) -> Path:
+    """root/images/<id> (black photos) and root/labels/<id stem>.png: the folders a written_run reads."""
+    for image_id, label in labels.items():
+        write_png(root / "images" / image_id, np.zeros((*label.shape, 3), np.uint8))
+        write_png(root / "labels" / (image_id.rsplit(".", 1)[0] + ".png"), label)
+    return root

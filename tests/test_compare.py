@@ -339,3 +339,93 @@ def test_compare_without_matplotlib_exits_2_with_one_line_naming_the_report_extr
         "segpipe: segpipe compare's report needs matplotlib: pip install 'segpipe[report]'"
     ]
     assert not (tmp_path / "cmp").exists()
+
+
+# --------------------------------------------------------------------------- runs written without Ray
+
+
+def test_a_binary_image_whose_s_measure_is_nan_still_counts_in_every_other_measure_of_the_pairs(tmp_path):
+    """A mask label whose foreground is only its last column: its S-measure is NaN (PySODMetrics' own
+    value), its MAE, wFm and Em are numbers. The pairs' binary measures of each run are its summary's,
+    over all 4 images, and their intervals over resamples without that image. Before: the image was
+    dropped from every binary measure in pairs.parquet (3 images, other values than the summary's)."""
+    from helpers import labeled_photos, written_run
+
+    from pipeline.analysis.compare import compare_runs
+
+    rng = np.random.default_rng(1)
+    labels, runs = {}, {}
+    for k in range(4):
+        label = np.zeros((20, 24), np.uint8)
+        label[5:15, 6:16] = 255
+        if k == 0:
+            label[:] = 0
+            label[:, -1] = 255
+        labels[f"img{k}.png"] = label
+    data = labeled_photos(tmp_path / "data", labels)
+    metrics = {"task": "binary", "binary_labels": "mask"}
+    for name, noise in (("A", 0.1), ("B", 0.3)):
+        parts = [{i: ((lab > 128).astype(np.uint8) ^ (rng.random(lab.shape) < noise), lab) for i, lab in labels.items()}]
+        runs[name] = written_run(tmp_path / "runs", name, parts, 2, ["bg", "fg"], data_root=data, metrics=metrics)
+    assert math.isnan(runs["A"][1]["Sm"]) and runs["A"][1]["cod_images"] == 4
+    compare_runs([runs["A"][0], runs["B"][0]], str(tmp_path / "out"), resamples=200)
+    pairs = {p["metric"]: p for p in pq.read_table(tmp_path / "out" / "pairs.parquet").to_pylist() if p["run_a"] == "A"}
+    for metric in ("MAE", "wFm", "Em_mean"):
+        assert pairs[metric]["images"] == 4
+        assert pairs[metric]["value_a"] == pytest.approx(runs["A"][1][metric]) and pairs[metric]["value_b"] == pytest.approx(
+            runs["B"][1][metric]
+        )
+        assert not math.isnan(pairs[metric]["ci_low"])
+    assert pairs["Sm"]["value_a"] is None or math.isnan(pairs["Sm"]["value_a"])  # as the run's own: NaN
+
+
+def test_intersect_recomputes_each_run_over_the_compared_images_it_labeled(tmp_path):
+    """--intersect: run A labeled all 3 images that both runs segmented; B had no label for one of
+    them. A's row is A's own numbers on those 3 images (numpy over its masks and labels). Before:
+    over the 2 images every run labeled, labeled_images 2, without a word."""
+    from helpers import written_run
+
+    from pipeline.analysis.compare import compare_runs
+    from pipeline.metrics.semantic import class_areas, summarize
+    from pipeline.rows import ClassAreas
+
+    rng = np.random.default_rng(2)
+    ids = [f"img{i}.png" for i in range(4)]
+    labels = {i: rng.integers(0, 3, (16, 16)).astype(np.uint8) for i in ids}
+    masks = {i: np.where(rng.random((16, 16)) < 0.5, labels[i], rng.integers(0, 3, (16, 16))).astype(np.uint8) for i in ids}
+    masks["img1.png"] = labels["img1.png"].copy()
+    a, _ = written_run(tmp_path / "runs", "A", [{i: (masks[i], labels[i]) for i in ids}], 3, list("xyz"))
+    b, _ = written_run(tmp_path / "runs", "B", [{i: (masks[i], labels[i] if i != "img1.png" else None) for i in ids[:3]}], 3, list("xyz"))
+    compare_runs([a, b], str(tmp_path / "out"), intersect=True, resamples=50)
+    row = {r["run_id"]: r for r in pq.read_table(tmp_path / "out" / "comparison.parquet").to_pylist()}["A"]
+    total = ClassAreas.zeros(3)
+    for i in ids[:3]:
+        total += class_areas(masks[i], labels[i], 3, 255)
+    own = summarize(total)
+    assert (row["scope"], row["images"], row["labeled_images"]) == ("common images", 3, 3)
+    assert row["mIoU"] == pytest.approx(own["mIoU"]) and row["aAcc"] == pytest.approx(own["aAcc"])
+
+
+def test_each_runs_confusion_matrix_reads_the_labels_as_that_run_read_them(tmp_path):
+    """Run A reads labels with ignore_index 0, run B with the default: B's confusion matrix counts
+    class 0 as B's metrics do (rows sum to its label areas, the diagonal to its intersections), A's
+    leaves row 0 empty. Before: every run's matrix used the first run's reading (and label folder)."""
+    from helpers import labeled_photos, written_run
+
+    from pipeline.analysis.compare import compare_runs, open_run, read_image_table
+
+    rng = np.random.default_rng(5)
+    ids = [f"img{i}.png" for i in range(3)]
+    labels = {i: rng.integers(0, 3, (20, 20)).astype(np.uint8) for i in ids}
+    masks = {i: rng.integers(0, 3, (20, 20)).astype(np.uint8) for i in ids}
+    data = labeled_photos(tmp_path / "data", labels)
+    part = [{i: (masks[i], labels[i]) for i in ids}]
+    a, _ = written_run(tmp_path / "runs", "A", part, 3, list("xyz"), data_root=data, metrics={"ignore_index": 0})
+    b, _ = written_run(tmp_path / "runs", "B", part, 3, list("xyz"), data_root=data)
+    result = compare_runs([a, b], str(tmp_path / "out"), resamples=20)
+    for k, run in enumerate((a, b)):
+        own = read_image_table(open_run(run))
+        confusion = result.mask_pass.confusion[k]
+        assert confusion.sum(1).tolist() == own.areas["label_area"].sum(0).tolist()
+        assert np.diag(confusion).tolist() == own.areas["intersection"].sum(0).tolist()
+    assert result.mask_pass.confusion[0][0].sum() == 0 and result.mask_pass.confusion[1][0].sum() > 0

@@ -599,8 +599,7 @@ def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegm
     run.json and the actors get and in the run's identity, with one terminal line; the predictor (as
     a plain class) with that config counts each image's areas against mmsegmentation's reduction of its
     label (tests/test_semantic.py writes it out). An explicit false is kept (the line says what the
-    checkpoint states); no statement and no setting read labels as they are, the identity as before
-    this setting existed; a binary task refuses true. Before: the labels read as they were, every
+    checkpoint states); no statement and no setting read labels as they are; a binary task refuses true. Before: the labels read as they were, every
     class off by one and the metrics of nothing, with only the count of values outside the classes."""
     import transformers
     from helpers import labeled_folder, tiny_hf_checkpoint
@@ -634,11 +633,11 @@ def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegm
         assert row.areas.outside == 0
 
     kept = prepare_job(load_config({**base, "run_id": "t2", "metrics": {"reduce_zero_label": False}}))
-    assert kept.cfg.metrics.reduce_zero_label is False and "metrics.reduce_zero_label" not in kept.record.identity
+    assert kept.cfg.metrics.reduce_zero_label is False and kept.record.identity["metrics.reduce_zero_label"] is False
     assert "labels are read as they are" in reduce_zero_label_note(kept.cfg, True)
     (checkpoint / "preprocessor_config.json").unlink()
     plain = prepare_job(load_config({**base, "run_id": "t3"}))
     assert plain.cfg.metrics.reduce_zero_label is False and plain.model_info["reduce_labels"] is None
-    assert "metrics.reduce_zero_label" not in plain.record.identity and reduce_zero_label_note(plain.cfg, None) == ""
+    assert plain.record.identity["metrics.reduce_zero_label"] is False and reduce_zero_label_note(plain.cfg, None) == ""
     with pytest.raises(ConfigError, match="reduce_zero_label"):
         load_config({**base, "metrics": {"task": "binary", "reduce_zero_label": True}})

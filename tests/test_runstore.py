@@ -454,3 +454,65 @@ def test_a_slide_runs_identity_holds_its_pattern_as_listed_inputs_do():
 
     assert identity("slide")["input.pattern"] == identity("images")["input.pattern"] == "**/*.svs"
     assert "input.pattern" not in identity("tar") and "input.pattern" not in identity("parquet")
+
+
+def test_a_jobs_rollup_names_its_classes_by_the_latest_run_holding_results_not_a_later_empty_one(tmp_path):
+    """Two nights of job `nightly` hold results (2 classes, bg and fg); a third night, started with
+    another checkpoint of 3 classes, committed nothing (such a run binds nothing). The roll-up's
+    classes are those of the results. Before: the last run's model named (and counted) the classes."""
+    from pipeline.results.runstore import RunStore, job_summary
+
+    root = str(tmp_path)
+    job_run(root, "n1", {}, ["a.png"])
+    job_run(root, "n2", {}, ["b.png"])
+    RunStore(root, {}, "n3").write_json(
+        "run.json",
+        {"run_id": "n3", "job": "nightly", "status": "failed", "started": "n3", "identity": {"model.weights_sha256": "zzz"},
+         "model": {"num_classes": 3, "class_names": ["sky", "tree", "water"]}},
+    )  # fmt: skip
+    summary = job_summary(root, {}, "nightly")
+    assert summary["class_names"] == ["bg", "fg"] and len(summary["IoU"]) == 2 and summary["images"] == 2
+
+
+def test_reduce_zero_label_is_held_against_a_rerun_either_way_and_runs_from_before_it_read_labels_as_they_are():
+    """A run's identity always holds metrics.reduce_zero_label; a run recorded before the setting
+    existed read labels as they are (false): resuming it, or a job night beside it, with true is a
+    change, as is false after true; the same setting is none. Before: the field was recorded only when
+    true and a field one side lacked was not compared, so either change passed (one mIoU over classes
+    shifted by one)."""
+    from pipeline.results.runstore import identity_changes
+
+    def identity(**metrics) -> dict:
+        cfg = load_config({"input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "metrics": metrics})
+        return run_identity(cfg, "segformer-b0", 150, "abc")
+
+    plain, reduced = identity(), identity(reduce_zero_label=True)
+    assert plain["metrics.reduce_zero_label"] is False and reduced["metrics.reduce_zero_label"] is True
+    older = {k: v for k, v in plain.items() if k != "metrics.reduce_zero_label"}
+    key = "metrics.reduce_zero_label"
+    assert identity_changes(older, reduced) == {key: [False, True]} and identity_changes(reduced, older) == {key: [True, False]}
+    assert identity_changes(plain, reduced) == {key: [False, True]} and identity_changes(older, plain) == {}
+
+
+def test_the_object_summary_counts_each_images_latest_objects_once(tmp_path):
+    """An image committed with 3 instances, then again (a later part) with none: the summary's
+    object counts are those of each image's latest result. Before: every committed row, superseded
+    ones too (4 rows over 2 images where 1 over 1 is left)."""
+    from pipeline.results.run_tables import INSTANCES
+    from pipeline.results.runstore import RunStore
+    from pipeline.results.sink import object_table
+
+    store = RunStore(str(tmp_path), {}, "r")
+
+    def found(image_id: str, n: int) -> Prediction:
+        row = Prediction(0, image_id, 4, 5, encode_chunks(np.zeros((4, 5), np.uint8), None, None, 3))
+        row.objects = [
+            {"instance_id": i + 1, "class_id": 1, "score": 0.9, "bbox": [0, 0, 1, 1], "area": 1, "height": 4, "width": 5, "rle": ""}
+            for i in range(n)
+        ]
+        return row
+
+    for attempt, rows in ((1, [found("a.png", 3), found("b.png", 1)]), (3, [found("a.png", 0)])):
+        store.write_part(part_name(attempt, 0, 0), *part_tables(rows, False, attempt), objects={INSTANCES: object_table(rows, INSTANCES)})
+    summary = store.object_summary("instance", ["bg", "car", "x"])
+    assert (summary["rows"], summary["images_with_objects"], summary["per_class"]) == (1, 1, {"car": 1})

@@ -408,7 +408,7 @@ class RunStore:
     def object_summary(self, task: str, class_names: list[str]) -> dict:
         """summary.json's account of the instance or panoptic task: objects written, per class."""
         kind = OBJECT_TABLES[task]
-        table = self.read_table(kind, ["image_id", "class_id"])
+        table = self.latest_rows(kind, ["image_id", "class_id"])  # each image's latest result, once
         counts = pc.value_counts(table.column("class_id")).to_pylist() if table is not None and table.num_rows else []
         per_class = {class_names[c["values"]] if 0 <= c["values"] < len(class_names) else str(c["values"]): c["counts"] for c in counts}
         return {
@@ -661,8 +661,7 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     }
     if inference.task != "semantic":
         identity["inference.objects"] = inference.objects.model_dump(mode="json")
-    if cfg.metrics.reduce_zero_label:  # only when set: runs from before it read labels as they are
-        identity["metrics.reduce_zero_label"] = True
+    identity["metrics.reduce_zero_label"] = bool(cfg.metrics.reduce_zero_label)  # runs from before it: false
     if cfg.metrics.task == "binary":
         identity["metrics.binary_labels"] = cfg.metrics.binary_labels
         identity["metrics.positive_class"] = cfg.metrics.positive_class
@@ -967,7 +966,10 @@ LOST_AFTER_SECONDS = 600.0  # a run whose running attempt has not been heard of 
 
 # identity fields added after runs were recorded without them, whose behaviour then is not their default
 # now: a run recorded before the field existed is held to the value it behaved as
-BEFORE_THEY_EXISTED = {"input.video.autorotate": False}  # video frames were segmented as stored
+BEFORE_THEY_EXISTED = {
+    "input.video.autorotate": False,  # video frames were segmented as stored
+    "metrics.reduce_zero_label": False,  # labels were read as they are
+}
 
 
 def identity_changes(known: dict, identity: dict) -> dict[str, list]:
@@ -976,6 +978,7 @@ def identity_changes(known: dict, identity: dict) -> dict[str, list]:
     format and task, and those two are fields themselves): it is not held against the run, unless
     the run behaved otherwise before it existed (BEFORE_THEY_EXISTED)."""
     known = {**{k: v for k, v in BEFORE_THEY_EXISTED.items() if k in identity}, **known}
+    identity = {**{k: v for k, v in BEFORE_THEY_EXISTED.items() if k in known}, **identity}  # either side may be the older
     return {k: [known[k], identity[k]] for k in sorted(set(identity) & set(known)) if identity[k] != known[k]}
 
 
@@ -1074,7 +1077,10 @@ def job_summary(output_uri: str, storage_options: dict, job: str) -> dict:
     outcomes = [r.outcomes for r in runs]
     segmented = IdSet.union(*(o.segmented for o in outcomes))
     merged = Outcomes(segmented, IdSet.union(*(o.failed for o in outcomes)).minus(segmented))
-    model = runs[-1].info.get("model", {})
+    # the model of the latest run holding results (a later run that committed nothing binds nothing,
+    # and may have been made with another model: its classes are not these results')
+    holding = [r for r in runs if r.outcomes.parts] or runs
+    model = holding[-1].info.get("model", {})
     num_classes = int(model.get("mask_classes", model.get("num_classes", 0)))
     per_run = [r.store.class_area_rows() for r in runs]  # a later run's areas of an image supersede an earlier one's
     class_areas = (latest_of([t for t, _ in per_run if t is not None]), sorted({u for _, units in per_run for u in units}))

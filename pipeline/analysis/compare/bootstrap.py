@@ -79,7 +79,10 @@ def bootstrap_metric_samples(
     # counts and areas as float64: exact (integers below 2**53), and the products go through BLAS
     areas = [[t.areas[a].astype(np.float64) for a in AREAS] for t in tables]
     cod_index = np.flatnonzero(cod_rows) if has_cod else None
+    # a measure's own NaN (an S-measure of an empty quadrant) makes the mean of every resample that
+    # draws that image NaN, as the run's own mean is (CodAccumulator); `interval` leaves those out
     cods = [np.nan_to_num(t.cod[cod_index]) for t in tables] if has_cod else []
+    undefined = [np.isnan(t.cod[cod_index]).astype(np.float64) for t in tables] if has_cod else []
     # the binary measures use the same draws when every image has them, else draws of their own
     cod_rng = None if not has_cod or len(cod_index) == n else np.random.default_rng([seed, 1])
     done = 0
@@ -93,6 +96,7 @@ def bootstrap_metric_samples(
             cod_weights = weights if cod_rng is None else resample_counts(len(cod_index), b, cod_rng).astype(np.float64)
             for k, acc in enumerate(out):
                 means = (cod_weights @ cods[k]) / len(cod_index)
+                means[(cod_weights @ undefined[k]) > 0] = np.nan
                 for key, column in (("Sm", "sm"), ("Em_mean", "em_mean"), ("wFm", "wfm"), ("MAE", "mae")):
                     acc.setdefault(key, []).append(means[:, COD_PER_IMAGE.index(column)])
         done += b

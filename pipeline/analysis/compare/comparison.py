@@ -57,13 +57,15 @@ def compare_runs(
         notes.append("no compared image has a label in every run: no metrics, no intervals")
     src = find_sources(runs[0], images.ids, storage_options)
     notes.extend(src.notes)
-    mask_pass = scan_masks(runs, images.ids, src, storage_options, top=top)
+    # each run's confusion matrix against its own labels, read as it read them (its run.json's config)
+    run_sources = [src] + [find_sources(r, images.ids, storage_options) for r in runs[1:]]
+    mask_pass = scan_masks(runs, images.ids, src, storage_options, top=top, run_sources=run_sources)
     notes.extend(mask_pass.notes)
 
     recompute = intersect and images.left_out > 0
     result = Comparison(
         runs, out_uri, len(images.ids), len(labeled.ids), recompute, resamples, seed,
-        comparison_table(runs, labeled.joined, recompute, len(images.ids), labeled.cod_rows),
+        comparison_table(runs, labeled.own(images.ids), recompute, len(images.ids), labeled.cod_rows),
         pairs_table(runs, labeled.joined, resamples, seed, labeled.cod_rows),
         per_image_table(runs, labeled.tables, images.ids, mask_pass.disagreement, mask_pass.confidence),
         notes, mask_pass, src, labeled.binary,

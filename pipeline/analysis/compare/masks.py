@@ -92,20 +92,39 @@ class _PartCache:
         return assemble_mask(rows), assemble_mask(rows, "confidence") if self.confidence else None
 
 
+def _label_classes(source: Sources, image_id: str, shape: tuple[int, ...], c: int, storage_options: dict):
+    """An image's label as `source`'s run read it (classes, ignored value); None where it cannot be
+    read, does not fit the mask or the run's reading refuses it: that image has no confusion count."""
+    try:
+        label = read_label(source, image_id, storage_options)
+    except Exception:
+        return None
+    if label is None or label.shape != shape:
+        return None
+    try:
+        return label_classes(source, label, c)
+    except LabelReadingError:
+        return None
+
+
 def mask_parts(run: Run) -> dict[str, str]:
     """image_id -> the latest committed part holding its mask (the run store's view)."""
     return run.store.mask_parts()
 
 
-def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, top: int = 6) -> MaskPass:
+def scan_masks(
+    runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, top: int = 6, run_sources: list[Sources] | None = None
+) -> MaskPass:
     """One pass over the compared images: each run's mask decoded one image at a time (masks read
     one part per run at a time), the fraction of pixels where the runs do not all agree, and, with
-    labels, each run's confusion matrix."""
+    labels, each run's confusion matrix, against its labels read as that run read them (`run_sources`:
+    per run; default `src` for every run); a label file read once however many runs share it."""
     result = MaskPass()
     c = runs[0].num_classes
     parts = [mask_parts(r) for r in runs]
     caches = [_PartCache(r) for r in runs]
-    if src.labels:
+    sources = run_sources or [src] * len(runs)
+    if any(s.labels for s in sources):
         result.confusion = [np.zeros((c, c), np.int64) for _ in runs]
     order = sorted(image_ids, key=lambda i: (tuple(p.get(i, "") for p in parts), i))
     unreadable = 0
@@ -119,26 +138,27 @@ def scan_masks(runs: list[Run], image_ids: list[str], src: Sources, storage_opti
         result.disagreement[image_id] = fraction
         if any(m is not None for m in measures):
             result.confidence[image_id] = measures
-        if result.confusion is not None and image_id in src.labels:
-            try:
-                label = read_label(src, image_id, storage_options)
-            except Exception:  # one unreadable label is one image without a confusion count
-                label = None
-            if label is None or label.shape != masks[0].shape:
-                unreadable += 1
-                continue
-            try:
-                label, ignore = label_classes(src, label, c)
-            except LabelReadingError:
-                unreadable += 1
-                continue
-            keep = (label >= 0) & (label < c) if ignore is None else (label != ignore) & (label >= 0) & (label < c)
-            truth = label[keep].astype(np.int64)
-            for k, m in enumerate(masks):
-                pred = m[keep].astype(np.int64)
+        if result.confusion is not None:
+            read: dict[tuple, tuple[np.ndarray, int | None] | None] = {}  # (label file, reading) -> its classes
+            counted = failed = False
+            for k, (m, source) in enumerate(zip(masks, sources)):
+                uri = source.labels.get(image_id)
+                if uri is None:
+                    continue
+                key = (uri, source.reading)
+                if key not in read:
+                    read[key] = _label_classes(source, image_id, m.shape, c, storage_options)
+                if read[key] is None:
+                    failed = True
+                    continue
+                label, ignore = read[key]
+                keep = (label >= 0) & (label < c) if ignore is None else (label != ignore) & (label >= 0) & (label < c)
+                truth, pred = label[keep].astype(np.int64), m[keep].astype(np.int64)
                 ok = pred < c
                 result.confusion[k] += np.bincount(truth[ok] * c + pred[ok], minlength=c * c).reshape(c, c)
-            result.confusion_images += 1
+                counted = True
+            unreadable += failed
+            result.confusion_images += counted
     if unreadable:
         result.notes.append(f"{unreadable} labels could not be read or do not fit their mask: left out of the confusion matrices")
     result.with_confidence = [cache.any_confidence for cache in caches]

@@ -195,6 +195,9 @@ class ImageTable:
     areas: dict[str, np.ndarray]  # intersection, union, pred_area, label_area: n x C int64
     cod: np.ndarray | None  # n x len(COD_PER_IMAGE) float64, NaN rows for images without binary stats
     row_of: dict[str, tuple[str, int]]  # image_id -> (part, row in that part), for the curves
+    # which images have binary stats (a NaN in `cod` may be a measure's own NaN: an S-measure of an
+    # empty quadrant is one, and that image still counts in every other measure); None: no binary run
+    has_cod: np.ndarray | None = None
 
     def take(self, ids: list[str]) -> ImageTable:
         index = {image_id: i for i, image_id in enumerate(self.ids)}
@@ -204,6 +207,7 @@ class ImageTable:
             {k: v[rows] for k, v in self.areas.items()},
             self.cod[rows] if self.cod is not None else None,
             {i: self.row_of[i] for i in ids},
+            self.has_cod[rows] if self.has_cod is not None else None,
         )
 
 
@@ -220,6 +224,7 @@ def read_image_table(run: Run) -> ImageTable:
     ids: list[np.ndarray] = []
     areas: dict[str, list[np.ndarray]] = {a: [] for a in AREAS}
     cods: list[np.ndarray] = []
+    stated: list[np.ndarray] = []  # per part: which rows have binary stats
     where: list[tuple[str, int]] = []
     any_cod = False
     for part in run.store.parts_of(METRICS):
@@ -233,8 +238,10 @@ def read_image_table(run: Run) -> ImageTable:
         for a in AREAS:
             areas[a].append(_matrix(table.column(a), n, c))
         cod = np.full((n, len(COD_PER_IMAGE)), np.nan)
+        stated.append(np.zeros(n, bool))
         if CodImageStats.SCALARS[0] in names:
             any_cod = True
+            stated[-1] = table.column(CodImageStats.SCALARS[0]).is_valid().to_numpy(zero_copy_only=False)
             for j, name in enumerate(CodImageStats.SCALARS):
                 cod[:, j] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
             for j, name in enumerate(CodImageStats.CURVES, start=len(CodImageStats.SCALARS)):
@@ -256,6 +263,7 @@ def read_image_table(run: Run) -> ImageTable:
         {a: np.concatenate(areas[a])[rows] for a in AREAS},
         np.concatenate(cods)[rows] if any_cod else None,
         {image_id: where[last[image_id]] for image_id in order},
+        np.concatenate(stated)[rows] if any_cod else None,
     )
 
 
@@ -304,6 +312,11 @@ class LabeledImages:
     def binary(self) -> bool:
         return self.cod_rows is not None
 
+    def own(self, image_ids: list[str]) -> list[ImageTable]:
+        """Per run, its rows of the images of `image_ids` that it labeled (whatever the other runs did)."""
+        wanted = set(image_ids)
+        return [t.take([i for i in t.ids if i in wanted]) for t in self.tables]
+
 
 def join_labeled(runs: list[Run], image_ids: list[str]) -> LabeledImages:
     """Each run's per-image areas, joined on the compared images that every run labeled."""
@@ -315,6 +328,6 @@ def join_labeled(runs: list[Run], image_ids: list[str]) -> LabeledImages:
     joined = [t.take(labeled_ids) for t in tables]
     cod_rows = None
     if labeled_ids and all(t.cod is not None for t in joined):
-        every_run = np.all([~np.isnan(t.cod[:, 0]) for t in joined], axis=0)
+        every_run = np.all([t.has_cod for t in joined], axis=0)
         cod_rows = every_run if every_run.any() else None
     return LabeledImages(tables, joined, labeled_ids, cod_rows)

@@ -28,12 +28,13 @@ def _float(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def comparison_table(runs: list[Run], joined: list[ImageTable], recompute: bool, images: int, cod_rows: np.ndarray | None) -> pa.Table:
+def comparison_table(runs: list[Run], own: list[ImageTable], recompute: bool, images: int, cod_rows: np.ndarray | None) -> pa.Table:
     """One row per run. Without `recompute` every scalar is summary.json's; with it (--intersect over
-    different image sets) the metrics are recomputed over the compared images."""
+    different image sets) the metrics are recomputed over the compared images each run labeled
+    (`own`: per run, its rows of those images; only the pairs need the images every run labeled)."""
     cod_keys = [k for k in COD_KEYS if any(k in r.summary for r in runs)] or (list(COD_KEYS) if cod_rows is not None else [])
     rows = []
-    for run, table in zip(runs, joined):
+    for run, table in zip(runs, own):
         row = _summary_row(run, cod_keys)
         if recompute:
             _recompute(row, run, table, images, cod_keys, cod_rows)
@@ -79,7 +80,7 @@ def _recompute(row: dict[str, Any], run: Run, table: ImageTable, images: int, co
     row["IoU"] = [_float(v) for v in point["IoU"]]
     row.update(images=images, errors=None, labeled_images=len(table.ids), scope="common images")
     if cod_keys:
-        values = cod_values(run, table.take([i for i, keep in zip(table.ids, cod_rows) if keep])) if cod_rows is not None else {}
+        values = cod_values(run, table.take([i for i, keep in zip(table.ids, table.has_cod) if keep])) if table.has_cod is not None else {}
         row.update({k: _float(values.get(k)) for k in cod_keys})
 
 
