@@ -625,3 +625,12 @@ def labeled_photos(root: Path, labels: dict[str, np.ndarray]) -> Path:
         write_png(root / "images" / image_id, np.zeros((*label.shape, 3), np.uint8))
         write_png(root / "labels" / (image_id.rsplit(".", 1)[0] + ".png"), label)
     return root
+
+
+def mmseg_reduce_zero_label(label: np.ndarray) -> np.ndarray:
+    """mmsegmentation's LoadAnnotations with reduce_zero_label, its three lines as written there."""
+    gt_semantic_seg = label.copy()
+    gt_semantic_seg[gt_semantic_seg == 0] = 255
+    gt_semantic_seg = gt_semantic_seg - 1
+    gt_semantic_seg[gt_semantic_seg == 254] = 255
+    return gt_semantic_seg

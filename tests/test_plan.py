@@ -598,12 +598,11 @@ def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegm
     other, 1..C: the classes): metrics.reduce_zero_label null is decided true in the config that
     run.json and the actors get and in the run's identity, with one terminal line; the predictor (as
     a plain class) with that config counts each image's areas against mmsegmentation's reduction of its
-    label (tests/test_semantic.py writes it out). An explicit false is kept (the line says what the
+    label (tests/helpers.py writes it out). An explicit false is kept (the line says what the
     checkpoint states); no statement and no setting read labels as they are; a binary task refuses true. Before: the labels read as they were, every
     class off by one and the metrics of nothing, with only the count of values outside the classes."""
     import transformers
-    from helpers import labeled_folder, tiny_hf_checkpoint
-    from test_semantic import _mmseg_reduce_zero_label
+    from helpers import labeled_folder, mmseg_reduce_zero_label, tiny_hf_checkpoint
 
     from pipeline.plan import prepare_job, reduce_zero_label_note
     from pipeline.predict.predictor import Predictor
@@ -627,7 +626,7 @@ def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegm
     out = Predictor(job.cfg)(to_columns([image.to_record() for image in images]))
     for i, image in enumerate(images):
         row = Prediction.from_batch(out, i)
-        expected = class_areas(decode_png(row.chunks[0].mask), _mmseg_reduce_zero_label(image.label), 3, 255)
+        expected = class_areas(decode_png(row.chunks[0].mask), mmseg_reduce_zero_label(image.label), 3, 255)
         for name in ClassAreas.FIELDS:
             assert np.array_equal(getattr(row.areas, name), getattr(expected, name)), name
         assert row.areas.outside == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import mmseg_reduce_zero_label
 
 from pipeline.metrics.semantic import ClassAreas, LabelAreas, LabelReading, LabelReadingError, class_areas, summarize
 
@@ -161,15 +162,6 @@ def test_explicit_readings_refuse_what_they_cannot_mean():
 # --------------------------------------------------------------------------- reduce_zero_label
 
 
-def _mmseg_reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """mmsegmentation's LoadAnnotations with reduce_zero_label, its three lines as written there."""
-    gt_semantic_seg = label.copy()
-    gt_semantic_seg[gt_semantic_seg == 0] = 255
-    gt_semantic_seg = gt_semantic_seg - 1
-    gt_semantic_seg[gt_semantic_seg == 254] = 255
-    return gt_semantic_seg
-
-
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_reduce_zero_label_reads_labels_as_mmsegmentation_does_and_counts_the_same_areas(dtype):
     """ADE20K's labels (0: other, 1..150: classes) under metrics.reduce_zero_label: the class map is
@@ -183,7 +175,7 @@ def test_reduce_zero_label_reads_labels_as_mmsegmentation_does_and_counts_the_sa
     label[rng.random(label.shape) < 0.1] = 255
     label[:3] = 0
     pred = rng.integers(0, num_classes, label.shape).astype(np.uint8)
-    expected = _mmseg_reduce_zero_label(label)
+    expected = mmseg_reduce_zero_label(label)
     assert np.array_equal(reduce_zero_label(label, 255), expected) and reduce_zero_label(label, 255).dtype == label.dtype
     reading = LabelReading.of("semantic", "auto", None, 1, num_classes, reduce_zero=True)
     classes, ignore = reading.class_map(label, "class_index")
