@@ -429,3 +429,15 @@ def test_each_runs_confusion_matrix_reads_the_labels_as_that_run_read_them(tmp_p
         assert confusion.sum(1).tolist() == own.areas["label_area"].sum(0).tolist()
         assert np.diag(confusion).tolist() == own.areas["intersection"].sum(0).tolist()
     assert result.mask_pass.confusion[0][0].sum() == 0 and result.mask_pass.confusion[1][0].sum() > 0
+
+
+def test_curve_means_of_rows_with_null_curves_anywhere_including_last():
+    """A binary run's metrics part whose last row is a streamed image's (its curves null): each row's
+    mean, NaN for the null ones. Before: np.add.reduceat's IndexError, and compare stopped."""
+    import pyarrow as pa
+
+    from pipeline.analysis.compare.runs import _curve_means
+
+    column = pa.array([[1.0, 3.0], None, [2.0], None], pa.list_(pa.float64()))
+    np.testing.assert_array_equal(_curve_means(column), [2.0, np.nan, 2.0, np.nan])
+    assert np.isnan(_curve_means(pa.array([None, None], pa.list_(pa.float64())))).all()
