@@ -1,5 +1,6 @@
 """YouTube-VIS mask AP (pipeline/metrics/video.py) against pycocotools' COCOeval with its computeIoU
-replaced by the spatio-temporal IoU, which is what the YouTube-VIS cocoapi fork's YTVOSeval is."""
+replaced by the spatio-temporal IoU and its area ranges by the fork's (Params.setDetParams: 128^2 and
+256^2), which is what the YouTube-VIS cocoapi fork's YTVOSeval is."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from pipeline.io.coco_codec import encode_rle
 from pipeline.metrics.video import FrameChanges, TrackDetection, TrackTruth, VideoMaskAP, spatiotemporal_ious
 
-SHAPE = (48, 56)  # 2,688 px: mean areas fall in the small (< 32^2) and medium ranges
+SHAPE = (320, 360)  # mean areas fall in YouTube-VIS's small (< 128^2), medium and large (> 256^2) ranges
 FRAMES = 6
 
 
@@ -54,6 +55,7 @@ class SpatioTemporalEval(COCOeval):
     def __init__(self, coco_gt, coco_dt, sequences):
         super().__init__(coco_gt, coco_dt, iouType="segm")
         self.sequences = sequences  # annotation id (gt) / -id (dt) -> frame list
+        self.params.areaRng = [[0**2, 1e5**2], [0**2, 128**2], [128**2, 256**2], [256**2, 1e5**2]]  # YTVOSeval's
 
     def computeIoU(self, imgId, catId):
         gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
@@ -111,9 +113,9 @@ def reference_stats(videos, categories) -> np.ndarray:
 
 def blob_track(rng, start_frame: int, end_frame: int, gaps: float = 0.2) -> dict[int, np.ndarray]:
     """A rectangle drifting over frames start..end-1, missing from a few of them."""
-    cy, cx = rng.integers(4, SHAPE[0] - 4), rng.integers(4, SHAPE[1] - 4)
-    ry, rx = rng.integers(2, 14), rng.integers(2, 16)
-    vy, vx = rng.integers(-2, 3), rng.integers(-2, 3)
+    cy, cx = rng.integers(20, SHAPE[0] - 20), rng.integers(20, SHAPE[1] - 20)
+    ry, rx = rng.integers(8, 160), rng.integers(8, 180)  # up to the frame: every area range
+    vy, vx = rng.integers(-8, 9), rng.integers(-8, 9)
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
     masks = {}
     for f in range(start_frame, end_frame):
@@ -175,6 +177,7 @@ def test_video_mask_ap_equals_cocoeval_with_the_spatio_temporal_iou(seed):
     expected = reference_stats(videos, categories)
     np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
     assert np.isfinite(ours[[0, 1, 2, 6, 7, 8]]).all() and 0 < ours[0] < 1
+    assert np.isfinite(ours[[3, 4, 9, 10]]).all()  # tracks in YouTube-VIS's small and medium ranges both
 
 
 def test_the_iou_of_two_tracks_sums_over_frames_and_counts_absent_frames_in_the_union():

@@ -12,7 +12,8 @@ to the intersection), and a pair whose union is empty has IoU 0. Everything else
 pipeline.metrics.panoptic.MaskAP has it: per video and category the 100 highest-scoring tracks,
 greedy matching at IoU .50:.05:.95, crowd ground truths ignored (and matchable again), area ranges
 all / small / medium / large on a track's mean area over the frames where it has pixels (the fork's
-`avg_area`), precision at 101 recall points; plus the recall at 1, 10 and 100 tracks per video
+`avg_area`; its ranges, not COCO's: small under 128^2, medium to 256^2, large above: YTVIS_AREA_RANGES),
+precision at 101 recall points; plus the recall at 1, 10 and 100 tracks per video
 (AR1, AR10, AR100), which YouTube-VIS reports beside AP.
 
 `VideoMaskAP` takes one video at a time and keeps only the matches, never masks. Masks come per
@@ -29,7 +30,6 @@ import numpy as np
 
 from pipeline.io.coco_codec import decode_rle
 from pipeline.metrics.panoptic import (
-    AREA_RANGES,
     IOU_THRESHOLDS,
     MAX_DETECTIONS,
     RECALL_THRESHOLDS,
@@ -44,6 +44,11 @@ MAX_TRACKS = (1, 10, MAX_DETECTIONS)  # COCOeval's maxDets: AR1, AR10, AR100 (AP
 _IOU_50, _IOU_75 = 0, 5  # indices of 0.5 and 0.75 in IOU_THRESHOLDS
 
 FrameMask = np.ndarray | dict  # H x W bool, or COCO RLE
+
+
+# YTVOSeval's Params.setDetParams (youtubevos/cocoapi): a track's mean area, in ranges of its own (COCO's
+# 32^2 and 96^2 would call nearly every track of a video medium or large)
+YTVIS_AREA_RANGES = {"all": (0**2, 1e5**2), "small": (0**2, 128**2), "medium": (128**2, 256**2), "large": (256**2, 1e5**2)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,14 +182,14 @@ class VideoMaskAP:
             _, gt_areas = _per_frame(gts)
             crowd = np.array([bool(g.iscrowd) for g in gts], dtype=bool)
             scores = np.array([float(d.score) for d in dts], dtype=np.float64)
-            for a, area_range in enumerate(AREA_RANGES.values()):
+            for a, area_range in enumerate(YTVIS_AREA_RANGES.values()):
                 results[self._category_index[category], a] = _match(ious, scores, dt_areas, gt_areas, crowd, area_range)
         self._videos[video_id] = results
 
     def accumulate(self) -> tuple[np.ndarray, np.ndarray]:
         """COCOeval.accumulate: precision (T, R, K, A, M) and recall (T, K, A, M), M over MAX_TRACKS,
         -1 where a category has no counted ground truth."""
-        k_count, a_count, m_count = len(self.categories), len(AREA_RANGES), len(MAX_TRACKS)
+        k_count, a_count, m_count = len(self.categories), len(YTVIS_AREA_RANGES), len(MAX_TRACKS)
         precision = -np.ones((len(IOU_THRESHOLDS), len(RECALL_THRESHOLDS), k_count, a_count, m_count))
         recall = -np.ones((len(IOU_THRESHOLDS), k_count, a_count, m_count))
         video_ids = sorted(self._videos)
@@ -199,7 +204,7 @@ class VideoMaskAP:
 
     def summary(self) -> VideoAPSummary:
         (precision, recall), mean = self.accumulate(), defined_mean
-        area = {name: a for a, name in enumerate(AREA_RANGES)}
+        area = {name: a for a, name in enumerate(YTVIS_AREA_RANGES)}
         at_100 = MAX_TRACKS.index(MAX_DETECTIONS)
         everything = area["all"]
         return VideoAPSummary(
