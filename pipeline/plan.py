@@ -530,7 +530,7 @@ def run_job(
         missing = (result.summary.get("raster") or {}).get("without_crs") or []
         if missing:  # said once for the run: their masks have no place on a map
             progress(
-                f"raster: {len(missing)} raster(s) without a CRS (first: {missing[0]}) were segmented but are not georeferenced: "
+                f"raster: {len(missing)} raster(s) without a CRS or geotransform (first: {missing[0]}) were segmented but are not georeferenced: "
                 "no geotiff/cog/polygon export for them"
             )
         return result

@@ -185,3 +185,22 @@ def test_a_floating_point_image_holding_nan_is_a_decode_error_not_black_pixels()
     values[2, 3] = np.nan
     with pytest.raises(DecodeError, match=r"NaN or inf \(1 of 35 pixels\): input.format raster"):
         decode_image(image_bytes(Image.fromarray(values), "TIFF"))
+
+
+def test_a_16_bit_min_is_white_tiff_decodes_as_its_window_by_window_reading_does(tmp_path):
+    """PhotometricInterpretation 0 (min-is-white), 16 bits: stored 0 is white. Pillow inverts such
+    8-bit files but not 16-bit ones, so an image read whole (up to input.stream_above_pixels) came
+    out inverted while a larger one, read window by window (TiffWindows), did not."""
+    import tifffile
+
+    from pipeline.io.tiff import TiffWindows
+
+    data = np.zeros((64, 64), np.uint16)
+    data[:, 32:] = 65535
+    data[:8, :8] = 4112  # 16 on the 8-bit scale
+    path = tmp_path / "miw16.tif"
+    tifffile.imwrite(path, data, photometric="miniswhite", tile=(32, 32), metadata=None)
+    whole = decode_image(path.read_bytes())
+    with TiffWindows.open(str(path)) as windows:
+        np.testing.assert_array_equal(whole, windows.rgb(0, 0, 64, 64))
+    assert whole[20, 0].tolist() == [255] * 3 and whole[0, 63].tolist() == [0] * 3 and whole[0, 0].tolist() == [239] * 3

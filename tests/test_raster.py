@@ -215,6 +215,12 @@ def test_a_raster_without_crs_has_no_georeferencing_and_one_in_utm_has_its_own(t
         assert georef_of(ds) == {"crs": None, "transform": None, "resolution": None, "pixel_area_m2": None}
     with open_dataset(str(write_raster(tmp_path / "utm.tif", scene_12bit(20, 30, 2)))) as ds:
         assert georef_of(ds) == {"crs": UTM_33N, "transform": list(UTM_TRANSFORM), "resolution": [10.0, 10.0], "pixel_area_m2": 100.0}
+    # a CRS but no geotransform: GDAL's identity (1 m pixels at the origin) was taken as the raster's place and area
+    profile = dict(driver="GTiff", width=30, height=20, count=1, dtype="uint8", crs=UTM_33N)
+    with pytest.warns(rasterio.errors.NotGeoreferencedWarning), rasterio.open(tmp_path / "nogt.tif", "w", **profile) as dst:
+        dst.write(np.ones((1, 20, 30), np.uint8))
+    with open_dataset(str(tmp_path / "nogt.tif")) as ds:
+        assert georef_of(ds) == {"crs": None, "transform": None, "resolution": None, "pixel_area_m2": None}
 
 
 def test_bands_the_raster_lacks_a_model_of_other_channels_and_16_bit_data_without_scale_are_refused_up_front(tmp_path):
@@ -322,14 +328,17 @@ def test_nan_and_inf_in_a_float_raster_are_no_data_as_a_declared_nodata_value_is
     same scene in uint16 with nodata 0 does: the same masks, percentiles, no-data pixels and skipped
     windows. Before: GDAL's mask calls NaN data where no nodata is declared; one NaN made every
     percentile NaN and the whole raster's input 0 (a mask of nothing, written without a word), and
-    a range scale cast NaN to 0, a black pixel segmented as one."""
+    a range scale cast NaN to 0, a black pixel segmented as one; declared NaN, an inf pixel was given a
+    class in the mask (GDAL's mask calls inf data)."""
     data = scene_12bit()
-    data[:, 60, 80] = 0  # inside the scene: the inf pixel below
+    data[:, 60, 80] = data[:, 61, 81] = 0  # inside the scene: the inf pixels below
     floats = data.astype(np.float32)
     floats[data == 0] = np.nan
     floats[2, 60, 80] = np.inf
+    floats[:, 61, 81] = np.inf  # inf in every band, no NaN beside it: GDAL's mask of a NaN nodata calls it data
     declared = write_raster(tmp_path / "declared.tif", data, nodata=0, tile=64)
     undeclared = write_raster(tmp_path / "nan.tif", floats, tile=64)
+    nan_declared = write_raster(tmp_path / "nan_nodata.tif", floats, nodata=np.nan, tile=64)  # GDAL's mask: NaN only, not inf
     model = tiny_four_band_model()
     settings = TilingSettings(window=(32, 32), stride=(24, 24), batch_size=16)
     cfg = raster_input(tmp_path, bands=BANDS, scale=scale)
@@ -343,12 +352,13 @@ def test_nan_and_inf_in_a_float_raster_are_no_data_as_a_declared_nodata_value_is
             chunk_size=64,
             reading=LabelReading(3, 255),
         )
-        for path in (declared, undeclared)
+        for path in (declared, undeclared, nan_declared)
     ]
-    (chunks, _, facts), (nan_chunks, _, nan_facts) = runs
-    assert [c.mask for c in nan_chunks] == [c.mask for c in chunks]
-    for key in ("band_scale", "nodata_windows", "nodata_pixels", "class_pixels"):
-        assert nan_facts[key] == facts[key], key
+    (chunks, _, facts), *floating = runs
+    for nan_chunks, _, nan_facts in floating:
+        assert [c.mask for c in nan_chunks] == [c.mask for c in chunks]
+        for key in ("band_scale", "nodata_windows", "nodata_pixels", "class_pixels"):
+            assert nan_facts[key] == facts[key], key
     assert facts["nodata_pixels"] == int((data == 0).any(axis=0).sum()) and facts["nodata_windows"] > 0
     assert all(np.isfinite(facts["band_scale"]).ravel())
 
@@ -406,7 +416,7 @@ def test_raster_run_masks_nodata_metrics_georeferencing_and_cog_export(ray_sessi
     )
     assert segpipe_run(tmp_path / "job.yaml", cfg) == 0
     printed = capsys.readouterr().out
-    assert printed.count("without a CRS (first: plain.tif)") == 1  # said once
+    assert printed.count("without a CRS or geotransform (first: plain.tif)") == 1  # said once
     run = tmp_path / "runs" / "t1"
     masks = pq.read_table(run / "masks").to_pylist()
     scene_rows = [r for r in masks if r["image_id"] == "scene.tif"]

@@ -137,6 +137,8 @@ def decode_image(data: bytes, max_pixels: int = 178_956_970, *, exif_transpose: 
                 "input.format raster reads such images, their NaN as no data"
             )
         top = 65535.0 if mode.startswith("I;16") else float(max(arr.max(), 1))
+        if mode.startswith("I;16") and img.format == "TIFF" and img.tag_v2.get(262) == 0:
+            arr = 65535 - arr.astype(np.int64)  # min-is-white: Pillow inverts 8-bit gray, not 16-bit (as TiffWindows does)
         gray = np.clip(arr.astype(np.float64) * (255.0 / top), 0, 255).round().astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode != "RGB":

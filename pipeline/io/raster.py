@@ -121,8 +121,11 @@ def georef_of(ds) -> dict[str, Any]:
     """The raster's CRS (its EPSG code as "EPSG:n" where it has one, else WKT), its transform (rasterio's
     affine order a, b, c, d, e, f: x = a col + b row + c, y = d col + e row + f) and resolution
     (x, y), and a pixel's area in square metres where the CRS is projected (|a e - b d| in its linear
-    unit, squared to metres; None for a geographic CRS); all None for a raster without a CRS."""
-    if ds.crs is None:
+    unit, squared to metres; None for a geographic CRS); all None for a raster without a CRS, or
+    with a CRS but no geotransform (GDAL then gives the identity, 1-unit pixels at the origin, which
+    rasterio warns of and open_dataset silences: georeferenced by it, the masks would sit there and
+    every pixel would be 1 m^2; GCPs and RPCs are not warped either)."""
+    if ds.crs is None or ds.transform.is_identity:
         return {"crs": None, "transform": None, "resolution": None, "pixel_area_m2": None}
     t = ds.transform
     area = None
@@ -317,17 +320,15 @@ class RasterWindows:
 
         window = Window(0, y0, self.width, rows)
         valid = self.ds.read_masks(self.bands, window=window).min(axis=0) > 0
-        if not self.nan_is_data:
+        if not self.floating:
             return valid
+        # GDAL's mask calls inf data even where NaN is the nodata value, and each band has its own
         return finite_valid(self.ds.read(self.bands, window=window), valid)
 
     @property
-    def nan_is_data(self) -> bool:
-        """Whether GDAL's mask may call NaN or inf data: a floating-point raster without NaN as its nodata value."""
-        nodata = self.ds.nodata
-        return any(np.issubdtype(np.dtype(self.ds.dtypes[b - 1]), np.floating) for b in self.bands) and not (
-            nodata is not None and math.isnan(nodata)
-        )
+    def floating(self) -> bool:
+        """Whether a selected band is floating-point: its NaN and inf are no data, whatever its nodata value."""
+        return any(np.issubdtype(np.dtype(self.ds.dtypes[b - 1]), np.floating) for b in self.bands)
 
     def labels(self, y0: int, rows: int, ignore: int | None = None) -> np.ndarray:
         """Rows of band 1 (a label raster); with `ignore` (the metrics' ignore_index), the pixels its
