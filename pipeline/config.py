@@ -584,9 +584,7 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 
 def public_config(cfg: JobConfig) -> dict:
-    """The config as it may be written to run.json and logs: storage options never appear."""
-    data = cfg.model_dump(mode="json")
-    for section in ("input", "output", "model"):
-        if data.get(section, {}).get("storage_options"):
-            data[section]["storage_options"] = redact(data[section]["storage_options"])
-    return data
+    """The config as it may be written to run.json and logs: storage options never appear, and no
+    URL anywhere in it (input.uri, a checkpoint's, a label file's) keeps a password or a secret query
+    value (`https://user:pass@host/...`, a pre-signed URL's signature)."""
+    return redact(cfg.model_dump(mode="json"))

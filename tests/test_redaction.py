@@ -71,3 +71,32 @@ def test_scrub_removes_credentials_from_text():
     cleaned = scrub(message, CREDENTIALS)
     assert not any(secret in cleaned for secret in SECRET_VALUES)
     assert "failed for" in cleaned and cleaned.count(REDACTED) == 3
+
+
+def test_urls_anywhere_in_the_config_and_the_identity_keep_no_password_or_signature_and_more_secret_spellings_are_hidden():
+    """Before: a password in input.uri or model.checkpoint (`https://user:pass@host`) went to run.json's
+    config and identity as written; an endpoint's `?token=`, a pre-signed URL's signature, an sshfs
+    `passphrase` and headers given as [name, value] pairs were kept in the storage options shown."""
+    from pipeline.config import load_config, public_config
+    from pipeline.results.runstore import run_identity
+
+    cfg = load_config(
+        {
+            "input": {
+                "uri": "https://alice:s3cr3tpass@data.example.com/archive/",
+                "storage_options": {
+                    "client_kwargs": {"endpoint_url": "https://minio.local/?X-Amz-Security-Token=tok123456&region=eu"},
+                    "passphrase": "my ssh key passphrase",
+                    "headers": [["Authorization", "Bearer abcdef123456"], ["Accept", "image/png"]],
+                },
+            },
+            "model": {"name": "segformer-b0", "checkpoint": "https://bob:hf_TOKEN123456@models.example.com/m.safetensors"},
+        }
+    )
+    shown = json.dumps(public_config(cfg)) + json.dumps(run_identity(cfg, "segformer-b0", 3, "abc"))
+    for secret in ("s3cr3tpass", "hf_TOKEN123456", "tok123456", "my ssh key passphrase", "abcdef123456"):
+        assert secret not in shown, secret
+    assert "https://alice:***@data.example.com/archive" in shown and "region=eu" in shown and '["Accept", "image/png"]' in shown
+    signed = "https://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=AKIA1234&X-Amz-Signature=f00dbeef1234&X-Amz-Expires=60"
+    assert redact(signed) == "https://bucket.s3.amazonaws.com/a.png?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"
+    assert scrub(f"GET {signed} failed", {"endpoint_url": signed}).count("f00dbeef1234") == 0

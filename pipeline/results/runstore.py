@@ -55,7 +55,7 @@ from pipeline.metrics.cod import CONVENTIONS as COD_CONVENTIONS
 from pipeline.metrics.cod import CodAccumulator, CodImageStats
 from pipeline.metrics.panoptic import CategoryCounts, PanopticQuality
 from pipeline.metrics.semantic import MASK_THRESHOLD, ClassAreas, LabelReading, summarize
-from pipeline.redaction import scrub
+from pipeline.redaction import redact, scrub
 from pipeline.results.masks import assemble_mask
 from pipeline.results.run_tables import (
     AREA_UNITS,
@@ -641,7 +641,7 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
     its masks would mix with the earlier ones. Batch size, actors and output chunking may change."""
     inference = cfg.inference
     identity = {
-        "input.uri": cfg.input.uri.rstrip("/"),
+        "input.uri": redact(cfg.input.uri.rstrip("/")),  # a password or signature in it decides nothing and is no output
         "input.format": cfg.input.format,
         "model.name": model_name,
         "model.num_classes": num_classes,
