@@ -313,10 +313,11 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
         raise CheckpointError(f"{source}: no state_dict in this checkpoint")
     meta = obj.get("meta", {}) if isinstance(obj, dict) else {}
     meta = meta if isinstance(meta, dict) else {}
+    dataset_meta = meta.get("dataset_meta")
+    classes = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+    classes = [str(c) for c in classes] if isinstance(classes, (list, tuple)) and classes else None  # mmseg 0.x and 1.x
     if num_classes is None:
-        dataset_meta = meta.get("dataset_meta")
-        classes = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
-        num_classes = len(classes) if isinstance(classes, (list, tuple)) and classes else None
+        num_classes = len(classes) if classes else None
     if not name:
         raise CheckpointError(
             f"{source}: a .pth checkpoint (mmsegmentation's or a model repository's) needs the model name (model.name / --name)"
@@ -329,6 +330,8 @@ def _load_mmseg(path: Path, source: str, name: str | None, num_classes: int | No
     with _weights_fault(source, name):
         model = family.from_mmseg(name, num_classes, state_dict, origin=source)
     model.name = name
+    if classes and len(classes) == model.num_classes:  # the names its meta states (kept by segpipe convert)
+        model.class_names = classes
     return model
 
 

@@ -85,3 +85,15 @@ def test_a_clip_models_job_needs_videos_clips_it_can_take_and_the_instance_task(
 def test_clip_settings_are_not_checked_against_an_image_model():
     model = tiny_model("segformer-b0", num_classes=3)
     check_clip_job(load_config({"input": {"uri": "/i"}, "model": {"name": "segformer-b0"}, "inference": {"clip_length": 99}}), model)
+
+
+def test_class_names_of_another_length_than_the_models_classes_are_refused_without_num_classes(tmp_path):
+    """model.class_names of 2 for a checkpoint of 3 classes, num_classes left out: a config error
+    (exit 2). Before: accepted, and every table named 2 of the 3 classes (the terminal's mean over 3,
+    summary.json's names 2 beside 3 IoUs)."""
+    from pipeline.config import ConfigError
+
+    checkpoint = tiny_checkpoint(tmp_path / "c.safetensors", 3)
+    with pytest.raises(ConfigError, match="model.class_names: 2 names, but .* has 3 classes"):
+        load_job_model(ModelConfig(checkpoint=str(checkpoint), class_names=["sky", "road"]))
+    assert load_job_model(ModelConfig(checkpoint=str(checkpoint), class_names=["a", "b", "c"])).class_names == ["a", "b", "c"]

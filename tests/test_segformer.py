@@ -295,7 +295,11 @@ def test_mmseg_checkpoint_gives_mmseg_logits(mmseg_checkpoint, tmp_path):
 
 def test_mmseg_classes_from_meta_and_bad_checkpoints(mmseg_checkpoint, tmp_path):
     path, _, state_dict = mmseg_checkpoint
-    assert load_model(path, name="segformer-b0").num_classes == 4  # from meta CLASSES
+    model = load_model(path, name="segformer-b0")
+    assert model.num_classes == 4 and model.class_names == ["a", "b", "c", "d"]  # from meta CLASSES, names kept (were dropped)
+    native = tmp_path / "converted.safetensors"
+    save_native(model, native)
+    assert load_model(native).class_names == ["a", "b", "c", "d"]  # what segpipe convert writes
     with pytest.raises(CheckpointError):  # conv_seg has 4 rows
         load_model(path, name="segformer-b0", num_classes=7)
     with pytest.raises(CheckpointError):  # b1 is wider than this b0 checkpoint

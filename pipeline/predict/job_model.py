@@ -14,7 +14,7 @@ import torch
 
 from models import build_model, load_model
 from models.base import CheckpointError, ModelError, SegmentationModel
-from pipeline.config import JobConfig, ModelConfig
+from pipeline.config import ConfigError, JobConfig, ModelConfig
 from pipeline.io.storage import local_copy
 from pipeline.redaction import scrub
 
@@ -39,6 +39,11 @@ def load_job_model(cfg: ModelConfig) -> SegmentationModel:
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
             model = build_model(cfg.name, num_classes=cfg.num_classes or 150)
     if cfg.class_names:
+        # names cut short or too many: every table would misname classes (a one-logit head's masks are background/foreground)
+        if len(cfg.class_names) != model.num_classes and model.num_classes != 1:
+            raise ConfigError(
+                f"model.class_names: {len(cfg.class_names)} names, but {model.name or model.family} has {model.num_classes} classes"
+            )
         model.class_names = list(cfg.class_names)
     return model.eval()
 
