@@ -360,12 +360,18 @@ def _dry_run(cfg, incremental: bool = False, verbose: bool = False) -> int:
 
 
 def _convert(args) -> int:
+    from pydantic import ValidationError
+
     from models import save_native
-    from pipeline.config import ModelConfig
+    from pipeline.config import ConfigError, ModelConfig, format_validation_error
     from pipeline.predict.job_model import load_job_model
 
     # as a job loads it: a checkpoint in a store is fetched through pipeline.io.storage
-    model = load_job_model(ModelConfig(checkpoint=str(args.source), name=args.name, num_classes=args.num_classes))
+    try:
+        config = ModelConfig(checkpoint=str(args.source), name=args.name, num_classes=args.num_classes)
+    except ValidationError as err:  # --num-classes 0, say: one line, exit 2, as a job's config
+        raise ConfigError(format_validation_error(err).replace("invalid config: ", "convert: ")) from None
+    model = load_job_model(config)
     save_native(model, args.dest, source=str(args.source))
     print(
         f"{args.dest}: {model.name or model.family}, {model.num_classes} classes, {sum(p.numel() for p in model.parameters()):,} parameters"

@@ -137,3 +137,16 @@ def test_a_run_stopped_by_a_signal_exits_as_a_shell_reports_it():
     from jobs.cli import exit_interrupted
 
     assert (exit_interrupted(signal.SIGINT), exit_interrupted(signal.SIGTERM)) == (130, 143)
+
+
+def test_convert_with_a_bad_option_value_is_one_line_and_exit_2(tmp_path, capsys):
+    """`segpipe convert SRC DST --num-classes 0`: before, a pydantic traceback; now one line naming the field."""
+    from helpers import tiny_checkpoint
+
+    from jobs.cli import main
+
+    source = tiny_checkpoint(tmp_path / "c.safetensors", 3)
+    assert main(["convert", str(source), str(tmp_path / "out.safetensors"), "--num-classes", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "num_classes" in err and "Traceback" not in err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -516,3 +516,36 @@ def test_the_object_summary_counts_each_images_latest_objects_once(tmp_path):
         store.write_part(part_name(attempt, 0, 0), *part_tables(rows, False, attempt), objects={INSTANCES: object_table(rows, INSTANCES)})
     summary = store.object_summary("instance", ["bg", "car", "x"])
     assert (summary["rows"], summary["images_with_objects"], summary["per_class"]) == (1, 1, {"car": 1})
+
+
+def test_what_decides_masks_of_slides_parquet_tables_and_decoded_images_is_in_the_identity_and_a_run_keeps_its_job(tmp_path):
+    """A slide run's grid and tissue threshold, a manifest, a Parquet table's columns and EXIF
+    orientation decide what is segmented and how: each is in the identity, so a rerun that changes
+    one is refused (before: accepted, masks at two resolutions or orientations in one run). And a run
+    resumed from a config of another file name (the job defaults to it) is refused while it holds
+    results (before: the run silently left its job's roll-up and --incremental lookups)."""
+    from pipeline.results.runstore import RunRecord, RunStore, identity_changes
+
+    def identity(**inputs) -> dict:
+        cfg = load_config({"input": {"uri": "/data", **inputs}, "model": {"name": "segformer-b0"}})
+        return run_identity(cfg, "segformer-b0", 3, "abc")
+
+    slide = identity(format="slide", slide={"mpp": 0.5})
+    assert "input.slide" in identity_changes(slide, identity(format="slide", slide={"mpp": 2.0}))
+    assert "input.slide" in identity_changes(slide, identity(format="slide", slide={"mpp": 0.5, "min_tissue": 0.5}))
+    assert "input.manifest" in identity_changes(identity(manifest="/m/a.csv"), identity(manifest="/m/b.csv"))
+    assert "input.columns" in identity_changes(identity(format="parquet"), identity(format="parquet", id_column="path"))
+    assert "input.exif_transpose" in identity_changes(identity(), identity(exif_transpose=False))
+
+    output = {"uri": str(tmp_path)}
+    nightly = load_config(
+        {"run_id": "r1", "job": "nightly", "input": {"uri": "/data"}, "model": {"name": "segformer-b0"}, "output": output}
+    )
+    store = RunStore.of_job(nightly)
+    record = RunRecord.load(store, nightly, run_identity(nightly, "segformer-b0", 3, "abc"))
+    record.write(AttemptReport(1, 0, 0, 1, {"name": "segformer-b0"}, {"configured": False}, StoreStats()), "running")
+    store.write_part(part_name(1, 0, 0), *tables(["a.png"]))
+    moved = nightly.model_copy(update={"job": "nightly-resume"})
+    with pytest.raises(ConfigError, match="run r1 belongs to job 'nightly', this config to job 'nightly-resume'"):
+        RunRecord.load(store, moved, run_identity(moved, "segformer-b0", 3, "abc"))
+    RunRecord.load(store, nightly, run_identity(nightly, "segformer-b0", 3, "abc"))  # the same job resumes

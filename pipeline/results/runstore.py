@@ -667,6 +667,14 @@ def run_identity(cfg: JobConfig, model_name: str, num_classes: int, weights: str
         identity["metrics.positive_class"] = cfg.metrics.positive_class
     if cfg.input.lists_files or cfg.input.format == "slide":  # the files a listing takes (shards and tables: every one)
         identity["input.pattern"] = cfg.input.pattern
+        if cfg.input.manifest:  # another list of keys is another input
+            identity["input.manifest"] = redact(cfg.input.manifest)
+    if cfg.input.format == "slide":  # the grid (mpp or level) and the windows run decide every mask
+        identity["input.slide"] = cfg.input.slide.model_dump(mode="json")
+    if cfg.input.format in ("images", "tar", "parquet"):  # which way up decoded images and labels are
+        identity["input.exif_transpose"] = cfg.input.exif_transpose
+    if cfg.input.format == "parquet":  # which columns are the images, their ids and labels
+        identity["input.columns"] = [cfg.input.image_column, cfg.input.id_column, cfg.input.label_column]
     if cfg.input.format == "raster":  # which bands and how they are scaled decide the masks
         identity["input.bands"] = cfg.input.bands
         identity["input.scale"] = cfg.input.scale.model_dump(mode="json") if cfg.input.scale else None
@@ -852,6 +860,14 @@ class RunRecord:
         previous = store.read_json("run.json") or {}
         known = previous.get("identity")
         changes = identity_changes(known, identity) if known else {}
+        job = previous.get("job")
+        if job and cfg.job and job != cfg.job and store.committed_parts():
+            # the job defaults to the config file's name: resumed from another file, the run (and what it
+            # holds) would leave its job's roll-up and --incremental lookups without a word
+            raise ConfigError(
+                f"run {cfg.run_id} belongs to job {job!r}, this config to job {cfg.job!r}: set `job: {job}` to resume it "
+                "(or use another run_id)"
+            )
         if changes:
             if store.committed_parts():
                 raise ConfigError(
