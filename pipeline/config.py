@@ -319,6 +319,13 @@ class InferenceConfig(_Strict):
             raise ValueError(f"stride {list(self.stride)} is larger than window {list(self.window)}: pixels would be skipped")
         if self.clip_stride > self.clip_length:
             raise ValueError(f"clip_stride {self.clip_stride} is larger than clip_length {self.clip_length}: frames would be skipped")
+        if self.task != "semantic" and self.mode == "slide" and any(s >= w for s, w in zip(self.stride, self.window)):
+            # an object is joined across windows where their pieces overlap: windows that only touch
+            # would cut every object crossing their edge into pieces, each an instance of its own
+            raise ValueError(
+                f"the {self.task} task joins objects where windows overlap: stride {list(self.stride)} must be below "
+                f"window {list(self.window)}"
+            )
         if self.task != "semantic" and self.tta.views > 1:
             raise ValueError(f"tta: test-time augmentation averages class scores; the {self.task} task's objects take one view")
         if self.backend == "onnxruntime" and (self.compile or self.precision != "fp32"):

@@ -40,6 +40,8 @@ def test_set_overrides_are_read_as_yaml_and_run_id_defaults_to_a_timestamped_one
         (["inference.clip_length=4", "inference.clip_stride=5"], "clip_stride 5 is larger than clip_length 4"),
         (["inference.clip_length=0"], "inference.clip_length: Input should be greater than or equal to 1"),
         (["inference.clip_stride=0"], "inference.clip_stride: Input should be greater than or equal to 1"),
+        # windows that only touch would cut every object crossing their edge into pieces (each an instance)
+        (["inference.task=instance", "inference.window=[48,48]", "inference.stride=[48,32]"], "stride [48, 32] must be below window"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

@@ -9,7 +9,9 @@ window by window (or in one pass in whole mode).
     panoptic: the merged objects painted into one segment-id map (`paint_segments`)
 
 Whole mode runs the image in one pass; its panoptic result is transformers' post-processing of that
-pass exactly. In slide mode a panoptic segment is a window's segment merged with its pieces in
+pass, with its mask logits brought to the image's size before the sigmoid (detectron2's order, as the
+instances: pipeline.predict.objects; transformers' MaskFormer and DETR processors take the sigmoid at the
+logits' size and resize probabilities, so a segment near overlap_threshold may differ). In slide mode a panoptic segment is a window's segment merged with its pieces in
 other windows (same class, mask IoU over the overlap: pipeline.predict.objects' rule), stuff classes fused
 per class, then painted highest score first: a pixel claimed by two merged objects goes to the
 higher-scoring one. Memory: a batch of windows, the stitcher's band, and the open objects of the
@@ -189,7 +191,8 @@ def find_segments(
     query_fn: QueryFn, image: np.ndarray, tiling: TilingSettings, settings: ObjectSettings, batch_sizes: BatchSizes | None = None
 ) -> PanopticSegments:
     """The panoptic segmentation of an image held in memory: one pass in whole mode (transformers'
-    post-processing of it, exactly), else merged window segments painted by `paint_segments`."""
+    post-processing of it, its masks resized before the sigmoid: see the module), else merged window
+    segments painted by `paint_segments`."""
     height, width = image.shape[:2]
     if tiling.mode == "whole":
         class_logits, mask_logits = query_fn(to_pixels([image]))
