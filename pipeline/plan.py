@@ -612,6 +612,7 @@ class PreparedJob:
     list_stats: StoreStats
     log_path: str  # a local file for Ray's lines; copied into the run directory at the end
     video_labels_match: dict = dataclasses.field(default_factory=dict)  # a clip run's labels against its videos (at the end)
+    notes: list[str] = dataclasses.field(default_factory=list)  # said on the terminal as the run starts
 
     @property
     def listed(self) -> int:
@@ -687,6 +688,10 @@ def reduce_zero_label_note(cfg: JobConfig, stated: bool | None) -> str:
 def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool = False) -> PreparedJob:
     if incremental and not cfg.job:
         raise ConfigError("job: --incremental needs a job name (the config's `job`, or its file name)")
+    notes = []
+    if incremental and cfg.run_id:  # each night a run of its own: a run_id in the config would make every night the same run
+        notes.append(f"--incremental: a new run of job {cfg.job}; the config's run_id {cfg.run_id} is not used")
+        cfg = cfg.model_copy(update={"run_id": None})
     cfg = cfg.with_run_id(prefix=cfg.job if incremental else "run")
     if cfg.input.format == "raster":
         require_geo()  # before anything is listed or written
@@ -769,6 +774,7 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         model_info=model_info,
         list_stats=list_stats,
         log_path=_local_log_path(cfg.run_id),
+        notes=notes,
     )
 
 
@@ -893,6 +899,8 @@ def execute_job(
         what = f"{job.to_do} of {job.listed} images"
     else:
         what = f"{job.to_do} of the first {job.listed} images (listed in batches of {cfg.input.listing_batch})"
+    for note in job.notes:
+        progress(note)
     progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {what} to segment{earlier} -> {job.store.uri}")
     if job.labels.get("note") and listing.exhausted:
         progress(f"labels: {job.labels['note']}")

@@ -155,3 +155,19 @@ def test_a_clip_models_dry_run_counts_the_clips_left_to_run_and_times_one_clip_f
     }  # fmt: skip
     printed = format_plan(plan)
     assert "clips 3 of 4 frames" in printed and "(3 clips at 0.100 s each on cpu, 1 actors)" in printed and "windows" not in printed
+
+
+def test_an_incremental_night_is_a_run_of_its_own_even_where_the_config_names_a_run_id(tmp_path, seed0_checkpoint):
+    """--incremental with a config that sets run_id (configs/demo.yaml does): each night is a new run
+    `<job>-<UTC time>`, the config's run_id set aside with a note. Before: every night resumed that one
+    run, and a night under another job moved it (and what it held) to that job without a word."""
+    from pipeline.config import load_config
+    from pipeline.plan import prepare_job
+
+    data = labeled_folder(tmp_path / "data", [(30, 40)], NUM_CLASSES)
+    cfg = load_config({**job_config(tmp_path, data / "images", seed0_checkpoint, run_id="fixed"), "job": "nightly"})
+    job = prepare_job(cfg, incremental=True)
+    assert job.cfg.run_id.startswith("nightly-") and job.notes == [
+        "--incremental: a new run of job nightly; the config's run_id fixed is not used"
+    ]
+    assert prepare_job(cfg).cfg.run_id == "fixed" and prepare_job(cfg).notes == []
