@@ -88,7 +88,8 @@ def test_every_readme_example_runs_as_written_after_make_demo(ray_session, tmp_p
     assert strict_json_load(runs / "try1" / "summary.json")["images"] == 16 and (runs / "try2" / "plan.json").exists()
     assert len(list((tmp_path / "demo-out" / "png").rglob("*.png"))) == 16
     assert (tmp_path / "demo-out" / "cmp" / "report.html").exists() and (tmp_path / "demo-out" / "demo.safetensors").exists()
-    assert "job nightly: 1 runs" in out and "job night: 1 runs" in out
+    # the second night of job nightly finds nothing new: one line, nothing written, still one run of the job
+    assert out.count("job nightly: 1 runs") == 2 and "nothing new: the 16 images" in out and "is not used" in out
 
 
 def test_camouflage_archive_is_deterministic(tmp_path):
