@@ -10,6 +10,10 @@ the `monitoring` extra). Names get Ray's `ray_` prefix there:
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger(__name__)
+
 SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800]
 
 
@@ -87,3 +91,13 @@ def current_actor_id() -> str | None:
         return ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
     except Exception:  # a report is a nicety: never fail an actor over it
         return None
+
+
+def say_warning(text: str, monitor=None) -> None:
+    """A warning a run goes on after (a read task's, the writer's): to the run monitor (run.json's
+    attempt `warnings`, the terminal at the run's end), fire and forget; to the log where there is no
+    monitor (a stage called directly)."""
+    if monitor is not None:
+        monitor.add_warning.remote(text)
+    else:
+        log.warning("%s", text)

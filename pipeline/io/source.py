@@ -14,7 +14,6 @@ Parquet tables in pipeline.io.shards. A unit is one read task's worth of input: 
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 import time
 from collections.abc import Iterable, Iterator
@@ -35,9 +34,7 @@ from pipeline.io.tiff import probe_stream
 from pipeline.io.video import VIDEO_SUFFIXES, VideoInfo, frame_id, probe_video, read_video_unit, sampled_frames, video_stem
 from pipeline.redaction import scrub
 from pipeline.rows import DecodedImage, IdSet, RawSample, SourceUnit
-from pipeline.telemetry import RunMetrics, StageClock
-
-log = logging.getLogger("segpipe.source")
+from pipeline.telemetry import RunMetrics, StageClock, say_warning
 
 
 class Reader(Protocol):
@@ -467,15 +464,6 @@ def reader_for(cfg: InputConfig, clips: tuple[int, int] | None = None) -> Reader
     if clips is not None:
         return VideoReader(cfg, clips)
     return READERS[cfg.format](cfg)
-
-
-def say_warning(text: str, monitor=None) -> None:
-    """A warning of a read task: to the run monitor (run.json's attempt `warnings`, the terminal at the
-    run's end), fire and forget; to the log where there is no monitor (a reader called directly)."""
-    if monitor is not None:
-        monitor.add_warning.remote(text)
-    else:
-        log.warning("%s", text)
 
 
 def again_in_unit(unit: SourceUnit, sample: RawSample) -> str:

@@ -10,7 +10,6 @@ the actor pool.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import numpy as np
@@ -37,9 +36,7 @@ from pipeline.results.run_tables import (
 )
 from pipeline.results.runstore import RunStore
 from pipeline.rows import Prediction, batch_length
-from pipeline.telemetry import StageClock
-
-log = logging.getLogger(__name__)
+from pipeline.telemetry import StageClock, say_warning
 
 # --------------------------------------------------------------------------- writing parts
 
@@ -216,11 +213,9 @@ class PartWriter:
     def _leave_out(self, row: Prediction) -> None:
         """A Parquet row whose image_id an earlier file gave: not committed, counted as its unit's, said."""
         self.left_out[row.unit] = self.left_out.get(row.unit, 0) + 1
-        text = f"image_id {row.image_id!r} comes again in {self.repeats_in}: only its first is segmented, this one is left out"
-        if self.monitor is not None:
-            self.monitor.add_warning.remote(text)
-        else:
-            log.warning("%s", text)
+        say_warning(
+            f"image_id {row.image_id!r} comes again in {self.repeats_in}: only its first is segmented, this one is left out", self.monitor
+        )
 
     def _commit(self, unit: int, rows: list[Prediction]) -> None:
         started = time.perf_counter()
