@@ -272,10 +272,12 @@ def _curve_means(column: pa.ChunkedArray) -> np.ndarray:
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
     values = np.asarray(column.flatten(), dtype=np.float64)
-    # prefix sums, not np.add.reduceat: a null row at the end starts past the last value (reduceat's IndexError)
-    ends = np.cumsum(lengths)
-    totals = np.r_[0.0, np.cumsum(values)]
-    sums = totals[ends] - totals[ends - lengths]
+    # each row's own sum (np.add.reduceat), over the rows that have values only: an empty row's start
+    # would be past the last value at the end of a part (reduceat's IndexError)
+    sums = np.zeros(len(lengths))
+    filled = lengths > 0
+    if filled.any():
+        sums[filled] = np.add.reduceat(values, (np.cumsum(lengths) - lengths)[filled])
     with np.errstate(invalid="ignore", divide="ignore"):
         means = np.where(lengths > 0, sums / np.maximum(lengths, 1), np.nan)
     return means
