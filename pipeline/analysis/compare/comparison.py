@@ -55,11 +55,12 @@ def compare_runs(
     labeled = join_labeled(runs, images.ids)
     if not labeled.ids:
         notes.append("no compared image has a label in every run: no metrics, no intervals")
-    src = find_sources(runs[0], images.ids, storage_options)
+    # each run's images and labels as its run.json's config says: the first run's give the photos and the
+    # notes, each run's its own confusion matrix
+    sources = [find_sources(r, images.ids, storage_options) for r in runs]
+    src = sources[0]
     notes.extend(src.notes)
-    # each run's confusion matrix against its own labels, read as it read them (its run.json's config)
-    run_sources = [src] + [find_sources(r, images.ids, storage_options) for r in runs[1:]]
-    mask_pass = scan_masks(runs, images.ids, src, storage_options, top=top, run_sources=run_sources)
+    mask_pass = scan_masks(runs, images.ids, sources, storage_options, top=top)
     notes.extend(mask_pass.notes)
 
     recompute = intersect and images.left_out > 0

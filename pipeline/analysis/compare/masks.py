@@ -112,18 +112,15 @@ def mask_parts(run: Run) -> dict[str, str]:
     return run.store.mask_parts()
 
 
-def scan_masks(
-    runs: list[Run], image_ids: list[str], src: Sources, storage_options: dict, top: int = 6, run_sources: list[Sources] | None = None
-) -> MaskPass:
+def scan_masks(runs: list[Run], image_ids: list[str], sources: list[Sources], storage_options: dict, top: int = 6) -> MaskPass:
     """One pass over the compared images: each run's mask decoded one image at a time (masks read
     one part per run at a time), the fraction of pixels where the runs do not all agree, and, with
-    labels, each run's confusion matrix, against its labels read as that run read them (`run_sources`:
-    per run; default `src` for every run); a label file read once however many runs share it."""
+    labels, each run's confusion matrix, against its labels read as that run read them (`sources`:
+    each run's); a label file read once however many runs share it."""
     result = MaskPass()
     c = runs[0].num_classes
     parts = [mask_parts(r) for r in runs]
     caches = [_PartCache(r) for r in runs]
-    sources = run_sources or [src] * len(runs)
     if any(s.labels for s in sources):
         result.confusion = [np.zeros((c, c), np.int64) for _ in runs]
     order = sorted(image_ids, key=lambda i: (tuple(p.get(i, "") for p in parts), i))
