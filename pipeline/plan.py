@@ -612,7 +612,7 @@ class PreparedJob:
     list_stats: StoreStats
     log_path: str  # a local file for Ray's lines; copied into the run directory at the end
     video_labels_match: dict = dataclasses.field(default_factory=dict)  # a clip run's labels against its videos (at the end)
-    notes: list[str] = dataclasses.field(default_factory=list)  # said on the terminal as the run starts
+    notes: list[str] = dataclasses.field(default_factory=list)  # said on the terminal as the run starts (after its first line)
 
     @property
     def listed(self) -> int:
@@ -713,6 +713,8 @@ def prepare_job(cfg: JobConfig, *, retry_errors: bool = True, incremental: bool 
         raise ConfigError("inference.backend onnxruntime needs ONNX Runtime and onnxscript: pip install 'segpipe[onnx]'")
     model = load_job_model(cfg.model)  # on the driver too: fails fast on a bad checkpoint, names the classes
     cfg = decide_reduce_zero_label(cfg, model.reduce_labels)
+    if reduce_note := reduce_zero_label_note(cfg, model.reduce_labels):
+        notes.append(f"labels: {reduce_note}")
     check_clip_job(cfg, model)  # the task of the model; a clip model's input and clip_length
     if is_clip_model(model):  # a unit per clip: the first batch listed again, the clip plan in hand
         list_stats = StoreStats()
@@ -899,14 +901,11 @@ def execute_job(
         what = f"{job.to_do} of {job.listed} images"
     else:
         what = f"{job.to_do} of the first {job.listed} images (listed in batches of {cfg.input.listing_batch})"
-    for note in job.notes:
-        progress(note)
     progress(f"run {cfg.run_id} (attempt {job.record.attempt}): {what} to segment{earlier} -> {job.store.uri}")
     if job.labels.get("note") and listing.exhausted:
         progress(f"labels: {job.labels['note']}")
-    reduce_note = reduce_zero_label_note(cfg, job.model_info.get("reduce_labels"))
-    if reduce_note:
-        progress(f"labels: {reduce_note}")
+    for note in job.notes:
+        progress(note)
 
     started = time.time()
     monitor.start_clock.remote()  # the pool's timeline counts from here

@@ -617,6 +617,7 @@ def test_an_hf_checkpoint_stating_do_reduce_labels_has_its_labels_read_as_mmsegm
     assert job.cfg.metrics.reduce_zero_label is True and job.record.identity["metrics.reduce_zero_label"] is True
     assert job.model_info["reduce_labels"] is True
     assert "0 counts nowhere" in reduce_zero_label_note(job.cfg, True) and "image processor" in reduce_zero_label_note(job.cfg, True)
+    assert job.notes == [f"labels: {reduce_zero_label_note(job.cfg, True)}"]  # the run's terminal says it as it starts
 
     images = []
     for name in ("img000", "img001"):
