@@ -41,6 +41,18 @@ def cpu_scorer(checkpoint: Path) -> ModelScorer:
     return ModelScorer(load_model(str(checkpoint)).eval(), torch.device("cpu"))
 
 
+def crops_batch(crops: list[np.ndarray], labels: list[np.ndarray] | None = None) -> tuple[list, dict]:
+    """The predictor's rows of images held in memory (ids 0.png, 1.png, ...; `labels` beside them), and
+    the batch of them an actor's call takes."""
+    from pipeline.rows import DecodedImage, to_columns
+
+    images = [
+        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), label=label, height=c.shape[0], width=c.shape[1])
+        for i, (c, label) in enumerate(zip(crops, labels or [None] * len(crops)))
+    ]
+    return images, to_columns([image.to_record() for image in images])
+
+
 def test_model_scorer_counts_its_seconds_as_transfer_and_forward_and_returns_the_models_scores(checkpoint):
     model = load_model(str(checkpoint)).eval()
     clock = StageClock()
@@ -522,7 +534,7 @@ def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports
     from pipeline.config import load_config
     from pipeline.plan import _run_monitor_class
     from pipeline.predict.predictor import Predictor
-    from pipeline.rows import DecodedImage, Prediction, to_columns
+    from pipeline.rows import Prediction, to_columns
 
     def predictor_out_of_memory(cfg, monitor=None, most_windows: int = 2, most_pixels: int = 2**30) -> tuple[Predictor, list[int]]:
         predictor, calls = Predictor(cfg, monitor=monitor), []
@@ -538,11 +550,7 @@ def test_an_actor_out_of_memory_above_2_windows_segments_every_image_and_reports
         return predictor, calls
 
     crops = [RGB[:70, :90], RGB[100:160, 200:300], RGB[200:240, :50]]
-    images = [
-        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), height=c.shape[0], width=c.shape[1])
-        for i, c in enumerate(crops)
-    ]
-    batch = to_columns([image.to_record() for image in images])
+    images, batch = crops_batch(crops)
     cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [48, 48], "stride": [32, 32], "batch_size": 8}))
     with_room = [Prediction.from_batch(Predictor(cfg)(batch), i) for i in range(3)]
     monitor = _run_monitor_class().remote()
@@ -608,17 +616,13 @@ def test_the_pipelined_actor_gives_the_serial_actors_masks_areas_and_errors_in_o
 
     from pipeline.config import load_config
     from pipeline.predict.predictor import Predictor
-    from pipeline.rows import DecodedImage, Prediction, to_columns
+    from pipeline.rows import Prediction
 
     rng = np.random.default_rng(3)
     crops = [RGB[:70, :90], RGB[100:160, 200:300], RGB[200:240, :50], RGB[:33, 400:]]
     labels = [rng.integers(0, 3, c.shape[:2]).astype(np.uint8) for c in crops]
     labels[2] = labels[2][:-1]  # one row short: class areas cannot be counted against it
-    images = [
-        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), label=label, height=c.shape[0], width=c.shape[1])
-        for i, (c, label) in enumerate(zip(crops, labels))
-    ]
-    batch = to_columns([image.to_record() for image in images])
+    images, batch = crops_batch(crops, labels)
     cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [32, 32], "stride": [24, 24], "batch_size": 5}))
     rows = {}
     for pipelined in (False, True):
@@ -655,14 +659,10 @@ def test_scores_holding_nan_or_inf_make_their_images_errors_rows_never_masks(tmp
     from models.checkpoint import save_native
     from pipeline.config import load_config
     from pipeline.predict.predictor import NonFiniteScores, Predictor, check_finite
-    from pipeline.rows import DecodedImage, Prediction, to_columns
+    from pipeline.rows import Prediction
 
     crops = [RGB[:70, :90], np.full((60, 100, 3), 255, np.uint8), RGB[200:240, :50]]
-    images = [
-        DecodedImage(unit=0, image_id=f"{i}.png", image=np.ascontiguousarray(c), height=c.shape[0], width=c.shape[1])
-        for i, c in enumerate(crops)
-    ]
-    batch = to_columns([image.to_record() for image in images])
+    _, batch = crops_batch(crops)
     cfg = load_config(job_config(tmp_path, tmp_path, checkpoint, inference={"window": [48, 48], "stride": [32, 32], "batch_size": 8}))
     clean = [Prediction.from_batch(Predictor(cfg)(batch), i) for i in range(3)]
     assert not any(row.error for row in clean)
